@@ -1,0 +1,166 @@
+//! Framing for the local UNIX-socket connector.
+//!
+//! A stream carries a sequence of frames:
+//!
+//! ```text
+//! u32 BE header_len | u32 BE payload_len | header bytes | payload bytes
+//! ```
+//!
+//! [`FrameDecoder`] reassembles frames from arbitrary read chunks and
+//! rejects oversized ones before buffering them.
+
+use crate::header::{decode_header, Header, ProtoError};
+
+/// Largest payload accepted on the local connector (64 MiB).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest header accepted on the local connector.
+pub const MAX_HEADER: usize = 8192;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame header length {0} exceeds {MAX_HEADER}; the peer is not speaking the canopy protocol")]
+    HeaderTooLong(usize),
+    #[error("frame payload length {0} exceeds {MAX_PAYLOAD}; send smaller payloads")]
+    PayloadTooLong(usize),
+    #[error(transparent)]
+    Header(#[from] ProtoError),
+}
+
+/// Append one encoded frame to `out`.
+pub fn encode_frame(header: &Header, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::PayloadTooLong(payload.len()));
+    }
+    let hlen = header.encoded_len();
+    out.reserve(8 + hlen + payload.len());
+    out.extend_from_slice(&(hlen as u32).to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    header.encode_into(out)?;
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Like [`encode_frame`] but for an already-encoded header.
+pub fn encode_raw_frame(header: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(8 + header.len() + payload.len());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(payload);
+}
+
+/// Incremental frame reassembly.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add bytes read from the stream.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, if any: the decoded header and the payload.
+    /// An error means the stream is corrupt and must be closed.
+    pub fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 8 {
+            self.compact();
+            return Ok(None);
+        }
+        let hlen = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        let plen = u32::from_be_bytes([avail[4], avail[5], avail[6], avail[7]]) as usize;
+        if hlen > MAX_HEADER {
+            return Err(FrameError::HeaderTooLong(hlen));
+        }
+        if plen > MAX_PAYLOAD {
+            return Err(FrameError::PayloadTooLong(plen));
+        }
+        if avail.len() < 8 + hlen + plen {
+            self.compact();
+            return Ok(None);
+        }
+        let header = decode_header(&avail[8..8 + hlen])?;
+        let payload = avail[8 + hlen..8 + hlen + plen].to_vec();
+        self.start += 8 + hlen + plen;
+        Ok(Some((header, payload)))
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reassembles_across_chunks() {
+        let h = Header::request("broker.ping", 7, 42);
+        let mut stream = Vec::new();
+        encode_frame(&h, b"hello", &mut stream).unwrap();
+        encode_frame(&h, b"", &mut stream).unwrap();
+        encode_frame(&h, &vec![9u8; 3000], &mut stream).unwrap();
+        for chunk in [1usize, 3, 7, 64, 10000] {
+            let mut d = FrameDecoder::new();
+            let mut got = Vec::new();
+            for c in stream.chunks(chunk) {
+                d.push(c);
+                while let Some((hh, p)) = d.next_frame().unwrap() {
+                    assert_eq!(hh, h);
+                    got.push(p);
+                }
+            }
+            assert_eq!(got.len(), 3, "chunk size {chunk}");
+            assert_eq!(got[0], b"hello");
+            assert!(got[1].is_empty());
+            assert_eq!(got[2].len(), 3000);
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn rejects_oversize_before_buffering() {
+        let mut d = FrameDecoder::new();
+        d.push(&(MAX_HEADER as u32 + 1).to_be_bytes());
+        d.push(&0u32.to_be_bytes());
+        assert_eq!(
+            d.next_frame().unwrap_err(),
+            FrameError::HeaderTooLong(MAX_HEADER + 1)
+        );
+        let mut d = FrameDecoder::new();
+        d.push(&40u32.to_be_bytes());
+        d.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::PayloadTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut d = FrameDecoder::new();
+        d.push(&[0, 0, 0, 40, 0, 0, 0, 0]);
+        d.push(&[0xAB; 40]);
+        assert!(matches!(d.next_frame(), Err(FrameError::Header(_))));
+    }
+}
