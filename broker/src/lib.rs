@@ -1,1 +1,15 @@
+//! The canopy broker, its launcher and its tools.
+//!
+//! * [`node`]: the broker's socket loop around `canopy_overlay`'s logic.
+//! * [`bootstrap`]: `canopy broker`, bootstrapped through PMI-1.
+//! * [`launcher`]: `canopy start`, a personal instance on this machine.
+//! * [`tools`]: `canopy ping`, `overlay status`, `event pub|sub`.
 #![forbid(unsafe_code)]
+
+pub mod bootstrap;
+pub mod error;
+pub mod launcher;
+pub mod node;
+pub mod tools;
+
+pub use error::BrokerError;

@@ -1,1 +1,268 @@
-fn main() {}
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use canopy_broker::bootstrap::{run_broker, BrokerOpts};
+use canopy_broker::launcher::{start, StartOpts};
+use canopy_broker::node::Transport;
+use canopy_broker::tools;
+use canopy_overlay::topology::DEFAULT_FANOUT;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Canopy: a secure overlay broker for HPC clusters.
+#[derive(Parser)]
+#[command(name = "canopy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a personal instance of SIZE brokers on this machine, run
+    /// COMMAND in it (or wait for Ctrl-C), then shut it down.
+    Start {
+        /// Number of brokers.
+        #[arg(long, short = 's', default_value_t = 1)]
+        size: u32,
+        /// Children per broker in the tree.
+        #[arg(long, short = 'k', default_value_t = DEFAULT_FANOUT)]
+        fanout: u32,
+        /// Connect brokers over TCP on 127.0.0.1 instead of ipc sockets.
+        #[arg(long)]
+        tcp: bool,
+        /// With --tcp: rank R listens on PORT+R (default: any free port).
+        #[arg(long, default_value_t = 0, requires = "tcp")]
+        port: u16,
+        /// Directory in which to create the private runtime directory
+        /// (default: $XDG_RUNTIME_DIR, else the temp dir).
+        #[arg(long)]
+        rundir: Option<PathBuf>,
+        /// Broker executable (default: this canopy binary).
+        #[arg(long, env = "CANOPY_BROKER", hide = true)]
+        broker_path: Option<PathBuf>,
+        /// How long to wait for every broker to come online, in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Command to run inside the instance; CANOPY_URI is set for it.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run one broker. Started by `canopy start` or a PMI-1 launcher
+    /// (mpiexec); without PMI it is a singleton instance.
+    Broker {
+        #[arg(long, default_value_t = DEFAULT_FANOUT)]
+        fanout: u32,
+        #[arg(long)]
+        rundir: Option<PathBuf>,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long)]
+        tcp: bool,
+        /// With --tcp: the address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// Send broker.ping requests and print each round-trip time.
+    Ping {
+        /// Target rank (default: the local broker).
+        #[arg(long, short = 'r')]
+        rank: Option<u32>,
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        /// Payload size in bytes.
+        #[arg(long, short = 'p', default_value_t = 0)]
+        pad: usize,
+        /// Seconds between requests.
+        #[arg(long, short = 'i', default_value_t = 0.0)]
+        interval: f64,
+        /// Seconds to wait for each reply.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Inspect the overlay.
+    Overlay {
+        #[command(subcommand)]
+        cmd: OverlayCmd,
+    },
+    /// Publish and subscribe to events.
+    Event {
+        #[command(subcommand)]
+        cmd: EventCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverlayCmd {
+    /// Show the tree with each rank's state.
+    Status {
+        /// Show the subtree rooted at this rank.
+        #[arg(long, short = 'r', default_value_t = 0)]
+        rank: u32,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventCmd {
+    /// Publish an event to every rank.
+    Pub {
+        topic: String,
+        payload: Option<String>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Print events whose topic matches PATTERN (`*`, `prefix.*`, exact).
+    Sub {
+        pattern: String,
+        /// Stop after this many events (0: never).
+        #[arg(long, short = 'c', default_value_t = 0)]
+        count: u64,
+        /// Give up after this many seconds without an event.
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+fn secs(s: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .with_context(|| format!("{what} must be a non-negative number of seconds"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() {
+    init_logging();
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("canopy: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Start {
+            size,
+            fanout,
+            tcp,
+            port,
+            rundir,
+            broker_path,
+            timeout,
+            command,
+        } => Ok(start(StartOpts {
+            size,
+            fanout,
+            tcp,
+            port,
+            rundir,
+            broker_path,
+            timeout: secs(timeout, "--timeout")?,
+            command,
+        })?),
+        Cmd::Broker {
+            fanout,
+            rundir,
+            instance,
+            tcp,
+            host,
+            port,
+        } => {
+            let transport = if tcp {
+                Transport::Tcp { host, port }
+            } else {
+                Transport::Ipc
+            };
+            run_broker(BrokerOpts {
+                fanout,
+                rundir,
+                instance,
+                transport,
+            })?;
+            Ok(0)
+        }
+        Cmd::Ping {
+            rank,
+            count,
+            pad,
+            interval,
+            timeout,
+            uri,
+        } => {
+            tools::ping(
+                uri.as_deref(),
+                rank,
+                count,
+                pad,
+                secs(interval, "--interval")?,
+                secs(timeout, "--timeout")?,
+                &mut std::io::stdout(),
+            )?;
+            Ok(0)
+        }
+        Cmd::Overlay {
+            cmd: OverlayCmd::Status { rank, json, uri },
+        } => {
+            let r = tools::status(uri.as_deref(), rank, Duration::from_secs(10))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", tools::render_status(&r));
+            }
+            Ok(0)
+        }
+        Cmd::Event {
+            cmd:
+                EventCmd::Pub {
+                    topic,
+                    payload,
+                    uri,
+                },
+        } => {
+            let seq = tools::event_pub(
+                uri.as_deref(),
+                &topic,
+                payload.unwrap_or_default().as_bytes(),
+                Duration::from_secs(10),
+            )?;
+            println!("published {topic} seq={seq}");
+            Ok(0)
+        }
+        Cmd::Event {
+            cmd:
+                EventCmd::Sub {
+                    pattern,
+                    count,
+                    timeout,
+                    uri,
+                },
+        } => {
+            let t = timeout.map(|t| secs(t, "--timeout")).transpose()?;
+            tools::event_sub(uri.as_deref(), &pattern, count, t, &mut std::io::stdout())?;
+            Ok(0)
+        }
+    }
+}

@@ -15,7 +15,10 @@ pub enum Z85Error {
 
 /// Encode; the input length must be a multiple of 4 (keys are 32 bytes).
 pub fn encode(data: &[u8]) -> String {
-    assert!(data.len() % 4 == 0, "z85 input must be a multiple of 4 bytes");
+    assert!(
+        data.len().is_multiple_of(4),
+        "z85 input must be a multiple of 4 bytes"
+    );
     let mut out = String::with_capacity(data.len() / 4 * 5);
     for chunk in data.chunks(4) {
         let mut v = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -36,7 +39,7 @@ fn value(c: u8) -> Option<u32> {
 /// Decode Z85 text.
 pub fn decode(text: &str) -> Result<Vec<u8>, Z85Error> {
     let b = text.as_bytes();
-    if b.len() % 5 != 0 {
+    if !b.len().is_multiple_of(5) {
         return Err(Z85Error::Length(b.len()));
     }
     let mut out = Vec::with_capacity(b.len() / 5 * 4);

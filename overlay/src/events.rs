@@ -7,7 +7,7 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_seq(&mut self) -> u64 {
         self.last += 1;
         self.last
     }
@@ -79,7 +79,7 @@ mod tests {
     #[test]
     fn sequence_and_gaps() {
         let mut s = Sequencer::default();
-        assert_eq!((s.next(), s.next()), (1, 2));
+        assert_eq!((s.next_seq(), s.next_seq()), (1, 2));
         let mut g = GapDetector::default();
         assert_eq!(g.arrive(5), Arrival::First);
         assert_eq!(g.arrive(6), Arrival::InOrder);

@@ -246,9 +246,21 @@ mod tests {
     fn child_speaks_only_for_its_subtree() {
         let mut h = Health::new(t8(), 0, 0);
         let deltas = vec![
-            Delta { rank: 3, state: RankState::Online, reason: "x".into() },
-            Delta { rank: 2, state: RankState::Online, reason: "forged".into() },
-            Delta { rank: 99, state: RankState::Online, reason: "bogus".into() },
+            Delta {
+                rank: 3,
+                state: RankState::Online,
+                reason: "x".into(),
+            },
+            Delta {
+                rank: 2,
+                state: RankState::Online,
+                reason: "forged".into(),
+            },
+            Delta {
+                rank: 99,
+                state: RankState::Online,
+                reason: "bogus".into(),
+            },
         ];
         assert_eq!(h.apply_from_child(1, &deltas, 3), 2);
         assert_eq!(h.get(3).unwrap().state, RankState::Online);

@@ -136,7 +136,10 @@ mod tests {
         assert_eq!(check(&t, "curve:KEY3", None).check(&hello(3)), Ok(()));
         assert!(matches!(
             check(&t, "curve:KEY3", None).check(&hello(5)),
-            Err(HelloError::NotMyChild { claimed: 5, parent: 1 })
+            Err(HelloError::NotMyChild {
+                claimed: 5,
+                parent: 1
+            })
         ));
         let mut h = hello(3);
         h.version = 2;
@@ -150,7 +153,10 @@ mod tests {
         ));
         assert!(matches!(
             check(&t, "curve:KEY3", Some(9)).check(&hello(3)),
-            Err(HelloError::AlreadyOnline { rank: 3, session: 9 })
+            Err(HelloError::AlreadyOnline {
+                rank: 3,
+                session: 9
+            })
         ));
         let mut h = hello(3);
         h.instance = "other".into();
@@ -165,14 +171,20 @@ mod tests {
         let t = Topology::new(8, 2).unwrap();
         let mut c = check(&t, "curve:KEY3", None);
         c.expected = None;
-        assert!(matches!(c.check(&hello(3)), Err(HelloError::WrongKey { .. })));
+        assert!(matches!(
+            c.check(&hello(3)),
+            Err(HelloError::WrongKey { .. })
+        ));
     }
 
     #[test]
     fn codec() {
         let h = hello(3);
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
-        assert!(matches!(Hello::decode(b"\xff{"), Err(HelloError::Malformed(_))));
+        assert!(matches!(
+            Hello::decode(b"\xff{"),
+            Err(HelloError::Malformed(_))
+        ));
         assert!(matches!(
             Hello::decode(br#"{"rank":1,"version":1,"session":1,"instance":"x","evil":1}"#),
             Err(HelloError::Malformed(_))

@@ -63,7 +63,10 @@ mod tests {
         assert_eq!(next_hop(&t, 5, 99, true), Next::Fail(errno::EHOSTUNREACH));
         assert_eq!(next_hop(&t, 5, NODEID_ANY, true), Next::Local);
         assert_eq!(next_hop(&t, 5, NODEID_ANY, false), Next::Up);
-        assert_eq!(next_hop(&t, 0, NODEID_ANY, false), Next::Fail(errno::ENOSYS));
+        assert_eq!(
+            next_hop(&t, 0, NODEID_ANY, false),
+            Next::Fail(errno::ENOSYS)
+        );
     }
 
     #[test]

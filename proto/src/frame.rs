@@ -150,10 +150,7 @@ mod tests {
         let mut d = FrameDecoder::new();
         d.push(&40u32.to_be_bytes());
         d.push(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            d.next_frame(),
-            Err(FrameError::PayloadTooLong(_))
-        ));
+        assert!(matches!(d.next_frame(), Err(FrameError::PayloadTooLong(_))));
     }
 
     #[test]

@@ -232,9 +232,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header, ProtoError> {
     let matchtag = be_u32(b, 4);
     let nodeid = be_u32(b, 8);
     let errnum = be_u32(b, 12);
-    let seq = u64::from_be_bytes([
-        b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23],
-    ]);
+    let seq = u64::from_be_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]);
     let roles = Roles(be_u32(b, 24));
     let topic_len = u16::from_be_bytes([b[28], b[29]]) as usize;
     let userid_len = u16::from_be_bytes([b[30], b[31]]) as usize;
@@ -319,7 +317,7 @@ mod tests {
             0, 0, 0, 0, // errnum
             0, 0, 0, 0, 0, 0, 0, 0, // seq
             0, 0, 0, 0, // roles
-            0, 1, 0, 0, 1, // topic len, userid len, route count
+            0, 1, 0, 0, 1,    // topic len, userid len, route count
             b'a', // topic
             2, 0, 0, 0, 5, // hop: child 5
         ];
@@ -341,7 +339,10 @@ mod tests {
         assert_eq!(decode_header(&b), Err(ProtoError::BadType(99)));
         let mut b = good.clone();
         b.push(0);
-        assert!(matches!(decode_header(&b), Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            decode_header(&b),
+            Err(ProtoError::Truncated { .. })
+        ));
         let mut b = good.clone();
         b[32] = 200;
         assert!(matches!(

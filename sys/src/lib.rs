@@ -1,1 +1,157 @@
-#![forbid(unsafe_code)]
+//! `canopy-sys` is the project's single FFI shim.
+//!
+//! Every other Canopy crate is `#![forbid(unsafe_code)]`. The few operations
+//! that cannot be written in safe Rust live here, so that the whole project has
+//! exactly one place to audit for `unsafe`. Today that is one operation: taking
+//! ownership of a file descriptor that a launcher left open for us (the fd
+//! named by `PMI_FD`, passed by `mpiexec` or `canopy start`). Turning a bare
+//! integer into an [`OwnedFd`] is `unsafe` because nothing in the type system
+//! can prove the integer names an open descriptor that no one else owns; this
+//! crate checks what can be checked and records what it has taken.
+//!
+//! [`clear_cloexec`] is safe, but lives here too because it is the other half
+//! of fd inheritance: the launcher uses it so that a child inherits its end of
+//! a socketpair.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+const HOW_TO_START: &str = "start the broker from `canopy start` or a PMI launcher such as mpiexec";
+
+/// Takes ownership of a descriptor inherited from the parent process.
+///
+/// `raw` must be at least 3 (0, 1 and 2 are stdio, never a launcher's
+/// socket) and must be open. On success the descriptor gets `FD_CLOEXEC`, so
+/// it is not leaked to processes we start in turn.
+///
+/// Contract (checked only in part): `raw` was inherited from the parent and
+/// nothing else in this process owns it. Call this once per descriptor, early,
+/// before the process opens files of its own; it cannot tell an inherited
+/// descriptor from one that another part of this process already owns.
+/// `canopy_pmi::PmiClient::from_env` enforces "once" for `PMI_FD`.
+pub fn take_inherited_fd(raw: i32) -> io::Result<OwnedFd> {
+    if raw < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "file descriptor {raw} is standard input, output or error (or negative), \
+                 not an inherited socket; {HOW_TO_START}"
+            ),
+        ));
+    }
+    let flags = fcntl(raw, FcntlArg::F_GETFD).map_err(|errno| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "file descriptor {raw} is not an open file descriptor ({errno}); {HOW_TO_START}"
+            ),
+        )
+    })?;
+
+    // SAFETY: `raw` is open (F_GETFD succeeded just above) and is not stdio.
+    // The documented contract is that it was inherited from the parent and is
+    // taken once, so no other owner exists in this process; from here on the
+    // returned `OwnedFd` is its only owner and closes it exactly once.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+    let mut flags = FdFlag::from_bits_truncate(flags);
+    flags.insert(FdFlag::FD_CLOEXEC);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(flags)).map_err(|errno| {
+        io::Error::other(
+            format!("cannot set close-on-exec on file descriptor {raw} ({errno}); check the process's resource limits"),
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Clears `FD_CLOEXEC` on `fd`, so that a child started with `exec` inherits it.
+///
+/// The launcher calls this on the child's end of a socketpair just before
+/// spawning the child (the Rust standard library creates every descriptor with
+/// close-on-exec set).
+pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let flags = fcntl(raw, FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    let mut flags = FdFlag::from_bits_truncate(flags);
+    flags.remove(FdFlag::FD_CLOEXEC);
+    fcntl(raw, FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Whether `fd` has `FD_CLOEXEC` set. Useful for checks and tests.
+pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    Ok(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::{AsFd, IntoRawFd};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn takes_back_a_leaked_socket_end_and_sets_cloexec() {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        clear_cloexec(theirs.as_fd()).unwrap();
+        assert!(!is_cloexec(theirs.as_fd()).unwrap());
+        let raw = theirs.into_raw_fd();
+
+        let owned = take_inherited_fd(raw).unwrap();
+        assert!(
+            is_cloexec(owned.as_fd()).unwrap(),
+            "taken fd must be close-on-exec"
+        );
+        let mut theirs = UnixStream::from(owned);
+        theirs.write_all(b"ping\n").unwrap();
+        let mut buf = [0u8; 5];
+        let mut mine = mine;
+        mine.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping\n");
+        mine.write_all(b"pong").unwrap();
+        let mut buf = [0u8; 4];
+        theirs.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    #[test]
+    fn closed_fd_is_an_error_that_says_what_to_do() {
+        // Far above any fd limit, so never open (a freshly closed number could
+        // be reused by a test running in parallel).
+        let raw = 999_999;
+        let err = take_inherited_fd(raw).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "file descriptor {raw} is not an open file descriptor"
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("canopy start"), "{msg}");
+    }
+
+    #[test]
+    fn stdio_and_negative_fds_are_refused() {
+        for raw in [-1, 0, 1, 2] {
+            let err = take_inherited_fd(raw).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "fd {raw}");
+            assert!(err.to_string().contains("mpiexec"), "{err}");
+        }
+    }
+
+    #[test]
+    fn clear_cloexec_round_trip() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(
+            is_cloexec(a.as_fd()).unwrap(),
+            "std creates fds close-on-exec"
+        );
+        clear_cloexec(a.as_fd()).unwrap();
+        assert!(!is_cloexec(a.as_fd()).unwrap());
+    }
+}

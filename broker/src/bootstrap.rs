@@ -1,0 +1,178 @@
+//! `canopy broker`: bootstrap one broker through PMI, then run it.
+//!
+//! The same code path serves `canopy start` (our own PMI-1 server) and
+//! external PMI-1 launchers such as MPICH's `mpiexec`. Without `PMI_FD` the
+//! broker runs as a singleton instance of size 1.
+
+use crate::error::BrokerError;
+use crate::node::{bind, Broker, Card, Plan, Transport};
+use canopy_overlay::Topology;
+use canopy_pmi::PmiClient;
+use canopy_security::{curve_principal, CurveKeypair};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+/// Options for one broker.
+#[derive(Clone, Debug)]
+pub struct BrokerOpts {
+    pub fanout: u32,
+    /// Private runtime directory for sockets. Default: one per instance
+    /// under `$XDG_RUNTIME_DIR` or the temp dir.
+    pub rundir: Option<PathBuf>,
+    /// Instance id shared by every broker. Default: the PMI kvsname.
+    pub instance: Option<String>,
+    pub transport: Transport,
+}
+
+/// Fail fast if the linked libzmq cannot do what Canopy needs.
+pub fn check_libzmq() -> Result<(), BrokerError> {
+    if !zmq::has("curve").unwrap_or(false) {
+        return Err(BrokerError::Libzmq("CURVE"));
+    }
+    if !zmq::has("ipc").unwrap_or(false) {
+        return Err(BrokerError::Libzmq("ipc transport"));
+    }
+    Ok(())
+}
+
+/// Create (or reuse, if it is ours and private) a runtime directory.
+pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
+    let io = |what, source| BrokerError::Io {
+        what,
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let md = std::fs::metadata(dir).map_err(|e| io("inspect the runtime directory", e))?;
+            if md.uid() != nix::unistd::getuid().as_raw() || md.permissions().mode() & 0o077 != 0 {
+                return Err(BrokerError::Bootstrap(format!(
+                    "runtime directory {} is not private to this user (owner uid {}, mode {:o}); remove it or pass --rundir",
+                    dir.display(),
+                    md.uid(),
+                    md.permissions().mode() & 0o777
+                )));
+            }
+            Ok(())
+        }
+        Err(e) => Err(io("create the runtime directory", e)),
+    }
+}
+
+fn signal_pipe() -> Result<UnixStream, BrokerError> {
+    let (r, w) = UnixStream::pair().map_err(|source| BrokerError::Io {
+        what: "create the signal pipe",
+        path: PathBuf::from("socketpair"),
+        source,
+    })?;
+    w.set_nonblocking(true).ok();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let w2 = w.try_clone().map_err(|source| BrokerError::Io {
+            what: "clone the signal pipe",
+            path: PathBuf::from("socketpair"),
+            source,
+        })?;
+        signal_hook::low_level::pipe::register(sig, w2).map_err(|source| BrokerError::Io {
+            what: "install signal handlers",
+            path: PathBuf::from("signal"),
+            source,
+        })?;
+    }
+    Ok(r)
+}
+
+/// Bootstrap through PMI (or as a singleton) and run until told to stop.
+pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
+    check_libzmq()?;
+    let signals = signal_pipe()?;
+    let mut pmi = PmiClient::from_env()?;
+    let (rank, size, kvsname) = match pmi.as_mut() {
+        Some(c) => {
+            c.init()?;
+            (c.rank(), c.size(), c.kvsname().unwrap_or("pmi").to_string())
+        }
+        None => (0, 1, "singleton".to_string()),
+    };
+    let topo = Topology::new(size, opts.fanout)?;
+    let instance = opts.instance.clone().unwrap_or(kvsname);
+    let rundir = match &opts.rundir {
+        Some(d) => d.clone(),
+        None => default_rundir(&instance),
+    };
+    ensure_private_dir(&rundir)?;
+    let _span = tracing::error_span!("broker", rank).entered();
+
+    let keys = CurveKeypair::generate()?;
+    let bound = bind(rank, &topo, &keys, &rundir, &opts.transport)?;
+    let card = Card {
+        public_key: *keys.public(),
+        endpoint: bound.endpoint.clone(),
+    };
+
+    let mut parent = None;
+    let mut children = HashMap::new();
+    let mut pmi_fd: Option<OwnedFd> = None;
+    if let Some(c) = pmi.as_mut() {
+        c.put(&format!("canopy.{rank}"), &card.encode())?;
+        c.barrier()?;
+        let get_card = |c: &mut PmiClient, r: u32| -> Result<Card, BrokerError> {
+            let v = c.get(&format!("canopy.{r}"))?;
+            Card::decode(&v).map_err(|e| BrokerError::Bootstrap(format!("rank {r}: {e}")))
+        };
+        if let Some(p) = topo.parent(rank) {
+            parent = Some(get_card(c, p)?);
+        }
+        for child in topo.children(rank) {
+            let cc = get_card(c, child)?;
+            children.insert(child, curve_principal(&cc.public_key));
+        }
+        // Second barrier: every parent admits its children's keys before
+        // any child connects (a denied CURVE handshake is not retried).
+        bound.admit_children(&children);
+        c.barrier()?;
+        pmi_fd = c.get_ref().try_clone().ok().map(OwnedFd::from);
+    }
+
+    let plan = Plan {
+        rank,
+        topo,
+        instance,
+        rundir: rundir.clone(),
+        keys,
+        parent,
+        children,
+        owner_uid: nix::unistd::getuid().as_raw(),
+    };
+    let broker = Broker::new(plan, bound, pmi_fd, signals)?;
+    let result = broker.run();
+    if let Some(c) = pmi.as_mut() {
+        let _ = c.finalize();
+    }
+    if opts.rundir.is_none() {
+        // Last one out removes the shared directory; fails harmlessly if not empty.
+        let _ = std::fs::remove_dir(&rundir);
+    }
+    result
+}
+
+/// `$XDG_RUNTIME_DIR/canopy-INSTANCE`, or `TMPDIR/canopy-UID-INSTANCE`.
+pub fn default_rundir(instance: &str) -> PathBuf {
+    let safe: String = instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join(format!("canopy-{safe}")),
+        _ => std::env::temp_dir().join(format!("canopy-{}-{safe}", nix::unistd::getuid())),
+    }
+}

@@ -1,0 +1,43 @@
+use std::path::PathBuf;
+
+/// Why a broker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("this libzmq lacks {0}; install Debian's libzmq3-dev (built with libsodium and GSSAPI) and rebuild, see README.md")]
+    Libzmq(&'static str),
+    #[error("zeromq: {what}: {source}")]
+    Zmq {
+        what: String,
+        #[source]
+        source: zmq::Error,
+    },
+    #[error(
+        "cannot bind {endpoint}: {reason}; choose another --port, or stop the process using it"
+    )]
+    Bind { endpoint: String, reason: String },
+    #[error("cannot {what} at {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pmi: {0}")]
+    Pmi(#[from] canopy_pmi::PmiError),
+    #[error("zap: {0}")]
+    Zap(#[from] canopy_zap::ZapError),
+    #[error("keys: {0}")]
+    Key(#[from] canopy_security::KeyError),
+    #[error("{0}")]
+    Topology(#[from] canopy_overlay::topology::TopologyError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+    #[error("the zap handler is not running, so no peer can be authenticated; refusing to run (libzmq would admit everyone)")]
+    ZapDied,
+    #[error("parent rank {parent} refused this broker: {reason}")]
+    HelloRefused { parent: u32, reason: String },
+    #[error(
+        "the launcher went away (its PMI connection closed); exiting so no broker is left behind"
+    )]
+    LauncherGone,
+}

@@ -1,0 +1,414 @@
+//! `canopy start`: a personal instance of N brokers on this machine.
+//!
+//! The launcher creates a private runtime directory, serves PMI-1 to its
+//! brokers (they exchange business cards through it), waits until rank 0
+//! reports the whole tree online, runs the user's command with
+//! `CANOPY_URI` set, and tears everything down afterwards. Brokers run in
+//! their own process group, so a Ctrl-C reaches the launcher and the
+//! command, and the launcher stops the brokers in order.
+
+use crate::bootstrap::check_libzmq;
+use canopy_client::Client;
+use canopy_modules::StatusReport;
+use canopy_overlay::Topology;
+use canopy_pmi::PmiServer;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--size must be at least 1 (got {0})")]
+    Size(u32),
+    #[error("{0}")]
+    Topology(#[from] canopy_overlay::topology::TopologyError),
+    #[error("{0}")]
+    Broker(#[from] crate::error::BrokerError),
+    #[error("cannot create a runtime directory in {dir}: {source}; pass --rundir DIR naming a writable directory")]
+    Rundir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start broker rank {rank} ({path}): {source}")]
+    Spawn {
+        rank: u32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run '{cmd}': {source}")]
+    Command {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pmi: {0}")]
+    Pmi(String),
+    #[error("broker rank {rank} (pid {pid}) {how} during start; the instance is shut down (see the broker's messages above)")]
+    DiedDuringStart { rank: u32, pid: i32, how: String },
+    #[error("the instance did not come up within {timeout:?}: {online} of {size} brokers online; raise --timeout or check the broker messages above")]
+    Timeout {
+        timeout: Duration,
+        online: usize,
+        size: u32,
+    },
+    #[error("interrupted during start")]
+    Interrupted,
+    #[error("system error: {0}")]
+    Sys(String),
+}
+
+/// Options for `canopy start`.
+#[derive(Clone, Debug)]
+pub struct StartOpts {
+    pub size: u32,
+    pub fanout: u32,
+    /// Use TCP on 127.0.0.1 instead of ipc.
+    pub tcp: bool,
+    /// With `tcp`: rank r binds `port + r` (0 = any free port).
+    pub port: u16,
+    /// Parent directory for the runtime directory.
+    pub rundir: Option<PathBuf>,
+    /// The broker executable (default: this one).
+    pub broker_path: Option<PathBuf>,
+    pub timeout: Duration,
+    pub command: Vec<String>,
+}
+
+struct Rundir(PathBuf);
+
+impl Drop for Rundir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_rundir(parent: Option<&Path>) -> Result<Rundir, StartError> {
+    let parent = match parent {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
+            _ => std::env::temp_dir(),
+        },
+    };
+    let mut rnd = [0u8; 6];
+    getrandom::getrandom(&mut rnd).map_err(|e| StartError::Sys(e.to_string()))?;
+    let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = parent.join(format!("canopy-{name}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| StartError::Rundir {
+            dir: parent.clone(),
+            source,
+        })?;
+    Ok(Rundir(dir))
+}
+
+fn describe(status: WaitStatus) -> Option<(String, i32)> {
+    match status {
+        WaitStatus::Exited(_, code) => Some((format!("exited with status {code}"), code)),
+        WaitStatus::Signaled(_, sig, core) => Some((
+            format!(
+                "was killed by signal {} ({}){}",
+                sig as i32,
+                sig.as_str(),
+                if core { ", core dumped" } else { "" }
+            ),
+            128 + sig as i32,
+        )),
+        _ => None,
+    }
+}
+
+/// A running set of brokers, stopped on drop.
+struct Brokers {
+    pids: HashMap<i32, u32>,
+}
+
+impl Brokers {
+    /// Reap whatever has exited. Returns (pid, rank if broker, status text, code).
+    fn reap(&mut self) -> Vec<(i32, Option<u32>, String, i32)> {
+        let mut out = Vec::new();
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(st) => {
+                    let Some(pid) = st.pid() else { break };
+                    if let Some((how, code)) = describe(st) {
+                        let rank = self.pids.remove(&pid.as_raw());
+                        out.push((pid.as_raw(), rank, how, code));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// SIGTERM everyone, wait up to `grace`, then SIGKILL.
+    fn stop(&mut self, grace: Duration) {
+        for pid in self.pids.keys() {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while !self.pids.is_empty() && Instant::now() < deadline {
+            self.reap();
+            if !self.pids.is_empty() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        for pid in self.pids.keys() {
+            tracing::warn!("broker pid {pid} did not stop within {grace:?}; killing it");
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        for pid in std::mem::take(&mut self.pids).into_keys() {
+            let _ = waitpid(Pid::from_raw(pid), None);
+        }
+    }
+}
+
+impl Drop for Brokers {
+    fn drop(&mut self) {
+        if !self.pids.is_empty() {
+            self.stop(Duration::from_secs(1));
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// A pipe that becomes readable on SIGINT, SIGTERM, SIGHUP or SIGCHLD.
+struct Signals {
+    r: UnixStream,
+    flags: Vec<(i32, std::sync::Arc<std::sync::atomic::AtomicBool>)>,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, StartError> {
+        use signal_hook::consts::*;
+        let (r, w) = UnixStream::pair().map_err(|e| StartError::Sys(e.to_string()))?;
+        r.set_nonblocking(true).ok();
+        w.set_nonblocking(true).ok();
+        let mut flags = Vec::new();
+        for sig in [SIGINT, SIGTERM, SIGHUP, SIGCHLD] {
+            let w2 = w.try_clone().map_err(|e| StartError::Sys(e.to_string()))?;
+            signal_hook::low_level::pipe::register(sig, w2)
+                .map_err(|e| StartError::Sys(e.to_string()))?;
+            if sig != SIGCHLD {
+                let f = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                signal_hook::flag::register(sig, f.clone())
+                    .map_err(|e| StartError::Sys(e.to_string()))?;
+                flags.push((sig, f));
+            }
+        }
+        Ok(Signals { r, flags })
+    }
+
+    /// Wait until a signal arrives or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) {
+        let mut fds = [nix::poll::PollFd::new(
+            self.r.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
+        let _ = nix::poll::poll(&mut fds, ms);
+        let mut buf = [0u8; 64];
+        while matches!(self.r.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    /// The terminating signal received, if any.
+    fn terminated(&self) -> Option<i32> {
+        self.flags
+            .iter()
+            .find(|(_, f)| f.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|(s, _)| *s)
+    }
+}
+
+/// Run an instance. Returns the exit code `canopy start` should exit with.
+pub fn start(opts: StartOpts) -> Result<i32, StartError> {
+    if opts.size == 0 {
+        return Err(StartError::Size(0));
+    }
+    let topo = Topology::new(opts.size, opts.fanout)?;
+    check_libzmq()?;
+    raise_fd_limit();
+    let mut signals = Signals::new()?;
+    let rundir = make_rundir(opts.rundir.as_deref())?;
+    let mut inst = [0u8; 8];
+    getrandom::getrandom(&mut inst).map_err(|e| StartError::Sys(e.to_string()))?;
+    let instance: String = inst.iter().map(|b| format!("{b:02x}")).collect();
+    let broker_path = match &opts.broker_path {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| StartError::Sys(e.to_string()))?,
+    };
+
+    let (server, ends) = PmiServer::new(opts.size).map_err(|e| StartError::Pmi(e.to_string()))?;
+    let pmi = server.spawn().map_err(|e| StartError::Pmi(e.to_string()))?;
+    let mut brokers = Brokers {
+        pids: HashMap::new(),
+    };
+    for (rank, end) in ends.into_iter().enumerate() {
+        let rank = rank as u32;
+        canopy_sys::clear_cloexec(end.as_fd()).map_err(|e| StartError::Sys(e.to_string()))?;
+        let mut cmd = Command::new(&broker_path);
+        cmd.arg("broker")
+            .arg("--fanout")
+            .arg(opts.fanout.to_string())
+            .arg("--rundir")
+            .arg(&rundir.0)
+            .arg("--instance")
+            .arg(&instance)
+            .env("PMI_FD", end.as_raw_fd().to_string())
+            .env("PMI_RANK", rank.to_string())
+            .env("PMI_SIZE", opts.size.to_string())
+            .env_remove("CANOPY_URI")
+            .stdin(Stdio::null())
+            .process_group(0);
+        if opts.tcp {
+            cmd.arg("--tcp").arg("--port").arg(opts.port.to_string());
+        }
+        let child = cmd.spawn().map_err(|source| StartError::Spawn {
+            rank,
+            path: broker_path.clone(),
+            source,
+        })?;
+        brokers.pids.insert(child.id() as i32, rank);
+        drop(end);
+    }
+
+    // Wait for the whole tree to come up.
+    let local0 = rundir.0.join("local-0");
+    let uri = format!("local://{}", local0.display());
+    let deadline = Instant::now() + opts.timeout;
+    let mut client: Option<Client> = None;
+    let mut online = 0usize;
+    loop {
+        if let Some((pid, Some(rank), how, _)) = brokers.reap().into_iter().next() {
+            brokers.stop(Duration::from_secs(1));
+            pmi.stop();
+            return Err(StartError::DiedDuringStart { rank, pid, how });
+        }
+        if signals.terminated().is_some() {
+            brokers.stop(Duration::from_secs(1));
+            pmi.stop();
+            return Err(StartError::Interrupted);
+        }
+        if client.is_none() && local0.exists() {
+            client = Client::connect(Some(&uri)).ok();
+        }
+        if let Some(c) = client.as_mut() {
+            match c.rpc(
+                "overlay.status",
+                0,
+                br#"{"summary":true}"#,
+                Duration::from_secs(5),
+            ) {
+                Ok(m) => {
+                    if let Ok(r) = serde_json::from_slice::<StatusReport>(&m.payload) {
+                        online = r.online;
+                        if r.online == topo.size() as usize {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => client = None,
+            }
+        }
+        if Instant::now() > deadline {
+            brokers.stop(Duration::from_secs(1));
+            pmi.stop();
+            return Err(StartError::Timeout {
+                timeout: opts.timeout,
+                online,
+                size: opts.size,
+            });
+        }
+        signals.wait(Duration::from_millis(if online > 0 { 2 } else { 1 }));
+    }
+    drop(client);
+
+    // Run the command, or wait for a signal.
+    let mut cmd_pid = None;
+    if let Some((prog, args)) = opts.command.split_first() {
+        let child = Command::new(prog)
+            .args(args)
+            .env("CANOPY_URI", &uri)
+            .spawn()
+            .map_err(|source| {
+                brokers.stop(Duration::from_secs(1));
+                StartError::Command {
+                    cmd: prog.clone(),
+                    source,
+                }
+            })?;
+        cmd_pid = Some(child.id() as i32);
+    } else {
+        println!(
+            "canopy: {} brokers up (instance {instance}); Ctrl-C to stop\nexport CANOPY_URI={uri}",
+            opts.size
+        );
+    }
+
+    let mut cmd_code = None;
+    let code = loop {
+        let mut died = None;
+        for (pid, rank, how, code) in brokers.reap() {
+            if Some(pid) == cmd_pid {
+                cmd_code = Some(code);
+            } else if let Some(rank) = rank {
+                died.get_or_insert((rank, pid, how));
+            }
+        }
+        if let Some((rank, pid, how)) = died {
+            eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; shutting down the instance");
+            if let Some(p) = cmd_pid {
+                let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+            }
+            break 1;
+        }
+        if let Some(c) = cmd_code {
+            break c;
+        }
+        if let Some(sig) = signals.terminated() {
+            if let Some(p) = cmd_pid {
+                if sig != signal_hook::consts::SIGINT {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+                }
+            }
+            break 128 + sig;
+        }
+        signals.wait(Duration::from_millis(200));
+    };
+    brokers.stop(Duration::from_secs(1));
+    if let Some(p) = cmd_pid.filter(|_| cmd_code.is_none()) {
+        // Do not leave the command behind if the instance ended first.
+        let mut cmd = Brokers {
+            pids: HashMap::from([(p, u32::MAX)]),
+        };
+        cmd.reap();
+        if !cmd.pids.is_empty() {
+            cmd.stop(Duration::from_secs(1));
+        }
+    }
+    pmi.stop();
+    drop(rundir);
+    Ok(code)
+}

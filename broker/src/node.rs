@@ -1,0 +1,1225 @@
+//! The broker: thin socket layers around the overlay logic.
+//!
+//! One thread owns every socket and polls them together: the ROUTER its
+//! children connect to, the DEALER to its parent, the local connector's
+//! listener and clients, the PMI fd (to notice the launcher going away),
+//! and a signal pipe. Routing decisions come from `canopy_overlay`;
+//! modules run on this same thread, so no message takes a thread hop.
+
+use crate::error::BrokerError;
+use canopy_modules::{BrokerInfo, Ctx, Registry, Reply};
+use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Sequencer};
+use canopy_overlay::health::{Delta, Health, RankState, HEALTH_TOPIC};
+use canopy_overlay::hello::{Hello, HelloCheck, HELLO_TOPIC};
+use canopy_overlay::route::{next_hop, Next};
+use canopy_overlay::Topology;
+use canopy_proto::frame::{encode_frame, FrameDecoder};
+use canopy_proto::{decode_header, errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
+use canopy_security::CurveKeypair;
+use canopy_zap::{KeySetPolicy, ZapHandle};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// Largest amount of unsent data a slow local client may accumulate.
+const MAX_CLIENT_BACKLOG: usize = 256 << 20;
+/// Messages taken from one socket before the others get a turn.
+const BATCH: usize = 256;
+
+/// A peer's "business card": what its neighbours need to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Card {
+    pub public_key: [u8; 32],
+    /// Where its ROUTER listens; `None` if it has no children.
+    pub endpoint: Option<String>,
+}
+
+impl Card {
+    /// Encode for a PMI value: `HEXKEY,ENDPOINT` (no spaces or `=`).
+    pub fn encode(&self) -> String {
+        let hex: String = self.public_key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex},{}", self.endpoint.as_deref().unwrap_or("-"))
+    }
+
+    pub fn decode(s: &str) -> Result<Card, String> {
+        let (hex, ep) = s
+            .split_once(',')
+            .ok_or_else(|| format!("business card '{s}' has no ','"))?;
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("business card key '{hex}' is not 64 hex digits"));
+        }
+        let mut key = [0u8; 32];
+        for (i, k) in key.iter_mut().enumerate() {
+            *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(Card {
+            public_key: key,
+            endpoint: (ep != "-").then(|| ep.to_string()),
+        })
+    }
+}
+
+/// Everything a broker needs to run, gathered by a bootstrap (PMI today).
+/// The bootstrap must have called [`Bound::admit_children`] on every
+/// broker of the instance before any of them is started with
+/// [`Broker::new`], which connects to the parent: a connection that arrives
+/// before the parent knows the child's key is denied, and CURVE clients do
+/// not retry.
+pub struct Plan {
+    pub rank: u32,
+    pub topo: Topology,
+    pub instance: String,
+    pub rundir: PathBuf,
+    pub keys: CurveKeypair,
+    pub parent: Option<Card>,
+    /// Principal of each child rank (`curve:<Z85>`).
+    pub children: HashMap<u32, String>,
+    /// The only uid admitted on the local connector.
+    pub owner_uid: u32,
+}
+
+/// The sockets a broker binds before the key exchange: they must exist so
+/// their endpoints can go on the business card.
+pub struct Bound {
+    pub ctx: zmq::Context,
+    pub zap: ZapHandle,
+    pub policy: Arc<KeySetPolicy>,
+    pub router: Option<zmq::Socket>,
+    pub endpoint: Option<String>,
+}
+
+impl Bound {
+    /// Let the children's keys in, as peers.
+    pub fn admit_children(&self, children: &HashMap<u32, String>) {
+        for (rank, principal) in children {
+            self.policy
+                .insert(principal.clone(), format!("rank {rank}"), Roles::PEER);
+        }
+    }
+}
+
+/// Where the ROUTER listens.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// `ipc://RUNDIR/tbon-RANK`
+    Ipc,
+    /// `tcp://HOST:PORT`; port 0 picks a free one.
+    Tcp { host: String, port: u16 },
+}
+
+fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
+    let what = what.into();
+    move |source| BrokerError::Zmq { what, source }
+}
+
+/// Start the ZAP handler, then (if this rank has children) bind the
+/// ROUTER, in that order: libzmq admits everyone if a CURVE server socket
+/// binds with no handler listening.
+pub fn bind(
+    rank: u32,
+    topo: &Topology,
+    keys: &CurveKeypair,
+    rundir: &std::path::Path,
+    transport: &Transport,
+) -> Result<Bound, BrokerError> {
+    let ctx = zmq::Context::new();
+    let policy = Arc::new(KeySetPolicy::new());
+    let zap = canopy_zap::ZapHandler::start(&ctx, policy.clone())?;
+    if !zap.alive() {
+        return Err(BrokerError::ZapDied);
+    }
+    let mut router = None;
+    let mut endpoint = None;
+    if topo.children(rank).next().is_some() {
+        let s = ctx.socket(zmq::ROUTER).map_err(zerr("create router"))?;
+        s.set_linger(0).map_err(zerr("set linger"))?;
+        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
+        s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
+        s.set_router_mandatory(true)
+            .map_err(zerr("set router_mandatory"))?;
+        s.set_curve_server(true).map_err(zerr("set curve_server"))?;
+        s.set_curve_secretkey(keys.secret())
+            .map_err(zerr("set curve secret key"))?;
+        s.set_zap_domain("canopy").map_err(zerr("set zap domain"))?;
+        let ep = match transport {
+            Transport::Ipc => format!("ipc://{}/tbon-{rank}", rundir.display()),
+            Transport::Tcp { host, port } => {
+                let port = if *port == 0 { 0 } else { *port as u32 + rank };
+                if port > u16::MAX as u32 {
+                    return Err(BrokerError::Bind {
+                        endpoint: format!("tcp://{host}:{port}"),
+                        reason: "port out of range".into(),
+                    });
+                }
+                if port == 0 {
+                    format!("tcp://{host}:*")
+                } else {
+                    format!("tcp://{host}:{port}")
+                }
+            }
+        };
+        s.bind(&ep).map_err(|e| BrokerError::Bind {
+            endpoint: ep.clone(),
+            reason: e.message().to_string(),
+        })?;
+        let last = s
+            .get_last_endpoint()
+            .map_err(zerr("get last endpoint"))?
+            .map_err(|_| BrokerError::Bootstrap("router endpoint is not UTF-8".into()))?;
+        endpoint = Some(last);
+        router = Some(s);
+    }
+    Ok(Bound {
+        ctx,
+        zap,
+        policy,
+        router,
+        endpoint,
+    })
+}
+
+struct ChildLink {
+    rid: Vec<u8>,
+    principal: String,
+    session: u64,
+}
+
+#[derive(PartialEq, Eq, Debug)]
+enum ParentState {
+    None,
+    Joining,
+    Online,
+}
+
+struct LocalClient {
+    stream: UnixStream,
+    dec: FrameDecoder,
+    out: Vec<u8>,
+    out_pos: usize,
+    subs: Vec<String>,
+    principal: String,
+    roles: Roles,
+    dead: bool,
+}
+
+/// A payload that is either a received ZeroMQ frame (moved, never copied,
+/// when forwarded to another ZeroMQ socket) or bytes from a local client.
+enum Payload {
+    Zmq(zmq::Message),
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Zmq(m) => m,
+            Payload::Bytes(v) => v,
+        }
+    }
+
+    fn into_msg(self) -> zmq::Message {
+        match self {
+            Payload::Zmq(m) => m,
+            Payload::Bytes(v) => zmq::Message::from(v),
+        }
+    }
+}
+
+pub struct Broker {
+    rank: u32,
+    topo: Topology,
+    instance: String,
+    session: u64,
+    start: Instant,
+    _ctx: zmq::Context,
+    zap: ZapHandle,
+    _policy: Arc<KeySetPolicy>,
+    router: Option<zmq::Socket>,
+    dealer: Option<zmq::Socket>,
+    parent_state: ParentState,
+    listener: UnixListener,
+    local_path: PathBuf,
+    ipc_path: Option<PathBuf>,
+    clients: HashMap<u32, LocalClient>,
+    next_client: u32,
+    owner_uid: u32,
+    expected: HashMap<u32, String>,
+    children: HashMap<u32, ChildLink>,
+    by_rid: HashMap<Vec<u8>, u32>,
+    health: Health,
+    modules: Registry,
+    info: BrokerInfo,
+    sequencer: Sequencer,
+    gaps: GapDetector,
+    pmi_fd: Option<OwnedFd>,
+    signals: UnixStream,
+    hdr_buf: Vec<u8>,
+}
+
+impl Broker {
+    /// Finish setting up from a bootstrap plan and the already bound sockets.
+    pub fn new(
+        plan: Plan,
+        bound: Bound,
+        pmi_fd: Option<OwnedFd>,
+        signals: UnixStream,
+    ) -> Result<Broker, BrokerError> {
+        let Bound {
+            ctx,
+            zap,
+            policy,
+            router,
+            endpoint,
+        } = bound;
+        let mut session_bytes = [0u8; 8];
+        getrandom::getrandom(&mut session_bytes)
+            .map_err(|e| BrokerError::Bootstrap(format!("random session id: {e}")))?;
+        let session = u64::from_be_bytes(session_bytes);
+
+        let local_path = plan.rundir.join(format!("local-{}", plan.rank));
+        let _ = std::fs::remove_file(&local_path);
+        let listener = UnixListener::bind(&local_path).map_err(|source| BrokerError::Io {
+            what: "bind the local connector",
+            path: local_path.clone(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| BrokerError::Io {
+                what: "configure the local connector",
+                path: local_path.clone(),
+                source,
+            })?;
+
+        let mut parent_state = ParentState::None;
+        let dealer = match &plan.parent {
+            None => None,
+            Some(card) => {
+                let ep = card.endpoint.clone().ok_or_else(|| {
+                    BrokerError::Bootstrap(
+                        "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
+                    )
+                })?;
+                let s = ctx.socket(zmq::DEALER).map_err(zerr("create dealer"))?;
+                s.set_linger(0).map_err(zerr("set linger"))?;
+                s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
+                s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
+                let mut rid = format!("{}:", plan.rank).into_bytes();
+                rid.extend_from_slice(format!("{session:016x}").as_bytes());
+                s.set_identity(&rid).map_err(zerr("set identity"))?;
+                s.set_curve_serverkey(&card.public_key)
+                    .map_err(zerr("set curve server key"))?;
+                s.set_curve_publickey(plan.keys.public())
+                    .map_err(zerr("set curve public key"))?;
+                s.set_curve_secretkey(plan.keys.secret())
+                    .map_err(zerr("set curve secret key"))?;
+                s.connect(&ep).map_err(|e| BrokerError::Bind {
+                    endpoint: ep.clone(),
+                    reason: format!("connect: {}", e.message()),
+                })?;
+                parent_state = ParentState::Joining;
+                Some(s)
+            }
+        };
+
+        let ipc_path = endpoint
+            .as_deref()
+            .and_then(|e| e.strip_prefix("ipc://"))
+            .map(PathBuf::from);
+        let info = BrokerInfo {
+            instance: plan.instance.clone(),
+            endpoint,
+            public_key: plan.keys.public_z85(),
+            local_uri: format!("local://{}", local_path.display()),
+            pid: std::process::id(),
+        };
+        let start = Instant::now();
+        let mut b = Broker {
+            rank: plan.rank,
+            topo: plan.topo,
+            instance: plan.instance,
+            session,
+            start,
+            _ctx: ctx,
+            zap,
+            _policy: policy,
+            router,
+            dealer,
+            parent_state,
+            listener,
+            local_path,
+            ipc_path,
+            clients: HashMap::new(),
+            next_client: 1,
+            owner_uid: plan.owner_uid,
+            expected: plan.children,
+            children: HashMap::new(),
+            by_rid: HashMap::new(),
+            health: Health::new(plan.topo, plan.rank, 0),
+            modules: Registry::standard(),
+            info,
+            sequencer: Sequencer::default(),
+            gaps: GapDetector::default(),
+            pmi_fd,
+            signals,
+            hdr_buf: Vec::with_capacity(256),
+        };
+        if b.dealer.is_some() {
+            b.send_hello()?;
+        }
+        Ok(b)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn send_hello(&mut self) -> Result<(), BrokerError> {
+        let hello = Hello {
+            rank: self.rank,
+            version: PROTOCOL_VERSION,
+            session: self.session,
+            instance: self.instance.clone(),
+        };
+        let parent = self.topo.parent(self.rank).unwrap_or(0);
+        let h = Header::request(HELLO_TOPIC, parent, 0);
+        self.send_parent(&h, Payload::Bytes(hello.encode()))
+    }
+
+    /// Run until a signal, the launcher going away, or a fatal error.
+    pub fn run(mut self) -> Result<(), BrokerError> {
+        let result = self.event_loop();
+        self.shutdown();
+        result
+    }
+
+    fn shutdown(&mut self) {
+        let _ = std::fs::remove_file(&self.local_path);
+        if let Some(p) = &self.ipc_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.router = None;
+        self.dealer = None;
+        self.clients.clear();
+    }
+
+    fn event_loop(&mut self) -> Result<(), BrokerError> {
+        let mut client_ids: Vec<u32> = Vec::new();
+        let mut ready: Vec<(bool, bool)> = Vec::new();
+        loop {
+            if !self.zap.alive() {
+                error!("zap handler died: no connection can be authenticated, so this broker stops admitting anyone and exits");
+                return Err(BrokerError::ZapDied);
+            }
+            client_ids.clear();
+            client_ids.extend(self.clients.keys().copied());
+            let (sig_r, pmi_r, lis_r, rtr_r, dlr_r);
+            {
+                let mut items = Vec::with_capacity(5 + client_ids.len());
+                items.push(zmq::PollItem::from_fd(
+                    self.signals.as_raw_fd(),
+                    zmq::POLLIN,
+                ));
+                items.push(zmq::PollItem::from_fd(
+                    self.pmi_fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1),
+                    zmq::POLLIN,
+                ));
+                items.push(zmq::PollItem::from_fd(
+                    self.listener.as_raw_fd(),
+                    zmq::POLLIN,
+                ));
+                match &self.router {
+                    Some(r) => items.push(r.as_poll_item(zmq::POLLIN)),
+                    None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
+                }
+                match &self.dealer {
+                    Some(d) => items.push(d.as_poll_item(zmq::POLLIN)),
+                    None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
+                }
+                for id in &client_ids {
+                    let c = &self.clients[id];
+                    let mut ev = zmq::POLLIN;
+                    if c.out_pos < c.out.len() {
+                        ev |= zmq::POLLOUT;
+                    }
+                    items.push(zmq::PollItem::from_fd(c.stream.as_raw_fd(), ev));
+                }
+                match zmq::poll(&mut items, 1000) {
+                    Ok(_) => {}
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(e) => return Err(zerr("poll")(e)),
+                }
+                sig_r = items[0].get_revents().bits() != 0;
+                pmi_r = items[1].get_revents().bits() != 0;
+                lis_r = items[2].is_readable();
+                rtr_r = items[3].is_readable();
+                dlr_r = items[4].is_readable();
+                ready.clear();
+                for it in &items[5..] {
+                    let rev = it.get_revents();
+                    ready.push((
+                        rev.intersects(zmq::POLLIN | zmq::POLLERR),
+                        rev.contains(zmq::POLLOUT),
+                    ));
+                }
+            }
+            if sig_r {
+                let mut b = [0u8; 16];
+                let _ = self.signals.read(&mut b);
+                info!("received a termination signal; shutting down");
+                return Ok(());
+            }
+            if pmi_r {
+                // The launcher never writes after the bootstrap: readable
+                // means it closed its end, i.e. it went away.
+                return Err(BrokerError::LauncherGone);
+            }
+            if lis_r {
+                self.accept_clients();
+            }
+            if rtr_r {
+                self.drain_router()?;
+            }
+            if dlr_r {
+                self.drain_dealer()?;
+            }
+            for (i, id) in client_ids.iter().enumerate() {
+                let (r, w) = ready[i];
+                if r {
+                    self.read_client(*id);
+                }
+                if w {
+                    self.flush_client(*id);
+                }
+            }
+            self.flush_health()?;
+            self.flush_all_clients();
+        }
+    }
+
+    // ----- local connector -----
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.admit_client(stream),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("local: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit_client(&mut self, mut stream: UnixStream) {
+        let uid = match nix::sys::socket::getsockopt(
+            &stream.as_fd(),
+            nix::sys::socket::sockopt::PeerCredentials,
+        ) {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                warn!("local: verdict=deny mechanism=peercred reason=\"cannot read SO_PEERCRED: {e}\"");
+                return;
+            }
+        };
+        let principal = unix_principal(uid);
+        if uid != self.owner_uid {
+            warn!(
+                "local: verdict=deny principal={principal} uid={uid} mechanism=peercred reason=\"not the instance owner (uid {})\"",
+                self.owner_uid
+            );
+            let msg = format!(
+                "permission denied: {principal} (uid {uid}) is not the owner of this instance (uid {}); only the owner may connect",
+                self.owner_uid
+            );
+            let mut h = Header::request("connect", self.rank, 0);
+            h.msg_type = MsgType::Response;
+            h.errnum = errno::EPERM;
+            h.nodeid = self.rank;
+            let mut out = Vec::new();
+            if encode_frame(&h, msg.as_bytes(), &mut out).is_ok() {
+                let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+                let _ = stream.write_all(&out);
+            }
+            return;
+        }
+        info!(
+            "local: verdict=allow principal={principal} uid={uid} mechanism=peercred roles=owner"
+        );
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let id = self.next_client;
+        self.next_client = self.next_client.wrapping_add(1).max(1);
+        self.clients.insert(
+            id,
+            LocalClient {
+                stream,
+                dec: FrameDecoder::new(),
+                out: Vec::new(),
+                out_pos: 0,
+                subs: Vec::new(),
+                principal,
+                roles: Roles::OWNER,
+                dead: false,
+            },
+        );
+    }
+
+    fn read_client(&mut self, id: u32) {
+        let mut buf = [0u8; 65536];
+        let mut frames = Vec::new();
+        {
+            let Some(c) = self.clients.get_mut(&id) else {
+                return;
+            };
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.dead = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        c.dec.push(&buf[..n]);
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        c.dead = true;
+                        break;
+                    }
+                }
+            }
+            loop {
+                match c.dec.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(
+                            "local: client {} sent a bad frame ({e}); disconnecting it",
+                            c.principal
+                        );
+                        c.dead = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for (h, p) in frames {
+            self.client_ingress(id, h, p);
+        }
+        if self.clients.get(&id).is_some_and(|c| c.dead) {
+            self.clients.remove(&id);
+        }
+    }
+
+    fn client_ingress(&mut self, id: u32, mut h: Header, payload: Vec<u8>) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        if h.msg_type != MsgType::Request {
+            debug!("local: client {} sent a non-request; ignored", c.principal);
+            return;
+        }
+        // Identity is stamped here, at ingress; whatever the client claimed is discarded.
+        h.userid.clone_from(&c.principal);
+        h.roles = c.roles;
+        h.route.clear();
+        h.route.push(Hop::Local(id));
+        self.route_request(h, Payload::Bytes(payload));
+    }
+
+    fn queue_client(&mut self, id: u32, h: &Header, payload: &[u8]) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.out.len() - c.out_pos > MAX_CLIENT_BACKLOG {
+            warn!(
+                "local: client {} is not reading; disconnecting it",
+                c.principal
+            );
+            c.dead = true;
+            return;
+        }
+        if let Err(e) = encode_frame(h, payload, &mut c.out) {
+            warn!("local: cannot encode a message for {}: {e}", c.principal);
+        }
+    }
+
+    fn flush_client(&mut self, id: u32) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        while c.out_pos < c.out.len() {
+            match c.stream.write(&c.out[c.out_pos..]) {
+                Ok(n) => c.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    c.dead = true;
+                    break;
+                }
+            }
+        }
+        if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+        }
+        if c.dead {
+            self.clients.remove(&id);
+        }
+    }
+
+    fn flush_all_clients(&mut self) {
+        let pending: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.out_pos < c.out.len() || c.dead)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pending {
+            self.flush_client(id);
+        }
+    }
+
+    // ----- overlay sockets -----
+
+    fn drain_router(&mut self) -> Result<(), BrokerError> {
+        for _ in 0..BATCH {
+            let Some(router) = &self.router else {
+                return Ok(());
+            };
+            let mut rid = zmq::Message::new();
+            match router.recv(&mut rid, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => return Err(zerr("receive from a child")(e)),
+            }
+            let mut parts = Vec::with_capacity(2);
+            let mut more = rid.get_more();
+            while more {
+                let mut m = zmq::Message::new();
+                router
+                    .recv(&mut m, 0)
+                    .map_err(zerr("receive from a child"))?;
+                more = m.get_more();
+                if parts.len() < 3 {
+                    parts.push(m);
+                }
+            }
+            // The routing-id frame is made locally and carries no metadata;
+            // frames that came over the wire carry the ZAP User-Id.
+            let user_id = parts
+                .first_mut()
+                .and_then(|m| m.gets("User-Id").map(str::to_string))
+                .unwrap_or_default();
+            self.child_ingress(rid.to_vec(), &user_id, parts)?;
+        }
+        Ok(())
+    }
+
+    fn child_ingress(
+        &mut self,
+        rid: Vec<u8>,
+        user_id: &str,
+        mut parts: Vec<zmq::Message>,
+    ) -> Result<(), BrokerError> {
+        if parts.is_empty() || parts.len() > 2 {
+            warn!(
+                "overlay: dropped a message with {} frames from a child; expected 1 or 2",
+                parts.len()
+            );
+            return Ok(());
+        }
+        let payload = if parts.len() == 2 {
+            parts.pop().map(Payload::Zmq).expect("two parts")
+        } else {
+            Payload::Bytes(Vec::new())
+        };
+        let h = match decode_header(&parts[0]) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("overlay: dropped an undecodable message from principal={user_id}: {e}");
+                return Ok(());
+            }
+        };
+        let Some(&rank) = self.by_rid.get(&rid) else {
+            if h.msg_type == MsgType::Request && h.topic == HELLO_TOPIC {
+                self.child_hello(rid, user_id, &h, payload.as_slice());
+            } else {
+                warn!(
+                    "overlay: verdict=deny principal={user_id} reason=\"message before hello\"; dropped"
+                );
+            }
+            return Ok(());
+        };
+        // Defence in depth: the ZAP-authenticated identity on every message
+        // must be the one this child joined with.
+        if self.children.get(&rank).map(|c| c.principal.as_str()) != Some(user_id) {
+            warn!(
+                "overlay: verdict=deny rank={rank} principal={user_id} reason=\"User-Id does not match the principal that joined as rank {rank}\"; dropped"
+            );
+            return Ok(());
+        }
+        match h.msg_type {
+            MsgType::Request => {
+                let mut h = h;
+                h.route.push(Hop::Child(rank));
+                self.route_request(h, payload);
+            }
+            MsgType::Response => self.route_response(h, payload),
+            MsgType::Control if h.topic == HEALTH_TOPIC => {
+                match serde_json::from_slice::<Vec<Delta>>(payload.as_slice()) {
+                    Ok(deltas) => {
+                        let now = self.now_ms();
+                        let ignored = self.health.apply_from_child(rank, &deltas, now);
+                        if ignored > 0 {
+                            warn!("overlay: rank {rank} reported {ignored} state changes for ranks outside its subtree; ignored");
+                        }
+                    }
+                    Err(e) => warn!("overlay: bad health report from rank {rank}: {e}"),
+                }
+            }
+            other => debug!("overlay: ignored {other:?} '{}' from rank {rank}", h.topic),
+        }
+        Ok(())
+    }
+
+    fn child_hello(&mut self, rid: Vec<u8>, user_id: &str, h: &Header, payload: &[u8]) {
+        let verdict = Hello::decode(payload).and_then(|hello| {
+            HelloCheck {
+                topo: &self.topo,
+                my_rank: self.rank,
+                my_version: PROTOCOL_VERSION,
+                my_instance: &self.instance,
+                authenticated: user_id,
+                expected: self.expected.get(&hello.rank).map(String::as_str),
+                online_session: self.children.get(&hello.rank).map(|c| c.session),
+            }
+            .check(&hello)
+            .map(|()| hello)
+        });
+        match verdict {
+            Ok(hello) => {
+                info!(
+                    "overlay: verdict=allow rank={} principal={user_id} mechanism=CURVE reason=\"hello accepted\"",
+                    hello.rank
+                );
+                self.by_rid.insert(rid.clone(), hello.rank);
+                self.children.insert(
+                    hello.rank,
+                    ChildLink {
+                        rid: rid.clone(),
+                        principal: user_id.to_string(),
+                        session: hello.session,
+                    },
+                );
+                let now = self.now_ms();
+                self.health
+                    .set(hello.rank, RankState::Online, "joined", now);
+                let resp = h.response(self.rank, 0);
+                self.send_router_rid(&rid, &resp, Payload::Bytes(Vec::new()));
+            }
+            Err(e) => {
+                warn!("overlay: verdict=deny principal={user_id} mechanism=CURVE reason=\"{e}\"");
+                let resp = h.response(self.rank, errno::EPERM);
+                self.send_router_rid(&rid, &resp, Payload::Bytes(e.to_string().into_bytes()));
+            }
+        }
+    }
+
+    fn drain_dealer(&mut self) -> Result<(), BrokerError> {
+        for _ in 0..BATCH {
+            let Some(dealer) = &self.dealer else {
+                return Ok(());
+            };
+            let mut first = zmq::Message::new();
+            match dealer.recv(&mut first, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => return Err(zerr("receive from the parent")(e)),
+            }
+            let mut parts = vec![first];
+            while parts.last().is_some_and(|m| m.get_more()) {
+                let mut m = zmq::Message::new();
+                dealer
+                    .recv(&mut m, 0)
+                    .map_err(zerr("receive from the parent"))?;
+                parts.push(m);
+            }
+            if parts.len() > 2 {
+                warn!(
+                    "overlay: dropped a message with {} frames from the parent",
+                    parts.len()
+                );
+                continue;
+            }
+            let payload = if parts.len() == 2 {
+                parts.pop().map(Payload::Zmq).expect("two parts")
+            } else {
+                Payload::Bytes(Vec::new())
+            };
+            let h = match decode_header(&parts[0]) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!("overlay: dropped an undecodable message from the parent: {e}");
+                    continue;
+                }
+            };
+            self.parent_ingress(h, payload)?;
+        }
+        Ok(())
+    }
+
+    fn parent_ingress(&mut self, mut h: Header, payload: Payload) -> Result<(), BrokerError> {
+        match h.msg_type {
+            MsgType::Response
+                if self.parent_state == ParentState::Joining
+                    && h.topic == HELLO_TOPIC
+                    && h.route.is_empty() =>
+            {
+                if h.errnum != 0 {
+                    let why = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                    return Err(BrokerError::HelloRefused {
+                        parent: h.nodeid,
+                        reason: why,
+                    });
+                }
+                info!("overlay: joined parent rank {}", h.nodeid);
+                self.parent_state = ParentState::Online;
+            }
+            MsgType::Request => {
+                h.route.push(Hop::Parent);
+                self.route_request(h, payload);
+            }
+            MsgType::Response => self.route_response(h, payload),
+            MsgType::Event => self.event_arrived(h, payload),
+            MsgType::Control => debug!("overlay: ignored control '{}' from the parent", h.topic),
+        }
+        Ok(())
+    }
+
+    fn flush_health(&mut self) -> Result<(), BrokerError> {
+        if self.dealer.is_none() {
+            self.health.take_pending();
+            return Ok(());
+        }
+        if self.parent_state != ParentState::Online {
+            return Ok(());
+        }
+        let deltas = self.health.take_pending();
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let body =
+            serde_json::to_vec(&deltas).map_err(|e| BrokerError::Bootstrap(e.to_string()))?;
+        self.send_parent(&Header::control(HEALTH_TOPIC), Payload::Bytes(body))
+    }
+
+    // ----- sending -----
+
+    fn send_parent(&mut self, h: &Header, payload: Payload) -> Result<(), BrokerError> {
+        let Some(dealer) = &self.dealer else {
+            return Ok(());
+        };
+        self.hdr_buf.clear();
+        if let Err(e) = h.encode_into(&mut self.hdr_buf) {
+            warn!("overlay: cannot encode a message for the parent: {e}");
+            return Ok(());
+        }
+        dealer
+            .send(&self.hdr_buf[..], zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| dealer.send(payload.into_msg(), zmq::DONTWAIT))
+            .map_err(zerr("send to the parent"))
+    }
+
+    /// Send to a ROUTER peer by routing id. Returns false if it is gone.
+    fn send_router_rid(&mut self, rid: &[u8], h: &Header, payload: Payload) -> bool {
+        let Some(router) = &self.router else {
+            return false;
+        };
+        self.hdr_buf.clear();
+        if let Err(e) = h.encode_into(&mut self.hdr_buf) {
+            warn!("overlay: cannot encode a message for a child: {e}");
+            return false;
+        }
+        let r = router
+            .send(rid, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| router.send(&self.hdr_buf[..], zmq::SNDMORE | zmq::DONTWAIT))
+            .and_then(|()| router.send(payload.into_msg(), zmq::DONTWAIT));
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("overlay: send to a child failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn send_child(&mut self, rank: u32, h: &Header, payload: Payload) -> bool {
+        let Some(rid) = self.children.get(&rank).map(|c| c.rid.clone()) else {
+            return false;
+        };
+        self.send_router_rid(&rid, h, payload)
+    }
+
+    // ----- routing -----
+
+    fn service_role(&self, topic: &str) -> Option<Roles> {
+        match topic {
+            "event.pub" if self.rank == 0 => Some(Roles::OPERATOR),
+            "event.subscribe" | "event.unsubscribe" => Some(Roles::USER),
+            t => self.modules.lookup(t),
+        }
+    }
+
+    fn route_request(&mut self, h: Header, payload: Payload) {
+        let role = self.service_role(&h.topic);
+        match next_hop(&self.topo, self.rank, h.nodeid, role.is_some()) {
+            Next::Local => {
+                let needed = role.expect("local implies a service");
+                if !h.roles.satisfies(needed) {
+                    let msg = format!(
+                        "{} requires role '{needed}'; principal {} has roles '{}'",
+                        h.topic, h.userid, h.roles
+                    );
+                    warn!("authz: verdict=deny principal={} topic={} reason=\"missing role {needed}\"", h.userid, h.topic);
+                    self.respond_err(&h, errno::EPERM, &msg);
+                    return;
+                }
+                self.handle_local(h, payload);
+            }
+            Next::Up => {
+                if self.parent_state != ParentState::Online {
+                    self.respond_err(
+                        &h,
+                        errno::EHOSTUNREACH,
+                        "this broker has not joined its parent yet; retry shortly",
+                    );
+                    return;
+                }
+                if let Err(e) = self.send_parent(&h, payload) {
+                    warn!("overlay: {e}");
+                    self.respond_err(&h, errno::EHOSTUNREACH, "cannot reach the parent broker");
+                }
+            }
+            Next::Down(child) => {
+                if !self.send_child(child, &h, payload) {
+                    let msg = format!("rank {child} is not online; check 'canopy overlay status'");
+                    self.respond_err(&h, errno::EHOSTUNREACH, &msg);
+                }
+            }
+            Next::Fail(e) => {
+                let msg = match e {
+                    errno::ENOSYS => format!("no service offers '{}'", h.topic),
+                    errno::EHOSTUNREACH => format!(
+                        "rank {} does not exist in this instance of size {}",
+                        h.nodeid,
+                        self.topo.size()
+                    ),
+                    _ => "cannot route this request".to_string(),
+                };
+                self.respond_err(&h, e, &msg);
+            }
+        }
+    }
+
+    fn respond_err(&mut self, req: &Header, errnum: u32, msg: &str) {
+        if req.flags & canopy_proto::FLAG_NORESPONSE != 0 {
+            return;
+        }
+        let r = req.response(self.rank, errnum);
+        self.route_response(r, Payload::Bytes(msg.as_bytes().to_vec()));
+    }
+
+    fn respond(&mut self, req: &Header, payload: Payload) {
+        if req.flags & canopy_proto::FLAG_NORESPONSE != 0 {
+            return;
+        }
+        let r = req.response(self.rank, 0);
+        self.route_response(r, payload);
+    }
+
+    fn route_response(&mut self, mut h: Header, payload: Payload) {
+        match h.route.pop() {
+            Some(Hop::Parent) => {
+                if let Err(e) = self.send_parent(&h, payload) {
+                    warn!("overlay: cannot send a response to the parent: {e}");
+                }
+            }
+            Some(Hop::Child(r)) => {
+                if !self.send_child(r, &h, payload) {
+                    debug!("overlay: response for rank {r} dropped: it is not online");
+                }
+            }
+            Some(Hop::Local(id)) => self.queue_client(id, &h, payload.as_slice()),
+            None => debug!(
+                "overlay: response '{}' with an empty route dropped",
+                h.topic
+            ),
+        }
+    }
+
+    fn handle_local(&mut self, h: Header, payload: Payload) {
+        match h.topic.as_str() {
+            "event.pub" => return self.publish(h, payload),
+            "event.subscribe" | "event.unsubscribe" => {
+                let Some(Hop::Local(id)) = h.route.first().copied().filter(|_| h.route.len() == 1)
+                else {
+                    return self.respond_err(
+                        &h,
+                        errno::EPROTO,
+                        "subscribe on your own broker's local connector",
+                    );
+                };
+                let pattern = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                if let Some(c) = self.clients.get_mut(&id) {
+                    if h.topic == "event.subscribe" {
+                        c.subs.push(pattern);
+                    } else {
+                        c.subs.retain(|p| *p != pattern);
+                    }
+                }
+                return self.respond(&h, Payload::Bytes(Vec::new()));
+            }
+            _ => {}
+        }
+        let ctx = Ctx {
+            rank: self.rank,
+            topo: &self.topo,
+            health: &self.health,
+            now_ms: self.now_ms(),
+            info: &self.info,
+        };
+        match self.modules.handle(&ctx, &h, payload.as_slice()) {
+            Some(Reply::Ok(body)) => self.respond(&h, Payload::Bytes(body)),
+            Some(Reply::Echo) => self.respond(&h, payload),
+            Some(Reply::Err(e, msg)) => self.respond_err(&h, e, &msg),
+            None => self.respond_err(&h, errno::ENOSYS, "no such method"),
+        }
+    }
+
+    // ----- events -----
+
+    fn publish(&mut self, h: Header, payload: Payload) {
+        let body = payload.as_slice();
+        if body.len() < 2 {
+            return self.respond_err(
+                &h,
+                errno::EPROTO,
+                "event.pub payload must start with a u16 topic length",
+            );
+        }
+        let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let Some(topic) = body
+            .get(2..2 + tlen)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .map(str::to_string)
+        else {
+            return self.respond_err(
+                &h,
+                errno::EPROTO,
+                "event.pub topic is truncated or not UTF-8",
+            );
+        };
+        if topic.is_empty() || topic.len() > canopy_proto::MAX_TOPIC {
+            return self.respond_err(&h, errno::EINVAL, "event topic must be 1 to 255 bytes");
+        }
+        let seq = self.sequencer.next_seq();
+        let mut ev = Header::event(topic, seq);
+        ev.userid.clone_from(&h.userid);
+        ev.roles = h.roles;
+        let data = body[2 + tlen..].to_vec();
+        self.distribute_event(&ev, &data);
+        self.respond(&h, Payload::Bytes(seq.to_be_bytes().to_vec()));
+    }
+
+    fn event_arrived(&mut self, h: Header, payload: Payload) {
+        match self.gaps.arrive(h.seq) {
+            Arrival::Duplicate => {
+                debug!("events: duplicate event {} dropped", h.seq);
+                return;
+            }
+            Arrival::Gap { from, to } => {
+                warn!("events: missed events {from}..={to}");
+            }
+            Arrival::First | Arrival::InOrder => {}
+        }
+        self.distribute_event(&h, payload.as_slice());
+    }
+
+    fn distribute_event(&mut self, ev: &Header, data: &[u8]) {
+        self.hdr_buf.clear();
+        if ev.encode_into(&mut self.hdr_buf).is_err() {
+            return;
+        }
+        if let Some(router) = &self.router {
+            for c in self.children.values() {
+                let r = router
+                    .send(&c.rid[..], zmq::SNDMORE | zmq::DONTWAIT)
+                    .and_then(|()| router.send(&self.hdr_buf[..], zmq::SNDMORE | zmq::DONTWAIT))
+                    .and_then(|()| router.send(data, zmq::DONTWAIT));
+                if let Err(e) = r {
+                    debug!("events: send to a child failed: {e}");
+                }
+            }
+        }
+        let subscribers: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.subs.iter().any(|p| topic_matches(p, &ev.topic)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in subscribers {
+            self.queue_client(id, ev, data);
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `unix:<username>`, or `unix:uid<N>` if the uid has no passwd entry.
+pub fn unix_principal(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => format!("unix:{}", u.name),
+        _ => format!("unix:uid{uid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_round_trip() {
+        let c = Card {
+            public_key: [7; 32],
+            endpoint: Some("ipc:///tmp/x/tbon-0".into()),
+        };
+        assert_eq!(Card::decode(&c.encode()).unwrap(), c);
+        let leaf = Card {
+            public_key: [1; 32],
+            endpoint: None,
+        };
+        assert_eq!(Card::decode(&leaf.encode()).unwrap(), leaf);
+        assert!(!c.encode().contains(' ') && !c.encode().contains('='));
+        assert!(Card::decode("zz,-").is_err());
+        assert!(Card::decode("nocomma").is_err());
+    }
+}

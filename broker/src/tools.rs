@@ -1,0 +1,181 @@
+//! Client tools: `ping`, `overlay status`, `event pub` and `event sub`.
+
+use canopy_client::{Client, ClientError, NODEID_ANY};
+use canopy_modules::{RankStatus, StatusReport};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Summary of a ping run.
+pub struct PingSummary {
+    pub sent: u32,
+    pub rtts: Vec<Duration>,
+}
+
+/// `canopy ping`: one line per reply, then a min/avg/max summary.
+pub fn ping(
+    uri: Option<&str>,
+    rank: Option<u32>,
+    count: u32,
+    pad: usize,
+    interval: Duration,
+    timeout: Duration,
+    out: &mut dyn Write,
+) -> Result<PingSummary, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let payload: Vec<u8> = (0..pad).map(|i| b'a' + (i % 26) as u8).collect();
+    let nodeid = rank.unwrap_or(NODEID_ANY);
+    let mut rtts = Vec::with_capacity(count as usize);
+    for seq in 0..count {
+        if seq > 0 && !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+        let t0 = Instant::now();
+        let m = c.rpc("broker.ping", nodeid, &payload, timeout)?;
+        let rtt = t0.elapsed();
+        if m.payload != payload {
+            return Err(ClientError::Refused(format!(
+                "rank {} echoed {} bytes that differ from the {} sent",
+                m.header.nodeid,
+                m.payload.len(),
+                payload.len()
+            )));
+        }
+        let _ = writeln!(
+            out,
+            "broker.ping rank={} seq={seq} bytes={} time={:.3} ms",
+            m.header.nodeid,
+            pad,
+            rtt.as_secs_f64() * 1e3
+        );
+        rtts.push(rtt);
+    }
+    if !rtts.is_empty() {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let min = rtts.iter().min().copied().unwrap_or_default();
+        let max = rtts.iter().max().copied().unwrap_or_default();
+        let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
+        let _ = writeln!(
+            out,
+            "--- {count} sent, {} received, rtt min/avg/max = {:.3}/{:.3}/{:.3} ms",
+            rtts.len(),
+            ms(min),
+            ms(avg),
+            ms(max)
+        );
+    }
+    Ok(PingSummary { sent: count, rtts })
+}
+
+/// Fetch `overlay.status` from a rank.
+pub fn status(
+    uri: Option<&str>,
+    rank: u32,
+    timeout: Duration,
+) -> Result<StatusReport, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("overlay.status", rank, b"", timeout)?;
+    serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank {rank} sent an unreadable status: {e}")))
+}
+
+/// Render the status as an indented tree.
+pub fn render_status(r: &StatusReport) -> String {
+    let mut s = format!(
+        "instance {}: {} brokers, fanout {}, {} of {} online here, health {}\n",
+        r.broker.instance,
+        r.size,
+        r.fanout,
+        r.online,
+        r.ranks.len(),
+        r.health
+    );
+    let by_rank: std::collections::HashMap<u32, &RankStatus> =
+        r.ranks.iter().map(|x| (x.rank, x)).collect();
+    fn walk(
+        s: &mut String,
+        by_rank: &std::collections::HashMap<u32, &RankStatus>,
+        rank: u32,
+        prefix: &str,
+        last: bool,
+        root: bool,
+        fanout: u32,
+    ) {
+        let Some(x) = by_rank.get(&rank) else { return };
+        let branch = if root {
+            ""
+        } else if last {
+            "└─ "
+        } else {
+            "├─ "
+        };
+        s.push_str(&format!(
+            "{prefix}{branch}{rank}: {} ({}, {:.1}s: {})\n",
+            x.health,
+            serde_json::to_value(x.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            x.duration_s,
+            x.reason
+        ));
+        let kids: Vec<u32> = (1..=fanout)
+            .map(|i| rank as u64 * fanout as u64 + i as u64)
+            .filter(|k| by_rank.contains_key(&(*k as u32)))
+            .map(|k| k as u32)
+            .collect();
+        let child_prefix = if root {
+            prefix.to_string()
+        } else {
+            format!("{prefix}{}", if last { "   " } else { "│  " })
+        };
+        for (i, k) in kids.iter().enumerate() {
+            walk(
+                s,
+                by_rank,
+                *k,
+                &child_prefix,
+                i + 1 == kids.len(),
+                false,
+                fanout,
+            );
+        }
+    }
+    walk(&mut s, &by_rank, r.rank, "", true, true, r.fanout);
+    s
+}
+
+/// `canopy event pub`: returns the sequence number.
+pub fn event_pub(
+    uri: Option<&str>,
+    topic: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<u64, ClientError> {
+    Client::connect(uri)?.publish(topic, payload, timeout)
+}
+
+/// `canopy event sub`: print `count` events (0 = until interrupted).
+pub fn event_sub(
+    uri: Option<&str>,
+    pattern: &str,
+    count: u64,
+    timeout: Option<Duration>,
+    out: &mut dyn Write,
+) -> Result<u64, ClientError> {
+    let mut c = Client::connect(uri)?;
+    c.subscribe(pattern, Duration::from_secs(10))?;
+    let mut n = 0;
+    while count == 0 || n < count {
+        let m = c.next_event(timeout.unwrap_or(Duration::from_secs(u32::MAX as u64)))?;
+        let _ = writeln!(
+            out,
+            "{} {} {}",
+            m.header.seq,
+            m.header.topic,
+            String::from_utf8_lossy(&m.payload)
+        );
+        let _ = out.flush();
+        n += 1;
+    }
+    Ok(n)
+}
