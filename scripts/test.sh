@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every test: unit, integration (real brokers, real sockets) and a smoke
+# run of each benchmark scenario.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+canopy_install_deps
+canopy_check_cargo
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast
+if [ -d bench ]; then
+    cargo build --release -q -p canopy-broker -p canopy-bench
+    target/release/canopy-bench smoke
+fi
