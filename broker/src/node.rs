@@ -756,7 +756,11 @@ impl Broker {
         };
         let Some(&rank) = self.by_rid.get(&rid) else {
             if h.msg_type == MsgType::Request && h.topic == HELLO_TOPIC {
-                self.child_hello(rid, user_id, &h, payload.as_slice());
+                let address = parts
+                    .first_mut()
+                    .and_then(|m| m.gets("Peer-Address").map(str::to_string))
+                    .unwrap_or_default();
+                self.child_hello(rid, user_id, &address, &h, payload.as_slice());
             } else {
                 warn!(
                     "overlay: verdict=deny principal={user_id} reason=\"message before hello\"; dropped"
@@ -796,7 +800,14 @@ impl Broker {
         Ok(())
     }
 
-    fn child_hello(&mut self, rid: Vec<u8>, user_id: &str, h: &Header, payload: &[u8]) {
+    fn child_hello(
+        &mut self,
+        rid: Vec<u8>,
+        user_id: &str,
+        address: &str,
+        h: &Header,
+        payload: &[u8],
+    ) {
         let verdict = Hello::decode(payload).and_then(|hello| {
             HelloCheck {
                 topo: &self.topo,
@@ -813,7 +824,7 @@ impl Broker {
         match verdict {
             Ok(hello) => {
                 info!(
-                    "overlay: verdict=allow rank={} principal={user_id} mechanism=CURVE reason=\"hello accepted\"",
+                    "overlay: verdict=allow rank={} principal={user_id} address={address} mechanism=CURVE reason=\"hello accepted\"",
                     hello.rank
                 );
                 self.by_rid.insert(rid.clone(), hello.rank);
@@ -832,7 +843,7 @@ impl Broker {
                 self.send_router_rid(&rid, &resp, Payload::Bytes(Vec::new()));
             }
             Err(e) => {
-                warn!("overlay: verdict=deny principal={user_id} mechanism=CURVE reason=\"{e}\"");
+                warn!("overlay: verdict=deny principal={user_id} address={address} mechanism=CURVE reason=\"{e}\"");
                 let resp = h.response(self.rank, errno::EPERM);
                 self.send_router_rid(&rid, &resp, Payload::Bytes(e.to_string().into_bytes()));
             }

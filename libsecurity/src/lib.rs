@@ -6,6 +6,7 @@
 //! * [`curve_principal`]: the canonical principal of a CURVE public key.
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod z85;
 
 use zeroize::Zeroizing;
