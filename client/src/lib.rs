@@ -1,8 +1,12 @@
-//! A synchronous client for a broker's local connector (a UNIX socket).
+//! A synchronous client for a canopy broker.
 //!
 //! Tools find the broker through `--uri` or the `CANOPY_URI` environment
 //! variable, which `canopy start` sets for the command it runs. A URI is
-//! `local://PATH` (or a bare path).
+//! `local://PATH` (or a bare path) for the broker's UNIX-socket connector
+//! on this host, or `tcp://HOST:PORT` for a broker's remote client
+//! endpoint, secured by CURVE: the client's secret certificate comes from
+//! `CANOPY_KEY` (a file) and the broker's public key from
+//! `CANOPY_SERVER_KEY` (40 Z85 characters, or a certificate file).
 #![forbid(unsafe_code)]
 
 use canopy_proto::frame::{encode_frame, FrameDecoder, FrameError};
@@ -17,13 +21,21 @@ pub use canopy_proto::NODEID_ANY;
 
 /// Environment variable naming the broker to talk to.
 pub const URI_ENV: &str = "CANOPY_URI";
+/// Environment variable naming the client's secret certificate (tcp only).
+pub const KEY_ENV: &str = "CANOPY_KEY";
+/// Environment variable with the broker's public key (tcp only).
+pub const SERVER_KEY_ENV: &str = "CANOPY_SERVER_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no broker given: pass --uri or set CANOPY_URI (canopy start sets it for the command it runs)")]
     NoUri,
-    #[error("unsupported uri '{0}': use local://PATH")]
+    #[error("unsupported uri '{0}': use local://PATH or tcp://HOST:PORT")]
     BadUri(String),
+    #[error("{0}")]
+    Keys(String),
+    #[error("zeromq: {0}")]
+    Zmq(#[from] zmq::Error),
     #[error(
         "cannot connect to broker at {path}: {source}; is the instance running? (check CANOPY_URI)"
     )]
@@ -68,45 +80,150 @@ pub struct Msg {
     pub payload: Vec<u8>,
 }
 
+enum Conn {
+    Unix {
+        stream: UnixStream,
+        decoder: FrameDecoder,
+    },
+    Tcp {
+        sock: zmq::Socket,
+        monitor: zmq::Socket,
+        _ctx: zmq::Context,
+    },
+}
+
 pub struct Client {
-    stream: UnixStream,
-    decoder: FrameDecoder,
+    conn: Conn,
     next_tag: u32,
     /// Messages received while waiting for something else.
     backlog: VecDeque<Msg>,
     wbuf: Vec<u8>,
 }
 
+/// Where a URI points.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    Local(PathBuf),
+    Tcp(String),
+}
+
 /// Resolve a URI from an explicit value or the environment.
-pub fn resolve_uri(explicit: Option<&str>) -> Result<PathBuf, ClientError> {
+pub fn resolve_uri(explicit: Option<&str>) -> Result<Target, ClientError> {
     let uri = match explicit {
         Some(u) => u.to_string(),
         None => std::env::var(URI_ENV).map_err(|_| ClientError::NoUri)?,
     };
     if let Some(p) = uri.strip_prefix("local://") {
-        Ok(PathBuf::from(p))
+        Ok(Target::Local(PathBuf::from(p)))
     } else if uri.starts_with('/') {
-        Ok(PathBuf::from(uri))
+        Ok(Target::Local(PathBuf::from(uri)))
+    } else if uri.starts_with("tcp://") {
+        Ok(Target::Tcp(uri))
     } else {
         Err(ClientError::BadUri(uri))
     }
 }
 
+/// Keys for a tcp connection.
+pub struct TcpKeys {
+    pub client: canopy_security::CurveKeypair,
+    pub server_public: [u8; 32],
+}
+
+impl TcpKeys {
+    /// From `CANOPY_KEY` and `CANOPY_SERVER_KEY`.
+    pub fn from_env() -> Result<TcpKeys, ClientError> {
+        let key = std::env::var(KEY_ENV).map_err(|_| {
+            ClientError::Keys(format!(
+                "a tcp:// uri needs your secret certificate: set {KEY_ENV}=FILE (make one with canopy keygen)"
+            ))
+        })?;
+        let server = std::env::var(SERVER_KEY_ENV).map_err(|_| {
+            ClientError::Keys(format!(
+                "a tcp:// uri needs the broker's public key: set {SERVER_KEY_ENV} to its 40 Z85 characters or its certificate file"
+            ))
+        })?;
+        TcpKeys::load(std::path::Path::new(&key), &server)
+    }
+
+    /// From a secret certificate file and a server key (Z85 or a file).
+    pub fn load(key_file: &std::path::Path, server: &str) -> Result<TcpKeys, ClientError> {
+        let cert = canopy_security::cert::load_secret(key_file)
+            .map_err(|e| ClientError::Keys(e.to_string()))?;
+        let client = cert.keypair().ok_or_else(|| {
+            ClientError::Keys(format!("{} has no secret key", key_file.display()))
+        })?;
+        let server_public = if server.len() == 40 && !std::path::Path::new(server).exists() {
+            canopy_security::decode_public_key(server)
+                .map_err(|e| ClientError::Keys(format!("{SERVER_KEY_ENV}: {e}")))?
+        } else {
+            canopy_security::cert::load_public(std::path::Path::new(server))
+                .map_err(|e| ClientError::Keys(e.to_string()))?
+                .public
+        };
+        Ok(TcpKeys {
+            client,
+            server_public,
+        })
+    }
+}
+
+static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Client {
     /// Connect to `--uri` if given, else to `CANOPY_URI`.
     pub fn connect(uri: Option<&str>) -> Result<Client, ClientError> {
-        let path = resolve_uri(uri)?;
-        let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
+        match resolve_uri(uri)? {
+            Target::Local(path) => {
+                let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Ok(Client::with_conn(Conn::Unix {
+                    stream,
+                    decoder: FrameDecoder::new(),
+                }))
+            }
+            Target::Tcp(ep) => Client::connect_tcp(&ep, &TcpKeys::from_env()?),
+        }
+    }
+
+    /// Connect to a broker's remote client endpoint with CURVE. A broker
+    /// that refuses the key is reported as [`ClientError::Refused`] on the
+    /// first receive, not as a timeout.
+    pub fn connect_tcp(endpoint: &str, keys: &TcpKeys) -> Result<Client, ClientError> {
+        let ctx = zmq::Context::new();
+        let sock = ctx.socket(zmq::DEALER)?;
+        sock.set_linger(0)?;
+        sock.set_curve_serverkey(&keys.server_public)?;
+        sock.set_curve_publickey(keys.client.public())?;
+        sock.set_curve_secretkey(keys.client.secret())?;
+        let mon_ep = format!(
+            "inproc://canopy-client-monitor-{}",
+            MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        sock.monitor(&mon_ep, zmq::SocketEvent::ALL as i32)?;
+        let monitor = ctx.socket(zmq::PAIR)?;
+        monitor.set_linger(0)?;
+        monitor.connect(&mon_ep)?;
+        sock.connect(endpoint).map_err(|e| ClientError::Connect {
+            path: endpoint.to_string(),
+            source: std::io::Error::other(e.message()),
         })?;
-        Ok(Client {
-            stream,
-            decoder: FrameDecoder::new(),
+        Ok(Client::with_conn(Conn::Tcp {
+            sock,
+            monitor,
+            _ctx: ctx,
+        }))
+    }
+
+    fn with_conn(conn: Conn) -> Client {
+        Client {
+            conn,
             next_tag: 1,
             backlog: VecDeque::new(),
             wbuf: Vec::new(),
-        })
+        }
     }
 
     /// Send a request without waiting; returns its matchtag.
@@ -114,9 +231,18 @@ impl Client {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
         let h = Header::request(topic, nodeid, tag);
-        self.wbuf.clear();
-        encode_frame(&h, payload, &mut self.wbuf)?;
-        self.stream.write_all(&self.wbuf)?;
+        match &mut self.conn {
+            Conn::Unix { stream, .. } => {
+                self.wbuf.clear();
+                encode_frame(&h, payload, &mut self.wbuf)?;
+                stream.write_all(&self.wbuf)?;
+            }
+            Conn::Tcp { sock, .. } => {
+                let hb = h.encode().map_err(FrameError::from)?;
+                sock.send(hb, zmq::SNDMORE)?;
+                sock.send(payload, 0)?;
+            }
+        }
         Ok(tag)
     }
 
@@ -129,34 +255,9 @@ impl Client {
     }
 
     fn recv_wire(&mut self, timeout: Duration) -> Result<Msg, ClientError> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 65536];
-        loop {
-            if let Some((header, payload)) = self.decoder.next_frame()? {
-                if header.msg_type == MsgType::Response
-                    && header.matchtag == 0
-                    && header.errnum != 0
-                {
-                    return Err(ClientError::Refused(
-                        String::from_utf8_lossy(&payload).into(),
-                    ));
-                }
-                return Ok(Msg { header, payload });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ClientError::Timeout(timeout));
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err(ClientError::Closed),
-                Ok(n) => self.decoder.push(&buf[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(ClientError::Timeout(timeout))
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        match &mut self.conn {
+            Conn::Unix { stream, decoder } => recv_unix(stream, decoder, timeout),
+            Conn::Tcp { sock, monitor, .. } => recv_tcp(sock, monitor, timeout),
         }
     }
 
@@ -243,6 +344,101 @@ impl Client {
     }
 }
 
+fn refusal_or_msg(header: Header, payload: Vec<u8>) -> Result<Msg, ClientError> {
+    if header.msg_type == MsgType::Response && header.matchtag == 0 && header.errnum != 0 {
+        return Err(ClientError::Refused(
+            String::from_utf8_lossy(&payload).into(),
+        ));
+    }
+    Ok(Msg { header, payload })
+}
+
+fn recv_unix(
+    stream: &mut UnixStream,
+    decoder: &mut FrameDecoder,
+    timeout: Duration,
+) -> Result<Msg, ClientError> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 65536];
+    loop {
+        if let Some((header, payload)) = decoder.next_frame()? {
+            return refusal_or_msg(header, payload);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout(timeout));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(ClientError::Closed),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(ClientError::Timeout(timeout))
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// libzmq's ZMQ_EVENT_HANDSHAKE_FAILED_* monitor events.
+const EVENT_HANDSHAKE_FAILED_NO_DETAIL: u16 = 0x0800;
+const EVENT_HANDSHAKE_FAILED_PROTOCOL: u16 = 0x2000;
+const EVENT_HANDSHAKE_FAILED_AUTH: u16 = 0x4000;
+
+fn recv_tcp(
+    sock: &zmq::Socket,
+    monitor: &zmq::Socket,
+    timeout: Duration,
+) -> Result<Msg, ClientError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (sock_ready, mon_ready) = {
+            let mut items = [
+                sock.as_poll_item(zmq::POLLIN),
+                monitor.as_poll_item(zmq::POLLIN),
+            ];
+            zmq::poll(&mut items, left.as_millis().min(i64::MAX as u128) as i64)?;
+            (items[0].is_readable(), items[1].is_readable())
+        };
+        if mon_ready {
+            let frames = monitor.recv_multipart(0)?;
+            if let Some(ev) = frames.first().filter(|f| f.len() >= 2) {
+                match u16::from_le_bytes([ev[0], ev[1]]) {
+                    EVENT_HANDSHAKE_FAILED_AUTH => {
+                        return Err(ClientError::Refused(
+                            "permission denied: the broker refused this key; ask its admin to allow your principal".into(),
+                        ))
+                    }
+                    EVENT_HANDSHAKE_FAILED_NO_DETAIL | EVENT_HANDSHAKE_FAILED_PROTOCOL => {
+                        return Err(ClientError::Refused(
+                            "the CURVE handshake failed; check that CANOPY_SERVER_KEY is this broker's public key".into(),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if sock_ready {
+            let mut parts = sock.recv_multipart(0)?;
+            if parts.is_empty() || parts.len() > 2 {
+                continue;
+            }
+            let payload = if parts.len() == 2 {
+                parts.pop().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let header = canopy_proto::decode_header(&parts[0]).map_err(FrameError::from)?;
+            return refusal_or_msg(header, payload);
+        }
+        if Instant::now() >= deadline {
+            return Err(ClientError::Timeout(timeout));
+        }
+    }
+}
+
 fn check(m: Msg) -> Result<Msg, ClientError> {
     if m.header.errnum == 0 {
         return Ok(m);
@@ -264,11 +460,18 @@ mod tests {
     fn uris() {
         assert_eq!(
             resolve_uri(Some("local:///a/b")).unwrap(),
-            PathBuf::from("/a/b")
+            Target::Local(PathBuf::from("/a/b"))
         );
-        assert_eq!(resolve_uri(Some("/a/b")).unwrap(), PathBuf::from("/a/b"));
+        assert_eq!(
+            resolve_uri(Some("/a/b")).unwrap(),
+            Target::Local(PathBuf::from("/a/b"))
+        );
+        assert_eq!(
+            resolve_uri(Some("tcp://h:1")).unwrap(),
+            Target::Tcp("tcp://h:1".into())
+        );
         assert!(matches!(
-            resolve_uri(Some("tcp://x")),
+            resolve_uri(Some("udp://x")),
             Err(ClientError::BadUri(_))
         ));
     }
@@ -278,13 +481,10 @@ mod tests {
         // A real socketpair standing in for the broker end, answering one
         // request with an error and sending an event first.
         let (a, b) = UnixStream::pair().unwrap();
-        let mut c = Client {
+        let mut c = Client::with_conn(Conn::Unix {
             stream: a,
             decoder: FrameDecoder::new(),
-            next_tag: 1,
-            backlog: VecDeque::new(),
-            wbuf: Vec::new(),
-        };
+        });
         let t = std::thread::spawn(move || {
             let mut b = b;
             let mut d = FrameDecoder::new();
