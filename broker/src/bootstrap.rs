@@ -4,6 +4,7 @@
 //! external PMI-1 launchers such as MPICH's `mpiexec`. Without `PMI_FD` the
 //! broker runs as a singleton instance of size 1.
 
+use crate::authz::{ClientAuthz, OwnerOnly};
 use crate::error::BrokerError;
 use crate::node::{bind, Broker, Card, Plan, Transport};
 use canopy_overlay::Topology;
@@ -14,9 +15,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Options for one broker.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BrokerOpts {
     pub fanout: u32,
     /// Private runtime directory for sockets. Default: one per instance
@@ -25,6 +27,10 @@ pub struct BrokerOpts {
     /// Instance id shared by every broker. Default: the PMI kvsname.
     pub instance: Option<String>,
     pub transport: Transport,
+    /// Bind a remote client endpoint here (e.g. `tcp://0.0.0.0:7700`).
+    pub client_listen: Option<String>,
+    /// Decides for clients other than the owner. Default: owner only.
+    pub client_authz: Option<Arc<dyn ClientAuthz>>,
 }
 
 /// Fail fast if the linked libzmq cannot do what Canopy needs.
@@ -107,7 +113,21 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
     let _span = tracing::error_span!("broker", rank).entered();
 
     let keys = CurveKeypair::generate()?;
-    let bound = bind(rank, &topo, &keys, &rundir, &opts.transport)?;
+    let owner_uid = nix::unistd::getuid().as_raw();
+    let authz = opts.client_authz.clone().unwrap_or_else(|| {
+        Arc::new(OwnerOnly {
+            owner: crate::node::unix_principal(owner_uid),
+        })
+    });
+    let bound = bind(
+        rank,
+        &topo,
+        &keys,
+        &rundir,
+        &opts.transport,
+        authz,
+        opts.client_listen.as_deref().filter(|_| rank == 0),
+    )?;
     let card = Card {
         public_key: *keys.public(),
         endpoint: bound.endpoint.clone(),
@@ -145,7 +165,7 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
         keys,
         parent,
         children,
-        owner_uid: nix::unistd::getuid().as_raw(),
+        owner_uid,
     };
     let broker = Broker::new(plan, bound, pmi_fd, signals)?;
     let result = broker.run();

@@ -6,6 +6,7 @@
 //! * [`tools`]: `canopy ping`, `overlay status`, `event pub|sub`.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod bootstrap;
 pub mod error;
 pub mod launcher;

@@ -65,6 +65,10 @@ enum Cmd {
         host: String,
         #[arg(long, default_value_t = 0)]
         port: u16,
+        /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
+        /// e.g. tcp://0.0.0.0:7700.
+        #[arg(long)]
+        listen_clients: Option<String>,
     },
     /// Send broker.ping requests and print each round-trip time.
     Ping {
@@ -190,6 +194,7 @@ fn run(cli: Cli) -> Result<i32> {
             tcp,
             host,
             port,
+            listen_clients: client_listen,
         } => {
             let transport = if tcp {
                 Transport::Tcp { host, port }
@@ -201,6 +206,8 @@ fn run(cli: Cli) -> Result<i32> {
                 rundir,
                 instance,
                 transport,
+                client_listen,
+                client_authz: None,
             })?;
             Ok(0)
         }

@@ -6,6 +6,7 @@
 //! and a signal pipe. Routing decisions come from `canopy_overlay`;
 //! modules run on this same thread, so no message takes a thread hop.
 
+use crate::authz::{BrokerPolicy, ClientAuthz, ClientMech, CLIENT_DOMAIN, OVERLAY_DOMAIN};
 use crate::error::BrokerError;
 use canopy_modules::{BrokerInfo, Ctx, Registry, Reply};
 use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Sequencer};
@@ -16,7 +17,7 @@ use canopy_overlay::Topology;
 use canopy_proto::frame::{encode_frame, FrameDecoder};
 use canopy_proto::{decode_header, errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
 use canopy_security::CurveKeypair;
-use canopy_zap::{KeySetPolicy, ZapHandle};
+use canopy_zap::ZapHandle;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -88,9 +89,12 @@ pub struct Plan {
 pub struct Bound {
     pub ctx: zmq::Context,
     pub zap: ZapHandle,
-    pub policy: Arc<KeySetPolicy>,
+    pub policy: Arc<BrokerPolicy>,
     pub router: Option<zmq::Socket>,
     pub endpoint: Option<String>,
+    /// The remote client endpoint (ZAP domain `canopy-client`), if any.
+    pub client_router: Option<zmq::Socket>,
+    pub client_endpoint: Option<String>,
 }
 
 impl Bound {
@@ -98,6 +102,7 @@ impl Bound {
     pub fn admit_children(&self, children: &HashMap<u32, String>) {
         for (rank, principal) in children {
             self.policy
+                .peers
                 .insert(principal.clone(), format!("rank {rank}"), Roles::PEER);
         }
     }
@@ -126,9 +131,11 @@ pub fn bind(
     keys: &CurveKeypair,
     rundir: &std::path::Path,
     transport: &Transport,
+    clients: Arc<dyn ClientAuthz>,
+    client_listen: Option<&str>,
 ) -> Result<Bound, BrokerError> {
     let ctx = zmq::Context::new();
-    let policy = Arc::new(KeySetPolicy::new());
+    let policy = Arc::new(BrokerPolicy::new(clients));
     let zap = canopy_zap::ZapHandler::start(&ctx, policy.clone())?;
     if !zap.alive() {
         return Err(BrokerError::ZapDied);
@@ -145,7 +152,8 @@ pub fn bind(
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
         s.set_curve_secretkey(keys.secret())
             .map_err(zerr("set curve secret key"))?;
-        s.set_zap_domain("canopy").map_err(zerr("set zap domain"))?;
+        s.set_zap_domain(OVERLAY_DOMAIN)
+            .map_err(zerr("set zap domain"))?;
         let ep = match transport {
             Transport::Ipc => format!("ipc://{}/tbon-{rank}", rundir.display()),
             Transport::Tcp { host, port } => {
@@ -174,12 +182,39 @@ pub fn bind(
         endpoint = Some(last);
         router = Some(s);
     }
+    let mut client_router = None;
+    let mut client_endpoint = None;
+    if let Some(ep) = client_listen {
+        let s = ctx
+            .socket(zmq::ROUTER)
+            .map_err(zerr("create client router"))?;
+        s.set_linger(0).map_err(zerr("set linger"))?;
+        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
+        s.set_router_mandatory(true)
+            .map_err(zerr("set router_mandatory"))?;
+        s.set_curve_server(true).map_err(zerr("set curve_server"))?;
+        s.set_curve_secretkey(keys.secret())
+            .map_err(zerr("set curve secret key"))?;
+        s.set_zap_domain(CLIENT_DOMAIN)
+            .map_err(zerr("set zap domain"))?;
+        s.bind(ep).map_err(|e| BrokerError::Bind {
+            endpoint: ep.to_string(),
+            reason: e.message().to_string(),
+        })?;
+        client_endpoint = s
+            .get_last_endpoint()
+            .map_err(zerr("get last endpoint"))?
+            .ok();
+        client_router = Some(s);
+    }
     Ok(Bound {
         ctx,
         zap,
         policy,
         router,
         endpoint,
+        client_router,
+        client_endpoint,
     })
 }
 
@@ -196,15 +231,35 @@ enum ParentState {
     Online,
 }
 
-struct LocalClient {
-    stream: UnixStream,
-    dec: FrameDecoder,
-    out: Vec<u8>,
-    out_pos: usize,
+/// How a client is connected.
+enum ClientConn {
+    /// The local connector: a UNIX stream with our framing.
+    Stream {
+        stream: UnixStream,
+        dec: FrameDecoder,
+        out: Vec<u8>,
+        out_pos: usize,
+    },
+    /// The remote client endpoint: a ZeroMQ routing id.
+    Remote { rid: Vec<u8> },
+}
+
+struct ClientEntry {
+    conn: ClientConn,
     subs: Vec<String>,
     principal: String,
     roles: Roles,
+    mech: ClientMech,
+    address: String,
+    /// The policy generation `roles` were decided under.
+    generation: u64,
     dead: bool,
+}
+
+impl ClientEntry {
+    fn has_output(&self) -> bool {
+        matches!(&self.conn, ClientConn::Stream { out, out_pos, .. } if *out_pos < out.len())
+    }
 }
 
 /// A payload that is either a received ZeroMQ frame (moved, never copied,
@@ -238,14 +293,17 @@ pub struct Broker {
     start: Instant,
     _ctx: zmq::Context,
     zap: ZapHandle,
-    _policy: Arc<KeySetPolicy>,
+    _policy: Arc<BrokerPolicy>,
+    authz: Arc<dyn ClientAuthz>,
     router: Option<zmq::Socket>,
+    client_router: Option<zmq::Socket>,
+    remote_ids: HashMap<Vec<u8>, u32>,
     dealer: Option<zmq::Socket>,
     parent_state: ParentState,
     listener: UnixListener,
     local_path: PathBuf,
     ipc_path: Option<PathBuf>,
-    clients: HashMap<u32, LocalClient>,
+    clients: HashMap<u32, ClientEntry>,
     next_client: u32,
     owner_uid: u32,
     expected: HashMap<u32, String>,
@@ -275,6 +333,8 @@ impl Broker {
             policy,
             router,
             endpoint,
+            client_router,
+            client_endpoint,
         } = bound;
         let mut session_bytes = [0u8; 8];
         getrandom::getrandom(&mut session_bytes)
@@ -335,6 +395,7 @@ impl Broker {
             instance: plan.instance.clone(),
             endpoint,
             public_key: plan.keys.public_z85(),
+            client_endpoint,
             local_uri: format!("local://{}", local_path.display()),
             pid: std::process::id(),
         };
@@ -347,8 +408,11 @@ impl Broker {
             start,
             _ctx: ctx,
             zap,
+            authz: policy.clients.clone(),
             _policy: policy,
             router,
+            client_router,
+            remote_ids: HashMap::new(),
             dealer,
             parent_state,
             listener,
@@ -404,6 +468,7 @@ impl Broker {
             let _ = std::fs::remove_file(p);
         }
         self.router = None;
+        self.client_router = None;
         self.dealer = None;
         self.clients.clear();
     }
@@ -418,7 +483,7 @@ impl Broker {
             }
             client_ids.clear();
             client_ids.extend(self.clients.keys().copied());
-            let (sig_r, pmi_r, lis_r, rtr_r, dlr_r);
+            let (sig_r, pmi_r, lis_r, rtr_r, dlr_r, crt_r);
             {
                 let mut items = Vec::with_capacity(5 + client_ids.len());
                 items.push(zmq::PollItem::from_fd(
@@ -441,13 +506,21 @@ impl Broker {
                     Some(d) => items.push(d.as_poll_item(zmq::POLLIN)),
                     None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
                 }
+                match &self.client_router {
+                    Some(c) => items.push(c.as_poll_item(zmq::POLLIN)),
+                    None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
+                }
                 for id in &client_ids {
                     let c = &self.clients[id];
                     let mut ev = zmq::POLLIN;
-                    if c.out_pos < c.out.len() {
+                    if c.has_output() {
                         ev |= zmq::POLLOUT;
                     }
-                    items.push(zmq::PollItem::from_fd(c.stream.as_raw_fd(), ev));
+                    let fd = match &c.conn {
+                        ClientConn::Stream { stream, .. } => stream.as_raw_fd(),
+                        ClientConn::Remote { .. } => -1,
+                    };
+                    items.push(zmq::PollItem::from_fd(fd, ev));
                 }
                 match zmq::poll(&mut items, 1000) {
                     Ok(_) => {}
@@ -459,8 +532,9 @@ impl Broker {
                 lis_r = items[2].is_readable();
                 rtr_r = items[3].is_readable();
                 dlr_r = items[4].is_readable();
+                crt_r = items[5].is_readable();
                 ready.clear();
-                for it in &items[5..] {
+                for it in &items[6..] {
                     let rev = it.get_revents();
                     ready.push((
                         rev.intersects(zmq::POLLIN | zmq::POLLERR),
@@ -488,6 +562,9 @@ impl Broker {
             if dlr_r {
                 self.drain_dealer()?;
             }
+            if crt_r {
+                self.drain_client_router()?;
+            }
             for (i, id) in client_ids.iter().enumerate() {
                 let (r, w) = ready[i];
                 if r {
@@ -502,12 +579,12 @@ impl Broker {
         }
     }
 
-    // ----- local connector -----
+    // ----- clients: local connector and remote endpoint -----
 
     fn accept_clients(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => self.admit_client(stream),
+                Ok((stream, _)) => self.admit_local(stream),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -518,7 +595,7 @@ impl Broker {
         }
     }
 
-    fn admit_client(&mut self, mut stream: UnixStream) {
+    fn admit_local(&mut self, mut stream: UnixStream) {
         let uid = match nix::sys::socket::getsockopt(
             &stream.as_fd(),
             nix::sys::socket::sockopt::PeerCredentials,
@@ -530,47 +607,66 @@ impl Broker {
             }
         };
         let principal = unix_principal(uid);
-        if uid != self.owner_uid {
-            warn!(
-                "local: verdict=deny principal={principal} uid={uid} mechanism=peercred reason=\"not the instance owner (uid {})\"",
-                self.owner_uid
-            );
-            let msg = format!(
-                "permission denied: {principal} (uid {uid}) is not the owner of this instance (uid {}); only the owner may connect",
-                self.owner_uid
-            );
-            let mut h = Header::request("connect", self.rank, 0);
-            h.msg_type = MsgType::Response;
-            h.errnum = errno::EPERM;
-            h.nodeid = self.rank;
-            let mut out = Vec::new();
-            if encode_frame(&h, msg.as_bytes(), &mut out).is_ok() {
-                let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
-                let _ = stream.write_all(&out);
+        let generation = self.authz.generation();
+        let verdict = if uid == self.owner_uid {
+            Ok(Roles::OWNER)
+        } else {
+            self.authz.decide(&principal, ClientMech::Local, "")
+        };
+        let roles = match verdict {
+            Ok(roles) if !roles.is_empty() => roles,
+            other => {
+                let reason = other
+                    .err()
+                    .unwrap_or_else(|| "the policy grants no role".into());
+                warn!("local: verdict=deny principal={principal} uid={uid} mechanism=peercred reason=\"{reason}\"");
+                let msg = format!("permission denied: {principal} (uid {uid}): {reason}");
+                let mut h = Header::request("connect", self.rank, 0);
+                h.msg_type = MsgType::Response;
+                h.errnum = errno::EPERM;
+                let mut out = Vec::new();
+                if encode_frame(&h, msg.as_bytes(), &mut out).is_ok() {
+                    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+                    let _ = stream.write_all(&out);
+                }
+                return;
             }
-            return;
-        }
+        };
         info!(
-            "local: verdict=allow principal={principal} uid={uid} mechanism=peercred roles=owner"
+            "local: verdict=allow principal={principal} uid={uid} mechanism=peercred roles={roles}"
         );
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        let id = self.next_client;
-        self.next_client = self.next_client.wrapping_add(1).max(1);
+        let id = self.new_client_id();
         self.clients.insert(
             id,
-            LocalClient {
-                stream,
-                dec: FrameDecoder::new(),
-                out: Vec::new(),
-                out_pos: 0,
+            ClientEntry {
+                conn: ClientConn::Stream {
+                    stream,
+                    dec: FrameDecoder::new(),
+                    out: Vec::new(),
+                    out_pos: 0,
+                },
                 subs: Vec::new(),
                 principal,
-                roles: Roles::OWNER,
+                roles,
+                mech: ClientMech::Local,
+                address: String::new(),
+                generation,
                 dead: false,
             },
         );
+    }
+
+    fn new_client_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_client;
+            self.next_client = self.next_client.wrapping_add(1).max(1);
+            if !self.clients.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn read_client(&mut self, id: u32) {
@@ -580,14 +676,17 @@ impl Broker {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
+            let ClientConn::Stream { stream, dec, .. } = &mut c.conn else {
+                return;
+            };
             loop {
-                match c.stream.read(&mut buf) {
+                match stream.read(&mut buf) {
                     Ok(0) => {
                         c.dead = true;
                         break;
                     }
                     Ok(n) => {
-                        c.dec.push(&buf[..n]);
+                        dec.push(&buf[..n]);
                         if n < buf.len() {
                             break;
                         }
@@ -601,7 +700,7 @@ impl Broker {
                 }
             }
             loop {
-                match c.dec.next_frame() {
+                match dec.next_frame() {
                     Ok(Some(f)) => frames.push(f),
                     Ok(None) => break,
                     Err(e) => {
@@ -616,43 +715,104 @@ impl Broker {
             }
         }
         for (h, p) in frames {
-            self.client_ingress(id, h, p);
+            self.client_ingress(id, h, Payload::Bytes(p));
         }
         if self.clients.get(&id).is_some_and(|c| c.dead) {
-            self.clients.remove(&id);
+            self.remove_client(id);
         }
     }
 
-    fn client_ingress(&mut self, id: u32, mut h: Header, payload: Vec<u8>) {
-        let Some(c) = self.clients.get(&id) else {
+    fn remove_client(&mut self, id: u32) {
+        if let Some(ClientEntry {
+            conn: ClientConn::Remote { rid },
+            ..
+        }) = self.clients.remove(&id)
+        {
+            self.remote_ids.remove(&rid);
+        }
+    }
+
+    /// A request from a client: re-check its access if the policy changed,
+    /// stamp its identity, and route it.
+    fn client_ingress(&mut self, id: u32, mut h: Header, payload: Payload) {
+        let generation = self.authz.generation();
+        let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
         if h.msg_type != MsgType::Request {
-            debug!("local: client {} sent a non-request; ignored", c.principal);
+            debug!("client {}: sent a non-request; ignored", c.principal);
             return;
+        }
+        if c.generation != generation {
+            c.generation = generation;
+            let is_owner = c.mech == ClientMech::Local && c.roles == Roles::OWNER;
+            if !is_owner {
+                match self.authz.decide(&c.principal, c.mech, &c.address) {
+                    Ok(roles) if !roles.is_empty() => c.roles = roles,
+                    other => {
+                        let reason = other
+                            .err()
+                            .unwrap_or_else(|| "the policy grants no role".into());
+                        warn!(
+                            "authz: verdict=deny principal={} address={} mechanism={} reason=\"access revoked by policy reload: {reason}\"",
+                            c.principal,
+                            c.address,
+                            c.mech.as_str()
+                        );
+                        c.dead = true;
+                        let mut r = h.response(self.rank, errno::EPERM);
+                        r.route = vec![Hop::Local(id)];
+                        r.matchtag = 0;
+                        let msg = format!("permission denied: access revoked: {reason}");
+                        self.route_response(r, Payload::Bytes(msg.into_bytes()));
+                        return;
+                    }
+                }
+            }
         }
         // Identity is stamped here, at ingress; whatever the client claimed is discarded.
         h.userid.clone_from(&c.principal);
         h.roles = c.roles;
         h.route.clear();
         h.route.push(Hop::Local(id));
-        self.route_request(h, Payload::Bytes(payload));
+        self.route_request(h, payload);
     }
 
-    fn queue_client(&mut self, id: u32, h: &Header, payload: &[u8]) {
+    fn queue_client(&mut self, id: u32, h: &Header, payload: Payload) {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if c.out.len() - c.out_pos > MAX_CLIENT_BACKLOG {
-            warn!(
-                "local: client {} is not reading; disconnecting it",
-                c.principal
-            );
-            c.dead = true;
-            return;
-        }
-        if let Err(e) = encode_frame(h, payload, &mut c.out) {
-            warn!("local: cannot encode a message for {}: {e}", c.principal);
+        match &mut c.conn {
+            ClientConn::Stream { out, out_pos, .. } => {
+                if out.len() - *out_pos > MAX_CLIENT_BACKLOG {
+                    warn!(
+                        "local: client {} is not reading; disconnecting it",
+                        c.principal
+                    );
+                    c.dead = true;
+                    return;
+                }
+                if let Err(e) = encode_frame(h, payload.as_slice(), out) {
+                    warn!("local: cannot encode a message for {}: {e}", c.principal);
+                }
+            }
+            ClientConn::Remote { rid } => {
+                let Some(router) = &self.client_router else {
+                    return;
+                };
+                self.hdr_buf.clear();
+                if h.encode_into(&mut self.hdr_buf).is_err() {
+                    return;
+                }
+                let r = router
+                    .send(&rid[..], zmq::SNDMORE | zmq::DONTWAIT)
+                    .and_then(|()| router.send(&self.hdr_buf[..], zmq::SNDMORE | zmq::DONTWAIT))
+                    .and_then(|()| router.send(payload.into_msg(), zmq::DONTWAIT));
+                if let Err(e) = r {
+                    debug!("client {}: gone ({e}); forgetting it", c.principal);
+                    c.dead = true;
+                }
+            }
         }
     }
 
@@ -660,23 +820,31 @@ impl Broker {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        while c.out_pos < c.out.len() {
-            match c.stream.write(&c.out[c.out_pos..]) {
-                Ok(n) => c.out_pos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    c.dead = true;
-                    break;
+        if let ClientConn::Stream {
+            stream,
+            out,
+            out_pos,
+            ..
+        } = &mut c.conn
+        {
+            while *out_pos < out.len() {
+                match stream.write(&out[*out_pos..]) {
+                    Ok(n) => *out_pos += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        c.dead = true;
+                        break;
+                    }
                 }
             }
-        }
-        if c.out_pos == c.out.len() {
-            c.out.clear();
-            c.out_pos = 0;
+            if *out_pos == out.len() {
+                out.clear();
+                *out_pos = 0;
+            }
         }
         if c.dead {
-            self.clients.remove(&id);
+            self.remove_client(id);
         }
     }
 
@@ -684,12 +852,94 @@ impl Broker {
         let pending: Vec<u32> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.out_pos < c.out.len() || c.dead)
+            .filter(|(_, c)| c.has_output() || c.dead)
             .map(|(id, _)| *id)
             .collect();
         for id in pending {
             self.flush_client(id);
         }
+    }
+
+    fn drain_client_router(&mut self) -> Result<(), BrokerError> {
+        for _ in 0..BATCH {
+            let Some(router) = &self.client_router else {
+                return Ok(());
+            };
+            let mut rid = zmq::Message::new();
+            match router.recv(&mut rid, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => return Err(zerr("receive from a remote client")(e)),
+            }
+            let mut parts = Vec::with_capacity(2);
+            let mut more = rid.get_more();
+            while more {
+                let mut m = zmq::Message::new();
+                router
+                    .recv(&mut m, 0)
+                    .map_err(zerr("receive from a remote client"))?;
+                more = m.get_more();
+                if parts.len() < 3 {
+                    parts.push(m);
+                }
+            }
+            if parts.is_empty() || parts.len() > 2 {
+                debug!("remote: dropped a message with {} frames", parts.len());
+                continue;
+            }
+            let first = &mut parts[0];
+            let user_id = first.gets("User-Id").unwrap_or("").to_string();
+            let roles = first
+                .gets("Roles")
+                .and_then(|r| Roles::parse_list(r).ok())
+                .unwrap_or(Roles::NONE);
+            let address = first.gets("Peer-Address").unwrap_or("").to_string();
+            if user_id.is_empty() || roles.is_empty() {
+                // Defence in depth: ZAP must have authenticated this peer.
+                warn!("remote: verdict=deny address={address} reason=\"no authenticated User-Id or roles on the message\"; dropped");
+                continue;
+            }
+            let h = match decode_header(&parts[0]) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!("remote: dropped an undecodable message from principal={user_id}: {e}");
+                    continue;
+                }
+            };
+            let payload = if parts.len() == 2 {
+                parts.pop().map(Payload::Zmq).expect("two parts")
+            } else {
+                Payload::Bytes(Vec::new())
+            };
+            let rid = rid.to_vec();
+            let id = match self.remote_ids.get(&rid) {
+                Some(id) if self.clients.get(id).is_some_and(|c| c.principal == user_id) => *id,
+                _ => {
+                    let id = self.new_client_id();
+                    self.remote_ids.insert(rid.clone(), id);
+                    self.clients.insert(
+                        id,
+                        ClientEntry {
+                            conn: ClientConn::Remote { rid },
+                            subs: Vec::new(),
+                            principal: user_id,
+                            roles,
+                            mech: ClientMech::Curve,
+                            address,
+                            generation: self.authz.generation(),
+                            dead: false,
+                        },
+                    );
+                    id
+                }
+            };
+            self.client_ingress(id, h, payload);
+            if self.clients.get(&id).is_some_and(|c| c.dead) {
+                self.remove_client(id);
+            }
+        }
+        Ok(())
     }
 
     // ----- overlay sockets -----
@@ -1075,7 +1325,7 @@ impl Broker {
                     debug!("overlay: response for rank {r} dropped: it is not online");
                 }
             }
-            Some(Hop::Local(id)) => self.queue_client(id, &h, payload.as_slice()),
+            Some(Hop::Local(id)) => self.queue_client(id, &h, payload),
             None => debug!(
                 "overlay: response '{}' with an empty route dropped",
                 h.topic
@@ -1194,7 +1444,7 @@ impl Broker {
             .map(|(id, _)| *id)
             .collect();
         for id in subscribers {
-            self.queue_client(id, ev, data);
+            self.queue_client(id, ev, Payload::Bytes(data.to_vec()));
         }
     }
 }

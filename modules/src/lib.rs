@@ -34,6 +34,8 @@ pub struct BrokerInfo {
     pub endpoint: Option<String>,
     /// This broker's CURVE public key (Z85). Public, not secret.
     pub public_key: String,
+    /// The remote client endpoint (CURVE, same public key), if any.
+    pub client_endpoint: Option<String>,
     /// The local connector's socket path.
     pub local_uri: String,
     pub pid: u32,

@@ -27,6 +27,8 @@ pub struct BrokerInfoView {
     pub instance: String,
     pub endpoint: Option<String>,
     pub public_key: String,
+    #[serde(default)]
+    pub client_endpoint: Option<String>,
     pub pid: u32,
 }
 
@@ -36,6 +38,7 @@ impl From<&BrokerInfo> for BrokerInfoView {
             instance: i.instance.clone(),
             endpoint: i.endpoint.clone(),
             public_key: i.public_key.clone(),
+            client_endpoint: i.client_endpoint.clone(),
             pid: i.pid,
         }
     }
