@@ -89,6 +89,18 @@ enum Cmd {
         #[arg(long)]
         uri: Option<String>,
     },
+    /// Write a CURVE certificate pair (ZPL format, as flux keygen, czmq and
+    /// pyzmq use): PATH (secret, mode 0600) and PATH.pub (public).
+    Keygen {
+        /// Where to write the secret certificate.
+        path: PathBuf,
+        /// The certificate's name metadata (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the public certificate of the existing secret PATH instead.
+        #[arg(long)]
+        public: bool,
+    },
     /// Inspect the overlay.
     Overlay {
         #[command(subcommand)]
@@ -228,6 +240,35 @@ fn run(cli: Cli) -> Result<i32> {
                 secs(timeout, "--timeout")?,
                 &mut std::io::stdout(),
             )?;
+            Ok(0)
+        }
+        Cmd::Keygen { path, name, public } => {
+            use canopy_security::cert;
+            if public {
+                let c = cert::load_secret(&path)?;
+                let kp = c
+                    .keypair()
+                    .context("secret certificate has no secret key")?;
+                print!("{}", cert::public_text(&kp, c.name().unwrap_or("")));
+                return Ok(0);
+            }
+            let name = match name {
+                Some(n) => n,
+                None => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default(),
+            };
+            let kp = canopy_security::CurveKeypair::generate()?;
+            let mut public_path = path.clone().into_os_string();
+            public_path.push(".pub");
+            cert::write_pair(&kp, &name, &path, std::path::Path::new(&public_path))?;
+            println!(
+                "wrote {} (secret, mode 0600) and {} (public key {})",
+                path.display(),
+                PathBuf::from(&public_path).display(),
+                kp.public_z85()
+            );
             Ok(0)
         }
         Cmd::Overlay {
