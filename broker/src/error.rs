@@ -36,6 +36,8 @@ pub enum BrokerError {
     ZapDied,
     #[error("parent rank {parent} refused this broker: {reason}")]
     HelloRefused { parent: u32, reason: String },
+    #[error("{0}")]
+    Disconnected(String),
     #[error(
         "the launcher went away (its PMI connection closed); exiting so no broker is left behind"
     )]

@@ -131,23 +131,35 @@ fn describe(status: WaitStatus) -> Option<(String, i32)> {
     }
 }
 
-/// A running set of brokers, stopped on drop.
-struct Brokers {
-    pids: HashMap<i32, u32>,
+/// Every child of the launcher: the brokers and the command. One reaper
+/// sees them all, so no exit status is lost. Stopped on drop.
+struct Children {
+    brokers: HashMap<i32, u32>,
+    command: Option<i32>,
+    /// The command's exit: text and exit code.
+    command_exit: Option<(String, i32)>,
 }
 
-impl Brokers {
-    /// Reap whatever has exited. Returns (pid, rank if broker, status text, code).
-    fn reap(&mut self) -> Vec<(i32, Option<u32>, String, i32)> {
+impl Children {
+    /// Reap whatever has exited. Returns the brokers that exited:
+    /// (pid, rank, how, code). The command's exit goes to `command_exit`.
+    fn reap(&mut self) -> Vec<(i32, u32, String)> {
         let mut out = Vec::new();
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(st) => {
-                    let Some(pid) = st.pid() else { break };
-                    if let Some((how, code)) = describe(st) {
-                        let rank = self.pids.remove(&pid.as_raw());
-                        out.push((pid.as_raw(), rank, how, code));
+                    let Some(pid) = st.pid().map(Pid::as_raw) else {
+                        break;
+                    };
+                    let Some((how, code)) = describe(st) else {
+                        continue;
+                    };
+                    if self.command == Some(pid) {
+                        self.command = None;
+                        self.command_exit = Some((how, code));
+                    } else if let Some(rank) = self.brokers.remove(&pid) {
+                        out.push((pid, rank, how));
                     }
                 }
             }
@@ -155,31 +167,37 @@ impl Brokers {
         out
     }
 
-    /// SIGTERM everyone, wait up to `grace`, then SIGKILL.
+    fn alive(&self) -> impl Iterator<Item = i32> + '_ {
+        self.brokers.keys().copied().chain(self.command)
+    }
+
+    /// SIGTERM everyone still running, wait up to `grace`, then SIGKILL.
     fn stop(&mut self, grace: Duration) {
-        for pid in self.pids.keys() {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+        for pid in self.alive() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         let deadline = Instant::now() + grace;
-        while !self.pids.is_empty() && Instant::now() < deadline {
+        loop {
             self.reap();
-            if !self.pids.is_empty() {
-                std::thread::sleep(Duration::from_millis(2));
+            if self.alive().next().is_none() || Instant::now() >= deadline {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        for pid in self.pids.keys() {
-            tracing::warn!("broker pid {pid} did not stop within {grace:?}; killing it");
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-        for pid in std::mem::take(&mut self.pids).into_keys() {
+        let left: Vec<i32> = self.alive().collect();
+        for pid in left {
+            tracing::warn!("pid {pid} did not stop within {grace:?}; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(pid), None);
         }
+        self.brokers.clear();
+        self.command = None;
     }
 }
 
-impl Drop for Brokers {
+impl Drop for Children {
     fn drop(&mut self) {
-        if !self.pids.is_empty() {
+        if self.alive().next().is_some() {
             self.stop(Duration::from_secs(1));
         }
     }
@@ -262,8 +280,10 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
 
     let (server, ends) = PmiServer::new(opts.size).map_err(|e| StartError::Pmi(e.to_string()))?;
     let pmi = server.spawn().map_err(|e| StartError::Pmi(e.to_string()))?;
-    let mut brokers = Brokers {
-        pids: HashMap::new(),
+    let mut brokers = Children {
+        brokers: HashMap::new(),
+        command: None,
+        command_exit: None,
     };
     for (rank, end) in ends.into_iter().enumerate() {
         let rank = rank as u32;
@@ -290,7 +310,7 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             path: broker_path.clone(),
             source,
         })?;
-        brokers.pids.insert(child.id() as i32, rank);
+        brokers.brokers.insert(child.id() as i32, rank);
         drop(end);
     }
 
@@ -301,7 +321,7 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
     let mut client: Option<Client> = None;
     let mut online = 0usize;
     loop {
-        if let Some((pid, Some(rank), how, _)) = brokers.reap().into_iter().next() {
+        if let Some((pid, rank, how)) = brokers.reap().into_iter().next() {
             brokers.stop(Duration::from_secs(1));
             pmi.stop();
             return Err(StartError::DiedDuringStart { rank, pid, how });
@@ -346,20 +366,22 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
     drop(client);
 
     // Run the command, or wait for a signal.
-    let mut cmd_pid = None;
     if let Some((prog, args)) = opts.command.split_first() {
-        let child = Command::new(prog)
+        match Command::new(prog)
             .args(args)
             .env("CANOPY_URI", &uri)
             .spawn()
-            .map_err(|source| {
+        {
+            Ok(child) => brokers.command = Some(child.id() as i32),
+            Err(source) => {
                 brokers.stop(Duration::from_secs(1));
-                StartError::Command {
+                pmi.stop();
+                return Err(StartError::Command {
                     cmd: prog.clone(),
                     source,
-                }
-            })?;
-        cmd_pid = Some(child.id() as i32);
+                });
+            }
+        }
     } else {
         println!(
             "canopy: {} brokers up (instance {instance}); Ctrl-C to stop\nexport CANOPY_URI={uri}",
@@ -367,47 +389,21 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         );
     }
 
-    let mut cmd_code = None;
     let code = loop {
-        let mut died = None;
-        for (pid, rank, how, code) in brokers.reap() {
-            if Some(pid) == cmd_pid {
-                cmd_code = Some(code);
-            } else if let Some(rank) = rank {
-                died.get_or_insert((rank, pid, how));
-            }
-        }
-        if let Some((rank, pid, how)) = died {
+        if let Some((pid, rank, how)) = brokers.reap().into_iter().next() {
             eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; shutting down the instance");
-            if let Some(p) = cmd_pid {
-                let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
-            }
             break 1;
         }
-        if let Some(c) = cmd_code {
-            break c;
+        if let Some((_, c)) = &brokers.command_exit {
+            break *c;
         }
         if let Some(sig) = signals.terminated() {
-            if let Some(p) = cmd_pid {
-                if sig != signal_hook::consts::SIGINT {
-                    let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
-                }
-            }
             break 128 + sig;
         }
         signals.wait(Duration::from_millis(200));
     };
+    // Stops the brokers and, if the instance ended first, the command.
     brokers.stop(Duration::from_secs(1));
-    if let Some(p) = cmd_pid.filter(|_| cmd_code.is_none()) {
-        // Do not leave the command behind if the instance ended first.
-        let mut cmd = Brokers {
-            pids: HashMap::from([(p, u32::MAX)]),
-        };
-        cmd.reap();
-        if !cmd.pids.is_empty() {
-            cmd.stop(Duration::from_secs(1));
-        }
-    }
     pmi.stop();
     drop(rundir);
     Ok(code)

@@ -115,6 +115,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum OverlayCmd {
+    /// Drop RANK's link to its parent (needs the admin role). The broker
+    /// at RANK exits, reporting who disconnected it.
+    Disconnect {
+        rank: u32,
+        #[arg(long)]
+        uri: Option<String>,
+    },
     /// Show the tree with each rank's state.
     Status {
         /// Show the subtree rooted at this rank.
@@ -269,6 +276,13 @@ fn run(cli: Cli) -> Result<i32> {
                 PathBuf::from(&public_path).display(),
                 kp.public_z85()
             );
+            Ok(0)
+        }
+        Cmd::Overlay {
+            cmd: OverlayCmd::Disconnect { rank, uri },
+        } => {
+            let parent = tools::disconnect(uri.as_deref(), rank, Duration::from_secs(10))?;
+            println!("rank {rank} disconnected from rank {parent}");
             Ok(0)
         }
         Cmd::Overlay {

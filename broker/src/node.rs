@@ -27,6 +27,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
+/// Admin request to drop a child's link; also the control message telling
+/// the child.
+pub const DISCONNECT_TOPIC: &str = "overlay.disconnect";
+
 /// Largest amount of unsent data a slow local client may accumulate.
 const MAX_CLIENT_BACKLOG: usize = 256 << 20;
 /// Messages taken from one socket before the others get a turn.
@@ -1167,6 +1171,10 @@ impl Broker {
             }
             MsgType::Response => self.route_response(h, payload),
             MsgType::Event => self.event_arrived(h, payload),
+            MsgType::Control if h.topic == DISCONNECT_TOPIC => {
+                let why = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                return Err(BrokerError::Disconnected(why));
+            }
             MsgType::Control => debug!("overlay: ignored control '{}' from the parent", h.topic),
         }
         Ok(())
@@ -1242,6 +1250,7 @@ impl Broker {
         match topic {
             "event.pub" if self.rank == 0 => Some(Roles::OPERATOR),
             "event.subscribe" | "event.unsubscribe" => Some(Roles::USER),
+            DISCONNECT_TOPIC => Some(Roles::ADMIN),
             t => self.modules.lookup(t),
         }
     }
@@ -1336,6 +1345,7 @@ impl Broker {
     fn handle_local(&mut self, h: Header, payload: Payload) {
         match h.topic.as_str() {
             "event.pub" => return self.publish(h, payload),
+            DISCONNECT_TOPIC => return self.disconnect_child(h, payload),
             "event.subscribe" | "event.unsubscribe" => {
                 let Some(Hop::Local(id)) = h.route.first().copied().filter(|_| h.route.len() == 1)
                 else {
@@ -1370,6 +1380,42 @@ impl Broker {
             Some(Reply::Err(e, msg)) => self.respond_err(&h, e, &msg),
             None => self.respond_err(&h, errno::ENOSYS, "no such method"),
         }
+    }
+
+    /// `overlay.disconnect` (admin), sent to the parent of the rank named in
+    /// the payload: drop that child's link. The child exits, saying who
+    /// disconnected it.
+    fn disconnect_child(&mut self, h: Header, payload: Payload) {
+        let text = String::from_utf8_lossy(payload.as_slice());
+        let Ok(rank) = text.trim().parse::<u32>() else {
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "overlay.disconnect payload must be a rank number",
+            );
+        };
+        if !self.topo.is_child(self.rank, rank) {
+            let msg = format!(
+                "rank {rank} is not a child of rank {}; send this to its parent",
+                self.rank
+            );
+            return self.respond_err(&h, errno::EINVAL, &msg);
+        }
+        let Some(link) = self.children.remove(&rank) else {
+            let msg = format!("rank {rank} is not online");
+            return self.respond_err(&h, errno::EHOSTUNREACH, &msg);
+        };
+        self.by_rid.remove(&link.rid);
+        let reason = format!("disconnected by {} through rank {}", h.userid, self.rank);
+        warn!("overlay: rank {rank} {reason}");
+        let now = self.now_ms();
+        self.health.child_lost(rank, &reason, now);
+        self.send_router_rid(
+            &link.rid,
+            &Header::control(DISCONNECT_TOPIC),
+            Payload::Bytes(reason.into_bytes()),
+        );
+        self.respond(&h, Payload::Bytes(Vec::new()));
     }
 
     // ----- events -----

@@ -179,3 +179,26 @@ pub fn event_sub(
     }
     Ok(n)
 }
+
+/// `canopy overlay disconnect RANK`: ask RANK's parent to drop its link.
+pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+    let r: StatusReport = serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+    let topo = canopy_overlay::Topology::new(r.size, r.fanout)
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let parent = topo.parent(rank).ok_or_else(|| {
+        ClientError::Refused(format!(
+            "rank {rank} has no parent (rank 0, or outside the instance of size {}); nothing to disconnect it from",
+            r.size
+        ))
+    })?;
+    c.rpc(
+        "overlay.disconnect",
+        parent,
+        rank.to_string().as_bytes(),
+        timeout,
+    )?;
+    Ok(parent)
+}
