@@ -29,6 +29,8 @@ pub struct BrokerOpts {
     pub transport: Transport,
     /// Bind a remote client endpoint here (e.g. `tcp://0.0.0.0:7700`).
     pub client_listen: Option<String>,
+    /// Heartbeat, torpid and lost timings.
+    pub timing: canopy_overlay::liveness::Timing,
     /// Decides for clients other than the owner. Default: owner only.
     pub client_authz: Option<Arc<dyn ClientAuthz>>,
 }
@@ -166,6 +168,7 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
         parent,
         children,
         owner_uid,
+        timing: opts.timing,
     };
     let broker = Broker::new(plan, bound, pmi_fd, signals)?;
     let result = broker.run();

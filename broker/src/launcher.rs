@@ -82,6 +82,8 @@ pub struct StartOpts {
     /// The broker executable (default: this one).
     pub broker_path: Option<PathBuf>,
     pub timeout: Duration,
+    /// Extra arguments for every `canopy broker` (e.g. timings).
+    pub broker_args: Vec<String>,
     pub command: Vec<String>,
 }
 
@@ -296,6 +298,7 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             .arg(&rundir.0)
             .arg("--instance")
             .arg(&instance)
+            .args(&opts.broker_args)
             .env("PMI_FD", end.as_raw_fd().to_string())
             .env("PMI_RANK", rank.to_string())
             .env("PMI_SIZE", opts.size.to_string())

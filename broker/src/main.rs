@@ -45,6 +45,8 @@ enum Cmd {
         /// How long to wait for every broker to come online, in seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        #[command(flatten)]
+        timing: TimingArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
         #[arg(last = true)]
         command: Vec<String>,
@@ -69,6 +71,8 @@ enum Cmd {
         /// e.g. tcp://0.0.0.0:7700.
         #[arg(long)]
         listen_clients: Option<String>,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Send broker.ping requests and print each round-trip time.
     Ping {
@@ -111,6 +115,54 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EventCmd,
     },
+}
+
+/// Liveness timings, in seconds.
+#[derive(clap::Args, Clone, Copy)]
+struct TimingArgs {
+    /// Seconds between heartbeats on each link.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat: f64,
+    /// Seconds of silence after which a peer is reported torpid.
+    #[arg(long, default_value_t = 10.0)]
+    torpid: f64,
+    /// Seconds of silence after which a peer is lost: its link is dropped
+    /// and its requests in flight fail with EHOSTUNREACH.
+    #[arg(long, default_value_t = 30.0)]
+    lost: f64,
+}
+
+impl TimingArgs {
+    fn to_timing(self) -> Result<canopy_overlay::liveness::Timing> {
+        let ms = |s: f64, what: &str| -> Result<u64> {
+            anyhow::ensure!(
+                s > 0.0 && s.is_finite(),
+                "--{what} must be a positive number of seconds"
+            );
+            Ok((s * 1000.0).round().max(1.0) as u64)
+        };
+        let t = canopy_overlay::liveness::Timing {
+            heartbeat_ms: ms(self.heartbeat, "heartbeat")?,
+            torpid_ms: ms(self.torpid, "torpid")?,
+            lost_ms: ms(self.lost, "lost")?,
+        };
+        anyhow::ensure!(
+            t.heartbeat_ms < t.torpid_ms && t.torpid_ms < t.lost_ms,
+            "timings must satisfy --heartbeat < --torpid < --lost"
+        );
+        Ok(t)
+    }
+
+    fn to_args(self) -> Vec<String> {
+        vec![
+            "--heartbeat".into(),
+            self.heartbeat.to_string(),
+            "--torpid".into(),
+            self.torpid.to_string(),
+            "--lost".into(),
+            self.lost.to_string(),
+        ]
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,17 +247,22 @@ fn run(cli: Cli) -> Result<i32> {
             rundir,
             broker_path,
             timeout,
+            timing,
             command,
-        } => Ok(start(StartOpts {
-            size,
-            fanout,
-            tcp,
-            port,
-            rundir,
-            broker_path,
-            timeout: secs(timeout, "--timeout")?,
-            command,
-        })?),
+        } => {
+            timing.to_timing()?;
+            Ok(start(StartOpts {
+                size,
+                fanout,
+                tcp,
+                port,
+                rundir,
+                broker_path,
+                timeout: secs(timeout, "--timeout")?,
+                broker_args: timing.to_args(),
+                command,
+            })?)
+        }
         Cmd::Broker {
             fanout,
             rundir,
@@ -214,6 +271,7 @@ fn run(cli: Cli) -> Result<i32> {
             host,
             port,
             listen_clients: client_listen,
+            timing,
         } => {
             let transport = if tcp {
                 Transport::Tcp { host, port }
@@ -226,6 +284,7 @@ fn run(cli: Cli) -> Result<i32> {
                 instance,
                 transport,
                 client_listen,
+                timing: timing.to_timing()?,
                 client_authz: None,
             })?;
             Ok(0)

@@ -11,7 +11,9 @@ use crate::error::BrokerError;
 use canopy_modules::{BrokerInfo, Ctx, Registry, Reply};
 use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Sequencer};
 use canopy_overlay::health::{Delta, Health, RankState, HEALTH_TOPIC};
-use canopy_overlay::hello::{Hello, HelloCheck, HELLO_TOPIC};
+use canopy_overlay::hello::{Hello, HelloCheck, HelloError, HELLO_TOPIC};
+use canopy_overlay::liveness::{Peer, Timing, Transition};
+use canopy_overlay::pending::{InFlight, Link, Pending};
 use canopy_overlay::route::{next_hop, Next};
 use canopy_overlay::Topology;
 use canopy_proto::frame::{encode_frame, FrameDecoder};
@@ -30,6 +32,10 @@ use tracing::{debug, error, info, warn};
 /// Admin request to drop a child's link; also the control message telling
 /// the child.
 pub const DISCONNECT_TOPIC: &str = "overlay.disconnect";
+/// Control: sign of life, both directions, every `heartbeat_ms`.
+pub const HEARTBEAT_TOPIC: &str = "overlay.heartbeat";
+/// Control, parent to child: "I do not know your session; rejoin".
+pub const REJOIN_TOPIC: &str = "overlay.rejoin";
 
 /// Largest amount of unsent data a slow local client may accumulate.
 const MAX_CLIENT_BACKLOG: usize = 256 << 20;
@@ -86,6 +92,7 @@ pub struct Plan {
     pub children: HashMap<u32, String>,
     /// The only uid admitted on the local connector.
     pub owner_uid: u32,
+    pub timing: Timing,
 }
 
 /// The sockets a broker binds before the key exchange: they must exist so
@@ -226,6 +233,7 @@ struct ChildLink {
     rid: Vec<u8>,
     principal: String,
     session: u64,
+    peer: Peer,
 }
 
 #[derive(PartialEq, Eq, Debug)]
@@ -304,6 +312,14 @@ pub struct Broker {
     remote_ids: HashMap<Vec<u8>, u32>,
     dealer: Option<zmq::Socket>,
     parent_state: ParentState,
+    parent_card: Option<Card>,
+    parent_peer: Option<Peer>,
+    keys: CurveKeypair,
+    timing: Timing,
+    pending: Pending,
+    next_heartbeat_ms: u64,
+    /// When to try joining the parent again after losing it.
+    rejoin_at_ms: Option<u64>,
     listener: UnixListener,
     local_path: PathBuf,
     ipc_path: Option<PathBuf>,
@@ -360,37 +376,6 @@ impl Broker {
                 source,
             })?;
 
-        let mut parent_state = ParentState::None;
-        let dealer = match &plan.parent {
-            None => None,
-            Some(card) => {
-                let ep = card.endpoint.clone().ok_or_else(|| {
-                    BrokerError::Bootstrap(
-                        "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
-                    )
-                })?;
-                let s = ctx.socket(zmq::DEALER).map_err(zerr("create dealer"))?;
-                s.set_linger(0).map_err(zerr("set linger"))?;
-                s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-                s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
-                let mut rid = format!("{}:", plan.rank).into_bytes();
-                rid.extend_from_slice(format!("{session:016x}").as_bytes());
-                s.set_identity(&rid).map_err(zerr("set identity"))?;
-                s.set_curve_serverkey(&card.public_key)
-                    .map_err(zerr("set curve server key"))?;
-                s.set_curve_publickey(plan.keys.public())
-                    .map_err(zerr("set curve public key"))?;
-                s.set_curve_secretkey(plan.keys.secret())
-                    .map_err(zerr("set curve secret key"))?;
-                s.connect(&ep).map_err(|e| BrokerError::Bind {
-                    endpoint: ep.clone(),
-                    reason: format!("connect: {}", e.message()),
-                })?;
-                parent_state = ParentState::Joining;
-                Some(s)
-            }
-        };
-
         let ipc_path = endpoint
             .as_deref()
             .and_then(|e| e.strip_prefix("ipc://"))
@@ -417,8 +402,15 @@ impl Broker {
             router,
             client_router,
             remote_ids: HashMap::new(),
-            dealer,
-            parent_state,
+            dealer: None,
+            parent_state: ParentState::None,
+            parent_card: plan.parent,
+            parent_peer: None,
+            keys: plan.keys,
+            timing: plan.timing,
+            pending: Pending::default(),
+            next_heartbeat_ms: 0,
+            rejoin_at_ms: None,
             listener,
             local_path,
             ipc_path,
@@ -437,14 +429,152 @@ impl Broker {
             signals,
             hdr_buf: Vec::with_capacity(256),
         };
-        if b.dealer.is_some() {
-            b.send_hello()?;
+        if b.parent_card.is_some() {
+            b.connect_parent()?;
         }
         Ok(b)
     }
 
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
+    }
+
+    /// (Re)connect to the parent with a fresh session and say hello.
+    fn connect_parent(&mut self) -> Result<(), BrokerError> {
+        let Some(card) = self.parent_card.clone() else {
+            return Ok(());
+        };
+        let ep = card.endpoint.clone().ok_or_else(|| {
+            BrokerError::Bootstrap(
+                "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
+            )
+        })?;
+        self.dealer = None;
+        let mut session_bytes = [0u8; 8];
+        getrandom::getrandom(&mut session_bytes)
+            .map_err(|e| BrokerError::Bootstrap(format!("random session id: {e}")))?;
+        self.session = u64::from_be_bytes(session_bytes);
+        let s = self
+            ._ctx
+            .socket(zmq::DEALER)
+            .map_err(zerr("create dealer"))?;
+        s.set_linger(0).map_err(zerr("set linger"))?;
+        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
+        s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
+        let rid = format!("{}:{:016x}", self.rank, self.session).into_bytes();
+        s.set_identity(&rid).map_err(zerr("set identity"))?;
+        s.set_curve_serverkey(&card.public_key)
+            .map_err(zerr("set curve server key"))?;
+        s.set_curve_publickey(self.keys.public())
+            .map_err(zerr("set curve public key"))?;
+        s.set_curve_secretkey(self.keys.secret())
+            .map_err(zerr("set curve secret key"))?;
+        s.connect(&ep).map_err(|e| BrokerError::Bind {
+            endpoint: ep.clone(),
+            reason: format!("connect: {}", e.message()),
+        })?;
+        self.dealer = Some(s);
+        self.parent_state = ParentState::Joining;
+        self.parent_peer = Some(Peer::new(self.now_ms()));
+        self.rejoin_at_ms = None;
+        self.send_hello()
+    }
+
+    /// The parent link is gone: answer what was in flight over it, and
+    /// try to join again shortly.
+    fn lose_parent(&mut self, reason: &str) {
+        warn!("overlay: lost the parent link ({reason}); rejoining");
+        for r in self.pending.fail_link(Link::Parent) {
+            self.fail_in_flight(r, "the parent link was lost");
+        }
+        self.dealer = None;
+        self.parent_state = ParentState::Joining;
+        self.parent_peer = None;
+        self.rejoin_at_ms = Some(self.now_ms() + self.timing.heartbeat_ms.min(1000));
+    }
+
+    /// The child's link is gone: mark its subtree lost and answer what was
+    /// in flight over it.
+    fn lose_child(&mut self, rank: u32, reason: &str) {
+        if let Some(link) = self.children.remove(&rank) {
+            self.by_rid.remove(&link.rid);
+        }
+        warn!("overlay: lost rank {rank}: {reason}");
+        let now = self.now_ms();
+        self.health.child_lost(rank, reason, now);
+        let failed = self.pending.fail_link(Link::Child(rank));
+        let msg = format!("rank {rank} was lost ({reason})");
+        for r in failed {
+            self.fail_in_flight(r, &msg);
+        }
+    }
+
+    fn fail_in_flight(&mut self, r: InFlight, why: &str) {
+        let mut h = Header::request(r.topic, r.nodeid, r.matchtag);
+        h.route = r.route;
+        let resp = h.response(self.rank, errno::EHOSTUNREACH);
+        let msg = format!("{why}; the request may or may not have been processed");
+        self.route_response(resp, Payload::Bytes(msg.into_bytes()));
+    }
+
+    /// Timers: heartbeats out, liveness checks in, rejoin attempts.
+    fn tick(&mut self) -> Result<(), BrokerError> {
+        let now = self.now_ms();
+        if let Some(at) = self.rejoin_at_ms {
+            if now >= at {
+                self.connect_parent()?;
+            }
+        }
+        if now < self.next_heartbeat_ms {
+            return Ok(());
+        }
+        self.next_heartbeat_ms = now + self.timing.heartbeat_ms;
+        let hb = Header::control(HEARTBEAT_TOPIC);
+        if self.parent_state == ParentState::Online {
+            if let Err(e) = self.send_parent(&hb, Payload::Bytes(Vec::new())) {
+                debug!("overlay: heartbeat to parent failed: {e}");
+            }
+        }
+        let ranks: Vec<u32> = self.children.keys().copied().collect();
+        for rank in ranks {
+            let Some(link) = self.children.get_mut(&rank) else {
+                continue;
+            };
+            let rid = link.rid.clone();
+            match link.peer.check(now, &self.timing) {
+                Transition::BecameTorpid => {
+                    let why = format!("no message for {:.1}s", self.timing.torpid_ms as f64 / 1e3);
+                    warn!("overlay: rank {rank} is torpid: {why}");
+                    self.health.set(rank, RankState::Torpid, &why, now);
+                }
+                Transition::BecameLost => {
+                    let why = format!("no message for {:.1}s", self.timing.lost_ms as f64 / 1e3);
+                    self.lose_child(rank, &why);
+                    continue;
+                }
+                Transition::Recovered | Transition::None => {}
+            }
+            self.send_router_rid(&rid, &hb, Payload::Bytes(Vec::new()));
+        }
+        if let Some(p) = self.parent_peer.as_mut() {
+            if self.parent_state == ParentState::Online
+                && p.check(now, &self.timing) == Transition::BecameLost
+            {
+                let why = format!("no message for {:.1}s", self.timing.lost_ms as f64 / 1e3);
+                self.lose_parent(&why);
+            }
+        }
+        Ok(())
+    }
+
+    /// Milliseconds until the next timer, for the poll timeout.
+    fn poll_timeout_ms(&self) -> i64 {
+        let now = self.now_ms();
+        let mut next = self.next_heartbeat_ms;
+        if let Some(at) = self.rejoin_at_ms {
+            next = next.min(at);
+        }
+        next.saturating_sub(now).clamp(1, 1000) as i64
     }
 
     fn send_hello(&mut self) -> Result<(), BrokerError> {
@@ -485,6 +615,8 @@ impl Broker {
                 error!("zap handler died: no connection can be authenticated, so this broker stops admitting anyone and exits");
                 return Err(BrokerError::ZapDied);
             }
+            self.tick()?;
+            let timeout = self.poll_timeout_ms();
             client_ids.clear();
             client_ids.extend(self.clients.keys().copied());
             let (sig_r, pmi_r, lis_r, rtr_r, dlr_r, crt_r);
@@ -526,7 +658,7 @@ impl Broker {
                     };
                     items.push(zmq::PollItem::from_fd(fd, ev));
                 }
-                match zmq::poll(&mut items, 1000) {
+                match zmq::poll(&mut items, timeout) {
                     Ok(_) => {}
                     Err(zmq::Error::EINTR) => continue,
                     Err(e) => return Err(zerr("poll")(e)),
@@ -1016,12 +1148,24 @@ impl Broker {
                     .unwrap_or_default();
                 self.child_hello(rid, user_id, &address, &h, payload.as_slice());
             } else {
-                warn!(
-                    "overlay: verdict=deny principal={user_id} reason=\"message before hello\"; dropped"
+                // An authenticated peer talking from a session we do not
+                // know (e.g. we declared it lost): tell it to rejoin.
+                debug!("overlay: message from unknown session of principal={user_id}; asking it to rejoin");
+                self.send_router_rid(
+                    &rid,
+                    &Header::control(REJOIN_TOPIC),
+                    Payload::Bytes(Vec::new()),
                 );
             }
             return Ok(());
         };
+        let now = self.now_ms();
+        if let Some(link) = self.children.get_mut(&rank) {
+            if link.peer.heard(now) == Transition::Recovered {
+                info!("overlay: rank {rank} recovered");
+                self.health.set(rank, RankState::Online, "recovered", now);
+            }
+        }
         // Defence in depth: the ZAP-authenticated identity on every message
         // must be the one this child joined with.
         if self.children.get(&rank).map(|c| c.principal.as_str()) != Some(user_id) {
@@ -1036,7 +1180,12 @@ impl Broker {
                 h.route.push(Hop::Child(rank));
                 self.route_request(h, payload);
             }
-            MsgType::Response => self.route_response(h, payload),
+            MsgType::Response => {
+                self.pending
+                    .complete(Link::Child(rank), &h.route, h.matchtag);
+                self.route_response(h, payload)
+            }
+            MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
             MsgType::Control if h.topic == HEALTH_TOPIC => {
                 match serde_json::from_slice::<Vec<Delta>>(payload.as_slice()) {
                     Ok(deltas) => {
@@ -1062,6 +1211,20 @@ impl Broker {
         h: &Header,
         payload: &[u8],
     ) {
+        // A restarted child says hello with a new session while its old
+        // session may still look online: if the old one has been silent
+        // for two heartbeats, it is gone.
+        if let Ok(hello) = Hello::decode(payload) {
+            let now = self.now_ms();
+            let stale = self.children.get(&hello.rank).is_some_and(|l| {
+                l.session != hello.session
+                    && l.principal == user_id
+                    && now.saturating_sub(l.peer.last_heard_ms()) > 2 * self.timing.heartbeat_ms
+            });
+            if stale {
+                self.lose_child(hello.rank, "replaced by a new session");
+            }
+        }
         let verdict = Hello::decode(payload).and_then(|hello| {
             HelloCheck {
                 topo: &self.topo,
@@ -1082,15 +1245,16 @@ impl Broker {
                     hello.rank
                 );
                 self.by_rid.insert(rid.clone(), hello.rank);
+                let now = self.now_ms();
                 self.children.insert(
                     hello.rank,
                     ChildLink {
                         rid: rid.clone(),
                         principal: user_id.to_string(),
                         session: hello.session,
+                        peer: Peer::new(now),
                     },
                 );
-                let now = self.now_ms();
                 self.health
                     .set(hello.rank, RankState::Online, "joined", now);
                 let resp = h.response(self.rank, 0);
@@ -1098,7 +1262,14 @@ impl Broker {
             }
             Err(e) => {
                 warn!("overlay: verdict=deny principal={user_id} address={address} mechanism=CURVE reason=\"{e}\"");
-                let resp = h.response(self.rank, errno::EPERM);
+                // A restarted broker may say hello before we noticed its old
+                // session die: let it retry rather than exit.
+                let code = if matches!(e, HelloError::AlreadyOnline { .. }) {
+                    errno::EAGAIN
+                } else {
+                    errno::EPERM
+                };
+                let resp = h.response(self.rank, code);
                 self.send_router_rid(&rid, &resp, Payload::Bytes(e.to_string().into_bytes()));
             }
         }
@@ -1149,6 +1320,10 @@ impl Broker {
     }
 
     fn parent_ingress(&mut self, mut h: Header, payload: Payload) -> Result<(), BrokerError> {
+        let now = self.now_ms();
+        if let Some(p) = self.parent_peer.as_mut() {
+            p.heard(now);
+        }
         match h.msg_type {
             MsgType::Response
                 if self.parent_state == ParentState::Joining
@@ -1157,6 +1332,14 @@ impl Broker {
             {
                 if h.errnum != 0 {
                     let why = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                    if h.errnum == errno::EAGAIN {
+                        // Our previous session is still online there; try again.
+                        warn!("overlay: parent rank {} says: {why}; retrying", h.nodeid);
+                        self.dealer = None;
+                        self.parent_state = ParentState::Joining;
+                        self.rejoin_at_ms = Some(now + self.timing.heartbeat_ms.min(1000));
+                        return Ok(());
+                    }
                     return Err(BrokerError::HelloRefused {
                         parent: h.nodeid,
                         reason: why,
@@ -1164,13 +1347,22 @@ impl Broker {
                 }
                 info!("overlay: joined parent rank {}", h.nodeid);
                 self.parent_state = ParentState::Online;
+                // The parent may have marked our subtree lost: resend it all.
+                self.health.requeue_all();
             }
             MsgType::Request => {
                 h.route.push(Hop::Parent);
                 self.route_request(h, payload);
             }
-            MsgType::Response => self.route_response(h, payload),
+            MsgType::Response => {
+                self.pending.complete(Link::Parent, &h.route, h.matchtag);
+                self.route_response(h, payload)
+            }
             MsgType::Event => self.event_arrived(h, payload),
+            MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == REJOIN_TOPIC => {
+                self.lose_parent("the parent does not know this session");
+            }
             MsgType::Control if h.topic == DISCONNECT_TOPIC => {
                 let why = String::from_utf8_lossy(payload.as_slice()).into_owned();
                 return Err(BrokerError::Disconnected(why));
@@ -1280,13 +1472,23 @@ impl Broker {
                     );
                     return;
                 }
+                let track = h.flags & canopy_proto::FLAG_NORESPONSE == 0;
+                let inflight = track.then(|| in_flight(&h));
                 if let Err(e) = self.send_parent(&h, payload) {
                     warn!("overlay: {e}");
                     self.respond_err(&h, errno::EHOSTUNREACH, "cannot reach the parent broker");
+                } else if let Some(r) = inflight {
+                    self.pending.insert(Link::Parent, r);
                 }
             }
             Next::Down(child) => {
-                if !self.send_child(child, &h, payload) {
+                let inflight =
+                    (h.flags & canopy_proto::FLAG_NORESPONSE == 0).then(|| in_flight(&h));
+                if self.send_child(child, &h, payload) {
+                    if let Some(r) = inflight {
+                        self.pending.insert(Link::Child(child), r);
+                    }
+                } else {
                     let msg = format!("rank {child} is not online; check 'canopy overlay status'");
                     self.respond_err(&h, errno::EHOSTUNREACH, &msg);
                 }
@@ -1401,20 +1603,17 @@ impl Broker {
             );
             return self.respond_err(&h, errno::EINVAL, &msg);
         }
-        let Some(link) = self.children.remove(&rank) else {
+        let Some(rid) = self.children.get(&rank).map(|l| l.rid.clone()) else {
             let msg = format!("rank {rank} is not online");
             return self.respond_err(&h, errno::EHOSTUNREACH, &msg);
         };
-        self.by_rid.remove(&link.rid);
         let reason = format!("disconnected by {} through rank {}", h.userid, self.rank);
-        warn!("overlay: rank {rank} {reason}");
-        let now = self.now_ms();
-        self.health.child_lost(rank, &reason, now);
         self.send_router_rid(
-            &link.rid,
+            &rid,
             &Header::control(DISCONNECT_TOPIC),
-            Payload::Bytes(reason.into_bytes()),
+            Payload::Bytes(reason.clone().into_bytes()),
         );
+        self.lose_child(rank, &reason);
         self.respond(&h, Payload::Bytes(Vec::new()));
     }
 
@@ -1498,6 +1697,15 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+fn in_flight(h: &Header) -> InFlight {
+    InFlight {
+        topic: h.topic.clone(),
+        matchtag: h.matchtag,
+        nodeid: h.nodeid,
+        route: h.route.clone(),
     }
 }
 

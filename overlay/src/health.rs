@@ -17,6 +17,8 @@ pub enum RankState {
     Offline,
     /// Joined and reachable.
     Online,
+    /// Online, but silent for longer than the torpid timeout.
+    Torpid,
     /// Was online; its link (or an ancestor's) was lost.
     Lost,
 }
@@ -144,10 +146,27 @@ impl Health {
     /// The link to `child` is gone: every online rank below it is lost.
     pub fn child_lost(&mut self, child: u32, reason: &str, now_ms: u64) {
         for r in self.topo.subtree(child) {
-            if self.entries.get(&r).map(|e| e.state) == Some(RankState::Online) {
+            if matches!(
+                self.entries.get(&r).map(|e| e.state),
+                Some(RankState::Online) | Some(RankState::Torpid)
+            ) {
                 self.set(r, RankState::Lost, reason, now_ms);
             }
         }
+    }
+
+    /// Queue every rank's current state, e.g. after rejoining a parent
+    /// that may have marked this subtree lost.
+    pub fn requeue_all(&mut self) {
+        self.pending = self
+            .entries
+            .iter()
+            .map(|(r, e)| Delta {
+                rank: *r,
+                state: e.state,
+                reason: e.reason.clone(),
+            })
+            .collect();
     }
 
     /// Deltas not yet sent to the parent.
@@ -181,12 +200,12 @@ impl Health {
         match self.entries.get(&rank).map(|e| e.state) {
             None | Some(RankState::Offline) => return SubtreeHealth::Offline,
             Some(RankState::Lost) => return SubtreeHealth::Lost,
-            Some(RankState::Online) => {}
+            Some(RankState::Online) | Some(RankState::Torpid) => {}
         }
         let mut partial = false;
         for r in self.topo.subtree(rank) {
             match self.entries.get(&r).map(|e| e.state) {
-                Some(RankState::Lost) => return SubtreeHealth::Degraded,
+                Some(RankState::Lost) | Some(RankState::Torpid) => return SubtreeHealth::Degraded,
                 Some(RankState::Offline) | None => partial = true,
                 Some(RankState::Online) => {}
             }

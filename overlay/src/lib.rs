@@ -10,6 +10,8 @@
 pub mod events;
 pub mod health;
 pub mod hello;
+pub mod liveness;
+pub mod pending;
 pub mod route;
 pub mod topology;
 

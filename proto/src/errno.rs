@@ -3,6 +3,7 @@
 
 pub const EPERM: u32 = 1;
 pub const ENOENT: u32 = 2;
+pub const EAGAIN: u32 = 11;
 pub const EINVAL: u32 = 22;
 pub const ENOSYS: u32 = 38;
 pub const EPROTO: u32 = 71;
@@ -17,6 +18,7 @@ pub fn name(errnum: u32) -> &'static str {
         0 => "success",
         EPERM => "EPERM",
         ENOENT => "ENOENT",
+        EAGAIN => "EAGAIN",
         EINVAL => "EINVAL",
         ENOSYS => "ENOSYS",
         EPROTO => "EPROTO",

@@ -1,0 +1,159 @@
+//! Requests in flight through one broker's links, so that every request
+//! gets exactly one answer: when a link is lost, each request forwarded
+//! over it is answered with EHOSTUNREACH.
+//!
+//! A request is identified by its route stack (as forwarded, including this
+//! broker's own entry) and its matchtag; the response carries both back.
+
+use canopy_proto::Hop;
+use std::collections::HashMap;
+
+/// Which link a request was forwarded over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Link {
+    Parent,
+    Child(u32),
+}
+
+/// What is kept to answer a request if its link is lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub topic: String,
+    pub matchtag: u32,
+    pub nodeid: u32,
+    pub route: Vec<Hop>,
+}
+
+#[derive(Default)]
+pub struct Pending {
+    by_link: HashMap<Link, HashMap<(u64, u32), InFlight>>,
+    count: usize,
+}
+
+/// A cheap, deterministic hash of a route stack.
+pub fn route_key(route: &[Hop]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for hop in route {
+        let (k, id) = match *hop {
+            Hop::Parent => (1u64, 0u32),
+            Hop::Child(r) => (2, r),
+            Hop::Local(c) => (3, c),
+        };
+        for b in (k << 32 | id as u64).to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Pending {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Record a request forwarded over `link`.
+    pub fn insert(&mut self, link: Link, req: InFlight) {
+        let key = (route_key(&req.route), req.matchtag);
+        if self
+            .by_link
+            .entry(link)
+            .or_default()
+            .insert(key, req)
+            .is_none()
+        {
+            self.count += 1;
+        }
+    }
+
+    /// A response came back over `link` with this route and matchtag.
+    /// Returns whether it matched a request in flight.
+    pub fn complete(&mut self, link: Link, route: &[Hop], matchtag: u32) -> bool {
+        let Some(m) = self.by_link.get_mut(&link) else {
+            return false;
+        };
+        if m.remove(&(route_key(route), matchtag)).is_some() {
+            self.count -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The link is gone: every request forwarded over it, to be failed.
+    pub fn fail_link(&mut self, link: Link) -> Vec<InFlight> {
+        let v: Vec<InFlight> = self
+            .by_link
+            .remove(&link)
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+        self.count -= v.len();
+        v
+    }
+
+    /// Forget requests that came in over `link` (their requester is gone,
+    /// so their responses have nowhere to go). Returns how many.
+    pub fn forget_from(&mut self, from: Hop) -> usize {
+        let mut n = 0;
+        for m in self.by_link.values_mut() {
+            let before = m.len();
+            m.retain(|_, r| r.route.last() != Some(&from));
+            n += before - m.len();
+        }
+        self.count -= n;
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(tag: u32, route: Vec<Hop>) -> InFlight {
+        InFlight {
+            topic: "broker.ping".into(),
+            matchtag: tag,
+            nodeid: 7,
+            route,
+        }
+    }
+
+    #[test]
+    fn complete_and_fail() {
+        let mut p = Pending::default();
+        p.insert(Link::Child(1), req(1, vec![Hop::Local(5)]));
+        p.insert(Link::Child(1), req(1, vec![Hop::Local(6)])); // same tag, other client
+        p.insert(Link::Child(2), req(2, vec![Hop::Local(5)]));
+        p.insert(Link::Parent, req(3, vec![Hop::Child(2)]));
+        assert_eq!(p.len(), 4);
+        assert!(p.complete(Link::Child(1), &[Hop::Local(6)], 1));
+        assert!(
+            !p.complete(Link::Child(1), &[Hop::Local(6)], 1),
+            "only once"
+        );
+        assert!(
+            !p.complete(Link::Child(2), &[Hop::Local(5)], 1),
+            "wrong tag"
+        );
+        let failed = p.fail_link(Link::Child(1));
+        assert_eq!(failed, vec![req(1, vec![Hop::Local(5)])]);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.forget_from(Hop::Child(2)), 1);
+        assert_eq!(p.len(), 1);
+        assert!(p.fail_link(Link::Child(9)).is_empty());
+    }
+
+    #[test]
+    fn route_key_distinguishes_order_and_kind() {
+        assert_ne!(
+            route_key(&[Hop::Local(1), Hop::Parent]),
+            route_key(&[Hop::Parent, Hop::Local(1)])
+        );
+        assert_ne!(route_key(&[Hop::Child(3)]), route_key(&[Hop::Local(3)]));
+        assert_eq!(route_key(&[]), route_key(&[]));
+    }
+}
