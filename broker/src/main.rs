@@ -45,6 +45,10 @@ enum Cmd {
         /// How long to wait for every broker to come online, in seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        /// Also accept remote clients (CURVE) at rank 0 on this endpoint,
+        /// e.g. tcp://0.0.0.0:7700.
+        #[arg(long)]
+        listen_clients: Option<String>,
         #[command(flatten)]
         timing: TimingArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
@@ -247,10 +251,16 @@ fn run(cli: Cli) -> Result<i32> {
             rundir,
             broker_path,
             timeout,
+            listen_clients,
             timing,
             command,
         } => {
             timing.to_timing()?;
+            let mut broker_args = timing.to_args();
+            if let Some(ep) = listen_clients {
+                broker_args.push("--listen-clients".into());
+                broker_args.push(ep);
+            }
             Ok(start(StartOpts {
                 size,
                 fanout,
@@ -259,7 +269,7 @@ fn run(cli: Cli) -> Result<i32> {
                 rundir,
                 broker_path,
                 timeout: secs(timeout, "--timeout")?,
-                broker_args: timing.to_args(),
+                broker_args,
                 command,
             })?)
         }
