@@ -1,0 +1,370 @@
+//! Scenario `rpc`: `broker.ping` latency (window 1) and throughput
+//! (a window of requests in flight) from rank 0's local connector to
+//! chosen ranks of one instance.
+
+use crate::instance::{Launcher, Scratch, GRACE};
+use crate::start::secs;
+use crate::stats::{hops, percentile, Summary};
+use anyhow::{anyhow, bail, Context, Result};
+use canopy_client::{Client, Msg};
+use canopy_proto::{errno, MsgType};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const PING: &str = "broker.ping";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RpcParams {
+    pub size: u32,
+    pub fanout: u32,
+    pub ranks: Vec<u32>,
+    /// Payload sizes in bytes.
+    pub pads: Vec<usize>,
+    /// Sequential RPCs timed for latency.
+    pub count: u32,
+    /// Sequential RPCs before those, not timed.
+    pub warmup: u32,
+    /// Requests in flight during the throughput phase.
+    pub window: u32,
+    pub runs: u32,
+    /// Longest wait for any one reply.
+    #[serde(rename = "reply_timeout_s", serialize_with = "secs")]
+    pub reply_timeout: Duration,
+    /// Passed to `canopy start --timeout`.
+    #[serde(rename = "start_timeout_s", serialize_with = "secs")]
+    pub start_timeout: Duration,
+    #[serde(skip)]
+    pub rundir: Option<PathBuf>,
+}
+
+impl RpcParams {
+    /// Requests per throughput phase: `count * 5`.
+    pub fn requests(&self) -> u64 {
+        self.count as u64 * 5
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RpcResult {
+    pub rank: u32,
+    /// Tree hops from rank 0 to `rank`.
+    pub hops: u32,
+    pub pad: usize,
+    /// Per-run p50 of the sequential RPC round trips, microseconds.
+    pub latency_p50_us: Summary,
+    /// Per-run p99 of the same, microseconds.
+    pub latency_p99_us: Summary,
+    /// Per-run requests completed per second with `window` in flight.
+    pub throughput_rps: Summary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Teardown {
+    /// The launcher's exit code after SIGTERM (143 is normal) ...
+    pub exit_code: Option<i32>,
+    /// ... or the signal that killed it.
+    pub signal: Option<i32>,
+    /// Stopped on SIGTERM within the grace period, nothing left behind.
+    pub clean: bool,
+}
+
+impl Teardown {
+    pub fn describe(&self) -> String {
+        let how = match (self.exit_code, self.signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (_, Some(s)) => format!("killed by signal {s}"),
+            _ => "unknown status".into(),
+        };
+        format!(
+            "the instance {} on SIGTERM ({how})",
+            if self.clean {
+                "stopped cleanly"
+            } else {
+                "did not stop cleanly"
+            }
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RpcReport {
+    pub params: RpcParams,
+    pub requests_per_throughput_run: u64,
+    /// Spawn of `canopy start` to its printing CANOPY_URI, seconds.
+    pub instance_start_s: f64,
+    pub teardown: Teardown,
+    pub results: Vec<RpcResult>,
+}
+
+/// One run's statistics for one (rank, pad).
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    p50_us: f64,
+    p99_us: f64,
+    rps: f64,
+}
+
+pub fn validate(p: &RpcParams) -> Result<()> {
+    if let Some(r) = p.ranks.iter().find(|r| **r >= p.size) {
+        bail!(
+            "rank {r} is not in an instance of size {} (ranks 0..={})",
+            p.size,
+            p.size - 1
+        );
+    }
+    Ok(())
+}
+
+pub fn run(canopy: &Path, p: &RpcParams) -> Result<RpcReport> {
+    validate(p)?;
+    let scratch = Scratch::new(p.rundir.as_deref())?;
+    let args: Vec<String> = vec![
+        "--size".into(),
+        p.size.to_string(),
+        "--fanout".into(),
+        p.fanout.to_string(),
+        "--timeout".into(),
+        p.start_timeout.as_secs_f64().to_string(),
+    ];
+    let t0 = Instant::now();
+    // Dropping `inst` on any early return tears the instance down.
+    let mut inst = Launcher::spawn(canopy, &args, true, scratch)?;
+    let uri = inst.read_uri(p.start_timeout + GRACE)?;
+    let instance_start_s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "rpc: {} brokers up in {instance_start_s:.3} s at {uri}",
+        p.size
+    );
+
+    // The client's writes cannot be given a deadline, so the measurement
+    // runs on a worker and this thread watches its progress: if nothing
+    // completes for a reply timeout (+5 s), the instance is torn down,
+    // which closes the worker's socket and ends whatever it waits on.
+    let ticks = AtomicU64::new(0);
+    let stall = p.reply_timeout + Duration::from_secs(5);
+    let (outcome, stalled) = std::thread::scope(|s| {
+        let worker = s.spawn(|| measure(&uri, p, &ticks));
+        let (mut seen, mut since, mut stalled) = (0, Instant::now(), false);
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(100));
+            let t = ticks.load(Ordering::Relaxed);
+            if t != seen {
+                (seen, since) = (t, Instant::now());
+            } else if !stalled && since.elapsed() > stall {
+                stalled = true;
+                eprintln!("canopy-bench: no reply for {stall:?}; tearing the instance down");
+                if let Err(e) = inst.terminate(GRACE) {
+                    eprintln!("canopy-bench: teardown: {e:#}");
+                }
+            }
+        }
+        (worker.join(), stalled)
+    });
+    let died = if stalled { None } else { inst.poll_exit() };
+    let (status, killed) = inst.terminate(GRACE)?;
+    let r = outcome.map_err(|_| anyhow!("the measurement thread panicked"))?;
+    if stalled {
+        let e = r.err().unwrap_or_else(|| anyhow!("measurement stalled"));
+        return Err(e.context(format!(
+            "no progress for {stall:?}; the instance was torn down"
+        )));
+    }
+    if let Some(st) = died {
+        let e = r
+            .err()
+            .unwrap_or_else(|| anyhow!("the client saw no error"));
+        return Err(e.context(format!("the instance exited ({st}) during the benchmark")));
+    }
+    let samples = r?;
+    let teardown = Teardown {
+        exit_code: status.code(),
+        signal: std::os::unix::process::ExitStatusExt::signal(&status),
+        clean: !killed && (status.success() || status.code() == Some(128 + 15)),
+    };
+    if !teardown.clean {
+        eprintln!("canopy-bench: warning: the instance did not stop cleanly on SIGTERM ({status})");
+    }
+
+    let mut results = Vec::new();
+    for (i, &rank) in p.ranks.iter().enumerate() {
+        for (j, &pad) in p.pads.iter().enumerate() {
+            let runs: Vec<Sample> = samples
+                .iter()
+                .map(|run| run[i * p.pads.len() + j])
+                .collect();
+            let sum = |f: fn(&Sample) -> f64| {
+                Summary::of(runs.iter().map(f).collect()).ok_or_else(|| anyhow!("no runs"))
+            };
+            results.push(RpcResult {
+                rank,
+                hops: hops(rank, p.fanout),
+                pad,
+                latency_p50_us: sum(|s| s.p50_us)?,
+                latency_p99_us: sum(|s| s.p99_us)?,
+                throughput_rps: sum(|s| s.rps)?,
+            });
+        }
+    }
+    Ok(RpcReport {
+        params: p.clone(),
+        requests_per_throughput_run: p.requests(),
+        instance_start_s,
+        teardown,
+        results,
+    })
+}
+
+/// All runs; each run is every (rank, pad) in order, rank-major.
+fn measure(uri: &str, p: &RpcParams, ticks: &AtomicU64) -> Result<Vec<Vec<Sample>>> {
+    let mut all = Vec::new();
+    for run in 1..=p.runs {
+        let mut this = Vec::new();
+        for &rank in &p.ranks {
+            for &pad in &p.pads {
+                let s = measure_one(uri, rank, pad, p, ticks)
+                    .with_context(|| format!("run {run}, rank {rank}, pad {pad}"))?;
+                eprintln!(
+                    "rpc: run {run}/{} rank {rank} pad {pad}: p50 {:.1} us, p99 {:.1} us, {:.0} req/s",
+                    p.runs, s.p50_us, s.p99_us, s.rps
+                );
+                this.push(s);
+            }
+        }
+        all.push(this);
+    }
+    Ok(all)
+}
+
+fn measure_one(
+    uri: &str,
+    rank: u32,
+    pad: usize,
+    p: &RpcParams,
+    ticks: &AtomicU64,
+) -> Result<Sample> {
+    let tick = || ticks.fetch_add(1, Ordering::Relaxed);
+    let mut c = Client::connect(Some(uri))?;
+    tick();
+    let payload: Vec<u8> = (0..pad).map(|i| b'a' + (i % 26) as u8).collect();
+    let t = p.reply_timeout;
+
+    for _ in 0..p.warmup {
+        let m = c.rpc(PING, rank, &payload, t)?;
+        check_echo(&m, rank, &payload)?;
+        tick();
+    }
+    let mut lat = Vec::with_capacity(p.count as usize);
+    for _ in 0..p.count {
+        let t0 = Instant::now();
+        let m = c.rpc(PING, rank, &payload, t)?;
+        let dt = t0.elapsed();
+        check_echo(&m, rank, &payload)?;
+        lat.push(dt.as_secs_f64() * 1e6);
+        tick();
+    }
+
+    let total = p.requests();
+    let window = p.window as usize;
+    let mut inflight: HashSet<u32> = HashSet::with_capacity(window);
+    let (mut sent, mut done) = (0u64, 0u64);
+    let t0 = Instant::now();
+    while done < total {
+        while sent < total && inflight.len() < window {
+            inflight.insert(c.send(PING, rank, &payload)?);
+            sent += 1;
+        }
+        let m = c.recv(t)?;
+        if m.header.msg_type != MsgType::Response || !inflight.remove(&m.header.matchtag) {
+            continue;
+        }
+        if m.header.errnum != 0 {
+            bail!(
+                "{PING} failed on rank {}: {}: {}",
+                m.header.nodeid,
+                errno::name(m.header.errnum),
+                String::from_utf8_lossy(&m.payload)
+            );
+        }
+        if m.payload.len() != pad {
+            bail!(
+                "rank {} echoed {} bytes for a {pad}-byte ping",
+                m.header.nodeid,
+                m.payload.len()
+            );
+        }
+        done += 1;
+        tick();
+    }
+    let rps = total as f64 / t0.elapsed().as_secs_f64();
+
+    let q = |x| percentile(&lat, x).ok_or_else(|| anyhow!("no latency samples"));
+    Ok(Sample {
+        p50_us: q(50.0)?,
+        p99_us: q(99.0)?,
+        rps,
+    })
+}
+
+fn check_echo(m: &Msg, rank: u32, payload: &[u8]) -> Result<()> {
+    if m.payload != payload {
+        bail!(
+            "rank {rank} echoed {} bytes that differ from the {} sent",
+            m.payload.len(),
+            payload.len()
+        );
+    }
+    Ok(())
+}
+
+fn cell(s: &Summary, prec: usize) -> String {
+    format!(
+        "{:.prec$} [{:.prec$}, {:.prec$}]",
+        s.median,
+        s.min,
+        s.max,
+        prec = prec
+    )
+}
+
+pub fn table(r: &RpcReport) -> String {
+    let p = &r.params;
+    let mut s = format!(
+        "rpc: broker.ping from rank 0's local connector; `canopy start --size {} --fanout {}` \
+         (up in {:.3} s)\n\
+         \x20    latency: {} sequential RPCs after {} warm-up; throughput: {} RPCs, {} in flight\n\
+         \x20    median over {} run(s) [min, max]\n",
+        p.size,
+        p.fanout,
+        r.instance_start_s,
+        p.count,
+        p.warmup,
+        r.requests_per_throughput_run,
+        p.window,
+        p.runs
+    );
+    let _ = writeln!(
+        s,
+        "{:>5} {:>4} {:>7}  {:>28}  {:>28}  {:>28}",
+        "rank", "hops", "pad", "p50 us", "p99 us", "req/s"
+    );
+    for x in &r.results {
+        let _ = writeln!(
+            s,
+            "{:>5} {:>4} {:>7}  {:>28}  {:>28}  {:>28}",
+            x.rank,
+            x.hops,
+            x.pad,
+            cell(&x.latency_p50_us, 1),
+            cell(&x.latency_p99_us, 1),
+            cell(&x.throughput_rps, 0)
+        );
+    }
+    if !r.teardown.clean {
+        let _ = writeln!(s, "warning: {}", r.teardown.describe());
+    }
+    s
+}
