@@ -43,3 +43,14 @@ pub enum BrokerError {
     )]
     LauncherGone,
 }
+
+impl BrokerError {
+    /// The launcher went away (or closed PMI because the start failed):
+    /// nothing to report, the launcher reports the cause.
+    pub fn launcher_gone(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::LauncherGone | BrokerError::Pmi(canopy_pmi::PmiError::Closed { .. })
+        )
+    }
+}

@@ -325,13 +325,14 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
     let mut online = 0usize;
     loop {
         if let Some((pid, rank, how)) = brokers.reap().into_iter().next() {
-            brokers.stop(Duration::from_secs(1));
+            // Close PMI first: brokers blocked in a barrier then exit at once.
             pmi.stop();
+            brokers.stop(Duration::from_secs(1));
             return Err(StartError::DiedDuringStart { rank, pid, how });
         }
         if signals.terminated().is_some() {
-            brokers.stop(Duration::from_secs(1));
             pmi.stop();
+            brokers.stop(Duration::from_secs(1));
             return Err(StartError::Interrupted);
         }
         if client.is_none() && local0.exists() {
@@ -356,8 +357,8 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             }
         }
         if Instant::now() > deadline {
-            brokers.stop(Duration::from_secs(1));
             pmi.stop();
+            brokers.stop(Duration::from_secs(1));
             return Err(StartError::Timeout {
                 timeout: opts.timeout,
                 online,

@@ -235,7 +235,14 @@ fn main() {
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("canopy: error: {e:#}");
+            // Every error message already includes its cause.
+            if e.downcast_ref::<canopy_broker::BrokerError>()
+                .is_some_and(|b| b.launcher_gone())
+            {
+                tracing::debug!("exiting: {e}");
+                std::process::exit(1);
+            }
+            eprintln!("canopy: error: {e}");
             std::process::exit(1);
         }
     }

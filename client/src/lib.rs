@@ -235,7 +235,20 @@ impl Client {
             Conn::Unix { stream, .. } => {
                 self.wbuf.clear();
                 encode_frame(&h, payload, &mut self.wbuf)?;
-                stream.write_all(&self.wbuf)?;
+                if let Err(e) = stream.write_all(&self.wbuf) {
+                    // A broker that refuses a connection writes one refusal
+                    // frame and closes: report that, not the broken pipe.
+                    if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
+                        if let Conn::Unix { stream, decoder } = &mut self.conn {
+                            if let Err(r @ ClientError::Refused(_)) =
+                                recv_unix(stream, decoder, Duration::from_millis(200))
+                            {
+                                return Err(r);
+                            }
+                        }
+                    }
+                    return Err(e.into());
+                }
             }
             Conn::Tcp { sock, .. } => {
                 let hb = h.encode().map_err(FrameError::from)?;
