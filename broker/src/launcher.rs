@@ -82,6 +82,9 @@ pub struct StartOpts {
     /// The broker executable (default: this one).
     pub broker_path: Option<PathBuf>,
     pub timeout: Duration,
+    /// Keep the instance running, degraded, when a broker other than rank
+    /// 0 dies (default: end the instance).
+    pub keep_going: bool,
     /// Extra arguments for every `canopy broker` (e.g. timings).
     pub broker_args: Vec<String>,
     pub command: Vec<String>,
@@ -394,7 +397,15 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
     }
 
     let code = loop {
-        if let Some((pid, rank, how)) = brokers.reap().into_iter().next() {
+        let mut fatal = None;
+        for (pid, rank, how) in brokers.reap() {
+            if opts.keep_going && rank != 0 {
+                eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; continuing degraded (--keep-going)");
+            } else {
+                fatal.get_or_insert((pid, rank, how));
+            }
+        }
+        if let Some((pid, rank, how)) = fatal {
             eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; shutting down the instance");
             break 1;
         }

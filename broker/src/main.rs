@@ -49,6 +49,10 @@ enum Cmd {
         /// e.g. tcp://0.0.0.0:7700.
         #[arg(long)]
         listen_clients: Option<String>,
+        /// Keep running, degraded, when a broker other than rank 0 dies
+        /// (default: end the instance and report the rank).
+        #[arg(long)]
+        keep_going: bool,
         #[command(flatten)]
         timing: TimingArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
@@ -259,6 +263,7 @@ fn run(cli: Cli) -> Result<i32> {
             broker_path,
             timeout,
             listen_clients,
+            keep_going,
             timing,
             command,
         } => {
@@ -276,6 +281,7 @@ fn run(cli: Cli) -> Result<i32> {
                 rundir,
                 broker_path,
                 timeout: secs(timeout, "--timeout")?,
+                keep_going,
                 broker_args,
                 command,
             })?)

@@ -128,6 +128,39 @@ pub enum Transport {
     Tcp { host: String, port: u16 },
 }
 
+static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Watch `sock` for closed connections: returns a PAIR socket that
+/// receives libzmq's DISCONNECTED events.
+fn disconnect_monitor(ctx: &zmq::Context, sock: &zmq::Socket) -> Result<zmq::Socket, BrokerError> {
+    let ep = format!(
+        "inproc://canopy-monitor-{}",
+        MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    sock.monitor(&ep, zmq::SocketEvent::DISCONNECTED as i32)
+        .map_err(zerr("monitor a socket"))?;
+    let m = ctx
+        .socket(zmq::PAIR)
+        .map_err(zerr("create a monitor socket"))?;
+    m.set_linger(0).map_err(zerr("set linger"))?;
+    m.connect(&ep).map_err(zerr("connect a monitor socket"))?;
+    Ok(m)
+}
+
+/// Drain a monitor socket; true if any DISCONNECTED event was seen.
+fn drain_monitor(m: &zmq::Socket) -> bool {
+    let mut seen = false;
+    while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
+        if frames.first().is_some_and(|f| {
+            f.len() >= 2
+                && u16::from_le_bytes([f[0], f[1]]) == zmq::SocketEvent::DISCONNECTED as u16
+        }) {
+            seen = true;
+        }
+    }
+    seen
+}
+
 fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
     let what = what.into();
     move |source| BrokerError::Zmq { what, source }
@@ -311,6 +344,9 @@ pub struct Broker {
     client_router: Option<zmq::Socket>,
     remote_ids: HashMap<Vec<u8>, u32>,
     dealer: Option<zmq::Socket>,
+    /// DISCONNECTED events of the dealer and the router.
+    dealer_monitor: Option<zmq::Socket>,
+    router_monitor: Option<zmq::Socket>,
     parent_state: ParentState,
     parent_card: Option<Card>,
     parent_peer: Option<Peer>,
@@ -403,6 +439,8 @@ impl Broker {
             client_router,
             remote_ids: HashMap::new(),
             dealer: None,
+            dealer_monitor: None,
+            router_monitor: None,
             parent_state: ParentState::None,
             parent_card: plan.parent,
             parent_peer: None,
@@ -429,6 +467,9 @@ impl Broker {
             signals,
             hdr_buf: Vec::with_capacity(256),
         };
+        if let Some(r) = &b.router {
+            b.router_monitor = Some(disconnect_monitor(&b._ctx, r)?);
+        }
         if b.parent_card.is_some() {
             b.connect_parent()?;
         }
@@ -473,6 +514,7 @@ impl Broker {
             endpoint: ep.clone(),
             reason: format!("connect: {}", e.message()),
         })?;
+        self.dealer_monitor = Some(disconnect_monitor(&self._ctx, &s)?);
         self.dealer = Some(s);
         self.parent_state = ParentState::Joining;
         self.parent_peer = Some(Peer::new(self.now_ms()));
@@ -488,6 +530,7 @@ impl Broker {
             self.fail_in_flight(r, "the parent link was lost");
         }
         self.dealer = None;
+        self.dealer_monitor = None;
         self.parent_state = ParentState::Joining;
         self.parent_peer = None;
         self.rejoin_at_ms = Some(self.now_ms() + self.timing.heartbeat_ms.min(1000));
@@ -515,6 +558,22 @@ impl Broker {
         let resp = h.response(self.rank, errno::EHOSTUNREACH);
         let msg = format!("{why}; the request may or may not have been processed");
         self.route_response(resp, Payload::Bytes(msg.into_bytes()));
+    }
+
+    /// A child connection closed: libzmq does not say which, but a send to
+    /// a routing id whose connection is gone fails at once (ROUTER_MANDATORY).
+    fn probe_children(&mut self) {
+        let hb = Header::control(HEARTBEAT_TOPIC);
+        let links: Vec<(u32, Vec<u8>)> = self
+            .children
+            .iter()
+            .map(|(r, l)| (*r, l.rid.clone()))
+            .collect();
+        for (rank, rid) in links {
+            if !self.send_router_rid(&rid, &hb, Payload::Bytes(Vec::new())) {
+                self.lose_child(rank, "its connection closed");
+            }
+        }
     }
 
     /// Timers: heartbeats out, liveness checks in, rejoin attempts.
@@ -601,6 +660,8 @@ impl Broker {
         if let Some(p) = &self.ipc_path {
             let _ = std::fs::remove_file(p);
         }
+        self.router_monitor = None;
+        self.dealer_monitor = None;
         self.router = None;
         self.client_router = None;
         self.dealer = None;
@@ -619,7 +680,7 @@ impl Broker {
             let timeout = self.poll_timeout_ms();
             client_ids.clear();
             client_ids.extend(self.clients.keys().copied());
-            let (sig_r, pmi_r, lis_r, rtr_r, dlr_r, crt_r);
+            let (sig_r, pmi_r, lis_r, rtr_r, dlr_r, crt_r, rmon_r, dmon_r);
             {
                 let mut items = Vec::with_capacity(5 + client_ids.len());
                 items.push(zmq::PollItem::from_fd(
@@ -642,9 +703,15 @@ impl Broker {
                     Some(d) => items.push(d.as_poll_item(zmq::POLLIN)),
                     None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
                 }
-                match &self.client_router {
-                    Some(c) => items.push(c.as_poll_item(zmq::POLLIN)),
-                    None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
+                for s in [
+                    &self.client_router,
+                    &self.router_monitor,
+                    &self.dealer_monitor,
+                ] {
+                    match s {
+                        Some(c) => items.push(c.as_poll_item(zmq::POLLIN)),
+                        None => items.push(zmq::PollItem::from_fd(-1, zmq::POLLIN)),
+                    }
                 }
                 for id in &client_ids {
                     let c = &self.clients[id];
@@ -669,8 +736,10 @@ impl Broker {
                 rtr_r = items[3].is_readable();
                 dlr_r = items[4].is_readable();
                 crt_r = items[5].is_readable();
+                rmon_r = items[6].is_readable();
+                dmon_r = items[7].is_readable();
                 ready.clear();
-                for it in &items[6..] {
+                for it in &items[8..] {
                     let rev = it.get_revents();
                     ready.push((
                         rev.intersects(zmq::POLLIN | zmq::POLLERR),
@@ -700,6 +769,15 @@ impl Broker {
             }
             if crt_r {
                 self.drain_client_router()?;
+            }
+            if rmon_r && self.router_monitor.as_ref().is_some_and(drain_monitor) {
+                self.probe_children();
+            }
+            if dmon_r
+                && self.dealer_monitor.as_ref().is_some_and(drain_monitor)
+                && self.parent_state == ParentState::Online
+            {
+                self.lose_parent("the connection to the parent closed");
             }
             for (i, id) in client_ids.iter().enumerate() {
                 let (r, w) = ready[i];
