@@ -208,6 +208,13 @@ impl Drop for Children {
     }
 }
 
+/// One line to stderr in a single write, so that brokers' log lines on the
+/// same stderr cannot split it.
+pub fn say(msg: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("canopy: {msg}\n").as_bytes());
+}
+
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -400,13 +407,17 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         let mut fatal = None;
         for (pid, rank, how) in brokers.reap() {
             if opts.keep_going && rank != 0 {
-                eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; continuing degraded (--keep-going)");
+                say(&format!(
+                    "broker rank {rank} (pid {pid}) {how}; continuing degraded (--keep-going)"
+                ));
             } else {
                 fatal.get_or_insert((pid, rank, how));
             }
         }
         if let Some((pid, rank, how)) = fatal {
-            eprintln!("canopy: broker rank {rank} (pid {pid}) {how}; shutting down the instance");
+            say(&format!(
+                "broker rank {rank} (pid {pid}) {how}; shutting down the instance"
+            ));
             break 1;
         }
         if let Some((_, c)) = &brokers.command_exit {

@@ -246,7 +246,7 @@ fn main() {
                 tracing::debug!("exiting: {e}");
                 std::process::exit(1);
             }
-            eprintln!("canopy: error: {e}");
+            canopy_broker::launcher::say(&format!("error: {e}"));
             std::process::exit(1);
         }
     }
