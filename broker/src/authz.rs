@@ -48,6 +48,17 @@ pub trait ClientAuthz: Send + Sync {
     fn generation(&self) -> u64 {
         0
     }
+    /// Re-read the policy file. Err leaves the old policy in force.
+    fn reload(&self) -> Result<String, String> {
+        Err("this instance has no policy file; start it with --policy FILE or --allow PRINCIPAL=ROLE".into())
+    }
+    /// The decision for a principal, with the deciding rule, if this
+    /// authorizer has rules to explain.
+    fn explain(&self, _principal: &str, _mech: ClientMech, _address: &str) -> Option<Explained> {
+        None
+    }
+    /// Record that a caller lacked the role for `what`.
+    fn role_refused(&self, _principal: &str, _roles: Roles, _what: &str) {}
 }
 
 /// A personal instance's default: the owner, nobody else.
@@ -160,5 +171,113 @@ mod tests {
             p.decide(&req(CLIENT_DOMAIN, "", Mechanism::Null)),
             Decision::Deny { .. }
         ));
+    }
+}
+
+/// Clients decided by a site or user policy file (`canopy-acl`), with
+/// reload and audit.
+pub struct AclAuthz {
+    policy: canopy_acl::AclPolicy,
+    path: std::path::PathBuf,
+}
+
+impl AclAuthz {
+    /// Load the policy at `path` (refusing one that others can write), and
+    /// open the audit log if one is given.
+    pub fn load(
+        path: &std::path::Path,
+        audit: Option<&std::path::Path>,
+    ) -> Result<AclAuthz, String> {
+        let acl = canopy_acl::Acl::load(path).map_err(|e| e.to_string())?;
+        let policy = match audit {
+            Some(a) => {
+                let log = canopy_acl::audit::AuditLog::open(a).map_err(|e| e.to_string())?;
+                canopy_acl::AclPolicy::with_audit(acl, log).map_err(|e| e.to_string())?
+            }
+            None => canopy_acl::AclPolicy::new(acl),
+        };
+        Ok(AclAuthz {
+            policy,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+fn acl_mech(m: ClientMech) -> canopy_acl::Mech {
+    match m {
+        ClientMech::Local => canopy_acl::Mech::Local,
+        ClientMech::Curve => canopy_acl::Mech::Curve,
+        ClientMech::Gssapi => canopy_acl::Mech::Gssapi,
+    }
+}
+
+/// A decision explained, for `acl.check`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Explained {
+    pub principal: String,
+    pub allow: bool,
+    pub roles: String,
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+impl From<canopy_acl::Verdict> for Explained {
+    fn from(v: canopy_acl::Verdict) -> Explained {
+        Explained {
+            principal: v.principal,
+            allow: v.allow,
+            roles: v.roles.to_string(),
+            rule: v.rule.map(|r| r.to_string()),
+            reason: v.reason,
+        }
+    }
+}
+
+impl ClientAuthz for AclAuthz {
+    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict {
+        let v = self.policy.check(principal, acl_mech(mech), address);
+        if v.allow {
+            Ok(v.roles)
+        } else {
+            Err(match v.rule {
+                Some(r) => format!("{} ({r})", v.reason),
+                None => v.reason,
+            })
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.policy.generation()
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        match canopy_acl::Acl::load(&self.path) {
+            Ok(acl) => {
+                let n = acl.rules().len();
+                self.policy.reload(acl);
+                Ok(format!("reloaded {} ({n} rules)", self.path.display()))
+            }
+            Err(e) => Err(format!("{e}; the previous policy stays in force")),
+        }
+    }
+
+    fn explain(&self, principal: &str, mech: ClientMech, address: &str) -> Option<Explained> {
+        let acl = self.policy.current();
+        let q = canopy_acl::Query {
+            principal,
+            mechanism: acl_mech(mech),
+            address: address.parse().ok(),
+            now: std::time::SystemTime::now(),
+        };
+        Some(acl.decide(&q).into())
+    }
+
+    fn role_refused(&self, principal: &str, roles: Roles, what: &str) {
+        if let Err(e) = self
+            .policy
+            .record_role_refusal(principal, None, None, roles, what)
+        {
+            tracing::error!("audit: cannot record a role refusal: {e}");
+        }
     }
 }

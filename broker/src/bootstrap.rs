@@ -6,7 +6,7 @@
 
 use crate::authz::{ClientAuthz, OwnerOnly};
 use crate::error::BrokerError;
-use crate::node::{bind, Broker, Card, Plan, Transport};
+use crate::node::{bind, Broker, Card, Plan, Signals, Transport};
 use canopy_overlay::Topology;
 use canopy_pmi::PmiClient;
 use canopy_security::{curve_principal, CurveKeypair};
@@ -31,8 +31,13 @@ pub struct BrokerOpts {
     pub client_listen: Option<String>,
     /// Heartbeat, torpid and lost timings.
     pub timing: canopy_overlay::liveness::Timing,
-    /// Decides for clients other than the owner. Default: owner only.
+    /// Decides for clients other than the owner. Default: the policy
+    /// file if one is given, else owner only.
     pub client_authz: Option<Arc<dyn ClientAuthz>>,
+    /// ACL policy file for clients.
+    pub policy: Option<PathBuf>,
+    /// Audit log; rank R > 0 appends to `PATH.R`.
+    pub audit: Option<PathBuf>,
 }
 
 /// Fail fast if the linked libzmq cannot do what Canopy needs.
@@ -71,14 +76,30 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
     }
 }
 
-fn signal_pipe() -> Result<UnixStream, BrokerError> {
+fn signal_pipe() -> Result<Signals, BrokerError> {
     let (r, w) = UnixStream::pair().map_err(|source| BrokerError::Io {
         what: "create the signal pipe",
         path: PathBuf::from("socketpair"),
         source,
     })?;
     w.set_nonblocking(true).ok();
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    r.set_nonblocking(true).ok();
+    let signals = Signals {
+        pipe: r,
+        term: Default::default(),
+        hup: Default::default(),
+    };
+    let flags = [
+        (signal_hook::consts::SIGTERM, &signals.term),
+        (signal_hook::consts::SIGINT, &signals.term),
+        (signal_hook::consts::SIGHUP, &signals.hup),
+    ];
+    for (sig, flag) in flags {
+        signal_hook::flag::register(sig, Arc::clone(flag)).map_err(|source| BrokerError::Io {
+            what: "install signal handlers",
+            path: PathBuf::from("signal"),
+            source,
+        })?;
         let w2 = w.try_clone().map_err(|source| BrokerError::Io {
             what: "clone the signal pipe",
             path: PathBuf::from("socketpair"),
@@ -90,7 +111,7 @@ fn signal_pipe() -> Result<UnixStream, BrokerError> {
             source,
         })?;
     }
-    Ok(r)
+    Ok(signals)
 }
 
 /// Bootstrap through PMI (or as a singleton) and run until told to stop.
@@ -116,11 +137,27 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
 
     let keys = CurveKeypair::generate()?;
     let owner_uid = nix::unistd::getuid().as_raw();
-    let authz = opts.client_authz.clone().unwrap_or_else(|| {
-        Arc::new(OwnerOnly {
+    let authz: Arc<dyn ClientAuthz> = match (&opts.client_authz, &opts.policy) {
+        (Some(a), _) => a.clone(),
+        (None, Some(policy)) => {
+            let audit = opts.audit.as_ref().map(|a| {
+                if rank == 0 {
+                    a.clone()
+                } else {
+                    let mut p = a.clone().into_os_string();
+                    p.push(format!(".{rank}"));
+                    PathBuf::from(p)
+                }
+            });
+            Arc::new(
+                crate::authz::AclAuthz::load(policy, audit.as_deref())
+                    .map_err(BrokerError::Policy)?,
+            )
+        }
+        (None, None) => Arc::new(OwnerOnly {
             owner: crate::node::unix_principal(owner_uid),
-        })
-    });
+        }),
+    };
     let bound = bind(
         rank,
         &topo,

@@ -38,6 +38,8 @@ pub enum BrokerError {
     HelloRefused { parent: u32, reason: String },
     #[error("{0}")]
     Disconnected(String),
+    #[error("policy: {0}")]
+    Policy(String),
     #[error(
         "the launcher went away (its PMI connection closed); exiting so no broker is left behind"
     )]

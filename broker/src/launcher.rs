@@ -85,6 +85,9 @@ pub struct StartOpts {
     /// Keep the instance running, degraded, when a broker other than rank
     /// 0 dies (default: end the instance).
     pub keep_going: bool,
+    /// A policy to write into the runtime directory and hand every broker
+    /// (from `--allow`).
+    pub policy_text: Option<String>,
     /// Extra arguments for every `canopy broker` (e.g. timings).
     pub broker_args: Vec<String>,
     pub command: Vec<String>,
@@ -290,6 +293,22 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         None => std::env::current_exe().map_err(|e| StartError::Sys(e.to_string()))?,
     };
 
+    let mut broker_args = opts.broker_args.clone();
+    if let Some(text) = &opts.policy_text {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = rundir.0.join("policy.toml");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()).map(|()| f))
+            .map_err(|e| StartError::Sys(format!("cannot write {}: {e}", path.display())))?;
+        let _ = f.flush();
+        broker_args.push("--policy".into());
+        broker_args.push(path.display().to_string());
+    }
     let (server, ends) = PmiServer::new(opts.size).map_err(|e| StartError::Pmi(e.to_string()))?;
     let pmi = server.spawn().map_err(|e| StartError::Pmi(e.to_string()))?;
     let mut brokers = Children {
@@ -308,7 +327,7 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             .arg(&rundir.0)
             .arg("--instance")
             .arg(&instance)
-            .args(&opts.broker_args)
+            .args(&broker_args)
             .env("PMI_FD", end.as_raw_fd().to_string())
             .env("PMI_RANK", rank.to_string())
             .env("PMI_SIZE", opts.size.to_string())

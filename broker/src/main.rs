@@ -53,6 +53,22 @@ enum Cmd {
         /// (default: end the instance and report the rank).
         #[arg(long)]
         keep_going: bool,
+        /// Let PRINCIPAL in with ROLE (repeatable), e.g.
+        /// --allow unix:bob=user --allow curve:<Z85>=operator. The owner
+        /// is always let in as owner.
+        #[arg(
+            long = "allow",
+            value_name = "PRINCIPAL=ROLE",
+            conflicts_with = "policy"
+        )]
+        allow: Vec<String>,
+        /// ACL policy file for clients other than the owner.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Append every access decision to this hash-chained audit log
+        /// (rank R > 0 uses PATH.R).
+        #[arg(long)]
+        audit: Option<PathBuf>,
         #[command(flatten)]
         timing: TimingArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
@@ -79,6 +95,13 @@ enum Cmd {
         /// e.g. tcp://0.0.0.0:7700.
         #[arg(long)]
         listen_clients: Option<String>,
+        /// ACL policy for clients (see etc/policy.toml). Default: owner only.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Append every access decision to this hash-chained audit log
+        /// (rank R > 0 uses PATH.R).
+        #[arg(long, requires = "policy")]
+        audit: Option<PathBuf>,
         #[command(flatten)]
         timing: TimingArgs,
     },
@@ -112,6 +135,16 @@ enum Cmd {
         /// Print the public certificate of the existing secret PATH instead.
         #[arg(long)]
         public: bool,
+    },
+    /// Access policy: reload it, or check a principal against it.
+    Acl {
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
     },
     /// Inspect the overlay.
     Overlay {
@@ -171,6 +204,38 @@ impl TimingArgs {
             self.lost.to_string(),
         ]
     }
+}
+
+#[derive(Subcommand)]
+enum AclCmd {
+    /// Re-read the policy file on every broker (needs admin). A policy that
+    /// fails to parse is refused and the old one stays in force.
+    Reload {
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Show the verdict, roles and deciding rule (file:line) for PRINCIPAL:
+    /// offline against --policy FILE, else online against the instance
+    /// (needs admin).
+    Check {
+        principal: String,
+        /// The peer's IP address.
+        #[arg(long)]
+        address: Option<String>,
+        /// curve, gssapi or local (default: from the principal's form).
+        #[arg(long)]
+        mechanism: Option<String>,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain of an audit log; report the first bad entry.
+    Verify { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -264,6 +329,9 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             listen_clients,
             keep_going,
+            allow,
+            policy,
+            audit,
             timing,
             command,
         } => {
@@ -272,6 +340,25 @@ fn run(cli: Cli) -> Result<i32> {
             if let Some(ep) = listen_clients {
                 broker_args.push("--listen-clients".into());
                 broker_args.push(ep);
+            }
+            let policy_text = if allow.is_empty() {
+                None
+            } else {
+                Some(policy_from_allow(&allow)?)
+            };
+            if let Some(p) = &policy {
+                // Fail before starting anything if the policy is bad.
+                canopy_acl::Acl::load(p)?;
+                broker_args.push("--policy".into());
+                broker_args.push(std::path::absolute(p)?.display().to_string());
+            }
+            if let Some(a) = &audit {
+                anyhow::ensure!(
+                    policy.is_some() || policy_text.is_some(),
+                    "--audit needs --policy or --allow: without a policy only the owner can connect"
+                );
+                broker_args.push("--audit".into());
+                broker_args.push(std::path::absolute(a)?.display().to_string());
             }
             Ok(start(StartOpts {
                 size,
@@ -282,6 +369,7 @@ fn run(cli: Cli) -> Result<i32> {
                 broker_path,
                 timeout: secs(timeout, "--timeout")?,
                 keep_going,
+                policy_text,
                 broker_args,
                 command,
             })?)
@@ -294,6 +382,8 @@ fn run(cli: Cli) -> Result<i32> {
             host,
             port,
             listen_clients: client_listen,
+            policy,
+            audit,
             timing,
         } => {
             let transport = if tcp {
@@ -309,6 +399,8 @@ fn run(cli: Cli) -> Result<i32> {
                 client_listen,
                 timing: timing.to_timing()?,
                 client_authz: None,
+                policy,
+                audit,
             })?;
             Ok(0)
         }
@@ -360,6 +452,69 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Acl {
+            cmd: AclCmd::Reload { uri },
+        } => {
+            let results = tools::acl_reload(uri.as_deref(), Duration::from_secs(10))?;
+            let mut failed = 0;
+            for (rank, r) in results {
+                match r {
+                    Ok(msg) => println!("rank {rank}: {msg}"),
+                    Err(e) => {
+                        failed += 1;
+                        println!("rank {rank}: refused: {e}");
+                    }
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+        Cmd::Acl {
+            cmd:
+                AclCmd::Check {
+                    principal,
+                    address,
+                    mechanism,
+                    policy,
+                    uri,
+                },
+        } => {
+            let x = match policy {
+                Some(p) => tools::acl_check_offline(
+                    &p,
+                    &principal,
+                    mechanism.as_deref(),
+                    address.as_deref(),
+                )?,
+                None => tools::acl_check_online(
+                    uri.as_deref(),
+                    &principal,
+                    mechanism.as_deref(),
+                    address.as_deref(),
+                    Duration::from_secs(10),
+                )?,
+            };
+            println!(
+                "{}: {} roles={} rule={} ({})",
+                x.principal,
+                if x.allow { "allow" } else { "deny" },
+                x.roles,
+                x.rule.as_deref().unwrap_or("default deny"),
+                x.reason
+            );
+            Ok(if x.allow { 0 } else { 2 })
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { file },
+        } => match canopy_acl::audit::verify(&file) {
+            Ok(n) => {
+                println!("{}: {n} entries, chain intact", file.display());
+                Ok(0)
+            }
+            Err(e) => {
+                println!("{}: {e}", file.display());
+                Ok(1)
+            }
+        },
         Cmd::Overlay {
             cmd: OverlayCmd::Disconnect { rank, uri },
         } => {
@@ -409,4 +564,24 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// A policy file for `canopy start --allow PRINCIPAL=ROLE ...`.
+fn policy_from_allow(allow: &[String]) -> Result<String> {
+    let mut out = String::from("# generated by canopy start --allow\n");
+    for (i, a) in allow.iter().enumerate() {
+        let (principal, role) = a
+            .rsplit_once('=')
+            .with_context(|| format!("--allow {a}: expected PRINCIPAL=ROLE, e.g. unix:bob=user"))?;
+        canopy_proto::Roles::parse_list(role).with_context(|| format!("--allow {a}"))?;
+        let roles: Vec<String> = role.split(',').map(|r| format!("{:?}", r.trim())).collect();
+        out.push_str(&format!(
+            "\n[[rule]]\nname = \"allow-{}\"\nprincipal = {:?}\nroles = [{}]\n",
+            i + 1,
+            principal,
+            roles.join(", ")
+        ));
+    }
+    canopy_acl::Acl::parse(&out, "--allow").map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(out)
 }

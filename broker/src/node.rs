@@ -276,6 +276,15 @@ enum ParentState {
     Online,
 }
 
+/// Signals, as flags plus a pipe that wakes the poll loop.
+pub struct Signals {
+    pub pipe: UnixStream,
+    /// SIGTERM or SIGINT: shut down.
+    pub term: Arc<std::sync::atomic::AtomicBool>,
+    /// SIGHUP: reload the policy.
+    pub hup: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// How a client is connected.
 enum ClientConn {
     /// The local connector: a UNIX stream with our framing.
@@ -371,7 +380,7 @@ pub struct Broker {
     sequencer: Sequencer,
     gaps: GapDetector,
     pmi_fd: Option<OwnedFd>,
-    signals: UnixStream,
+    signals: Signals,
     hdr_buf: Vec<u8>,
 }
 
@@ -381,7 +390,7 @@ impl Broker {
         plan: Plan,
         bound: Bound,
         pmi_fd: Option<OwnedFd>,
-        signals: UnixStream,
+        signals: Signals,
     ) -> Result<Broker, BrokerError> {
         let Bound {
             ctx,
@@ -684,7 +693,7 @@ impl Broker {
             {
                 let mut items = Vec::with_capacity(5 + client_ids.len());
                 items.push(zmq::PollItem::from_fd(
-                    self.signals.as_raw_fd(),
+                    self.signals.pipe.as_raw_fd(),
                     zmq::POLLIN,
                 ));
                 items.push(zmq::PollItem::from_fd(
@@ -748,10 +757,22 @@ impl Broker {
                 }
             }
             if sig_r {
-                let mut b = [0u8; 16];
-                let _ = self.signals.read(&mut b);
+                let mut b = [0u8; 64];
+                while matches!(self.signals.pipe.read(&mut b), Ok(n) if n > 0) {}
+            }
+            if self.signals.term.load(std::sync::atomic::Ordering::SeqCst) {
                 info!("received a termination signal; shutting down");
                 return Ok(());
+            }
+            if self
+                .signals
+                .hup
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                match self.authz.reload() {
+                    Ok(msg) => warn!("acl: SIGHUP: {msg}"),
+                    Err(e) => error!("acl: SIGHUP: reload failed: {e}"),
+                }
             }
             if pmi_r {
                 // The launcher never writes after the bootstrap: readable
@@ -1520,7 +1541,7 @@ impl Broker {
         match topic {
             "event.pub" if self.rank == 0 => Some(Roles::OPERATOR),
             "event.subscribe" | "event.unsubscribe" => Some(Roles::USER),
-            DISCONNECT_TOPIC => Some(Roles::ADMIN),
+            DISCONNECT_TOPIC | "acl.reload" | "acl.check" => Some(Roles::ADMIN),
             t => self.modules.lookup(t),
         }
     }
@@ -1536,6 +1557,7 @@ impl Broker {
                         h.topic, h.userid, h.roles
                     );
                     warn!("authz: verdict=deny principal={} topic={} reason=\"missing role {needed}\"", h.userid, h.topic);
+                    self.authz.role_refused(&h.userid, h.roles, &h.topic);
                     self.respond_err(&h, errno::EPERM, &msg);
                     return;
                 }
@@ -1626,6 +1648,19 @@ impl Broker {
         match h.topic.as_str() {
             "event.pub" => return self.publish(h, payload),
             DISCONNECT_TOPIC => return self.disconnect_child(h, payload),
+            "acl.reload" => {
+                return match self.authz.reload() {
+                    Ok(msg) => {
+                        warn!("acl: reload by {}: {msg}", h.userid);
+                        self.respond(&h, Payload::Bytes(msg.into_bytes()))
+                    }
+                    Err(e) => {
+                        error!("acl: reload by {} failed: {e}", h.userid);
+                        self.respond_err(&h, errno::EINVAL, &e)
+                    }
+                }
+            }
+            "acl.check" => return self.acl_check(h, payload),
             "event.subscribe" | "event.unsubscribe" => {
                 let Some(Hop::Local(id)) = h.route.first().copied().filter(|_| h.route.len() == 1)
                 else {
@@ -1693,6 +1728,50 @@ impl Broker {
         );
         self.lose_child(rank, &reason);
         self.respond(&h, Payload::Bytes(Vec::new()));
+    }
+
+    /// `acl.check` (admin): payload `{"principal","mechanism","address"}`.
+    fn acl_check(&mut self, h: Header, payload: Payload) {
+        #[derive(serde::Deserialize)]
+        struct Q {
+            principal: String,
+            #[serde(default)]
+            mechanism: Option<String>,
+            #[serde(default)]
+            address: Option<String>,
+        }
+        let q: Q = match serde_json::from_slice(payload.as_slice()) {
+            Ok(q) => q,
+            Err(e) => {
+                return self.respond_err(&h, errno::EPROTO, &format!("acl.check payload: {e}"))
+            }
+        };
+        let mech = match q.mechanism.as_deref() {
+            None if q.principal.starts_with("unix:") => ClientMech::Local,
+            None if q.principal.starts_with("curve:") => ClientMech::Curve,
+            None => ClientMech::Gssapi,
+            Some("local") => ClientMech::Local,
+            Some("curve") => ClientMech::Curve,
+            Some("gssapi") => ClientMech::Gssapi,
+            Some(other) => {
+                let msg = format!("unknown mechanism '{other}'; use curve, gssapi or local");
+                return self.respond_err(&h, errno::EINVAL, &msg);
+            }
+        };
+        match self
+            .authz
+            .explain(&q.principal, mech, q.address.as_deref().unwrap_or(""))
+        {
+            Some(x) => {
+                let body = serde_json::to_vec(&x).unwrap_or_default();
+                self.respond(&h, Payload::Bytes(body))
+            }
+            None => self.respond_err(
+                &h,
+                errno::ENOENT,
+                "this instance has no policy file: only its owner may connect",
+            ),
+        }
     }
 
     // ----- events -----

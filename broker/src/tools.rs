@@ -202,3 +202,84 @@ pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32
     )?;
     Ok(parent)
 }
+
+/// `canopy acl reload`: every rank re-reads its policy. Per-rank results.
+pub fn acl_reload(
+    uri: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<(u32, Result<String, String>)>, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+    let r: StatusReport = serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+    let mut out = Vec::new();
+    for rank in 0..r.size {
+        let res = match c.rpc("acl.reload", rank, b"", timeout) {
+            Ok(m) => Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Err(
+                e @ ClientError::Remote {
+                    errnum: canopy_proto::errno::EPERM,
+                    ..
+                },
+            ) => return Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push((rank, res));
+    }
+    Ok(out)
+}
+
+fn acl_mech(principal: &str, mechanism: Option<&str>) -> Result<canopy_acl::Mech, ClientError> {
+    match mechanism {
+        Some(m) => m
+            .parse()
+            .map_err(|e: canopy_acl::MechParseError| ClientError::Refused(e.to_string())),
+        None if principal.starts_with("unix:") => Ok(canopy_acl::Mech::Local),
+        None if principal.starts_with("curve:") => Ok(canopy_acl::Mech::Curve),
+        None => Ok(canopy_acl::Mech::Gssapi),
+    }
+}
+
+/// `canopy acl check --policy FILE`: decide offline.
+pub fn acl_check_offline(
+    policy: &std::path::Path,
+    principal: &str,
+    mechanism: Option<&str>,
+    address: Option<&str>,
+) -> Result<crate::authz::Explained, ClientError> {
+    let acl = canopy_acl::Acl::load(policy).map_err(|e| ClientError::Refused(e.to_string()))?;
+    let address = match address {
+        Some(a) => Some(
+            a.parse()
+                .map_err(|_| ClientError::Refused(format!("--address {a} is not an IP address")))?,
+        ),
+        None => None,
+    };
+    let q = canopy_acl::Query {
+        principal,
+        mechanism: acl_mech(principal, mechanism)?,
+        address,
+        now: std::time::SystemTime::now(),
+    };
+    Ok(acl.decide(&q).into())
+}
+
+/// `canopy acl check` against the running instance (rank 0).
+pub fn acl_check_online(
+    uri: Option<&str>,
+    principal: &str,
+    mechanism: Option<&str>,
+    address: Option<&str>,
+    timeout: Duration,
+) -> Result<crate::authz::Explained, ClientError> {
+    let mech = acl_mech(principal, mechanism)?;
+    let body = serde_json::json!({
+        "principal": principal,
+        "mechanism": mech.as_str(),
+        "address": address,
+    });
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("acl.check", 0, body.to_string().as_bytes(), timeout)?;
+    serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable verdict: {e}")))
+}

@@ -1,0 +1,588 @@
+//! The policy file: TOML in, validated [`Acl`] out, every refusal with
+//! `file:line:col`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use canopy_proto::Roles;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::value::Datetime;
+use toml::Spanned;
+
+use crate::cidr::Cidr;
+use crate::principal::{valid_group_name, Pattern, Principal, RawPattern};
+use crate::Mech;
+
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_BYTES: u64 = 16 << 20;
+/// Delegate timeout when `timeout_ms` is absent.
+pub const DEFAULT_DELEGATE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Largest `timeout_ms` accepted: a delegate blocks the ZAP handler.
+pub const MAX_DELEGATE_TIMEOUT_MS: u64 = 10_000;
+
+/// Why a policy was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AclError {
+    /// Anything wrong inside the text, with its position (1-based line and
+    /// column, the column counted in characters).
+    #[error("{origin}:{line}:{col}: {message}")]
+    Parse {
+        origin: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error(
+        "cannot read policy file {path}: {source}; check the path and that this user may read it"
+    )]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy file {path} is not a regular file; point to the policy file itself")]
+    NotAFile { path: PathBuf },
+    #[error("policy file {path} is larger than {MAX_POLICY_BYTES} bytes; check that it is the right file")]
+    TooLarge { path: PathBuf },
+    #[error("policy file {path} is writable by group or others (mode {mode:04o}); run `chmod go-w {path}` and make sure it is owned by the broker's user or root")]
+    Writable { path: PathBuf, mode: u32 },
+}
+
+/// What a rule does when it matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow(Roles),
+    Deny,
+    Delegate(DelegateSpec),
+}
+
+/// A `delegate = { ... }` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelegateSpec {
+    /// Absolute path of the program (no `PATH` search).
+    pub program: PathBuf,
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    pub timeout: Duration,
+    /// The roles granted on a plain "yes", and the most the program may
+    /// grant: an answer naming other roles is refused.
+    pub roles: Roles,
+}
+
+/// One validated `[[rule]]`.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub(crate) name: String,
+    pub(crate) line: usize,
+    pub(crate) comment: Option<String>,
+    pub(crate) pattern: Pattern,
+    pub(crate) mechanism: Option<Mech>,
+    pub(crate) network: Option<Vec<Cidr>>,
+    pub(crate) expires: Option<SystemTime>,
+    pub(crate) action: Action,
+}
+
+impl Rule {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Line of the rule's `[[rule]]` header (or of its inline table).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+    /// The rule's `comment`, if any (for people and tools; never matched).
+    pub fn comment(&self) -> Option<&str> {
+        self.comment.as_deref()
+    }
+    pub fn pattern(&self) -> &Pattern {
+        &self.pattern
+    }
+    pub fn mechanism(&self) -> Option<Mech> {
+        self.mechanism
+    }
+    pub fn network(&self) -> Option<&[Cidr]> {
+        self.network.as_deref()
+    }
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.expires
+    }
+    pub fn action(&self) -> &Action {
+        &self.action
+    }
+}
+
+/// A parsed, validated policy. Immutable: reload by parsing a new one.
+#[derive(Clone, Debug)]
+pub struct Acl {
+    pub(crate) origin: String,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) groups: BTreeMap<String, Arc<BTreeSet<Principal>>>,
+    pub(crate) digest: String,
+}
+
+// ---- raw TOML shape -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    keys: BTreeMap<Spanned<String>, BTreeMap<Spanned<String>, Spanned<String>>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    principal: Spanned<String>,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    mechanism: Option<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    expires: Option<Spanned<Datetime>>,
+    #[serde(default)]
+    roles: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    deny: Option<Spanned<bool>>,
+    #[serde(default)]
+    delegate: Option<Spanned<RawDelegate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelegate {
+    program: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    timeout_ms: Option<Spanned<i64>>,
+    roles: Spanned<Vec<Spanned<String>>>,
+}
+
+// ---- positions --------------------------------------------------------------
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> AclError {
+        let (line, col) = line_col(self.text, span.start);
+        AclError::Parse {
+            origin: self.origin.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+}
+
+/// Add advice to a message from the TOML parser or serde.
+fn toml_advice(msg: &str) -> String {
+    let msg = msg.trim_end();
+    let advice = if msg.starts_with("unknown field") {
+        "remove it or correct its spelling"
+    } else if msg.starts_with("missing field") {
+        "add it"
+    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        "write a value of the expected type"
+    } else if msg.contains("duplicate key") {
+        "remove one of them"
+    } else {
+        "fix the toml syntax"
+    };
+    let mut first = msg.chars();
+    let msg = match first.next() {
+        Some(c) => c.to_lowercase().chain(first).collect::<String>(),
+        None => "invalid toml".to_owned(),
+    };
+    format!("{msg}; {advice}")
+}
+
+fn parse_roles(ctx: &Ctx<'_>, list: &Spanned<Vec<Spanned<String>>>) -> Result<Roles, AclError> {
+    if list.get_ref().is_empty() {
+        return Err(ctx.err(
+            list.span(),
+            "empty role list; name at least one of peer, owner, admin, operator, user (to refuse, write deny = true)",
+        ));
+    }
+    list.get_ref().iter().try_fold(Roles::NONE, |acc, r| {
+        Roles::parse_one(r.get_ref())
+            .map(|one| acc.union(one))
+            .map_err(|_| {
+                ctx.err(
+                    r.span(),
+                    format!(
+                        "unknown role '{}'; use one of peer, owner, admin, operator, user",
+                        r.get_ref()
+                    ),
+                )
+            })
+    })
+}
+
+fn check_name(ctx: &Ctx<'_>, name: &Spanned<String>) -> Result<(), AclError> {
+    let n = name.get_ref();
+    if n.trim().is_empty() {
+        return Err(ctx.err(
+            name.span(),
+            "empty rule name; give the rule a short unique name",
+        ));
+    }
+    if n.len() > 128 || n.chars().any(char::is_control) {
+        return Err(ctx.err(
+            name.span(),
+            "rule name is longer than 128 bytes or has control characters; use a short plain name",
+        ));
+    }
+    Ok(())
+}
+
+impl Acl {
+    /// Parse a policy from text. `origin` names it in errors and verdicts
+    /// (usually the file's path).
+    pub fn parse(text: &str, origin: &str) -> Result<Acl, AclError> {
+        let ctx = Ctx { text, origin };
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            ctx.err(span, toml_advice(e.message()))
+        })?;
+
+        let mut groups = BTreeMap::new();
+        for (gname, members) in &raw.keys {
+            if !valid_group_name(gname.get_ref()) {
+                return Err(ctx.err(
+                    gname.span(),
+                    format!(
+                        "bad key group name {:?}; use letters, digits, '_' or '-'",
+                        gname.get_ref()
+                    ),
+                ));
+            }
+            let mut set = BTreeSet::new();
+            for (principal, label) in members {
+                let p = Principal::parse(principal.get_ref())
+                    .map_err(|e| ctx.err(principal.span(), e.to_string()))?;
+                if label.get_ref().trim().is_empty()
+                    || label.get_ref().chars().any(char::is_control)
+                {
+                    return Err(ctx.err(
+                        label.span(),
+                        "empty or unprintable label; say whose key this is, e.g. \"alice-laptop\"",
+                    ));
+                }
+                set.insert(p);
+            }
+            groups.insert(gname.get_ref().clone(), Arc::new(set));
+        }
+
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut rules = Vec::with_capacity(raw.rule.len());
+        for spanned in &raw.rule {
+            let r = spanned.get_ref();
+            let rule_span = spanned.span();
+            let line = ctx.line(&rule_span);
+
+            check_name(&ctx, &r.name)?;
+            if let Some(first) = names.insert(r.name.get_ref().clone(), ctx.line(&r.name.span())) {
+                return Err(ctx.err(
+                    r.name.span(),
+                    format!(
+                        "duplicate rule name {:?} (first used on line {first}); give each rule a unique name",
+                        r.name.get_ref()
+                    ),
+                ));
+            }
+
+            let pattern = match Pattern::parse(r.principal.get_ref())
+                .map_err(|e| ctx.err(r.principal.span(), e.to_string()))?
+            {
+                RawPattern::Resolved(p) => p,
+                RawPattern::Group(g) => match groups.get(&g) {
+                    Some(members) => Pattern::Group {
+                        name: g,
+                        members: Arc::clone(members),
+                    },
+                    None => {
+                        return Err(ctx.err(
+                            r.principal.span(),
+                            format!("key group {g:?} is not defined; add a [keys.{g}] table or fix the name"),
+                        ))
+                    }
+                },
+            };
+
+            let mechanism = match &r.mechanism {
+                None => None,
+                Some(m) => Some(m.get_ref().parse::<Mech>().map_err(|_| {
+                    ctx.err(
+                        m.span(),
+                        format!(
+                            "unknown mechanism {:?}; use curve, gssapi or local (or leave it out for any)",
+                            m.get_ref()
+                        ),
+                    )
+                })?),
+            };
+            if let (Some(m), Some(mech), Some(kinds)) = (&r.mechanism, mechanism, pattern.kinds()) {
+                if !kinds.is_empty() && !kinds.iter().any(|k| k.mechanism() == mech) {
+                    return Err(ctx.err(
+                        m.span(),
+                        format!(
+                            "this rule can never match: principal {:?} never comes with mechanism {mech}; fix the mechanism or remove it",
+                            r.principal.get_ref()
+                        ),
+                    ));
+                }
+            }
+
+            let network = match &r.network {
+                None => None,
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        return Err(ctx.err(
+                            list.span(),
+                            "empty network list matches nothing; list at least one cidr, or remove network to allow any address",
+                        ));
+                    }
+                    let mut nets = Vec::with_capacity(list.get_ref().len());
+                    for n in list.get_ref() {
+                        nets.push(
+                            n.get_ref()
+                                .parse::<Cidr>()
+                                .map_err(|e| ctx.err(n.span(), e.to_string()))?,
+                        );
+                    }
+                    Some(nets)
+                }
+            };
+
+            let expires = match &r.expires {
+                None => None,
+                Some(dt) => Some(crate::time::toml_instant(dt.get_ref()).ok_or_else(|| {
+                    ctx.err(
+                        dt.span(),
+                        "expires needs a full date-time with an offset; write e.g. 2027-01-01T00:00:00Z",
+                    )
+                })?),
+            };
+
+            if let Some(d) = &r.deny {
+                if !*d.get_ref() {
+                    return Err(ctx.err(
+                        d.span(),
+                        "deny = false has no meaning; remove it, or write deny = true to refuse",
+                    ));
+                }
+            }
+            let action = match (&r.roles, &r.deny, &r.delegate) {
+                (Some(roles), None, None) => Action::Allow(parse_roles(&ctx, roles)?),
+                (None, Some(_), None) => Action::Deny,
+                (None, None, Some(d)) => Action::Delegate(delegate_spec(&ctx, d)?),
+                (None, None, None) => {
+                    return Err(ctx.err(
+                        rule_span,
+                        format!(
+                        "rule {:?} says neither roles, deny nor delegate; add exactly one of them",
+                        r.name.get_ref()
+                    ),
+                    ))
+                }
+                _ => {
+                    // Point at the second of the conflicting fields.
+                    let mut spans = Vec::new();
+                    if let Some(x) = &r.roles {
+                        spans.push(x.span());
+                    }
+                    if let Some(x) = &r.deny {
+                        spans.push(x.span());
+                    }
+                    if let Some(x) = &r.delegate {
+                        spans.push(x.span());
+                    }
+                    spans.sort_by_key(|s| s.start);
+                    return Err(ctx.err(
+                        spans[1].clone(),
+                        format!(
+                            "rule {:?} has more than one of roles, deny and delegate; keep exactly one (write a separate rule for the other)",
+                            r.name.get_ref()
+                        ),
+                    ));
+                }
+            };
+
+            rules.push(Rule {
+                name: r.name.get_ref().clone(),
+                line,
+                comment: r.comment.clone(),
+                pattern,
+                mechanism,
+                network,
+                expires,
+                action,
+            });
+        }
+
+        Ok(Acl {
+            origin: origin.to_owned(),
+            rules,
+            groups,
+            digest: hex(&Sha256::digest(text.as_bytes())),
+        })
+    }
+
+    /// Read and parse a policy file. Refuses a file that group or others can
+    /// write, one that is not a regular file, and one larger than
+    /// [`MAX_POLICY_BYTES`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Acl, AclError> {
+        let path = path.as_ref();
+        let read_err = |source| AclError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(read_err)?;
+        // Check the file we opened, not the path again.
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(AclError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(AclError::Writable {
+                path: path.to_owned(),
+                mode: mode & 0o7777,
+            });
+        }
+        if meta.len() > MAX_POLICY_BYTES {
+            return Err(AclError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        let mut text = String::new();
+        (&mut file)
+            .take(MAX_POLICY_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        Acl::parse(&text, &path.display().to_string())
+    }
+
+    /// Where the policy came from, as given to [`Acl::parse`].
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The rules in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The key groups by name.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &BTreeSet<Principal>)> {
+        self.groups.iter().map(|(k, v)| (k.as_str(), &**v))
+    }
+
+    /// Hex SHA-256 of the policy text (recorded in the audit log on reload).
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+fn delegate_spec(ctx: &Ctx<'_>, d: &Spanned<RawDelegate>) -> Result<DelegateSpec, AclError> {
+    let d = d.get_ref();
+    let program = d.program.get_ref();
+    if !program.starts_with('/') || program.chars().any(char::is_control) {
+        return Err(ctx.err(
+            d.program.span(),
+            format!("delegate program {program:?} is not an absolute path; write the full path, e.g. /usr/libexec/canopy-check"),
+        ));
+    }
+    let timeout = match &d.timeout_ms {
+        None => DEFAULT_DELEGATE_TIMEOUT,
+        Some(t) => {
+            let ms = *t.get_ref();
+            if !(1..=MAX_DELEGATE_TIMEOUT_MS as i64).contains(&ms) {
+                return Err(ctx.err(
+                    t.span(),
+                    format!("timeout_ms {ms} is out of range; use 1 to {MAX_DELEGATE_TIMEOUT_MS} (the zap handler waits for it)"),
+                ));
+            }
+            Duration::from_millis(ms.unsigned_abs())
+        }
+    };
+    Ok(DelegateSpec {
+        program: PathBuf::from(program),
+        args: d.args.clone(),
+        timeout,
+        roles: parse_roles(ctx, &d.roles)?,
+    })
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_characters() {
+        let t = "ab\nçd\n\nx";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 5), (2, 2)); // after the 2-byte 'ç'
+        assert_eq!(line_col(t, 7), (3, 1));
+        assert_eq!(line_col(t, 8), (4, 1));
+        assert_eq!(line_col(t, 9), (4, 2));
+        assert_eq!(line_col(t, 4), (2, 1)); // inside 'ç': rounds down
+        assert_eq!(line_col(t, 999), (4, 2));
+    }
+
+    #[test]
+    fn toml_messages_get_advice() {
+        assert_eq!(
+            toml_advice("unknown field `x`, expected `y`"),
+            "unknown field `x`, expected `y`; remove it or correct its spelling"
+        );
+        assert_eq!(
+            toml_advice("Invalid key\n"),
+            "invalid key; fix the toml syntax"
+        );
+    }
+}
