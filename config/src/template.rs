@@ -1,0 +1,103 @@
+//! `%`-token templates, as in flux-core's `[bootstrap]`: `%h` is the host of
+//! the entry, `%p` is `bootstrap.default_port`, `%%` is a literal `%`.
+
+/// Which tokens a key may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tokens {
+    /// `%h` and `%p` (endpoints).
+    HostPort,
+    /// `%h` only (certificate paths).
+    Host,
+    /// none (plain paths).
+    None,
+}
+
+impl Tokens {
+    fn allows(self, c: char) -> bool {
+        match self {
+            Tokens::HostPort => c == 'h' || c == 'p',
+            Tokens::Host => c == 'h',
+            Tokens::None => false,
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Tokens::HostPort => "`%h` (host) and `%p` (default_port)",
+            Tokens::Host => "`%h` (host)",
+            Tokens::None => "no tokens",
+        }
+    }
+}
+
+/// The first token `template` may not use, with its byte offset.
+pub(crate) fn bad_token(template: &str, allowed: Tokens) -> Option<(usize, String)> {
+    let mut chars = template.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '%' {
+            continue;
+        }
+        match chars.next() {
+            Some((_, '%')) => {}
+            Some((_, t)) if allowed.allows(t) => {}
+            Some((_, t)) => return Some((i, format!("%{t}"))),
+            None => return Some((i, "%".to_string())),
+        }
+    }
+    None
+}
+
+/// Substitute `%h`, `%p` and `%%`. Tokens were checked at load time; any
+/// other `%x` is copied as it is.
+pub(crate) fn substitute(template: &str, host: &str, port: u16) -> String {
+    let mut out = String::with_capacity(template.len() + host.len());
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek() {
+            Some('h') => out.push_str(host),
+            Some('p') => out.push_str(&port.to_string()),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(*other);
+            }
+            None => {
+                out.push('%');
+                continue;
+            }
+        }
+        chars.next();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutes_tokens() {
+        assert_eq!(substitute("tcp://%h:%p", "node3", 8050), "tcp://node3:8050");
+        assert_eq!(substitute("tcp://e%h:%p", "n1", 1), "tcp://en1:1");
+        assert_eq!(substitute("/a/100%%/%h", "x", 1), "/a/100%/x");
+        assert_eq!(substitute("plain", "x", 1), "plain");
+    }
+
+    #[test]
+    fn finds_bad_tokens() {
+        assert_eq!(bad_token("tcp://%h:%p", Tokens::HostPort), None);
+        assert_eq!(
+            bad_token("tcp://%h:%x", Tokens::HostPort),
+            Some((9, "%x".into()))
+        );
+        assert_eq!(bad_token("/k/%h.key", Tokens::Host), None);
+        assert_eq!(bad_token("/k/%p.key", Tokens::Host), Some((3, "%p".into())));
+        assert_eq!(bad_token("/k/%", Tokens::Host), Some((3, "%".into())));
+        assert_eq!(bad_token("/k/%%h", Tokens::None), None);
+        assert_eq!(bad_token("/k/%h", Tokens::None), Some((3, "%h".into())));
+    }
+}
