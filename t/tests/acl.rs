@@ -179,7 +179,7 @@ fn reload_revokes_and_a_broken_policy_keeps_the_old_one() {
             &policy,
             "[[rule]]\nname = \"x\"\nprincipal = \"curve:*\"\nroles = [\"wizard\"]\n",
         );
-        let out = run_canopy(&["acl", "reload", "--uri", &inst.uri()], &[], RPC_TIMEOUT);
+        let out = run_canopy(&["acl", "reload", "--uri", inst.uri()], &[], RPC_TIMEOUT);
         assert!(!out.status.success(), "a broken policy was accepted");
         let said = text(&out.stdout) + &text(&out.stderr);
         assert!(said.contains("policy.toml:4"), "no file:line in: {said}");
@@ -189,7 +189,7 @@ fn reload_revokes_and_a_broken_policy_keeps_the_old_one() {
 
         // Revoke bob: his connection is refused from its next message on.
         write_policy(&policy, &rule("alice", &alice.principal, "\"user\""));
-        let out = run_canopy(&["acl", "reload", "--uri", &inst.uri()], &[], RPC_TIMEOUT);
+        let out = run_canopy(&["acl", "reload", "--uri", inst.uri()], &[], RPC_TIMEOUT);
         assert!(out.status.success(), "reload failed: {}", text(&out.stdout));
         let err = Instance::ping(&mut b, 1, b"").unwrap_err();
         assert!(
@@ -326,7 +326,7 @@ fn acl_check_offline_and_online() {
                 "--address",
                 "10.9.9.9",
                 "--uri",
-                &inst.uri(),
+                inst.uri(),
             ],
             &[],
             RPC_TIMEOUT,
