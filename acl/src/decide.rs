@@ -211,7 +211,8 @@ impl Acl {
 
         let mut grants: Vec<(usize, Roles)> = Vec::new();
         let mut delegates: Vec<(usize, &DelegateSpec)> = Vec::new();
-        for (i, rule) in self.rules.iter().enumerate() {
+        for i in self.index.candidates(&principal) {
+            let rule = &self.rules[i];
             if !rule.applies(&principal, q.mechanism, addr, q.now) {
                 continue;
             }

@@ -125,6 +125,67 @@ pub struct Acl {
     pub(crate) rules: Vec<Rule>,
     pub(crate) groups: BTreeMap<String, Arc<BTreeSet<Principal>>>,
     pub(crate) digest: String,
+    pub(crate) index: RuleIndex,
+}
+
+/// Which rules can match a principal, so a decision does not scan every
+/// rule: rules naming exact principals (or key groups, expanded) are found
+/// by hash; wildcard rules are always candidates. Both lists are in file
+/// order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RuleIndex {
+    pub(crate) exact: std::collections::HashMap<Principal, Vec<usize>>,
+    pub(crate) general: Vec<usize>,
+}
+
+impl RuleIndex {
+    fn build(rules: &[Rule]) -> RuleIndex {
+        let mut ix = RuleIndex::default();
+        for (i, r) in rules.iter().enumerate() {
+            match &r.pattern {
+                Pattern::Exact(p) => ix.exact.entry(p.clone()).or_default().push(i),
+                Pattern::Group { members, .. } => {
+                    for m in members.iter() {
+                        let v = ix.exact.entry(m.clone()).or_default();
+                        if v.last() != Some(&i) {
+                            v.push(i);
+                        }
+                    }
+                }
+                _ => ix.general.push(i),
+            }
+        }
+        ix
+    }
+
+    /// Candidate rule indices for `p`, ascending (file order).
+    pub(crate) fn candidates(&self, p: &Principal) -> impl Iterator<Item = usize> + '_ {
+        let exact: &[usize] = self.exact.get(p).map(Vec::as_slice).unwrap_or(&[]);
+        let (mut a, mut b) = (exact.iter().peekable(), self.general.iter().peekable());
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(&&x), Some(&&y)) => {
+                if x <= y {
+                    a.next();
+                    if x == y {
+                        b.next();
+                    }
+                    Some(x)
+                } else {
+                    b.next();
+                    Some(y)
+                }
+            }
+            (Some(&&x), None) => {
+                a.next();
+                Some(x)
+            }
+            (None, Some(&&y)) => {
+                b.next();
+                Some(y)
+            }
+            (None, None) => None,
+        })
+    }
 }
 
 // ---- raw TOML shape -------------------------------------------------------
@@ -451,11 +512,13 @@ impl Acl {
             });
         }
 
+        let index = RuleIndex::build(&rules);
         Ok(Acl {
             origin: origin.to_owned(),
             rules,
             groups,
             digest: hex(&Sha256::digest(text.as_bytes())),
+            index,
         })
     }
 

@@ -6,6 +6,7 @@
 //! stdout, progress on stderr, and with `--json FILE` writes the results.
 #![forbid(unsafe_code)]
 
+mod acl;
 mod instance;
 mod machine;
 mod rpc;
@@ -49,9 +50,24 @@ enum Cmd {
     /// broker.ping latency (window 1: p50, p99) and throughput (a window
     /// in flight) from rank 0's local connector to each target rank.
     Rpc(RpcArgs),
-    /// Both scenarios with tiny parameters; non-zero exit if anything
+    /// ACL decisions per second for a synthetic policy of N rules (the
+    /// engine behind the ZAP handler; no broker needed).
+    Acl(AclArgs),
+    /// Every scenario with tiny parameters; non-zero exit if anything
     /// fails. No timing assertions.
     Smoke,
+}
+
+#[derive(Debug, Args)]
+struct AclArgs {
+    /// Rules in the synthetic policy.
+    #[arg(long, default_value_t = 1000)]
+    rules: usize,
+    /// Decisions timed per run.
+    #[arg(long, default_value_t = 200_000)]
+    decisions: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +127,8 @@ struct Report<'a> {
     start: Option<start::StartReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rpc: Option<rpc::RpcReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acl: Option<acl::AclReport>,
     /// Failures (smoke only: it reports what completed before failing).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<String>,
@@ -231,6 +249,7 @@ fn run(cli: &Cli) -> Result<()> {
     let scenario = match cli.cmd {
         Cmd::Start(_) => "start",
         Cmd::Rpc(_) => "rpc",
+        Cmd::Acl(_) => "acl",
         Cmd::Smoke => "smoke",
     };
     println!(
@@ -251,6 +270,7 @@ fn run(cli: &Cli) -> Result<()> {
         machine: &machine,
         start: None,
         rpc: None,
+        acl: None,
         errors: Vec::new(),
     };
     match &cli.cmd {
@@ -264,7 +284,27 @@ fn run(cli: &Cli) -> Result<()> {
             print!("{}", rpc::table(&r));
             report.rpc = Some(r);
         }
+        Cmd::Acl(a) => {
+            let r = acl::run(&acl::AclParams {
+                rules: a.rules,
+                decisions: a.decisions,
+                runs: a.runs,
+            })?;
+            print!("{}", acl::table(&r));
+            report.acl = Some(r);
+        }
         Cmd::Smoke => {
+            match acl::run(&acl::AclParams {
+                rules: 100,
+                decisions: 1000,
+                runs: 1,
+            }) {
+                Ok(r) => {
+                    println!("{}", acl::table(&r));
+                    report.acl = Some(r);
+                }
+                Err(e) => report.errors.push(format!("acl: {e:#}")),
+            }
             let (sp, rp) = smoke_params(cli)?;
             match start::run(&canopy, &sp) {
                 Ok(r) => {
