@@ -59,6 +59,12 @@ pub trait ClientAuthz: Send + Sync {
     }
     /// Record that a caller lacked the role for `what`.
     fn role_refused(&self, _principal: &str, _roles: Roles, _what: &str) {}
+    /// An explicit deny rule for this principal, if the policy has one.
+    /// Overlay peers are admitted by their bootstrap-issued keys, but a
+    /// principal on a deny list is kept out even as a peer.
+    fn vetoes(&self, _principal: &str, _mech: ClientMech, _address: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A personal instance's default: the owner, nobody else.
@@ -97,7 +103,27 @@ impl BrokerPolicy {
 impl Policy for BrokerPolicy {
     fn decide(&self, req: &AuthRequest<'_>) -> Decision {
         match req.domain {
-            OVERLAY_DOMAIN => self.peers.decide(req),
+            OVERLAY_DOMAIN => match self.peers.decide(req) {
+                Decision::Allow { .. } if req.mechanism != Mechanism::Curve => Decision::Deny {
+                    reason: "the overlay accepts CURVE only".into(),
+                },
+                Decision::Allow {
+                    user_id,
+                    roles,
+                    reason,
+                } => match self
+                    .clients
+                    .vetoes(req.principal, ClientMech::Curve, req.address)
+                {
+                    Some(why) => Decision::Deny { reason: why },
+                    None => Decision::Allow {
+                        user_id,
+                        roles,
+                        reason,
+                    },
+                },
+                deny => deny,
+            },
             CLIENT_DOMAIN => {
                 let mech = match req.mechanism {
                     Mechanism::Curve => ClientMech::Curve,
@@ -138,6 +164,31 @@ mod tests {
             address: "127.0.0.1",
             domain,
         }
+    }
+
+    struct Banned;
+    impl ClientAuthz for Banned {
+        fn decide(&self, _p: &str, _m: ClientMech, _a: &str) -> ClientVerdict {
+            Err("no clients".into())
+        }
+        fn vetoes(&self, p: &str, _m: ClientMech, _a: &str) -> Option<String> {
+            (p == "curve:STOLEN").then(|| "denied by rule \"stolen\"".to_string())
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_keeps_out_even_a_bootstrapped_peer() {
+        let p = BrokerPolicy::new(Arc::new(Banned));
+        p.peers.insert("curve:STOLEN", "rank 1", Roles::PEER);
+        p.peers.insert("curve:GOOD", "rank 2", Roles::PEER);
+        assert!(matches!(
+            p.decide(&req(OVERLAY_DOMAIN, "curve:STOLEN", Mechanism::Curve)),
+            Decision::Deny { reason } if reason.contains("stolen")
+        ));
+        assert!(matches!(
+            p.decide(&req(OVERLAY_DOMAIN, "curve:GOOD", Mechanism::Curve)),
+            Decision::Allow { .. }
+        ));
     }
 
     #[test]
@@ -270,6 +321,11 @@ impl ClientAuthz for AclAuthz {
             now: std::time::SystemTime::now(),
         };
         Some(acl.decide(&q).into())
+    }
+
+    fn vetoes(&self, principal: &str, mech: ClientMech, address: &str) -> Option<String> {
+        let v = self.explain(principal, mech, address)?;
+        (!v.allow && v.rule.is_some()).then_some(v.reason)
     }
 
     fn role_refused(&self, principal: &str, roles: Roles, what: &str) {

@@ -14,6 +14,13 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "canopy", version, about)]
 struct Cli {
+    /// Tools over tcp://: your secret certificate (or set CANOPY_KEY).
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Tools over tcp://: the broker's public key, 40 Z85 characters or a
+    /// certificate file (or set CANOPY_SERVER_KEY).
+    #[arg(long, global = true, value_name = "KEY")]
+    server_key: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -318,6 +325,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // Still single-threaded here: hand the key flags to the client library.
+    if let Some(k) = &cli.key {
+        std::env::set_var(canopy_client::KEY_ENV, k);
+    }
+    if let Some(k) = &cli.server_key {
+        std::env::set_var(canopy_client::SERVER_KEY_ENV, k);
+    }
     match cli.cmd {
         Cmd::Start {
             size,

@@ -207,10 +207,7 @@ pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32
 pub type RankResult = (u32, Result<String, String>);
 
 /// `canopy acl reload`: every rank re-reads its policy. Per-rank results.
-pub fn acl_reload(
-    uri: Option<&str>,
-    timeout: Duration,
-) -> Result<Vec<RankResult>, ClientError> {
+pub fn acl_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ClientError> {
     let mut c = Client::connect(uri)?;
     let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
     let r: StatusReport = serde_json::from_slice(&m.payload)
