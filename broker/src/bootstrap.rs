@@ -76,7 +76,7 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
     }
 }
 
-fn signal_pipe() -> Result<Signals, BrokerError> {
+pub(crate) fn signal_pipe() -> Result<Signals, BrokerError> {
     let (r, w) = UnixStream::pair().map_err(|source| BrokerError::Io {
         what: "create the signal pipe",
         path: PathBuf::from("socketpair"),

@@ -40,6 +40,10 @@ pub enum BrokerError {
     Disconnected(String),
     #[error("policy: {0}")]
     Policy(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("refusing to run as root: run the broker as its own service user (see etc/canopy.service), or pass --force-root")]
+    Root,
     #[error(
         "the launcher went away (its PMI connection closed); exiting so no broker is left behind"
     )]

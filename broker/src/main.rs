@@ -83,8 +83,19 @@ enum Cmd {
         command: Vec<String>,
     },
     /// Run one broker. Started by `canopy start` or a PMI-1 launcher
-    /// (mpiexec); without PMI it is a singleton instance.
+    /// (mpiexec); with --config, one node of a system instance; without
+    /// either it is a singleton instance.
     Broker {
+        /// System instance: the shared config file or directory
+        /// (docs/config.md); this node's rank is its hostname's index.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// With --config: this node's name in the host list.
+        #[arg(long, requires = "config")]
+        hostname: Option<String>,
+        /// With --config: allow running as root (not recommended).
+        #[arg(long, requires = "config")]
+        force_root: bool,
         #[arg(long, default_value_t = DEFAULT_FANOUT)]
         fanout: u32,
         #[arg(long)]
@@ -142,6 +153,11 @@ enum Cmd {
         /// Print the public certificate of the existing secret PATH instead.
         #[arg(long)]
         public: bool,
+    },
+    /// Validate a system-instance config; errors name file, line and key.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Access policy: reload it, or check a principal against it.
     Acl {
@@ -211,6 +227,12 @@ impl TimingArgs {
             self.lost.to_string(),
         ]
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Load and validate PATH (a file, or a directory of *.toml).
+    Check { path: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -388,6 +410,28 @@ fn run(cli: Cli) -> Result<i32> {
                 command,
             })?)
         }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { path },
+        } => {
+            print!("{}", canopy_broker::system::config_check(&path)?);
+            println!("{}: ok", path.display());
+            Ok(0)
+        }
+        Cmd::Broker {
+            config: Some(config),
+            hostname,
+            force_root,
+            rundir,
+            ..
+        } => {
+            canopy_broker::system::run_system_broker(canopy_broker::system::SystemOpts {
+                config,
+                hostname,
+                rundir,
+                force_root,
+            })?;
+            Ok(0)
+        }
         Cmd::Broker {
             fanout,
             rundir,
@@ -399,6 +443,7 @@ fn run(cli: Cli) -> Result<i32> {
             policy,
             audit,
             timing,
+            ..
         } => {
             let transport = if tcp {
                 Transport::Tcp { host, port }

@@ -126,6 +126,8 @@ pub enum Transport {
     Ipc,
     /// `tcp://HOST:PORT`; port 0 picks a free one.
     Tcp { host: String, port: u16 },
+    /// Exactly this endpoint (from a system-instance config).
+    Endpoint(String),
 }
 
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -200,6 +202,7 @@ pub fn bind(
             .map_err(zerr("set zap domain"))?;
         let ep = match transport {
             Transport::Ipc => format!("ipc://{}/tbon-{rank}", rundir.display()),
+            Transport::Endpoint(ep) => ep.clone(),
             Transport::Tcp { host, port } => {
                 let port = if *port == 0 { 0 } else { *port as u32 + rank };
                 if port > u16::MAX as u32 {

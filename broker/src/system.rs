@@ -1,0 +1,215 @@
+//! `canopy broker --config PATH`: one broker of a system instance,
+//! bootstrapped from a TOML config shared by every node (see
+//! docs/config.md) instead of PMI. Each node has its own CURVE
+//! certificate; the config names every node's public certificate, so a
+//! key is admitted only as the rank it belongs to.
+
+use crate::authz::{AclAuthz, ClientAuthz, OwnerOnly};
+use crate::bootstrap::{check_libzmq, signal_pipe};
+use crate::error::BrokerError;
+use crate::node::{bind, unix_principal, Broker, Card, Plan, Transport};
+use canopy_config::{Config, Mechanism};
+use canopy_security::{cert, curve_principal};
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Options for a system-instance broker.
+pub struct SystemOpts {
+    pub config: PathBuf,
+    /// This node's name in the host list (default: the hostname).
+    pub hostname: Option<String>,
+    /// Directory for the local connector (default /run/canopy, else a
+    /// per-instance directory under the temp dir).
+    pub rundir: Option<PathBuf>,
+    pub force_root: bool,
+}
+
+fn cfg_err(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Config(e.to_string())
+}
+
+/// Refuse files that group or other can write.
+fn check_not_writable(path: &Path, what: &str) -> Result<(), BrokerError> {
+    let md = std::fs::metadata(path)
+        .map_err(|e| cfg_err(format!("cannot read {what} {}: {e}", path.display())))?;
+    let mode = md.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(cfg_err(format!(
+            "refusing {what} {}: group or other can write it (mode {mode:o}); run chmod go-w {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn public_key(config: &Config, rank: u32) -> Result<[u8; 32], BrokerError> {
+    let path = config.public_cert_path(rank).ok_or_else(|| {
+        cfg_err(format!(
+            "no public certificate is configured for rank {rank}"
+        ))
+    })?;
+    check_not_writable(&path, "public certificate")?;
+    Ok(cert::load_public(&path).map_err(cfg_err)?.public)
+}
+
+/// Check that `tcp://HOST:PORT` resolves now, naming the host if not.
+fn check_resolves(endpoint: &str, who: &str) -> Result<(), BrokerError> {
+    let Some(hostport) = endpoint.strip_prefix("tcp://") else {
+        return Ok(());
+    };
+    if hostport.starts_with('*') {
+        return Ok(());
+    }
+    match hostport.to_socket_addrs().map(|mut a| a.next().is_some()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(cfg_err(format!("{who} endpoint {endpoint}: the host has no address"))),
+        Err(e) => Err(cfg_err(format!(
+            "{who} endpoint {endpoint}: the host does not resolve ({e}); fix the name in the config, DNS or /etc/hosts"
+        ))),
+    }
+}
+
+/// Run one broker of a system instance until told to stop.
+pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
+    let uid = nix::unistd::getuid();
+    if uid.is_root() && !opts.force_root {
+        return Err(BrokerError::Root);
+    }
+    check_libzmq()?;
+    let config = Config::load(&opts.config).map_err(cfg_err)?;
+    let hostname = match &opts.hostname {
+        Some(h) => h.clone(),
+        None => nix::unistd::gethostname()
+            .map_err(|e| cfg_err(format!("cannot read the hostname: {e}")))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let rank = config.rank_of(&hostname).ok_or_else(|| {
+        cfg_err(format!(
+            "this host ({hostname}) is not in the [bootstrap] hosts of {}; add it, or pass --hostname NAME",
+            opts.config.display()
+        ))
+    })?;
+    if config.mechanism() != Mechanism::Curve {
+        return Err(cfg_err(
+            "mechanism \"gssapi\" is not available in this release; use mechanism = \"curve\"",
+        ));
+    }
+    let topo = config.topology().kary().ok_or_else(|| {
+        cfg_err("per-host `parent` overrides that differ from the k-ary tree are not supported by this broker yet; remove them and set `fanout`")
+    })?;
+    let _span = tracing::error_span!("broker", rank).entered();
+
+    // This node's own key, and its neighbours' public keys.
+    let secret_path = config.cert_path(rank).ok_or_else(|| {
+        cfg_err(format!(
+            "no secret certificate is configured for rank {rank}"
+        ))
+    })?;
+    let keys = cert::load_secret(&secret_path)
+        .map_err(cfg_err)?
+        .keypair()
+        .ok_or_else(|| cfg_err(format!("{} has no secret key", secret_path.display())))?;
+    let mut children = HashMap::new();
+    for child in topo.children(rank) {
+        children.insert(child, curve_principal(&public_key(&config, child)?));
+    }
+    let parent = match topo.parent(rank) {
+        None => None,
+        Some(p) => {
+            let ep = config
+                .connect_endpoint(p)
+                .ok_or_else(|| cfg_err(format!("no connect endpoint for rank {p}")))?;
+            check_resolves(
+                &ep,
+                &format!("parent (rank {p}, {})", config.host(p).unwrap_or("?")),
+            )?;
+            Some(Card {
+                public_key: public_key(&config, p)?,
+                endpoint: Some(ep),
+            })
+        }
+    };
+
+    // The local connector: reachable by every user; SO_PEERCRED and the
+    // policy decide who gets in.
+    let instance = config.fingerprint().to_string();
+    let rundir = opts.rundir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "canopy-system-{}",
+            &instance[..instance.len().min(16)]
+        ))
+    });
+    match std::fs::DirBuilder::new().mode(0o755).create(&rundir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(BrokerError::Io {
+                what: "create the runtime directory",
+                path: rundir,
+                source,
+            })
+        }
+    }
+    check_not_writable(&rundir, "runtime directory")?;
+
+    let owner_uid = uid.as_raw();
+    let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
+        Some(p) => Arc::new(
+            AclAuthz::load(p, config.policy().audit_log.as_deref()).map_err(BrokerError::Policy)?,
+        ),
+        None => Arc::new(OwnerOnly {
+            owner: unix_principal(owner_uid),
+        }),
+    };
+    let transport = match config.bind_endpoint(rank) {
+        Some(ep) => Transport::Endpoint(ep),
+        None => Transport::Ipc,
+    };
+    let signals = signal_pipe()?;
+    let bound = bind(rank, &topo, &keys, &rundir, &transport, authz, None)?;
+    bound.admit_children(&children);
+    let plan = Plan {
+        rank,
+        topo,
+        instance,
+        rundir: rundir.clone(),
+        keys,
+        parent,
+        children,
+        owner_uid,
+        timing: config.timing().to_liveness(),
+    };
+    let broker = Broker::new(plan, bound, None, signals)?;
+    if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {
+        let mut perm = p.permissions();
+        perm.set_mode(0o666);
+        let _ = std::fs::set_permissions(rundir.join(format!("local-{rank}")), perm);
+    }
+    sd_notify_ready();
+    tracing::info!("system instance broker rank {rank} ({hostname}) up");
+    broker.run()
+}
+
+/// Tell systemd (Type=notify) that the broker is ready.
+fn sd_notify_ready() {
+    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = PathBuf::from(&sock);
+    if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+        if let Err(e) = s.send_to(b"READY=1\n", &path) {
+            tracing::warn!("sd_notify to {}: {e}", path.display());
+        }
+    }
+}
+
+/// `canopy config check PATH`: validate and summarize.
+pub fn config_check(path: &Path) -> Result<String, BrokerError> {
+    let config = Config::load(path).map_err(cfg_err)?;
+    Ok(config.summary())
+}
