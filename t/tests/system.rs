@@ -1,0 +1,424 @@
+//! System instances: `canopy broker --config` on every "node" (here,
+//! processes on 127.0.0.1 with their own ports, hostnames and keys).
+//! Start order, restarts of a middle rank and of rank 0, per-node keys
+//! bound to ranks, config mismatches, and bad input.
+#![forbid(unsafe_code)]
+
+use canopy_client::Client;
+use canopy_proto::errno;
+use canopy_t::{canopy_bin, run_canopy, run_test, text, wait_until, RPC_TIMEOUT};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A cluster description on disk: config, per-node secrets, public certs.
+struct Cluster {
+    dir: tempfile::TempDir,
+    size: u32,
+    ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+impl Cluster {
+    fn new(size: u32) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("canopy-sys-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in ["sec", "pub"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        std::fs::set_permissions(
+            dir.path().join("sec"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let ports = free_ports(size as usize);
+        let mut c = Cluster {
+            dir,
+            size,
+            ports,
+            nodes: (0..size).map(|_| None).collect(),
+        };
+        for r in 0..size {
+            c.keygen(&format!("n{r}"));
+        }
+        let cfg = c.config_text(&c.hosts_text(size));
+        c.write("canopy.toml", &cfg);
+        c
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// Secret in sec/HOST.key_secret, public in pub/HOST.key.
+    fn keygen(&self, host: &str) {
+        let kp = canopy_security::CurveKeypair::generate().unwrap();
+        let secret = self.path(&format!("sec/{host}.key_secret"));
+        let _ = std::fs::remove_file(&secret);
+        let public = self.path(&format!("pub/{host}.key"));
+        let _ = std::fs::remove_file(&public);
+        canopy_security::cert::write_pair(&kp, host, &secret, &public).unwrap();
+    }
+
+    fn hosts_text(&self, n: u32) -> String {
+        (0..n)
+            .map(|r| {
+                let p = self.ports[r as usize];
+                format!(
+                    "  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n"
+                )
+            })
+            .collect()
+    }
+
+    fn config_text(&self, hosts: &str) -> String {
+        format!(
+            "[bootstrap]\ncurve_cert = \"{}/sec/%h.key_secret\"\ncurve_public_certs = \"{}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n",
+            self.dir.path().display(),
+            self.dir.path().display()
+        )
+    }
+
+    fn rundir(&self, rank: u32) -> PathBuf {
+        self.path(&format!("run-n{rank}"))
+    }
+
+    fn uri(&self, rank: u32) -> String {
+        format!("local://{}/local-{rank}", self.rundir(rank).display())
+    }
+
+    fn log(&self, rank: u32) -> String {
+        std::fs::read_to_string(self.path(&format!("n{rank}.log"))).unwrap_or_default()
+    }
+
+    fn start_node(&mut self, rank: u32) {
+        self.start_as(rank, &format!("n{rank}"), "canopy.toml");
+    }
+
+    fn start_as(&mut self, rank: u32, host: &str, config: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("n{rank}.log")))
+            .unwrap();
+        let child = Command::new(canopy_bin())
+            .args(["broker", "--config"])
+            .arg(self.path(config))
+            .args(["--hostname", host, "--force-root", "--rundir"])
+            .arg(self.rundir(rank))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        if let Some(mut old) = self.nodes[rank as usize].replace(child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+    }
+
+    fn kill_node(&mut self, rank: u32) {
+        if let Some(mut c) = self.nodes[rank as usize].take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    fn client(&self, rank: u32) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Client::connect(Some(&self.uri(rank))) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("rank {rank}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Rank 0's view.
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut c = Client::connect(Some(&self.uri(0))).ok()?;
+        let m = c.rpc("overlay.status", 0, b"", RPC_TIMEOUT).ok()?;
+        serde_json::from_slice(&m.payload).ok()
+    }
+
+    fn wait_full(&self, within: Duration) {
+        let ok = wait_until(within, || {
+            self.status().is_some_and(|s| s["health"] == "full")
+        });
+        assert!(
+            ok,
+            "instance not full: {:?}\nlogs:\n{}",
+            self.status(),
+            (0..self.size)
+                .map(|r| format!("--- n{r}\n{}", self.log(r)))
+                .collect::<String>()
+        );
+    }
+
+    fn assert_all_answer(&self) {
+        let mut c = self.client(0);
+        for r in 0..self.size {
+            let m = c.rpc("broker.ping", r, b"hi", RPC_TIMEOUT).unwrap();
+            assert_eq!(m.header.nodeid, r);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in 0..self.size {
+            self.kill_node(r);
+        }
+    }
+}
+
+#[test]
+fn start_order_does_not_matter_leaf_then_root_then_middle() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(8);
+        for r in [7, 0, 3, 1, 2, 4, 5, 6] {
+            c.start_node(r);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+    });
+}
+
+#[test]
+fn restarted_middle_rank_rejoins_and_in_flight_requests_fail_fast() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(8);
+        for r in 0..8 {
+            c.start_node(r);
+        }
+        c.wait_full(Duration::from_secs(15));
+        // Requests to rank 7 held in flight (rank 7 frozen), then kill
+        // rank 1 on the path 0 -> 1 -> 3 -> 7.
+        let p7 = Pid::from_raw(c.nodes[7].as_ref().unwrap().id() as i32);
+        kill(p7, Signal::SIGSTOP).unwrap();
+        let mut cl = c.client(0);
+        let tags: Vec<u32> = (0..10)
+            .map(|_| cl.send("broker.ping", 7, b"x").unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        c.kill_node(1);
+        for t in tags {
+            let e = cl.wait(t, Duration::from_secs(2)).unwrap_err();
+            assert_eq!(e.errnum(), Some(errno::EHOSTUNREACH), "{e}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        let s = c.status().unwrap();
+        assert_eq!(s["health"], "degraded");
+        kill(p7, Signal::SIGCONT).unwrap();
+        c.start_node(1);
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+    });
+}
+
+#[test]
+fn restarted_rank_0_gets_every_child_back() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        for r in 0..4 {
+            c.start_node(r);
+        }
+        c.wait_full(Duration::from_secs(15));
+        c.kill_node(0);
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_node(0);
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+    });
+}
+
+#[test]
+fn impostor_keys_cannot_join() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(8);
+        for r in 0..7 {
+            c.start_node(r);
+        }
+        // Rank 7 with a well-formed key the config does not know.
+        let real = c.path("sec/n7.key_secret");
+        let saved = std::fs::read(&real).unwrap();
+        c.keygen("n7");
+        // Put back the configured public key: only the secret is foreign.
+        let kp_pub = c.path("pub/n7.key");
+        std::fs::remove_file(&kp_pub).unwrap();
+        let orig =
+            canopy_security::cert::parse(std::str::from_utf8(&saved).unwrap(), Path::new("n7"))
+                .unwrap();
+        std::fs::write(
+            &kp_pub,
+            canopy_security::cert::public_text(&orig.keypair().unwrap(), "n7"),
+        )
+        .unwrap();
+        c.start_node(7);
+        assert!(
+            wait_until(Duration::from_secs(5), || c.log(3).contains("verdict=deny")),
+            "rank 3 did not deny the impostor:\n{}",
+            c.log(3)
+        );
+        let s = c.status().unwrap();
+        let r7 = &s["ranks"].as_array().unwrap()[7];
+        assert_eq!(r7["state"], "offline", "{s}");
+        c.kill_node(7);
+
+        // A host claiming rank 3 with rank 4's key (both children of 1):
+        // ZAP admits the key, the hello check refuses the claim.
+        std::fs::write(&real, &saved).unwrap();
+        c.kill_node(3);
+        let n3 = c.path("sec/n3.key_secret");
+        std::fs::copy(c.path("sec/n4.key_secret"), &n3).unwrap();
+        std::fs::set_permissions(&n3, std::fs::Permissions::from_mode(0o600)).unwrap();
+        c.start_node(3);
+        assert!(
+            wait_until(Duration::from_secs(5), || c
+                .log(1)
+                .contains("may only join as its own rank")),
+            "rank 1 did not refuse the claim:\n{}",
+            c.log(1)
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || c
+                .log(3)
+                .contains("refused this broker")),
+            "the impostor did not report the refusal:\n{}",
+            c.log(3)
+        );
+    });
+}
+
+#[test]
+fn a_node_with_a_different_config_is_refused_at_hello() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        for r in 0..3 {
+            c.start_node(r);
+        }
+        // n3 believes in a fifth host: a different fingerprint.
+        let mut hosts = c.hosts_text(4);
+        hosts.push_str("  { host = \"n4\" },\n");
+        let other = c.config_text(&hosts);
+        c.write("other.toml", &other);
+        c.start_as(3, "n3", "other.toml");
+        assert!(
+            wait_until(Duration::from_secs(5), || c.log(3).contains("same config")),
+            "no clear refusal:\n{}",
+            c.log(3)
+        );
+        let st = c.nodes[3].as_mut().unwrap().try_wait().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(3), || c.nodes[3]
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+                .is_some())
+                || st.is_some(),
+            "the misconfigured node kept running instead of failing"
+        );
+    });
+}
+
+#[test]
+fn bad_system_input_is_refused_clearly() {
+    run_test(LIMIT, || {
+        let c = Cluster::new(2);
+        let check = |cfg: &str| {
+            c.write("bad.toml", cfg);
+            run_canopy(
+                &["config", "check", c.path("bad.toml").to_str().unwrap()],
+                &[],
+                RPC_TIMEOUT,
+            )
+        };
+        let good = c.config_text(&c.hosts_text(2));
+        // Unknown key.
+        let out = check(&good.replace("fanout = 2", "fanout = 2\ncolour = \"red\""));
+        assert!(!out.status.success());
+        let e = text(&out.stderr);
+        assert!(e.contains("bad.toml:5") && e.contains("colour"), "{e}");
+        // Duplicate host.
+        let dup = c.hosts_text(2) + "  { host = \"n1\" },\n";
+        let out = check(&c.config_text(&dup));
+        let e = text(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains("n1") && e.contains("bad.toml:"),
+            "{e}"
+        );
+        // Bad hostlist.
+        let out = check(&c.config_text("  { host = \"n[3-1]\" },\n"));
+        let e = text(&out.stderr);
+        assert!(
+            !out.status.success() && (e.contains("n[3-1]") || e.contains("range")),
+            "{e}"
+        );
+
+        // Missing certificate.
+        std::fs::rename(c.path("sec/n1.key_secret"), c.path("sec/gone")).unwrap();
+        let run = |host: &str, extra: &[&str]| {
+            let mut args = vec![
+                "broker",
+                "--config",
+                c.path("canopy.toml").to_str().unwrap().to_owned().leak(),
+                "--hostname",
+                host,
+            ];
+            args.extend_from_slice(extra);
+            run_canopy(&args, &[], Duration::from_secs(10))
+        };
+        let out = run("n1", &["--force-root"]);
+        let e = text(&out.stderr);
+        assert!(!out.status.success() && e.contains("n1.key_secret"), "{e}");
+        std::fs::rename(c.path("sec/gone"), c.path("sec/n1.key_secret")).unwrap();
+        // Secret readable by others.
+        std::fs::set_permissions(
+            c.path("sec/n1.key_secret"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let out = run("n1", &["--force-root"]);
+        let e = text(&out.stderr);
+        assert!(!out.status.success() && e.contains("chmod 600"), "{e}");
+        // Unknown host.
+        let out = run("elsewhere", &["--force-root"]);
+        let e = text(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains("elsewhere") && e.contains("--hostname"),
+            "{e}"
+        );
+        // Root without --force-root (the tests run as root in CI).
+        if nix::unistd::getuid().is_root() {
+            let out = run("n0", &[]);
+            let e = text(&out.stderr);
+            assert!(!out.status.success() && e.contains("--force-root"), "{e}");
+        }
+    });
+}
