@@ -3,7 +3,7 @@
 # Uses sudo only when not already root. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
-CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps)
+CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq)
 
 canopy_install_deps() {
     local missing=()

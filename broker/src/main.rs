@@ -284,6 +284,13 @@ enum OverlayCmd {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Wait until the subtree's health is this (full, partial,
+        /// degraded, lost, offline); exit 1 if --timeout passes first.
+        #[arg(long, value_name = "HEALTH")]
+        wait: Option<String>,
+        /// Seconds to wait with --wait (accepts a trailing "s": 10s).
+        #[arg(long, default_value = "10")]
+        timeout: String,
         #[arg(long)]
         uri: Option<String>,
     },
@@ -582,9 +589,34 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Overlay {
-            cmd: OverlayCmd::Status { rank, json, uri },
+            cmd:
+                OverlayCmd::Status {
+                    rank,
+                    json,
+                    wait,
+                    timeout,
+                    uri,
+                },
         } => {
-            let r = tools::status(uri.as_deref(), rank, Duration::from_secs(10))?;
+            let r = match wait {
+                Some(want) => {
+                    let t: f64 = timeout.trim_end_matches('s').parse().with_context(|| {
+                        format!("--timeout {timeout}: expected seconds, e.g. 10s")
+                    })?;
+                    match tools::wait_health(uri.as_deref(), rank, &want, secs(t, "--timeout")?)? {
+                        Ok(r) => r,
+                        Err(r) => {
+                            print!("{}", tools::render_status(&r));
+                            canopy_broker::launcher::say(&format!(
+                                "error: rank {rank}'s subtree is {}, not {want}, after {timeout}",
+                                r.health
+                            ));
+                            return Ok(1);
+                        }
+                    }
+                }
+                None => tools::status(uri.as_deref(), rank, Duration::from_secs(10))?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

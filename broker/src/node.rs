@@ -654,6 +654,7 @@ impl Broker {
             version: PROTOCOL_VERSION,
             session: self.session,
             instance: self.instance.clone(),
+            last_event: None,
         };
         let parent = self.topo.parent(self.rank).unwrap_or(0);
         let h = Header::request(HELLO_TOPIC, parent, 0);

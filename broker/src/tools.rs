@@ -283,3 +283,40 @@ pub fn acl_check_online(
     serde_json::from_slice(&m.payload)
         .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable verdict: {e}")))
 }
+
+/// `overlay status --wait HEALTH`: poll until the subtree's health is
+/// `want`. Ok(report) when reached, Err(last report) on timeout.
+pub fn wait_health(
+    uri: Option<&str>,
+    rank: u32,
+    want: &str,
+    timeout: Duration,
+) -> Result<Result<StatusReport, StatusReport>, ClientError> {
+    const STATES: [&str; 5] = ["full", "partial", "degraded", "lost", "offline"];
+    if !STATES.contains(&want) {
+        return Err(ClientError::Refused(format!(
+            "--wait {want}: expected one of {}",
+            STATES.join(", ")
+        )));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut c = Client::connect(uri)?;
+    loop {
+        let m = c.rpc(
+            "overlay.status",
+            rank,
+            b"",
+            timeout.max(Duration::from_secs(1)),
+        )?;
+        let r: StatusReport = serde_json::from_slice(&m.payload).map_err(|e| {
+            ClientError::Refused(format!("rank {rank} sent an unreadable status: {e}"))
+        })?;
+        if r.health.to_string() == want {
+            return Ok(Ok(r));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Err(r));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

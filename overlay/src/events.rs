@@ -26,15 +26,32 @@ pub enum Arrival {
     Duplicate,
 }
 
-/// Tracks the last sequence number seen and any gaps.
+/// Tracks the last sequence number seen and any gaps. Sequence numbers
+/// belong to an epoch (one incarnation of rank 0): a new epoch starts the
+/// sequence afresh.
 #[derive(Default, Debug)]
 pub struct GapDetector {
+    epoch: Option<u32>,
     last: Option<u64>,
     missed: u64,
     gaps: u64,
 }
 
 impl GapDetector {
+    /// An event of `epoch` with `seq` arrived.
+    pub fn arrive_in(&mut self, epoch: u32, seq: u64) -> Arrival {
+        if self.epoch != Some(epoch) {
+            self.epoch = Some(epoch);
+            self.last = None;
+        }
+        self.arrive(seq)
+    }
+
+    /// The epoch and sequence number of the last event seen.
+    pub fn position(&self) -> Option<(u32, u64)> {
+        Some((self.epoch?, self.last?))
+    }
+
     pub fn arrive(&mut self, seq: u64) -> Arrival {
         let result = match self.last {
             None => Arrival::First,
@@ -60,6 +77,40 @@ impl GapDetector {
     /// Total events missed, and the number of gaps.
     pub fn missed(&self) -> (u64, u64) {
         (self.missed, self.gaps)
+    }
+}
+
+/// The most recent events, kept to replay to a child that rejoins.
+pub struct Ring<T> {
+    items: std::collections::VecDeque<(u32, u64, T)>,
+    max: usize,
+}
+
+impl<T: Clone> Ring<T> {
+    pub fn new(max: usize) -> Ring<T> {
+        Ring {
+            items: std::collections::VecDeque::new(),
+            max,
+        }
+    }
+
+    pub fn push(&mut self, epoch: u32, seq: u64, item: T) {
+        if self.max == 0 {
+            return;
+        }
+        if self.items.len() == self.max {
+            self.items.pop_front();
+        }
+        self.items.push_back((epoch, seq, item));
+    }
+
+    /// Events after `(epoch, seq)`, in order; empty if the epoch differs.
+    pub fn after(&self, epoch: u32, seq: u64) -> Vec<T> {
+        self.items
+            .iter()
+            .filter(|(e, s, _)| *e == epoch && *s > seq)
+            .map(|(_, _, t)| t.clone())
+            .collect()
     }
 }
 
@@ -89,6 +140,28 @@ mod tests {
         assert_eq!(g.arrive(10), Arrival::InOrder);
         assert_eq!(g.missed(), (2, 1));
         assert_eq!(g.last(), Some(10));
+    }
+
+    #[test]
+    fn epochs_restart_the_sequence() {
+        let mut g = GapDetector::default();
+        assert_eq!(g.arrive_in(7, 10), Arrival::First);
+        assert_eq!(g.arrive_in(7, 11), Arrival::InOrder);
+        // Rank 0 restarted: a new epoch begins again at 1, not a duplicate.
+        assert_eq!(g.arrive_in(9, 1), Arrival::First);
+        assert_eq!(g.arrive_in(9, 2), Arrival::InOrder);
+        assert_eq!(g.position(), Some((9, 2)));
+    }
+
+    #[test]
+    fn ring_replays_what_a_child_missed() {
+        let mut r = Ring::new(3);
+        for s in 1..=5 {
+            r.push(1, s, s);
+        }
+        assert_eq!(r.after(1, 3), vec![4, 5]);
+        assert_eq!(r.after(1, 0), vec![3, 4, 5], "1 and 2 fell off");
+        assert!(r.after(2, 0).is_empty());
     }
 
     #[test]

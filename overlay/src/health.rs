@@ -58,6 +58,9 @@ pub struct Delta {
     pub rank: u32,
     pub state: RankState,
     pub reason: String,
+    /// Events this rank has missed so far (gaps in the sequence).
+    #[serde(default)]
+    pub missed_events: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub struct Entry {
     /// Milliseconds (caller's clock) when the state was entered.
     pub since_ms: u64,
     pub reason: String,
+    /// Events this rank has missed so far.
+    pub missed_events: u64,
 }
 
 pub struct Health {
@@ -87,6 +92,7 @@ impl Health {
                     state: RankState::Offline,
                     since_ms: now_ms,
                     reason: "not joined yet".into(),
+                    missed_events: 0,
                 },
             );
         }
@@ -115,17 +121,37 @@ impl Health {
         if state == RankState::Online {
             self.online += 1;
         }
+        let missed_events = e.missed_events;
         *e = Entry {
             state,
             since_ms: now_ms,
             reason: reason.to_string(),
+            missed_events,
         };
         self.pending.push(Delta {
             rank,
             state,
             reason: reason.to_string(),
+            missed_events,
         });
         true
+    }
+
+    /// Record how many events `rank` has missed; queues a delta if it grew.
+    pub fn set_missed(&mut self, rank: u32, missed: u64) {
+        let Some(e) = self.entries.get_mut(&rank) else {
+            return;
+        };
+        if e.missed_events == missed {
+            return;
+        }
+        e.missed_events = missed;
+        self.pending.push(Delta {
+            rank,
+            state: e.state,
+            reason: e.reason.clone(),
+            missed_events: missed,
+        });
     }
 
     /// Merge deltas reported by `child`. Deltas for ranks outside the
@@ -136,6 +162,7 @@ impl Health {
         for d in deltas {
             if self.topo.in_subtree(child, d.rank) {
                 self.set(d.rank, d.state, &d.reason, now_ms);
+                self.set_missed(d.rank, d.missed_events);
             } else {
                 ignored += 1;
             }
@@ -165,6 +192,7 @@ impl Health {
                 rank: *r,
                 state: e.state,
                 reason: e.reason.clone(),
+                missed_events: e.missed_events,
             })
             .collect();
     }
@@ -269,19 +297,28 @@ mod tests {
                 rank: 3,
                 state: RankState::Online,
                 reason: "x".into(),
+                missed_events: 0,
             },
             Delta {
                 rank: 2,
                 state: RankState::Online,
                 reason: "forged".into(),
+                missed_events: 0,
             },
             Delta {
                 rank: 99,
                 state: RankState::Online,
                 reason: "bogus".into(),
+                missed_events: 0,
             },
         ];
         assert_eq!(h.apply_from_child(1, &deltas, 3), 2);
+        let mut d = deltas[0].clone();
+        d.missed_events = 4;
+        h.take_pending();
+        h.apply_from_child(1, &[d], 4);
+        assert_eq!(h.get(3).unwrap().missed_events, 4);
+        assert_eq!(h.take_pending().len(), 1, "the count is passed upstream");
         assert_eq!(h.get(3).unwrap().state, RankState::Online);
         assert_eq!(h.get(2).unwrap().state, RankState::Offline);
         assert_eq!(h.subtree_health(2), SubtreeHealth::Offline);

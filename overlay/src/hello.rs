@@ -17,6 +17,10 @@ pub struct Hello {
     pub session: u64,
     /// Identifies the instance the child believes it belongs to.
     pub instance: String,
+    /// The last event the child saw, as (epoch, seq), so the parent can
+    /// replay what it missed.
+    #[serde(default)]
+    pub last_event: Option<(u32, u64)>,
 }
 
 impl Hello {
@@ -115,6 +119,7 @@ mod tests {
             version: 1,
             session: 77,
             instance: "abc".into(),
+            last_event: None,
         }
     }
 

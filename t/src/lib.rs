@@ -31,6 +31,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 /// How long an instance may take to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for one RPC from a test.

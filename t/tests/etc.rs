@@ -75,7 +75,11 @@ fn no_file_in_etc_goes_unparsed() {
                 stack.push(p);
                 continue;
             }
-            let rel = p.strip_prefix(etc()).unwrap().to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(etc())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let covered = rel == "canopy.service"
                 || (rel.starts_with("system/") && rel.ends_with(".toml"))
                 || (!rel.contains('/') && rel.ends_with(".toml"));
@@ -84,5 +88,8 @@ fn no_file_in_etc_goes_unparsed() {
             }
         }
     }
-    assert!(unparsed.is_empty(), "files in etc/ that no test parses: {unparsed:?}");
+    assert!(
+        unparsed.is_empty(),
+        "files in etc/ that no test parses: {unparsed:?}"
+    );
 }

@@ -47,7 +47,7 @@ impl Cluster {
         )
         .unwrap();
         let ports = free_ports(size as usize);
-        let mut c = Cluster {
+        let c = Cluster {
             dir,
             size,
             ports,
