@@ -166,6 +166,7 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
         &opts.transport,
         authz,
         opts.client_listen.as_deref().filter(|_| rank == 0),
+        &opts.timing,
     )?;
     let card = Card {
         public_key: *keys.public(),

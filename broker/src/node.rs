@@ -9,7 +9,7 @@
 use crate::authz::{BrokerPolicy, ClientAuthz, ClientMech, CLIENT_DOMAIN, OVERLAY_DOMAIN};
 use crate::error::BrokerError;
 use canopy_modules::{BrokerInfo, Ctx, Registry, Reply};
-use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Sequencer};
+use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Ring, Sequencer};
 use canopy_overlay::health::{Delta, Health, RankState, HEALTH_TOPIC};
 use canopy_overlay::hello::{Hello, HelloCheck, HelloError, HELLO_TOPIC};
 use canopy_overlay::liveness::{Peer, Timing, Transition};
@@ -41,6 +41,9 @@ pub const REJOIN_TOPIC: &str = "overlay.rejoin";
 const MAX_CLIENT_BACKLOG: usize = 256 << 20;
 /// Messages taken from one socket before the others get a turn.
 const BATCH: usize = 256;
+/// Events each broker keeps to replay to a child that rejoins after a
+/// link loss (a rejoin after more events than this reports a gap).
+const EVENT_REPLAY: usize = 1024;
 
 /// A peer's "business card": what its neighbours need to reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,9 +171,33 @@ fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
     move |source| BrokerError::Zmq { what, source }
 }
 
+/// TCP-level liveness, derived from the link timings so that one setting
+/// (`timing.lost`) bounds both: keepalive probes start after two
+/// heartbeats of idle and repeat every heartbeat (at least 1 s: the
+/// kernel's unit), enough of them to span `lost`; and `ZMQ_TCP_MAXRT`
+/// drops a connection whose data has gone unacknowledged for `lost`, so
+/// a dead host's queued messages are released instead of held for the
+/// kernel's default of about 15 minutes.
+fn tcp_liveness(s: &mut zmq::Socket, t: &Timing) -> Result<(), BrokerError> {
+    let secs = |ms: u64| (ms.div_ceil(1000)).clamp(1, i32::MAX as u64) as i32;
+    let idle = secs(2 * t.heartbeat_ms);
+    let intvl = secs(t.heartbeat_ms);
+    let cnt = (secs(t.lost_ms) / intvl).max(1);
+    s.set_tcp_keepalive(1).map_err(zerr("set tcp keepalive"))?;
+    s.set_tcp_keepalive_idle(idle)
+        .map_err(zerr("set tcp keepalive idle"))?;
+    s.set_tcp_keepalive_intvl(intvl)
+        .map_err(zerr("set tcp keepalive interval"))?;
+    s.set_tcp_keepalive_cnt(cnt)
+        .map_err(zerr("set tcp keepalive count"))?;
+    canopy_sys::set_tcp_maxrt(s, t.lost_ms.min(i32::MAX as u64) as i32)
+        .map_err(zerr("set tcp maxrt"))
+}
+
 /// Start the ZAP handler, then (if this rank has children) bind the
 /// ROUTER, in that order: libzmq admits everyone if a CURVE server socket
 /// binds with no handler listening.
+#[allow(clippy::too_many_arguments)] // one call site per instance kind
 pub fn bind(
     rank: u32,
     topo: &Topology,
@@ -179,6 +206,7 @@ pub fn bind(
     transport: &Transport,
     clients: Arc<dyn ClientAuthz>,
     client_listen: Option<&str>,
+    timing: &Timing,
 ) -> Result<Bound, BrokerError> {
     let ctx = zmq::Context::new();
     let policy = Arc::new(BrokerPolicy::new(clients));
@@ -189,7 +217,8 @@ pub fn bind(
     let mut router = None;
     let mut endpoint = None;
     if topo.children(rank).next().is_some() {
-        let s = ctx.socket(zmq::ROUTER).map_err(zerr("create router"))?;
+        let mut s = ctx.socket(zmq::ROUTER).map_err(zerr("create router"))?;
+        tcp_liveness(&mut s, timing)?;
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
         s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
@@ -382,6 +411,11 @@ pub struct Broker {
     info: BrokerInfo,
     sequencer: Sequencer,
     gaps: GapDetector,
+    /// Rank 0's incarnation, stamped (as the header's nodeid) on every
+    /// event it sequences, so a restarted rank 0 starts a new sequence.
+    epoch: u32,
+    /// Recent events, replayed to a child that rejoins after a link loss.
+    replay: Ring<(Header, Vec<u8>)>,
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr_buf: Vec<u8>,
@@ -475,6 +509,8 @@ impl Broker {
             info,
             sequencer: Sequencer::default(),
             gaps: GapDetector::default(),
+            epoch: (session >> 32) as u32 ^ session as u32,
+            replay: Ring::new(EVENT_REPLAY),
             pmi_fd,
             signals,
             hdr_buf: Vec::with_capacity(256),
@@ -507,10 +543,11 @@ impl Broker {
         getrandom::getrandom(&mut session_bytes)
             .map_err(|e| BrokerError::Bootstrap(format!("random session id: {e}")))?;
         self.session = u64::from_be_bytes(session_bytes);
-        let s = self
+        let mut s = self
             ._ctx
             .socket(zmq::DEALER)
             .map_err(zerr("create dealer"))?;
+        tcp_liveness(&mut s, &self.timing)?;
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
         s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
@@ -654,7 +691,7 @@ impl Broker {
             version: PROTOCOL_VERSION,
             session: self.session,
             instance: self.instance.clone(),
-            last_event: None,
+            last_event: self.gaps.position(),
         };
         let parent = self.topo.parent(self.rank).unwrap_or(0);
         let h = Header::request(HELLO_TOPIC, parent, 0);
@@ -1362,6 +1399,9 @@ impl Broker {
                     .set(hello.rank, RankState::Online, "joined", now);
                 let resp = h.response(self.rank, 0);
                 self.send_router_rid(&rid, &resp, Payload::Bytes(Vec::new()));
+                if let Some(after) = hello.last_event {
+                    self.replay_events(&rid, hello.rank, after);
+                }
             }
             Err(e) => {
                 warn!("overlay: verdict=deny principal={user_id} address={address} mechanism=CURVE reason=\"{e}\"");
@@ -1806,25 +1846,50 @@ impl Broker {
         }
         let seq = self.sequencer.next_seq();
         let mut ev = Header::event(topic, seq);
+        ev.nodeid = self.epoch;
         ev.userid.clone_from(&h.userid);
         ev.roles = h.roles;
         let data = body[2 + tlen..].to_vec();
         self.distribute_event(&ev, &data);
+        self.replay.push(self.epoch, seq, (ev, data));
         self.respond(&h, Payload::Bytes(seq.to_be_bytes().to_vec()));
     }
 
     fn event_arrived(&mut self, h: Header, payload: Payload) {
-        match self.gaps.arrive(h.seq) {
+        match self.gaps.arrive_in(h.nodeid, h.seq) {
             Arrival::Duplicate => {
                 debug!("events: duplicate event {} dropped", h.seq);
                 return;
             }
             Arrival::Gap { from, to } => {
-                warn!("events: missed events {from}..={to}");
+                warn!(
+                    "events: missed events {from}..={to} (reported in overlay status; the parent no longer held them)"
+                );
+                let (missed, _) = self.gaps.missed();
+                self.health.set_missed(self.rank, missed);
             }
             Arrival::First | Arrival::InOrder => {}
         }
-        self.distribute_event(&h, payload.as_slice());
+        let data = payload.as_slice();
+        self.distribute_event(&h, data);
+        self.replay
+            .push(h.nodeid, h.seq, (h.clone(), data.to_vec()));
+    }
+
+    /// Send a rejoining child the events after the last one it saw.
+    fn replay_events(&mut self, rid: &[u8], rank: u32, after: (u32, u64)) {
+        let events = self.replay.after(after.0, after.1);
+        if events.is_empty() {
+            return;
+        }
+        info!(
+            "events: replaying {} events after {} to rank {rank}",
+            events.len(),
+            after.1
+        );
+        for (ev, data) in events {
+            self.send_router_rid(rid, &ev, Payload::Bytes(data));
+        }
     }
 
     fn distribute_event(&mut self, ev: &Header, data: &[u8]) {

@@ -171,7 +171,10 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
         None => Transport::Ipc,
     };
     let signals = signal_pipe()?;
-    let bound = bind(rank, &topo, &keys, &rundir, &transport, authz, None)?;
+    let timing = config.timing().to_liveness();
+    let bound = bind(
+        rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
+    )?;
     bound.admit_children(&children);
     let plan = Plan {
         rank,
@@ -182,7 +185,7 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
         parent,
         children,
         owner_uid,
-        timing: config.timing().to_liveness(),
+        timing,
     };
     let broker = Broker::new(plan, bound, None, signals)?;
     if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {

@@ -108,8 +108,13 @@ pub fn render_status(r: &StatusReport) -> String {
         } else {
             "├─ "
         };
+        let missed = if x.missed_events > 0 {
+            format!(" [missed {} events]", x.missed_events)
+        } else {
+            String::new()
+        };
         s.push_str(&format!(
-            "{prefix}{branch}{rank}: {} ({}, {:.1}s: {})\n",
+            "{prefix}{branch}{rank}: {} ({}, {:.1}s: {}){missed}\n",
             x.health,
             serde_json::to_value(x.state)
                 .ok()

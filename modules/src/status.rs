@@ -53,6 +53,9 @@ pub struct RankStatus {
     /// Seconds in the current state.
     pub duration_s: f64,
     pub reason: String,
+    /// Events this rank missed (gaps in the event sequence) so far.
+    #[serde(default)]
+    pub missed_events: u64,
 }
 
 impl Module for OverlayStatus {
@@ -81,6 +84,7 @@ impl Module for OverlayStatus {
                         health: ctx.health.subtree_health(r),
                         duration_s: ctx.now_ms.saturating_sub(e.since_ms) as f64 / 1000.0,
                         reason: e.reason.clone(),
+                        missed_events: e.missed_events,
                     })
                 })
                 .collect()

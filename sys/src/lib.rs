@@ -9,6 +9,9 @@
 //! can prove the integer names an open descriptor that no one else owns; this
 //! crate checks what can be checked and records what it has taken.
 //!
+//! [`set_tcp_maxrt`] sets libzmq's `ZMQ_TCP_MAXRT`, which the `zmq` crate
+//! does not wrap: one `zmq_setsockopt` call with a pointer to an `int`.
+//!
 //! [`clear_cloexec`] is safe, but lives here too because it is the other half
 //! of fd inheritance: the launcher uses it so that a child inherits its end of
 //! a socketpair.
@@ -153,5 +156,67 @@ mod tests {
         );
         clear_cloexec(a.as_fd()).unwrap();
         assert!(!is_cloexec(a.as_fd()).unwrap());
+    }
+}
+
+/// Sets `ZMQ_TCP_MAXRT` on `sock`: how long (milliseconds) TCP may
+/// retransmit unacknowledged data before the connection is dropped (0: the
+/// kernel default, about 15 minutes). Must be set before connect or bind.
+pub fn set_tcp_maxrt(sock: &mut zmq::Socket, ms: i32) -> Result<(), zmq::Error> {
+    let ptr = sock.as_mut_ptr();
+    let value: std::os::raw::c_int = ms;
+    // SAFETY: `ptr` is a live socket owned by `sock`, borrowed mutably for the
+    // call; the option value is a plain C int on our stack whose exact size
+    // is passed, and libzmq copies it before returning.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            ptr,
+            zmq_sys::ZMQ_TCP_MAXRT as std::os::raw::c_int,
+            (&value as *const std::os::raw::c_int).cast(),
+            std::mem::size_of::<std::os::raw::c_int>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: zmq_errno only reads libzmq's thread-local errno.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}
+
+/// Reads `ZMQ_TCP_MAXRT` back from `sock` (milliseconds).
+pub fn tcp_maxrt(sock: &mut zmq::Socket) -> Result<i32, zmq::Error> {
+    let ptr = sock.as_mut_ptr();
+    let mut value: std::os::raw::c_int = -1;
+    let mut len = std::mem::size_of::<std::os::raw::c_int>();
+    // SAFETY: as in `set_tcp_maxrt`; libzmq writes at most `len` bytes into
+    // our int and stores the size it wrote into `len`.
+    let rc = unsafe {
+        zmq_sys::zmq_getsockopt(
+            ptr,
+            zmq_sys::ZMQ_TCP_MAXRT as std::os::raw::c_int,
+            (&mut value as *mut std::os::raw::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 && len == std::mem::size_of::<std::os::raw::c_int>() {
+        Ok(value)
+    } else {
+        // SAFETY: zmq_errno only reads libzmq's thread-local errno.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}
+
+#[cfg(test)]
+mod zmq_tests {
+    #[test]
+    fn tcp_maxrt_is_set_and_read_back_by_libzmq() {
+        let ctx = zmq::Context::new();
+        let mut s = ctx.socket(zmq::DEALER).unwrap();
+        assert_eq!(super::tcp_maxrt(&mut s), Ok(0), "libzmq's default");
+        super::set_tcp_maxrt(&mut s, 4_500).unwrap();
+        assert_eq!(super::tcp_maxrt(&mut s), Ok(4_500));
+        // libzmq rejects a negative value: the error comes back, no panic.
+        assert_eq!(super::set_tcp_maxrt(&mut s, -1), Err(zmq::Error::EINVAL));
     }
 }
