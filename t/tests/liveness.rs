@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use canopy_proto::errno;
-use canopy_t::{run_test, wait_until, Instance};
+use canopy_t::{run_canopy, run_test, text, wait_until, Instance};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
@@ -77,13 +77,33 @@ fn stopped_leaf_goes_torpid_then_lost_then_recovers() {
         assert_eq!(err.errnum(), Some(errno::EHOSTUNREACH), "{err}");
         assert!(t.elapsed() < Duration::from_secs(1));
 
-        kill(leaf, Signal::SIGCONT).unwrap();
-        assert!(
-            wait_until(Duration::from_secs(5), || inst.status(0)["health"]
-                == "full"),
-            "instance did not return to full: {}",
-            inst.status(0)
+        // A script waiting for full gives up at its timeout, saying why.
+        let o = run_canopy(
+            &["overlay", "status", "--wait", "full", "--timeout", "0.5s"],
+            &[("CANOPY_URI", inst.uri())],
+            Duration::from_secs(10),
         );
+        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        assert!(
+            text(&o.stderr).contains("is degraded, not full"),
+            "{}",
+            text(&o.stderr)
+        );
+
+        kill(leaf, Signal::SIGCONT).unwrap();
+        // ... and returns as soon as it is.
+        let o = run_canopy(
+            &["overlay", "status", "--wait", "full", "--timeout", "10s"],
+            &[("CANOPY_URI", inst.uri())],
+            Duration::from_secs(20),
+        );
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        assert!(
+            text(&o.stdout).contains("3: full (online"),
+            "{}",
+            text(&o.stdout)
+        );
+        assert_eq!(inst.status(0)["health"], "full");
         inst.assert_all_ranks_answer();
     });
 }
