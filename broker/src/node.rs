@@ -194,6 +194,17 @@ fn tcp_liveness(s: &mut zmq::Socket, t: &Timing) -> Result<(), BrokerError> {
         .map_err(zerr("set tcp maxrt"))
 }
 
+/// A response that matches no request in flight over its link: its
+/// requester's link was lost (the requester may since have restarted as a
+/// new incarnation, which must not get it) or it was already answered
+/// with EHOSTUNREACH. Dropped, so every request gets exactly one answer.
+fn stale_response(h: &Header) {
+    debug!(
+        "overlay: dropped a response to '{}' (tag {}) that matches no request in flight",
+        h.topic, h.matchtag
+    );
+}
+
 /// Start the ZAP handler, then (if this rank has children) bind the
 /// ROUTER, in that order: libzmq admits everyone if a CURVE server socket
 /// binds with no handler listening.
@@ -401,6 +412,7 @@ pub struct Broker {
     local_path: PathBuf,
     ipc_path: Option<PathBuf>,
     clients: HashMap<u32, ClientEntry>,
+    /// The next local client id (never 0).
     next_client: u32,
     owner_uid: u32,
     expected: HashMap<u32, String>,
@@ -499,7 +511,10 @@ impl Broker {
             local_path,
             ipc_path,
             clients: HashMap::new(),
-            next_client: 1,
+            // Client ids start at a random point, so a restarted broker's
+            // clients never reuse its previous incarnation's ids: a stale
+            // response (same route, same matchtag) then matches nothing.
+            next_client: ((session >> 16) as u32).max(1),
             owner_uid: plan.owner_uid,
             expected: plan.children,
             children: HashMap::new(),
@@ -578,6 +593,9 @@ impl Broker {
         for r in self.pending.fail_link(Link::Parent) {
             self.fail_in_flight(r, "the parent link was lost");
         }
+        // Requests the old parent session sent down: their responses would
+        // reach a session the parent no longer knows.
+        self.pending.forget_from(Hop::Parent);
         self.dealer = None;
         self.dealer_monitor = None;
         self.parent_state = ParentState::Joining;
@@ -595,6 +613,12 @@ impl Broker {
         let now = self.now_ms();
         self.health.child_lost(rank, reason, now);
         let failed = self.pending.fail_link(Link::Child(rank));
+        // Requests that came up from the lost incarnation: their responses
+        // must not reach whatever rejoins as this rank.
+        let orphaned = self.pending.forget_from(Hop::Child(rank));
+        if orphaned > 0 {
+            debug!("overlay: {orphaned} requests from lost rank {rank} forgotten");
+        }
         let msg = format!("rank {rank} was lost ({reason})");
         for r in failed {
             self.fail_in_flight(r, &msg);
@@ -1321,9 +1345,14 @@ impl Broker {
                 self.route_request(h, payload);
             }
             MsgType::Response => {
-                self.pending
-                    .complete(Link::Child(rank), &h.route, h.matchtag);
-                self.route_response(h, payload)
+                if self
+                    .pending
+                    .complete(Link::Child(rank), &h.route, h.matchtag)
+                {
+                    self.route_response(h, payload)
+                } else {
+                    stale_response(&h);
+                }
             }
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
             MsgType::Control if h.topic == HEALTH_TOPIC => {
@@ -1498,8 +1527,11 @@ impl Broker {
                 self.route_request(h, payload);
             }
             MsgType::Response => {
-                self.pending.complete(Link::Parent, &h.route, h.matchtag);
-                self.route_response(h, payload)
+                if self.pending.complete(Link::Parent, &h.route, h.matchtag) {
+                    self.route_response(h, payload)
+                } else {
+                    stale_response(&h);
+                }
             }
             MsgType::Event => self.event_arrived(h, payload),
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}

@@ -356,3 +356,56 @@ fn events_through_a_stop_and_a_kill_are_never_duplicated_and_gaps_are_reported()
         );
     });
 }
+
+#[test]
+fn responses_meant_for_a_previous_incarnation_are_dropped() {
+    run_test(Duration::from_secs(90), || {
+        let mut cl = Cluster::new(3);
+        cl.start_all();
+        cl.wait_full(Duration::from_secs(30));
+        // Requests from rank 1's first client to a frozen rank 2 wait at
+        // rank 0 ...
+        let mut old = cl.client(1);
+        cl.signal(2, Signal::SIGSTOP);
+        for i in 0..20 {
+            old.send("broker.ping", 2, format!("old-{i}").as_bytes())
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        // ... while rank 1 dies and comes back as a new incarnation, whose
+        // first client has the same client id and the same matchtags.
+        cl.kill(1);
+        drop(old);
+        cl.start(1);
+        let mut new = cl.client(1);
+        assert!(
+            wait_until(Duration::from_secs(5), || new
+                .rpc("broker.ping", 0, b"up", RPC_TIMEOUT)
+                .is_ok()),
+            "rank 1 did not rejoin: {}",
+            cl.logs()
+        );
+        let tags: Vec<u32> = (0..20)
+            .map(|i| {
+                new.send("broker.ping", 2, format!("new-{i}").as_bytes())
+                    .unwrap()
+            })
+            .collect();
+        cl.signal(2, Signal::SIGCONT);
+        // The new client gets its own answers, and nothing else.
+        for (i, tag) in tags.into_iter().enumerate() {
+            let m = new.wait(tag, RPC_TIMEOUT).unwrap_or_else(|e| {
+                panic!("request {i}: {e}\n{}", cl.logs());
+            });
+            assert_eq!(
+                String::from_utf8_lossy(&m.payload),
+                format!("new-{i}"),
+                "a response meant for the previous incarnation was delivered"
+            );
+        }
+        match new.recv(Duration::from_millis(500)) {
+            Err(canopy_client::ClientError::Timeout(_)) => {}
+            other => panic!("an extra message reached the new incarnation: {other:?}"),
+        }
+    });
+}
