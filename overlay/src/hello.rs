@@ -48,7 +48,7 @@ pub enum HelloError {
         got: String,
         expected: String,
     },
-    #[error("rank {rank} is already online (session {session:x}); stop the other broker claiming rank {rank}")]
+    #[error("rank {rank} is already online (session {session:x}) until its silence shows it gone; if this persists, another broker is claiming rank {rank}: stop it")]
     AlreadyOnline { rank: u32, session: u64 },
     #[error("child belongs to instance '{theirs}' but this broker is in instance '{ours}'; make both use the same config")]
     WrongInstance { theirs: String, ours: String },
