@@ -184,7 +184,13 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
         owner_uid,
         timing: config.timing().to_liveness(),
     };
-    let broker = Broker::new(plan, bound, None, signals)?;
+    let files = crate::rotate::KeyFiles::from_config(
+        &config,
+        rank,
+        topo.parent(rank).into_iter().chain(topo.children(rank)),
+    )
+    .map_err(cfg_err)?;
+    let broker = Broker::new(plan, bound, None, signals)?.with_key_files(files)?;
     if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {
         let mut perm = p.permissions();
         perm.set_mode(0o666);

@@ -320,3 +320,39 @@ pub fn wait_health(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `canopy key reload`: every rank re-reads its neighbours' certificates.
+pub fn key_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+    let r: StatusReport = serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+    let mut out = Vec::new();
+    for rank in 0..r.size {
+        let res = match c.rpc(crate::rotate::RELOAD_TOPIC, rank, b"", timeout) {
+            Ok(m) => Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Err(
+                e @ ClientError::Remote {
+                    errnum: canopy_proto::errno::EPERM,
+                    ..
+                },
+            ) => return Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push((rank, res));
+    }
+    Ok(out)
+}
+
+/// `canopy key switch`: RANK's broker moves to its next key.
+pub fn key_switch(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc(crate::rotate::SWITCH_TOPIC, rank, b"", timeout)?;
+    Ok(String::from_utf8_lossy(&m.payload).into_owned())
+}
+
+/// The public key RANK's broker uses now (Z85).
+pub fn key_in_use(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ClientError> {
+    let r = status(uri, rank, timeout)?;
+    Ok(r.broker.public_key)
+}
