@@ -462,6 +462,7 @@ impl Broker {
     /// Timers: relinks that take too long, and the ROUTER's rebind once
     /// every child has left the old listener.
     pub(super) fn rotation_tick(&mut self) -> Result<(), BrokerError> {
+        self.join_with_other_key()?;
         if !self.rotation_busy() {
             return Ok(());
         }
@@ -500,6 +501,42 @@ impl Broker {
             self.rebind_router()?;
         }
         Ok(())
+    }
+
+    /// Joining a parent that does not answer: during a rotation it may use
+    /// either of its configured keys (say this broker restarted after the
+    /// parent switched), so try the other one.
+    fn join_with_other_key(&mut self) -> Result<(), BrokerError> {
+        if self.parent_state != ParentState::Joining
+            || self.dealer.is_none()
+            || self.rot.up.active()
+        {
+            return Ok(());
+        }
+        let Some(parent) = self.topo.parent(self.rank) else {
+            return Ok(());
+        };
+        let now = self.now_ms();
+        let since = self.parent_peer.as_ref().map_or(now, |p| p.last_heard_ms());
+        let wait = (4 * self.timing.heartbeat_ms).clamp(500, 5000);
+        let Some(card) = self.parent_card.as_mut() else {
+            return Ok(());
+        };
+        let Some(key) = crate::rotate::other_key(
+            self.rot.ring.keys(parent),
+            &card.public_key,
+            now - since,
+            wait,
+        ) else {
+            return Ok(());
+        };
+        card.public_key = key;
+        info!(
+            "rotate: parent rank {parent} has not answered for {} ms; trying its other configured key {}",
+            now - since,
+            z85::encode(&key)
+        );
+        self.connect_parent()
     }
 
     /// Listen again on the same endpoint with the new server key.

@@ -318,6 +318,25 @@ impl KeyRing {
     }
 }
 
+/// Joining a parent that has not answered for `silent_ms`: after `wait_ms`,
+/// the next of its configured keys (current, next) to try, if it has more
+/// than one.
+pub fn other_key(
+    keys: &[[u8; 32]],
+    trying: &[u8; 32],
+    silent_ms: u64,
+    wait_ms: u64,
+) -> Option<[u8; 32]> {
+    if keys.len() < 2 || silent_ms < wait_ms {
+        return None;
+    }
+    let i = keys
+        .iter()
+        .position(|k| k == trying)
+        .map_or(0, |i| (i + 1) % keys.len());
+    Some(keys[i])
+}
+
 /// A queued message: the encoded header and the payload.
 pub type Queued = (Vec<u8>, zmq::Message);
 
@@ -557,6 +576,16 @@ mod tests {
         assert!(r.ready(40, |_| false));
         let mut late = Rebind::new([3], 0, 1000);
         assert!(late.ready(1000, |_| true));
+    }
+
+    #[test]
+    fn a_silent_parent_is_tried_with_its_other_key() {
+        let ks = [key(1), key(2)];
+        assert_eq!(other_key(&ks, &key(1), 100, 500), None, "not yet");
+        assert_eq!(other_key(&ks, &key(1), 600, 500), Some(key(2)));
+        assert_eq!(other_key(&ks, &key(2), 600, 500), Some(key(1)));
+        assert_eq!(other_key(&ks, &key(9), 600, 500), Some(key(1)));
+        assert_eq!(other_key(&ks[..1], &key(1), 9999, 500), None);
     }
 
     #[test]

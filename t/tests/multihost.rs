@@ -372,15 +372,98 @@ fn traffic(uri: String, targets: Vec<u32>, stop: Arc<AtomicBool>) -> (u64, Vec<S
     (ok, failed)
 }
 
-/// The `... in N ms` figure of the first log line containing `what`.
-fn ms_in(log: &str, what: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains(what))?;
-    let after = line.split(what).nth(1)?;
-    after
-        .split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())?
-        .parse()
-        .ok()
+/// The `... in N ms` figures of the log lines containing `what`.
+fn ms_in(log: &str, what: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split(what).nth(1))
+        .filter_map(|after| {
+            after
+                .split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Occurrences of `what` in host `slot`'s log.
+fn count(site: &Site, slot: usize, what: &str) -> usize {
+    site.log(slot).matches(what).count()
+}
+
+const UP_MOVED: &str = "parent link re-established on a new connection in ";
+const REBOUND: &str = "listening for children with the new key ";
+
+/// `canopy key new`, `key reload`, `key switch`: rank `rank` (host
+/// node<rank>) moves to a new key; returns it (Z85) once every link of
+/// that rank has moved (its parent link, and each child's link to it).
+fn switch(site: &Site, rank: u32, children: &[u32]) -> (String, Duration) {
+    let cfg = site.cfg();
+    let uri0 = site.uri(0);
+    let host = format!("node{rank}");
+    let (ok, out) = site.canopy(&["key", "new", &host, "--config", &cfg]);
+    assert!(ok, "{out}");
+    let mode = std::fs::metadata(site.path(&format!("sec/{host}.key_secret.next")))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "next secret readable by others");
+    let new_pub = site.public_z85(&format!("pub/{host}.key.next"));
+    let (ok, out) = site.canopy(&["key", "reload", "--uri", &uri0]);
+    assert!(ok, "{out}");
+    assert!(out.contains("rank 0:") && out.contains("rank 3:"), "{out}");
+    let up_before = count(site, rank as usize, UP_MOVED);
+    let rebind_before = count(site, rank as usize, REBOUND);
+    let kids_before: Vec<usize> = children
+        .iter()
+        .map(|c| count(site, *c as usize, UP_MOVED))
+        .collect();
+    let t0 = Instant::now();
+    let (ok, out) = site.canopy(&["key", "switch", &host, "--config", &cfg, "--uri", &uri0]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&new_pub), "{out}");
+    let moved = wait_until(Duration::from_secs(10), || {
+        (rank == 0 || count(site, rank as usize, UP_MOVED) > up_before)
+            && (children.is_empty() || count(site, rank as usize, REBOUND) > rebind_before)
+            && children
+                .iter()
+                .zip(&kids_before)
+                .all(|(c, b)| count(site, *c as usize, UP_MOVED) > *b)
+    });
+    let took = t0.elapsed();
+    assert!(moved, "{host}'s links did not move:\n{}", site.logs());
+    let (ok, out) = site.canopy(&[
+        "overlay",
+        "status",
+        "--rank",
+        &rank.to_string(),
+        "--json",
+        "--uri",
+        &uri0,
+    ]);
+    assert!(
+        ok && out.contains(&new_pub),
+        "{host} does not use its new key: {out}"
+    );
+    (new_pub, took)
+}
+
+/// `canopy key retire`: the next key replaces the old one everywhere.
+fn retire(site: &Site, rank: u32, new_pub: &str) {
+    let host = format!("node{rank}");
+    let (ok, out) = site.canopy(&[
+        "key",
+        "retire",
+        &host,
+        "--config",
+        &site.cfg(),
+        "--uri",
+        &site.uri(0),
+    ]);
+    assert!(ok, "{out}");
+    assert!(!site.path(&format!("pub/{host}.key.next")).exists());
+    assert!(!site.path(&format!("sec/{host}.key_secret.next")).exists());
+    assert_eq!(site.public_z85(&format!("pub/{host}.key")), new_pub);
 }
 
 #[test]
@@ -389,16 +472,13 @@ fn key_rotation_under_traffic_loses_nothing() {
         return;
     }
     netns::run_test(LIMIT, || {
-        let mut site = Site::new(1);
+        let mut site = Site::new(0);
         for r in 0..HOSTS as usize {
             site.start(r, &format!("node{r}"), "canopy.toml");
         }
         site.wait_full();
         ping_all(&site);
-        let cfg = site.cfg();
         let uri0 = site.uri(0);
-        let old_pub = site.public_z85("pub/node1.key");
-        let old_secret = std::fs::read(site.path("sec/node1.key_secret")).unwrap();
 
         // Traffic: from rank 0 down to every rank (through node1 to rank
         // 3), from rank 3 up through node1, and events published at rank 2
@@ -430,50 +510,18 @@ fn key_rotation_under_traffic_loses_nothing() {
                 (sent, failed)
             })
         };
-        std::thread::sleep(Duration::from_millis(500));
-
-        // 1. The next key.
-        let (ok, out) = site.canopy(&["key", "new", "node1", "--config", &cfg]);
-        assert!(ok, "{out}");
-        let new_pub = site.public_z85("pub/node1.key.next");
-        let mode = std::fs::metadata(site.path("sec/node1.key_secret.next"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "next secret readable by others");
-        // 2. Every broker admits both keys for rank 1.
-        let (ok, out) = site.canopy(&["key", "reload", "--uri", &uri0]);
-        assert!(ok, "{out}");
-        assert!(out.contains("rank 0:") && out.contains("rank 3:"), "{out}");
         std::thread::sleep(Duration::from_millis(300));
-        // 3. node1 switches, under traffic.
-        let t_switch = Instant::now();
-        let (ok, out) = site.canopy(&["key", "switch", "node1", "--config", &cfg, "--uri", &uri0]);
-        assert!(ok, "{out}");
-        assert!(out.contains(&new_pub), "{out}");
-        let relinked = wait_until(Duration::from_secs(10), || {
-            site.log(1).contains("parent link re-established")
-                && site
-                    .log(1)
-                    .contains("listening for children with the new key")
-                && site.log(3).contains("parent link re-established")
-        });
-        let relink_wall = t_switch.elapsed();
-        assert!(relinked, "links did not move:\n{}", site.logs());
-        site.wait_full();
-        let (ok, out) =
-            site.canopy(&["overlay", "status", "--rank", "1", "--json", "--uri", &uri0]);
-        assert!(
-            ok && out.contains(&new_pub),
-            "rank 1 does not use the new key: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        // 4. Retire the old key.
-        let (ok, out) = site.canopy(&["key", "retire", "node1", "--config", &cfg, "--uri", &uri0]);
-        assert!(ok, "{out}");
-        assert!(!site.path("pub/node1.key.next").exists());
-        assert_eq!(site.public_z85("pub/node1.key"), new_pub);
-        std::thread::sleep(Duration::from_millis(500));
+
+        // node1 (a parent link and a child), then the root (children
+        // only), then a leaf (a parent link only): each rotated fully.
+        let mut took = Vec::new();
+        for (rank, children) in [(1u32, vec![3u32]), (0, vec![1, 2]), (3, vec![])] {
+            let (new_pub, t) = switch(&site, rank, &children);
+            took.push((rank, t));
+            std::thread::sleep(Duration::from_millis(300));
+            retire(&site, rank, &new_pub);
+            std::thread::sleep(Duration::from_millis(300));
+        }
         stop.store(true, Ordering::Relaxed);
         let (down_ok, down_failed) = t_down.join().unwrap();
         let (up_ok, up_failed) = t_up.join().unwrap();
@@ -492,28 +540,28 @@ fn key_rotation_under_traffic_loses_nothing() {
             }
         }
         let expected: Vec<u64> = (0..published).collect();
-        let relink_ms = [
-            (
-                "rank 1 parent link",
-                ms_in(&site.log(1), "re-established on a new connection in "),
-            ),
-            (
-                "rank 3 parent link",
-                ms_in(&site.log(3), "re-established on a new connection in "),
-            ),
-            ("rank 1 rebind", ms_in(&site.log(1), "new key ")),
-        ];
         for i in 0..HOSTS as usize {
             for l in site
                 .log(i)
                 .lines()
-                .filter(|l| l.contains("rotate") || l.contains("relink"))
+                .filter(|l| l.contains("rotate: ") || l.contains("relink"))
             {
                 println!("host{i}: {l}");
             }
         }
+        let moved: Vec<(usize, Vec<u64>, Vec<u64>)> = (0..HOSTS as usize)
+            .map(|i| {
+                (
+                    i,
+                    ms_in(&site.log(i), UP_MOVED),
+                    ms_in(&site.log(i), REBOUND),
+                )
+            })
+            .collect();
         println!(
-            "rotation under traffic: {down_ok} RPCs from rank 0, {up_ok} RPCs from rank 3, {published} events; relinks {relink_ms:?}; switch to relinked {relink_wall:?}"
+            "rotation of node1, node0, node3 under traffic: {down_ok} RPCs from rank 0 and {up_ok} from rank 3 answered, {} failed; {published} events, {} received in order; switch-to-moved {took:?}; per host (parent link moved in ms, rebound after ms): {moved:?}",
+            down_failed.len() + up_failed.len(),
+            got.len()
         );
         assert!(
             down_failed.is_empty() && up_failed.is_empty() && pub_failed.is_empty(),
@@ -522,20 +570,41 @@ fn key_rotation_under_traffic_loses_nothing() {
         );
         assert!(down_ok > 100 && up_ok > 100 && published > 50);
         assert_eq!(got, expected, "events lost, repeated or reordered");
-        assert!(
-            !site.log(1).contains("lost the parent link")
-                && !site.log(3).contains("lost the parent link"),
-            "a link was dropped instead of moved:\n{}",
-            site.logs()
-        );
+        for i in 0..HOSTS as usize {
+            assert!(
+                !site.log(i).contains("lost the parent link")
+                    && !site.log(i).contains("overlay: lost rank"),
+                "host{i}: a link was dropped instead of moved:\n{}",
+                site.logs()
+            );
+        }
+        drop(sub);
 
-        // The old key is no longer admitted: node1 restarts with its new
-        // key and rejoins; an impostor with the old key cannot.
+        // A child restarted in the middle of a rotation (its parent switched,
+        // the old key not yet retired) finds its parent with the next key.
+        let old_secret = std::fs::read(site.path("sec/node1.key_secret")).unwrap();
+        let old_pub = site.public_z85("pub/node1.key");
+        let (new_pub, _) = switch(&site, 1, &[3]);
+        site.stop(3);
+        site.start(3, "node3", "canopy.toml");
+        assert!(
+            wait_until(Duration::from_secs(10), || site
+                .log(3)
+                .contains("trying its other configured key")),
+            "node3 did not try node1's next key:\n{}",
+            site.log(3)
+        );
+        site.wait_full();
+        ping_all(&site);
+        retire(&site, 1, &new_pub);
+
+        // The retired key is no longer admitted: an impostor holding it on
+        // node1's host is refused by rank 0; node1 restarts with its new
+        // key and rejoins.
         site.stop(1);
         assert!(wait_until(Duration::from_secs(10), || site.rank_state(1) != "online"));
         std::fs::write(site.path("imp/node1.key_secret"), &old_secret).unwrap();
         chmod(&site.path("imp/node1.key_secret"), 0o600);
-        // On node1's own host (it needs node1's address to listen on).
         site.start(1, "node1", "impostor.toml");
         let old_principal = format!("curve:{old_pub}");
         assert!(
@@ -550,7 +619,6 @@ fn key_rotation_under_traffic_loses_nothing() {
         site.start(1, "node1", "canopy.toml");
         site.wait_full();
         ping_all(&site);
-        drop(sub);
         site.procs.clear();
         site.net.destroy().unwrap();
     });
