@@ -500,6 +500,7 @@ impl RotState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canopy_security::z85;
 
     fn key(b: u8) -> [u8; 32] {
         [b; 32]
@@ -586,6 +587,43 @@ mod tests {
         assert_eq!(other_key(&ks, &key(2), 600, 500), Some(key(1)));
         assert_eq!(other_key(&ks, &key(9), 600, 500), Some(key(1)));
         assert_eq!(other_key(&ks[..1], &key(1), 9999, 500), None);
+    }
+
+    #[test]
+    fn new_then_retire_moves_the_files_and_refuses_to_overwrite() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("pub")).unwrap();
+        let text = format!(
+            "[bootstrap]\ncurve_cert = \"{0}/%h.key_secret\"\ncurve_public_certs = \"{0}/pub\"\nhosts = [ {{ host = \"n[0-1]\" }} ]\n",
+            d.path().display()
+        );
+        let config = Config::parse(&text, "t.toml").unwrap();
+        let (rank, sn, pn, key) = write_next(&config, "n1").unwrap();
+        assert_eq!(rank, 1);
+        assert_eq!(sn, d.path().join("n1.key_secret.next"));
+        assert_eq!(pn, d.path().join("pub/n1.key.next"));
+        let mode = std::fs::metadata(&sn).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+        let e = write_next(&config, "n1").unwrap_err().to_string();
+        assert!(
+            e.contains("already exists") && e.contains("in progress"),
+            "{e}"
+        );
+        assert!(write_next(&config, "n9")
+            .unwrap_err()
+            .to_string()
+            .contains("not in the [bootstrap] hosts"));
+        let moved = promote_next(&config, "n1").unwrap();
+        assert_eq!(
+            moved,
+            vec![d.path().join("n1.key_secret"), d.path().join("pub/n1.key")]
+        );
+        assert!(!sn.exists() && !pn.exists());
+        let now = load_public_key(&d.path().join("pub/n1.key")).unwrap();
+        assert_eq!(z85::encode(&now), key);
+        // Nothing left to retire.
+        let e = promote_next(&config, "n1").unwrap_err().to_string();
+        assert!(e.contains("canopy key new n1"), "{e}");
     }
 
     #[test]

@@ -350,7 +350,9 @@ fn traffic(uri: String, targets: Vec<u32>, stop: Arc<AtomicBool>) -> (u64, Vec<S
     let mut ok = 0u64;
     let mut failed = Vec::new();
     let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    // Stops at the first failure: the test fails anyway, and a thread left
+    // spinning against dead brokers would only slow the other tests.
+    while !stop.load(Ordering::Relaxed) && failed.is_empty() {
         let mut tags = Vec::with_capacity(WINDOW);
         for i in 0..WINDOW {
             let rank = targets[(n as usize + i) % targets.len()];
@@ -500,7 +502,7 @@ fn key_rotation_under_traffic_loses_nothing() {
                 let mut c = Client::connect(Some(&u)).unwrap();
                 let mut sent = 0u64;
                 let mut failed = Vec::new();
-                while !s.load(Ordering::Relaxed) {
+                while !s.load(Ordering::Relaxed) && failed.is_empty() {
                     match c.publish("rot.tick", sent.to_string().as_bytes(), RPC_TIMEOUT) {
                         Ok(_) => sent += 1,
                         Err(e) => failed.push(e.to_string()),
