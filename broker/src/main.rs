@@ -768,8 +768,26 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
         KeyCmd::Switch { host, config, uri } => {
             let cfg = load(&config)?;
             let (rank, _, _) = rotate::host_paths(&cfg, &host)?;
-            println!("{}", tools::key_switch(uri.as_deref(), rank, t)?);
-            Ok(0)
+            let (reply, st, took) =
+                tools::key_switch(uri.as_deref(), rank, t, Duration::from_secs(30))?;
+            println!("{reply}");
+            if st.settled() {
+                println!(
+                    "rank {rank}: links moved to key {} in {:.1} ms",
+                    st.public_key,
+                    took.as_secs_f64() * 1e3
+                );
+                Ok(0)
+            } else {
+                println!(
+                    "rank {rank}: links still moving after {:.1} s (parent moving: {}, children moving: {:?}, rebinding: {}); see its log",
+                    took.as_secs_f64(),
+                    st.parent_moving,
+                    st.children_moving,
+                    st.rebinding
+                );
+                Ok(1)
+            }
         }
         KeyCmd::Retire {
             host,

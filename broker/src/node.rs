@@ -1584,6 +1584,7 @@ impl Broker {
             "event.subscribe" | "event.unsubscribe" => Some(Roles::USER),
             DISCONNECT_TOPIC | "acl.reload" | "acl.check" => Some(Roles::ADMIN),
             crate::rotate::SWITCH_TOPIC | crate::rotate::RELOAD_TOPIC => Some(Roles::ADMIN),
+            crate::rotate::STATUS_TOPIC => Some(Roles::USER),
             t => self.modules.lookup(t),
         }
     }
@@ -1692,6 +1693,7 @@ impl Broker {
             DISCONNECT_TOPIC => return self.disconnect_child(h, payload),
             crate::rotate::SWITCH_TOPIC => return self.key_switch(h),
             crate::rotate::RELOAD_TOPIC => return self.key_reload_rpc(h),
+            crate::rotate::STATUS_TOPIC => return self.key_status_rpc(h),
             "acl.reload" => {
                 return match self.authz.reload() {
                     Ok(msg) => {

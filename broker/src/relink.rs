@@ -88,6 +88,25 @@ impl Broker {
         }
     }
 
+    /// `key.status`: the key in use and what is moving.
+    pub(super) fn key_status_rpc(&mut self, h: Header) {
+        let mut children_moving: Vec<u32> = self.rot.held.keys().copied().collect();
+        if let Some(rb) = &self.rot.rebind {
+            children_moving.extend(rb.waiting.iter().copied());
+        }
+        children_moving.sort_unstable();
+        children_moving.dedup();
+        let st = crate::rotate::KeyStatus {
+            rank: self.rank,
+            public_key: self.keys.public_z85(),
+            parent_moving: self.rot.up.active(),
+            children_moving,
+            rebinding: self.rot.rebind.is_some(),
+        };
+        let body = serde_json::to_vec(&st).unwrap_or_default();
+        self.respond(&h, Payload::Bytes(body))
+    }
+
     fn relink_limit_ms(&self) -> u64 {
         self.timing.lost_ms.clamp(1000, 10_000)
     }

@@ -52,6 +52,31 @@ pub const DRAINED_TOPIC: &str = "overlay.drained";
 /// Control, parent to child: "relink to me with this server key" (Z85).
 pub const REKEY_TOPIC: &str = "overlay.rekey";
 
+/// User: this broker's key and whether any of its links is moving (JSON
+/// [`KeyStatus`]).
+pub const STATUS_TOPIC: &str = "key.status";
+
+/// The answer to `key.status`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyStatus {
+    pub rank: u32,
+    /// The public key in use (Z85).
+    pub public_key: String,
+    /// The parent link is moving to a new connection.
+    pub parent_moving: bool,
+    /// Children whose links are moving to this broker.
+    pub children_moving: Vec<u32>,
+    /// The ROUTER is waiting to rebind with a new key.
+    pub rebinding: bool,
+}
+
+impl KeyStatus {
+    /// No link of this broker is moving.
+    pub fn settled(&self) -> bool {
+        !self.parent_moving && self.children_moving.is_empty() && !self.rebinding
+    }
+}
+
 /// Suffix of the certificates of a key being introduced.
 pub const NEXT_SUFFIX: &str = ".next";
 

@@ -344,11 +344,38 @@ pub fn key_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult
     Ok(out)
 }
 
-/// `canopy key switch`: RANK's broker moves to its next key.
-pub fn key_switch(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ClientError> {
+/// `key.status` of RANK.
+pub fn key_status(
+    c: &mut Client,
+    rank: u32,
+    timeout: Duration,
+) -> Result<crate::rotate::KeyStatus, ClientError> {
+    let m = c.rpc(crate::rotate::STATUS_TOPIC, rank, b"", timeout)?;
+    serde_json::from_slice(&m.payload).map_err(|e| {
+        ClientError::Refused(format!("rank {rank} sent an unreadable key status: {e}"))
+    })
+}
+
+/// `canopy key switch`: RANK's broker moves to its next key; then wait
+/// (up to `wait`) until none of its links is moving. Returns the switch
+/// reply, and the final status with the time it took to settle.
+pub fn key_switch(
+    uri: Option<&str>,
+    rank: u32,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<(String, crate::rotate::KeyStatus, Duration), ClientError> {
     let mut c = Client::connect(uri)?;
+    let t0 = Instant::now();
     let m = c.rpc(crate::rotate::SWITCH_TOPIC, rank, b"", timeout)?;
-    Ok(String::from_utf8_lossy(&m.payload).into_owned())
+    let reply = String::from_utf8_lossy(&m.payload).into_owned();
+    loop {
+        let st = key_status(&mut c, rank, timeout)?;
+        if st.settled() || t0.elapsed() > wait {
+            return Ok((reply, st, t0.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The public key RANK's broker uses now (Z85).

@@ -153,9 +153,14 @@ impl Site {
             .open(self.path(&format!("host{slot}.log")))
             .unwrap();
         let mut cmd = host.command(canopy_bin());
-        cmd.args(["broker", "--config"])
-            .arg(self.path(config))
-            .args(["--hostname", name, "--force-root", "--rundir"])
+        cmd.args(["broker", "--config"]).arg(self.path(config));
+        if config == "canopy.toml" {
+            // The environment form of --hostname.
+            cmd.env("CANOPY_HOSTNAME", name);
+        } else {
+            cmd.args(["--hostname", name]);
+        }
+        cmd.args(["--force-root", "--rundir"])
             .arg(rundir)
             .env("RUST_LOG", "info")
             .env_remove("CANOPY_URI")
@@ -423,7 +428,13 @@ fn switch(site: &Site, rank: u32, children: &[u32]) -> (String, Duration) {
     let t0 = Instant::now();
     let (ok, out) = site.canopy(&["key", "switch", &host, "--config", &cfg, "--uri", &uri0]);
     assert!(ok, "{out}");
-    assert!(out.contains(&new_pub), "{out}");
+    assert!(
+        out.contains(&new_pub) && out.contains("links moved to key"),
+        "{out}"
+    );
+    if let Some(l) = out.lines().find(|l| l.contains("links moved")) {
+        println!("canopy key switch {host}: {l}");
+    }
     let moved = wait_until(Duration::from_secs(10), || {
         (rank == 0 || count(site, rank as usize, UP_MOVED) > up_before)
             && (children.is_empty() || count(site, rank as usize, REBOUND) > rebind_before)
