@@ -261,10 +261,9 @@ fn restarted_rank_0_gets_every_child_back() {
 fn impostor_keys_cannot_join() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(8);
-        for r in 0..7 {
-            c.start_node(r);
-        }
-        // Rank 7 with a well-formed key the config does not know.
+        // Rank 7 with a well-formed key the config does not know. (The
+        // files change before any broker starts: a broker reading its
+        // children's certificates while they are rewritten would fail.)
         let real = c.path("sec/n7.key_secret");
         let saved = std::fs::read(&real).unwrap();
         c.keygen("n7");
@@ -279,6 +278,9 @@ fn impostor_keys_cannot_join() {
             canopy_security::cert::public_text(&orig.keypair().unwrap(), "n7"),
         )
         .unwrap();
+        for r in 0..7 {
+            c.start_node(r);
+        }
         c.start_node(7);
         assert!(
             wait_until(Duration::from_secs(5), || c.log(3).contains("verdict=deny")),
