@@ -767,9 +767,19 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
         KeyCmd::Reload { uri } => Ok(print_rank_results(tools::key_reload(uri.as_deref(), t)?)),
         KeyCmd::Switch { host, config, uri } => {
             let cfg = load(&config)?;
-            let (rank, _, _) = rotate::host_paths(&cfg, &host)?;
-            let (reply, st, took) =
-                tools::key_switch(uri.as_deref(), rank, t, Duration::from_secs(30))?;
+            let (rank, _, public) = rotate::host_paths(&cfg, &host)?;
+            // The next key, if its public certificate is here to check the
+            // neighbours against.
+            let next = rotate::load_public_key(&rotate::next_path(&public))
+                .ok()
+                .map(|k| canopy_security::z85::encode(&k));
+            let (reply, st, took) = tools::key_switch(
+                uri.as_deref(),
+                rank,
+                next.as_deref(),
+                t,
+                Duration::from_secs(30),
+            )?;
             println!("{reply}");
             if st.settled() {
                 println!(

@@ -102,6 +102,7 @@ impl Broker {
             parent_moving: self.rot.up.active(),
             children_moving,
             rebinding: self.rot.rebind.is_some(),
+            admitted: self.rot.ring.z85_map(),
         };
         let body = serde_json::to_vec(&st).unwrap_or_default();
         self.respond(&h, Payload::Bytes(body))

@@ -68,6 +68,9 @@ pub struct KeyStatus {
     pub children_moving: Vec<u32>,
     /// The ROUTER is waiting to rebind with a new key.
     pub rebinding: bool,
+    /// The keys (Z85) this broker admits for each neighbour rank.
+    #[serde(default)]
+    pub admitted: std::collections::BTreeMap<u32, Vec<String>>,
 }
 
 impl KeyStatus {
@@ -308,6 +311,19 @@ impl KeyRing {
 
     pub fn keys(&self, rank: u32) -> &[[u8; 32]] {
         self.keys.get(&rank).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Every neighbour's admitted keys, as Z85.
+    pub fn z85_map(&self) -> std::collections::BTreeMap<u32, Vec<String>> {
+        self.keys
+            .iter()
+            .map(|(r, ks)| {
+                (
+                    *r,
+                    ks.iter().map(|k| canopy_security::z85::encode(k)).collect(),
+                )
+            })
+            .collect()
     }
 
     pub fn allows_key(&self, rank: u32, key: &[u8; 32]) -> bool {

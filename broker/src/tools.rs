@@ -362,11 +362,40 @@ pub fn key_status(
 pub fn key_switch(
     uri: Option<&str>,
     rank: u32,
+    next_key: Option<&str>,
     timeout: Duration,
     wait: Duration,
 ) -> Result<(String, crate::rotate::KeyStatus, Duration), ClientError> {
     let mut c = Client::connect(uri)?;
     let t0 = Instant::now();
+    if let Some(next) = next_key {
+        // Fail before switching if a neighbour would refuse the new key.
+        let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+        let r: StatusReport = serde_json::from_slice(&m.payload)
+            .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+        let topo = canopy_overlay::Topology::new(r.size, r.fanout)
+            .map_err(|e| ClientError::Refused(e.to_string()))?;
+        for n in topo.parent(rank).into_iter().chain(topo.children(rank)) {
+            let st = match key_status(&mut c, n, timeout) {
+                Ok(st) => st,
+                // Not online: it reads the certificates when it starts.
+                Err(ClientError::Remote {
+                    errnum: canopy_proto::errno::EHOSTUNREACH,
+                    ..
+                }) => continue,
+                Err(e) => return Err(e),
+            };
+            if !st
+                .admitted
+                .get(&rank)
+                .is_some_and(|ks| ks.iter().any(|k| k == next))
+            {
+                return Err(ClientError::Refused(format!(
+                    "rank {n} does not admit rank {rank}'s next key {next} yet: install its .next public certificate there and run `canopy key reload`; nothing was switched"
+                )));
+            }
+        }
+    }
     let m = c.rpc(crate::rotate::SWITCH_TOPIC, rank, b"", timeout)?;
     let reply = String::from_utf8_lossy(&m.payload).into_owned();
     loop {

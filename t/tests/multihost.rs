@@ -416,6 +416,10 @@ fn switch(site: &Site, rank: u32, children: &[u32]) -> (String, Duration) {
         .mode();
     assert_eq!(mode & 0o077, 0, "next secret readable by others");
     let new_pub = site.public_z85(&format!("pub/{host}.key.next"));
+    // Before the reload the neighbours would refuse the new key: the
+    // switch is refused and nothing changes.
+    let (ok, out) = site.canopy(&["key", "switch", &host, "--config", &cfg, "--uri", &uri0]);
+    assert!(!ok && out.contains("does not admit"), "{out}");
     let (ok, out) = site.canopy(&["key", "reload", "--uri", &uri0]);
     assert!(ok, "{out}");
     assert!(out.contains("rank 0:") && out.contains("rank 3:"), "{out}");
