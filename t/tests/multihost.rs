@@ -87,6 +87,11 @@ impl Site {
             )
             .unwrap();
         }
+        // Another local user may use the instance, but not administer it.
+        s.write(
+            "policy.toml",
+            &format!("[[rule]]\nname = \"other-user\"\nprincipal = \"unix:{OTHER_USER}\"\nroles = [\"user\"]\n"),
+        );
         s.write("canopy.toml", &s.config_text("sec"));
         // Impostors use the same host list (same fingerprint) but read
         // their secret from imp/.
@@ -105,7 +110,7 @@ impl Site {
             })
             .collect();
         format!(
-            "[bootstrap]\ndefault_port = {PORT}\ncurve_cert = \"{d}/{secdir}/%h.key_secret\"\ncurve_public_certs = \"{d}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n"
+            "[bootstrap]\ndefault_port = {PORT}\ncurve_cert = \"{d}/{secdir}/%h.key_secret\"\ncurve_public_certs = \"{d}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"{d}/policy.toml\"\n"
         )
     }
 
@@ -236,6 +241,55 @@ impl Site {
         let c = canopy_security::cert::load_public(&self.path(file)).unwrap();
         canopy_security::z85::encode(&c.public)
     }
+}
+
+const OTHER_USER: &str = "canopy-t-other";
+
+/// The uid of OTHER_USER, creating it if needed (as t/tests/security.rs).
+fn other_user() -> u32 {
+    let lookup = || {
+        nix::unistd::User::from_name(OTHER_USER)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    };
+    if let Some(uid) = lookup() {
+        return uid;
+    }
+    let out = canopy_t::run_command(
+        std::process::Command::new("useradd").args(["--system", "--no-create-home", OTHER_USER]),
+        Duration::from_secs(30),
+    );
+    lookup().unwrap_or_else(|| {
+        panic!(
+            "cannot create user {OTHER_USER}: {:?}\n{}",
+            out.status,
+            text(&out.stderr)
+        )
+    })
+}
+
+/// Run a copy of `canopy` (in the site's directory) as OTHER_USER.
+fn canopy_as_other_user(site: &Site, args: &[&str]) -> (bool, String) {
+    other_user();
+    let copy = site.path("canopy");
+    if !copy.exists() {
+        std::fs::copy(canopy_bin(), &copy).unwrap();
+        chmod(&copy, 0o755);
+    }
+    let out = canopy_t::run_command(
+        std::process::Command::new("runuser")
+            .args(["-u", OTHER_USER, "--"])
+            .arg(&copy)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env_remove("CANOPY_URI"),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
 }
 
 fn ping_all(site: &Site) {
@@ -496,6 +550,33 @@ fn key_rotation_under_traffic_loses_nothing() {
         site.wait_full();
         ping_all(&site);
         let uri0 = site.uri(0);
+
+        // A user who is not an admin may read key.status but not reload
+        // or switch keys.
+        let (ok, out) = canopy_as_other_user(
+            &site,
+            &["ping", "--rank", "1", "--count", "1", "--uri", &uri0],
+        );
+        assert!(ok, "the other user cannot use the instance at all: {out}");
+        let (ok, out) = canopy_as_other_user(&site, &["key", "reload", "--uri", &uri0]);
+        assert!(!ok && out.contains("admin"), "{out}");
+        let before = site.public_z85("pub/node1.key");
+        let (ok, out) = canopy_as_other_user(
+            &site,
+            &[
+                "key",
+                "switch",
+                "node1",
+                "--config",
+                &site.cfg(),
+                "--uri",
+                &uri0,
+            ],
+        );
+        assert!(!ok && out.contains("admin"), "{out}");
+        let (ok, out) =
+            site.canopy(&["overlay", "status", "--rank", "1", "--json", "--uri", &uri0]);
+        assert!(ok && out.contains(&before), "{out}");
 
         // Traffic: from rank 0 down to every rank (through node1 to rank
         // 3), from rank 3 up through node1, and events published at rank 2
