@@ -303,7 +303,11 @@ impl Broker {
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
         s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
-        s.set_reconnect_ivl(20).map_err(zerr("set reconnect_ivl"))?;
+        // The new connection may first meet the parent's old listener
+        // (rebinding with a new key): retry soon, backing off to 1 s.
+        s.set_reconnect_ivl(5).map_err(zerr("set reconnect_ivl"))?;
+        s.set_reconnect_ivl_max(1000)
+            .map_err(zerr("set reconnect_ivl_max"))?;
         let gen = RELINK_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rid = format!("{}:{:016x}:{gen}", self.rank, self.session).into_bytes();
         s.set_identity(&rid).map_err(zerr("set identity"))?;

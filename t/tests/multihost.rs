@@ -401,18 +401,28 @@ fn four_hosts_reach_full_health_and_impostors_cannot_join() {
     });
 }
 
+/// What a traffic thread saw.
+struct Traffic {
+    answered: u64,
+    failed: Vec<String>,
+    /// The longest a window of requests took to be answered.
+    slowest: Duration,
+}
+
 /// Pipelined pings to `targets` from the broker at `uri`, WINDOW in flight,
-/// until `stop`; returns (answered, failures).
-fn traffic(uri: String, targets: Vec<u32>, stop: Arc<AtomicBool>) -> (u64, Vec<String>) {
+/// until `stop`.
+fn traffic(uri: String, targets: Vec<u32>, stop: Arc<AtomicBool>) -> Traffic {
     const WINDOW: usize = 16;
     let mut c = Client::connect(Some(&uri)).unwrap();
     let mut ok = 0u64;
     let mut failed = Vec::new();
     let mut n = 0u64;
+    let mut slowest = Duration::ZERO;
     // Stops at the first failure: the test fails anyway, and a thread left
     // spinning against dead brokers would only slow the other tests.
     while !stop.load(Ordering::Relaxed) && failed.is_empty() {
         let mut tags = Vec::with_capacity(WINDOW);
+        let t0 = Instant::now();
         for i in 0..WINDOW {
             let rank = targets[(n as usize + i) % targets.len()];
             let payload = format!("{n}-{i}");
@@ -428,9 +438,14 @@ fn traffic(uri: String, targets: Vec<u32>, stop: Arc<AtomicBool>) -> (u64, Vec<S
                 Err(e) => failed.push(format!("rank {rank}: {e}")),
             }
         }
+        slowest = slowest.max(t0.elapsed());
         n += 1;
     }
-    (ok, failed)
+    Traffic {
+        answered: ok,
+        failed,
+        slowest,
+    }
 }
 
 /// The `... in N ms` figures of the log lines containing `what`.
@@ -621,8 +636,10 @@ fn key_rotation_under_traffic_loses_nothing() {
             std::thread::sleep(Duration::from_millis(300));
         }
         stop.store(true, Ordering::Relaxed);
-        let (down_ok, down_failed) = t_down.join().unwrap();
-        let (up_ok, up_failed) = t_up.join().unwrap();
+        let down = t_down.join().unwrap();
+        let up = t_up.join().unwrap();
+        let (down_ok, down_failed, up_ok, up_failed) =
+            (down.answered, down.failed, up.answered, up.failed);
         let (published, pub_failed) = t_pub.join().unwrap();
 
         // Every event arrives at rank 3, once, in order.
@@ -657,9 +674,11 @@ fn key_rotation_under_traffic_loses_nothing() {
             })
             .collect();
         println!(
-            "rotation of node1, node0, node3 under traffic: {down_ok} RPCs from rank 0 and {up_ok} from rank 3 answered, {} failed; {published} events, {} received in order; switch-to-moved {took:?}; per host (parent link moved in ms, rebound after ms): {moved:?}",
+            "rotation of node1, node0, node3 under traffic: {down_ok} RPCs from rank 0 and {up_ok} from rank 3 answered, {} failed; {published} events, {} received in order; switch-to-moved {took:?}; slowest window of 16 RPCs: {:?} from rank 0, {:?} from rank 3; per host (parent link moved in ms, rebound after ms): {moved:?}",
             down_failed.len() + up_failed.len(),
-            got.len()
+            got.len(),
+            down.slowest,
+            up.slowest
         );
         assert!(
             down_failed.is_empty() && up_failed.is_empty() && pub_failed.is_empty(),
