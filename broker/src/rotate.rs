@@ -360,15 +360,15 @@ impl KeyRing {
 }
 
 /// Joining a parent that has not answered for `silent_ms`: after `wait_ms`,
-/// the next of its configured keys (current, next) to try, if it has more
-/// than one.
+/// the next of its configured keys (current, next) to try, if there is
+/// another one (a retired key being tried counts as no key).
 pub fn other_key(
     keys: &[[u8; 32]],
     trying: &[u8; 32],
     silent_ms: u64,
     wait_ms: u64,
 ) -> Option<[u8; 32]> {
-    if keys.len() < 2 || silent_ms < wait_ms {
+    if keys.is_empty() || keys == [*trying] || silent_ms < wait_ms {
         return None;
     }
     let i = keys
@@ -628,6 +628,9 @@ mod tests {
         assert_eq!(other_key(&ks, &key(2), 600, 500), Some(key(1)));
         assert_eq!(other_key(&ks, &key(9), 600, 500), Some(key(1)));
         assert_eq!(other_key(&ks[..1], &key(1), 9999, 500), None);
+        // The key being tried was retired meanwhile: use the one left.
+        assert_eq!(other_key(&ks[1..], &key(1), 9999, 500), Some(key(2)));
+        assert_eq!(other_key(&[], &key(1), 9999, 500), None);
     }
 
     #[test]
