@@ -703,6 +703,7 @@ fn key_rotation_under_traffic_loses_nothing() {
         let old_pub = site.public_z85("pub/node1.key");
         let (new_pub, _) = switch(&site, 1, &[3]);
         site.stop(3);
+        assert!(wait_until(Duration::from_secs(10), || site.rank_state(3) != "online"));
         site.start(3, "node3", "canopy.toml");
         assert!(
             wait_until(Duration::from_secs(10), || site

@@ -424,3 +424,82 @@ fn bad_system_input_is_refused_clearly() {
         }
     });
 }
+
+#[test]
+fn key_commands_refuse_bad_input_clearly() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        for r in 0..2 {
+            c.start_node(r);
+        }
+        c.wait_full(Duration::from_secs(15));
+        let cfg = c.path("canopy.toml");
+        let cfg = cfg.to_str().unwrap();
+        let uri = c.uri(0);
+        let key = |args: &[&str]| {
+            let out = run_canopy(args, &[], Duration::from_secs(30));
+            (
+                out.status.success(),
+                format!("{}{}", text(&out.stdout), text(&out.stderr)),
+            )
+        };
+        // A host that is not in the config.
+        let (ok, e) = key(&["key", "new", "elsewhere", "--config", cfg]);
+        assert!(
+            !ok && e.contains("elsewhere") && e.contains("[bootstrap] hosts"),
+            "{e}"
+        );
+        // Switch or retire with no next key.
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(
+            !ok && e.contains("n1.key_secret.next") && e.contains("canopy key new"),
+            "{e}"
+        );
+        let (ok, e) = key(&[
+            "key", "retire", "n1", "--config", cfg, "--uri", &uri, "--force",
+        ]);
+        assert!(!ok && e.contains("canopy key new n1"), "{e}");
+        // A next key twice.
+        let (ok, e) = key(&["key", "new", "n1", "--config", cfg]);
+        assert!(ok, "{e}");
+        let (ok, e) = key(&["key", "new", "n1", "--config", cfg]);
+        assert!(!ok && e.contains("already exists"), "{e}");
+        // Retiring before switching would lock the node out.
+        let (ok, e) = key(&["key", "retire", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(!ok && e.contains("canopy key switch n1"), "{e}");
+        // A next secret that others can read is refused by the broker.
+        let (ok, e) = key(&["key", "reload", "--uri", &uri]);
+        assert!(ok, "{e}");
+        let next = c.path("sec/n1.key_secret.next");
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(!ok && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A public certificate that others can write is refused at reload,
+        // and the keys in force stay.
+        let pubnext = c.path("pub/n1.key.next");
+        std::fs::set_permissions(&pubnext, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (ok, e) = key(&["key", "reload", "--uri", &uri]);
+        assert!(
+            !ok && e.contains("chmod go-w") && e.contains("stay in force"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pubnext, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Then the whole rotation, on 127.0.0.1.
+        let (ok, e) = key(&["key", "reload", "--uri", &uri]);
+        assert!(ok, "{e}");
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(ok && e.contains("links moved"), "{e}");
+        let (ok, e) = key(&["key", "retire", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(ok, "{e}");
+        c.assert_all_answer();
+        // Restarted, n1 uses its new key and rejoins.
+        c.kill_node(1);
+        assert!(wait_until(Duration::from_secs(10), || c
+            .status()
+            .is_some_and(|s| s["ranks"][1]["state"] != "online")));
+        c.start_node(1);
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+    });
+}
