@@ -99,9 +99,7 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
             "mechanism \"gssapi\" is not available in this release; use mechanism = \"curve\"",
         ));
     }
-    let topo = config.topology().kary().ok_or_else(|| {
-        cfg_err("per-host `parent` overrides that differ from the k-ary tree are not supported by this broker yet; remove them and set `fanout`")
-    })?;
+    let topo = config.topology().to_overlay().map_err(cfg_err)?;
     let _span = tracing::error_span!("broker", rank).entered();
 
     // This node's own key, and its neighbours' public keys.

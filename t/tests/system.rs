@@ -513,3 +513,86 @@ fn key_commands_refuse_bad_input_clearly() {
         c.assert_all_answer();
     });
 }
+
+#[test]
+fn parent_overrides_shape_the_tree() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(5);
+        // 0 <- 3 <- 1 <- 2, and 0 <- 4: a parent may have a higher rank.
+        let parents = ["", "n3", "n1", "n0", "n0"];
+        let hosts: String = (0..5)
+            .map(|r| {
+                let p = c.ports[r];
+                let parent = if parents[r].is_empty() {
+                    String::new()
+                } else {
+                    format!(", parent = \"{}\"", parents[r])
+                };
+                format!(
+                    "  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\"{parent} }},\n"
+                )
+            })
+            .collect();
+        c.write("custom.toml", &c.config_text(&hosts));
+        for r in [2, 1, 0, 4, 3] {
+            c.start_as(r, &format!("n{r}"), "custom.toml");
+        }
+        c.wait_full(Duration::from_secs(15));
+        let s = c.status().unwrap();
+        let parent_of = |r: usize| {
+            s["ranks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["rank"] == r)
+                .unwrap()["parent"]
+                .clone()
+        };
+        assert_eq!(parent_of(1), 3, "{s}");
+        assert_eq!(parent_of(2), 1, "{s}");
+        assert_eq!(parent_of(4), 0, "{s}");
+        // Requests route along the configured tree, from the root and
+        // from the deepest leaf across to the other branch.
+        c.assert_all_answer();
+        let mut leaf = c.client(2);
+        for r in 0..5 {
+            let m = leaf.rpc("broker.ping", r, b"x", RPC_TIMEOUT).unwrap();
+            assert_eq!(m.header.nodeid, r);
+        }
+        // The rendered tree follows the parents.
+        let out = run_canopy(&["overlay", "status", "--uri", &c.uri(0)], &[], RPC_TIMEOUT);
+        let t = text(&out.stdout);
+        let line = |r: u32| {
+            t.lines()
+                .position(|l| l.contains(&format!("─ {r}: ")))
+                .unwrap()
+        };
+        assert!(
+            line(3) < line(1) && line(1) < line(2) && line(2) < line(4),
+            "{t}"
+        );
+        // A middle rank of this tree rotates its key.
+        let cfg = c.path("custom.toml");
+        let cfg = cfg.to_str().unwrap();
+        let uri = c.uri(0);
+        for args in [
+            vec!["key", "new", "n3", "--config", cfg],
+            vec!["key", "reload", "--uri", &uri],
+            vec!["key", "switch", "n3", "--config", cfg, "--uri", &uri],
+            vec!["key", "retire", "n3", "--config", cfg, "--uri", &uri],
+        ] {
+            let out = run_canopy(&args, &[], Duration::from_secs(30));
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        c.assert_all_answer();
+        for r in 0..5 {
+            let m = leaf.rpc("broker.ping", r, b"x", RPC_TIMEOUT).unwrap();
+            assert_eq!(m.header.nodeid, r);
+        }
+    });
+}
