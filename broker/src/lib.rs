@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod error;
 pub mod launcher;
 pub mod node;
+pub mod rotate;
 pub mod system;
 pub mod tools;
 

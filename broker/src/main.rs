@@ -90,8 +90,9 @@ enum Cmd {
         /// (docs/config.md); this node's rank is its hostname's index.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// With --config: this node's name in the host list.
-        #[arg(long, requires = "config")]
+        /// With --config: this node's name in the host list (default: the
+        /// hostname).
+        #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
         hostname: Option<String>,
         /// With --config: allow running as root (not recommended).
         #[arg(long, requires = "config")]
@@ -153,6 +154,12 @@ enum Cmd {
         /// Print the public certificate of the existing secret PATH instead.
         #[arg(long)]
         public: bool,
+    },
+    /// Rotate a system-instance node's CURVE key without downtime: new,
+    /// reload, switch, retire (docs/operations.md).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
     },
     /// Validate a system-instance config; errors name file, line and key.
     Config {
@@ -233,6 +240,50 @@ impl TimingArgs {
 enum ConfigCmd {
     /// Load and validate PATH (a file, or a directory of *.toml).
     Check { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Write HOST's next key beside its current certificates:
+    /// <curve_cert>.next (secret, 0600) and <public cert>.next.
+    New {
+        host: String,
+        /// The system-instance config (file or directory).
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Every broker re-reads its neighbours' public certificates, current
+    /// and .next, and admits both keys (needs admin). Also done by SIGHUP.
+    Reload {
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// HOST's broker switches to its .next key and moves its links to it,
+    /// without losing messages (needs admin). Run `canopy key reload` first.
+    Switch {
+        host: String,
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Finish: HOST's .next certificates replace its current ones, then
+    /// every broker reloads, so the old key is no longer admitted.
+    Retire {
+        host: String,
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+        /// Retire even if HOST's broker still uses its old key (it will not
+        /// be able to reconnect).
+        #[arg(long)]
+        force: bool,
+        /// Only move the files (e.g. on each node whose public certificate
+        /// directory is not shared); do not reload the brokers.
+        #[arg(long)]
+        no_reload: bool,
+        #[arg(long)]
+        uri: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -518,6 +569,7 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Key { cmd } => key_cmd(cmd),
         Cmd::Acl {
             cmd: AclCmd::Reload { uri },
         } => {
@@ -675,4 +727,103 @@ fn policy_from_allow(allow: &[String]) -> Result<String> {
     }
     canopy_acl::Acl::parse(&out, "--allow").map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(out)
+}
+
+fn print_rank_results(results: Vec<tools::RankResult>) -> i32 {
+    let mut failed = 0;
+    for (rank, r) in results {
+        match r {
+            Ok(msg) => println!("rank {rank}: {msg}"),
+            Err(e) => {
+                failed += 1;
+                println!("rank {rank}: refused: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        1
+    } else {
+        0
+    }
+}
+
+fn key_cmd(cmd: KeyCmd) -> Result<i32> {
+    use canopy_broker::rotate;
+    let t = Duration::from_secs(10);
+    let load =
+        |p: &std::path::Path| canopy_config::Config::load(p).map_err(|e| anyhow::anyhow!("{e}"));
+    match cmd {
+        KeyCmd::New { host, config } => {
+            let cfg = load(&config)?;
+            let (rank, sn, pn, key) = rotate::write_next(&cfg, &host)?;
+            println!(
+                "wrote {} (secret, mode 0600) and {} (public key {key}) for rank {rank}",
+                sn.display(),
+                pn.display()
+            );
+            println!("next: copy the public certificate to every node if its directory is not shared, then `canopy key reload`");
+            Ok(0)
+        }
+        KeyCmd::Reload { uri } => Ok(print_rank_results(tools::key_reload(uri.as_deref(), t)?)),
+        KeyCmd::Switch { host, config, uri } => {
+            let cfg = load(&config)?;
+            let (rank, _, public) = rotate::host_paths(&cfg, &host)?;
+            // The next key, if its public certificate is here to check the
+            // neighbours against.
+            let next = rotate::load_public_key(&rotate::next_path(&public))
+                .ok()
+                .map(|k| canopy_security::z85::encode(&k));
+            let (reply, st, took) = tools::key_switch(
+                uri.as_deref(),
+                rank,
+                next.as_deref(),
+                t,
+                Duration::from_secs(30),
+            )?;
+            println!("{reply}");
+            if st.settled() {
+                println!(
+                    "rank {rank}: links moved to key {} in {:.1} ms",
+                    st.public_key,
+                    took.as_secs_f64() * 1e3
+                );
+                Ok(0)
+            } else {
+                println!(
+                    "rank {rank}: links still moving after {:.1} s (parent moving: {}, children moving: {:?}, rebinding: {}); see its log",
+                    took.as_secs_f64(),
+                    st.parent_moving,
+                    st.children_moving,
+                    st.rebinding
+                );
+                Ok(1)
+            }
+        }
+        KeyCmd::Retire {
+            host,
+            config,
+            force,
+            no_reload,
+            uri,
+        } => {
+            let cfg = load(&config)?;
+            let (rank, _, public) = rotate::host_paths(&cfg, &host)?;
+            if !force && !no_reload {
+                let next = rotate::load_public_key(&rotate::next_path(&public))?;
+                let next = canopy_security::z85::encode(&next);
+                let used = tools::key_in_use(uri.as_deref(), rank, t)?;
+                anyhow::ensure!(
+                    used == next,
+                    "rank {rank} ({host}) still uses key {used}, not its next key {next}: run `canopy key switch {host}` first (or --force)"
+                );
+            }
+            for p in rotate::promote_next(&cfg, &host)? {
+                println!("{}: now holds the new key", p.display());
+            }
+            if no_reload {
+                return Ok(0);
+            }
+            Ok(print_rank_results(tools::key_reload(uri.as_deref(), t)?))
+        }
+    }
 }

@@ -29,6 +29,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
+// Key rotation: relinking a parent-child link (see crate::rotate).
+#[path = "relink.rs"]
+mod relink;
+
 /// Admin request to drop a child's link; also the control message telling
 /// the child.
 pub const DISCONNECT_TOPIC: &str = "overlay.disconnect";
@@ -431,6 +435,7 @@ pub struct Broker {
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr_buf: Vec<u8>,
+    rot: crate::rotate::RotState,
 }
 
 impl Broker {
@@ -529,6 +534,7 @@ impl Broker {
             pmi_fd,
             signals,
             hdr_buf: Vec::with_capacity(256),
+            rot: Default::default(),
         };
         if let Some(r) = &b.router {
             b.router_monitor = Some(disconnect_monitor(&b._ctx, r)?);
@@ -590,6 +596,7 @@ impl Broker {
     /// try to join again shortly.
     fn lose_parent(&mut self, reason: &str) {
         warn!("overlay: lost the parent link ({reason}); rejoining");
+        self.rot.up.abandon();
         for r in self.pending.fail_link(Link::Parent) {
             self.fail_in_flight(r, "the parent link was lost");
         }
@@ -606,6 +613,7 @@ impl Broker {
     /// The child's link is gone: mark its subtree lost and answer what was
     /// in flight over it.
     fn lose_child(&mut self, rank: u32, reason: &str) {
+        self.rot.held.remove(&rank);
         if let Some(link) = self.children.remove(&rank) {
             self.by_rid.remove(&link.rid);
         }
@@ -706,7 +714,8 @@ impl Broker {
         if let Some(at) = self.rejoin_at_ms {
             next = next.min(at);
         }
-        next.saturating_sub(now).clamp(1, 1000) as i64
+        let max = if self.rotation_busy() { 10 } else { 1000 };
+        next.saturating_sub(now).clamp(1, max) as i64
     }
 
     fn send_hello(&mut self) -> Result<(), BrokerError> {
@@ -838,6 +847,12 @@ impl Broker {
                     Ok(msg) => warn!("acl: SIGHUP: {msg}"),
                     Err(e) => error!("acl: SIGHUP: reload failed: {e}"),
                 }
+                if self.rot.files.is_some() {
+                    match self.reload_keys() {
+                        Ok(msg) => warn!("rotate: SIGHUP: {msg}"),
+                        Err(e) => error!("rotate: SIGHUP: key reload failed: {e}"),
+                    }
+                }
             }
             if pmi_r {
                 // The launcher never writes after the bootstrap: readable
@@ -862,6 +877,7 @@ impl Broker {
             if dmon_r
                 && self.dealer_monitor.as_ref().is_some_and(drain_monitor)
                 && self.parent_state == ParentState::Online
+                && !self.rot.up.active()
             {
                 self.lose_parent("the connection to the parent closed");
             }
@@ -875,6 +891,7 @@ impl Broker {
                 }
             }
             self.flush_health()?;
+            self.rotation_tick()?;
             self.flush_all_clients();
         }
     }
@@ -1355,6 +1372,9 @@ impl Broker {
                 }
             }
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == crate::rotate::RELINK_TOPIC => {
+                self.child_relink(rank, rid);
+            }
             MsgType::Control if h.topic == HEALTH_TOPIC => {
                 match serde_json::from_slice::<Vec<Delta>>(payload.as_slice()) {
                     Ok(deltas) => {
@@ -1380,6 +1400,9 @@ impl Broker {
         h: &Header,
         payload: &[u8],
     ) {
+        if self.relink_hello(&rid, user_id, h, payload) {
+            return;
+        }
         // A restarted child says hello with a new session while its old
         // session may still look online: if the old one has been silent
         // for two heartbeats, it is gone.
@@ -1395,13 +1418,14 @@ impl Broker {
             }
         }
         let verdict = Hello::decode(payload).and_then(|hello| {
+            let expected = self.hello_expected(hello.rank, user_id);
             HelloCheck {
                 topo: &self.topo,
                 my_rank: self.rank,
                 my_version: PROTOCOL_VERSION,
                 my_instance: &self.instance,
                 authenticated: user_id,
-                expected: self.expected.get(&hello.rank).map(String::as_str),
+                expected: expected.as_deref(),
                 online_session: self.children.get(&hello.rank).map(|c| c.session),
             }
             .check(&hello)
@@ -1496,6 +1520,13 @@ impl Broker {
         if let Some(p) = self.parent_peer.as_mut() {
             p.heard(now);
         }
+        if self.is_relink_answer(&h) {
+            self.up_joined(&h, &payload);
+            return Ok(());
+        }
+        if h.msg_type == MsgType::Control && self.rotation_control(&h, &payload)? {
+            return Ok(());
+        }
         match h.msg_type {
             MsgType::Response
                 if self.parent_state == ParentState::Joining
@@ -1567,6 +1598,9 @@ impl Broker {
     // ----- sending -----
 
     fn send_parent(&mut self, h: &Header, payload: Payload) -> Result<(), BrokerError> {
+        let Some(payload) = self.queue_up(h, payload) else {
+            return Ok(());
+        };
         let Some(dealer) = &self.dealer else {
             return Ok(());
         };
@@ -1583,6 +1617,9 @@ impl Broker {
 
     /// Send to a ROUTER peer by routing id. Returns false if it is gone.
     fn send_router_rid(&mut self, rid: &[u8], h: &Header, payload: Payload) -> bool {
+        let Some(payload) = self.queue_down(rid, h, payload) else {
+            return true;
+        };
         let Some(router) = &self.router else {
             return false;
         };
@@ -1618,6 +1655,8 @@ impl Broker {
             "event.pub" if self.rank == 0 => Some(Roles::OPERATOR),
             "event.subscribe" | "event.unsubscribe" => Some(Roles::USER),
             DISCONNECT_TOPIC | "acl.reload" | "acl.check" => Some(Roles::ADMIN),
+            crate::rotate::SWITCH_TOPIC | crate::rotate::RELOAD_TOPIC => Some(Roles::ADMIN),
+            crate::rotate::STATUS_TOPIC => Some(Roles::USER),
             t => self.modules.lookup(t),
         }
     }
@@ -1724,6 +1763,9 @@ impl Broker {
         match h.topic.as_str() {
             "event.pub" => return self.publish(h, payload),
             DISCONNECT_TOPIC => return self.disconnect_child(h, payload),
+            crate::rotate::SWITCH_TOPIC => return self.key_switch(h),
+            crate::rotate::RELOAD_TOPIC => return self.key_reload_rpc(h),
+            crate::rotate::STATUS_TOPIC => return self.key_status_rpc(h),
             "acl.reload" => {
                 return match self.authz.reload() {
                     Ok(msg) => {
@@ -1931,6 +1973,11 @@ impl Broker {
         }
         if let Some(router) = &self.router {
             for c in self.children.values() {
+                if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == c.rid) {
+                    held.queue
+                        .push((self.hdr_buf.clone(), zmq::Message::from(data)));
+                    continue;
+                }
                 let r = router
                     .send(&c.rid[..], zmq::SNDMORE | zmq::DONTWAIT)
                     .and_then(|()| router.send(&self.hdr_buf[..], zmq::SNDMORE | zmq::DONTWAIT))

@@ -99,9 +99,7 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
             "mechanism \"gssapi\" is not available in this release; use mechanism = \"curve\"",
         ));
     }
-    let topo = config.topology().kary().ok_or_else(|| {
-        cfg_err("per-host `parent` overrides that differ from the k-ary tree are not supported by this broker yet; remove them and set `fanout`")
-    })?;
+    let topo = config.topology().to_overlay().map_err(cfg_err)?;
     let _span = tracing::error_span!("broker", rank).entered();
 
     // This node's own key, and its neighbours' public keys.
@@ -187,7 +185,13 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
         owner_uid,
         timing,
     };
-    let broker = Broker::new(plan, bound, None, signals)?;
+    let files = crate::rotate::KeyFiles::from_config(
+        &config,
+        rank,
+        topo.parent(rank).into_iter().chain(topo.children(rank)),
+    )
+    .map_err(cfg_err)?;
+    let broker = Broker::new(plan, bound, None, signals)?.with_key_files(files)?;
     if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {
         let mut perm = p.permissions();
         perm.set_mode(0o666);

@@ -98,7 +98,6 @@ pub fn render_status(r: &StatusReport) -> String {
         prefix: &str,
         last: bool,
         root: bool,
-        fanout: u32,
     ) {
         let Some(x) = by_rank.get(&rank) else { return };
         let branch = if root {
@@ -123,29 +122,23 @@ pub fn render_status(r: &StatusReport) -> String {
             x.duration_s,
             x.reason
         ));
-        let kids: Vec<u32> = (1..=fanout)
-            .map(|i| rank as u64 * fanout as u64 + i as u64)
-            .filter(|k| by_rank.contains_key(&(*k as u32)))
-            .map(|k| k as u32)
+        // From each rank's parent, so that any tree shape renders.
+        let mut kids: Vec<u32> = by_rank
+            .values()
+            .filter(|x| x.parent == Some(rank))
+            .map(|x| x.rank)
             .collect();
+        kids.sort_unstable();
         let child_prefix = if root {
             prefix.to_string()
         } else {
             format!("{prefix}{}", if last { "   " } else { "│  " })
         };
         for (i, k) in kids.iter().enumerate() {
-            walk(
-                s,
-                by_rank,
-                *k,
-                &child_prefix,
-                i + 1 == kids.len(),
-                false,
-                fanout,
-            );
+            walk(s, by_rank, *k, &child_prefix, i + 1 == kids.len(), false);
         }
     }
-    walk(&mut s, &by_rank, r.rank, "", true, true, r.fanout);
+    walk(&mut s, &by_rank, r.rank, "", true, true);
     s
 }
 
@@ -188,15 +181,10 @@ pub fn event_sub(
 /// `canopy overlay disconnect RANK`: ask RANK's parent to drop its link.
 pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32, ClientError> {
     let mut c = Client::connect(uri)?;
-    let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
-    let r: StatusReport = serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
-    let topo = canopy_overlay::Topology::new(r.size, r.fanout)
-        .map_err(|e| ClientError::Refused(e.to_string()))?;
-    let parent = topo.parent(rank).ok_or_else(|| {
+    let (parents, size) = tree_of(&mut c, timeout)?;
+    let parent = parents.get(&rank).copied().flatten().ok_or_else(|| {
         ClientError::Refused(format!(
-            "rank {rank} has no parent (rank 0, or outside the instance of size {}); nothing to disconnect it from",
-            r.size
+            "rank {rank} has no parent (rank 0, or outside the instance of size {size}); nothing to disconnect it from"
         ))
     })?;
     c.rpc(
@@ -324,4 +312,111 @@ pub fn wait_health(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `canopy key reload`: every rank re-reads its neighbours' certificates.
+pub fn key_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ClientError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+    let r: StatusReport = serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+    let mut out = Vec::new();
+    for rank in 0..r.size {
+        let res = match c.rpc(crate::rotate::RELOAD_TOPIC, rank, b"", timeout) {
+            Ok(m) => Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Err(
+                e @ ClientError::Remote {
+                    errnum: canopy_proto::errno::EPERM,
+                    ..
+                },
+            ) => return Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push((rank, res));
+    }
+    Ok(out)
+}
+
+/// `key.status` of RANK.
+pub fn key_status(
+    c: &mut Client,
+    rank: u32,
+    timeout: Duration,
+) -> Result<crate::rotate::KeyStatus, ClientError> {
+    let m = c.rpc(crate::rotate::STATUS_TOPIC, rank, b"", timeout)?;
+    serde_json::from_slice(&m.payload).map_err(|e| {
+        ClientError::Refused(format!("rank {rank} sent an unreadable key status: {e}"))
+    })
+}
+
+/// `canopy key switch`: RANK's broker moves to its next key; then wait
+/// (up to `wait`) until none of its links is moving. Returns the switch
+/// reply, and the final status with the time it took to settle.
+pub fn key_switch(
+    uri: Option<&str>,
+    rank: u32,
+    next_key: Option<&str>,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<(String, crate::rotate::KeyStatus, Duration), ClientError> {
+    let mut c = Client::connect(uri)?;
+    let t0 = Instant::now();
+    if let Some(next) = next_key {
+        // Fail before switching if a neighbour would refuse the new key.
+        let (parents, _) = tree_of(&mut c, timeout)?;
+        let mut neighbours: Vec<u32> = parents
+            .iter()
+            .filter(|(_, p)| **p == Some(rank))
+            .map(|(r, _)| *r)
+            .collect();
+        neighbours.extend(parents.get(&rank).copied().flatten());
+        neighbours.sort_unstable();
+        for n in neighbours {
+            let st = match key_status(&mut c, n, timeout) {
+                Ok(st) => st,
+                // Not online: it reads the certificates when it starts.
+                Err(ClientError::Remote {
+                    errnum: canopy_proto::errno::EHOSTUNREACH,
+                    ..
+                }) => continue,
+                Err(e) => return Err(e),
+            };
+            if !st
+                .admitted
+                .get(&rank)
+                .is_some_and(|ks| ks.iter().any(|k| k == next))
+            {
+                return Err(ClientError::Refused(format!(
+                    "rank {n} does not admit rank {rank}'s next key {next} yet: install its .next public certificate there and run `canopy key reload`; nothing was switched"
+                )));
+            }
+        }
+    }
+    let m = c.rpc(crate::rotate::SWITCH_TOPIC, rank, b"", timeout)?;
+    let reply = String::from_utf8_lossy(&m.payload).into_owned();
+    loop {
+        let st = key_status(&mut c, rank, timeout)?;
+        if st.settled() || t0.elapsed() > wait {
+            return Ok((reply, st, t0.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The public key RANK's broker uses now (Z85).
+pub fn key_in_use(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ClientError> {
+    let r = status(uri, rank, timeout)?;
+    Ok(r.broker.public_key)
+}
+
+/// Every rank's parent, from rank 0's `overlay.status` (any tree shape),
+/// and the instance size.
+fn tree_of(
+    c: &mut Client,
+    timeout: Duration,
+) -> Result<(std::collections::HashMap<u32, Option<u32>>, u32), ClientError> {
+    let m = c.rpc("overlay.status", 0, b"", timeout)?;
+    let r: StatusReport = serde_json::from_slice(&m.payload)
+        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+    Ok((r.ranks.iter().map(|x| (x.rank, x.parent)).collect(), r.size))
 }

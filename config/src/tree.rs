@@ -115,6 +115,17 @@ impl Tree {
         self.fanout
     }
 
+    /// The overlay's topology: k-ary arithmetic when no `parent` key
+    /// changed the default, else this tree's parent table.
+    pub fn to_overlay(
+        &self,
+    ) -> Result<canopy_overlay::Topology, canopy_overlay::topology::TopologyError> {
+        match self.kary() {
+            Some(t) => Ok(t),
+            None => canopy_overlay::Topology::custom(self.parents.clone()),
+        }
+    }
+
     /// `Some` when no `parent` key changed the k-ary default: the broker
     /// can then route with [`canopy_overlay::Topology`]'s arithmetic.
     pub fn kary(&self) -> Option<canopy_overlay::Topology> {
@@ -156,5 +167,11 @@ mod tests {
         assert_eq!(t.depth(1), 2);
         assert_eq!(t.height(), 2);
         assert!(t.kary().is_none());
+        let o = t.to_overlay().unwrap();
+        assert!(!o.is_kary());
+        for r in 0..4 {
+            assert_eq!(t.parent(r), o.parent(r));
+            assert_eq!(t.children(r).to_vec(), o.children(r).collect::<Vec<_>>());
+        }
     }
 }

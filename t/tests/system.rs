@@ -261,10 +261,9 @@ fn restarted_rank_0_gets_every_child_back() {
 fn impostor_keys_cannot_join() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(8);
-        for r in 0..7 {
-            c.start_node(r);
-        }
-        // Rank 7 with a well-formed key the config does not know.
+        // Rank 7 with a well-formed key the config does not know. (The
+        // files change before any broker starts: a broker reading its
+        // children's certificates while they are rewritten would fail.)
         let real = c.path("sec/n7.key_secret");
         let saved = std::fs::read(&real).unwrap();
         c.keygen("n7");
@@ -279,6 +278,9 @@ fn impostor_keys_cannot_join() {
             canopy_security::cert::public_text(&orig.keypair().unwrap(), "n7"),
         )
         .unwrap();
+        for r in 0..7 {
+            c.start_node(r);
+        }
         c.start_node(7);
         assert!(
             wait_until(Duration::from_secs(5), || c.log(3).contains("verdict=deny")),
@@ -419,6 +421,178 @@ fn bad_system_input_is_refused_clearly() {
             let out = run("n0", &[]);
             let e = text(&out.stderr);
             assert!(!out.status.success() && e.contains("--force-root"), "{e}");
+        }
+    });
+}
+
+#[test]
+fn key_commands_refuse_bad_input_clearly() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        for r in 0..2 {
+            c.start_node(r);
+        }
+        c.wait_full(Duration::from_secs(15));
+        let cfg = c.path("canopy.toml");
+        let cfg = cfg.to_str().unwrap();
+        let uri = c.uri(0);
+        let key = |args: &[&str]| {
+            let out = run_canopy(args, &[], Duration::from_secs(30));
+            (
+                out.status.success(),
+                format!("{}{}", text(&out.stdout), text(&out.stderr)),
+            )
+        };
+        // A host that is not in the config.
+        let (ok, e) = key(&["key", "new", "elsewhere", "--config", cfg]);
+        assert!(
+            !ok && e.contains("elsewhere") && e.contains("[bootstrap] hosts"),
+            "{e}"
+        );
+        // Switch or retire with no next key.
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(
+            !ok && e.contains("n1.key_secret.next") && e.contains("canopy key new"),
+            "{e}"
+        );
+        let (ok, e) = key(&[
+            "key", "retire", "n1", "--config", cfg, "--uri", &uri, "--force",
+        ]);
+        assert!(!ok && e.contains("canopy key new n1"), "{e}");
+        // A next key twice.
+        let (ok, e) = key(&["key", "new", "n1", "--config", cfg]);
+        assert!(ok, "{e}");
+        let (ok, e) = key(&["key", "new", "n1", "--config", cfg]);
+        assert!(!ok && e.contains("already exists"), "{e}");
+        // Retiring before switching would lock the node out.
+        let (ok, e) = key(&["key", "retire", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(!ok && e.contains("canopy key switch n1"), "{e}");
+        // A next secret that others can read is refused by the broker.
+        let (ok, e) = key(&["key", "reload", "--uri", &uri]);
+        assert!(ok, "{e}");
+        let next = c.path("sec/n1.key_secret.next");
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(!ok && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A public certificate that others can write is refused at reload,
+        // and the keys in force stay.
+        let pubnext = c.path("pub/n1.key.next");
+        std::fs::set_permissions(&pubnext, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (ok, e) = key(&["key", "reload", "--uri", &uri]);
+        assert!(
+            !ok && e.contains("chmod go-w") && e.contains("stay in force"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pubnext, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Then the whole rotation, on 127.0.0.1; SIGHUP (systemctl reload)
+        // reloads the certificates as `canopy key reload` does.
+        for r in 0..2 {
+            let pid = Pid::from_raw(c.nodes[r].as_ref().unwrap().id() as i32);
+            kill(pid, Signal::SIGHUP).unwrap();
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || (0..2)
+                .all(|r| c.log(r).contains("rotate: SIGHUP: rank"))),
+            "no reload on SIGHUP:\n{}\n{}",
+            c.log(0),
+            c.log(1)
+        );
+        let (ok, e) = key(&["key", "switch", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(ok && e.contains("links moved"), "{e}");
+        let (ok, e) = key(&["key", "retire", "n1", "--config", cfg, "--uri", &uri]);
+        assert!(ok, "{e}");
+        c.assert_all_answer();
+        // Restarted, n1 uses its new key and rejoins.
+        c.kill_node(1);
+        assert!(wait_until(Duration::from_secs(10), || c
+            .status()
+            .is_some_and(|s| s["ranks"][1]["state"] != "online")));
+        c.start_node(1);
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+    });
+}
+
+#[test]
+fn parent_overrides_shape_the_tree() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(5);
+        // 0 <- 3 <- 1 <- 2, and 0 <- 4: a parent may have a higher rank.
+        let parents = ["", "n3", "n1", "n0", "n0"];
+        let hosts: String = (0..5)
+            .map(|r| {
+                let p = c.ports[r];
+                let parent = if parents[r].is_empty() {
+                    String::new()
+                } else {
+                    format!(", parent = \"{}\"", parents[r])
+                };
+                format!(
+                    "  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\"{parent} }},\n"
+                )
+            })
+            .collect();
+        c.write("custom.toml", &c.config_text(&hosts));
+        for r in [2, 1, 0, 4, 3] {
+            c.start_as(r, &format!("n{r}"), "custom.toml");
+        }
+        c.wait_full(Duration::from_secs(15));
+        let s = c.status().unwrap();
+        let parent_of = |r: usize| {
+            s["ranks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["rank"] == r)
+                .unwrap()["parent"]
+                .clone()
+        };
+        assert_eq!(parent_of(1), 3, "{s}");
+        assert_eq!(parent_of(2), 1, "{s}");
+        assert_eq!(parent_of(4), 0, "{s}");
+        // Requests route along the configured tree, from the root and
+        // from the deepest leaf across to the other branch.
+        c.assert_all_answer();
+        let mut leaf = c.client(2);
+        for r in 0..5 {
+            let m = leaf.rpc("broker.ping", r, b"x", RPC_TIMEOUT).unwrap();
+            assert_eq!(m.header.nodeid, r);
+        }
+        // The rendered tree follows the parents.
+        let out = run_canopy(&["overlay", "status", "--uri", &c.uri(0)], &[], RPC_TIMEOUT);
+        let t = text(&out.stdout);
+        let line = |r: u32| {
+            t.lines()
+                .position(|l| l.contains(&format!("─ {r}: ")))
+                .unwrap()
+        };
+        assert!(
+            line(3) < line(1) && line(1) < line(2) && line(2) < line(4),
+            "{t}"
+        );
+        // A middle rank of this tree rotates its key.
+        let cfg = c.path("custom.toml");
+        let cfg = cfg.to_str().unwrap();
+        let uri = c.uri(0);
+        for args in [
+            vec!["key", "new", "n3", "--config", cfg],
+            vec!["key", "reload", "--uri", &uri],
+            vec!["key", "switch", "n3", "--config", cfg, "--uri", &uri],
+            vec!["key", "retire", "n3", "--config", cfg, "--uri", &uri],
+        ] {
+            let out = run_canopy(&args, &[], Duration::from_secs(30));
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        c.assert_all_answer();
+        for r in 0..5 {
+            let m = leaf.rpc("broker.ping", r, b"x", RPC_TIMEOUT).unwrap();
+            assert_eq!(m.header.nodeid, r);
         }
     });
 }
