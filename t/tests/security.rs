@@ -293,15 +293,27 @@ fn open_to_other_users(inst: &Instance) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Run `prog` as the other user. A just-copied binary can be briefly
+/// "busy" (ETXTBSY): another test thread may fork while the copy's write
+/// descriptor is open, and the forked child holds it until it execs. That
+/// window is short, so retry.
 fn as_other_user(prog: &Path, args: &[&str]) -> std::process::Output {
-    run_command(
-        Command::new("runuser")
-            .args(["-u", OTHER_USER, "--"])
-            .arg(prog)
-            .args(args)
-            .env("RUST_LOG", "warn"),
-        Duration::from_secs(30),
-    )
+    let mut tries = 0;
+    loop {
+        let out = run_command(
+            Command::new("runuser")
+                .args(["-u", OTHER_USER, "--"])
+                .arg(prog)
+                .args(args)
+                .env("RUST_LOG", "warn"),
+            Duration::from_secs(30),
+        );
+        tries += 1;
+        if tries == 50 || !text(&out.stderr).contains("Text file busy") {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
