@@ -34,6 +34,7 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 pub struct Cluster {
     dir: tempfile::TempDir,
     size: u32,
+    ports: Vec<u16>,
     nodes: Vec<Option<Child>>,
     watch: u64,
 }
@@ -63,34 +64,53 @@ impl Cluster {
         let c = Cluster {
             dir,
             size,
+            ports: free_ports(size as usize),
             nodes: (0..size).map(|_| None).collect(),
             watch,
         };
-        let ports = free_ports(size as usize);
-        let mut hosts = String::new();
-        for (r, p) in ports.iter().enumerate() {
-            let host = format!("n{r}");
-            let kp = canopy_security::CurveKeypair::generate().expect("keygen");
-            canopy_security::cert::write_pair(
-                &kp,
-                &host,
-                &c.path(&format!("sec/{host}.key_secret")),
-                &c.path(&format!("pub/{host}.key")),
-            )
-            .expect("write a certificate");
-            hosts.push_str(&format!(
-                "  {{ host = \"{host}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n"
-            ));
+        for r in 0..size {
+            c.keygen(&format!("n{r}"));
         }
-        let (hb, torpid, lost) = FAST_TIMING;
-        let d = c.dir.path().display();
-        c.write(
-            "canopy.toml",
-            &format!(
-                "[bootstrap]\ncurve_cert = \"{d}/sec/%h.key_secret\"\ncurve_public_certs = \"{d}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = {hb}\ntorpid = {torpid}\nlost = {lost}\n"
-            ),
-        );
+        c.write("canopy.toml", &c.config_text(&c.hosts_text(size)));
         c
+    }
+
+    /// A fresh key pair for `host`: secret in `sec/HOST.key_secret`, public
+    /// certificate in `pub/HOST.key` (replacing any).
+    pub fn keygen(&self, host: &str) {
+        let kp = canopy_security::CurveKeypair::generate().expect("keygen");
+        let secret = self.path(&format!("sec/{host}.key_secret"));
+        let _ = std::fs::remove_file(&secret);
+        let public = self.path(&format!("pub/{host}.key"));
+        let _ = std::fs::remove_file(&public);
+        canopy_security::cert::write_pair(&kp, host, &secret, &public)
+            .expect("write a certificate");
+    }
+
+    /// The `hosts` entries of the first `n` nodes, one per line.
+    pub fn hosts_text(&self, n: u32) -> String {
+        (0..n)
+            .map(|r| {
+                let p = self.ports[r as usize];
+                format!(
+                    "  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n"
+                )
+            })
+            .collect()
+    }
+
+    /// A whole config (fanout 2, [`FAST_TIMING`]) with these `hosts` lines.
+    pub fn config_text(&self, hosts: &str) -> String {
+        let (hb, torpid, lost) = FAST_TIMING;
+        let d = self.dir.path().display();
+        format!(
+            "[bootstrap]\ncurve_cert = \"{d}/sec/%h.key_secret\"\ncurve_public_certs = \"{d}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = {hb}\ntorpid = {torpid}\nlost = {lost}\n"
+        )
+    }
+
+    /// Rank `rank`'s TCP port.
+    pub fn port(&self, rank: u32) -> u16 {
+        self.ports[rank as usize]
     }
 
     pub fn size(&self) -> u32 {
@@ -102,13 +122,15 @@ impl Cluster {
         self.dir.path().join(p)
     }
 
-    fn write(&self, name: &str, text: &str) {
+    /// Write a file (0644) in the cluster's directory.
+    pub fn write(&self, name: &str, text: &str) {
         let p = self.path(name);
         std::fs::write(&p, text).expect("write a config");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
 
-    fn rundir(&self, rank: u32) -> PathBuf {
+    /// Rank `rank`'s runtime directory.
+    pub fn rundir(&self, rank: u32) -> PathBuf {
         self.path(&format!("run-n{rank}"))
     }
 
@@ -131,6 +153,12 @@ impl Cluster {
 
     /// Start (or restart: the old process is killed first) rank `rank`.
     pub fn start(&mut self, rank: u32) {
+        self.start_as(rank, &format!("n{rank}"), "canopy.toml");
+    }
+
+    /// Start rank `rank`'s slot as hostname `host` with config file
+    /// `config` (in the cluster's directory), replacing what ran there.
+    pub fn start_as(&mut self, rank: u32, host: &str, config: &str) {
         self.kill(rank);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -139,13 +167,8 @@ impl Cluster {
             .expect("open a log");
         let child = Command::new(canopy_bin())
             .args(["broker", "--config"])
-            .arg(self.path("canopy.toml"))
-            .args([
-                "--hostname",
-                &format!("n{rank}"),
-                "--force-root",
-                "--rundir",
-            ])
+            .arg(self.path(config))
+            .args(["--hostname", host, "--force-root", "--rundir"])
             .arg(self.rundir(rank))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -217,6 +240,24 @@ impl Cluster {
             self.status(0),
             self.logs()
         );
+    }
+
+    /// Has rank `rank`'s broker exited? Reaps it if so.
+    pub fn exited(&mut self, rank: u32) -> Option<std::process::ExitStatus> {
+        self.nodes[rank as usize]
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Every rank answers a ping routed from rank 0.
+    pub fn assert_all_answer(&self) {
+        let mut c = self.client(0);
+        for r in 0..self.size {
+            let m = c
+                .rpc("broker.ping", r, b"hi", RPC_TIMEOUT)
+                .unwrap_or_else(|e| panic!("rank {r}: {e}\n{}", self.logs()));
+            assert_eq!(m.header.nodeid, r);
+        }
     }
 
     /// Resident set size of rank `rank`'s broker, in KiB.

@@ -4,203 +4,23 @@
 //! bound to ranks, config mismatches, and bad input.
 #![forbid(unsafe_code)]
 
-use canopy_client::Client;
 use canopy_proto::errno;
-use canopy_t::{canopy_bin, run_canopy, run_test, text, wait_until, RPC_TIMEOUT};
+use canopy_t::cluster::Cluster;
+use canopy_t::{run_canopy, run_test, text, wait_until, RPC_TIMEOUT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// A cluster description on disk: config, per-node secrets, public certs.
-struct Cluster {
-    dir: tempfile::TempDir,
-    size: u32,
-    ports: Vec<u16>,
-    nodes: Vec<Option<Child>>,
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-impl Cluster {
-    fn new(size: u32) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("canopy-sys-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for d in ["sec", "pub"] {
-            std::fs::create_dir(dir.path().join(d)).unwrap();
-        }
-        std::fs::set_permissions(
-            dir.path().join("sec"),
-            std::fs::Permissions::from_mode(0o700),
-        )
-        .unwrap();
-        let ports = free_ports(size as usize);
-        let c = Cluster {
-            dir,
-            size,
-            ports,
-            nodes: (0..size).map(|_| None).collect(),
-        };
-        for r in 0..size {
-            c.keygen(&format!("n{r}"));
-        }
-        let cfg = c.config_text(&c.hosts_text(size));
-        c.write("canopy.toml", &cfg);
-        c
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn write(&self, name: &str, text: &str) {
-        let p = self.path(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-
-    /// Secret in sec/HOST.key_secret, public in pub/HOST.key.
-    fn keygen(&self, host: &str) {
-        let kp = canopy_security::CurveKeypair::generate().unwrap();
-        let secret = self.path(&format!("sec/{host}.key_secret"));
-        let _ = std::fs::remove_file(&secret);
-        let public = self.path(&format!("pub/{host}.key"));
-        let _ = std::fs::remove_file(&public);
-        canopy_security::cert::write_pair(&kp, host, &secret, &public).unwrap();
-    }
-
-    fn hosts_text(&self, n: u32) -> String {
-        (0..n)
-            .map(|r| {
-                let p = self.ports[r as usize];
-                format!(
-                    "  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n"
-                )
-            })
-            .collect()
-    }
-
-    fn config_text(&self, hosts: &str) -> String {
-        format!(
-            "[bootstrap]\ncurve_cert = \"{}/sec/%h.key_secret\"\ncurve_public_certs = \"{}/pub\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n",
-            self.dir.path().display(),
-            self.dir.path().display()
-        )
-    }
-
-    fn rundir(&self, rank: u32) -> PathBuf {
-        self.path(&format!("run-n{rank}"))
-    }
-
-    fn uri(&self, rank: u32) -> String {
-        format!("local://{}/local-{rank}", self.rundir(rank).display())
-    }
-
-    fn log(&self, rank: u32) -> String {
-        std::fs::read_to_string(self.path(&format!("n{rank}.log"))).unwrap_or_default()
-    }
-
-    fn start_node(&mut self, rank: u32) {
-        self.start_as(rank, &format!("n{rank}"), "canopy.toml");
-    }
-
-    fn start_as(&mut self, rank: u32, host: &str, config: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path(&format!("n{rank}.log")))
-            .unwrap();
-        let child = Command::new(canopy_bin())
-            .args(["broker", "--config"])
-            .arg(self.path(config))
-            .args(["--hostname", host, "--force-root", "--rundir"])
-            .arg(self.rundir(rank))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        if let Some(mut old) = self.nodes[rank as usize].replace(child) {
-            let _ = old.kill();
-            let _ = old.wait();
-        }
-    }
-
-    fn kill_node(&mut self, rank: u32) {
-        if let Some(mut c) = self.nodes[rank as usize].take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-
-    fn client(&self, rank: u32) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Client::connect(Some(&self.uri(rank))) {
-                Ok(c) => return c,
-                Err(e) if Instant::now() > deadline => panic!("rank {rank}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
-    /// Rank 0's view.
-    fn status(&self) -> Option<serde_json::Value> {
-        let mut c = Client::connect(Some(&self.uri(0))).ok()?;
-        let m = c.rpc("overlay.status", 0, b"", RPC_TIMEOUT).ok()?;
-        serde_json::from_slice(&m.payload).ok()
-    }
-
-    fn wait_full(&self, within: Duration) {
-        let ok = wait_until(within, || {
-            self.status().is_some_and(|s| s["health"] == "full")
-        });
-        assert!(
-            ok,
-            "instance not full: {:?}\nlogs:\n{}",
-            self.status(),
-            (0..self.size)
-                .map(|r| format!("--- n{r}\n{}", self.log(r)))
-                .collect::<String>()
-        );
-    }
-
-    fn assert_all_answer(&self) {
-        let mut c = self.client(0);
-        for r in 0..self.size {
-            let m = c.rpc("broker.ping", r, b"hi", RPC_TIMEOUT).unwrap();
-            assert_eq!(m.header.nodeid, r);
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for r in 0..self.size {
-            self.kill_node(r);
-        }
-    }
-}
 
 #[test]
 fn start_order_does_not_matter_leaf_then_root_then_middle() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(8);
         for r in [7, 0, 3, 1, 2, 4, 5, 6] {
-            c.start_node(r);
+            c.start(r);
             std::thread::sleep(Duration::from_millis(100));
         }
         c.wait_full(Duration::from_secs(15));
@@ -213,12 +33,12 @@ fn restarted_middle_rank_rejoins_and_in_flight_requests_fail_fast() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(8);
         for r in 0..8 {
-            c.start_node(r);
+            c.start(r);
         }
         c.wait_full(Duration::from_secs(15));
         // Requests to rank 7 held in flight (rank 7 frozen), then kill
         // rank 1 on the path 0 -> 1 -> 3 -> 7.
-        let p7 = Pid::from_raw(c.nodes[7].as_ref().unwrap().id() as i32);
+        let p7 = Pid::from_raw(c.pid(7).unwrap());
         kill(p7, Signal::SIGSTOP).unwrap();
         let mut cl = c.client(0);
         let tags: Vec<u32> = (0..10)
@@ -226,16 +46,16 @@ fn restarted_middle_rank_rejoins_and_in_flight_requests_fail_fast() {
             .collect();
         std::thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
-        c.kill_node(1);
+        c.kill(1);
         for t in tags {
             let e = cl.wait(t, Duration::from_secs(2)).unwrap_err();
             assert_eq!(e.errnum(), Some(errno::EHOSTUNREACH), "{e}");
         }
         assert!(t0.elapsed() < Duration::from_secs(2));
-        let s = c.status().unwrap();
+        let s = c.status(0).unwrap();
         assert_eq!(s["health"], "degraded");
         kill(p7, Signal::SIGCONT).unwrap();
-        c.start_node(1);
+        c.start(1);
         c.wait_full(Duration::from_secs(15));
         c.assert_all_answer();
     });
@@ -246,12 +66,12 @@ fn restarted_rank_0_gets_every_child_back() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(4);
         for r in 0..4 {
-            c.start_node(r);
+            c.start(r);
         }
         c.wait_full(Duration::from_secs(15));
-        c.kill_node(0);
+        c.kill(0);
         std::thread::sleep(Duration::from_millis(300));
-        c.start_node(0);
+        c.start(0);
         c.wait_full(Duration::from_secs(15));
         c.assert_all_answer();
     });
@@ -279,27 +99,27 @@ fn impostor_keys_cannot_join() {
         )
         .unwrap();
         for r in 0..7 {
-            c.start_node(r);
+            c.start(r);
         }
-        c.start_node(7);
+        c.start(7);
         assert!(
             wait_until(Duration::from_secs(5), || c.log(3).contains("verdict=deny")),
             "rank 3 did not deny the impostor:\n{}",
             c.log(3)
         );
-        let s = c.status().unwrap();
+        let s = c.status(0).unwrap();
         let r7 = &s["ranks"].as_array().unwrap()[7];
         assert_eq!(r7["state"], "offline", "{s}");
-        c.kill_node(7);
+        c.kill(7);
 
         // A host claiming rank 3 with rank 4's key (both children of 1):
         // ZAP admits the key, the hello check refuses the claim.
         std::fs::write(&real, &saved).unwrap();
-        c.kill_node(3);
+        c.kill(3);
         let n3 = c.path("sec/n3.key_secret");
         std::fs::copy(c.path("sec/n4.key_secret"), &n3).unwrap();
         std::fs::set_permissions(&n3, std::fs::Permissions::from_mode(0o600)).unwrap();
-        c.start_node(3);
+        c.start(3);
         assert!(
             wait_until(Duration::from_secs(5), || c
                 .log(1)
@@ -322,7 +142,7 @@ fn a_node_with_a_different_config_is_refused_at_hello() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(4);
         for r in 0..3 {
-            c.start_node(r);
+            c.start(r);
         }
         // n3 believes in a fifth host: a different fingerprint.
         let mut hosts = c.hosts_text(4);
@@ -335,15 +155,8 @@ fn a_node_with_a_different_config_is_refused_at_hello() {
             "no clear refusal:\n{}",
             c.log(3)
         );
-        let st = c.nodes[3].as_mut().unwrap().try_wait().unwrap();
         assert!(
-            wait_until(Duration::from_secs(3), || c.nodes[3]
-                .as_mut()
-                .unwrap()
-                .try_wait()
-                .unwrap()
-                .is_some())
-                || st.is_some(),
+            wait_until(Duration::from_secs(3), || c.exited(3).is_some()),
             "the misconfigured node kept running instead of failing"
         );
     });
@@ -430,7 +243,7 @@ fn key_commands_refuse_bad_input_clearly() {
     run_test(LIMIT, || {
         let mut c = Cluster::new(2);
         for r in 0..2 {
-            c.start_node(r);
+            c.start(r);
         }
         c.wait_full(Duration::from_secs(15));
         let cfg = c.path("canopy.toml");
@@ -488,7 +301,7 @@ fn key_commands_refuse_bad_input_clearly() {
         // Then the whole rotation, on 127.0.0.1; SIGHUP (systemctl reload)
         // reloads the certificates as `canopy key reload` does.
         for r in 0..2 {
-            let pid = Pid::from_raw(c.nodes[r].as_ref().unwrap().id() as i32);
+            let pid = Pid::from_raw(c.pid(r as u32).unwrap());
             kill(pid, Signal::SIGHUP).unwrap();
         }
         assert!(
@@ -504,11 +317,11 @@ fn key_commands_refuse_bad_input_clearly() {
         assert!(ok, "{e}");
         c.assert_all_answer();
         // Restarted, n1 uses its new key and rejoins.
-        c.kill_node(1);
+        c.kill(1);
         assert!(wait_until(Duration::from_secs(10), || c
-            .status()
+            .status(0)
             .is_some_and(|s| s["ranks"][1]["state"] != "online")));
-        c.start_node(1);
+        c.start(1);
         c.wait_full(Duration::from_secs(15));
         c.assert_all_answer();
     });
@@ -522,7 +335,7 @@ fn parent_overrides_shape_the_tree() {
         let parents = ["", "n3", "n1", "n0", "n0"];
         let hosts: String = (0..5)
             .map(|r| {
-                let p = c.ports[r];
+                let p = c.port(r as u32);
                 let parent = if parents[r].is_empty() {
                     String::new()
                 } else {
@@ -538,7 +351,7 @@ fn parent_overrides_shape_the_tree() {
             c.start_as(r, &format!("n{r}"), "custom.toml");
         }
         c.wait_full(Duration::from_secs(15));
-        let s = c.status().unwrap();
+        let s = c.status(0).unwrap();
         let parent_of = |r: usize| {
             s["ranks"]
                 .as_array()
