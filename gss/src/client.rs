@@ -1,0 +1,197 @@
+//! The initiator's side of the key exchange.
+
+use crate::krb::{check_flags, initiator_cred, Initiator};
+use crate::wire::{Msg, Purpose, Transcript};
+use crate::{canonical_principal, GssError};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// Most GSS rounds accepted before the context must be complete (Kerberos
+/// needs one).
+pub const MAX_ROUNDS: usize = 4;
+
+/// What the initiator needs.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Our principal; `None` takes the default one of the credential cache
+    /// or client keytab.
+    pub principal: Option<String>,
+    /// The acceptor's principal (`service/host@REALM` or `name@REALM`).
+    pub target: String,
+    pub purpose: Purpose,
+    /// If set, the server key the acceptor vouches for must be this one.
+    pub expect_server_key: Option<[u8; 32]>,
+    /// Connect, read and write timeout.
+    pub timeout: Duration,
+}
+
+/// The outcome of a successful exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// Our canonical principal, as bound.
+    pub principal: String,
+    /// The acceptor's canonical principal, mutually authenticated.
+    pub acceptor: String,
+    /// The CURVE server key the acceptor vouched for.
+    pub server_key: [u8; 32],
+    /// How long the binding lasts from now.
+    pub lifetime: Duration,
+    /// How long the exchange took.
+    pub took: Duration,
+}
+
+pub(crate) fn write_msg(s: &mut TcpStream, m: &Msg, peer: &str) -> Result<(), GssError> {
+    let f = m.encode()?;
+    s.write_all(&f).map_err(|source| GssError::Io {
+        peer: peer.to_string(),
+        source,
+    })
+}
+
+pub(crate) fn read_msg(s: &mut TcpStream, peer: &str) -> Result<Msg, GssError> {
+    let io = |source| GssError::Io {
+        peer: peer.to_string(),
+        source,
+    };
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).map_err(io)?;
+    let n = Msg::frame_len(h)?;
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body).map_err(io)?;
+    Msg::decode(&body)
+}
+
+fn refused(peer: &str, m: Msg, expected: &str) -> GssError {
+    match m {
+        Msg::Refused { reason } => GssError::Refused {
+            peer: peer.to_string(),
+            reason,
+        },
+        other => GssError::Protocol(format!("expected {expected}, got {}", other.kind())),
+    }
+}
+
+/// Run the exchange with the acceptor at `addr`, binding `link_key` (our
+/// fresh CURVE public key) to our principal. Credentials are acquired
+/// before connecting, so a missing credential fails at once.
+pub fn handshake(addr: &str, cfg: &ClientConfig, link_key: &[u8; 32]) -> Result<Bound, GssError> {
+    let start = Instant::now();
+    let (cred, me) = initiator_cred(cfg.principal.as_deref())?;
+    let acceptor = canonical_principal(&cfg.target)?;
+    let mut ctx = Initiator::new(cred, &cfg.target)?;
+    let first = ctx.step(None).map_err(|e| match e {
+        GssError::Gss { detail, .. } => GssError::Credentials(format!(
+            "cannot get a Kerberos ticket for {acceptor} as {me}: {detail}; check that the KDC is reachable (KRB5_CONFIG) and that {acceptor} exists"
+        )),
+        e => e,
+    })?;
+    let first = first.ok_or_else(|| GssError::Protocol("gss produced no initial token".into()))?;
+
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|source| GssError::Io {
+            peer: addr.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| GssError::Io {
+            peer: addr.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let mut s = TcpStream::connect_timeout(&sa, cfg.timeout).map_err(|source| GssError::Io {
+        peer: addr.to_string(),
+        source,
+    })?;
+    let io = |source| GssError::Io {
+        peer: addr.to_string(),
+        source,
+    };
+    s.set_read_timeout(Some(cfg.timeout)).map_err(io)?;
+    s.set_write_timeout(Some(cfg.timeout)).map_err(io)?;
+    s.set_nodelay(true).ok();
+
+    write_msg(
+        &mut s,
+        &Msg::Hello {
+            purpose: cfg.purpose,
+            link_key: *link_key,
+            token: first,
+        },
+        addr,
+    )?;
+    let mut nonce = None;
+    for _ in 0..MAX_ROUNDS {
+        match read_msg(&mut s, addr)? {
+            Msg::Challenge {
+                nonce: n,
+                complete,
+                token,
+            } => {
+                if *nonce.get_or_insert(n) != n {
+                    return Err(GssError::Protocol("the acceptor changed its nonce".into()));
+                }
+                let out = if token.is_empty() && ctx.is_complete() {
+                    None
+                } else {
+                    ctx.step(Some(&token))?
+                };
+                match out {
+                    Some(t) => write_msg(&mut s, &Msg::Token { token: t }, addr)?,
+                    None if ctx.is_complete() && complete => break,
+                    None => {
+                        return Err(GssError::Protocol(
+                            "the contexts disagree on completion".into(),
+                        ))
+                    }
+                }
+            }
+            other => return Err(refused(addr, other, "challenge")),
+        }
+    }
+    if !ctx.is_complete() {
+        return Err(GssError::Protocol(format!(
+            "no complete context after {MAX_ROUNDS} rounds"
+        )));
+    }
+    check_flags(ctx.flags()?)?;
+    let nonce = nonce.ok_or_else(|| GssError::Protocol("no nonce".into()))?;
+    let t = Transcript {
+        purpose: cfg.purpose,
+        initiator: me.clone(),
+        acceptor: acceptor.clone(),
+        link_key: *link_key,
+        nonce,
+    };
+    let mic = ctx.get_mic(&t.initiator())?;
+    write_msg(&mut s, &Msg::Proof { mic }, addr)?;
+    match read_msg(&mut s, addr)? {
+        Msg::Bound {
+            server_key,
+            lifetime_s,
+            mic,
+        } => {
+            ctx.verify_mic(&t.acceptor(&server_key, lifetime_s), &mic)
+                .map_err(|e| {
+                    GssError::Auth(format!(
+                        "the acceptor's proof does not verify ({e}); the server key may have been tampered with"
+                    ))
+                })?;
+            if let Some(want) = cfg.expect_server_key {
+                if want != server_key {
+                    return Err(GssError::Auth(format!(
+                        "{acceptor} vouched for a CURVE server key other than the one this link expects; refusing to connect"
+                    )));
+                }
+            }
+            Ok(Bound {
+                principal: me,
+                acceptor,
+                server_key,
+                lifetime: Duration::from_secs(lifetime_s.into()),
+                took: start.elapsed(),
+            })
+        }
+        other => Err(refused(addr, other, "bound")),
+    }
+}
