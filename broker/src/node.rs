@@ -1139,6 +1139,9 @@ impl Broker {
                 warn!("remote: verdict=deny address={address} reason=\"no authenticated User-Id or roles on the message\"; dropped");
                 continue;
             }
+            if !crate::gss::message_allowed(&self._policy, parts.first_mut(), &user_id) {
+                continue;
+            }
             let h = match decode_header(&parts[0]) {
                 Ok(h) => h,
                 Err(e) => {
@@ -1164,7 +1167,11 @@ impl Broker {
                             subs: Vec::new(),
                             principal: user_id,
                             roles,
-                            mech: ClientMech::Curve,
+                            mech: if self._policy.gss.get().is_some() {
+                                ClientMech::Gssapi
+                            } else {
+                                ClientMech::Curve
+                            },
                             address,
                             generation: self.authz.generation(),
                             dead: false,
@@ -1213,6 +1220,9 @@ impl Broker {
                 .first_mut()
                 .and_then(|m| m.gets("User-Id").map(str::to_string))
                 .unwrap_or_default();
+            if !crate::gss::message_allowed(&self._policy, parts.first_mut(), &user_id) {
+                continue;
+            }
             self.child_ingress(rid.to_vec(), &user_id, parts)?;
         }
         Ok(())

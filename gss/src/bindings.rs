@@ -65,6 +65,9 @@ impl Bindings {
                 });
             }
         }
+        if m.len() >= 4096 {
+            m.retain(|_, b| b.expires > now);
+        }
         let renewed = m.contains_key(key);
         m.insert(
             key.to_string(),

@@ -31,6 +31,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub mod krb;
 pub mod netns;
 
 /// How long an instance may take to come up.
