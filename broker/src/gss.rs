@@ -328,7 +328,8 @@ pub fn setup_user_instance(
         ));
     }
     let has_children = topo.children(rank).next().is_some();
-    if !has_children && !(rank == 0 && clients) {
+    let serves_clients = rank == 0 && clients;
+    if !has_children && !serves_clients {
         return Ok(None);
     }
     let host = match transport {

@@ -163,8 +163,9 @@ pub fn handshake(addr: &str, cfg: &ClientConfig, link_key: &[u8; 32]) -> Result<
         link_key: *link_key,
         nonce,
     };
-    let mic = ctx.get_mic(&t.initiator())?;
-    write_msg(&mut s, &Msg::Proof { mic }, addr)?;
+    let lifetime_s = u32::try_from(ctx.lifetime()?.as_secs()).unwrap_or(u32::MAX);
+    let mic = ctx.get_mic(&t.initiator(lifetime_s))?;
+    write_msg(&mut s, &Msg::Proof { lifetime_s, mic }, addr)?;
     match read_msg(&mut s, addr)? {
         Msg::Bound {
             server_key,

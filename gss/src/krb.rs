@@ -91,6 +91,12 @@ pub fn initiator_cred(principal: Option<&str>) -> Result<(Cred, String), GssErro
     let mechs = krb5_mechs()?;
     let who = principal.unwrap_or("the default principal");
     let fail = |detail: String| {
+        if let Some(i) = detail.find("Cannot contact any KDC") {
+            return GssError::Credentials(format!(
+                "cannot get Kerberos credentials for {who}: the KDC is unreachable ({}); links already up keep working; check that the KDC runs and that KRB5_CONFIG lists it, then retry",
+                detail[i..].trim_end_matches(')')
+            ));
+        }
         GssError::Credentials(format!(
             "no Kerberos credentials for {who} in {}; check KRB5_CLIENT_KTNAME (keytab) or KRB5CCNAME (run kinit) ({detail})",
             initiator_sources()
@@ -132,6 +138,13 @@ impl Initiator {
 
     pub fn flags(&self) -> Result<CtxFlags, GssError> {
         self.ctx.flags().map_err(gss("read context flags"))
+    }
+
+    /// The ticket's remaining lifetime.
+    pub fn lifetime(&self) -> Result<Duration, GssError> {
+        self.ctx
+            .lifetime()
+            .map_err(gss("read the context lifetime"))
     }
 
     pub fn get_mic(&mut self, msg: &[u8]) -> Result<Vec<u8>, GssError> {

@@ -225,8 +225,8 @@ fn run(
         link_key,
         nonce,
     };
-    let mic = match read_msg(s, peer).map_err(named)? {
-        Msg::Proof { mic } => mic,
+    let (claimed_s, mic) = match read_msg(s, peer).map_err(named)? {
+        Msg::Proof { lifetime_s, mic } => (lifetime_s, mic),
         other => {
             return Err(named(GssError::Protocol(format!(
                 "expected proof, got {}",
@@ -234,13 +234,19 @@ fn run(
             ))))
         }
     };
-    ctx.verify_mic(&t.initiator(), &mic).map_err(|e| {
+    ctx.verify_mic(&t.initiator(claimed_s), &mic).map_err(|e| {
         named(GssError::Auth(format!(
             "the initiator's proof over the transcript does not verify ({e}); tampered handshake"
         )))
     })?;
     (cfg.admit)(purpose, &who).map_err(|r| named(GssError::Auth(r)))?;
-    let mut lifetime = ctx.lifetime().map_err(named)?;
+    // MIT's acceptor lifetime includes the clock-skew allowance; the
+    // initiator's (MIC-protected) ticket lifetime is exact, and can only
+    // shorten the binding.
+    let mut lifetime = ctx
+        .lifetime()
+        .map_err(named)?
+        .min(Duration::from_secs(claimed_s.into()));
     if let Some(max) = cfg.max_lifetime {
         lifetime = lifetime.min(max);
     }

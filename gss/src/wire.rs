@@ -69,8 +69,10 @@ pub enum Msg {
     },
     /// Initiator → acceptor: a further GSS token (multi-round mechanisms).
     Token { token: Vec<u8> },
-    /// Initiator → acceptor: MIC over [`Transcript::initiator`].
-    Proof { mic: Vec<u8> },
+    /// Initiator → acceptor: the remaining lifetime of its ticket in
+    /// seconds (the acceptor binds for no longer than this or its own
+    /// context's lifetime) and a MIC over [`Transcript::initiator`].
+    Proof { lifetime_s: u32, mic: Vec<u8> },
     /// Acceptor → initiator: the acceptor's CURVE server key, the binding's
     /// lifetime in seconds, and a MIC over [`Transcript::acceptor`].
     Bound {
@@ -130,8 +132,9 @@ impl Msg {
                 b.push(T_TOKEN);
                 put_var(&mut b, token)?;
             }
-            Msg::Proof { mic } => {
+            Msg::Proof { lifetime_s, mic } => {
                 b.push(T_PROOF);
+                b.extend_from_slice(&lifetime_s.to_be_bytes());
                 put_var(&mut b, mic)?;
             }
             Msg::Bound {
@@ -202,7 +205,10 @@ impl Msg {
                 token: r.var()?,
             },
             T_TOKEN => Msg::Token { token: r.var()? },
-            T_PROOF => Msg::Proof { mic: r.var()? },
+            T_PROOF => Msg::Proof {
+                lifetime_s: u32::from_be_bytes(r.array()?),
+                mic: r.var()?,
+            },
             T_BOUND => Msg::Bound {
                 server_key: r.array()?,
                 lifetime_s: u32::from_be_bytes(r.array()?),
@@ -304,9 +310,12 @@ impl Transcript {
         t
     }
 
-    /// What the initiator's MIC covers.
-    pub fn initiator(&self) -> Vec<u8> {
-        self.base(b"initiator")
+    /// What the initiator's MIC covers: the base transcript and the
+    /// lifetime it claims.
+    pub fn initiator(&self, lifetime_s: u32) -> Vec<u8> {
+        let mut t = self.base(b"initiator");
+        t.extend_from_slice(&lifetime_s.to_be_bytes());
+        t
     }
 
     /// What the acceptor's MIC covers: the base transcript, the server key
@@ -339,7 +348,10 @@ mod tests {
             Msg::Token {
                 token: vec![5; 300],
             },
-            Msg::Proof { mic: vec![4; 28] },
+            Msg::Proof {
+                lifetime_s: 20,
+                mic: vec![4; 28],
+            },
             Msg::Bound {
                 server_key: [3; 32],
                 lifetime_s: 36000,
@@ -375,13 +387,25 @@ mod tests {
 
     #[test]
     fn trailing_bytes_wrong_version_and_unknown_type_are_refused() {
-        let mut f = Msg::Proof { mic: vec![1] }.encode().unwrap()[4..].to_vec();
+        let mut f = Msg::Proof {
+            lifetime_s: 1,
+            mic: vec![1],
+        }
+        .encode()
+        .unwrap()[4..]
+            .to_vec();
         f.push(0);
         assert!(Msg::decode(&f)
             .unwrap_err()
             .to_string()
             .contains("trailing"));
-        let mut v = Msg::Proof { mic: vec![1] }.encode().unwrap()[4..].to_vec();
+        let mut v = Msg::Proof {
+            lifetime_s: 1,
+            mic: vec![1],
+        }
+        .encode()
+        .unwrap()[4..]
+            .to_vec();
         v[0] = 0;
         assert!(Msg::decode(&v)
             .unwrap_err()
@@ -457,24 +481,25 @@ mod tests {
             link_key: [1; 32],
             nonce: [2; 32],
         };
-        let base = t.initiator();
+        let base = t.initiator(1);
         let mut u = t.clone();
         u.initiator = "alice@".into();
         u.acceptor = "Rcanopy/n1@R".into();
         assert_ne!(
-            u.initiator(),
+            u.initiator(1),
             base,
             "moving bytes between fields changes the transcript"
         );
         let mut u = t.clone();
         u.purpose = Purpose::Client;
-        assert_ne!(u.initiator(), base);
+        assert_ne!(u.initiator(1), base);
         let mut u = t.clone();
         u.link_key[0] = 0;
-        assert_ne!(u.initiator(), base);
+        assert_ne!(u.initiator(1), base);
         let mut u = t.clone();
         u.nonce[31] = 0;
-        assert_ne!(u.initiator(), base);
+        assert_ne!(u.initiator(1), base);
+        assert_ne!(t.initiator(1), t.initiator(2));
         // The two directions never collide.
         assert_ne!(t.acceptor(&[0; 32], 0)[..base.len()], base[..]);
         assert_ne!(t.acceptor(&[0; 32], 1), t.acceptor(&[0; 32], 2));

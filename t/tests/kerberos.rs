@@ -29,10 +29,14 @@ fn env_ref(env: &[(String, String)]) -> Vec<(&str, &str)> {
 /// `export NAME=VALUE` printed by `canopy start`.
 fn exported(inst: &Instance, name: &str) -> String {
     let prefix = format!("export {name}=");
-    inst.stdout_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
-        .unwrap_or_else(|| panic!("canopy start printed no {name}:\n{}", inst.stdout_text()))
+    let find = || {
+        inst.stdout_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    };
+    // The exports follow CANOPY_URI, which the harness waits for.
+    canopy_t::wait_until(Duration::from_secs(5), || find().is_some());
+    find().unwrap_or_else(|| panic!("canopy start printed no {name}:\n{}", inst.stdout_text()))
 }
 
 fn free_port() -> u16 {
@@ -125,6 +129,376 @@ fn an_8_broker_user_instance_comes_up_and_allowed_clients_ping() {
             )
             .unwrap_or_else(|| panic!("no denial logged for carol:\n{}", inst.stderr_text()));
         println!("{denied}");
+        inst.assert_all_ranks_answer();
+    });
+}
+
+#[test]
+fn a_principal_missing_from_the_keytab_fails_fast_with_the_reason() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        let env = realm.env("alice");
+        let kt = format!("FILE:{}", realm.keytab("alice").display());
+        let who = realm.principal("dave");
+        for (env, principal, needles) in [
+            // A principal whose key is not in the keytab.
+            (
+                env.clone(),
+                who.as_str(),
+                vec![format!("no Kerberos credentials for {who} in"), kt.clone()],
+            ),
+            // A keytab that does not exist.
+            (
+                realm.env_with_keytab("FILE:/nonexistent/canopy.keytab"),
+                realm.principal("alice").leak() as &str,
+                vec![
+                    "no Kerberos credentials for alice@CANOPY.TEST".to_string(),
+                    "FILE:/nonexistent/canopy.keytab".to_string(),
+                ],
+            ),
+        ] {
+            let t0 = Instant::now();
+            let out = run_canopy(
+                &[
+                    "start",
+                    "--size",
+                    "4",
+                    "--mechanism",
+                    "gssapi",
+                    "--principal",
+                    principal,
+                    "--",
+                    "true",
+                ],
+                &env_ref(&env),
+                Duration::from_secs(20),
+            );
+            let took = t0.elapsed();
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "started without credentials:\n{err}");
+            for n in &needles {
+                assert!(
+                    err.contains(n.as_str()),
+                    "error does not mention {n:?}:\n{err}"
+                );
+            }
+            assert!(
+                err.contains("KRB5_CLIENT_KTNAME") || err.contains("KRB5_KTNAME"),
+                "error does not say which variable to check:\n{err}"
+            );
+            assert!(
+                took < Duration::from_secs(2),
+                "took {took:?} to fail:\n{err}"
+            );
+            println!(
+                "failed in {took:?}: {}",
+                err.lines()
+                    .find(|l| l.contains("no Kerberos"))
+                    .unwrap_or("")
+            );
+        }
+    });
+}
+
+/// A TCP relay to `kex` for one connection: records the client's frames
+/// and lets `tamper` change them on the way.
+fn relay(
+    kex: &str,
+    tamper: impl Fn(usize, &mut Vec<u8>) + Send + 'static,
+) -> (String, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let kex = kex.to_string();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(&kex).unwrap();
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut frames = Vec::new();
+        loop {
+            let mut h = [0u8; 4];
+            if c.read_exact(&mut h).is_err() {
+                break;
+            }
+            let n = u32::from_be_bytes(h) as usize;
+            let mut body = vec![0u8; n.min(1 << 20)];
+            if c.read_exact(&mut body).is_err() {
+                break;
+            }
+            tamper(frames.len(), &mut body);
+            frames.push(body.clone());
+            if s.write_all(&h).and_then(|_| s.write_all(&body)).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        frames
+    });
+    (addr, h)
+}
+
+/// Send raw bytes to the key exchange; return what it answered.
+fn raw_exchange(kex: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(kex).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// A `Refused` frame (version 1, type 6) and its reason.
+fn refusal(reply: &[u8]) -> Option<String> {
+    (reply.len() >= 8 && reply[4] == 1 && reply[5] == 6).then(|| text(&reply[8..]))
+}
+
+#[test]
+fn tampered_replayed_truncated_garbage_and_misdirected_handshakes_are_refused() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice", "bob"]);
+        let (inst, ep) = alice_instance(&realm, 2, &[]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let ping_via = |addr: &str, target: Option<&str>| {
+            let env = realm.env("alice");
+            let mut e = env_ref(&env);
+            let t = target
+                .map(str::to_string)
+                .unwrap_or_else(|| exported(&inst, "CANOPY_GSS_TARGET"));
+            e.push(("CANOPY_KEX", addr));
+            e.push(("CANOPY_GSS_TARGET", &t));
+            run_canopy(
+                &["ping", "--uri", &ep, "--rank", "1", "--count", "1"],
+                &e,
+                Duration::from_secs(30),
+            )
+        };
+
+        // An honest exchange through the relay works, and is recorded.
+        let (addr, h) = relay(&kex, |_, _| {});
+        let out = ping_via(&addr, None);
+        assert!(
+            out.status.success(),
+            "honest ping failed: {}",
+            text(&out.stderr)
+        );
+        let frames = h.join().unwrap();
+        assert_eq!(frames.len(), 2, "expected hello and proof from the client");
+
+        // Replayed: the same hello (same Kerberos authenticator) again.
+        let reply = raw_exchange(&kex, &frame(&frames[0]));
+        let why =
+            refusal(&reply).unwrap_or_else(|| panic!("replayed hello was not refused: {reply:?}"));
+        assert!(
+            why.to_lowercase().contains("replay"),
+            "refusal does not say replay: {why}"
+        );
+        inst.wait_log_line(&["verdict=deny", "replay"], Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no log line for the replay:\n{}", inst.stderr_text()));
+
+        // Tampered: one bit of the proof's MIC flipped in flight.
+        let (addr, h) = relay(&kex, |i, body| {
+            if i == 1 {
+                let last = body.len() - 1;
+                body[last] ^= 1;
+            }
+        });
+        let out = ping_via(&addr, None);
+        h.join().unwrap();
+        assert!(!out.status.success(), "tampered exchange got in");
+        assert!(
+            text(&out.stderr).contains("tampered"),
+            "client error: {}",
+            text(&out.stderr)
+        );
+        inst.wait_log_line(
+            &["verdict=deny", "tampered handshake"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no log line for the tamper:\n{}", inst.stderr_text()));
+
+        // Tampered: the link key in the hello swapped (the MIC then fails).
+        let (addr, h) = relay(&kex, |i, body| {
+            if i == 0 {
+                body[3] ^= 0xff;
+            }
+        });
+        let out = ping_via(&addr, None);
+        h.join().unwrap();
+        assert!(!out.status.success(), "exchange with a swapped key got in");
+
+        // A ticket for the wrong service: bob's, presented to alice's broker.
+        let out = ping_via(&kex, Some(&realm.principal("bob")));
+        assert!(!out.status.success(), "a ticket for another service got in");
+        println!("wrong service: {}", text(&out.stderr).trim());
+
+        // A truncated token inside a well-formed frame.
+        let mut cut = frames[0].clone();
+        let keep = 3 + 32 + 2 + 40;
+        cut.truncate(keep);
+        cut[35] = 0;
+        cut[36] = 40;
+        let why = refusal(&raw_exchange(&kex, &frame(&cut))).expect("truncated token not refused");
+        println!("truncated token: {why}");
+        // A truncated frame, garbage, a huge length, a wrong version.
+        for bytes in [
+            frame(&frames[0])[..20].to_vec(),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![0xff, 0xff, 0xff, 0xff, 1, 1],
+            frame(&[9, 1, 1]),
+        ] {
+            let reply = raw_exchange(&kex, &bytes);
+            assert!(
+                reply.is_empty() || refusal(&reply).is_some(),
+                "unexpected answer to garbage: {reply:?}"
+            );
+        }
+        let log = inst.stderr_text();
+        let denials = log
+            .lines()
+            .filter(|l| l.contains("gss: verdict=deny"))
+            .count();
+        assert!(
+            denials >= 8,
+            "expected a denial line per bad exchange, got {denials}:\n{log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+        // The broker is still fine, and the owner still gets in.
+        inst.assert_all_ranks_answer();
+        let out = ping_via(&kex, None);
+        assert!(
+            out.status.success(),
+            "owner ping after the attacks failed: {}",
+            text(&out.stderr)
+        );
+    });
+}
+
+#[test]
+fn with_the_kdc_down_existing_links_live_and_new_ones_fail_clearly_then_recover() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let mut realm = Realm::start(&["alice", "bob"]);
+        let allow = format!("{}=user", realm.principal("bob"));
+        let (inst, ep) = alice_instance(&realm, 4, &["--allow", &allow]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        let ping_as = |env: &[(String, String)]| {
+            let mut e = env_ref(env);
+            e.push(("CANOPY_KEX", &kex));
+            e.push(("CANOPY_GSS_TARGET", &target));
+            let t0 = Instant::now();
+            let out = run_canopy(
+                &["ping", "--uri", &ep, "--rank", "3", "--count", "1"],
+                &e,
+                Duration::from_secs(30),
+            );
+            (out, t0.elapsed())
+        };
+        // bob's credential cache gets his tickets while the KDC is up.
+        let bob = realm.env("bob");
+        let (out, _) = ping_as(&bob);
+        assert!(out.status.success(), "bob: {}", text(&out.stderr));
+
+        realm.stop_kdc();
+        // Existing overlay links keep working.
+        inst.assert_all_ranks_answer();
+        // bob's cached ticket still gets him a new link.
+        let (out, _) = ping_as(&bob);
+        assert!(
+            out.status.success(),
+            "bob with cached tickets, KDC down: {}",
+            text(&out.stderr)
+        );
+        // Someone without tickets cannot get one: a clear error, quickly.
+        let mut fresh = realm.env("bob");
+        fresh.push(("CANOPY_GSS_PRINCIPAL".into(), realm.principal("bob")));
+        let (out, took) = ping_as(&fresh);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "got in without a KDC");
+        assert!(
+            err.contains("the KDC is unreachable"),
+            "error does not name the KDC: {err}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?} to fail");
+        println!("KDC down, new link: {} ({took:?})", err.trim());
+
+        // The KDC returns: the same kind of new link now succeeds.
+        realm.start_kdc();
+        let (out, _) = ping_as(&fresh);
+        assert!(
+            out.status.success(),
+            "after the KDC returned: {}",
+            text(&out.stderr)
+        );
+        inst.assert_all_ranks_answer();
+    });
+}
+
+#[test]
+fn links_outlive_20_second_tickets_with_no_message_lost() {
+    if skip() {
+        return;
+    }
+    run_test(Duration::from_secs(150), || {
+        let realm = Realm::start_with(
+            &["alice"],
+            RealmOpts {
+                max_life: Some(Duration::from_secs(20)),
+            },
+        );
+        let mut env = realm.env("alice");
+        env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
+        let inst = Instance::start_with_env(4, 2, &["--mechanism", "gssapi"], &env_ref(&env));
+        let mut c = inst.client(0);
+        let t0 = Instant::now();
+        let (mut sent, mut ok) = (0u64, 0u64);
+        while t0.elapsed() < Duration::from_secs(60) {
+            // Rank 3 is two links away: 0 -> 1 -> 3.
+            let payload = format!("message {sent}").into_bytes();
+            sent += 1;
+            match Instance::ping(&mut c, 3, &payload) {
+                Ok(m) if m.payload == payload => ok += 1,
+                Ok(m) => panic!("message {sent}: wrong echo {:?}", text(&m.payload)),
+                Err(e) => panic!(
+                    "message {sent} lost after {:?}: {e}\n{}",
+                    t0.elapsed(),
+                    inst.stderr_text()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ok, sent);
+        let log = inst.stderr_text();
+        let renewals = log
+            .lines()
+            .filter(|l| l.contains("renewed the link key binding"))
+            .count();
+        // Three child links, each renewed at 2/3 of a 20 s ticket.
+        assert!(renewals >= 6, "only {renewals} renewals in 60 s:\n{log}");
+        assert!(
+            !log.contains("binding expired"),
+            "a binding expired:\n{log}"
+        );
+        println!("{ok} messages in 60 s over 20 s tickets, {renewals} renewals, none lost");
         inst.assert_all_ranks_answer();
     });
 }
