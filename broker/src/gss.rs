@@ -380,6 +380,180 @@ pub fn join_and_renew(
     Ok(())
 }
 
+/// A system instance's gssapi setup (`[bootstrap] mechanism = "gssapi"`):
+/// each broker is `service/host@REALM` from its keytab, admits exactly its
+/// children's principals as peers, and learns its parent's CURVE key from
+/// the parent's key exchange (vouched for by the parent's principal).
+pub struct SystemGss {
+    pub me: String,
+    /// Expected principal of each child rank.
+    pub children: std::collections::HashMap<u32, String>,
+    /// Parent rank, its expected principal and key-exchange address.
+    pub parent: Option<(u32, String, String)>,
+    listen: Option<String>,
+    opts: GssOpts,
+}
+
+fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
+    let hp = ep.strip_prefix("tcp://")?;
+    let (h, p) = hp.rsplit_once(':')?;
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    let h = if h == "*" { "0.0.0.0" } else { h };
+    Some((h.to_string(), p.parse().ok()?))
+}
+
+impl SystemGss {
+    /// Work out the principals and addresses, and check our credentials.
+    /// Call while the process is still single-threaded: a configured
+    /// keytab is handed to the Kerberos library through `KRB5_KTNAME` and
+    /// `KRB5_CLIENT_KTNAME`.
+    pub fn prepare(
+        config: &canopy_config::Config,
+        rank: u32,
+        topo: &canopy_overlay::Topology,
+    ) -> Result<SystemGss, BrokerError> {
+        let g = config.gssapi().ok_or_else(|| {
+            BrokerError::Config("mechanism is gssapi but there is no [gssapi] table".into())
+        })?;
+        if let Some(kt) = &g.keytab {
+            let v = format!("FILE:{}", kt.display());
+            std::env::set_var("KRB5_KTNAME", &v);
+            std::env::set_var("KRB5_CLIENT_KTNAME", &v);
+        }
+        let principal_of = |r: u32| -> Result<String, BrokerError> {
+            let host = config
+                .host(r)
+                .ok_or_else(|| BrokerError::Config(format!("no host for rank {r}")))?;
+            canopy_gss::krb::qualify(&g.principal(host)).map_err(gss_err)
+        };
+        let kex_addr = |r: u32, ep: Option<String>| -> Result<String, BrokerError> {
+            let ep = ep.ok_or_else(|| BrokerError::Config(format!("no endpoint for rank {r}")))?;
+            let (h, p) = endpoint_host_port(&ep).ok_or_else(|| {
+                BrokerError::Config(format!(
+                    "gssapi needs tcp:// endpoints to place the key exchange; rank {r} has {ep}"
+                ))
+            })?;
+            let port = match g.kex_port {
+                Some(k) => k,
+                None => p.checked_add(1).ok_or_else(|| {
+                    BrokerError::Config(format!(
+                        "rank {r}: port {p} + 1 is out of range; set gssapi.kex_port"
+                    ))
+                })?,
+            };
+            Ok(format!("{h}:{port}"))
+        };
+        let me = principal_of(rank)?;
+        let mut children = std::collections::HashMap::new();
+        for c in topo.children(rank) {
+            children.insert(c, principal_of(c)?);
+        }
+        let parent = match topo.parent(rank) {
+            Some(p) => Some((
+                p,
+                principal_of(p)?,
+                kex_addr(p, config.connect_endpoint(p))?,
+            )),
+            None => None,
+        };
+        let listen = if children.is_empty() {
+            None
+        } else {
+            Some(kex_addr(rank, config.bind_endpoint(rank))?)
+        };
+        let opts = GssOpts {
+            principal: Some(me.clone()),
+            ..GssOpts::default()
+        };
+        if parent.is_some() {
+            own_principal(&opts)?;
+        }
+        Ok(SystemGss {
+            me,
+            children,
+            parent,
+            listen,
+            opts,
+        })
+    }
+
+    /// Install the ZAP gate and, with children, start the key exchange.
+    pub fn start(
+        &self,
+        bound: &crate::node::Bound,
+        keys: &canopy_security::CurveKeypair,
+    ) -> Result<Option<KexServer>, BrokerError> {
+        let bindings = Arc::new(Bindings::new());
+        let peers: HashSet<String> = self.children.values().cloned().collect();
+        if bound
+            .policy
+            .gss
+            .set(Arc::new(GssGate::new(bindings.clone(), peers.clone())))
+            .is_err()
+        {
+            return Err(BrokerError::Gss(
+                "the gssapi gate was installed twice".into(),
+            ));
+        }
+        match &self.listen {
+            Some(l) => Ok(Some(start_server(
+                l,
+                &self.me,
+                *keys.public(),
+                bindings,
+                peers,
+                None,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Authenticate to the parent (mutually: it must be the principal the
+    /// config names) and bind our key; returns the parent's CURVE key.
+    /// Waits, with backoff, while the parent is not up yet; any other
+    /// failure (credentials, refusal) is returned at once.
+    pub fn join_parent(&self, link_key: [u8; 32]) -> Result<Option<[u8; 32]>, BrokerError> {
+        let Some((p, who, addr)) = &self.parent else {
+            return Ok(None);
+        };
+        let cfg = ClientConfig {
+            principal: self.opts.principal.clone(),
+            target: who.clone(),
+            purpose: Purpose::Overlay,
+            expect_server_key: None,
+            timeout: KEX_TIMEOUT,
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match canopy_gss::handshake(addr, &cfg, &link_key) {
+                Ok(b) => {
+                    info!(
+                        "gss: authenticated to rank {p} ({}) at {addr}; link key bound for {}s (took {:.1} ms)",
+                        b.acceptor,
+                        b.lifetime.as_secs(),
+                        b.took.as_secs_f64() * 1e3
+                    );
+                    let renew = ClientConfig {
+                        expect_server_key: Some(b.server_key),
+                        ..cfg
+                    };
+                    spawn_renewal(addr.clone(), renew, link_key, b.lifetime);
+                    return Ok(Some(b.server_key));
+                }
+                Err(canopy_gss::GssError::Io { .. }) => {
+                    info!(
+                        "gss: rank {p}'s key exchange at {addr} is not up yet; retrying in {:.1}s",
+                        backoff.as_secs_f64()
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(gss_err(e)),
+            }
+        }
+    }
+}
+
 /// When to renew a binding of `lifetime`: at 2/3 of it, at least 1 s on.
 pub fn renew_after(lifetime: Duration) -> Duration {
     (lifetime * 2 / 3).max(Duration::from_secs(1))

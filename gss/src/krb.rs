@@ -69,6 +69,24 @@ pub fn initiator_sources() -> String {
     )
 }
 
+/// A principal with its realm: `service/host` gets the default realm of
+/// the Kerberos configuration; then canonical form.
+pub fn qualify(p: &str) -> Result<String, GssError> {
+    if p.contains('@') {
+        return canonical_principal(p);
+    }
+    let name = Name::new(p.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL))
+        .and_then(|n| n.canonicalize(Some(GSS_MECH_KRB5)))
+        .map_err(|e| GssError::Name {
+            name: p.to_string(),
+            reason: format!(
+                "{}; set gssapi.realm or default_realm in krb5.conf",
+                clean(&e.to_string())
+            ),
+        })?;
+    canonical_principal(&name.to_string())
+}
+
 /// Acceptor credentials for `principal`, from the keytab. Fails at once if
 /// the keytab lacks the key or cannot be read.
 pub fn acceptor_cred(principal: &str) -> Result<Cred, GssError> {

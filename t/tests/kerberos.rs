@@ -502,3 +502,138 @@ fn links_outlive_20_second_tickets_with_no_message_lost() {
         inst.assert_all_ranks_answer();
     });
 }
+
+/// Nodes of a system instance on 127.0.0.1, killed on drop.
+struct Nodes(Vec<std::process::Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port P with P+1 (its key exchange) free too.
+fn port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        use std::os::unix::fs::PermissionsExt;
+        let realm = Realm::start(&["canopy/n0", "canopy/n1", "canopy/n2", "alice"]);
+        let dir = tempfile::Builder::new()
+            .prefix("canopy-krbsys-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let kt = dir.path().join("canopy.keytab");
+        for n in ["canopy/n0", "canopy/n1", "canopy/n2"] {
+            realm.export_to(n, &kt);
+        }
+        let hosts: String = (0..3)
+            .map(|r| {
+                let p = port_pair();
+                format!("  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
+            })
+            .collect();
+        let write_cfg = |name: &str, keytab: &std::path::Path| {
+            let cfg = dir.path().join(name);
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[bootstrap]\nmechanism = \"gssapi\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"{}\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n",
+                    keytab.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+            cfg
+        };
+        let good = write_cfg("canopy.toml", &kt);
+        // Same cluster, but a keytab without the nodes' keys.
+        let wrong_kt = realm.keytab("alice");
+        let wrong = write_cfg("wrong.toml", &wrong_kt);
+        let start = |r: u32, cfg: &std::path::Path| {
+            let env = realm.env_with_keytab("FILE:/nonexistent");
+            let log = std::fs::File::create(dir.path().join(format!("n{r}.log"))).unwrap();
+            std::process::Command::new(canopy_t::canopy_bin())
+                .args(["broker", "--config"])
+                .arg(cfg)
+                .args(["--hostname", &format!("n{r}"), "--force-root", "--rundir"])
+                .arg(dir.path().join(format!("run-n{r}")))
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("RUST_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        };
+        let logs = || {
+            (0..3)
+                .map(|r| {
+                    std::fs::read_to_string(dir.path().join(format!("n{r}.log")))
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        };
+        // Leaves first: they wait for their parent's key exchange.
+        let mut nodes = Nodes(Vec::new());
+        for r in [2u32, 1, 0] {
+            nodes.0.push(start(r, &good));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let uri = format!("local://{}/local-0", dir.path().join("run-n0").display());
+        let full = canopy_t::wait_until(Duration::from_secs(20), || {
+            canopy_client::Client::connect(Some(&uri))
+                .ok()
+                .and_then(|mut c| c.rpc("overlay.status", 0, b"", Duration::from_secs(2)).ok())
+                .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+                .is_some_and(|s| s["health"] == "full")
+        });
+        assert!(full, "system instance did not come up:\n{}", logs());
+        let mut c = canopy_client::Client::connect(Some(&uri)).unwrap();
+        let m = c
+            .rpc("broker.ping", 2, b"over kerberos", Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(m.payload, b"over kerberos");
+        let l = logs();
+        assert!(
+            l.contains("gss: verdict=allow principal=canopy/n1@CANOPY.TEST"),
+            "{l}"
+        );
+        assert!(
+            l.contains("gss: verdict=allow principal=canopy/n2@CANOPY.TEST"),
+            "{l}"
+        );
+
+        // A node whose keytab lacks its key fails at once, naming the
+        // principal and the keytab.
+        let t0 = Instant::now();
+        let mut bad = start(1, &wrong);
+        let st = bad.wait().unwrap();
+        let took = t0.elapsed();
+        assert!(!st.success());
+        let l = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+        let want = format!(
+            "no Kerberos credentials for canopy/n1@CANOPY.TEST in keytab FILE:{}",
+            wrong_kt.display()
+        );
+        assert!(l.contains(&want), "{l}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        drop(nodes);
+    });
+}
