@@ -637,3 +637,64 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         drop(nodes);
     });
 }
+
+#[test]
+fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
+    if skip() {
+        return;
+    }
+    run_test(Duration::from_secs(150), || {
+        let mut realm = Realm::start_with(
+            &["alice"],
+            RealmOpts {
+                max_life: Some(Duration::from_secs(20)),
+            },
+        );
+        let mut env = realm.env("alice");
+        env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
+        let inst = Instance::start_with_env(2, 2, &["--mechanism", "gssapi"], &env_ref(&env));
+        let t0 = Instant::now();
+        let mut c = inst.client(0);
+        Instance::ping(&mut c, 1, b"before").expect("ping before");
+        // Without a KDC, no ticket outlives its 20 s: renewal fails, and
+        // the parent drops the link's traffic once the binding ends.
+        realm.stop_kdc();
+        inst.wait_log_line(&["binding expired"], Duration::from_secs(40))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the parent never refused the expired key:\n{}",
+                    inst.stderr_text()
+                )
+            });
+        assert!(
+            t0.elapsed() >= Duration::from_secs(15),
+            "binding ended early: {:?}",
+            t0.elapsed()
+        );
+        let mut c = inst.client(0);
+        let r = c.rpc("broker.ping", 1, b"during", Duration::from_secs(3));
+        assert!(
+            r.is_err(),
+            "a ping crossed a link whose binding expired: {r:?}"
+        );
+        assert!(
+            inst.stderr_text()
+                .contains("cannot renew the link key binding"),
+            "no renewal failure logged:\n{}",
+            inst.stderr_text()
+        );
+        // The KDC returns: the child re-authenticates and the link works.
+        realm.start_kdc();
+        let back = canopy_t::wait_until(Duration::from_secs(40), || {
+            inst.client(0)
+                .rpc("broker.ping", 1, b"after", Duration::from_secs(2))
+                .is_ok_and(|m| m.payload == b"after")
+        });
+        assert!(
+            back,
+            "the link did not recover after the KDC returned:\n{}",
+            inst.stderr_text()
+        );
+        println!("expired and recovered in {:?}", t0.elapsed());
+    });
+}
