@@ -31,7 +31,8 @@ pub enum Mechanism {
     /// ZeroMQ CURVE: each node has a secret certificate, and the public
     /// certificates of the others.
     Curve,
-    /// ZeroMQ GSSAPI (Kerberos): see [`GssapiConfig`].
+    /// Kerberos binding per-link CURVE keys (not libzmq's GSSAPI
+    /// mechanism): see [`GssapiConfig`].
     Gssapi,
 }
 
