@@ -50,6 +50,96 @@ pub struct GssGate {
     /// Canonical principals admitted as overlay peers.
     pub peers: HashSet<String>,
     warned: Mutex<HashSet<String>>,
+    /// This broker's link to its parent, shared with the renewal thread.
+    pub parent: Arc<ParentLink>,
+}
+
+/// Between the broker loop and the renewal thread: the loop says when the
+/// parent link was lost (so the thread re-authenticates at once, e.g. to a
+/// restarted parent), and takes the parent's latest CURVE key, vouched for
+/// by the parent's principal, when it reconnects. The loop never waits.
+#[derive(Default)]
+pub struct ParentLink {
+    state: Mutex<ParentState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ParentState {
+    key: Option<[u8; 32]>,
+    kicked: bool,
+    /// The key changed and the loop has not reconnected yet.
+    changed: bool,
+}
+
+impl ParentLink {
+    /// The parent link was lost: re-authenticate now.
+    pub fn kick(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.kicked = true;
+        self.wake.notify_one();
+    }
+
+    /// The parent's CURVE key from the latest exchange, if any.
+    pub fn key(&self) -> Option<[u8; 32]> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .key
+    }
+
+    fn set_key(&self, k: [u8; 32]) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = s.key.is_some_and(|old| old != k);
+        s.key = Some(k);
+        s.changed |= changed;
+        changed
+    }
+
+    /// Sleep until `deadline` or a kick; true if kicked.
+    fn wait(&self, deadline: Instant) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !s.kicked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .wake
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        s.kicked = false;
+        true
+    }
+}
+
+/// Loop hook: the parent link was lost (no-op unless gssapi).
+pub fn parent_lost(policy: &crate::authz::BrokerPolicy) {
+    if let Some(g) = policy.gss.get() {
+        g.parent.kick();
+    }
+}
+
+/// Loop hook (timer): true once after the parent's key changed, so the
+/// loop reconnects with the new key.
+pub fn parent_key_changed(policy: &crate::authz::BrokerPolicy) -> bool {
+    let Some(g) = policy.gss.get() else {
+        return false;
+    };
+    let mut s = g
+        .parent
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    std::mem::take(&mut s.changed)
+}
+
+/// Loop hook: the parent's current CURVE key under gssapi, if it changed
+/// hands since the bootstrap (a restarted parent has a new key).
+pub fn parent_key(policy: &crate::authz::BrokerPolicy) -> Option<[u8; 32]> {
+    policy.gss.get()?.parent.key()
 }
 
 impl GssGate {
@@ -58,6 +148,7 @@ impl GssGate {
             bindings,
             peers: peers.into_iter().collect(),
             warned: Mutex::new(HashSet::new()),
+            parent: Arc::new(ParentLink::default()),
         }
     }
 
@@ -357,6 +448,7 @@ pub fn setup_user_instance(
 /// A child's first exchange with its parent (fails fast), then its renewal
 /// thread.
 pub fn join_and_renew(
+    policy: &crate::authz::BrokerPolicy,
     addr: &str,
     me: &str,
     g: &GssOpts,
@@ -376,7 +468,9 @@ pub fn join_and_renew(
         timeout: KEX_TIMEOUT,
     };
     let b = join_parent(addr, &cfg, &link_key)?;
-    spawn_renewal(addr.to_string(), cfg, link_key, b.lifetime);
+    let link = parent_link(policy)?;
+    link.set_key(b.server_key);
+    spawn_renewal(addr.to_string(), cfg, link_key, b.lifetime, link);
     Ok(())
 }
 
@@ -512,7 +606,11 @@ impl SystemGss {
     /// config names) and bind our key; returns the parent's CURVE key.
     /// Waits, with backoff, while the parent is not up yet; any other
     /// failure (credentials, refusal) is returned at once.
-    pub fn join_parent(&self, link_key: [u8; 32]) -> Result<Option<[u8; 32]>, BrokerError> {
+    pub fn join_parent(
+        &self,
+        policy: &crate::authz::BrokerPolicy,
+        link_key: [u8; 32],
+    ) -> Result<Option<[u8; 32]>, BrokerError> {
         let Some((p, who, addr)) = &self.parent else {
             return Ok(None);
         };
@@ -533,11 +631,11 @@ impl SystemGss {
                         b.lifetime.as_secs(),
                         b.took.as_secs_f64() * 1e3
                     );
-                    let renew = ClientConfig {
-                        expect_server_key: Some(b.server_key),
-                        ..cfg
-                    };
-                    spawn_renewal(addr.clone(), renew, link_key, b.lifetime);
+                    // A restarted parent has a new key: renewals accept
+                    // any key its principal vouches for.
+                    let link = parent_link(policy)?;
+                    link.set_key(b.server_key);
+                    spawn_renewal(addr.clone(), cfg, link_key, b.lifetime, link);
                     return Ok(Some(b.server_key));
                 }
                 Err(canopy_gss::GssError::Io { .. }) => {
@@ -562,7 +660,21 @@ pub fn renew_after(lifetime: Duration) -> Duration {
 /// Re-authenticate before each binding expires, re-binding the same link
 /// key so the link stays up. Failures (KDC down) are retried with backoff;
 /// existing links keep working until the binding's end.
-pub fn spawn_renewal(addr: String, cfg: ClientConfig, link_key: [u8; 32], first: Duration) {
+fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, BrokerError> {
+    policy
+        .gss
+        .get()
+        .map(|g| g.parent.clone())
+        .ok_or_else(|| BrokerError::Gss("the gssapi gate is not installed".into()))
+}
+
+pub fn spawn_renewal(
+    addr: String,
+    cfg: ClientConfig,
+    link_key: [u8; 32],
+    first: Duration,
+    link: Arc<ParentLink>,
+) {
     let spawned = std::thread::Builder::new()
         .name("canopy-gss-renew".into())
         .spawn(move || {
@@ -570,7 +682,10 @@ pub fn spawn_renewal(addr: String, cfg: ClientConfig, link_key: [u8; 32], first:
             let mut next = Instant::now() + renew_after(first);
             let mut backoff = Duration::from_millis(500);
             loop {
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                let kicked = link.wait(next);
+                if kicked {
+                    info!("gss: the parent link was lost; re-authenticating to {addr}");
+                }
                 match canopy_gss::handshake(&addr, &cfg, &link_key) {
                     Ok(b) => {
                         info!(
@@ -578,6 +693,9 @@ pub fn spawn_renewal(addr: String, cfg: ClientConfig, link_key: [u8; 32], first:
                             b.acceptor,
                             b.lifetime.as_secs()
                         );
+                        if link.set_key(b.server_key) {
+                            warn!("gss: {} has a new CURVE key (it restarted); rejoining with it", b.acceptor);
+                        }
                         expires = Instant::now() + b.lifetime;
                         next = Instant::now() + renew_after(b.lifetime);
                         backoff = Duration::from_millis(500);

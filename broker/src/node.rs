@@ -494,9 +494,12 @@ impl Broker {
 
     /// (Re)connect to the parent with a fresh session and say hello.
     fn connect_parent(&mut self) -> Result<(), BrokerError> {
-        let Some(card) = self.parent_card.clone() else {
+        let Some(mut card) = self.parent_card.clone() else {
             return Ok(());
         };
+        if let Some(k) = crate::gss::parent_key(&self._policy) {
+            card.public_key = k;
+        }
         let ep = card.endpoint.clone().ok_or_else(|| {
             BrokerError::Bootstrap(
                 "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
@@ -538,6 +541,7 @@ impl Broker {
     /// try to join again shortly.
     fn lose_parent(&mut self, reason: &str) {
         warn!("overlay: lost the parent link ({reason}); rejoining");
+        crate::gss::parent_lost(&self._policy);
         for r in self.pending.fail_link(Link::Parent) {
             self.fail_in_flight(r, "the parent link was lost");
         }
@@ -590,6 +594,9 @@ impl Broker {
 
     /// Timers: heartbeats out, liveness checks in, rejoin attempts.
     fn tick(&mut self) -> Result<(), BrokerError> {
+        if crate::gss::parent_key_changed(&self._policy) {
+            self.connect_parent()?;
+        }
         let now = self.now_ms();
         if let Some(at) = self.rejoin_at_ms {
             if now >= at {

@@ -532,17 +532,17 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
     }
     run_test(LIMIT, || {
         use std::os::unix::fs::PermissionsExt;
-        let realm = Realm::start(&["canopy/n0", "canopy/n1", "canopy/n2", "alice"]);
+        let realm = Realm::start(&["canopy/n0", "canopy/n1", "canopy/n2", "canopy/n3", "alice"]);
         let dir = tempfile::Builder::new()
             .prefix("canopy-krbsys-")
             .tempdir()
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let kt = dir.path().join("canopy.keytab");
-        for n in ["canopy/n0", "canopy/n1", "canopy/n2"] {
+        for n in ["canopy/n0", "canopy/n1", "canopy/n2", "canopy/n3"] {
             realm.export_to(n, &kt);
         }
-        let hosts: String = (0..3)
+        let hosts: String = (0..4)
             .map(|r| {
                 let p = port_pair();
                 format!("  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
@@ -582,7 +582,7 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
                 .unwrap()
         };
         let logs = || {
-            (0..3)
+            (0..4)
                 .map(|r| {
                     std::fs::read_to_string(dir.path().join(format!("n{r}.log")))
                         .unwrap_or_default()
@@ -592,7 +592,7 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         };
         // Leaves first: they wait for their parent's key exchange.
         let mut nodes = Nodes(Vec::new());
-        for r in [2u32, 1, 0] {
+        for r in [3u32, 2, 1, 0] {
             nodes.0.push(start(r, &good));
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -619,6 +619,29 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
             l.contains("gss: verdict=allow principal=canopy/n2@CANOPY.TEST"),
             "{l}"
         );
+
+        // The middle rank 1 (0 -> 1 -> 3) restarts with a new key: rank 0
+        // admits its new binding, and rank 3 re-authenticates to it and
+        // rejoins.
+        let _ = nodes.0[2].kill();
+        let _ = nodes.0[2].wait();
+        std::thread::sleep(Duration::from_millis(300));
+        nodes.0[2] = start(1, &good);
+        let back = canopy_t::wait_until(Duration::from_secs(30), || {
+            canopy_client::Client::connect(Some(&uri))
+                .ok()
+                .and_then(|mut c| {
+                    c.rpc("broker.ping", 3, b"again", Duration::from_secs(2))
+                        .ok()
+                })
+                .is_some_and(|m| m.payload == b"again")
+        });
+        assert!(
+            back,
+            "rank 3 did not rejoin the restarted rank 1:\n{}",
+            logs()
+        );
+        assert!(logs().contains("has a new CURVE key"), "{}", logs());
 
         // A node whose keytab lacks its key fails at once, naming the
         // principal and the keytab.
