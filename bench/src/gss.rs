@@ -1,4 +1,5 @@
-//! `canopy-bench gss-soak [MESSAGES] [WINDOW]`: the gssapi soak.
+//! `canopy-bench gss-soak [MESSAGES] [WINDOW] [curve]`: the gssapi soak
+//! (with `curve`, the same run over plain CURVE, for comparison).
 //!
 //! Starts a throwaway MIT realm (`canopy_t::krb`) and a 2-broker user
 //! instance over `--mechanism gssapi`, then sends MESSAGES (default 1M)
@@ -26,7 +27,12 @@ pub fn run_if_requested() -> Option<i32> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000u64);
     let window = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64u64);
-    Some(match soak(n, window) {
+    let mech = if args.get(4).map(String::as_str) == Some("curve") {
+        "curve"
+    } else {
+        "gssapi"
+    };
+    Some(match soak(n, window, mech) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("canopy-bench: gss-soak: error: {e:#}");
@@ -61,7 +67,7 @@ fn brokers(marker: &str) -> Vec<u32> {
     v
 }
 
-fn soak(n: u64, window: u64) -> Result<()> {
+fn soak(n: u64, window: u64, mech: &str) -> Result<()> {
     let canopy = std::env::current_exe()?
         .parent()
         .context("exe dir")?
@@ -71,7 +77,7 @@ fn soak(n: u64, window: u64) -> Result<()> {
     let mut env = realm.env("alice");
     env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
     let mut child = Command::new(&canopy)
-        .args(["start", "--size", "2", "--mechanism", "gssapi", "--rundir"])
+        .args(["start", "--size", "2", "--mechanism", mech, "--rundir"])
         .arg(&scratch)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
@@ -80,22 +86,28 @@ fn soak(n: u64, window: u64) -> Result<()> {
         .spawn()
         .with_context(|| format!("cannot run {}", canopy.display()))?;
     let result = (|| -> Result<()> {
+        // Read stdout to its end (the launcher must never see a closed pipe).
         let out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        let mut uri = None;
-        for line in out.lines() {
-            let line = line?;
-            if let Some(u) = line.strip_prefix("export CANOPY_URI=") {
-                uri = Some(u.to_string());
-                break;
+        let (utx, urx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if let Some(u) = line.strip_prefix("export CANOPY_URI=") {
+                    let _ = utx.send(u.to_string());
+                }
             }
-        }
-        let uri = uri.context("canopy start printed no CANOPY_URI")?;
+        });
+        let uri = urx
+            .recv_timeout(Duration::from_secs(60))
+            .context("canopy start printed no CANOPY_URI")?;
         // Drain the brokers' log for good (a full pipe would stall them),
         // picking out the child's handshake time.
         let err = std::io::BufReader::new(child.stderr.take().context("stderr")?);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for l in err.lines().map_while(Result::ok) {
+                if l.contains("WARN") || l.contains("ERROR") || l.contains("panicked") {
+                    eprintln!("{l}");
+                }
                 if let Some(t) = l.split("(took ").nth(1) {
                     let _ = tx.send(t.trim_end_matches(')').to_string());
                 }
@@ -104,7 +116,9 @@ fn soak(n: u64, window: u64) -> Result<()> {
         let took = rx
             .recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| "?".into());
-        println!("gss link handshake (child to parent, first ticket): {took}");
+        if mech == "gssapi" {
+            println!("gss link handshake (child to parent, first ticket): {took}");
+        }
         let pids = brokers(&scratch.display().to_string());
         if pids.len() != 2 {
             bail!("expected 2 brokers, found {pids:?}");
@@ -136,7 +150,7 @@ fn soak(n: u64, window: u64) -> Result<()> {
         let secs = t0.elapsed().as_secs_f64();
         let end: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect::<Result<_>>()?;
         let (k, mid) = at_100k.context("no midpoint")?;
-        println!("{n} pings over the gssapi link in {secs:.1} s ({:.0} msg/s round trips, window {window})", n as f64 / secs);
+        println!("{n} pings over the {mech} link in {secs:.1} s ({:.0} msg/s round trips, window {window})", n as f64 / secs);
         let mut worst = 0.0f64;
         for (i, (a, b)) in mid.iter().zip(&end).enumerate() {
             let g = (*b as f64 - *a as f64) / *a as f64 * 100.0;

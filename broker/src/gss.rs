@@ -256,10 +256,8 @@ pub fn message_allowed(
     let Some(g) = policy.gss.get() else {
         return true;
     };
-    let key = first
-        .and_then(|m| m.gets(LINK_KEY_PROPERTY).map(str::to_string))
-        .unwrap_or_default();
-    g.link_live(&key, user_id)
+    let key = first.and_then(|m| m.gets(LINK_KEY_PROPERTY)).unwrap_or("");
+    g.link_live(key, user_id)
 }
 
 /// A user instance's client policy under gssapi: the owner, as a local
