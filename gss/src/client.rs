@@ -50,16 +50,63 @@ pub(crate) fn write_msg(s: &mut TcpStream, m: &Msg, peer: &str) -> Result<(), Gs
 }
 
 pub(crate) fn read_msg(s: &mut TcpStream, peer: &str) -> Result<Msg, GssError> {
+    read_msg_by(s, peer, Instant::now() + Duration::from_secs(3600))
+}
+
+/// Read one message, all of it before `deadline` (a peer trickling bytes
+/// cannot hold a connection longer).
+pub(crate) fn read_msg_by(
+    s: &mut TcpStream,
+    peer: &str,
+    deadline: Instant,
+) -> Result<Msg, GssError> {
     let io = |source| GssError::Io {
         peer: peer.to_string(),
         source,
     };
     let mut h = [0u8; 4];
-    s.read_exact(&mut h).map_err(io)?;
+    read_by(s, &mut h, deadline).map_err(io)?;
     let n = Msg::frame_len(h)?;
     let mut body = vec![0u8; n];
-    s.read_exact(&mut body).map_err(io)?;
+    read_by(s, &mut body, deadline).map_err(io)?;
     Msg::decode(&body)
+}
+
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut at = 0;
+    let base = s.read_timeout()?;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the exchange took too long",
+            ));
+        }
+        let t = base.map_or(left, |b| b.min(left));
+        s.set_read_timeout(Some(t))?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let why = if Instant::now() >= deadline {
+                    "the exchange took too long".to_string()
+                } else {
+                    format!("the peer sent nothing for {:.1}s", t.as_secs_f64())
+                };
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    s.set_read_timeout(base)?;
+    Ok(())
 }
 
 fn refused(peer: &str, m: Msg, expected: &str) -> GssError {

@@ -3,7 +3,7 @@
 //! on a thread that routes messages.
 
 use crate::bindings::Bindings;
-use crate::client::{read_msg, write_msg, MAX_ROUNDS};
+use crate::client::{read_msg_by, write_msg, MAX_ROUNDS};
 use crate::krb::{acceptor_cred, check_flags, Acceptor};
 use crate::wire::{Msg, Purpose, Transcript, NONCE_LEN};
 use crate::{canonical_principal, GssError};
@@ -158,8 +158,10 @@ fn run(
     cfg: &ServerConfig,
     cred: Cred,
 ) -> Result<Ok5, (Option<String>, GssError)> {
+    // The whole exchange, however the peer paces its bytes.
+    let deadline = Instant::now() + cfg.timeout * 3;
     let anon = |e| (None, e);
-    let (purpose, link_key, token) = match read_msg(s, peer).map_err(anon)? {
+    let (purpose, link_key, token) = match read_msg_by(s, peer, deadline).map_err(anon)? {
         Msg::Hello {
             purpose,
             link_key,
@@ -205,7 +207,7 @@ fn run(
                 GssError::Protocol(format!("no complete context after {MAX_ROUNDS} rounds")),
             ));
         }
-        token = match read_msg(s, peer).map_err(anon)? {
+        token = match read_msg_by(s, peer, deadline).map_err(anon)? {
             Msg::Token { token } => token,
             other => {
                 return Err((
@@ -225,7 +227,7 @@ fn run(
         link_key,
         nonce,
     };
-    let (claimed_s, mic) = match read_msg(s, peer).map_err(named)? {
+    let (claimed_s, mic) = match read_msg_by(s, peer, deadline).map_err(named)? {
         Msg::Proof { lifetime_s, mic } => (lifetime_s, mic),
         other => {
             return Err(named(GssError::Protocol(format!(

@@ -369,6 +369,50 @@ fn tampered_replayed_truncated_garbage_and_misdirected_handshakes_are_refused() 
                 "unexpected answer to garbage: {reply:?}"
             );
         }
+        // A peer that trickles a byte now and then is cut off when the
+        // exchange's overall deadline (3 x 5 s) passes.
+        let mut slow = TcpStream::connect(&kex).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let t0 = Instant::now();
+        let header_then_trickle = [0u8, 0, 0, 50].into_iter().chain(std::iter::repeat(1u8));
+        let mut gone = false;
+        for b in header_then_trickle.take(30) {
+            let mut buf = [0u8; 64];
+            match slow.read(&mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                _ => {
+                    gone = true;
+                    break;
+                }
+            }
+            if slow.write_all(&[b]).is_err() {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        let took = t0.elapsed();
+        assert!(
+            gone,
+            "a trickling peer still held its connection after {took:?}"
+        );
+        assert!(
+            took >= Duration::from_secs(14) && took < Duration::from_secs(20),
+            "{took:?}"
+        );
+        inst.wait_log_line(&["verdict=deny", "took too long"], Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no log line for the trickling peer:\n{}",
+                    inst.stderr_text()
+                )
+            });
+
         let log = inst.stderr_text();
         let denials = log
             .lines()
