@@ -129,6 +129,37 @@ fn an_8_broker_user_instance_comes_up_and_allowed_clients_ping() {
             )
             .unwrap_or_else(|| panic!("no denial logged for carol:\n{}", inst.stderr_text()));
         println!("{denied}");
+
+        // A plain CURVE key, not bound through Kerberos, gets nothing: a
+        // gssapi instance has no unauthenticated or certificate mode.
+        let st = inst.status(0);
+        let server_key = st["broker"]["public_key"]
+            .as_str()
+            .expect("rank 0's key")
+            .to_string();
+        let cert = inst.tempdir().join("mallory");
+        let out = run_canopy(
+            &["keygen", cert.to_str().unwrap()],
+            &[],
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "keygen: {}", text(&out.stderr));
+        let secret = cert.display().to_string();
+        let out = run_canopy(
+            &["ping", "--uri", &ep, "--count", "1"],
+            &[("CANOPY_KEY", &secret), ("CANOPY_SERVER_KEY", &server_key)],
+            Duration::from_secs(30),
+        );
+        assert!(
+            !out.status.success(),
+            "an unbound CURVE key got in: {}",
+            text(&out.stdout)
+        );
+        inst.wait_log_line(
+            &["verdict=deny", "not bound to a kerberos principal"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no denial for the unbound key:\n{}", inst.stderr_text()));
         inst.assert_all_ranks_answer();
     });
 }
