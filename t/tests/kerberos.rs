@@ -231,6 +231,66 @@ fn a_principal_missing_from_the_keytab_fails_fast_with_the_reason() {
                     .unwrap_or("")
             );
         }
+
+        // Expired credentials: a ticket cache whose ticket has ended, and
+        // no keytab to get another from.
+        let mut env = realm.env_with_keytab("FILE:/nonexistent/none.keytab");
+        let cc = env
+            .iter()
+            .find(|(k, _)| k == "KRB5CCNAME")
+            .unwrap()
+            .1
+            .clone();
+        let mut kinit = std::process::Command::new("kinit");
+        kinit
+            .args([
+                "-l",
+                "2s",
+                "-k",
+                "-t",
+                realm.keytab("alice").to_str().unwrap(),
+                "-c",
+                &cc,
+            ])
+            .arg(realm.principal("alice"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let out = canopy_t::run_command(&mut kinit, Duration::from_secs(10));
+        assert!(out.status.success(), "kinit: {}", text(&out.stderr));
+        std::thread::sleep(Duration::from_secs(3));
+        env.push(("RUST_LOG".into(), "warn".into()));
+        let t0 = Instant::now();
+        let out = run_canopy(
+            &[
+                "start",
+                "--size",
+                "2",
+                "--mechanism",
+                "gssapi",
+                "--",
+                "true",
+            ],
+            &env_ref(&env),
+            Duration::from_secs(20),
+        );
+        let took = t0.elapsed();
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started with an expired ticket:\n{err}"
+        );
+        assert!(
+            err.contains("no Kerberos credentials for the default principal"),
+            "{err}"
+        );
+        assert!(
+            err.contains("expired"),
+            "the error does not say the ticket expired: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?} to fail:\n{err}"
+        );
+        println!("expired ticket: failed in {took:?}: {}", err.trim());
     });
 }
 
