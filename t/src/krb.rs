@@ -26,20 +26,33 @@ pub const REALM: &str = "CANOPY.TEST";
 
 const TOOLS: [&str; 3] = ["krb5kdc", "kdb5_util", "kadmin.local"];
 
-fn find_tool(name: &str) -> Option<PathBuf> {
+/// Where the tools are looked for: `PATH`, then the sbin directories
+/// (Debian installs the KDC tools in /usr/sbin, often not on a user's PATH).
+fn search_dirs() -> Vec<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+        .collect()
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    find_in(&search_dirs(), name)
+}
+
+fn find_in(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// `None` if the MIT KDC tools are installed, else why the Kerberos tests
 /// cannot run.
 pub fn missing_tools() -> Option<String> {
+    missing_in(&search_dirs())
+}
+
+fn missing_in(dirs: &[PathBuf]) -> Option<String> {
     let missing: Vec<&str> = TOOLS
         .into_iter()
-        .filter(|t| find_tool(t).is_none())
+        .filter(|t| find_in(dirs, t).is_none())
         .collect();
     (!missing.is_empty()).then(|| {
         format!(
@@ -320,5 +333,32 @@ impl Drop for Realm {
     fn drop(&mut self) {
         self.stop_kdc();
         untrack(self.track_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tools_are_named_with_the_packages_to_install() {
+        let empty = tempfile::tempdir().unwrap();
+        let why = missing_in(&[empty.path().to_path_buf()]).expect("nothing is installed there");
+        for t in TOOLS {
+            assert!(why.contains(t), "{why}");
+        }
+        assert!(
+            why.contains("krb5-kdc") && why.contains("scripts/deps.sh"),
+            "{why}"
+        );
+        for t in TOOLS {
+            std::fs::write(empty.path().join(t), "").unwrap();
+        }
+        assert_eq!(missing_in(&[empty.path().to_path_buf()]), None);
+    }
+
+    #[test]
+    fn file_names_of_principals() {
+        assert_eq!(file_name("canopy/node1@R.X"), "canopy_node1_R_X");
     }
 }
