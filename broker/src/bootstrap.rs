@@ -247,7 +247,7 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
             (&opts.gss, &gss_me, topo.parent(rank), &parent)
         {
             let addr = c.get(&format!("canopy-kex.{p}"))?;
-            crate::gss::join_and_renew(&bound.policy, &addr, me, g, pc.public_key, *keys.public())?;
+            crate::gss::join_and_renew(&bound.policy, &addr, me, g, pc.public_key, &keys)?;
         }
         pmi_fd = c.get_ref().try_clone().ok().map(OwnedFd::from);
     }

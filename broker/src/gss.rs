@@ -334,7 +334,7 @@ pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
 pub fn start_server(
     listen: &str,
     principal: &str,
-    server_key: [u8; 32],
+    keys: &canopy_security::CurveKeypair,
     bindings: Arc<Bindings>,
     peers: HashSet<String>,
     max_lifetime: Option<Duration>,
@@ -355,7 +355,8 @@ pub fn start_server(
         listener,
         ServerConfig {
             principal: principal.to_string(),
-            server_key,
+            server_key: *keys.public(),
+            server_secret: zeroize::Zeroizing::new(*keys.secret()),
             bindings,
             admit: Arc::new(admit),
             max_lifetime,
@@ -375,9 +376,9 @@ pub fn start_server(
 pub fn join_parent(
     addr: &str,
     cfg: &ClientConfig,
-    link_key: &[u8; 32],
+    link: &canopy_security::CurveKeypair,
 ) -> Result<canopy_gss::Bound, BrokerError> {
-    let b = canopy_gss::handshake(addr, cfg, link_key).map_err(gss_err)?;
+    let b = canopy_gss::handshake(addr, cfg, link).map_err(gss_err)?;
     info!(
         "gss: authenticated to {} at {addr} as {}; link key bound for {}s (took {:.1} ms)",
         b.acceptor,
@@ -429,7 +430,7 @@ pub fn setup_user_instance(
         (Some(l), 0) => l.clone(),
         _ => format!("{host}:0"),
     };
-    let s = start_server(&listen, me, *keys.public(), bindings, peers, g.max_lifetime)?;
+    let s = start_server(&listen, me, keys, bindings, peers, g.max_lifetime)?;
     if rank == 0 {
         let path = rundir.join("kex-0");
         std::fs::write(&path, format!("{} {me}\n", s.addr())).map_err(|source| {
@@ -451,7 +452,7 @@ pub fn join_and_renew(
     me: &str,
     g: &GssOpts,
     parent_key: [u8; 32],
-    link_key: [u8; 32],
+    link: &canopy_security::CurveKeypair,
 ) -> Result<(), BrokerError> {
     if addr == "-" {
         return Err(BrokerError::Gss(
@@ -465,10 +466,10 @@ pub fn join_and_renew(
         expect_server_key: Some(parent_key),
         timeout: KEX_TIMEOUT,
     };
-    let b = join_parent(addr, &cfg, &link_key)?;
-    let link = parent_link(policy)?;
-    link.set_key(b.server_key);
-    spawn_renewal(addr.to_string(), cfg, link_key, b.lifetime, link);
+    let b = join_parent(addr, &cfg, link)?;
+    let parent = parent_link(policy)?;
+    parent.set_key(b.server_key);
+    spawn_renewal(addr.to_string(), cfg, copy_keys(link), b.lifetime, parent);
     Ok(())
 }
 
@@ -589,12 +590,7 @@ impl SystemGss {
         }
         match &self.listen {
             Some(l) => Ok(Some(start_server(
-                l,
-                &self.me,
-                *keys.public(),
-                bindings,
-                peers,
-                None,
+                l, &self.me, keys, bindings, peers, None,
             )?)),
             None => Ok(None),
         }
@@ -607,7 +603,7 @@ impl SystemGss {
     pub fn join_parent(
         &self,
         policy: &crate::authz::BrokerPolicy,
-        link_key: [u8; 32],
+        link: &canopy_security::CurveKeypair,
     ) -> Result<Option<[u8; 32]>, BrokerError> {
         let Some((p, who, addr)) = &self.parent else {
             return Ok(None);
@@ -621,7 +617,7 @@ impl SystemGss {
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            match canopy_gss::handshake(addr, &cfg, &link_key) {
+            match canopy_gss::handshake(addr, &cfg, link) {
                 Ok(b) => {
                     info!(
                         "gss: authenticated to rank {p} ({}) at {addr}; link key bound for {}s (took {:.1} ms)",
@@ -631,9 +627,9 @@ impl SystemGss {
                     );
                     // A restarted parent has a new key: renewals accept
                     // any key its principal vouches for.
-                    let link = parent_link(policy)?;
-                    link.set_key(b.server_key);
-                    spawn_renewal(addr.clone(), cfg, link_key, b.lifetime, link);
+                    let parent = parent_link(policy)?;
+                    parent.set_key(b.server_key);
+                    spawn_renewal(addr.clone(), cfg, copy_keys(link), b.lifetime, parent);
                     return Ok(Some(b.server_key));
                 }
                 Err(canopy_gss::GssError::Io { .. }) => {
@@ -658,6 +654,11 @@ pub fn renew_after(lifetime: Duration) -> Duration {
 /// Re-authenticate before each binding expires, re-binding the same link
 /// key so the link stays up. Failures (KDC down) are retried with backoff;
 /// existing links keep working until the binding's end.
+/// A copy of a keypair for the renewal thread (zeroized when it ends).
+fn copy_keys(k: &canopy_security::CurveKeypair) -> canopy_security::CurveKeypair {
+    canopy_security::CurveKeypair::from_secret(zeroize::Zeroizing::new(*k.secret()))
+}
+
 fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, BrokerError> {
     policy
         .gss
@@ -669,7 +670,7 @@ fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, B
 pub fn spawn_renewal(
     addr: String,
     cfg: ClientConfig,
-    link_key: [u8; 32],
+    keys: canopy_security::CurveKeypair,
     first: Duration,
     link: Arc<ParentLink>,
 ) {
@@ -684,7 +685,7 @@ pub fn spawn_renewal(
                 if kicked {
                     info!("gss: the parent link was lost; re-authenticating to {addr}");
                 }
-                match canopy_gss::handshake(&addr, &cfg, &link_key) {
+                match canopy_gss::handshake(&addr, &cfg, &keys) {
                     Ok(b) => {
                         info!(
                             "gss: renewed the link key binding with {} for {}s",

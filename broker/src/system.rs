@@ -209,10 +209,8 @@ fn run_rest(
     let kex = match &gss {
         Some(g) => {
             let kex = g.start(&bound, &keys)?;
-            if let (Some(card), Some(key)) = (
-                parent.as_mut(),
-                g.join_parent(&bound.policy, *keys.public())?,
-            ) {
+            if let (Some(card), Some(key)) = (parent.as_mut(), g.join_parent(&bound.policy, &keys)?)
+            {
                 card.public_key = key;
             }
             kex

@@ -173,7 +173,7 @@ impl TcpKeys {
             expect_server_key: None,
             timeout: Duration::from_secs(5),
         };
-        let b = canopy_gss::handshake(kex, &cfg, client.public())
+        let b = canopy_gss::handshake(kex, &cfg, &client)
             .map_err(|e| ClientError::Keys(format!("gssapi: {e}")))?;
         Ok(TcpKeys {
             client,

@@ -119,10 +119,16 @@ fn refused(peer: &str, m: Msg, expected: &str) -> GssError {
     }
 }
 
-/// Run the exchange with the acceptor at `addr`, binding `link_key` (our
+/// Run the exchange with the acceptor at `addr`, binding `link`'s public
+/// key (proving we hold its secret; our
 /// fresh CURVE public key) to our principal. Credentials are acquired
 /// before connecting, so a missing credential fails at once.
-pub fn handshake(addr: &str, cfg: &ClientConfig, link_key: &[u8; 32]) -> Result<Bound, GssError> {
+pub fn handshake(
+    addr: &str,
+    cfg: &ClientConfig,
+    link: &canopy_security::CurveKeypair,
+) -> Result<Bound, GssError> {
+    let link_key = link.public();
     let start = Instant::now();
     let (cred, me) = initiator_cred(cfg.principal.as_deref())?;
     let acceptor = canonical_principal(&cfg.target)?;
@@ -168,15 +174,19 @@ pub fn handshake(addr: &str, cfg: &ClientConfig, link_key: &[u8; 32]) -> Result<
         addr,
     )?;
     let mut nonce = None;
+    let mut announced: Option<[u8; 32]> = None;
     for _ in 0..MAX_ROUNDS {
         match read_msg(&mut s, addr)? {
             Msg::Challenge {
                 nonce: n,
+                server_key: sk,
                 complete,
                 token,
             } => {
-                if *nonce.get_or_insert(n) != n {
-                    return Err(GssError::Protocol("the acceptor changed its nonce".into()));
+                if *nonce.get_or_insert(n) != n || *announced.get_or_insert(sk) != sk {
+                    return Err(GssError::Protocol(
+                        "the acceptor changed its nonce or server key".into(),
+                    ));
                 }
                 let out = if token.is_empty() && ctx.is_complete() {
                     None
@@ -203,35 +213,53 @@ pub fn handshake(addr: &str, cfg: &ClientConfig, link_key: &[u8; 32]) -> Result<
     }
     check_flags(ctx.flags()?)?;
     let nonce = nonce.ok_or_else(|| GssError::Protocol("no nonce".into()))?;
+    let server_key = announced.ok_or_else(|| GssError::Protocol("no server key".into()))?;
+    if let Some(want) = cfg.expect_server_key {
+        if want != server_key {
+            return Err(GssError::Auth(format!(
+                "{acceptor} announced a CURVE server key other than the one this link expects; refusing to connect"
+            )));
+        }
+    }
     let t = Transcript {
         purpose: cfg.purpose,
         initiator: me.clone(),
         acceptor: acceptor.clone(),
         link_key: *link_key,
+        server_key,
         nonce,
     };
     let lifetime_s = u32::try_from(ctx.lifetime()?.as_secs()).unwrap_or(u32::MAX);
     let mic = ctx.get_mic(&t.initiator(lifetime_s))?;
-    write_msg(&mut s, &Msg::Proof { lifetime_s, mic }, addr)?;
+    let pop = crate::pop::prove(link.secret(), &server_key, &t.initiator(lifetime_s)).ok_or_else(
+        || GssError::Auth("the acceptor's CURVE server key is a low-order point; refusing".into()),
+    )?;
+    write_msg(
+        &mut s,
+        &Msg::Proof {
+            lifetime_s,
+            pop,
+            mic,
+        },
+        addr,
+    )?;
     match read_msg(&mut s, addr)? {
         Msg::Bound {
-            server_key,
+            server_key: bound_key,
             lifetime_s,
             mic,
         } => {
-            ctx.verify_mic(&t.acceptor(&server_key, lifetime_s), &mic)
+            if bound_key != server_key {
+                return Err(GssError::Auth(
+                    "the acceptor vouched for a server key other than the one it announced".into(),
+                ));
+            }
+            ctx.verify_mic(&t.acceptor(lifetime_s), &mic)
                 .map_err(|e| {
                     GssError::Auth(format!(
                         "the acceptor's proof does not verify ({e}); the server key may have been tampered with"
                     ))
                 })?;
-            if let Some(want) = cfg.expect_server_key {
-                if want != server_key {
-                    return Err(GssError::Auth(format!(
-                        "{acceptor} vouched for a CURVE server key other than the one this link expects; refusing to connect"
-                    )));
-                }
-            }
             Ok(Bound {
                 principal: me,
                 acceptor,

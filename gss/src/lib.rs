@@ -24,6 +24,7 @@
 pub mod bindings;
 pub mod client;
 pub mod krb;
+pub mod pop;
 pub mod server;
 pub mod wire;
 

@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub principal: String,
     /// The CURVE public key initiators will connect to; vouched for by MIC.
     pub server_key: [u8; 32],
+    /// Its secret, to check each initiator's proof of possession of its
+    /// link key ([`crate::pop`]).
+    pub server_secret: zeroize::Zeroizing<[u8; 32]>,
     pub bindings: Arc<Bindings>,
     pub admit: Arc<Admit>,
     /// Cap on a binding's lifetime (the ticket's end is used if earlier).
@@ -192,6 +195,7 @@ fn run(
             s,
             &Msg::Challenge {
                 nonce,
+                server_key: cfg.server_key,
                 complete,
                 token: out.unwrap_or_default(),
             },
@@ -225,10 +229,15 @@ fn run(
         initiator: who.clone(),
         acceptor: canonical_principal(&cfg.principal).map_err(named)?,
         link_key,
+        server_key: cfg.server_key,
         nonce,
     };
-    let (claimed_s, mic) = match read_msg_by(s, peer, deadline).map_err(named)? {
-        Msg::Proof { lifetime_s, mic } => (lifetime_s, mic),
+    let (claimed_s, pop, mic) = match read_msg_by(s, peer, deadline).map_err(named)? {
+        Msg::Proof {
+            lifetime_s,
+            pop,
+            mic,
+        } => (lifetime_s, pop, mic),
         other => {
             return Err(named(GssError::Protocol(format!(
                 "expected proof, got {}",
@@ -241,6 +250,12 @@ fn run(
             "the initiator's proof over the transcript does not verify ({e}); tampered handshake"
         )))
     })?;
+    if !crate::pop::verify(&cfg.server_secret, &link_key, &t.initiator(claimed_s), &pop) {
+        return Err(named(GssError::Auth(
+            "the initiator did not prove it holds the secret of the key it asked to bind; refused"
+                .into(),
+        )));
+    }
     (cfg.admit)(purpose, &who).map_err(|r| named(GssError::Auth(r)))?;
     // MIT's acceptor lifetime includes the clock-skew allowance; the
     // initiator's (MIC-protected) ticket lifetime is exact, and can only
@@ -264,9 +279,7 @@ fn run(
         .bindings
         .bind(&key, &who, purpose, now + lifetime, now)
         .map_err(|e| named(GssError::Auth(e.to_string())))?;
-    let reply_mic = ctx
-        .get_mic(&t.acceptor(&cfg.server_key, lifetime_s))
-        .map_err(named)?;
+    let reply_mic = ctx.get_mic(&t.acceptor(lifetime_s)).map_err(named)?;
     write_msg(
         s,
         &Msg::Bound {

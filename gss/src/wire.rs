@@ -59,11 +59,13 @@ pub enum Msg {
         link_key: [u8; 32],
         token: Vec<u8>,
     },
-    /// Acceptor → initiator: the acceptor's GSS token (may be empty when its
-    /// context is complete and it has nothing to say), whether its context
-    /// is complete, and the fresh nonce (same in every Challenge).
+    /// Acceptor → initiator: the fresh nonce and the acceptor's CURVE
+    /// server key (both the same in every Challenge), the acceptor's GSS
+    /// token (may be empty when its context is complete and it has nothing
+    /// to say), and whether its context is complete.
     Challenge {
         nonce: [u8; NONCE_LEN],
+        server_key: [u8; 32],
         complete: bool,
         token: Vec<u8>,
     },
@@ -72,7 +74,13 @@ pub enum Msg {
     /// Initiator → acceptor: the remaining lifetime of its ticket in
     /// seconds (the acceptor binds for no longer than this or its own
     /// context's lifetime) and a MIC over [`Transcript::initiator`].
-    Proof { lifetime_s: u32, mic: Vec<u8> },
+    /// `pop` proves the initiator holds the link key's secret
+    /// ([`crate::pop`]).
+    Proof {
+        lifetime_s: u32,
+        pop: [u8; 32],
+        mic: Vec<u8>,
+    },
     /// Acceptor → initiator: the acceptor's CURVE server key, the binding's
     /// lifetime in seconds, and a MIC over [`Transcript::acceptor`].
     Bound {
@@ -120,11 +128,13 @@ impl Msg {
             }
             Msg::Challenge {
                 nonce,
+                server_key,
                 complete,
                 token,
             } => {
                 b.push(T_CHALLENGE);
                 b.extend_from_slice(nonce);
+                b.extend_from_slice(server_key);
                 b.push(u8::from(*complete));
                 put_var(&mut b, token)?;
             }
@@ -132,9 +142,14 @@ impl Msg {
                 b.push(T_TOKEN);
                 put_var(&mut b, token)?;
             }
-            Msg::Proof { lifetime_s, mic } => {
+            Msg::Proof {
+                lifetime_s,
+                pop,
+                mic,
+            } => {
                 b.push(T_PROOF);
                 b.extend_from_slice(&lifetime_s.to_be_bytes());
+                b.extend_from_slice(pop);
                 put_var(&mut b, mic)?;
             }
             Msg::Bound {
@@ -197,6 +212,7 @@ impl Msg {
             }
             T_CHALLENGE => Msg::Challenge {
                 nonce: r.array()?,
+                server_key: r.array()?,
                 complete: match r.u8()? {
                     0 => false,
                     1 => true,
@@ -207,6 +223,7 @@ impl Msg {
             T_TOKEN => Msg::Token { token: r.var()? },
             T_PROOF => Msg::Proof {
                 lifetime_s: u32::from_be_bytes(r.array()?),
+                pop: r.array()?,
                 mic: r.var()?,
             },
             T_BOUND => Msg::Bound {
@@ -289,6 +306,8 @@ pub struct Transcript {
     /// Canonical acceptor principal (as the initiator targeted it).
     pub acceptor: String,
     pub link_key: [u8; 32],
+    /// The acceptor's CURVE server key, as it announced it.
+    pub server_key: [u8; 32],
     pub nonce: [u8; NONCE_LEN],
 }
 
@@ -302,6 +321,7 @@ impl Transcript {
             self.initiator.as_bytes(),
             self.acceptor.as_bytes(),
             &self.link_key,
+            &self.server_key,
             &self.nonce,
         ] {
             t.extend_from_slice(&(part.len() as u32).to_be_bytes());
@@ -318,12 +338,10 @@ impl Transcript {
         t
     }
 
-    /// What the acceptor's MIC covers: the base transcript, the server key
-    /// it vouches for and the lifetime it granted.
-    pub fn acceptor(&self, server_key: &[u8; 32], lifetime_s: u32) -> Vec<u8> {
+    /// What the acceptor's MIC covers: the base transcript (with the server
+    /// key it vouches for) and the lifetime it granted.
+    pub fn acceptor(&self, lifetime_s: u32) -> Vec<u8> {
         let mut t = self.base(b"acceptor");
-        t.extend_from_slice(&32u32.to_be_bytes());
-        t.extend_from_slice(server_key);
         t.extend_from_slice(&lifetime_s.to_be_bytes());
         t
     }
@@ -342,6 +360,7 @@ mod tests {
             },
             Msg::Challenge {
                 nonce: [9; 32],
+                server_key: [8; 32],
                 complete: true,
                 token: vec![],
             },
@@ -350,6 +369,7 @@ mod tests {
             },
             Msg::Proof {
                 lifetime_s: 20,
+                pop: [6; 32],
                 mic: vec![4; 28],
             },
             Msg::Bound {
@@ -389,6 +409,7 @@ mod tests {
     fn trailing_bytes_wrong_version_and_unknown_type_are_refused() {
         let mut f = Msg::Proof {
             lifetime_s: 1,
+            pop: [0; 32],
             mic: vec![1],
         }
         .encode()
@@ -401,6 +422,7 @@ mod tests {
             .contains("trailing"));
         let mut v = Msg::Proof {
             lifetime_s: 1,
+            pop: [0; 32],
             mic: vec![1],
         }
         .encode()
@@ -479,6 +501,7 @@ mod tests {
             initiator: "alice@R".into(),
             acceptor: "canopy/n1@R".into(),
             link_key: [1; 32],
+            server_key: [3; 32],
             nonce: [2; 32],
         };
         let base = t.initiator(1);
@@ -499,10 +522,12 @@ mod tests {
         let mut u = t.clone();
         u.nonce[31] = 0;
         assert_ne!(u.initiator(1), base);
+        let mut u = t.clone();
+        u.server_key[0] = 0;
+        assert_ne!(u.initiator(1), base);
         assert_ne!(t.initiator(1), t.initiator(2));
         // The two directions never collide.
-        assert_ne!(t.acceptor(&[0; 32], 0)[..base.len()], base[..]);
-        assert_ne!(t.acceptor(&[0; 32], 1), t.acceptor(&[0; 32], 2));
-        assert_ne!(t.acceptor(&[0; 32], 1), t.acceptor(&[1; 32], 1));
+        assert_ne!(t.acceptor(1), t.initiator(1));
+        assert_ne!(t.acceptor(1), t.acceptor(2));
     }
 }
