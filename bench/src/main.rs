@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod acl;
+mod gss;
 mod instance;
 mod machine;
 mod rpc;
@@ -233,6 +234,9 @@ fn check_smoke(s: &start::StartReport, r: &rpc::RpcReport) -> Result<()> {
 }
 
 fn main() {
+    if let Some(code) = gss::run_if_requested() {
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => {}

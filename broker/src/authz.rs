@@ -89,6 +89,8 @@ impl ClientAuthz for OwnerOnly {
 pub struct BrokerPolicy {
     pub peers: KeySetPolicy,
     pub clients: Arc<dyn ClientAuthz>,
+    /// Set in a gssapi instance: then it alone decides (see `crate::gss`).
+    pub gss: std::sync::OnceLock<Arc<crate::gss::GssGate>>,
 }
 
 impl BrokerPolicy {
@@ -96,12 +98,16 @@ impl BrokerPolicy {
         BrokerPolicy {
             peers: KeySetPolicy::new(),
             clients,
+            gss: std::sync::OnceLock::new(),
         }
     }
 }
 
 impl Policy for BrokerPolicy {
     fn decide(&self, req: &AuthRequest<'_>) -> Decision {
+        if let Some(g) = self.gss.get() {
+            return g.decide(req, &*self.clients);
+        }
         match req.domain {
             OVERLAY_DOMAIN => match self.peers.decide(req) {
                 Decision::Allow { .. } if req.mechanism != Mechanism::Curve => Decision::Deny {

@@ -38,6 +38,9 @@ pub struct BrokerOpts {
     pub policy: Option<PathBuf>,
     /// Audit log; rank R > 0 appends to `PATH.R`.
     pub audit: Option<PathBuf>,
+    /// Authenticate with Kerberos (`--mechanism gssapi`); `None` is CURVE
+    /// with bootstrap-issued keys.
+    pub gss: Option<crate::gss::GssOpts>,
 }
 
 /// Fail fast if the linked libzmq cannot do what Canopy needs.
@@ -137,6 +140,12 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
 
     let keys = CurveKeypair::generate()?;
     let owner_uid = nix::unistd::getuid().as_raw();
+    // gssapi: every broker of a user instance is the user. Credentials are
+    // checked now, so a missing one fails before anything else starts.
+    let gss_me = match &opts.gss {
+        Some(g) => Some(crate::gss::own_principal(g)?),
+        None => None,
+    };
     let authz: Arc<dyn ClientAuthz> = match (&opts.client_authz, &opts.policy) {
         (Some(a), _) => a.clone(),
         (None, Some(policy)) => {
@@ -158,6 +167,18 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
             owner: crate::node::unix_principal(owner_uid),
         }),
     };
+    // gssapi: the owner's Kerberos principal is the owner too.
+    let authz: Arc<dyn ClientAuthz> = match &gss_me {
+        Some(me) => {
+            let has_policy = opts.client_authz.is_some() || opts.policy.is_some();
+            Arc::new(crate::gss::KrbOwner {
+                unix: crate::node::unix_principal(owner_uid),
+                principal: me.clone(),
+                inner: has_policy.then_some(authz),
+            })
+        }
+        None => authz,
+    };
     let bound = bind(
         rank,
         &topo,
@@ -172,12 +193,33 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
         public_key: *keys.public(),
         endpoint: bound.endpoint.clone(),
     };
+    let kex = match (&opts.gss, &gss_me) {
+        (Some(g), Some(me)) => crate::gss::setup_user_instance(
+            rank,
+            &topo,
+            me,
+            g,
+            &bound,
+            &keys,
+            &rundir,
+            &opts.transport,
+            opts.client_listen.is_some(),
+        )?,
+        _ => None,
+    };
 
     let mut parent = None;
     let mut children = HashMap::new();
     let mut pmi_fd: Option<OwnedFd> = None;
     if let Some(c) = pmi.as_mut() {
         c.put(&format!("canopy.{rank}"), &card.encode())?;
+        if gss_me.is_some() {
+            let addr = kex.as_ref().map(|k| k.addr().to_string());
+            c.put(
+                &format!("canopy-kex.{rank}"),
+                addr.as_deref().unwrap_or("-"),
+            )?;
+        }
         c.barrier()?;
         let get_card = |c: &mut PmiClient, r: u32| -> Result<Card, BrokerError> {
             let v = c.get(&format!("canopy.{r}"))?;
@@ -188,12 +230,26 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
         }
         for child in topo.children(rank) {
             let cc = get_card(c, child)?;
-            children.insert(child, curve_principal(&cc.public_key));
+            // gssapi: a child is admitted as the principal its key is bound to.
+            let principal = gss_me
+                .clone()
+                .unwrap_or_else(|| curve_principal(&cc.public_key));
+            children.insert(child, principal);
         }
         // Second barrier: every parent admits its children's keys before
         // any child connects (a denied CURVE handshake is not retried).
-        bound.admit_children(&children);
+        if gss_me.is_none() {
+            bound.admit_children(&children);
+        }
         c.barrier()?;
+        // gssapi: bind our key to our principal at the parent's key
+        // exchange before connecting (fails fast, with the reason).
+        if let (Some(g), Some(me), Some(p), Some(pc)) =
+            (&opts.gss, &gss_me, topo.parent(rank), &parent)
+        {
+            let addr = c.get(&format!("canopy-kex.{p}"))?;
+            crate::gss::join_and_renew(&bound.policy, &addr, me, g, pc.public_key, &keys)?;
+        }
         pmi_fd = c.get_ref().try_clone().ok().map(OwnedFd::from);
     }
 
@@ -210,6 +266,7 @@ pub fn run_broker(opts: BrokerOpts) -> Result<(), BrokerError> {
     };
     let broker = Broker::new(plan, bound, pmi_fd, signals)?;
     let result = broker.run();
+    drop(kex);
     if let Some(c) = pmi.as_mut() {
         let _ = c.finalize();
     }

@@ -42,6 +42,8 @@ pub enum BrokerError {
     Policy(String),
     #[error("config: {0}")]
     Config(String),
+    #[error("gssapi: {0}")]
+    Gss(String),
     #[error("refusing to run as root: run the broker as its own service user (see etc/canopy.service), or pass --force-root")]
     Root,
     #[error(

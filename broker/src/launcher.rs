@@ -397,11 +397,23 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         signals.wait(Duration::from_millis(if online > 0 { 2 } else { 1 }));
     }
     drop(client);
+    // gssapi: rank 0's key exchange, for remote clients.
+    let kex: Vec<(&str, String)> = std::fs::read_to_string(rundir.0.join("kex-0"))
+        .ok()
+        .and_then(|s| {
+            let (addr, who) = s.trim().split_once(' ')?;
+            Some(vec![
+                ("CANOPY_KEX", addr.to_string()),
+                ("CANOPY_GSS_TARGET", who.to_string()),
+            ])
+        })
+        .unwrap_or_default();
 
     // Run the command, or wait for a signal.
     if let Some((prog, args)) = opts.command.split_first() {
         match Command::new(prog)
             .args(args)
+            .envs(kex.iter().map(|(k, v)| (*k, v.as_str())))
             .env("CANOPY_URI", &uri)
             .spawn()
         {
@@ -420,6 +432,9 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             "canopy: {} brokers up (instance {instance}); Ctrl-C to stop\nexport CANOPY_URI={uri}",
             opts.size
         );
+        for (k, v) in &kex {
+            println!("export {k}={v}");
+        }
     }
 
     let code = loop {

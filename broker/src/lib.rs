@@ -9,6 +9,7 @@
 pub mod authz;
 pub mod bootstrap;
 pub mod error;
+pub mod gss;
 pub mod launcher;
 pub mod node;
 pub mod rotate;

@@ -21,6 +21,18 @@ struct Cli {
     /// certificate file (or set CANOPY_SERVER_KEY).
     #[arg(long, global = true, value_name = "KEY")]
     server_key: Option<String>,
+    /// Tools over tcp:// with Kerberos: the broker's key exchange HOST:PORT
+    /// (or set CANOPY_KEX; `canopy start --mechanism gssapi` prints it).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    kex: Option<String>,
+    /// Tools over tcp:// with Kerberos: the broker's principal (or set
+    /// CANOPY_GSS_TARGET).
+    #[arg(long, global = true, value_name = "PRINCIPAL")]
+    gss_target: Option<String>,
+    /// Tools over tcp:// with Kerberos: your principal (or set
+    /// CANOPY_GSS_PRINCIPAL; default: your credential cache's).
+    #[arg(long, global = true, value_name = "PRINCIPAL")]
+    gss_principal: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -78,6 +90,8 @@ enum Cmd {
         audit: Option<PathBuf>,
         #[command(flatten)]
         timing: TimingArgs,
+        #[command(flatten)]
+        gss: GssArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
         #[arg(last = true)]
         command: Vec<String>,
@@ -123,6 +137,8 @@ enum Cmd {
         audit: Option<PathBuf>,
         #[command(flatten)]
         timing: TimingArgs,
+        #[command(flatten)]
+        gss: GssArgs,
     },
     /// Send broker.ping requests and print each round-trip time.
     Ping {
@@ -186,6 +202,66 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EventCmd,
     },
+}
+
+/// How brokers authenticate to each other and to clients.
+#[derive(clap::Args, Clone)]
+struct GssArgs {
+    /// curve: keys issued by the bootstrap; gssapi: Kerberos binds each
+    /// link's CURVE key to a principal (docs/security.md).
+    #[arg(long, default_value = "curve", value_parser = ["curve", "gssapi"])]
+    mechanism: String,
+    /// gssapi: the principal every broker authenticates as (default: the
+    /// default principal of KRB5CCNAME or KRB5_CLIENT_KTNAME).
+    #[arg(long, value_name = "PRINCIPAL")]
+    principal: Option<String>,
+    /// gssapi: where rank 0's key exchange listens for remote clients
+    /// (HOST:PORT; default: a free port on 127.0.0.1, printed as CANOPY_KEX).
+    #[arg(long, value_name = "HOST:PORT")]
+    kex_listen: Option<String>,
+    /// gssapi, for tests: cap each key binding's lifetime, in seconds.
+    #[arg(long, hide = true)]
+    gss_max_lifetime: Option<f64>,
+}
+
+impl GssArgs {
+    fn to_opts(&self) -> Result<Option<canopy_broker::gss::GssOpts>> {
+        if self.mechanism != "gssapi" {
+            anyhow::ensure!(
+                self.principal.is_none()
+                    && self.kex_listen.is_none()
+                    && self.gss_max_lifetime.is_none(),
+                "--principal, --kex-listen and --gss-max-lifetime need --mechanism gssapi"
+            );
+            return Ok(None);
+        }
+        Ok(Some(canopy_broker::gss::GssOpts {
+            principal: self.principal.clone(),
+            kex_listen: self.kex_listen.clone(),
+            max_lifetime: self
+                .gss_max_lifetime
+                .map(|s| secs(s, "--gss-max-lifetime"))
+                .transpose()?,
+        }))
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["--mechanism".to_string(), self.mechanism.clone()];
+        for (flag, v) in [
+            ("--principal", self.principal.clone()),
+            ("--kex-listen", self.kex_listen.clone()),
+            (
+                "--gss-max-lifetime",
+                self.gss_max_lifetime.map(|s| s.to_string()),
+            ),
+        ] {
+            if let Some(v) = v {
+                a.push(flag.into());
+                a.push(v);
+            }
+        }
+        a
+    }
 }
 
 /// Liveness timings, in seconds.
@@ -412,6 +488,15 @@ fn run(cli: Cli) -> Result<i32> {
     if let Some(k) = &cli.server_key {
         std::env::set_var(canopy_client::SERVER_KEY_ENV, k);
     }
+    for (var, v) in [
+        (canopy_client::KEX_ENV, &cli.kex),
+        (canopy_client::GSS_TARGET_ENV, &cli.gss_target),
+        (canopy_client::GSS_PRINCIPAL_ENV, &cli.gss_principal),
+    ] {
+        if let Some(v) = v {
+            std::env::set_var(var, v);
+        }
+    }
     match cli.cmd {
         Cmd::Start {
             size,
@@ -427,10 +512,13 @@ fn run(cli: Cli) -> Result<i32> {
             policy,
             audit,
             timing,
+            gss,
             command,
         } => {
             timing.to_timing()?;
+            gss.to_opts()?;
             let mut broker_args = timing.to_args();
+            broker_args.extend(gss.to_args());
             if let Some(ep) = listen_clients {
                 broker_args.push("--listen-clients".into());
                 broker_args.push(ep);
@@ -501,6 +589,7 @@ fn run(cli: Cli) -> Result<i32> {
             policy,
             audit,
             timing,
+            gss,
             ..
         } => {
             let transport = if tcp {
@@ -518,6 +607,7 @@ fn run(cli: Cli) -> Result<i32> {
                 client_authz: None,
                 policy,
                 audit,
+                gss: gss.to_opts()?,
             })?;
             Ok(0)
         }

@@ -551,9 +551,12 @@ impl Broker {
 
     /// (Re)connect to the parent with a fresh session and say hello.
     fn connect_parent(&mut self) -> Result<(), BrokerError> {
-        let Some(card) = self.parent_card.clone() else {
+        let Some(mut card) = self.parent_card.clone() else {
             return Ok(());
         };
+        if let Some(k) = crate::gss::parent_key(&self._policy) {
+            card.public_key = k;
+        }
         let ep = card.endpoint.clone().ok_or_else(|| {
             BrokerError::Bootstrap(
                 "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
@@ -597,6 +600,7 @@ impl Broker {
     fn lose_parent(&mut self, reason: &str) {
         warn!("overlay: lost the parent link ({reason}); rejoining");
         self.rot.up.abandon();
+        crate::gss::parent_lost(&self._policy);
         for r in self.pending.fail_link(Link::Parent) {
             self.fail_in_flight(r, "the parent link was lost");
         }
@@ -659,6 +663,9 @@ impl Broker {
 
     /// Timers: heartbeats out, liveness checks in, rejoin attempts.
     fn tick(&mut self) -> Result<(), BrokerError> {
+        if crate::gss::parent_key_changed(&self._policy) {
+            self.connect_parent()?;
+        }
         let now = self.now_ms();
         if let Some(at) = self.rejoin_at_ms {
             if now >= at {
@@ -1217,6 +1224,9 @@ impl Broker {
                 warn!("remote: verdict=deny address={address} reason=\"no authenticated User-Id or roles on the message\"; dropped");
                 continue;
             }
+            if !crate::gss::message_allowed(&self._policy, parts.first_mut(), &user_id) {
+                continue;
+            }
             let h = match decode_header(&parts[0]) {
                 Ok(h) => h,
                 Err(e) => {
@@ -1242,7 +1252,11 @@ impl Broker {
                             subs: Vec::new(),
                             principal: user_id,
                             roles,
-                            mech: ClientMech::Curve,
+                            mech: if self._policy.gss.get().is_some() {
+                                ClientMech::Gssapi
+                            } else {
+                                ClientMech::Curve
+                            },
                             address,
                             generation: self.authz.generation(),
                             dead: false,
@@ -1291,6 +1305,9 @@ impl Broker {
                 .first_mut()
                 .and_then(|m| m.gets("User-Id").map(str::to_string))
                 .unwrap_or_default();
+            if !crate::gss::message_allowed(&self._policy, parts.first_mut(), &user_id) {
+                continue;
+            }
             self.child_ingress(rid.to_vec(), &user_id, parts)?;
         }
         Ok(())

@@ -94,27 +94,27 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
             opts.config.display()
         ))
     })?;
-    if config.mechanism() != Mechanism::Curve {
-        return Err(cfg_err(
-            "mechanism \"gssapi\" is not available in this release; use mechanism = \"curve\"",
-        ));
-    }
     let topo = config.topology().to_overlay().map_err(cfg_err)?;
+    // gssapi: Kerberos binds fresh per-link keys; no certificates. Still
+    // single-threaded here (the keytab goes to the environment).
+    let gss = match config.mechanism() {
+        Mechanism::Gssapi => Some(crate::gss::SystemGss::prepare(&config, rank, &topo)?),
+        Mechanism::Curve => None,
+    };
     let _span = tracing::error_span!("broker", rank).entered();
 
     // This node's own key, and its neighbours' public keys.
-    let secret_path = config.cert_path(rank).ok_or_else(|| {
-        cfg_err(format!(
-            "no secret certificate is configured for rank {rank}"
-        ))
-    })?;
-    let keys = cert::load_secret(&secret_path)
-        .map_err(cfg_err)?
-        .keypair()
-        .ok_or_else(|| cfg_err(format!("{} has no secret key", secret_path.display())))?;
+    let keys = match &gss {
+        Some(_) => canopy_security::CurveKeypair::generate()?,
+        None => load_keys(&config, rank)?,
+    };
     let mut children = HashMap::new();
     for child in topo.children(rank) {
-        children.insert(child, curve_principal(&public_key(&config, child)?));
+        let principal = match &gss {
+            Some(g) => g.children[&child].clone(),
+            None => curve_principal(&public_key(&config, child)?),
+        };
+        children.insert(child, principal);
     }
     let parent = match topo.parent(rank) {
         None => None,
@@ -127,12 +127,46 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
                 &format!("parent (rank {p}, {})", config.host(p).unwrap_or("?")),
             )?;
             Some(Card {
-                public_key: public_key(&config, p)?,
+                public_key: match &gss {
+                    Some(_) => [0; 32], // from the parent's key exchange, below
+                    None => public_key(&config, p)?,
+                },
                 endpoint: Some(ep),
             })
         }
     };
+    run_rest(
+        opts, config, hostname, rank, topo, keys, children, parent, gss, uid,
+    )
+}
 
+/// This node's secret certificate.
+fn load_keys(config: &Config, rank: u32) -> Result<canopy_security::CurveKeypair, BrokerError> {
+    let secret_path = config.cert_path(rank).ok_or_else(|| {
+        cfg_err(format!(
+            "no secret certificate is configured for rank {rank}"
+        ))
+    })?;
+    let keys = cert::load_secret(&secret_path)
+        .map_err(cfg_err)?
+        .keypair()
+        .ok_or_else(|| cfg_err(format!("{} has no secret key", secret_path.display())))?;
+    Ok(keys)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rest(
+    opts: SystemOpts,
+    config: Config,
+    hostname: String,
+    rank: u32,
+    topo: canopy_overlay::Topology,
+    keys: canopy_security::CurveKeypair,
+    children: HashMap<u32, String>,
+    mut parent: Option<Card>,
+    gss: Option<crate::gss::SystemGss>,
+    uid: nix::unistd::Uid,
+) -> Result<(), BrokerError> {
     // The local connector: reachable by every user; SO_PEERCRED and the
     // policy decide who gets in.
     let instance = config.fingerprint().to_string();
@@ -173,7 +207,20 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
     let bound = bind(
         rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
     )?;
-    bound.admit_children(&children);
+    let kex = match &gss {
+        Some(g) => {
+            let kex = g.start(&bound, &keys)?;
+            if let (Some(card), Some(key)) = (parent.as_mut(), g.join_parent(&bound.policy, &keys)?)
+            {
+                card.public_key = key;
+            }
+            kex
+        }
+        None => {
+            bound.admit_children(&children);
+            None
+        }
+    };
     let plan = Plan {
         rank,
         topo,
@@ -185,13 +232,18 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
         owner_uid,
         timing,
     };
-    let files = crate::rotate::KeyFiles::from_config(
-        &config,
-        rank,
-        topo.parent(rank).into_iter().chain(topo.children(rank)),
-    )
-    .map_err(cfg_err)?;
-    let broker = Broker::new(plan, bound, None, signals)?.with_key_files(files)?;
+    let mut broker = Broker::new(plan, bound, None, signals)?;
+    // Key rotation is for CURVE certificates; under gssapi every link key
+    // is fresh and bound by Kerberos, so there are no files to rotate.
+    if gss.is_none() {
+        let files = crate::rotate::KeyFiles::from_config(
+            &config,
+            rank,
+            topo.parent(rank).into_iter().chain(topo.children(rank)),
+        )
+        .map_err(cfg_err)?;
+        broker = broker.with_key_files(files)?;
+    }
     if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {
         let mut perm = p.permissions();
         perm.set_mode(0o666);
@@ -199,7 +251,9 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
     }
     sd_notify_ready();
     tracing::info!("system instance broker rank {rank} ({hostname}) up");
-    broker.run()
+    let result = broker.run();
+    drop(kex);
+    result
 }
 
 /// Tell systemd (Type=notify) that the broker is ready.

@@ -25,6 +25,16 @@ pub const URI_ENV: &str = "CANOPY_URI";
 pub const KEY_ENV: &str = "CANOPY_KEY";
 /// Environment variable with the broker's public key (tcp only).
 pub const SERVER_KEY_ENV: &str = "CANOPY_SERVER_KEY";
+/// Environment variable: the broker's Kerberos key exchange (`HOST:PORT`).
+/// When set, a tcp:// connection authenticates with Kerberos (gssapi): a
+/// fresh CURVE key is made and bound to your principal, instead of
+/// `CANOPY_KEY`/`CANOPY_SERVER_KEY`.
+pub const KEX_ENV: &str = "CANOPY_KEX";
+/// Environment variable: the broker's Kerberos principal (gssapi).
+pub const GSS_TARGET_ENV: &str = "CANOPY_GSS_TARGET";
+/// Environment variable: your Kerberos principal (gssapi; default: the
+/// default principal of your credential cache or client keytab).
+pub const GSS_PRINCIPAL_ENV: &str = "CANOPY_GSS_PRINCIPAL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -146,6 +156,31 @@ impl TcpKeys {
         TcpKeys::load(std::path::Path::new(&key), &server)
     }
 
+    /// A fresh key bound to our Kerberos principal by the broker's key
+    /// exchange at `kex`; the broker's server key comes back vouched for by
+    /// `target` (mutual authentication).
+    pub fn from_gssapi(
+        kex: &str,
+        target: &str,
+        principal: Option<&str>,
+    ) -> Result<TcpKeys, ClientError> {
+        let client = canopy_security::CurveKeypair::generate()
+            .map_err(|e| ClientError::Keys(e.to_string()))?;
+        let cfg = canopy_gss::ClientConfig {
+            principal: principal.map(str::to_string),
+            target: target.to_string(),
+            purpose: canopy_gss::Purpose::Client,
+            expect_server_key: None,
+            timeout: Duration::from_secs(5),
+        };
+        let b = canopy_gss::handshake(kex, &cfg, &client)
+            .map_err(|e| ClientError::Keys(format!("gssapi: {e}")))?;
+        Ok(TcpKeys {
+            client,
+            server_public: b.server_key,
+        })
+    }
+
     /// From a secret certificate file and a server key (Z85 or a file).
     pub fn load(key_file: &std::path::Path, server: &str) -> Result<TcpKeys, ClientError> {
         let cert = canopy_security::cert::load_secret(key_file)
@@ -184,7 +219,21 @@ impl Client {
                     decoder: FrameDecoder::new(),
                 }))
             }
-            Target::Tcp(ep) => Client::connect_tcp(&ep, &TcpKeys::from_env()?),
+            Target::Tcp(ep) => {
+                let keys = match std::env::var(KEX_ENV) {
+                    Ok(kex) => {
+                        let target = std::env::var(GSS_TARGET_ENV).map_err(|_| {
+                            ClientError::Keys(format!(
+                                "{KEX_ENV} is set, so this is a gssapi connection: set {GSS_TARGET_ENV} to the broker's principal (canopy start prints it)"
+                            ))
+                        })?;
+                        let me = std::env::var(GSS_PRINCIPAL_ENV).ok();
+                        TcpKeys::from_gssapi(&kex, &target, me.as_deref())?
+                    }
+                    Err(_) => TcpKeys::from_env()?,
+                };
+                Client::connect_tcp(&ep, &keys)
+            }
         }
     }
 

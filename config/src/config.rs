@@ -31,7 +31,8 @@ pub enum Mechanism {
     /// ZeroMQ CURVE: each node has a secret certificate, and the public
     /// certificates of the others.
     Curve,
-    /// ZeroMQ GSSAPI (Kerberos): see [`GssapiConfig`].
+    /// Kerberos binding per-link CURVE keys (not libzmq's GSSAPI
+    /// mechanism): see [`GssapiConfig`].
     Gssapi,
 }
 
@@ -92,6 +93,21 @@ pub struct GssapiConfig {
     pub keytab: Option<PathBuf>,
     /// The realm; `None` uses the Kerberos default realm.
     pub realm: Option<String>,
+    /// TCP port of every broker's Kerberos key exchange, on the host of its
+    /// connect endpoint; `None`: one more than the port of that endpoint.
+    pub kex_port: Option<u16>,
+}
+
+impl GssapiConfig {
+    /// The principal of the broker on `host`: `service/host@REALM` (host
+    /// lower-cased), or `service/host` when the realm is the default one.
+    pub fn principal(&self, host: &str) -> String {
+        let host = host.to_ascii_lowercase();
+        match &self.realm {
+            Some(r) => format!("{}/{host}@{r}", self.service),
+            None => format!("{}/{host}", self.service),
+        }
+    }
 }
 
 /// Default `gssapi.service`.
@@ -957,10 +973,24 @@ fn build_gssapi(
         }
         None => None,
     };
+    let kex_port = match &m.kex_port {
+        None => None,
+        Some(v) => Some(
+            u16::try_from(v.value)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| ConfigError::BadPort {
+                    at: ctx.loc(&v.pos),
+                    key: "gssapi.kex_port".to_string(),
+                    port: v.value,
+                })?,
+        ),
+    };
     Ok(Some(GssapiConfig {
         service,
         keytab,
         realm,
+        kex_port,
     }))
 }
 

@@ -72,6 +72,7 @@ struct RawGssapi {
     service: Option<Spanned<String>>,
     keytab: Option<Spanned<String>>,
     realm: Option<Spanned<String>>,
+    kex_port: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +137,7 @@ pub(crate) struct Merged {
     pub service: Option<Val<String>>,
     pub keytab: Option<Val<String>>,
     pub realm: Option<Val<String>>,
+    pub kex_port: Option<Val<i64>>,
     pub heartbeat: Option<Val<f64>>,
     pub torpid: Option<Val<f64>>,
     pub lost: Option<Val<f64>>,
@@ -264,6 +266,7 @@ pub(crate) fn parse_and_merge(ctx: &Ctx<'_>) -> Result<Merged, ConfigError> {
             put(ctx, &mut m.service, g.service, file, "gssapi.service")?;
             put(ctx, &mut m.keytab, g.keytab, file, "gssapi.keytab")?;
             put(ctx, &mut m.realm, g.realm, file, "gssapi.realm")?;
+            put(ctx, &mut m.kex_port, g.kex_port, file, "gssapi.kex_port")?;
         }
         if let Some(t) = raw.timing {
             put(ctx, &mut m.heartbeat, t.heartbeat, file, "timing.heartbeat")?;

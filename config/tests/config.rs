@@ -352,6 +352,16 @@ fn gssapi_needs_its_table() {
     let g = c.gssapi().unwrap();
     assert_eq!(g.service, "canopy");
     assert_eq!(g.keytab, None);
+    assert_eq!(g.kex_port, None, "default: the connect endpoint's port + 1");
+    assert_eq!(g.principal("Cn001"), "canopy/cn001");
+    let c = parse(
+        "[bootstrap]\nhosts = [ { host = \"a\" } ]\nmechanism = \"gssapi\"\n[gssapi]\nrealm = \"HPC.EXAMPLE\"\nkex_port = 9000\n",
+    );
+    let g = c.gssapi().unwrap();
+    assert_eq!(g.kex_port, Some(9000));
+    assert_eq!(g.principal("a"), "canopy/a@HPC.EXAMPLE");
+    let e = refuse("[bootstrap]\nhosts = [ { host = \"a\" } ]\n[gssapi]\nkex_port = 0\n");
+    assert_at(&e, "t.toml", 4, "gssapi.kex_port");
     // gssapi needs no CURVE certificates
     assert_eq!(c.cert_path(1), None);
 

@@ -9,6 +9,19 @@ use canopy_pmi::{AbortInfo, PmiClient, PmiError, PmiEvent, PmiServer, PmiServerH
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The server thread ends soon after it closes its event channel (the
+/// channel closes first, so `is_finished` may lag by a moment).
+fn finishes(h: &PmiServerHandle) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while !h.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 fn next_event(h: &PmiServerHandle) -> PmiEvent {
     h.events()
         .recv_timeout(WAIT)
@@ -446,17 +459,4 @@ fn zero_ranks_is_an_error() {
     let err = PmiServer::new(0).unwrap_err();
     assert!(matches!(err, PmiError::ZeroSize));
     assert!(err.to_string().contains("at least one rank"));
-}
-
-/// The server thread ends right after it drops its event channel: allow it
-/// a moment to return (the channel closing does not mean the thread has).
-fn finishes(handle: &canopy_pmi::PmiServerHandle) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !handle.is_finished() {
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    true
 }

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod krb;
 pub mod netns;
 
 /// How long an instance may take to come up.

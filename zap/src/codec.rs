@@ -32,6 +32,9 @@ pub const CURVE_KEY_LEN: usize = 32;
 pub const CURVE_PREFIX: &str = "curve:";
 /// Metadata name under which the handler publishes a peer's roles.
 pub const ROLES_PROPERTY: &str = "Roles";
+/// Metadata property holding an admitted CURVE peer's principal
+/// (`curve:<Z85>`), whatever `User-Id` the policy chose.
+pub const LINK_KEY_PROPERTY: &str = "Link-Key";
 
 /// Status codes of RFC 27.
 pub const STATUS_OK: u16 = 200;

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use canopy_proto::MAX_USERID;
 use tracing::{error, info, warn};
 
-use crate::codec::{parse_request, ZapReply, ROLES_PROPERTY};
+use crate::codec::{parse_request, ZapReply, LINK_KEY_PROPERTY, ROLES_PROPERTY};
 use crate::policy::{AuthRequest, Decision, Policy};
 use crate::ZapError;
 
@@ -364,11 +364,13 @@ fn answer(
                 roles = %roles,
                 "zap:"
             );
-            ZapReply::allow(
-                req.request_id.clone(),
-                user_id,
-                vec![(ROLES_PROPERTY.to_owned(), roles.to_string().into_bytes())],
-            )
+            let mut meta = vec![(ROLES_PROPERTY.to_owned(), roles.to_string().into_bytes())];
+            // The CURVE key itself, so the application can re-check a
+            // key-based grant (e.g. a Kerberos binding) on every message.
+            if req.mechanism == crate::codec::Mechanism::Curve && !principal.is_empty() {
+                meta.push((LINK_KEY_PROPERTY.to_owned(), principal.clone().into_bytes()));
+            }
+            ZapReply::allow(req.request_id.clone(), user_id, meta)
         }
     }
 }

@@ -1,0 +1,805 @@
+//! The `gssapi` mechanism in the broker: Kerberos authenticates, CURVE
+//! carries the traffic (see `canopy-gss` and docs/security.md).
+//!
+//! * [`GssGate`]: the ZAP decisions of a gssapi instance. A CURVE key is
+//!   admitted only if the key exchange bound it to a Kerberos principal and
+//!   the binding is live: on the overlay as an expected peer principal
+//!   (role `peer`), on the client endpoint with exactly the roles the ACL
+//!   gives that principal. `User-Id` is the canonical principal. Unbound
+//!   keys are refused; there is no plaintext mode and no fallback.
+//! * [`start_server`]: the acceptor on its own threads (never the routing
+//!   thread, so a slow KDC cannot stall message routing).
+//! * [`join_parent`] / [`spawn_renewal`]: the child's handshake, and its
+//!   re-authentication at 2/3 of the binding's lifetime with the same link
+//!   key, so a link outlives any one ticket without a reconnect.
+
+use crate::authz::{ClientAuthz, ClientMech, ClientVerdict, CLIENT_DOMAIN, OVERLAY_DOMAIN};
+use crate::error::BrokerError;
+use canopy_gss::{Bindings, ClientConfig, KexServer, Purpose, ServerConfig};
+use canopy_proto::Roles;
+use canopy_zap::{AuthRequest, Decision, Mechanism};
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// ZAP metadata property carrying the peer's CURVE key (`curve:<Z85>`), so
+/// the broker can check the key's binding on every message.
+pub const LINK_KEY_PROPERTY: &str = canopy_zap::codec::LINK_KEY_PROPERTY;
+
+/// Handshake I/O timeout.
+pub const KEX_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of the gssapi mechanism for one broker.
+#[derive(Clone, Debug, Default)]
+pub struct GssOpts {
+    /// This broker's principal; `None` takes the default principal of the
+    /// credential cache or client keytab. In a user instance every broker
+    /// authenticates as the user.
+    pub principal: Option<String>,
+    /// Where rank 0's key exchange listens for clients (`HOST:PORT`).
+    pub kex_listen: Option<String>,
+    /// Cap on a binding's lifetime (tests; default: the ticket's).
+    pub max_lifetime: Option<Duration>,
+}
+
+/// The ZAP side of a gssapi instance.
+pub struct GssGate {
+    pub bindings: Arc<Bindings>,
+    /// Canonical principals admitted as overlay peers.
+    pub peers: HashSet<String>,
+    warned: Mutex<HashSet<String>>,
+    /// This broker's link to its parent, shared with the renewal thread.
+    pub parent: Arc<ParentLink>,
+}
+
+/// Between the broker loop and the renewal thread: the loop says when the
+/// parent link was lost (so the thread re-authenticates at once, e.g. to a
+/// restarted parent), and takes the parent's latest CURVE key, vouched for
+/// by the parent's principal, when it reconnects. The loop never waits.
+#[derive(Default)]
+pub struct ParentLink {
+    state: Mutex<ParentState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ParentState {
+    key: Option<[u8; 32]>,
+    kicked: bool,
+    /// The key changed and the loop has not reconnected yet.
+    changed: bool,
+}
+
+impl ParentLink {
+    /// The parent link was lost: re-authenticate now.
+    pub fn kick(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.kicked = true;
+        self.wake.notify_one();
+    }
+
+    /// The parent's CURVE key from the latest exchange, if any.
+    pub fn key(&self) -> Option<[u8; 32]> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .key
+    }
+
+    fn set_key(&self, k: [u8; 32]) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = s.key.is_some_and(|old| old != k);
+        s.key = Some(k);
+        s.changed |= changed;
+        changed
+    }
+
+    /// Sleep until `deadline` or a kick; true if kicked.
+    fn wait(&self, deadline: Instant) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !s.kicked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .wake
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        s.kicked = false;
+        true
+    }
+}
+
+/// Loop hook: the parent link was lost (no-op unless gssapi).
+pub fn parent_lost(policy: &crate::authz::BrokerPolicy) {
+    if let Some(g) = policy.gss.get() {
+        g.parent.kick();
+    }
+}
+
+/// Loop hook (timer): true once after the parent's key changed, so the
+/// loop reconnects with the new key.
+pub fn parent_key_changed(policy: &crate::authz::BrokerPolicy) -> bool {
+    let Some(g) = policy.gss.get() else {
+        return false;
+    };
+    let mut s = g
+        .parent
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    std::mem::take(&mut s.changed)
+}
+
+/// Loop hook: the parent's current CURVE key under gssapi, if it changed
+/// hands since the bootstrap (a restarted parent has a new key).
+pub fn parent_key(policy: &crate::authz::BrokerPolicy) -> Option<[u8; 32]> {
+    policy.gss.get()?.parent.key()
+}
+
+impl GssGate {
+    pub fn new(bindings: Arc<Bindings>, peers: impl IntoIterator<Item = String>) -> GssGate {
+        GssGate {
+            bindings,
+            peers: peers.into_iter().collect(),
+            warned: Mutex::new(HashSet::new()),
+            parent: Arc::new(ParentLink::default()),
+        }
+    }
+
+    /// The ZAP decision for a connecting CURVE key.
+    pub fn decide(&self, req: &AuthRequest<'_>, clients: &dyn ClientAuthz) -> Decision {
+        if req.mechanism != Mechanism::Curve {
+            return Decision::Deny {
+                reason: format!(
+                    "mechanism {} is not accepted: a gssapi instance carries traffic over kerberos-bound CURVE keys only",
+                    req.mechanism
+                ),
+            };
+        }
+        let Some(b) = self.bindings.get(req.principal, Instant::now()) else {
+            return Decision::Deny {
+                reason: "the key is not bound to a kerberos principal, or its binding expired; run the key exchange first".into(),
+            };
+        };
+        match req.domain {
+            OVERLAY_DOMAIN => {
+                if b.purpose != Purpose::Overlay {
+                    return Decision::Deny {
+                        reason: format!(
+                            "{} bound this key as a client, not as an overlay peer",
+                            b.principal
+                        ),
+                    };
+                }
+                if !self.peers.contains(&b.principal) {
+                    return Decision::Deny {
+                        reason: format!(
+                            "{} is not an expected peer principal of this instance",
+                            b.principal
+                        ),
+                    };
+                }
+                if let Some(why) = clients.vetoes(&b.principal, ClientMech::Gssapi, req.address) {
+                    return Decision::Deny { reason: why };
+                }
+                Decision::Allow {
+                    user_id: b.principal,
+                    roles: Roles::PEER,
+                    reason: "kerberos-bound key of a peer".into(),
+                }
+            }
+            CLIENT_DOMAIN => {
+                if b.purpose != Purpose::Client {
+                    return Decision::Deny {
+                        reason: format!(
+                            "{} bound this key for the overlay, not as a client",
+                            b.principal
+                        ),
+                    };
+                }
+                match clients.decide(&b.principal, ClientMech::Gssapi, req.address) {
+                    Ok(roles) if !roles.is_empty() => Decision::Allow {
+                        user_id: b.principal,
+                        roles,
+                        reason: "kerberos-bound key; client policy".into(),
+                    },
+                    Ok(_) => Decision::Deny {
+                        reason: "the policy grants no role".into(),
+                    },
+                    Err(reason) => Decision::Deny { reason },
+                }
+            }
+            other => Decision::Deny {
+                reason: format!("unknown zap domain '{other}'"),
+            },
+        }
+    }
+
+    /// Whether a message from a connection with this link key may pass:
+    /// its binding must still be live. Logs the first refusal per key.
+    pub fn link_live(&self, key: &str, from: &str) -> bool {
+        if self.bindings.live(key, Instant::now()) {
+            return true;
+        }
+        let mut w = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.len() < 10_000 && w.insert(key.to_string()) {
+            warn!(
+                "gss: verdict=deny principal={from} key={key} reason=\"the key's kerberos binding expired (or never existed); its messages are dropped until it re-authenticates\""
+            );
+        }
+        false
+    }
+
+    /// Forget expired bindings (called from a timer).
+    pub fn sweep(&self) {
+        let n = self.bindings.sweep(Instant::now());
+        if n > 0 {
+            let mut w = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+            w.clear();
+        }
+    }
+}
+
+/// The per-message check of a gssapi instance (a no-op otherwise): the
+/// message's link key must still have a live binding.
+pub fn message_allowed(
+    policy: &crate::authz::BrokerPolicy,
+    first: Option<&mut zmq::Message>,
+    user_id: &str,
+) -> bool {
+    let Some(g) = policy.gss.get() else {
+        return true;
+    };
+    let key = first.and_then(|m| m.gets(LINK_KEY_PROPERTY)).unwrap_or("");
+    g.link_live(key, user_id)
+}
+
+/// A user instance's client policy under gssapi: the owner, as a local
+/// user or as the instance's Kerberos principal, is always the owner; every
+/// other principal is decided by `inner` (a policy file), or refused.
+pub struct KrbOwner {
+    pub unix: String,
+    pub principal: String,
+    pub inner: Option<Arc<dyn ClientAuthz>>,
+}
+
+impl KrbOwner {
+    fn is_owner(&self, principal: &str, mech: ClientMech) -> bool {
+        match mech {
+            ClientMech::Gssapi => principal == self.principal,
+            _ => principal == self.unix,
+        }
+    }
+}
+
+impl ClientAuthz for KrbOwner {
+    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict {
+        if self.is_owner(principal, mech) {
+            return Ok(Roles::OWNER);
+        }
+        match &self.inner {
+            Some(i) => i.decide(principal, mech, address),
+            None => Err(format!(
+                "{principal} is not the owner of this instance ({}); only the owner may connect",
+                self.principal
+            )),
+        }
+    }
+    fn generation(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |i| i.generation())
+    }
+    fn reload(&self) -> Result<String, String> {
+        match &self.inner {
+            Some(i) => i.reload(),
+            None => Err("this instance has no policy file; start it with --policy FILE or --allow PRINCIPAL=ROLE".into()),
+        }
+    }
+    fn explain(
+        &self,
+        principal: &str,
+        mech: ClientMech,
+        address: &str,
+    ) -> Option<crate::authz::Explained> {
+        self.inner.as_ref()?.explain(principal, mech, address)
+    }
+    fn role_refused(&self, principal: &str, roles: Roles, what: &str) {
+        if let Some(i) = &self.inner {
+            i.role_refused(principal, roles, what)
+        }
+    }
+    fn vetoes(&self, principal: &str, mech: ClientMech, address: &str) -> Option<String> {
+        self.inner.as_ref()?.vetoes(principal, mech, address)
+    }
+}
+
+fn gss_err(e: canopy_gss::GssError) -> BrokerError {
+    BrokerError::Gss(e.to_string())
+}
+
+/// Our canonical principal: acquires initiator credentials, so a missing
+/// or expired credential fails here, at once.
+pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
+    let (_, p) = canopy_gss::krb::initiator_cred(opts.principal.as_deref()).map_err(gss_err)?;
+    Ok(p)
+}
+
+/// Start the key-exchange acceptor on `listen` (`HOST:PORT`, port 0 for
+/// any) as `principal`, vouching for `server_key`.
+pub fn start_server(
+    listen: &str,
+    principal: &str,
+    keys: &canopy_security::CurveKeypair,
+    bindings: Arc<Bindings>,
+    peers: HashSet<String>,
+    max_lifetime: Option<Duration>,
+) -> Result<KexServer, BrokerError> {
+    let listener = TcpListener::bind(listen).map_err(|e| BrokerError::Bind {
+        endpoint: listen.to_string(),
+        reason: format!("key exchange listener: {e}"),
+    })?;
+    let admit = move |purpose: Purpose, who: &str| match purpose {
+        Purpose::Overlay if peers.contains(who) => Ok(()),
+        Purpose::Overlay => Err(format!(
+            "{who} is not an expected peer principal of this instance"
+        )),
+        // The ACL decides for clients when they connect (ZAP).
+        Purpose::Client => Ok(()),
+    };
+    let s = KexServer::start(
+        listener,
+        ServerConfig {
+            principal: principal.to_string(),
+            server_key: *keys.public(),
+            server_secret: zeroize::Zeroizing::new(*keys.secret()),
+            bindings,
+            admit: Arc::new(admit),
+            max_lifetime,
+            timeout: KEX_TIMEOUT,
+        },
+    )
+    .map_err(gss_err)?;
+    info!(
+        "gss: key exchange for {principal} listening on {}",
+        s.addr()
+    );
+    Ok(s)
+}
+
+/// The child's first handshake with its parent's acceptor. Fails fast: no
+/// retry loop, the error says what is missing.
+pub fn join_parent(
+    addr: &str,
+    cfg: &ClientConfig,
+    link: &canopy_security::CurveKeypair,
+) -> Result<canopy_gss::Bound, BrokerError> {
+    let b = canopy_gss::handshake(addr, cfg, link).map_err(gss_err)?;
+    info!(
+        "gss: authenticated to {} at {addr} as {}; link key bound for {}s (took {:.1} ms)",
+        b.acceptor,
+        b.principal,
+        b.lifetime.as_secs(),
+        b.took.as_secs_f64() * 1e3
+    );
+    Ok(b)
+}
+
+/// A user instance's gssapi setup for one broker: install the ZAP gate
+/// (peers: the user's own principal) and, if this broker has children or
+/// serves clients, start the key exchange. Rank 0 writes the exchange's
+/// address and principal to `RUNDIR/kex-0` for `canopy start` to print.
+#[allow(clippy::too_many_arguments)]
+pub fn setup_user_instance(
+    rank: u32,
+    topo: &canopy_overlay::Topology,
+    me: &str,
+    g: &GssOpts,
+    bound: &crate::node::Bound,
+    keys: &canopy_security::CurveKeypair,
+    rundir: &std::path::Path,
+    transport: &crate::node::Transport,
+    clients: bool,
+) -> Result<Option<KexServer>, BrokerError> {
+    let bindings = Arc::new(Bindings::new());
+    let peers: HashSet<String> = [me.to_string()].into_iter().collect();
+    if bound
+        .policy
+        .gss
+        .set(Arc::new(GssGate::new(bindings.clone(), peers.clone())))
+        .is_err()
+    {
+        return Err(BrokerError::Gss(
+            "the gssapi gate was installed twice".into(),
+        ));
+    }
+    let has_children = topo.children(rank).next().is_some();
+    let serves_clients = rank == 0 && clients;
+    if !has_children && !serves_clients {
+        return Ok(None);
+    }
+    let host = match transport {
+        crate::node::Transport::Tcp { host, .. } => host.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let listen = match (&g.kex_listen, rank) {
+        (Some(l), 0) => l.clone(),
+        _ => format!("{host}:0"),
+    };
+    let s = start_server(&listen, me, keys, bindings, peers, g.max_lifetime)?;
+    if rank == 0 {
+        let path = rundir.join("kex-0");
+        std::fs::write(&path, format!("{} {me}\n", s.addr())).map_err(|source| {
+            BrokerError::Io {
+                what: "write the key exchange address",
+                path,
+                source,
+            }
+        })?;
+    }
+    Ok(Some(s))
+}
+
+/// A child's first exchange with its parent (fails fast), then its renewal
+/// thread.
+pub fn join_and_renew(
+    policy: &crate::authz::BrokerPolicy,
+    addr: &str,
+    me: &str,
+    g: &GssOpts,
+    parent_key: [u8; 32],
+    link: &canopy_security::CurveKeypair,
+) -> Result<(), BrokerError> {
+    if addr == "-" {
+        return Err(BrokerError::Gss(
+            "the parent runs no key exchange; start every broker with --mechanism gssapi".into(),
+        ));
+    }
+    let cfg = ClientConfig {
+        principal: g.principal.clone().or_else(|| Some(me.to_string())),
+        target: me.to_string(),
+        purpose: Purpose::Overlay,
+        expect_server_key: Some(parent_key),
+        timeout: KEX_TIMEOUT,
+    };
+    let b = join_parent(addr, &cfg, link)?;
+    let parent = parent_link(policy)?;
+    parent.set_key(b.server_key);
+    spawn_renewal(addr.to_string(), cfg, copy_keys(link), b.lifetime, parent);
+    Ok(())
+}
+
+/// A system instance's gssapi setup (`[bootstrap] mechanism = "gssapi"`):
+/// each broker is `service/host@REALM` from its keytab, admits exactly its
+/// children's principals as peers, and learns its parent's CURVE key from
+/// the parent's key exchange (vouched for by the parent's principal).
+pub struct SystemGss {
+    pub me: String,
+    /// Expected principal of each child rank.
+    pub children: std::collections::HashMap<u32, String>,
+    /// Parent rank, its expected principal and key-exchange address.
+    pub parent: Option<(u32, String, String)>,
+    listen: Option<String>,
+    opts: GssOpts,
+}
+
+fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
+    let hp = ep.strip_prefix("tcp://")?;
+    let (h, p) = hp.rsplit_once(':')?;
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    let h = if h == "*" { "0.0.0.0" } else { h };
+    Some((h.to_string(), p.parse().ok()?))
+}
+
+impl SystemGss {
+    /// Work out the principals and addresses, and check our credentials.
+    /// Call while the process is still single-threaded: a configured
+    /// keytab is handed to the Kerberos library through `KRB5_KTNAME` and
+    /// `KRB5_CLIENT_KTNAME`.
+    pub fn prepare(
+        config: &canopy_config::Config,
+        rank: u32,
+        topo: &canopy_overlay::Topology,
+    ) -> Result<SystemGss, BrokerError> {
+        let g = config.gssapi().ok_or_else(|| {
+            BrokerError::Config("mechanism is gssapi but there is no [gssapi] table".into())
+        })?;
+        if let Some(kt) = &g.keytab {
+            let v = format!("FILE:{}", kt.display());
+            std::env::set_var("KRB5_KTNAME", &v);
+            std::env::set_var("KRB5_CLIENT_KTNAME", &v);
+        }
+        let principal_of = |r: u32| -> Result<String, BrokerError> {
+            let host = config
+                .host(r)
+                .ok_or_else(|| BrokerError::Config(format!("no host for rank {r}")))?;
+            canopy_gss::krb::qualify(&g.principal(host)).map_err(gss_err)
+        };
+        let kex_addr = |r: u32, ep: Option<String>| -> Result<String, BrokerError> {
+            let ep = ep.ok_or_else(|| BrokerError::Config(format!("no endpoint for rank {r}")))?;
+            let (h, p) = endpoint_host_port(&ep).ok_or_else(|| {
+                BrokerError::Config(format!(
+                    "gssapi needs tcp:// endpoints to place the key exchange; rank {r} has {ep}"
+                ))
+            })?;
+            let port = match g.kex_port {
+                Some(k) => k,
+                None => p.checked_add(1).ok_or_else(|| {
+                    BrokerError::Config(format!(
+                        "rank {r}: port {p} + 1 is out of range; set gssapi.kex_port"
+                    ))
+                })?,
+            };
+            Ok(format!("{h}:{port}"))
+        };
+        let me = principal_of(rank)?;
+        let mut children = std::collections::HashMap::new();
+        for c in topo.children(rank) {
+            children.insert(c, principal_of(c)?);
+        }
+        let parent = match topo.parent(rank) {
+            Some(p) => Some((
+                p,
+                principal_of(p)?,
+                kex_addr(p, config.connect_endpoint(p))?,
+            )),
+            None => None,
+        };
+        let listen = if children.is_empty() {
+            None
+        } else {
+            Some(kex_addr(rank, config.bind_endpoint(rank))?)
+        };
+        let opts = GssOpts {
+            principal: Some(me.clone()),
+            ..GssOpts::default()
+        };
+        if parent.is_some() {
+            own_principal(&opts)?;
+        }
+        Ok(SystemGss {
+            me,
+            children,
+            parent,
+            listen,
+            opts,
+        })
+    }
+
+    /// Install the ZAP gate and, with children, start the key exchange.
+    pub fn start(
+        &self,
+        bound: &crate::node::Bound,
+        keys: &canopy_security::CurveKeypair,
+    ) -> Result<Option<KexServer>, BrokerError> {
+        let bindings = Arc::new(Bindings::new());
+        let peers: HashSet<String> = self.children.values().cloned().collect();
+        if bound
+            .policy
+            .gss
+            .set(Arc::new(GssGate::new(bindings.clone(), peers.clone())))
+            .is_err()
+        {
+            return Err(BrokerError::Gss(
+                "the gssapi gate was installed twice".into(),
+            ));
+        }
+        match &self.listen {
+            Some(l) => Ok(Some(start_server(
+                l, &self.me, keys, bindings, peers, None,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Authenticate to the parent (mutually: it must be the principal the
+    /// config names) and bind our key; returns the parent's CURVE key.
+    /// Waits, with backoff, while the parent is not up yet; any other
+    /// failure (credentials, refusal) is returned at once.
+    pub fn join_parent(
+        &self,
+        policy: &crate::authz::BrokerPolicy,
+        link: &canopy_security::CurveKeypair,
+    ) -> Result<Option<[u8; 32]>, BrokerError> {
+        let Some((p, who, addr)) = &self.parent else {
+            return Ok(None);
+        };
+        let cfg = ClientConfig {
+            principal: self.opts.principal.clone(),
+            target: who.clone(),
+            purpose: Purpose::Overlay,
+            expect_server_key: None,
+            timeout: KEX_TIMEOUT,
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match canopy_gss::handshake(addr, &cfg, link) {
+                Ok(b) => {
+                    info!(
+                        "gss: authenticated to rank {p} ({}) at {addr}; link key bound for {}s (took {:.1} ms)",
+                        b.acceptor,
+                        b.lifetime.as_secs(),
+                        b.took.as_secs_f64() * 1e3
+                    );
+                    // A restarted parent has a new key: renewals accept
+                    // any key its principal vouches for.
+                    let parent = parent_link(policy)?;
+                    parent.set_key(b.server_key);
+                    spawn_renewal(addr.clone(), cfg, copy_keys(link), b.lifetime, parent);
+                    return Ok(Some(b.server_key));
+                }
+                Err(canopy_gss::GssError::Io { .. }) => {
+                    info!(
+                        "gss: rank {p}'s key exchange at {addr} is not up yet; retrying in {:.1}s",
+                        backoff.as_secs_f64()
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(gss_err(e)),
+            }
+        }
+    }
+}
+
+/// When to renew a binding of `lifetime`: at 2/3 of it, at least 1 s on.
+pub fn renew_after(lifetime: Duration) -> Duration {
+    (lifetime * 2 / 3).max(Duration::from_secs(1))
+}
+
+/// Re-authenticate before each binding expires, re-binding the same link
+/// key so the link stays up. Failures (KDC down) are retried with backoff;
+/// existing links keep working until the binding's end.
+/// A copy of a keypair for the renewal thread (zeroized when it ends).
+fn copy_keys(k: &canopy_security::CurveKeypair) -> canopy_security::CurveKeypair {
+    canopy_security::CurveKeypair::from_secret(zeroize::Zeroizing::new(*k.secret()))
+}
+
+fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, BrokerError> {
+    policy
+        .gss
+        .get()
+        .map(|g| g.parent.clone())
+        .ok_or_else(|| BrokerError::Gss("the gssapi gate is not installed".into()))
+}
+
+pub fn spawn_renewal(
+    addr: String,
+    cfg: ClientConfig,
+    keys: canopy_security::CurveKeypair,
+    first: Duration,
+    link: Arc<ParentLink>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("canopy-gss-renew".into())
+        .spawn(move || {
+            let mut expires = Instant::now() + first;
+            let mut next = Instant::now() + renew_after(first);
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                let kicked = link.wait(next);
+                if kicked {
+                    info!("gss: the parent link was lost; re-authenticating to {addr}");
+                }
+                match canopy_gss::handshake(&addr, &cfg, &keys) {
+                    Ok(b) => {
+                        info!(
+                            "gss: renewed the link key binding with {} for {}s",
+                            b.acceptor,
+                            b.lifetime.as_secs()
+                        );
+                        if link.set_key(b.server_key) {
+                            warn!("gss: {} has a new CURVE key (it restarted); rejoining with it", b.acceptor);
+                        }
+                        expires = Instant::now() + b.lifetime;
+                        next = Instant::now() + renew_after(b.lifetime);
+                        backoff = Duration::from_millis(500);
+                    }
+                    Err(e) => {
+                        let left = expires.saturating_duration_since(Instant::now());
+                        warn!(
+                            "gss: cannot renew the link key binding with {addr} ({e}); {}s left before the parent drops this link; retrying in {:.1}s",
+                            left.as_secs(),
+                            backoff.as_secs_f64()
+                        );
+                        next = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("gss: cannot start the renewal thread: {e}; the link ends when its binding expires");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(domain: &'a str, key: &'a str) -> AuthRequest<'a> {
+        AuthRequest {
+            mechanism: Mechanism::Curve,
+            principal: key,
+            address: "127.0.0.1",
+            domain,
+        }
+    }
+
+    #[test]
+    fn only_live_bound_keys_get_in_as_their_principal() {
+        let b = Arc::new(Bindings::new());
+        let g = GssGate::new(b.clone(), ["canopy/n1@R".to_string()]);
+        let acl = KrbOwner {
+            unix: "unix:alice".into(),
+            principal: "alice@R".into(),
+            inner: None,
+        };
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        b.bind(
+            "curve:peer",
+            "canopy/n1@R",
+            Purpose::Overlay,
+            now + hour,
+            now,
+        )
+        .unwrap();
+        b.bind("curve:alice", "alice@R", Purpose::Client, now + hour, now)
+            .unwrap();
+        b.bind("curve:bob", "bob@R", Purpose::Client, now + hour, now)
+            .unwrap();
+        b.bind(
+            "curve:stranger",
+            "canopy/n9@R",
+            Purpose::Overlay,
+            now + hour,
+            now,
+        )
+        .unwrap();
+        b.bind("curve:old", "canopy/n1@R", Purpose::Overlay, now, now)
+            .unwrap();
+        assert!(matches!(
+            g.decide(&req(OVERLAY_DOMAIN, "curve:peer"), &acl),
+            Decision::Allow { user_id, roles, .. } if user_id == "canopy/n1@R" && roles == Roles::PEER
+        ));
+        assert!(matches!(
+            g.decide(&req(CLIENT_DOMAIN, "curve:alice"), &acl),
+            Decision::Allow { user_id, roles, .. } if user_id == "alice@R" && roles == Roles::OWNER
+        ));
+        for (d, k, why) in [
+            (CLIENT_DOMAIN, "curve:bob", "not the owner"),
+            (OVERLAY_DOMAIN, "curve:stranger", "not an expected peer"),
+            (OVERLAY_DOMAIN, "curve:unbound", "not bound"),
+            (OVERLAY_DOMAIN, "curve:old", "not bound"),
+            (OVERLAY_DOMAIN, "curve:alice", "as a client"),
+            (CLIENT_DOMAIN, "curve:peer", "for the overlay"),
+        ] {
+            match g.decide(&req(d, k), &acl) {
+                Decision::Deny { reason } => assert!(reason.contains(why), "{k}: {reason}"),
+                a => panic!("{k} admitted: {a:?}"),
+            }
+        }
+        let mut null = req(OVERLAY_DOMAIN, "");
+        null.mechanism = Mechanism::Null;
+        assert!(matches!(g.decide(&null, &acl), Decision::Deny { .. }));
+        assert!(g.link_live("curve:peer", "x"));
+        assert!(!g.link_live("curve:old", "x"));
+    }
+
+    #[test]
+    fn renewal_comes_before_expiry() {
+        assert_eq!(
+            renew_after(Duration::from_secs(30)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            renew_after(Duration::from_millis(600)),
+            Duration::from_secs(1)
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! A thin wrapper over `libgssapi` (MIT Kerberos): credentials, contexts
+//! with mutual authentication, replay detection and integrity, and MICs.
+//!
+//! Credentials come from the standard MIT places, passed to the process in
+//! its environment: the acceptor's keytab (`KRB5_KTNAME`), the initiator's
+//! credential cache (`KRB5CCNAME`) or client keytab (`KRB5_CLIENT_KTNAME`).
+//! Nothing here mutates the environment.
+
+use crate::{canonical_principal, GssError};
+use libgssapi::context::{ClientCtx, CtxFlags, SecurityContext, ServerCtx};
+use libgssapi::credential::{Cred, CredUsage};
+use libgssapi::name::Name;
+use libgssapi::oid::{OidSet, GSS_MECH_KRB5, GSS_NT_KRB5_PRINCIPAL};
+use std::time::Duration;
+
+/// Flags every canopy context asks for and checks.
+pub fn required_flags() -> CtxFlags {
+    CtxFlags::GSS_C_MUTUAL_FLAG | CtxFlags::GSS_C_REPLAY_FLAG | CtxFlags::GSS_C_INTEG_FLAG
+}
+
+fn gss(op: &'static str) -> impl FnOnce(libgssapi::error::Error) -> GssError {
+    move |e| GssError::Gss {
+        op,
+        detail: clean(&e.to_string()),
+    }
+}
+
+/// One line, no control characters.
+pub(crate) fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+fn krb5_mechs() -> Result<OidSet, GssError> {
+    let mut s = OidSet::new();
+    s.add(GSS_MECH_KRB5)
+        .map_err(gss("create a mechanism set"))?;
+    Ok(s)
+}
+
+/// A Kerberos principal name (krb5 principal name type, `name@REALM` or
+/// `service/host@REALM`).
+pub fn principal_name(p: &str) -> Result<Name, GssError> {
+    canonical_principal(p)?;
+    Name::new(p.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)).map_err(|e| GssError::Name {
+        name: p.to_string(),
+        reason: clean(&e.to_string()),
+    })
+}
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+/// The acceptor keytab this process uses, for messages.
+pub fn acceptor_keytab() -> String {
+    env_or("KRB5_KTNAME", "FILE:/etc/krb5.keytab (the default)")
+}
+
+/// The initiator's credential sources, for messages.
+pub fn initiator_sources() -> String {
+    format!(
+        "keytab {} or credential cache {}",
+        env_or("KRB5_CLIENT_KTNAME", "(default client keytab)"),
+        env_or("KRB5CCNAME", "(default)")
+    )
+}
+
+/// A principal with its realm: `service/host` gets the default realm of
+/// the Kerberos configuration; then canonical form.
+pub fn qualify(p: &str) -> Result<String, GssError> {
+    if p.contains('@') {
+        return canonical_principal(p);
+    }
+    let name = Name::new(p.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL))
+        .and_then(|n| n.canonicalize(Some(GSS_MECH_KRB5)))
+        .map_err(|e| GssError::Name {
+            name: p.to_string(),
+            reason: format!(
+                "{}; set gssapi.realm or default_realm in krb5.conf",
+                clean(&e.to_string())
+            ),
+        })?;
+    canonical_principal(&name.to_string())
+}
+
+/// Acceptor credentials for `principal`, from the keytab. Fails at once if
+/// the keytab lacks the key or cannot be read.
+pub fn acceptor_cred(principal: &str) -> Result<Cred, GssError> {
+    let name = principal_name(principal)?;
+    let mechs = krb5_mechs()?;
+    Cred::acquire(Some(&name), None, CredUsage::Accept, Some(&mechs)).map_err(|e| {
+        GssError::Credentials(format!(
+            "no Kerberos credentials for {principal} in keytab {}; check KRB5_KTNAME and that the keytab is readable by this user ({})",
+            acceptor_keytab(),
+            clean(&e.to_string())
+        ))
+    })
+}
+
+/// Initiator credentials for `principal` (or the default principal), from
+/// the credential cache or the client keytab. Returns the credential and
+/// its canonical principal.
+pub fn initiator_cred(principal: Option<&str>) -> Result<(Cred, String), GssError> {
+    let name = principal.map(principal_name).transpose()?;
+    let mechs = krb5_mechs()?;
+    let who = principal.unwrap_or("the default principal");
+    let fail = |detail: String| {
+        if let Some(i) = detail.find("Cannot contact any KDC") {
+            return GssError::Credentials(format!(
+                "cannot get Kerberos credentials for {who}: the KDC is unreachable ({}); links already up keep working; check that the KDC runs and that KRB5_CONFIG lists it, then retry",
+                detail[i..].trim_end_matches(')')
+            ));
+        }
+        GssError::Credentials(format!(
+            "no Kerberos credentials for {who} in {}; check KRB5_CLIENT_KTNAME (keytab) or KRB5CCNAME (run kinit) ({detail})",
+            initiator_sources()
+        ))
+    };
+    let cred = Cred::acquire(name.as_ref(), None, CredUsage::Initiate, Some(&mechs))
+        .map_err(|e| fail(clean(&e.to_string())))?;
+    let display = cred
+        .name()
+        .map_err(|e| fail(clean(&e.to_string())))?
+        .to_string();
+    Ok((cred, canonical_principal(&display)?))
+}
+
+/// The initiator's context.
+pub struct Initiator {
+    ctx: ClientCtx,
+}
+
+impl Initiator {
+    pub fn new(cred: Cred, target: &str) -> Result<Initiator, GssError> {
+        let target = principal_name(target)?;
+        Ok(Initiator {
+            ctx: ClientCtx::new(Some(cred), target, required_flags(), Some(GSS_MECH_KRB5)),
+        })
+    }
+
+    /// One step; `None` in, the first token out.
+    pub fn step(&mut self, tok: Option<&[u8]>) -> Result<Option<Vec<u8>>, GssError> {
+        self.ctx
+            .step(tok, None)
+            .map(|b| b.map(|b| b.to_vec()))
+            .map_err(gss("initiate a security context"))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.ctx.is_complete()
+    }
+
+    pub fn flags(&self) -> Result<CtxFlags, GssError> {
+        self.ctx.flags().map_err(gss("read context flags"))
+    }
+
+    /// The ticket's remaining lifetime.
+    pub fn lifetime(&self) -> Result<Duration, GssError> {
+        self.ctx
+            .lifetime()
+            .map_err(gss("read the context lifetime"))
+    }
+
+    pub fn get_mic(&mut self, msg: &[u8]) -> Result<Vec<u8>, GssError> {
+        Ok(self.ctx.get_mic(msg).map_err(gss("make a mic"))?.to_vec())
+    }
+
+    pub fn verify_mic(&mut self, msg: &[u8], mic: &[u8]) -> Result<(), GssError> {
+        self.ctx
+            .verify_mic(msg, mic)
+            .map_err(gss("verify the acceptor's mic"))
+    }
+}
+
+/// The acceptor's context.
+pub struct Acceptor {
+    ctx: ServerCtx,
+}
+
+impl Acceptor {
+    pub fn new(cred: Cred) -> Acceptor {
+        Acceptor {
+            ctx: ServerCtx::new(Some(cred)),
+        }
+    }
+
+    pub fn step(&mut self, tok: &[u8]) -> Result<Option<Vec<u8>>, GssError> {
+        self.ctx
+            .step(tok, None)
+            .map(|b| b.map(|b| b.to_vec()))
+            .map_err(gss("accept a security context"))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.ctx.is_complete()
+    }
+
+    pub fn flags(&self) -> Result<CtxFlags, GssError> {
+        self.ctx.flags().map_err(gss("read context flags"))
+    }
+
+    /// The authenticated initiator, canonical.
+    pub fn source(&self) -> Result<String, GssError> {
+        let n = self
+            .ctx
+            .source_name()
+            .map_err(gss("read the initiator's name"))?;
+        canonical_principal(&n.to_string())
+    }
+
+    pub fn lifetime(&self) -> Result<Duration, GssError> {
+        self.ctx
+            .lifetime()
+            .map_err(gss("read the context lifetime"))
+    }
+
+    pub fn get_mic(&mut self, msg: &[u8]) -> Result<Vec<u8>, GssError> {
+        Ok(self.ctx.get_mic(msg).map_err(gss("make a mic"))?.to_vec())
+    }
+
+    pub fn verify_mic(&mut self, msg: &[u8], mic: &[u8]) -> Result<(), GssError> {
+        self.ctx
+            .verify_mic(msg, mic)
+            .map_err(gss("verify the initiator's mic"))
+    }
+}
+
+/// Check a complete context has every required flag.
+pub fn check_flags(flags: CtxFlags) -> Result<(), GssError> {
+    let missing = required_flags() - flags;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(GssError::Auth(format!(
+            "the kerberos context lacks {missing:?}; canopy requires mutual authentication, replay detection and integrity"
+        )))
+    }
+}

@@ -1,0 +1,858 @@
+//! The gssapi mechanism against a real MIT KDC (a throwaway realm per test,
+//! see `canopy_t::krb`): Kerberos binds each link's CURVE key to a
+//! principal, CURVE carries the traffic. When the KDC tools are not
+//! installed, every test here prints "skipped: ..." and passes.
+#![forbid(unsafe_code)]
+
+use canopy_t::krb::{missing_tools, Realm, RealmOpts};
+use canopy_t::{run_canopy, run_test, text, Instance};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn skip() -> bool {
+    match missing_tools() {
+        Some(why) => {
+            println!("skipped: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn env_ref(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// `export NAME=VALUE` printed by `canopy start`.
+fn exported(inst: &Instance, name: &str) -> String {
+    let prefix = format!("export {name}=");
+    let find = || {
+        inst.stdout_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    };
+    // The exports follow CANOPY_URI, which the harness waits for.
+    canopy_t::wait_until(Duration::from_secs(5), || find().is_some());
+    find().unwrap_or_else(|| panic!("canopy start printed no {name}:\n{}", inst.stdout_text()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A user instance of `size` brokers over gssapi, as `alice`, with a
+/// remote client endpoint. Returns the instance and the client endpoint.
+fn alice_instance(realm: &Realm, size: u32, extra: &[&str]) -> (Instance, String) {
+    let ep = format!("tcp://127.0.0.1:{}", free_port());
+    let mut args = vec!["--mechanism", "gssapi", "--listen-clients", &ep];
+    args.extend_from_slice(extra);
+    let env = realm.env("alice");
+    let inst = Instance::start_with_env(size, 2, &args, &env_ref(&env));
+    (inst, ep)
+}
+
+/// `canopy ping` over tcp with Kerberos, as `who`.
+fn remote_ping(
+    realm: &Realm,
+    inst: &Instance,
+    ep: &str,
+    who: &str,
+    rank: u32,
+) -> std::process::Output {
+    let env = realm.env(who);
+    let mut e = env_ref(&env);
+    let kex = exported(inst, "CANOPY_KEX");
+    let target = exported(inst, "CANOPY_GSS_TARGET");
+    e.push(("CANOPY_KEX", &kex));
+    e.push(("CANOPY_GSS_TARGET", &target));
+    let rank = rank.to_string();
+    run_canopy(
+        &["ping", "--uri", ep, "--rank", &rank, "--count", "2"],
+        &e,
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn an_8_broker_user_instance_comes_up_and_allowed_clients_ping() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice", "bob", "carol"]);
+        let t0 = Instant::now();
+        let bob = realm.principal("bob");
+        let allow = format!("{bob}=user");
+        let (inst, ep) = alice_instance(&realm, 8, &["--allow", &allow]);
+        println!("8 brokers up over gssapi in {:?}", t0.elapsed());
+        inst.assert_all_ranks_answer();
+        // Every link was bound through Kerberos, as alice.
+        let st = inst.stderr_text();
+        assert!(
+            !st.contains("verdict=deny"),
+            "a denial while starting:\n{st}"
+        );
+
+        // The owner and an allowed principal can ping any rank.
+        for who in ["alice", "bob"] {
+            let out = remote_ping(&realm, &inst, &ep, who, 7);
+            assert!(
+                out.status.success(),
+                "{who} could not ping: {}\n{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        // A principal the ACL does not name gets nothing.
+        let out = remote_ping(&realm, &inst, &ep, "carol", 0);
+        assert!(!out.status.success(), "carol got in: {}", text(&out.stdout));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("refused") || err.contains("denied"),
+            "carol's error: {err}"
+        );
+        assert!(
+            !text(&out.stdout).contains("bytes from"),
+            "carol got a reply"
+        );
+        let denied = inst
+            .wait_log_line(
+                &["verdict=deny", "carol@CANOPY.TEST"],
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("no denial logged for carol:\n{}", inst.stderr_text()));
+        println!("{denied}");
+
+        // A plain CURVE key, not bound through Kerberos, gets nothing: a
+        // gssapi instance has no unauthenticated or certificate mode.
+        let st = inst.status(0);
+        let server_key = st["broker"]["public_key"]
+            .as_str()
+            .expect("rank 0's key")
+            .to_string();
+        let cert = inst.tempdir().join("mallory");
+        let out = run_canopy(
+            &["keygen", cert.to_str().unwrap()],
+            &[],
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "keygen: {}", text(&out.stderr));
+        let secret = cert.display().to_string();
+        let out = run_canopy(
+            &["ping", "--uri", &ep, "--count", "1"],
+            &[("CANOPY_KEY", &secret), ("CANOPY_SERVER_KEY", &server_key)],
+            Duration::from_secs(30),
+        );
+        assert!(
+            !out.status.success(),
+            "an unbound CURVE key got in: {}",
+            text(&out.stdout)
+        );
+        inst.wait_log_line(
+            &["verdict=deny", "not bound to a kerberos principal"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no denial for the unbound key:\n{}", inst.stderr_text()));
+        inst.assert_all_ranks_answer();
+    });
+}
+
+#[test]
+fn a_principal_missing_from_the_keytab_fails_fast_with_the_reason() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        let env = realm.env("alice");
+        let kt = format!("FILE:{}", realm.keytab("alice").display());
+        let who = realm.principal("dave");
+        for (env, principal, needles) in [
+            // A principal whose key is not in the keytab.
+            (
+                env.clone(),
+                who.as_str(),
+                vec![format!("no Kerberos credentials for {who} in"), kt.clone()],
+            ),
+            // A keytab that does not exist.
+            (
+                realm.env_with_keytab("FILE:/nonexistent/canopy.keytab"),
+                realm.principal("alice").leak() as &str,
+                vec![
+                    "no Kerberos credentials for alice@CANOPY.TEST".to_string(),
+                    "FILE:/nonexistent/canopy.keytab".to_string(),
+                ],
+            ),
+        ] {
+            let t0 = Instant::now();
+            let out = run_canopy(
+                &[
+                    "start",
+                    "--size",
+                    "4",
+                    "--mechanism",
+                    "gssapi",
+                    "--principal",
+                    principal,
+                    "--",
+                    "true",
+                ],
+                &env_ref(&env),
+                Duration::from_secs(20),
+            );
+            let took = t0.elapsed();
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "started without credentials:\n{err}");
+            for n in &needles {
+                assert!(
+                    err.contains(n.as_str()),
+                    "error does not mention {n:?}:\n{err}"
+                );
+            }
+            assert!(
+                err.contains("KRB5_CLIENT_KTNAME") || err.contains("KRB5_KTNAME"),
+                "error does not say which variable to check:\n{err}"
+            );
+            assert!(
+                took < Duration::from_secs(2),
+                "took {took:?} to fail:\n{err}"
+            );
+            println!(
+                "failed in {took:?}: {}",
+                err.lines()
+                    .find(|l| l.contains("no Kerberos"))
+                    .unwrap_or("")
+            );
+        }
+
+        // Expired credentials: a ticket cache whose ticket has ended, and
+        // no keytab to get another from.
+        let mut env = realm.env_with_keytab("FILE:/nonexistent/none.keytab");
+        let cc = env
+            .iter()
+            .find(|(k, _)| k == "KRB5CCNAME")
+            .unwrap()
+            .1
+            .clone();
+        let mut kinit = std::process::Command::new("kinit");
+        kinit
+            .args([
+                "-l",
+                "2s",
+                "-k",
+                "-t",
+                realm.keytab("alice").to_str().unwrap(),
+                "-c",
+                &cc,
+            ])
+            .arg(realm.principal("alice"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let out = canopy_t::run_command(&mut kinit, Duration::from_secs(10));
+        assert!(out.status.success(), "kinit: {}", text(&out.stderr));
+        std::thread::sleep(Duration::from_secs(3));
+        env.push(("RUST_LOG".into(), "warn".into()));
+        let t0 = Instant::now();
+        let out = run_canopy(
+            &[
+                "start",
+                "--size",
+                "2",
+                "--mechanism",
+                "gssapi",
+                "--",
+                "true",
+            ],
+            &env_ref(&env),
+            Duration::from_secs(20),
+        );
+        let took = t0.elapsed();
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started with an expired ticket:\n{err}"
+        );
+        assert!(
+            err.contains("no Kerberos credentials for the default principal"),
+            "{err}"
+        );
+        assert!(
+            err.contains("expired"),
+            "the error does not say the ticket expired: {err}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?} to fail:\n{err}"
+        );
+        println!("expired ticket: failed in {took:?}: {}", err.trim());
+    });
+}
+
+/// A TCP relay to `kex` for one connection: records the client's frames
+/// and lets `tamper` change them on the way.
+fn relay(
+    kex: &str,
+    tamper: impl Fn(usize, &mut Vec<u8>) + Send + 'static,
+) -> (String, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let kex = kex.to_string();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(&kex).unwrap();
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut frames = Vec::new();
+        loop {
+            let mut h = [0u8; 4];
+            if c.read_exact(&mut h).is_err() {
+                break;
+            }
+            let n = u32::from_be_bytes(h) as usize;
+            let mut body = vec![0u8; n.min(1 << 20)];
+            if c.read_exact(&mut body).is_err() {
+                break;
+            }
+            tamper(frames.len(), &mut body);
+            frames.push(body.clone());
+            if s.write_all(&h).and_then(|_| s.write_all(&body)).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        frames
+    });
+    (addr, h)
+}
+
+/// Send raw bytes to the key exchange; return what it answered.
+fn raw_exchange(kex: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(kex).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// A `Refused` frame (version 1, type 6) and its reason.
+fn refusal(reply: &[u8]) -> Option<String> {
+    (reply.len() >= 8 && reply[4] == 1 && reply[5] == 6).then(|| text(&reply[8..]))
+}
+
+#[test]
+fn tampered_replayed_truncated_garbage_and_misdirected_handshakes_are_refused() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice", "bob"]);
+        let (inst, ep) = alice_instance(&realm, 2, &[]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let ping_via = |addr: &str, target: Option<&str>| {
+            let env = realm.env("alice");
+            let mut e = env_ref(&env);
+            let t = target
+                .map(str::to_string)
+                .unwrap_or_else(|| exported(&inst, "CANOPY_GSS_TARGET"));
+            e.push(("CANOPY_KEX", addr));
+            e.push(("CANOPY_GSS_TARGET", &t));
+            run_canopy(
+                &["ping", "--uri", &ep, "--rank", "1", "--count", "1"],
+                &e,
+                Duration::from_secs(30),
+            )
+        };
+
+        // An honest exchange through the relay works, and is recorded.
+        let (addr, h) = relay(&kex, |_, _| {});
+        let out = ping_via(&addr, None);
+        assert!(
+            out.status.success(),
+            "honest ping failed: {}",
+            text(&out.stderr)
+        );
+        let frames = h.join().unwrap();
+        assert_eq!(frames.len(), 2, "expected hello and proof from the client");
+
+        // Replayed: the same hello (same Kerberos authenticator) again.
+        let reply = raw_exchange(&kex, &frame(&frames[0]));
+        let why =
+            refusal(&reply).unwrap_or_else(|| panic!("replayed hello was not refused: {reply:?}"));
+        assert!(
+            why.to_lowercase().contains("replay"),
+            "refusal does not say replay: {why}"
+        );
+        inst.wait_log_line(&["verdict=deny", "replay"], Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no log line for the replay:\n{}", inst.stderr_text()));
+
+        // Tampered: one bit of the proof's MIC flipped in flight.
+        let (addr, h) = relay(&kex, |i, body| {
+            if i == 1 {
+                let last = body.len() - 1;
+                body[last] ^= 1;
+            }
+        });
+        let out = ping_via(&addr, None);
+        h.join().unwrap();
+        assert!(!out.status.success(), "tampered exchange got in");
+        assert!(
+            text(&out.stderr).contains("tampered"),
+            "client error: {}",
+            text(&out.stderr)
+        );
+        inst.wait_log_line(
+            &["verdict=deny", "tampered handshake"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no log line for the tamper:\n{}", inst.stderr_text()));
+
+        // Tampered: the link key in the hello swapped (the MIC then fails).
+        let (addr, h) = relay(&kex, |i, body| {
+            if i == 0 {
+                body[3] ^= 0xff;
+            }
+        });
+        let out = ping_via(&addr, None);
+        h.join().unwrap();
+        assert!(!out.status.success(), "exchange with a swapped key got in");
+
+        // A ticket for the wrong service: bob's, presented to alice's broker.
+        let out = ping_via(&kex, Some(&realm.principal("bob")));
+        assert!(!out.status.success(), "a ticket for another service got in");
+        println!("wrong service: {}", text(&out.stderr).trim());
+
+        // A truncated token inside a well-formed frame.
+        let mut cut = frames[0].clone();
+        let keep = 3 + 32 + 2 + 40;
+        cut.truncate(keep);
+        cut[35] = 0;
+        cut[36] = 40;
+        let why = refusal(&raw_exchange(&kex, &frame(&cut))).expect("truncated token not refused");
+        println!("truncated token: {why}");
+        // A truncated frame, garbage, a huge length, a wrong version.
+        for bytes in [
+            frame(&frames[0])[..20].to_vec(),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![0xff, 0xff, 0xff, 0xff, 1, 1],
+            frame(&[9, 1, 1]),
+        ] {
+            let reply = raw_exchange(&kex, &bytes);
+            assert!(
+                reply.is_empty() || refusal(&reply).is_some(),
+                "unexpected answer to garbage: {reply:?}"
+            );
+        }
+        // A peer that trickles a byte now and then is cut off when the
+        // exchange's overall deadline (3 x 5 s) passes.
+        let mut slow = TcpStream::connect(&kex).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let t0 = Instant::now();
+        let header_then_trickle = [0u8, 0, 0, 50].into_iter().chain(std::iter::repeat(1u8));
+        let mut gone = false;
+        for b in header_then_trickle.take(30) {
+            let mut buf = [0u8; 64];
+            match slow.read(&mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                _ => {
+                    gone = true;
+                    break;
+                }
+            }
+            if slow.write_all(&[b]).is_err() {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        let took = t0.elapsed();
+        assert!(
+            gone,
+            "a trickling peer still held its connection after {took:?}"
+        );
+        assert!(
+            took >= Duration::from_secs(14) && took < Duration::from_secs(20),
+            "{took:?}"
+        );
+        inst.wait_log_line(&["verdict=deny", "took too long"], Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no log line for the trickling peer:\n{}",
+                    inst.stderr_text()
+                )
+            });
+
+        let log = inst.stderr_text();
+        let denials = log
+            .lines()
+            .filter(|l| l.contains("gss: verdict=deny"))
+            .count();
+        assert!(
+            denials >= 8,
+            "expected a denial line per bad exchange, got {denials}:\n{log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+        // The broker is still fine, and the owner still gets in.
+        inst.assert_all_ranks_answer();
+        let out = ping_via(&kex, None);
+        assert!(
+            out.status.success(),
+            "owner ping after the attacks failed: {}",
+            text(&out.stderr)
+        );
+    });
+}
+
+#[test]
+fn with_the_kdc_down_existing_links_live_and_new_ones_fail_clearly_then_recover() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let mut realm = Realm::start(&["alice", "bob"]);
+        let allow = format!("{}=user", realm.principal("bob"));
+        let (inst, ep) = alice_instance(&realm, 4, &["--allow", &allow]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        let ping_as = |env: &[(String, String)]| {
+            let mut e = env_ref(env);
+            e.push(("CANOPY_KEX", &kex));
+            e.push(("CANOPY_GSS_TARGET", &target));
+            let t0 = Instant::now();
+            let out = run_canopy(
+                &["ping", "--uri", &ep, "--rank", "3", "--count", "1"],
+                &e,
+                Duration::from_secs(30),
+            );
+            (out, t0.elapsed())
+        };
+        // bob's credential cache gets his tickets while the KDC is up.
+        let bob = realm.env("bob");
+        let (out, _) = ping_as(&bob);
+        assert!(out.status.success(), "bob: {}", text(&out.stderr));
+
+        realm.stop_kdc();
+        // Existing overlay links keep working.
+        inst.assert_all_ranks_answer();
+        // bob's cached ticket still gets him a new link.
+        let (out, _) = ping_as(&bob);
+        assert!(
+            out.status.success(),
+            "bob with cached tickets, KDC down: {}",
+            text(&out.stderr)
+        );
+        // Someone without tickets cannot get one: a clear error, quickly.
+        let mut fresh = realm.env("bob");
+        fresh.push(("CANOPY_GSS_PRINCIPAL".into(), realm.principal("bob")));
+        let (out, took) = ping_as(&fresh);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "got in without a KDC");
+        assert!(
+            err.contains("the KDC is unreachable"),
+            "error does not name the KDC: {err}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?} to fail");
+        println!("KDC down, new link: {} ({took:?})", err.trim());
+
+        // The KDC returns: the same kind of new link now succeeds.
+        realm.start_kdc();
+        let (out, _) = ping_as(&fresh);
+        assert!(
+            out.status.success(),
+            "after the KDC returned: {}",
+            text(&out.stderr)
+        );
+        inst.assert_all_ranks_answer();
+    });
+}
+
+#[test]
+fn links_outlive_20_second_tickets_with_no_message_lost() {
+    if skip() {
+        return;
+    }
+    run_test(Duration::from_secs(150), || {
+        let realm = Realm::start_with(
+            &["alice"],
+            RealmOpts {
+                max_life: Some(Duration::from_secs(20)),
+            },
+        );
+        let mut env = realm.env("alice");
+        env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
+        let inst = Instance::start_with_env(4, 2, &["--mechanism", "gssapi"], &env_ref(&env));
+        let mut c = inst.client(0);
+        let t0 = Instant::now();
+        let (mut sent, mut ok) = (0u64, 0u64);
+        while t0.elapsed() < Duration::from_secs(60) {
+            // Rank 3 is two links away: 0 -> 1 -> 3.
+            let payload = format!("message {sent}").into_bytes();
+            sent += 1;
+            match Instance::ping(&mut c, 3, &payload) {
+                Ok(m) if m.payload == payload => ok += 1,
+                Ok(m) => panic!("message {sent}: wrong echo {:?}", text(&m.payload)),
+                Err(e) => panic!(
+                    "message {sent} lost after {:?}: {e}\n{}",
+                    t0.elapsed(),
+                    inst.stderr_text()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ok, sent);
+        let log = inst.stderr_text();
+        let renewals = log
+            .lines()
+            .filter(|l| l.contains("renewed the link key binding"))
+            .count();
+        // Three child links, each renewed at 2/3 of a 20 s ticket.
+        assert!(renewals >= 6, "only {renewals} renewals in 60 s:\n{log}");
+        assert!(
+            !log.contains("binding expired"),
+            "a binding expired:\n{log}"
+        );
+        println!("{ok} messages in 60 s over 20 s tickets, {renewals} renewals, none lost");
+        inst.assert_all_ranks_answer();
+    });
+}
+
+/// Nodes of a system instance on 127.0.0.1, killed on drop.
+struct Nodes(Vec<std::process::Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port P with P+1 (its key exchange) free too.
+fn port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        use std::os::unix::fs::PermissionsExt;
+        let realm = Realm::start(&["canopy/n0", "canopy/n1", "canopy/n2", "canopy/n3", "alice"]);
+        let dir = tempfile::Builder::new()
+            .prefix("canopy-krbsys-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let kt = dir.path().join("canopy.keytab");
+        for n in ["canopy/n0", "canopy/n1", "canopy/n2", "canopy/n3"] {
+            realm.export_to(n, &kt);
+        }
+        let hosts: String = (0..4)
+            .map(|r| {
+                let p = port_pair();
+                format!("  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
+            })
+            .collect();
+        let write_cfg = |name: &str, keytab: &std::path::Path| {
+            let cfg = dir.path().join(name);
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[bootstrap]\nmechanism = \"gssapi\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"{}\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n",
+                    keytab.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+            cfg
+        };
+        let good = write_cfg("canopy.toml", &kt);
+        // Same cluster, but a keytab without the nodes' keys.
+        let wrong_kt = realm.keytab("alice");
+        let wrong = write_cfg("wrong.toml", &wrong_kt);
+        let start = |r: u32, cfg: &std::path::Path| {
+            let env = realm.env_with_keytab("FILE:/nonexistent");
+            let log = std::fs::File::create(dir.path().join(format!("n{r}.log"))).unwrap();
+            std::process::Command::new(canopy_t::canopy_bin())
+                .args(["broker", "--config"])
+                .arg(cfg)
+                .args(["--hostname", &format!("n{r}"), "--force-root", "--rundir"])
+                .arg(dir.path().join(format!("run-n{r}")))
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("RUST_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        };
+        let logs = || {
+            (0..4)
+                .map(|r| {
+                    std::fs::read_to_string(dir.path().join(format!("n{r}.log")))
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        };
+        // Leaves first: they wait for their parent's key exchange.
+        let mut nodes = Nodes(Vec::new());
+        for r in [3u32, 2, 1, 0] {
+            nodes.0.push(start(r, &good));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let uri = format!("local://{}/local-0", dir.path().join("run-n0").display());
+        let full = canopy_t::wait_until(Duration::from_secs(20), || {
+            canopy_client::Client::connect(Some(&uri))
+                .ok()
+                .and_then(|mut c| c.rpc("overlay.status", 0, b"", Duration::from_secs(2)).ok())
+                .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+                .is_some_and(|s| s["health"] == "full")
+        });
+        assert!(full, "system instance did not come up:\n{}", logs());
+        let mut c = canopy_client::Client::connect(Some(&uri)).unwrap();
+        let m = c
+            .rpc("broker.ping", 2, b"over kerberos", Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(m.payload, b"over kerberos");
+        let l = logs();
+        assert!(
+            l.contains("gss: verdict=allow principal=canopy/n1@CANOPY.TEST"),
+            "{l}"
+        );
+        assert!(
+            l.contains("gss: verdict=allow principal=canopy/n2@CANOPY.TEST"),
+            "{l}"
+        );
+
+        // The middle rank 1 (0 -> 1 -> 3) restarts with a new key: rank 0
+        // admits its new binding, and rank 3 re-authenticates to it and
+        // rejoins.
+        let _ = nodes.0[2].kill();
+        let _ = nodes.0[2].wait();
+        std::thread::sleep(Duration::from_millis(300));
+        nodes.0[2] = start(1, &good);
+        let back = canopy_t::wait_until(Duration::from_secs(30), || {
+            canopy_client::Client::connect(Some(&uri))
+                .ok()
+                .and_then(|mut c| {
+                    c.rpc("broker.ping", 3, b"again", Duration::from_secs(2))
+                        .ok()
+                })
+                .is_some_and(|m| m.payload == b"again")
+        });
+        assert!(
+            back,
+            "rank 3 did not rejoin the restarted rank 1:\n{}",
+            logs()
+        );
+        assert!(logs().contains("has a new CURVE key"), "{}", logs());
+
+        // A node whose keytab lacks its key fails at once, naming the
+        // principal and the keytab.
+        let t0 = Instant::now();
+        let mut bad = start(1, &wrong);
+        let st = bad.wait().unwrap();
+        let took = t0.elapsed();
+        assert!(!st.success());
+        let l = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+        let want = format!(
+            "no Kerberos credentials for canopy/n1@CANOPY.TEST in keytab FILE:{}",
+            wrong_kt.display()
+        );
+        assert!(l.contains(&want), "{l}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        drop(nodes);
+    });
+}
+
+#[test]
+fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
+    if skip() {
+        return;
+    }
+    run_test(Duration::from_secs(150), || {
+        let mut realm = Realm::start_with(
+            &["alice"],
+            RealmOpts {
+                max_life: Some(Duration::from_secs(20)),
+            },
+        );
+        let mut env = realm.env("alice");
+        env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
+        let inst = Instance::start_with_env(2, 2, &["--mechanism", "gssapi"], &env_ref(&env));
+        let t0 = Instant::now();
+        let mut c = inst.client(0);
+        Instance::ping(&mut c, 1, b"before").expect("ping before");
+        // Without a KDC, no ticket outlives its 20 s: renewal fails, and
+        // the parent drops the link's traffic once the binding ends.
+        realm.stop_kdc();
+        inst.wait_log_line(&["binding expired"], Duration::from_secs(40))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the parent never refused the expired key:\n{}",
+                    inst.stderr_text()
+                )
+            });
+        assert!(
+            t0.elapsed() >= Duration::from_secs(15),
+            "binding ended early: {:?}",
+            t0.elapsed()
+        );
+        let mut c = inst.client(0);
+        let r = c.rpc("broker.ping", 1, b"during", Duration::from_secs(3));
+        assert!(
+            r.is_err(),
+            "a ping crossed a link whose binding expired: {r:?}"
+        );
+        assert!(
+            inst.stderr_text()
+                .contains("cannot renew the link key binding"),
+            "no renewal failure logged:\n{}",
+            inst.stderr_text()
+        );
+        // The KDC returns: the child re-authenticates and the link works.
+        realm.start_kdc();
+        let back = canopy_t::wait_until(Duration::from_secs(40), || {
+            inst.client(0)
+                .rpc("broker.ping", 1, b"after", Duration::from_secs(2))
+                .is_ok_and(|m| m.payload == b"after")
+        });
+        assert!(
+            back,
+            "the link did not recover after the KDC returned:\n{}",
+            inst.stderr_text()
+        );
+        println!("expired and recovered in {:?}", t0.elapsed());
+    });
+}
