@@ -7,8 +7,14 @@
 //! the events from its rank's local connector. Each event carries the
 //! publisher's clock (nanoseconds since a shared origin in this process),
 //! so a subscriber's receive time minus it is the one-way latency.
-//! Phase 1 publishes one event at a time (window 1) and gives the latency;
-//! phase 2 keeps `window` publish requests in flight and gives the rate.
+//!
+//! Phase 1 (latency) publishes the next event only once the previous one
+//! has reached every subscriber: one event in the system at a time, so
+//! the latency is the path's, not a queue's. Phase 2 publishes at window 1
+//! (the next publish when rank 0 has acknowledged the previous one) and
+//! gives the window-1 rate; phase 3 keeps `window` publish requests in
+//! flight and gives the rate at that window, and the rate at which the
+//! events reached every rank.
 
 use crate::instance::{Instance, Progress};
 use crate::stats::{hops, percentile, Summary};
@@ -27,8 +33,11 @@ const TOPIC: &str = "bench.event";
 pub struct EventParams {
     pub size: u32,
     pub fanout: u32,
-    /// Events published one at a time (latency phase).
+    /// Events published one at a time, each after the previous one
+    /// reached every rank (latency phase).
     pub latency_events: u32,
+    /// Events published at window 1 (window-1 rate phase).
+    pub rate1_events: u32,
     /// Events published with `window` in flight (rate phase).
     pub rate_events: u32,
     pub window: u32,
@@ -47,10 +56,14 @@ pub struct EventParams {
 pub struct RankLatency {
     pub rank: u32,
     pub depth: u32,
-    /// One-way latency at window 1, per-run p50 and p99, microseconds.
+    /// One-way latency with one event in the system at a time, per-run
+    /// p50 and p99, microseconds.
     pub p50_us: Summary,
     pub p99_us: Summary,
-    /// One-way latency during the rate phase (queueing included), p50.
+    /// One-way latency during the window-1 rate phase, p50.
+    pub window1_p50_us: Summary,
+    /// One-way latency during the window-N rate phase (queueing
+    /// included), p50.
     pub loaded_p50_us: Summary,
 }
 
@@ -84,8 +97,8 @@ struct RunOut {
     rate1: f64,
     rate_n: f64,
     delivered_n: f64,
-    /// Per rank: p50, p99 (phase 1), p50 (phase 2), microseconds.
-    lat: Vec<(f64, f64, f64)>,
+    /// Per rank: p50, p99 (phase 1), p50 (phase 2), p50 (phase 3), us.
+    lat: Vec<(f64, f64, f64, f64)>,
 }
 
 fn stamp(phase: u8, origin: Instant, pad: &[u8]) -> Vec<u8> {
@@ -100,8 +113,8 @@ fn stamp(phase: u8, origin: Instant, pad: &[u8]) -> Vec<u8> {
 }
 
 pub fn run(canopy: &Path, p: &EventParams) -> Result<EventReport> {
-    if p.latency_events == 0 && p.rate_events == 0 {
-        bail!("nothing to publish: give --latency-events or --rate-events above 0");
+    if p.latency_events == 0 || p.rate1_events == 0 || p.rate_events == 0 {
+        bail!("each phase needs events: give --latency-events, --rate1-events and --rate-events above 0");
     }
     let mut inst = Instance::start(
         canopy,
@@ -140,7 +153,8 @@ pub fn run(canopy: &Path, p: &EventParams) -> Result<EventReport> {
             depth: hops(r as u32, p.fanout),
             p50_us: sum(&|o| o.lat[r].0)?,
             p99_us: sum(&|o| o.lat[r].1)?,
-            loaded_p50_us: sum(&|o| o.lat[r].2)?,
+            window1_p50_us: sum(&|o| o.lat[r].2)?,
+            loaded_p50_us: sum(&|o| o.lat[r].3)?,
         });
     }
     Ok(EventReport {
@@ -157,7 +171,7 @@ pub fn run(canopy: &Path, p: &EventParams) -> Result<EventReport> {
 
 fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> {
     let t = p.reply_timeout;
-    let expected = (p.latency_events + p.rate_events) as usize;
+    let expected = (p.latency_events + p.rate1_events + p.rate_events) as usize;
     let mut subs = Vec::new();
     for (r, uri) in uris.iter().enumerate() {
         let mut c = Client::connect(Some(uri)).with_context(|| format!("rank {r}"))?;
@@ -168,13 +182,19 @@ fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> 
     let mut publisher = Client::connect(Some(&uris[0]))?;
     let pad = vec![b'e'; p.pad];
     let origin = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (published, rate1, rate_n, t_n0, seen) = std::thread::scope(|s| {
         let handles: Vec<_> = subs
             .into_iter()
             .enumerate()
-            .map(|(r, c)| s.spawn(move || subscribe(r, c, expected, origin, t, prog)))
+            .map(|(r, c)| {
+                let tx = tx.clone();
+                s.spawn(move || subscribe(r, c, expected, origin, t, &tx, prog))
+            })
             .collect();
-        let publ = publish(&mut publisher, p, origin, &pad, prog);
+        drop(tx);
+        let publ = publish(&mut publisher, p, origin, &pad, &rx, uris.len(), prog);
+        drop(rx);
         let seen: Vec<Result<Seen>> = handles
             .into_iter()
             .map(|h| {
@@ -210,9 +230,9 @@ fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> 
                 .map(|(_, ns)| *ns as f64 / 1e3)
                 .collect()
         };
-        let (l1, l2) = (ph(1), ph(2));
+        let (l1, l2, l3) = (ph(1), ph(2), ph(3));
         let q = |v: &[f64], x| percentile(v, x).unwrap_or(f64::NAN);
-        lat.push((q(&l1, 50.0), q(&l1, 99.0), q(&l2, 50.0)));
+        lat.push((q(&l1, 50.0), q(&l1, 99.0), q(&l2, 50.0), q(&l3, 50.0)));
         last = last.max(sn.last_ns);
     }
     let delivered_n = if p.rate_events > 0 {
@@ -228,25 +248,38 @@ fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> 
     })
 }
 
-/// Publish both phases; returns the sequence numbers in order, the two
-/// rates and when phase 2 started (ns since the origin).
+/// Publish the three phases; returns the sequence numbers in order, the
+/// window-1 and window-N rates and when phase 3 started (ns since the
+/// origin). `delivered` gets one message per subscriber per phase-1 event.
 fn publish(
     c: &mut Client,
     p: &EventParams,
     origin: Instant,
     pad: &[u8],
+    delivered: &std::sync::mpsc::Receiver<()>,
+    subscribers: usize,
     prog: &Progress,
 ) -> Result<(Vec<u64>, f64, f64, u64)> {
     let t = p.reply_timeout;
-    let mut seqs = Vec::with_capacity((p.latency_events + p.rate_events) as usize);
-    let t0 = Instant::now();
-    for _ in 0..p.latency_events {
+    let mut seqs = Vec::with_capacity((p.latency_events + p.rate1_events + p.rate_events) as usize);
+    for i in 0..p.latency_events {
         let m = c.rpc("event.pub", 0, &stamp(1, origin, pad), t)?;
+        seqs.push(seq_of(&m.payload)?);
+        for _ in 0..subscribers {
+            delivered
+                .recv_timeout(t)
+                .map_err(|_| anyhow!("event #{i} did not reach every subscriber within {t:?}"))?;
+        }
+        prog.tick();
+    }
+    let t0 = Instant::now();
+    for _ in 0..p.rate1_events {
+        let m = c.rpc("event.pub", 0, &stamp(2, origin, pad), t)?;
         seqs.push(seq_of(&m.payload)?);
         prog.tick();
     }
-    let rate1 = p.latency_events as f64 / t0.elapsed().as_secs_f64();
-    // Phase 2: acks may come back in any order; keep them by tag.
+    let rate1 = p.rate1_events as f64 / t0.elapsed().as_secs_f64();
+    // Phase 3: acks may come back in any order; keep them by tag.
     let total = p.rate_events as usize;
     let mut by_tag: std::collections::HashMap<u32, usize> = Default::default();
     let mut acked = vec![0u64; total];
@@ -255,7 +288,7 @@ fn publish(
     let t1 = Instant::now();
     while done < total {
         while sent < total && by_tag.len() < p.window as usize {
-            let tag = c.send("event.pub", 0, &stamp(2, origin, pad))?;
+            let tag = c.send("event.pub", 0, &stamp(3, origin, pad))?;
             by_tag.insert(tag, sent);
             sent += 1;
         }
@@ -298,6 +331,7 @@ fn subscribe(
     expected: usize,
     origin: Instant,
     t: Duration,
+    delivered: &std::sync::mpsc::Sender<()>,
     prog: &Progress,
 ) -> Result<Seen> {
     let mut seen = Seen {
@@ -321,6 +355,9 @@ fn subscribe(
         seen.seqs.push(m.header.seq);
         seen.lat.push((m.payload[0], now.saturating_sub(sent)));
         seen.last_ns = now;
+        if m.payload[0] == 1 {
+            let _ = delivered.send(());
+        }
         prog.tick();
     }
     Ok(seen)
@@ -330,8 +367,8 @@ pub fn table(r: &EventReport) -> String {
     let p = &r.params;
     let mut s = format!(
         "event: `{TOPIC}` published at rank 0, one subscriber per rank; size {} fanout {}; \
-         {} events at window 1, {} at window {}; median over {} run(s) [min, max]\n",
-        p.size, p.fanout, p.latency_events, p.rate_events, p.window, p.runs
+         {} events one at a time, {} at window 1, {} at window {}; median over {} run(s) [min, max]\n",
+        p.size, p.fanout, p.latency_events, p.rate1_events, p.rate_events, p.window, p.runs
     );
     let c = |x: &Summary| format!("{:.0} [{:.0}, {:.0}]", x.median, x.min, x.max);
     let _ = writeln!(s, "  publish rate, window 1:  {}/s", c(&r.rate_window_1));
@@ -349,17 +386,23 @@ pub fn table(r: &EventReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>6} {:>6}  {:>22} {:>22} {:>22}",
-        "rank", "depth", "p50 us (window 1)", "p99 us", "p50 us (loaded)"
+        "{:>6} {:>6}  {:>20} {:>20} {:>20} {:>22}",
+        "rank",
+        "depth",
+        "p50 us (1 at a time)",
+        "p99 us",
+        "p50 us (window 1)",
+        format!("p50 us (window {})", p.window)
     );
     for x in &r.ranks {
         let _ = writeln!(
             s,
-            "{:>6} {:>6}  {:>22} {:>22} {:>22}",
+            "{:>6} {:>6}  {:>20} {:>20} {:>20} {:>22}",
             x.rank,
             x.depth,
             c(&x.p50_us),
             c(&x.p99_us),
+            c(&x.window1_p50_us),
             c(&x.loaded_p50_us)
         );
     }

@@ -25,6 +25,27 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// The launcher's stderr, in its scratch directory.
 const LOG: &str = "canopy-start.log";
 
+/// Where `canopy start` would put its runtime directory by default:
+/// $XDG_RUNTIME_DIR, else the temp dir.
+pub fn default_parent() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
+        _ => std::env::temp_dir(),
+    }
+}
+
+/// The kind of file system `path` is on ("tmpfs", "ext4", ...): sockets
+/// made on a disk file system cost more to create and remove.
+pub fn fs_kind(path: &Path) -> String {
+    use nix::sys::statfs::{statfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    match statfs(path) {
+        Ok(s) if s.filesystem_type() == TMPFS_MAGIC => "tmpfs".into(),
+        Ok(s) if s.filesystem_type() == EXT4_SUPER_MAGIC => "ext4".into(),
+        Ok(s) => format!("{:#x}", s.filesystem_type().0),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
 /// A private directory, removed (with its contents) on drop.
 pub struct Scratch(PathBuf);
 
@@ -34,10 +55,7 @@ impl Scratch {
     pub fn new(parent: Option<&Path>) -> Result<Scratch> {
         let parent = match parent {
             Some(p) => p.to_path_buf(),
-            None => match std::env::var_os("XDG_RUNTIME_DIR") {
-                Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
-                _ => std::env::temp_dir(),
-            },
+            None => default_parent(),
         };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -144,9 +144,12 @@ pub fn run(canopy: &Path, p: &LinkParams) -> Result<LinkReport> {
 const STOP: u8 = 0xff;
 
 /// A DEALER -> ROUTER pair with CURVE over ipc, the ROUTER on a thread
-/// that echoes every message without `FLAG_NORESPONSE` (header frame only).
+/// that echoes every message without `FLAG_NORESPONSE` (header frame
+/// only). The two sockets are in separate contexts, like two brokers.
 struct RawPair {
-    _ctx: zmq::Context,
+    /// One context per side, as two brokers have: each its own I/O
+    /// thread, so encryption and decryption can run on different cores.
+    _ctx: (zmq::Context, zmq::Context),
     dealer: zmq::Socket,
     receiver: Option<std::thread::JoinHandle<Result<u64>>>,
     next_tag: u32,
@@ -165,7 +168,8 @@ impl RawPair {
         let server = zmq::CurveKeyPair::new().map_err(zerr("make keys"))?;
         let client = zmq::CurveKeyPair::new().map_err(zerr("make keys"))?;
         let ep = format!("ipc://{}/raw-link", dir.display());
-        let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
+        let rctx = zmq::Context::new();
+        let router = rctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
         router.set_linger(0).map_err(zerr("linger"))?;
         router.set_sndhwm(0).map_err(zerr("hwm"))?;
         router.set_rcvhwm(0).map_err(zerr("hwm"))?;
@@ -190,7 +194,7 @@ impl RawPair {
         dealer.connect(&ep).map_err(zerr("connect"))?;
         let receiver = std::thread::spawn(move || receive(router));
         Ok(RawPair {
-            _ctx: ctx,
+            _ctx: (ctx, rctx),
             dealer,
             receiver: Some(receiver),
             next_tag: 1,

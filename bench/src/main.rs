@@ -85,9 +85,13 @@ struct EventArgs {
     size: u32,
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     fanout: u32,
-    /// Events published one at a time (latency, window-1 rate).
-    #[arg(long, default_value_t = 2000)]
+    /// Events published one at a time, each once the previous one has
+    /// reached every rank (latency).
+    #[arg(long, default_value_t = 1000)]
     latency_events: u32,
+    /// Events published at window 1 (rate).
+    #[arg(long, default_value_t = 2000)]
+    rate1_events: u32,
     /// Events published with --window in flight (rate).
     #[arg(long, default_value_t = 20000)]
     rate_events: u32,
@@ -133,7 +137,7 @@ struct MemoryArgs {
     /// One-way messages per round, rank 0 to the last rank.
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     #[arg(long, default_value_t = 0)]
     pad: usize,
@@ -223,6 +227,10 @@ struct Report<'a> {
     link: Option<link::LinkReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memory: Option<memory::MemoryReport>,
+    /// The directory the instances' runtime directories were made in,
+    /// and its file system.
+    rundir: String,
+    rundir_fs: String,
     /// /proc/loadavg when the scenario finished (`machine.loadavg` is at
     /// its start): a busy machine shows here.
     loadavg_end: String,
@@ -288,6 +296,7 @@ fn event_params(cli: &Cli, a: &EventArgs) -> Result<event::EventParams> {
         size: a.size,
         fanout: a.fanout,
         latency_events: a.latency_events,
+        rate1_events: a.rate1_events,
         rate_events: a.rate_events,
         window: a.window,
         pad: a.pad,
@@ -370,6 +379,7 @@ fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
                 size: 4,
                 fanout: 2,
                 latency_events: 20,
+                rate1_events: 50,
                 rate_events: 200,
                 window: 8,
                 pad: 0,
@@ -532,6 +542,12 @@ fn run(cli: &Cli) -> Result<()> {
         canopy.display()
     );
     println!("{}\n", machine.describe());
+    let rundir = cli.rundir.clone().unwrap_or_else(instance::default_parent);
+    println!(
+        "instances in {} ({})",
+        rundir.display(),
+        instance::fs_kind(&rundir)
+    );
     let t0 = std::time::Instant::now();
     let mut report = Report {
         tool: "canopy-bench",
@@ -549,6 +565,8 @@ fn run(cli: &Cli) -> Result<()> {
         event: None,
         link: None,
         memory: None,
+        rundir: rundir.display().to_string(),
+        rundir_fs: instance::fs_kind(&rundir),
         loadavg_end: String::new(),
         duration_s: 0.0,
         errors: Vec::new(),

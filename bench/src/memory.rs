@@ -45,6 +45,16 @@ pub struct BrokerRss {
     pub idle_kib: u64,
     /// After each round (round k: k * messages routed).
     pub after_kib: Vec<u64>,
+    /// When idle: anonymous (private heap, stacks) and file-backed
+    /// (the binary and shared libraries, the same pages in every broker)
+    /// parts of VmRSS, and the proportional set size (shared pages
+    /// divided among the processes that map them).
+    pub idle_anon_kib: u64,
+    pub idle_file_kib: u64,
+    pub idle_pss_kib: u64,
+    /// The same after the last round.
+    pub final_anon_kib: u64,
+    pub final_pss_kib: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -59,6 +69,9 @@ pub struct MemoryReport {
     pub brokers: Vec<BrokerRss>,
     /// Largest idle RSS of any broker.
     pub max_idle_kib: u64,
+    /// Largest idle private (anonymous) and proportional memory.
+    pub max_idle_anon_kib: u64,
+    pub max_idle_pss_kib: u64,
     /// Largest RSS of any broker after the last round.
     pub max_final_kib: u64,
     /// Largest growth of any broker from after round 1 to after the last
@@ -102,19 +115,38 @@ pub fn broker_pids(scratch: &Path) -> BTreeMap<u32, i32> {
     out
 }
 
-/// VmRSS of `pid` in KiB.
-pub fn rss_kib(pid: i32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status; did the broker exit?"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+/// A `Key:   N kB` field of a /proc file.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
-fn read_all(pids: &BTreeMap<u32, i32>) -> Result<Vec<u64>> {
-    pids.values().map(|&p| rss_kib(p)).collect()
+/// VmRSS, RssAnon, RssFile and Pss of `pid`, KiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mem {
+    pub rss: u64,
+    pub anon: u64,
+    pub file: u64,
+    pub pss: u64,
+}
+
+pub fn mem(pid: i32) -> Result<Mem> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status; did the broker exit?"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    Ok(Mem {
+        rss: kib_field(&status, "VmRSS:")
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?,
+        anon: kib_field(&status, "RssAnon:").unwrap_or(0),
+        file: kib_field(&status, "RssFile:").unwrap_or(0),
+        pss: kib_field(&rollup, "Pss:").unwrap_or(0),
+    })
+}
+
+fn read_all(pids: &BTreeMap<u32, i32>) -> Result<Vec<Mem>> {
+    pids.values().map(|&p| mem(p)).collect()
 }
 
 pub fn run(canopy: &Path, p: &MemoryParams) -> Result<MemoryReport> {
@@ -154,7 +186,7 @@ pub fn run(canopy: &Path, p: &MemoryParams) -> Result<MemoryReport> {
                 "memory: round {round}/{}: {} messages to rank {target} at {rate:.0}/s; largest RSS {} KiB",
                 p.rounds,
                 p.messages,
-                rss.iter().max().copied().unwrap_or(0)
+                rss.iter().map(|m| m.rss).max().unwrap_or(0)
             );
             after.push(rss);
             rates.push(rate);
@@ -177,8 +209,13 @@ pub fn run(canopy: &Path, p: &MemoryParams) -> Result<MemoryReport> {
             rank,
             depth: hops(rank, p.fanout),
             on_path: path.contains(&rank),
-            idle_kib: idle[i],
-            after_kib: after.iter().map(|a| a[i]).collect(),
+            idle_kib: idle[i].rss,
+            after_kib: after.iter().map(|a| a[i].rss).collect(),
+            idle_anon_kib: idle[i].anon,
+            idle_file_kib: idle[i].file,
+            idle_pss_kib: idle[i].pss,
+            final_anon_kib: after.last().map_or(idle[i].anon, |a| a[i].anon),
+            final_pss_kib: after.last().map_or(idle[i].pss, |a| a[i].pss),
         })
         .collect();
     let last = |b: &BrokerRss| b.after_kib.last().copied().unwrap_or(b.idle_kib);
@@ -190,6 +227,8 @@ pub fn run(canopy: &Path, p: &MemoryParams) -> Result<MemoryReport> {
         target_rank: target,
         round_msgs_per_s: rates,
         max_idle_kib: brokers.iter().map(|b| b.idle_kib).max().unwrap_or(0),
+        max_idle_anon_kib: brokers.iter().map(|b| b.idle_anon_kib).max().unwrap_or(0),
+        max_idle_pss_kib: brokers.iter().map(|b| b.idle_pss_kib).max().unwrap_or(0),
         max_final_kib: brokers.iter().map(last).max().unwrap_or(0),
         max_growth_after_first_kib: brokers
             .iter()
@@ -214,8 +253,8 @@ pub fn table(r: &MemoryReport) -> String {
     );
     let _ = write!(
         s,
-        "{:>6} {:>6} {:>5} {:>10}",
-        "rank", "depth", "path", "idle KiB"
+        "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "rank", "depth", "path", "anon KiB", "file KiB", "Pss KiB", "final Pss", "RSS idle"
     );
     for k in 1..=r.params.rounds {
         let _ = write!(s, " {:>10}", format!("after {k}"));
@@ -224,10 +263,14 @@ pub fn table(r: &MemoryReport) -> String {
     for b in &r.brokers {
         let _ = write!(
             s,
-            "{:>6} {:>6} {:>5} {:>10}",
+            "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10}",
             b.rank,
             b.depth,
             if b.on_path { "yes" } else { "" },
+            b.idle_anon_kib,
+            b.idle_file_kib,
+            b.idle_pss_kib,
+            b.final_pss_kib,
             b.idle_kib
         );
         for a in &b.after_kib {
@@ -237,8 +280,10 @@ pub fn table(r: &MemoryReport) -> String {
     }
     let _ = writeln!(
         s,
-        "  largest idle {} KiB, largest final {} KiB; growth from idle {} KiB, after round 1 {} KiB; rounds at {} msg/s",
+        "  VmRSS: largest idle {} KiB (anon {} KiB, Pss {} KiB), largest final {} KiB; growth from idle {} KiB, after round 1 {} KiB; rounds at {} msg/s",
         r.max_idle_kib,
+        r.max_idle_anon_kib,
+        r.max_idle_pss_kib,
         r.max_final_kib,
         r.max_growth_from_idle_kib,
         r.max_growth_after_first_kib,
