@@ -8,7 +8,8 @@
 //! DEALER and a ROUTER in this process, each on its own thread, sending
 //! the same two frames (a canopy header as rank 1 would forward it, and the
 //! payload), with the same batches and synchronous echoes. The raw pair is
-//! the practical limit; the report gives the broker's share of it.
+//! the practical limit; the report gives the broker's share of it. Each
+//! run alternates the two sides in slices and compares their total times.
 
 use crate::instance::{Instance, Progress, Scratch};
 use crate::stats::Summary;
@@ -98,12 +99,19 @@ pub fn run(canopy: &Path, p: &LinkParams) -> Result<LinkReport> {
             for (i, &pad) in p.pads.iter().enumerate() {
                 let payload = vec![b'x'; pad];
                 let n = p.messages(pad);
-                let rt = raw
-                    .stream(&hdr, &payload, n, p.batch, p.reply_timeout, prog)
-                    .with_context(|| format!("raw pair, pad {pad}"))?;
-                let bt = s
-                    .stream(0, &payload, n, p.batch, p.reply_timeout, prog)
-                    .with_context(|| format!("broker link, pad {pad}"))?;
+                // Alternate in slices, so that both sides see the same
+                // mix of whatever else the machine is doing.
+                let (mut rt, mut bt) = (Duration::ZERO, Duration::ZERO);
+                let slices = SLICES.min(n).max(1);
+                for k in 0..slices {
+                    let m = n / slices + u64::from(k < n % slices);
+                    rt += raw
+                        .stream(&hdr, &payload, m, p.batch, p.reply_timeout, prog)
+                        .with_context(|| format!("raw pair, pad {pad}"))?;
+                    bt += s
+                        .stream(0, &payload, m, p.batch, p.reply_timeout, prog)
+                        .with_context(|| format!("broker link, pad {pad}"))?;
+                }
                 let (r, b) = (n as f64 / rt.as_secs_f64(), n as f64 / bt.as_secs_f64());
                 eprintln!(
                     "link: run {run}/{} pad {pad}: raw {r:.0} msg/s, broker {b:.0} msg/s ({:.0}%)",
@@ -142,6 +150,9 @@ pub fn run(canopy: &Path, p: &LinkParams) -> Result<LinkReport> {
 }
 
 const STOP: u8 = 0xff;
+
+/// Each run alternates raw and broker this many times.
+const SLICES: u64 = 4;
 
 /// A DEALER -> ROUTER pair with CURVE over ipc, the ROUTER on a thread
 /// that echoes every message without `FLAG_NORESPONSE` (header frame
