@@ -12,12 +12,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a launcher gets to stop its brokers after SIGTERM.
@@ -134,6 +136,7 @@ impl Launcher {
             .spawn()
             .with_context(|| format!("cannot run {}", canopy.display()))?;
         let pid = Pid::from_raw(child.id() as i32);
+        live().insert(pid.as_raw(), scratch.path().to_path_buf());
         let (tx, exited_rx) = mpsc::channel();
         std::thread::spawn(move || {
             // Wait without reaping, so the pid stays ours to signal until
@@ -276,6 +279,7 @@ impl Launcher {
         }
         let status = self.status.expect("reaped above");
         self.torn_down = Some(killed);
+        live().remove(&self.pid.as_raw());
         Ok((status, killed))
     }
 
@@ -304,29 +308,86 @@ impl Launcher {
         killed.len()
     }
 
-    /// Live processes (a zombie's command line is empty) naming the
-    /// scratch directory, other than this one and the launcher.
     fn strays(&self) -> Vec<i32> {
-        let me = std::process::id() as i32;
-        let dir = self.scratch.path().as_os_str().as_encoded_bytes().to_vec();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .flatten()
-            .filter_map(|e| {
-                let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-                if pid == me || pid == self.pid.as_raw() {
-                    return None;
-                }
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                cmdline
-                    .split(|b| *b == 0)
-                    .any(|a| a.starts_with(&dir))
-                    .then_some(pid)
-            })
-            .collect()
+        strays(self.scratch.path(), self.pid.as_raw())
     }
+}
+
+/// Live processes (a zombie's command line is empty) naming `dir` on
+/// their command line, other than this one and `except`.
+fn strays(dir: &Path, except: i32) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let dir = dir.as_os_str().as_encoded_bytes().to_vec();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            if pid == me || pid == except {
+                return None;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|a| a.starts_with(&dir))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Launchers not yet torn down, by pid, with their scratch directories.
+static LIVE: Mutex<BTreeMap<i32, PathBuf>> = Mutex::new(BTreeMap::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeMap<i32, PathBuf>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Is `pid` (a child of ours) still running, i.e. not a zombie?
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: stop every live instance (SIGTERM to its
+/// launcher, SIGKILL to whatever is left after the grace period), remove
+/// the scratch directories, and exit with 128 + the signal. Without this,
+/// a benchmark killed from outside would leave its brokers running.
+pub fn stop_instances_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let all = live().clone();
+            eprintln!(
+                "canopy-bench: caught signal {sig}; stopping {} instance(s)",
+                all.len()
+            );
+            for pid in all.keys() {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + GRACE;
+            while all.keys().any(|p| running(*p)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for (pid, dir) in &all {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                for s in strays(dir, *pid) {
+                    let _ = kill(Pid::from_raw(s), Signal::SIGKILL);
+                }
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
 }
 
 impl Drop for Launcher {

@@ -525,6 +525,7 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Acl(_) => PathBuf::from("-"),
         _ => find_canopy(cli.canopy.as_deref())?,
     };
+    instance::stop_instances_on_signals()?;
     let machine = Machine::probe();
     let scenario_name = match cli.cmd {
         Cmd::Start(_) => "start",
