@@ -299,7 +299,9 @@ fn rows(r: &Results) -> Vec<Row> {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
                 out.push(Row {
-                    measure: format!("leaf one-way event latency, window 1 (rank {rank})"),
+                    measure: format!(
+                        "leaf one-way event latency, window 1: one event in flight (rank {rank})"
+                    ),
                     target: "p50 ≤ 0.4 ms".into(),
                     measured: format!("{:.3} ms [{:.3}, {:.3}]", m / 1e3, lo / 1e3, hi / 1e3),
                     met: Some(m <= 400.0),
@@ -842,7 +844,7 @@ fn plot_latency(r: &Results, path: &Path) -> Result<bool> {
             })
             .collect();
         if !pts.is_empty() {
-            series.push(("event one-way, window 1".into(), COLORS[4], pts));
+            series.push(("event one-way, one in flight".into(), COLORS[4], pts));
         }
     }
     if series.iter().all(|s| s.2.is_empty()) {
