@@ -227,6 +227,9 @@ struct Report<'a> {
     link: Option<link::LinkReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memory: Option<memory::MemoryReport>,
+    /// Results of scenarios without a field here, by name (see [`extra`]).
+    #[serde(flatten)]
+    extra: std::collections::BTreeMap<&'static str, serde_json::Value>,
     /// The directory the instances' runtime directories were made in,
     /// and its file system.
     rundir: String,
@@ -517,43 +520,235 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-fn run(cli: &Cli) -> Result<()> {
-    if let Cmd::Report(a) = &cli.cmd {
-        return report::run(a);
+/// What a scenario does, given the report to fill and the canopy binary.
+type Body<'a> = Box<dyn FnOnce(&mut Report, &Path) -> Result<()> + 'a>;
+
+/// For [`scenario`]'s `put`: keep a result that has no field of its own in
+/// [`Report`] (a scenario added later) in the JSON under `name`. Unused
+/// until such a scenario exists.
+#[cfg_attr(not(test), allow(dead_code))]
+fn extra<T: Serialize>(name: &'static str) -> impl FnOnce(&mut Report, T) {
+    move |r, x| match serde_json::to_value(x) {
+        Ok(v) => {
+            r.extra.insert(name, v);
+        }
+        Err(e) => r
+            .errors
+            .push(format!("{name}: cannot record the result: {e}")),
     }
-    let canopy = match cli.cmd {
-        Cmd::Acl(_) => PathBuf::from("-"),
-        _ => find_canopy(cli.canopy.as_deref())?,
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    // Each scenario: its name, whether it needs the canopy binary, and
+    // what it does. To add one, add a `Cmd` variant and an arm, e.g.
+    //   Cmd::Gss(a) => ("gss", true, Box::new(move |r, c| {
+    //       scenario(r, "gss", false, || gss::run(c, a), gss::table, extra("gss"))
+    //   })),
+    let (name, needs_canopy, body): (&'static str, bool, Body) = match &cli.cmd {
+        Cmd::Report(a) => return report::run(a),
+        Cmd::Start(a) => {
+            let p = start_params(cli, a)?;
+            (
+                "start",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "start",
+                        false,
+                        || start::run(c, &p),
+                        start::table,
+                        |r, x| r.start = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Rpc(a) => {
+            let p = rpc_params(cli, a)?;
+            (
+                "rpc",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "rpc",
+                        false,
+                        || rpc::run(c, &p),
+                        rpc::table,
+                        |r, x| r.rpc = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Acl(a) => {
+            let p = acl::AclParams {
+                rules: a.rules,
+                decisions: a.decisions,
+                runs: a.runs,
+            };
+            (
+                "acl",
+                false,
+                Box::new(move |r, _| {
+                    scenario(
+                        r,
+                        "acl",
+                        false,
+                        || acl::run(&p),
+                        acl::table,
+                        |r, x| r.acl = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Event(a) => {
+            let p = event_params(cli, a)?;
+            (
+                "event",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "event",
+                        false,
+                        || event::run(c, &p),
+                        event::table,
+                        |r, x| r.event = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Link(a) => {
+            let p = link_params(cli, a)?;
+            (
+                "link",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "link",
+                        false,
+                        || link::run(c, &p),
+                        link::table,
+                        |r, x| r.link = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Memory(a) => {
+            let p = memory_params(cli, a)?;
+            (
+                "memory",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "memory",
+                        false,
+                        || memory::run(c, &p),
+                        memory::table,
+                        |r, x| r.memory = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Smoke => {
+            let sp = smoke_params(cli)?;
+            ("smoke", true, Box::new(move |r, c| smoke(r, c, &sp)))
+        }
+    };
+    measure(cli, name, needs_canopy, body)
+}
+
+/// Every scenario, tiny; failures are collected, not fatal.
+fn smoke(r: &mut Report, c: &Path, sp: &SmokeParams) -> Result<()> {
+    let ap = acl::AclParams {
+        rules: 100,
+        decisions: 1000,
+        runs: 1,
+    };
+    scenario(
+        r,
+        "acl",
+        true,
+        || acl::run(&ap),
+        acl::table,
+        |r, x| r.acl = Some(x),
+    )?;
+    scenario(
+        r,
+        "start",
+        true,
+        || start::run(c, &sp.start),
+        start::table,
+        |r, x| r.start = Some(x),
+    )?;
+    scenario(
+        r,
+        "rpc",
+        true,
+        || rpc::run(c, &sp.rpc),
+        rpc::table,
+        |r, x| r.rpc = Some(x),
+    )?;
+    scenario(
+        r,
+        "event",
+        true,
+        || event::run(c, &sp.event),
+        event::table,
+        |r, x| r.event = Some(x),
+    )?;
+    scenario(
+        r,
+        "link",
+        true,
+        || link::run(c, &sp.link),
+        link::table,
+        |r, x| r.link = Some(x),
+    )?;
+    scenario(
+        r,
+        "memory",
+        true,
+        || memory::run(c, &sp.memory),
+        memory::table,
+        |r, x| r.memory = Some(x),
+    )?;
+    if let Err(e) = check_smoke(r) {
+        r.errors.push(format!("{e:#}"));
+    }
+    Ok(())
+}
+
+/// Print the machine, run `body`, print and (with --json) write the report.
+fn measure(cli: &Cli, name: &'static str, needs_canopy: bool, body: Body) -> Result<()> {
+    let canopy = if needs_canopy {
+        find_canopy(cli.canopy.as_deref())?
+    } else {
+        PathBuf::from("-")
     };
     instance::stop_instances_on_signals()?;
     let machine = Machine::probe();
-    let scenario_name = match cli.cmd {
-        Cmd::Start(_) => "start",
-        Cmd::Rpc(_) => "rpc",
-        Cmd::Acl(_) => "acl",
-        Cmd::Event(_) => "event",
-        Cmd::Link(_) => "link",
-        Cmd::Memory(_) => "memory",
-        Cmd::Smoke => "smoke",
-        Cmd::Report(_) => unreachable!("handled above"),
-    };
     println!(
-        "canopy-bench {} scenario {scenario_name}; canopy {}",
+        "canopy-bench {} scenario {name}; canopy {}",
         env!("CARGO_PKG_VERSION"),
         canopy.display()
     );
     println!("{}\n", machine.describe());
     let rundir = cli.rundir.clone().unwrap_or_else(instance::default_parent);
-    println!(
-        "instances in {} ({})",
-        rundir.display(),
-        instance::fs_kind(&rundir)
-    );
+    if needs_canopy {
+        println!(
+            "instances in {} ({})",
+            rundir.display(),
+            instance::fs_kind(&rundir)
+        );
+    }
     let t0 = std::time::Instant::now();
     let mut report = Report {
         tool: "canopy-bench",
         version: env!("CARGO_PKG_VERSION"),
-        scenario: scenario_name,
+        scenario: name,
         timestamp_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -566,147 +761,14 @@ fn run(cli: &Cli) -> Result<()> {
         event: None,
         link: None,
         memory: None,
+        extra: Default::default(),
         rundir: rundir.display().to_string(),
         rundir_fs: instance::fs_kind(&rundir),
         loadavg_end: String::new(),
         duration_s: 0.0,
         errors: Vec::new(),
     };
-    let smoke = matches!(cli.cmd, Cmd::Smoke);
-    let r = &mut report;
-    let c = &canopy;
-    match &cli.cmd {
-        Cmd::Start(a) => {
-            let p = start_params(cli, a)?;
-            scenario(
-                r,
-                "start",
-                false,
-                || start::run(c, &p),
-                start::table,
-                |r, x| r.start = Some(x),
-            )?;
-        }
-        Cmd::Rpc(a) => {
-            let p = rpc_params(cli, a)?;
-            scenario(
-                r,
-                "rpc",
-                false,
-                || rpc::run(c, &p),
-                rpc::table,
-                |r, x| r.rpc = Some(x),
-            )?;
-        }
-        Cmd::Acl(a) => {
-            let p = acl::AclParams {
-                rules: a.rules,
-                decisions: a.decisions,
-                runs: a.runs,
-            };
-            scenario(
-                r,
-                "acl",
-                false,
-                || acl::run(&p),
-                acl::table,
-                |r, x| r.acl = Some(x),
-            )?;
-        }
-        Cmd::Event(a) => {
-            let p = event_params(cli, a)?;
-            scenario(
-                r,
-                "event",
-                false,
-                || event::run(c, &p),
-                event::table,
-                |r, x| r.event = Some(x),
-            )?;
-        }
-        Cmd::Link(a) => {
-            let p = link_params(cli, a)?;
-            scenario(
-                r,
-                "link",
-                false,
-                || link::run(c, &p),
-                link::table,
-                |r, x| r.link = Some(x),
-            )?;
-        }
-        Cmd::Memory(a) => {
-            let p = memory_params(cli, a)?;
-            scenario(
-                r,
-                "memory",
-                false,
-                || memory::run(c, &p),
-                memory::table,
-                |r, x| r.memory = Some(x),
-            )?;
-        }
-        Cmd::Smoke => {
-            let sp = smoke_params(cli)?;
-            let ap = acl::AclParams {
-                rules: 100,
-                decisions: 1000,
-                runs: 1,
-            };
-            scenario(
-                r,
-                "acl",
-                true,
-                || acl::run(&ap),
-                acl::table,
-                |r, x| r.acl = Some(x),
-            )?;
-            scenario(
-                r,
-                "start",
-                true,
-                || start::run(c, &sp.start),
-                start::table,
-                |r, x| r.start = Some(x),
-            )?;
-            scenario(
-                r,
-                "rpc",
-                true,
-                || rpc::run(c, &sp.rpc),
-                rpc::table,
-                |r, x| r.rpc = Some(x),
-            )?;
-            scenario(
-                r,
-                "event",
-                true,
-                || event::run(c, &sp.event),
-                event::table,
-                |r, x| r.event = Some(x),
-            )?;
-            scenario(
-                r,
-                "link",
-                true,
-                || link::run(c, &sp.link),
-                link::table,
-                |r, x| r.link = Some(x),
-            )?;
-            scenario(
-                r,
-                "memory",
-                true,
-                || memory::run(c, &sp.memory),
-                memory::table,
-                |r, x| r.memory = Some(x),
-            )?;
-            if let Err(e) = check_smoke(r) {
-                r.errors.push(format!("{e:#}"));
-            }
-        }
-        Cmd::Report(_) => unreachable!("handled above"),
-    }
+    body(&mut report, &canopy)?;
     report.loadavg_end = loadavg();
     report.duration_s = t0.elapsed().as_secs_f64();
     println!(
@@ -721,7 +783,7 @@ fn run(cli: &Cli) -> Result<()> {
     if !report.errors.is_empty() {
         bail!("{}", report.errors.join("; "));
     }
-    if smoke {
+    if name == "smoke" {
         println!("\nsmoke: ok");
     }
     Ok(())
@@ -792,6 +854,43 @@ mod tests {
         assert_eq!((p.rpc.count, p.rpc.runs), (50, 1));
         assert_eq!(p.event.runs, 1);
         assert!(p.link.messages(0) <= 2000 && p.memory.messages <= 2000);
+    }
+
+    #[test]
+    fn extra_results_go_into_the_json_by_name() {
+        let m = Machine::probe();
+        let mut r = Report {
+            tool: "canopy-bench",
+            version: "0",
+            scenario: "x",
+            timestamp_unix: 0,
+            canopy: String::new(),
+            machine: &m,
+            start: None,
+            rpc: None,
+            acl: None,
+            event: None,
+            link: None,
+            memory: None,
+            extra: Default::default(),
+            rundir: String::new(),
+            rundir_fs: String::new(),
+            loadavg_end: String::new(),
+            duration_s: 0.0,
+            errors: Vec::new(),
+        };
+        scenario(
+            &mut r,
+            "gss",
+            false,
+            || Ok(vec![1, 2]),
+            |_| String::new(),
+            extra("gss"),
+        )
+        .unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["gss"], serde_json::json!([1, 2]));
+        assert!(v.get("start").is_none());
     }
 
     #[test]
