@@ -4,7 +4,8 @@
 //!
 //! A client on rank 0 publishes `bench.event` (rank 0 sequences events);
 //! one subscriber per rank, each on its own thread in this process, takes
-//! the events from its rank's local connector. Each event carries the
+//! the events from its rank's local connector (with [`Stream`], which
+//! reads into a reused buffer; see [`Stream::next_event`]). Each event carries the
 //! publisher's clock (nanoseconds since a shared origin in this process),
 //! so a subscriber's receive time minus it is the one-way latency.
 //!
@@ -18,6 +19,7 @@
 
 use crate::instance::{Instance, Progress};
 use crate::stats::{hops, percentile, Summary};
+use crate::wire::Stream;
 use anyhow::{anyhow, bail, Context, Result};
 use canopy_client::Client;
 use canopy_proto::{errno, MsgType};
@@ -125,11 +127,14 @@ pub fn run(canopy: &Path, p: &EventParams) -> Result<EventReport> {
     )?;
     eprintln!("event: {} brokers up in {:.3} s", p.size, inst.start_s);
     let uris: Vec<String> = (0..p.size).map(|r| inst.uri(r)).collect();
+    let paths: Vec<PathBuf> = (0..p.size)
+        .map(|r| inst.dir.join(format!("local-{r}")))
+        .collect();
     let stall = p.reply_timeout + Duration::from_secs(5);
     let (outs, teardown) = inst.run(stall, |prog| {
         let mut outs = Vec::new();
         for run in 1..=p.runs {
-            let o = one_run(&uris, p, prog).with_context(|| format!("run {run}"))?;
+            let o = one_run(&uris[0], &paths, p, prog).with_context(|| format!("run {run}"))?;
             eprintln!(
                 "event: run {run}/{}: window 1 {:.0}/s, window {} {:.0}/s (all delivered {:.0}/s); leaf p50 {:.0} us",
                 p.runs,
@@ -169,17 +174,24 @@ pub fn run(canopy: &Path, p: &EventParams) -> Result<EventReport> {
     })
 }
 
-fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> {
+/// One run: subscribers on `paths` (local connectors, one per rank), the
+/// publisher on `uri0`.
+fn one_run(uri0: &str, paths: &[PathBuf], p: &EventParams, prog: &Progress) -> Result<RunOut> {
     let t = p.reply_timeout;
     let expected = (p.latency_events + p.rate1_events + p.rate_events) as usize;
     let mut subs = Vec::new();
-    for (r, uri) in uris.iter().enumerate() {
-        let mut c = Client::connect(Some(uri)).with_context(|| format!("rank {r}"))?;
-        c.subscribe(TOPIC, t)
-            .with_context(|| format!("subscribe at rank {r}"))?;
+    for (r, path) in paths.iter().enumerate() {
+        let mut c = Stream::connect(path).with_context(|| format!("rank {r}"))?;
+        c.rpc(
+            "event.subscribe",
+            canopy_proto::NODEID_ANY,
+            TOPIC.as_bytes(),
+            t,
+        )
+        .with_context(|| format!("subscribe at rank {r}"))?;
         subs.push(c);
     }
-    let mut publisher = Client::connect(Some(&uris[0]))?;
+    let mut publisher = Client::connect(Some(uri0))?;
     let pad = vec![b'e'; p.pad];
     let origin = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -193,7 +205,7 @@ fn one_run(uris: &[String], p: &EventParams, prog: &Progress) -> Result<RunOut> 
             })
             .collect();
         drop(tx);
-        let publ = publish(&mut publisher, p, origin, &pad, &rx, uris.len(), prog);
+        let publ = publish(&mut publisher, p, origin, &pad, &rx, paths.len(), prog);
         drop(rx);
         let seen: Vec<Result<Seen>> = handles
             .into_iter()
@@ -327,7 +339,7 @@ fn seq_of(payload: &[u8]) -> Result<u64> {
 
 fn subscribe(
     rank: usize,
-    mut c: Client,
+    mut c: Stream,
     expected: usize,
     origin: Instant,
     t: Duration,
@@ -340,7 +352,7 @@ fn subscribe(
         last_ns: 0,
     };
     while seen.seqs.len() < expected {
-        let m = match c.next_event(t) {
+        let (header, payload) = match c.next_event(t) {
             Ok(m) => m,
             Err(e) => bail!(
                 "rank {rank} received {} of {expected} events, then: {e}",
@@ -348,14 +360,14 @@ fn subscribe(
             ),
         };
         let now = origin.elapsed().as_nanos() as u64;
-        if m.header.topic != TOPIC || m.payload.len() < 9 {
+        if header.topic != TOPIC || payload.len() < 9 {
             continue;
         }
-        let sent = u64::from_be_bytes(m.payload[1..9].try_into().expect("8 bytes"));
-        seen.seqs.push(m.header.seq);
-        seen.lat.push((m.payload[0], now.saturating_sub(sent)));
+        let sent = u64::from_be_bytes(payload[1..9].try_into().expect("8 bytes"));
+        seen.seqs.push(header.seq);
+        seen.lat.push((payload[0], now.saturating_sub(sent)));
         seen.last_ns = now;
-        if m.payload[0] == 1 {
+        if payload[0] == 1 {
             let _ = delivered.send(());
         }
         prog.tick();

@@ -140,6 +140,54 @@ impl Stream {
         Ok(t0.elapsed())
     }
 
+    /// One request, waiting for its response (an error response is an
+    /// error).
+    pub fn rpc(
+        &mut self,
+        topic: &str,
+        nodeid: u32,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<()> {
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1).max(1);
+        let h = Header::request(topic, nodeid, tag);
+        encode_raw_frame(&h.encode()?, payload, &mut self.out);
+        self.flush()?;
+        self.wait(tag, timeout)
+            .map_err(|e| anyhow!("{topic}: {e:#}"))
+    }
+
+    /// The next event, waiting up to `timeout` (other messages are
+    /// dropped). Reads into one reused buffer: unlike
+    /// `canopy_client::Client`, which zeroes a 64 KiB buffer on the stack
+    /// for every receive, so that a subscriber thread per rank would cost
+    /// the machine more than the brokers do.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<(Header, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some((h, p)) = self.dec.next_frame()? {
+                if h.msg_type == MsgType::Event {
+                    return Ok((h, p));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("no event within {timeout:?}");
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            match self.sock.read(&mut self.rbuf) {
+                Ok(0) => bail!("the broker closed the local connection"),
+                Ok(n) => self.dec.push(&self.rbuf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    bail!("no event within {timeout:?}")
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// One synchronous ping (e.g. to check that the path is up).
     pub fn ping(&mut self, rank: u32, timeout: Duration) -> Result<()> {
         let t = self.push_sync(rank)?;
