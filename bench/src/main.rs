@@ -1,18 +1,28 @@
 //! `canopy-bench`: named, reproducible benchmarks of a canopy instance.
 //!
 //! Scenarios: `start` (launch-to-exit wall time per instance size), `rpc`
-//! (`broker.ping` latency and throughput to chosen ranks of one instance)
-//! and `smoke` (both, tiny, for CI). Each prints the machine and a table on
+//! (`broker.ping` latency and throughput to chosen ranks of one instance),
+//! `event` (publish rate and one-way delivery latency on every rank),
+//! `link` (one CURVE link against a raw libzmq pair), `memory` (broker
+//! RSS idle and after routing), `acl` (policy decisions) and `smoke`
+//! (all of them, tiny, for CI). Each prints the machine and a table on
 //! stdout, progress on stderr, and with `--json FILE` writes the results.
+//! `report` turns the JSON in docs/bench into the table in
+//! docs/performance.md and the SVG plots.
 #![forbid(unsafe_code)]
 
 mod acl;
+mod event;
 mod gss;
 mod instance;
+mod link;
 mod machine;
+mod memory;
+mod report;
 mod rpc;
 mod start;
 mod stats;
+mod wire;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -54,9 +64,91 @@ enum Cmd {
     /// ACL decisions per second for a synthetic policy of N rules (the
     /// engine behind the ZAP handler; no broker needed).
     Acl(AclArgs),
+    /// Event publish rate (window 1 and a larger window) and one-way
+    /// latency from publish to delivery on every rank.
+    Event(EventArgs),
+    /// One-way messages/s and bytes/s over one CURVE link between two
+    /// brokers, against a raw libzmq DEALER->ROUTER pair with CURVE.
+    Link(LinkArgs),
+    /// Broker RSS when idle and after rounds of routed messages.
+    Memory(MemoryArgs),
     /// Every scenario with tiny parameters; non-zero exit if anything
     /// fails. No timing assertions.
     Smoke,
+    /// Regenerate the table in docs/performance.md and the SVG plots from
+    /// the JSON results (no measurement).
+    Report(report::ReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct EventArgs {
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    size: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    fanout: u32,
+    /// Events published one at a time, each once the previous one has
+    /// reached every rank (latency).
+    #[arg(long, default_value_t = 1000)]
+    latency_events: u32,
+    /// Events published at window 1 (rate).
+    #[arg(long, default_value_t = 2000)]
+    rate1_events: u32,
+    /// Events published with --window in flight (rate).
+    #[arg(long, default_value_t = 20000)]
+    rate_events: u32,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    window: u32,
+    /// Payload bytes beyond the 9-byte time stamp.
+    #[arg(long, default_value_t = 0)]
+    pad: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    reply_timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct LinkArgs {
+    /// Payload sizes in bytes, comma-separated.
+    #[arg(long, default_value = "0,64,1024,4096,16384,65536", value_parser = parse_pads)]
+    pad: List<usize>,
+    /// Bytes per measurement (payload + 100 per message); sets the count.
+    #[arg(long, default_value_t = 256 << 20)]
+    budget: u64,
+    /// Fewest and most messages per measurement.
+    #[arg(long, default_value_t = 2000)]
+    min_messages: u64,
+    #[arg(long, default_value_t = 200_000)]
+    max_messages: u64,
+    /// One-way messages between synchronous echoes.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    reply_timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct MemoryArgs {
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
+    size: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    fanout: u32,
+    /// One-way messages per round, rank 0 to the last rank.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    #[arg(long, default_value_t = 0)]
+    pad: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Idle seconds before each reading.
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    settle: f64,
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    reply_timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +222,24 @@ struct Report<'a> {
     rpc: Option<rpc::RpcReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acl: Option<acl::AclReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<event::EventReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<link::LinkReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<memory::MemoryReport>,
+    /// Results of scenarios without a field here, by name (see [`extra`]).
+    #[serde(flatten)]
+    extra: std::collections::BTreeMap<&'static str, serde_json::Value>,
+    /// The directory the instances' runtime directories were made in,
+    /// and its file system.
+    rundir: String,
+    rundir_fs: String,
+    /// /proc/loadavg when the scenario finished (`machine.loadavg` is at
+    /// its start): a busy machine shows here.
+    loadavg_end: String,
+    /// Wall time of the whole scenario, seconds.
+    duration_s: f64,
     /// Failures (smoke only: it reports what completed before failing).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<String>,
@@ -185,50 +295,183 @@ fn rpc_params(cli: &Cli, a: &RpcArgs) -> Result<rpc::RpcParams> {
     Ok(p)
 }
 
-/// The smoke parameters: sizes 1,2; count 50; one run.
-fn smoke_params(cli: &Cli) -> Result<(start::StartParams, rpc::RpcParams)> {
-    let s = start_params(
-        cli,
-        &StartArgs {
-            sizes: List(vec![1, 2]),
-            runs: 1,
-            fanout: 2,
-            warmup: 0,
-        },
-    )?;
-    let r = rpc_params(
-        cli,
-        &RpcArgs {
-            size: 2,
-            fanout: 2,
-            ranks: List(vec![0, 1]),
-            count: 50,
-            warmup: 10,
-            window: 8,
-            pad: List(vec![0, 1024]),
-            runs: 1,
-            reply_timeout: 10.0,
-        },
-    )?;
-    Ok((s, r))
+fn event_params(cli: &Cli, a: &EventArgs) -> Result<event::EventParams> {
+    Ok(event::EventParams {
+        size: a.size,
+        fanout: a.fanout,
+        latency_events: a.latency_events,
+        rate1_events: a.rate1_events,
+        rate_events: a.rate_events,
+        window: a.window,
+        pad: a.pad,
+        runs: a.runs,
+        reply_timeout: secs(a.reply_timeout, "--reply-timeout")?,
+        start_timeout: secs(cli.timeout, "--timeout")?,
+        rundir: cli.rundir.clone(),
+    })
+}
+
+fn link_params(cli: &Cli, a: &LinkArgs) -> Result<link::LinkParams> {
+    if a.min_messages > a.max_messages {
+        bail!("--min-messages must not exceed --max-messages");
+    }
+    Ok(link::LinkParams {
+        pads: a.pad.0.clone(),
+        budget_bytes: a.budget,
+        min_messages: a.min_messages,
+        max_messages: a.max_messages,
+        batch: a.batch,
+        runs: a.runs,
+        reply_timeout: secs(a.reply_timeout, "--reply-timeout")?,
+        start_timeout: secs(cli.timeout, "--timeout")?,
+        rundir: cli.rundir.clone(),
+    })
+}
+
+fn memory_params(cli: &Cli, a: &MemoryArgs) -> Result<memory::MemoryParams> {
+    Ok(memory::MemoryParams {
+        size: a.size,
+        fanout: a.fanout,
+        messages: a.messages,
+        rounds: a.rounds,
+        pad: a.pad,
+        batch: a.batch,
+        settle: secs(a.settle, "--settle")?,
+        reply_timeout: secs(a.reply_timeout, "--reply-timeout")?,
+        start_timeout: secs(cli.timeout, "--timeout")?,
+        rundir: cli.rundir.clone(),
+    })
+}
+
+/// Every scenario's parameters for `smoke`: tiny, one run each.
+struct SmokeParams {
+    start: start::StartParams,
+    rpc: rpc::RpcParams,
+    event: event::EventParams,
+    link: link::LinkParams,
+    memory: memory::MemoryParams,
+}
+
+fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
+    Ok(SmokeParams {
+        start: start_params(
+            cli,
+            &StartArgs {
+                sizes: List(vec![1, 2]),
+                runs: 1,
+                fanout: 2,
+                warmup: 0,
+            },
+        )?,
+        rpc: rpc_params(
+            cli,
+            &RpcArgs {
+                size: 2,
+                fanout: 2,
+                ranks: List(vec![0, 1]),
+                count: 50,
+                warmup: 10,
+                window: 8,
+                pad: List(vec![0, 1024]),
+                runs: 1,
+                reply_timeout: 10.0,
+            },
+        )?,
+        event: event_params(
+            cli,
+            &EventArgs {
+                size: 4,
+                fanout: 2,
+                latency_events: 20,
+                rate1_events: 50,
+                rate_events: 200,
+                window: 8,
+                pad: 0,
+                runs: 1,
+                reply_timeout: 10.0,
+            },
+        )?,
+        link: link_params(
+            cli,
+            &LinkArgs {
+                pad: List(vec![0, 4096]),
+                budget: 1 << 20,
+                min_messages: 100,
+                max_messages: 2000,
+                batch: 64,
+                runs: 1,
+                reply_timeout: 10.0,
+            },
+        )?,
+        memory: memory_params(
+            cli,
+            &MemoryArgs {
+                size: 3,
+                fanout: 2,
+                messages: 2000,
+                rounds: 1,
+                pad: 0,
+                batch: 64,
+                settle: 0.1,
+                reply_timeout: 10.0,
+            },
+        )?,
+    })
 }
 
 /// Smoke checks that results exist and are sane numbers, not how fast.
-fn check_smoke(s: &start::StartReport, r: &rpc::RpcReport) -> Result<()> {
+fn check_smoke(r: &Report) -> Result<()> {
     let ok = |x: &stats::Summary| x.samples.iter().all(|v| v.is_finite() && *v > 0.0);
-    if s.results.len() != s.params.sizes.len() || !s.results.iter().all(|x| ok(&x.wall_s)) {
-        bail!("start: missing or invalid results");
+    if let Some(s) = &r.start {
+        if s.results.len() != s.params.sizes.len() || !s.results.iter().all(|x| ok(&x.wall_s)) {
+            bail!("start: missing or invalid results");
+        }
     }
-    if r.results.len() != r.params.ranks.len() * r.params.pads.len()
-        || !r
-            .results
-            .iter()
-            .all(|x| ok(&x.latency_p50_us) && ok(&x.latency_p99_us) && ok(&x.throughput_rps))
-    {
-        bail!("rpc: missing or invalid results");
+    if let Some(r) = &r.rpc {
+        if r.results.len() != r.params.ranks.len() * r.params.pads.len()
+            || !r
+                .results
+                .iter()
+                .all(|x| ok(&x.latency_p50_us) && ok(&x.latency_p99_us) && ok(&x.throughput_rps))
+        {
+            bail!("rpc: missing or invalid results");
+        }
     }
-    if !r.teardown.clean {
-        bail!("rpc: {}", r.teardown.describe());
+    if let Some(e) = &r.event {
+        if !e.all_received
+            || e.ranks.len() != e.params.size as usize
+            || !ok(&e.rate_window_1)
+            || !ok(&e.rate_window_n)
+            || !e.ranks.iter().all(|x| ok(&x.p50_us))
+        {
+            bail!("event: missing or invalid results");
+        }
+    }
+    if let Some(l) = &r.link {
+        if l.results.len() != l.params.pads.len()
+            || !l
+                .results
+                .iter()
+                .all(|x| ok(&x.raw_msgs_per_s) && ok(&x.broker_msgs_per_s))
+        {
+            bail!("link: missing or invalid results");
+        }
+    }
+    if let Some(m) = &r.memory {
+        if m.brokers.len() != m.params.size as usize || m.max_idle_kib == 0 {
+            bail!("memory: missing or invalid results");
+        }
+    }
+    let teardowns = [
+        ("rpc", r.rpc.as_ref().map(|x| &x.teardown)),
+        ("event", r.event.as_ref().map(|x| &x.teardown)),
+        ("link", r.link.as_ref().map(|x| &x.teardown)),
+        ("memory", r.memory.as_ref().map(|x| &x.teardown)),
+    ];
+    for (name, t) in teardowns {
+        if let Some(t) = t.filter(|t| !t.clean) {
+            bail!("{name}: {}", t.describe());
+        }
     }
     Ok(())
 }
@@ -247,25 +490,269 @@ fn main() {
     }
 }
 
+/// Run one scenario, print its table and keep its result (or, with
+/// `keep_going`, its error) in `report`.
+fn scenario<T>(
+    report: &mut Report,
+    name: &str,
+    keep_going: bool,
+    f: impl FnOnce() -> Result<T>,
+    table: impl FnOnce(&T) -> String,
+    put: impl FnOnce(&mut Report, T),
+) -> Result<()> {
+    match f() {
+        Ok(r) => {
+            println!("{}", table(&r));
+            put(report, r);
+            Ok(())
+        }
+        Err(e) if keep_going => {
+            eprintln!("canopy-bench: {name}: {e:#}");
+            report.errors.push(format!("{name}: {e:#}"));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a scenario does, given the report to fill and the canopy binary.
+type Body<'a> = Box<dyn FnOnce(&mut Report, &Path) -> Result<()> + 'a>;
+
+/// For [`scenario`]'s `put`: keep a result that has no field of its own in
+/// [`Report`] (a scenario added later) in the JSON under `name`. Unused
+/// until such a scenario exists.
+#[cfg_attr(not(test), allow(dead_code))]
+fn extra<T: Serialize>(name: &'static str) -> impl FnOnce(&mut Report, T) {
+    move |r, x| match serde_json::to_value(x) {
+        Ok(v) => {
+            r.extra.insert(name, v);
+        }
+        Err(e) => r
+            .errors
+            .push(format!("{name}: cannot record the result: {e}")),
+    }
+}
+
 fn run(cli: &Cli) -> Result<()> {
-    let canopy = find_canopy(cli.canopy.as_deref())?;
-    let machine = Machine::probe();
-    let scenario = match cli.cmd {
-        Cmd::Start(_) => "start",
-        Cmd::Rpc(_) => "rpc",
-        Cmd::Acl(_) => "acl",
-        Cmd::Smoke => "smoke",
+    // Each scenario: its name, whether it needs the canopy binary, and
+    // what it does. To add one, add a `Cmd` variant and an arm, e.g.
+    //   Cmd::Gss(a) => ("gss", true, Box::new(move |r, c| {
+    //       scenario(r, "gss", false, || gss::run(c, a), gss::table, extra("gss"))
+    //   })),
+    let (name, needs_canopy, body): (&'static str, bool, Body) = match &cli.cmd {
+        Cmd::Report(a) => return report::run(a),
+        Cmd::Start(a) => {
+            let p = start_params(cli, a)?;
+            (
+                "start",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "start",
+                        false,
+                        || start::run(c, &p),
+                        start::table,
+                        |r, x| r.start = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Rpc(a) => {
+            let p = rpc_params(cli, a)?;
+            (
+                "rpc",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "rpc",
+                        false,
+                        || rpc::run(c, &p),
+                        rpc::table,
+                        |r, x| r.rpc = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Acl(a) => {
+            let p = acl::AclParams {
+                rules: a.rules,
+                decisions: a.decisions,
+                runs: a.runs,
+            };
+            (
+                "acl",
+                false,
+                Box::new(move |r, _| {
+                    scenario(
+                        r,
+                        "acl",
+                        false,
+                        || acl::run(&p),
+                        acl::table,
+                        |r, x| r.acl = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Event(a) => {
+            let p = event_params(cli, a)?;
+            (
+                "event",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "event",
+                        false,
+                        || event::run(c, &p),
+                        event::table,
+                        |r, x| r.event = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Link(a) => {
+            let p = link_params(cli, a)?;
+            (
+                "link",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "link",
+                        false,
+                        || link::run(c, &p),
+                        link::table,
+                        |r, x| r.link = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Memory(a) => {
+            let p = memory_params(cli, a)?;
+            (
+                "memory",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "memory",
+                        false,
+                        || memory::run(c, &p),
+                        memory::table,
+                        |r, x| r.memory = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Smoke => {
+            let sp = smoke_params(cli)?;
+            ("smoke", true, Box::new(move |r, c| smoke(r, c, &sp)))
+        }
     };
+    measure(cli, name, needs_canopy, body)
+}
+
+/// Every scenario, tiny; failures are collected, not fatal.
+fn smoke(r: &mut Report, c: &Path, sp: &SmokeParams) -> Result<()> {
+    let ap = acl::AclParams {
+        rules: 100,
+        decisions: 1000,
+        runs: 1,
+    };
+    scenario(
+        r,
+        "acl",
+        true,
+        || acl::run(&ap),
+        acl::table,
+        |r, x| r.acl = Some(x),
+    )?;
+    scenario(
+        r,
+        "start",
+        true,
+        || start::run(c, &sp.start),
+        start::table,
+        |r, x| r.start = Some(x),
+    )?;
+    scenario(
+        r,
+        "rpc",
+        true,
+        || rpc::run(c, &sp.rpc),
+        rpc::table,
+        |r, x| r.rpc = Some(x),
+    )?;
+    scenario(
+        r,
+        "event",
+        true,
+        || event::run(c, &sp.event),
+        event::table,
+        |r, x| r.event = Some(x),
+    )?;
+    scenario(
+        r,
+        "link",
+        true,
+        || link::run(c, &sp.link),
+        link::table,
+        |r, x| r.link = Some(x),
+    )?;
+    scenario(
+        r,
+        "memory",
+        true,
+        || memory::run(c, &sp.memory),
+        memory::table,
+        |r, x| r.memory = Some(x),
+    )?;
+    if let Err(e) = check_smoke(r) {
+        r.errors.push(format!("{e:#}"));
+    }
+    Ok(())
+}
+
+/// Print the machine, run `body`, print and (with --json) write the report.
+fn measure(cli: &Cli, name: &'static str, needs_canopy: bool, body: Body) -> Result<()> {
+    let canopy = if needs_canopy {
+        find_canopy(cli.canopy.as_deref())?
+    } else {
+        PathBuf::from("-")
+    };
+    instance::stop_instances_on_signals()?;
+    let machine = Machine::probe();
     println!(
-        "canopy-bench {} scenario {scenario}; canopy {}",
+        "canopy-bench {} scenario {name}; canopy {}",
         env!("CARGO_PKG_VERSION"),
         canopy.display()
     );
     println!("{}\n", machine.describe());
+    let rundir = cli.rundir.clone().unwrap_or_else(instance::default_parent);
+    if needs_canopy {
+        println!(
+            "instances in {} ({})",
+            rundir.display(),
+            instance::fs_kind(&rundir)
+        );
+    }
+    let t0 = std::time::Instant::now();
     let mut report = Report {
         tool: "canopy-bench",
         version: env!("CARGO_PKG_VERSION"),
-        scenario,
+        scenario: name,
         timestamp_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -275,62 +762,23 @@ fn run(cli: &Cli) -> Result<()> {
         start: None,
         rpc: None,
         acl: None,
+        event: None,
+        link: None,
+        memory: None,
+        extra: Default::default(),
+        rundir: rundir.display().to_string(),
+        rundir_fs: instance::fs_kind(&rundir),
+        loadavg_end: String::new(),
+        duration_s: 0.0,
         errors: Vec::new(),
     };
-    match &cli.cmd {
-        Cmd::Start(a) => {
-            let r = start::run(&canopy, &start_params(cli, a)?)?;
-            print!("{}", start::table(&r));
-            report.start = Some(r);
-        }
-        Cmd::Rpc(a) => {
-            let r = rpc::run(&canopy, &rpc_params(cli, a)?)?;
-            print!("{}", rpc::table(&r));
-            report.rpc = Some(r);
-        }
-        Cmd::Acl(a) => {
-            let r = acl::run(&acl::AclParams {
-                rules: a.rules,
-                decisions: a.decisions,
-                runs: a.runs,
-            })?;
-            print!("{}", acl::table(&r));
-            report.acl = Some(r);
-        }
-        Cmd::Smoke => {
-            match acl::run(&acl::AclParams {
-                rules: 100,
-                decisions: 1000,
-                runs: 1,
-            }) {
-                Ok(r) => {
-                    println!("{}", acl::table(&r));
-                    report.acl = Some(r);
-                }
-                Err(e) => report.errors.push(format!("acl: {e:#}")),
-            }
-            let (sp, rp) = smoke_params(cli)?;
-            match start::run(&canopy, &sp) {
-                Ok(r) => {
-                    println!("{}", start::table(&r));
-                    report.start = Some(r);
-                }
-                Err(e) => report.errors.push(format!("start: {e:#}")),
-            }
-            match rpc::run(&canopy, &rp) {
-                Ok(r) => {
-                    print!("{}", rpc::table(&r));
-                    report.rpc = Some(r);
-                }
-                Err(e) => report.errors.push(format!("rpc: {e:#}")),
-            }
-            if let (Some(s), Some(r)) = (&report.start, &report.rpc) {
-                if let Err(e) = check_smoke(s, r) {
-                    report.errors.push(format!("{e:#}"));
-                }
-            }
-        }
-    }
+    body(&mut report, &canopy)?;
+    report.loadavg_end = loadavg();
+    report.duration_s = t0.elapsed().as_secs_f64();
+    println!(
+        "loadavg at start {}, at end {}; {:.1} s",
+        machine.loadavg, report.loadavg_end, report.duration_s
+    );
     if let Some(path) = &cli.json {
         let text = serde_json::to_string_pretty(&report)? + "\n";
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -339,7 +787,7 @@ fn run(cli: &Cli) -> Result<()> {
     if !report.errors.is_empty() {
         bail!("{}", report.errors.join("; "));
     }
-    if scenario == "smoke" {
+    if name == "smoke" {
         println!("\nsmoke: ok");
     }
     Ok(())
@@ -405,9 +853,48 @@ mod tests {
     #[test]
     fn smoke_is_tiny() {
         let c = parse(&["smoke"]).unwrap();
-        let (s, r) = smoke_params(&c).unwrap();
-        assert_eq!((s.sizes.clone(), s.runs), (vec![1, 2], 1));
-        assert_eq!((r.count, r.runs), (50, 1));
+        let p = smoke_params(&c).unwrap();
+        assert_eq!((p.start.sizes.clone(), p.start.runs), (vec![1, 2], 1));
+        assert_eq!((p.rpc.count, p.rpc.runs), (50, 1));
+        assert_eq!(p.event.runs, 1);
+        assert!(p.link.messages(0) <= 2000 && p.memory.messages <= 2000);
+    }
+
+    #[test]
+    fn extra_results_go_into_the_json_by_name() {
+        let m = Machine::probe();
+        let mut r = Report {
+            tool: "canopy-bench",
+            version: "0",
+            scenario: "x",
+            timestamp_unix: 0,
+            canopy: String::new(),
+            machine: &m,
+            start: None,
+            rpc: None,
+            acl: None,
+            event: None,
+            link: None,
+            memory: None,
+            extra: Default::default(),
+            rundir: String::new(),
+            rundir_fs: String::new(),
+            loadavg_end: String::new(),
+            duration_s: 0.0,
+            errors: Vec::new(),
+        };
+        scenario(
+            &mut r,
+            "gss",
+            false,
+            || Ok(vec![1, 2]),
+            |_| String::new(),
+            extra("gss"),
+        )
+        .unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["gss"], serde_json::json!([1, 2]));
+        assert!(v.get("start").is_none());
     }
 
     #[test]

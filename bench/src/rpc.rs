@@ -2,7 +2,7 @@
 //! (a window of requests in flight) from rank 0's local connector to
 //! chosen ranks of one instance.
 
-use crate::instance::{Launcher, Scratch, GRACE};
+use crate::instance::{Instance, Progress, Teardown};
 use crate::start::secs;
 use crate::stats::{hops, percentile, Summary};
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,7 +12,6 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const PING: &str = "broker.ping";
@@ -63,34 +62,6 @@ pub struct RpcResult {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Teardown {
-    /// The launcher's exit code after SIGTERM (143 is normal) ...
-    pub exit_code: Option<i32>,
-    /// ... or the signal that killed it.
-    pub signal: Option<i32>,
-    /// Stopped on SIGTERM within the grace period, nothing left behind.
-    pub clean: bool,
-}
-
-impl Teardown {
-    pub fn describe(&self) -> String {
-        let how = match (self.exit_code, self.signal) {
-            (Some(c), _) => format!("exit code {c}"),
-            (_, Some(s)) => format!("killed by signal {s}"),
-            _ => "unknown status".into(),
-        };
-        format!(
-            "the instance {} on SIGTERM ({how})",
-            if self.clean {
-                "stopped cleanly"
-            } else {
-                "did not stop cleanly"
-            }
-        )
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct RpcReport {
     pub params: RpcParams,
     pub requests_per_throughput_run: u64,
@@ -121,73 +92,23 @@ pub fn validate(p: &RpcParams) -> Result<()> {
 
 pub fn run(canopy: &Path, p: &RpcParams) -> Result<RpcReport> {
     validate(p)?;
-    let scratch = Scratch::new(p.rundir.as_deref())?;
-    let args: Vec<String> = vec![
-        "--size".into(),
-        p.size.to_string(),
-        "--fanout".into(),
-        p.fanout.to_string(),
-        "--timeout".into(),
-        p.start_timeout.as_secs_f64().to_string(),
-    ];
-    let t0 = Instant::now();
-    // Dropping `inst` on any early return tears the instance down.
-    let mut inst = Launcher::spawn(canopy, &args, true, scratch)?;
-    let uri = inst.read_uri(p.start_timeout + GRACE)?;
-    let instance_start_s = t0.elapsed().as_secs_f64();
+    let mut inst = Instance::start(
+        canopy,
+        p.size,
+        p.fanout,
+        p.start_timeout,
+        p.rundir.as_deref(),
+    )?;
+    let uri = inst.uri(0);
+    let instance_start_s = inst.start_s;
     eprintln!(
         "rpc: {} brokers up in {instance_start_s:.3} s at {uri}",
         p.size
     );
-
-    // The client's writes cannot be given a deadline, so the measurement
-    // runs on a worker and this thread watches its progress: if nothing
-    // completes for a reply timeout (+5 s), the instance is torn down,
-    // which closes the worker's socket and ends whatever it waits on.
-    let ticks = AtomicU64::new(0);
+    // If nothing completes for a reply timeout (+5 s), the instance is
+    // torn down, which ends whatever the measurement waits on.
     let stall = p.reply_timeout + Duration::from_secs(5);
-    let (outcome, stalled) = std::thread::scope(|s| {
-        let worker = s.spawn(|| measure(&uri, p, &ticks));
-        let (mut seen, mut since, mut stalled) = (0, Instant::now(), false);
-        while !worker.is_finished() {
-            std::thread::sleep(Duration::from_millis(100));
-            let t = ticks.load(Ordering::Relaxed);
-            if t != seen {
-                (seen, since) = (t, Instant::now());
-            } else if !stalled && since.elapsed() > stall {
-                stalled = true;
-                eprintln!("canopy-bench: no reply for {stall:?}; tearing the instance down");
-                if let Err(e) = inst.terminate(GRACE) {
-                    eprintln!("canopy-bench: teardown: {e:#}");
-                }
-            }
-        }
-        (worker.join(), stalled)
-    });
-    let died = if stalled { None } else { inst.poll_exit() };
-    let (status, killed) = inst.terminate(GRACE)?;
-    let r = outcome.map_err(|_| anyhow!("the measurement thread panicked"))?;
-    if stalled {
-        let e = r.err().unwrap_or_else(|| anyhow!("measurement stalled"));
-        return Err(e.context(format!(
-            "no progress for {stall:?}; the instance was torn down"
-        )));
-    }
-    if let Some(st) = died {
-        let e = r
-            .err()
-            .unwrap_or_else(|| anyhow!("the client saw no error"));
-        return Err(e.context(format!("the instance exited ({st}) during the benchmark")));
-    }
-    let samples = r?;
-    let teardown = Teardown {
-        exit_code: status.code(),
-        signal: std::os::unix::process::ExitStatusExt::signal(&status),
-        clean: !killed && (status.success() || status.code() == Some(128 + 15)),
-    };
-    if !teardown.clean {
-        eprintln!("canopy-bench: warning: the instance did not stop cleanly on SIGTERM ({status})");
-    }
+    let (samples, teardown) = inst.run(stall, |prog| measure(&uri, p, prog))?;
 
     let mut results = Vec::new();
     for (i, &rank) in p.ranks.iter().enumerate() {
@@ -219,7 +140,7 @@ pub fn run(canopy: &Path, p: &RpcParams) -> Result<RpcReport> {
 }
 
 /// All runs; each run is every (rank, pad) in order, rank-major.
-fn measure(uri: &str, p: &RpcParams, ticks: &AtomicU64) -> Result<Vec<Vec<Sample>>> {
+fn measure(uri: &str, p: &RpcParams, ticks: &Progress) -> Result<Vec<Vec<Sample>>> {
     let mut all = Vec::new();
     for run in 1..=p.runs {
         let mut this = Vec::new();
@@ -244,9 +165,9 @@ fn measure_one(
     rank: u32,
     pad: usize,
     p: &RpcParams,
-    ticks: &AtomicU64,
+    ticks: &Progress,
 ) -> Result<Sample> {
-    let tick = || ticks.fetch_add(1, Ordering::Relaxed);
+    let tick = || ticks.tick();
     let mut c = Client::connect(Some(uri))?;
     tick();
     let payload: Vec<u8> = (0..pad).map(|i| b'a' + (i % 26) as u8).collect();

@@ -94,6 +94,8 @@ enum Conn {
     Unix {
         stream: UnixStream,
         decoder: FrameDecoder,
+        /// Read buffer, allocated once (not zeroed per message).
+        rbuf: Vec<u8>,
     },
     Tcp {
         sock: zmq::Socket,
@@ -217,6 +219,7 @@ impl Client {
                 Ok(Client::with_conn(Conn::Unix {
                     stream,
                     decoder: FrameDecoder::new(),
+                    rbuf: vec![0; READ_CHUNK],
                 }))
             }
             Target::Tcp(ep) => {
@@ -288,9 +291,14 @@ impl Client {
                     // A broker that refuses a connection writes one refusal
                     // frame and closes: report that, not the broken pipe.
                     if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
-                        if let Conn::Unix { stream, decoder } = &mut self.conn {
+                        if let Conn::Unix {
+                            stream,
+                            decoder,
+                            rbuf,
+                        } = &mut self.conn
+                        {
                             if let Err(r @ ClientError::Refused(_)) =
-                                recv_unix(stream, decoder, Duration::from_millis(200))
+                                recv_unix(stream, decoder, rbuf, Duration::from_millis(200))
                             {
                                 return Err(r);
                             }
@@ -318,7 +326,11 @@ impl Client {
 
     fn recv_wire(&mut self, timeout: Duration) -> Result<Msg, ClientError> {
         match &mut self.conn {
-            Conn::Unix { stream, decoder } => recv_unix(stream, decoder, timeout),
+            Conn::Unix {
+                stream,
+                decoder,
+                rbuf,
+            } => recv_unix(stream, decoder, rbuf, timeout),
             Conn::Tcp { sock, monitor, .. } => recv_tcp(sock, monitor, timeout),
         }
     }
@@ -415,13 +427,16 @@ fn refusal_or_msg(header: Header, payload: Vec<u8>) -> Result<Msg, ClientError> 
     Ok(Msg { header, payload })
 }
 
+/// How much one read from the local socket may take.
+const READ_CHUNK: usize = 64 << 10;
+
 fn recv_unix(
     stream: &mut UnixStream,
     decoder: &mut FrameDecoder,
+    buf: &mut [u8],
     timeout: Duration,
 ) -> Result<Msg, ClientError> {
     let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 65536];
     loop {
         if let Some((header, payload)) = decoder.next_frame()? {
             return refusal_or_msg(header, payload);
@@ -431,7 +446,7 @@ fn recv_unix(
             return Err(ClientError::Timeout(timeout));
         }
         stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf) {
+        match stream.read(buf) {
             Ok(0) => return Err(ClientError::Closed),
             Ok(n) => decoder.push(&buf[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -546,6 +561,7 @@ mod tests {
         let mut c = Client::with_conn(Conn::Unix {
             stream: a,
             decoder: FrameDecoder::new(),
+            rbuf: vec![0; READ_CHUNK],
         });
         let t = std::thread::spawn(move || {
             let mut b = b;
