@@ -30,7 +30,7 @@ run() {
 run acl acl --rules 1000 --runs 5
 run rpc rpc --size 8 --ranks 0,1,3,7 --pad 0,1024,65536 --count 2000 --runs 5
 run event event --size 8 --window 64 --runs 5
-run link link --runs 5
+run link link --runs 9
 run memory memory --size 8 --messages 1000000 --rounds 3
 run start start --sizes 1,2,4,8,16,64,256,1024 --runs 5
 "$bench" report --dir "$out" --doc docs/performance.md
