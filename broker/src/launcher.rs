@@ -428,13 +428,19 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             }
         }
     } else {
-        println!(
-            "canopy: {} brokers up (instance {instance}); Ctrl-C to stop\nexport CANOPY_URI={uri}",
+        // One write, errors ignored: a reader that closed its end of the
+        // pipe early (a script that took the first line) must not take
+        // the instance down (println! panics on EPIPE).
+        let mut text = format!(
+            "canopy: {} brokers up (instance {instance}); Ctrl-C to stop\nexport CANOPY_URI={uri}\n",
             opts.size
         );
         for (k, v) in &kex {
-            println!("export {k}={v}");
+            text.push_str(&format!("export {k}={v}\n"));
         }
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_all(&mut out, text.as_bytes())
+            .and_then(|()| std::io::Write::flush(&mut out));
     }
 
     let code = loop {

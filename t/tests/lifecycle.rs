@@ -5,6 +5,7 @@
 use canopy_t::{process_alive, run_test, Instance};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -100,5 +101,67 @@ fn sigterm_stops_the_instance() {
             .expect("canopy start still running 1 s after SIGTERM");
         assert_eq!(status.code(), Some(128 + 15), "{}", inst.stderr_text());
         assert_nothing_left(&inst);
+    });
+}
+
+/// A reader that goes away before `canopy start` prints its `export`
+/// lines (a script that closed the pipe) does not take the instance down.
+#[test]
+fn a_closed_stdout_does_not_kill_the_launcher() {
+    run_test(LIMIT, || {
+        let rundir = tempfile::Builder::new()
+            .prefix("canopy-t-pipe-")
+            .tempdir()
+            .unwrap();
+        let mut child = std::process::Command::new(canopy_t::canopy_bin())
+            .args(["start", "--size", "2", "--rundir"])
+            .arg(rundir.path())
+            .env_remove("CANOPY_URI")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let pgid = Pid::from_raw(child.id() as i32);
+        // The runtime directory is made inside --rundir.
+        let local0 = || {
+            std::fs::read_dir(rundir.path())
+                .ok()?
+                .flatten()
+                .map(|e| e.path().join("local-0"))
+                .find(|p| p.exists())
+        };
+        let up = canopy_t::wait_until(Duration::from_secs(20), || {
+            let Some(p) = local0() else { return false };
+            canopy_client::Client::connect(Some(&format!("local://{}", p.display())))
+                .and_then(|mut c| c.rpc("broker.ping", 1, b"", canopy_t::RPC_TIMEOUT))
+                .is_ok()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let early = child.try_wait().unwrap();
+        let _ = kill(pgid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(up, "the instance never answered; stderr:\n{err}");
+        assert!(early.is_none(), "the launcher exited ({early:?}):\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(status.is_some(), "no exit within 15 s of SIGTERM:\n{err}");
     });
 }
