@@ -6,8 +6,10 @@
 //! * [`tools`]: `canopy ping`, `overlay status`, `event pub|sub`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod authz;
 pub mod bootstrap;
+pub mod core;
 pub mod error;
 pub mod gss;
 pub mod launcher;

@@ -378,9 +378,6 @@ pub fn other_key(
     Some(keys[i])
 }
 
-/// A queued message: the encoded header and the payload.
-pub type Queued = (Vec<u8>, zmq::Message);
-
 /// Child side of a relink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -390,16 +387,25 @@ pub enum Phase {
     Joining,
 }
 
-/// This broker moving its parent link.
-#[derive(Default)]
-pub struct UpLink {
+/// This broker moving its parent link; `T` is a queued message.
+pub struct UpLink<T> {
     pub phase: Option<Phase>,
     pub started_ms: u64,
     /// What was to go up meanwhile, in order.
-    pub queue: Vec<Queued>,
+    pub queue: Vec<T>,
 }
 
-impl UpLink {
+impl<T> Default for UpLink<T> {
+    fn default() -> Self {
+        UpLink {
+            phase: None,
+            started_ms: 0,
+            queue: Vec::new(),
+        }
+    }
+}
+
+impl<T> UpLink<T> {
     pub fn active(&self) -> bool {
         self.phase.is_some()
     }
@@ -425,7 +431,7 @@ impl UpLink {
     }
 
     /// The hello on the new connection was accepted: send what was queued.
-    pub fn joined(&mut self) -> Vec<Queued> {
+    pub fn joined(&mut self) -> Vec<T> {
         self.phase = None;
         std::mem::take(&mut self.queue)
     }
@@ -437,17 +443,17 @@ impl UpLink {
     }
 
     /// Give up: the queue is returned so its requests can be failed.
-    pub fn abandon(&mut self) -> Vec<Queued> {
+    pub fn abandon(&mut self) -> Vec<T> {
         self.phase = None;
         std::mem::take(&mut self.queue)
     }
 }
 
 /// Parent side: a child that asked to relink.
-pub struct Held {
+pub struct Held<T> {
     pub old_rid: Vec<u8>,
     pub since_ms: u64,
-    pub queue: Vec<Queued>,
+    pub queue: Vec<T>,
 }
 
 /// Why the parent accepts or refuses a relink hello.
@@ -519,25 +525,6 @@ impl Rebind {
     }
 }
 
-/// All rotation state of one broker.
-#[derive(Default)]
-pub struct RotState {
-    pub files: Option<KeyFiles>,
-    pub ring: KeyRing,
-    pub up: UpLink,
-    pub held: HashMap<u32, Held>,
-    pub rebind: Option<Rebind>,
-    /// A new server key waiting for the ROUTER to be rebound.
-    pub pending_server: Option<CurveKeypair>,
-}
-
-impl RotState {
-    /// The held child whose old connection is `rid`, if any.
-    pub fn held_rid(&mut self, rid: &[u8]) -> Option<&mut Held> {
-        self.held.values_mut().find(|h| h.old_rid == rid)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,13 +555,13 @@ mod tests {
 
     #[test]
     fn uplink_phases() {
-        let mut u = UpLink::default();
+        let mut u: UpLink<(Vec<u8>, Vec<u8>)> = UpLink::default();
         assert!(!u.drained(), "drained before a relink is ignored");
         assert!(u.start(100));
         assert!(!u.start(101), "one relink at a time");
         assert!(!u.overdue(150, 100));
         assert!(u.overdue(201, 100));
-        u.queue.push((vec![1], zmq::Message::from(&b"x"[..])));
+        u.queue.push((vec![1], b"x".to_vec()));
         assert!(u.drained());
         assert!(!u.drained());
         assert_eq!(u.phase, Some(Phase::Joining));
