@@ -335,7 +335,7 @@ pub struct Broker {
     /// The ROUTER's new key, waiting for the core's `Rebind`.
     server_key: Option<CurveKeypair>,
     /// A rebind whose old listener has not closed yet: retry until then.
-    rebinding: Option<Instant>,
+    rebinding: Option<(Instant, Instant)>,
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr: Vec<u8>,
@@ -733,7 +733,7 @@ impl Broker {
             Event::AdmitPeers(entries) => {
                 self.policy.peers.replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
             }
-            Event::Rebind => self.start_rebind()?,
+            Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
             Event::Exit(Exit::HelloRefused { parent, reason }) => return Err(BrokerError::HelloRefused { parent, reason }),
             Event::Exit(Exit::Disconnected(why)) => return Err(BrokerError::Disconnected(why)),
             Event::Exit(Exit::NoParentEndpoint) => return Err(BrokerError::Bootstrap(
@@ -851,7 +851,7 @@ impl Broker {
     }
 
     /// Listen again on the same endpoint with the new key.
-    fn start_rebind(&mut self) -> Result<(), BrokerError> {
+    fn start_rebind(&mut self, since_switch_ms: u64) -> Result<(), BrokerError> {
         let (Some(router), Some(ep), Some(kp)) =
             (&self.router, &self.endpoint, self.server_key.take())
         else {
@@ -861,21 +861,28 @@ impl Broker {
         router
             .set_curve_secretkey(kp.secret())
             .map_err(zerr("set curve secret key"))?;
-        self.rebinding = Some(Instant::now() + Duration::from_secs(5));
+        let now = Instant::now();
+        self.rebinding = Some((
+            now + Duration::from_secs(5),
+            now - Duration::from_millis(since_switch_ms),
+        ));
         self.retry_rebind()
     }
 
     /// The old listener closes asynchronously: the bind is retried on each
     /// turn of the loop (every 2 ms), never by sleeping.
     fn retry_rebind(&mut self) -> Result<(), BrokerError> {
-        let (Some(deadline), Some(router), Some(ep)) =
+        let (Some((deadline, switched)), Some(router), Some(ep)) =
             (self.rebinding, &self.router, &self.endpoint)
         else {
             return Ok(());
         };
         match router.bind(ep) {
             Ok(()) => {
-                info!("rotate: listening for children with the new key");
+                info!(
+                    "rotate: listening for children with the new key {} ms after the switch",
+                    switched.elapsed().as_millis()
+                );
                 self.rebinding = None;
                 Ok(())
             }
@@ -906,7 +913,7 @@ impl Broker {
             ) {
                 Ok(c) => c.uid(),
                 Err(e) => {
-                    warn!(verdict = "deny", mechanism = "peercred", reason = %format!("cannot read SO_PEERCRED: {e}"), "local: connection refused");
+                    warn!(verdict = %"deny", mechanism = %"peercred", reason = %format!("cannot read SO_PEERCRED: {e}"), "local: connection refused");
                     continue;
                 }
             };
@@ -1023,7 +1030,7 @@ impl Broker {
             let address = hframe.gets("Peer-Address").unwrap_or("").to_string();
             if user_id.is_empty() || roles.is_empty() {
                 // Defence in depth: ZAP must have authenticated this peer.
-                warn!(verdict = "deny", address = %address, reason = "no authenticated User-Id or roles on the message", "remote: message dropped");
+                warn!(verdict = %"deny", address = %address, reason = %"no authenticated User-Id or roles on the message", "remote: message dropped");
                 continue;
             }
             if !crate::gss::message_allowed(&self.policy, Some(&mut hframe), &user_id) {

@@ -309,7 +309,9 @@ pub enum Event {
     /// Admit exactly these overlay keys (principal, name) as peers.
     AdmitPeers(Vec<(String, String)>),
     /// Listen again with the new key.
-    Rebind,
+    Rebind {
+        since_switch_ms: u64,
+    },
     Exit(Exit),
 }
 
@@ -519,9 +521,24 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         next
     }
 
-    /// Whether a request is the core's own public info (for tests/tools).
+    /// This broker's public facts.
     pub fn info(&self) -> &BrokerInfo {
         &self.info
+    }
+
+    /// The subtree's health as this broker sees it.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Whether the parent link is up (always true for rank 0).
+    pub fn joined(&self) -> bool {
+        self.parent_card.is_none() || self.parent_state == ParentState::Online
+    }
+
+    /// Clients admitted or being decided.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
     }
 
     /// Timers: heartbeats out, liveness checks in, rejoin attempts, relink
@@ -680,7 +697,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// The parent link is gone: answer what was in flight over it, and
     /// try to join again shortly.
     fn lose_parent(&mut self, reason: &str) {
-        warn!(reason, "overlay: lost the parent link; rejoining");
+        warn!(reason = %reason, "overlay: lost the parent link; rejoining");
         for (h, _) in self.rot.up.abandon() {
             debug!(topic = %h.topic, "overlay: a message queued for a relink was dropped");
         }
@@ -820,7 +837,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if let Some(link) = self.children.remove(&rank) {
             self.by_rid.remove(&link.rid);
         }
-        warn!(rank, reason, "overlay: lost a child");
+        warn!(rank, "overlay: lost rank {rank}: {reason}");
         let now = self.now;
         self.health.child_lost(rank, reason, now);
         let failed = self.pending.fail_link(Link::Child(rank));
@@ -875,7 +892,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 // An authenticated peer talking from a session we do not
                 // know (e.g. we declared it lost): tell it to rejoin.
                 debug!(
-                    principal = user_id,
+                    principal = %user_id,
                     "overlay: message from an unknown session; asking it to rejoin"
                 );
                 self.transmits.push_back(Transmit::Child(
@@ -897,10 +914,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         // must be the one this child joined with.
         if self.children.get(&rank).map(|c| c.principal.as_str()) != Some(user_id) {
             warn!(
-                verdict = "deny",
+                verdict = %"deny",
                 rank,
-                principal = user_id,
-                reason = "User-Id does not match the principal that joined as this rank",
+                principal = %user_id,
+                reason = %"User-Id does not match the principal that joined as this rank",
                 "overlay: message dropped"
             );
             return;
@@ -992,11 +1009,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         match verdict {
             Ok(hello) => {
                 info!(
-                    verdict = "allow",
+                    verdict = %"allow",
                     rank = hello.rank,
-                    principal = user_id,
-                    address,
-                    reason = "hello accepted",
+                    principal = %user_id,
+                    address = %address,
+                    reason = %"hello accepted",
                     "overlay: child joined"
                 );
                 self.by_rid.insert(rid.clone(), hello.rank);
@@ -1019,7 +1036,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             Err(e) => {
-                warn!(verdict = "deny", principal = user_id, address, reason = %e, "overlay: hello refused");
+                warn!(verdict = %"deny", principal = %user_id, address = %address, reason = %e, "overlay: hello refused");
                 // A restarted broker may say hello before we noticed its old
                 // session die: let it retry rather than exit.
                 let code = if matches!(e, HelloError::AlreadyOnline { .. }) {
@@ -1057,8 +1074,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     fn disconnect(&mut self, rank: u32, reason: &str) {
         if let Some(rid) = self.children.get(&rank).map(|l| l.rid.clone()) {
             warn!(
-                verdict = "deny",
-                rank, reason, "overlay: disconnecting a child"
+                verdict = %"deny",
+                rank, reason = %reason, "overlay: disconnecting a child"
             );
             self.transmits.push_back(Transmit::Child(
                 rid,
@@ -1073,7 +1090,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     fn local_connected(&mut self, id: u32, uid: u32) {
         if uid == self.owner_uid {
-            info!(verdict = "allow", principal = %self.owner_principal, uid, mechanism = "peercred", roles = %Roles::OWNER, "local: client admitted as the instance owner");
+            info!(verdict = %"allow", principal = %self.owner_principal, uid, mechanism = %"peercred", roles = %Roles::OWNER, "local: client admitted as the instance owner");
             let principal = self.owner_principal.clone();
             self.clients.insert(
                 id,
@@ -1096,10 +1113,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             .count();
         if waiting >= MAX_PENDING_ADMISSIONS {
             warn!(
-                verdict = "deny",
+                verdict = %"deny",
                 uid,
-                mechanism = "peercred",
-                reason = "too many connections are waiting for an access decision",
+                mechanism = %"peercred",
+                reason = %"too many connections are waiting for an access decision",
                 limit = MAX_PENDING_ADMISSIONS,
                 "local: connection refused"
             );
@@ -1298,7 +1315,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         c.held_in.clear();
         c.held_out.clear();
         c.subs.clear();
-        warn!(verdict = "deny", principal = %c.principal, mechanism = c.mech.as_str(), address = %c.address, reason, "authz: access revoked");
+        warn!(verdict = %"deny", principal = %c.principal, mechanism = %c.mech.as_str(), address = %c.address, reason = %reason, "authz: access revoked");
         let mut h = Header::request(REVOKED_TOPIC, self.rank, 0);
         h.msg_type = MsgType::Response;
         h.errnum = errno::EPERM;
@@ -1336,7 +1353,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         };
         match verdict {
             Ok((principal, roles)) if !roles.is_empty() => {
-                info!(verdict = "allow", principal = %principal, mechanism = c.mech.as_str(), roles = %roles, "authz: client admitted");
+                info!(verdict = %"allow", principal = %principal, mechanism = %c.mech.as_str(), roles = %roles, "authz: client admitted");
                 c.principal = principal;
                 c.roles = roles;
                 c.access = Access::Admitted;
@@ -1356,7 +1373,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 };
                 c.principal = principal;
                 if first && c.kind != ClientKind::Remote {
-                    warn!(verdict = "deny", principal = %c.principal, mechanism = "peercred", reason = %reason, "local: connection refused");
+                    let uid = match c.kind {
+                        ClientKind::Local { uid } => uid,
+                        ClientKind::Remote => 0,
+                    };
+                    warn!(verdict = %"deny", principal = %c.principal, uid, mechanism = %"peercred", reason = %reason, "local: connection refused");
                     let msg = format!("permission denied: {}: {reason}", c.principal);
                     self.clients.remove(&id);
                     self.refuse_local(id, errno::EPERM, &msg);
@@ -1374,7 +1395,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Ok(msg) => msg,
             Err(e) => {
                 tracing::error!(
-                    by = req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
+                    by = %req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
                     "acl: reload failed: {e}"
                 );
                 if let Some(h) = req {
@@ -1384,7 +1405,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
         };
         warn!(
-            by = req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
+            by = %req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
             "acl: {msg}"
         );
         self.reloaded = true;
@@ -1451,7 +1472,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                         "{} requires role '{needed}'; principal {} has roles '{}'",
                         h.topic, h.userid, h.roles
                     );
-                    warn!(verdict = "deny", principal = %h.userid, topic = %h.topic, reason = %format!("missing role {needed}"), "authz: request refused");
+                    warn!(verdict = %"deny", principal = %h.userid, topic = %h.topic, reason = %format!("missing role {needed}"), "authz: request refused");
                     self.events.push_back(Event::Job(Job::RoleRefused {
                         principal: h.userid.clone(),
                         roles: h.roles,
@@ -1579,9 +1600,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         info!(
             rank,
-            count = events.len(),
-            after = after.1,
-            "events: replaying to a rejoining child"
+            "events: replaying {} events after {} to rank {rank}",
+            events.len(),
+            after.1
         );
         for (ev, data) in events {
             self.to_rid(rid, ev, P::from(data));

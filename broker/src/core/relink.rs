@@ -105,7 +105,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 with_next.join(",")
             }
         );
-        warn!(by = %by, "rotate: {msg}");
+        match &req {
+            None => warn!("rotate: SIGHUP: rank {}: {msg}", self.rank),
+            Some(h) => warn!(
+                "rotate: key reload by {}: rank {}: {msg}",
+                h.userid, self.rank
+            ),
+        }
         if let Some(h) = req {
             self.respond(&h, P::from(msg.into_bytes()));
         }
@@ -298,11 +304,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         for (h, p) in queue {
             self.transmits.push_back(Transmit::Parent(h, p));
         }
-        info!(
-            ms = now.saturating_sub(started),
-            queued = n,
-            "rotate: parent link re-established on a new connection"
-        );
+        info!("rotate: parent link re-established on a new connection in {} ms ({n} queued messages sent)", now.saturating_sub(started));
     }
 
     /// Control from a child: it asks to move its link. Mark the old
@@ -366,7 +368,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         match verdict {
             RelinkVerdict::NotRelink => false,
             RelinkVerdict::Refuse(why) => {
-                warn!(verdict = "deny", rank, principal = user_id, reason = %format!("relink: {why}"), "overlay: relink refused");
+                warn!(verdict = %"deny", rank, principal = %user_id, reason = %format!("relink: {why}"), "overlay: relink refused");
                 let resp = h.response(self.rank, errno::EPERM);
                 self.transmits.push_back(Transmit::Child(
                     rid.to_vec(),
@@ -396,9 +398,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                         .push_back(Transmit::Child(rid.to_vec(), qh, qp));
                 }
                 info!(
-                    verdict = "allow",
+                    verdict = %"allow",
                     rank,
-                    principal = user_id,
+                    principal = %user_id,
                     ms = now.saturating_sub(held.since_ms),
                     held = n,
                     "overlay: child relinked"
@@ -452,11 +454,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if !rb.waiting.is_empty() {
             warn!(children = ?rb.waiting, "rotate: children did not relink in time; they rejoin with the new key");
         }
-        info!(
-            ms = now.saturating_sub(rb.started_ms),
-            "rotate: listening for children with the new key"
-        );
-        self.events.push_back(Event::Rebind);
+        info!("rotate: every child has left the old listener or timed out; rebinding");
+        self.events.push_back(Event::Rebind {
+            since_switch_ms: now.saturating_sub(rb.started_ms),
+        });
     }
 
     /// Joining a parent that does not answer: during a rotation it may use
