@@ -85,12 +85,22 @@ impl ClientAuthz for OwnerOnly {
     }
 }
 
+/// A gate that decides in place of the key sets: in a gssapi instance,
+/// only CURVE keys bound to Kerberos principals are admitted
+/// (`crate::gss::GssGate`). A trait here, so that this module does not
+/// depend on the Kerberos one.
+pub trait Gate: Send + Sync {
+    fn decide(&self, req: &AuthRequest<'_>, clients: &dyn ClientAuthz) -> Decision;
+    /// For the gate's owner to reach its own state.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// The broker's ZAP policy over both domains.
 pub struct BrokerPolicy {
     pub peers: KeySetPolicy,
     pub clients: Arc<dyn ClientAuthz>,
     /// Set in a gssapi instance: then it alone decides (see `crate::gss`).
-    pub gss: std::sync::OnceLock<Arc<crate::gss::GssGate>>,
+    pub gss: std::sync::OnceLock<Arc<dyn Gate>>,
 }
 
 impl BrokerPolicy {

@@ -15,6 +15,7 @@ pub mod gss;
 pub mod launcher;
 pub mod node;
 pub mod rotate;
+pub mod sockets;
 pub mod system;
 pub mod tools;
 

@@ -11,14 +11,13 @@
 //! carries out the core's events and sends its transmits.
 
 use crate::admission::Worker;
-use crate::authz::{BrokerPolicy, ClientAuthz, ClientMech, CLIENT_DOMAIN, OVERLAY_DOMAIN};
+use crate::authz::{BrokerPolicy, ClientMech};
 use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
 use crate::rotate::KeyFiles;
 use canopy_modules::BrokerInfo;
 use canopy_overlay::hello::HELLO_TOPIC;
 use canopy_overlay::liveness::Timing;
-use canopy_overlay::Topology;
 use canopy_proto::frame::{encode_frame, FrameDecoder};
 use canopy_proto::{decode_header, Header, Roles};
 use canopy_security::CurveKeypair;
@@ -35,258 +34,15 @@ use tracing::{debug, error, info, warn};
 
 pub use crate::admission::unix_principal;
 pub use crate::core::Card;
+pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
+use crate::sockets::{
+    disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, split, zerr, zs,
+};
 
 /// Largest amount of unsent data a slow local client may accumulate.
 const MAX_CLIENT_BACKLOG: usize = 256 << 20;
 /// Messages taken from one socket before the others get a turn.
 const BATCH: usize = 256;
-
-/// Everything a broker needs to run, gathered by a bootstrap (PMI today).
-/// The bootstrap must have called [`Bound::admit_children`] on every
-/// broker of the instance before any of them is started with
-/// [`Broker::new`], which connects to the parent: a connection that arrives
-/// before the parent knows the child's key is denied, and CURVE clients do
-/// not retry.
-pub struct Plan {
-    pub rank: u32,
-    pub topo: Topology,
-    pub instance: String,
-    pub rundir: PathBuf,
-    pub keys: CurveKeypair,
-    pub parent: Option<Card>,
-    /// Principal of each child rank (`curve:<Z85>`).
-    pub children: HashMap<u32, String>,
-    /// The only uid admitted on the local connector.
-    pub owner_uid: u32,
-    pub timing: Timing,
-}
-
-/// The sockets a broker binds before the key exchange: they must exist so
-/// their endpoints can go on the business card.
-pub struct Bound {
-    pub ctx: zmq::Context,
-    pub zap: ZapHandle,
-    pub policy: Arc<BrokerPolicy>,
-    pub router: Option<zmq::Socket>,
-    pub endpoint: Option<String>,
-    /// The remote client endpoint (ZAP domain `canopy-client`), if any.
-    pub client_router: Option<zmq::Socket>,
-    pub client_endpoint: Option<String>,
-}
-
-impl Bound {
-    /// Let the children's keys in, as peers.
-    pub fn admit_children(&self, children: &HashMap<u32, String>) {
-        for (rank, principal) in children {
-            self.policy
-                .peers
-                .insert(principal.clone(), format!("rank {rank}"), Roles::PEER);
-        }
-    }
-}
-
-/// Where the ROUTER listens.
-#[derive(Clone, Debug)]
-pub enum Transport {
-    /// `ipc://RUNDIR/tbon-RANK`
-    Ipc,
-    /// `tcp://HOST:PORT`; port 0 picks a free one.
-    Tcp { host: String, port: u16 },
-    /// Exactly this endpoint (from a system-instance config).
-    Endpoint(String),
-}
-
-static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Watch `sock` for closed connections: returns a PAIR socket that
-/// receives libzmq's DISCONNECTED events.
-fn disconnect_monitor(ctx: &zmq::Context, sock: &zmq::Socket) -> Result<zmq::Socket, BrokerError> {
-    let ep = format!(
-        "inproc://canopy-monitor-{}",
-        MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    sock.monitor(&ep, zmq::SocketEvent::DISCONNECTED as i32)
-        .map_err(zerr("monitor a socket"))?;
-    let m = ctx
-        .socket(zmq::PAIR)
-        .map_err(zerr("create a monitor socket"))?;
-    m.set_linger(0).map_err(zerr("set linger"))?;
-    m.connect(&ep).map_err(zerr("connect a monitor socket"))?;
-    Ok(m)
-}
-
-/// Drain a monitor socket; true if any DISCONNECTED event was seen.
-fn drain_monitor(m: &zmq::Socket) -> bool {
-    let mut seen = false;
-    while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-        if frames.first().is_some_and(|f| {
-            f.len() >= 2
-                && u16::from_le_bytes([f[0], f[1]]) == zmq::SocketEvent::DISCONNECTED as u16
-        }) {
-            seen = true;
-        }
-    }
-    seen
-}
-
-fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
-    let what = what.into();
-    move |source| BrokerError::Zmq { what, source }
-}
-
-/// TCP-level liveness, derived from the link timings so that one setting
-/// (`timing.lost`) bounds both: keepalive probes start after two
-/// heartbeats of idle and repeat every heartbeat (at least 1 s: the
-/// kernel's unit), enough of them to span `lost`; and `ZMQ_TCP_MAXRT`
-/// drops a connection whose data has gone unacknowledged for `lost`, so
-/// a dead host's queued messages are released instead of held for the
-/// kernel's default of about 15 minutes.
-fn tcp_liveness(s: &mut zmq::Socket, t: &Timing) -> Result<(), BrokerError> {
-    let secs = |ms: u64| (ms.div_ceil(1000)).clamp(1, i32::MAX as u64) as i32;
-    let idle = secs(2 * t.heartbeat_ms);
-    let intvl = secs(t.heartbeat_ms);
-    let cnt = (secs(t.lost_ms) / intvl).max(1);
-    s.set_tcp_keepalive(1).map_err(zerr("set tcp keepalive"))?;
-    s.set_tcp_keepalive_idle(idle)
-        .map_err(zerr("set tcp keepalive idle"))?;
-    s.set_tcp_keepalive_intvl(intvl)
-        .map_err(zerr("set tcp keepalive interval"))?;
-    s.set_tcp_keepalive_cnt(cnt)
-        .map_err(zerr("set tcp keepalive count"))?;
-    canopy_sys::set_tcp_maxrt(s, t.lost_ms.min(i32::MAX as u64) as i32)
-        .map_err(zerr("set tcp maxrt"))
-}
-
-/// Start the ZAP handler, then (if this rank has children) bind the
-/// ROUTER, in that order: libzmq admits everyone if a CURVE server socket
-/// binds with no handler listening.
-#[allow(clippy::too_many_arguments)] // one call site per instance kind
-pub fn bind(
-    rank: u32,
-    topo: &Topology,
-    keys: &CurveKeypair,
-    rundir: &std::path::Path,
-    transport: &Transport,
-    clients: Arc<dyn ClientAuthz>,
-    client_listen: Option<&str>,
-    timing: &Timing,
-) -> Result<Bound, BrokerError> {
-    let ctx = zmq::Context::new();
-    let policy = Arc::new(BrokerPolicy::new(clients));
-    let zap = canopy_zap::ZapHandler::start(&ctx, policy.clone())?;
-    if !zap.alive() {
-        return Err(BrokerError::ZapDied);
-    }
-    let mut router = None;
-    let mut endpoint = None;
-    if topo.children(rank).next().is_some() {
-        let mut s = ctx.socket(zmq::ROUTER).map_err(zerr("create router"))?;
-        tcp_liveness(&mut s, timing)?;
-        s.set_linger(0).map_err(zerr("set linger"))?;
-        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-        s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
-        s.set_router_mandatory(true)
-            .map_err(zerr("set router_mandatory"))?;
-        s.set_curve_server(true).map_err(zerr("set curve_server"))?;
-        s.set_curve_secretkey(keys.secret())
-            .map_err(zerr("set curve secret key"))?;
-        s.set_zap_domain(OVERLAY_DOMAIN)
-            .map_err(zerr("set zap domain"))?;
-        let ep = match transport {
-            Transport::Ipc => format!("ipc://{}/tbon-{rank}", rundir.display()),
-            Transport::Endpoint(ep) => ep.clone(),
-            Transport::Tcp { host, port } => {
-                let port = if *port == 0 { 0 } else { *port as u32 + rank };
-                if port > u16::MAX as u32 {
-                    return Err(BrokerError::Bind {
-                        endpoint: format!("tcp://{host}:{port}"),
-                        reason: "port out of range".into(),
-                    });
-                }
-                if port == 0 {
-                    format!("tcp://{host}:*")
-                } else {
-                    format!("tcp://{host}:{port}")
-                }
-            }
-        };
-        s.bind(&ep).map_err(|e| BrokerError::Bind {
-            endpoint: ep.clone(),
-            reason: e.message().to_string(),
-        })?;
-        let last = s
-            .get_last_endpoint()
-            .map_err(zerr("get last endpoint"))?
-            .map_err(|_| BrokerError::Bootstrap("router endpoint is not UTF-8".into()))?;
-        endpoint = Some(last);
-        router = Some(s);
-    }
-    let mut client_router = None;
-    let mut client_endpoint = None;
-    if let Some(ep) = client_listen {
-        let s = ctx
-            .socket(zmq::ROUTER)
-            .map_err(zerr("create client router"))?;
-        s.set_linger(0).map_err(zerr("set linger"))?;
-        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-        s.set_router_mandatory(true)
-            .map_err(zerr("set router_mandatory"))?;
-        s.set_curve_server(true).map_err(zerr("set curve_server"))?;
-        s.set_curve_secretkey(keys.secret())
-            .map_err(zerr("set curve secret key"))?;
-        s.set_zap_domain(CLIENT_DOMAIN)
-            .map_err(zerr("set zap domain"))?;
-        s.bind(ep).map_err(|e| BrokerError::Bind {
-            endpoint: ep.to_string(),
-            reason: e.message().to_string(),
-        })?;
-        client_endpoint = s
-            .get_last_endpoint()
-            .map_err(zerr("get last endpoint"))?
-            .ok();
-        client_router = Some(s);
-    }
-    Ok(Bound {
-        ctx,
-        zap,
-        policy,
-        router,
-        endpoint,
-        client_router,
-        client_endpoint,
-    })
-}
-
-/// A payload: a received ZeroMQ frame (moved, never copied, when it is
-/// forwarded to another ZeroMQ socket) or bytes.
-pub enum Frame {
-    Zmq(zmq::Message),
-    Bytes(Vec<u8>),
-}
-
-impl AsRef<[u8]> for Frame {
-    fn as_ref(&self) -> &[u8] {
-        match self {
-            Frame::Zmq(m) => m,
-            Frame::Bytes(v) => v,
-        }
-    }
-}
-
-impl From<Vec<u8>> for Frame {
-    fn from(v: Vec<u8>) -> Frame {
-        Frame::Bytes(v)
-    }
-}
-
-impl Frame {
-    fn into_msg(self) -> zmq::Message {
-        match self {
-            Frame::Zmq(m) => m,
-            Frame::Bytes(v) => zmq::Message::from(v),
-        }
-    }
-}
 
 /// A local client's UNIX stream with our framing.
 struct Stream {
@@ -339,64 +95,6 @@ pub struct Broker {
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr: Vec<u8>,
-}
-
-fn zs(s: &Option<zmq::Socket>) -> zmq::PollItem<'_> {
-    match s {
-        Some(s) => s.as_poll_item(zmq::POLLIN),
-        None => zmq::PollItem::from_fd(-1, zmq::POLLIN),
-    }
-}
-
-/// The one send path: routing id (ROUTER only), header, payload.
-fn send(sock: &zmq::Socket, rid: Option<&[u8]>, hdr: &[u8], payload: Frame) -> zmq::Result<()> {
-    if let Some(rid) = rid {
-        sock.send(rid, zmq::SNDMORE | zmq::DONTWAIT)?;
-    }
-    sock.send(hdr, zmq::SNDMORE | zmq::DONTWAIT)?;
-    sock.send(payload.into_msg(), zmq::DONTWAIT)
-}
-
-/// Receive one multipart message: the first frame and up to 2 more
-/// (`None` when there is nothing to read).
-fn recv_parts(
-    sock: &zmq::Socket,
-    what: &str,
-) -> Result<Option<(zmq::Message, Vec<zmq::Message>)>, BrokerError> {
-    let mut first = zmq::Message::new();
-    loop {
-        match sock.recv(&mut first, zmq::DONTWAIT) {
-            Ok(()) => break,
-            Err(zmq::Error::EAGAIN) => return Ok(None),
-            Err(zmq::Error::EINTR) => continue,
-            Err(e) => return Err(zerr(format!("receive from {what}"))(e)),
-        }
-    }
-    let mut parts = Vec::with_capacity(2);
-    let mut more = first.get_more();
-    while more {
-        let mut m = zmq::Message::new();
-        sock.recv(&mut m, 0)
-            .map_err(zerr(format!("receive from {what}")))?;
-        more = m.get_more();
-        if parts.len() < 3 {
-            parts.push(m);
-        }
-    }
-    Ok(Some((first, parts)))
-}
-
-/// Header and payload of a `[header, payload?]` message.
-fn split(mut parts: Vec<zmq::Message>) -> Option<(zmq::Message, Frame)> {
-    if parts.is_empty() || parts.len() > 2 {
-        return None;
-    }
-    let payload = if parts.len() == 2 {
-        parts.pop().map(Frame::Zmq)?
-    } else {
-        Frame::Bytes(Vec::new())
-    };
-    Some((parts.pop()?, payload))
 }
 
 impl Broker {
@@ -807,46 +505,19 @@ impl Broker {
     fn connect_parent(
         &mut self,
         ep: &str,
-        server_key: [u8; 32],
-        identity: &[u8],
+        key: [u8; 32],
+        id: &[u8],
         relink: bool,
     ) -> Result<(), BrokerError> {
-        let key = if relink {
-            server_key
-        } else {
-            crate::gss::parent_key(&self.policy).unwrap_or(server_key)
+        let key = match relink {
+            true => key,
+            false => crate::gss::parent_key(&self.policy).unwrap_or(key),
         };
         self.dealer = None;
         self.dealer_monitor = None;
-        let mut s = self
-            .ctx
-            .socket(zmq::DEALER)
-            .map_err(zerr("create dealer"))?;
-        if relink {
-            // The new connection may first meet the parent's old listener
-            // (rebinding with a new key): retry soon, backing off to 1 s.
-            s.set_reconnect_ivl(5).map_err(zerr("set reconnect_ivl"))?;
-            s.set_reconnect_ivl_max(1000)
-                .map_err(zerr("set reconnect_ivl_max"))?;
-        } else {
-            tcp_liveness(&mut s, &self.timing)?;
-        }
-        s.set_linger(0).map_err(zerr("set linger"))?;
-        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-        s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
-        s.set_identity(identity).map_err(zerr("set identity"))?;
-        s.set_curve_serverkey(&key)
-            .map_err(zerr("set curve server key"))?;
-        s.set_curve_publickey(self.keys.public())
-            .map_err(zerr("set curve public key"))?;
-        s.set_curve_secretkey(self.keys.secret())
-            .map_err(zerr("set curve secret key"))?;
-        s.connect(ep).map_err(|e| BrokerError::Bind {
-            endpoint: ep.to_string(),
-            reason: format!("connect: {}", e.message()),
-        })?;
-        self.dealer_monitor = Some(disconnect_monitor(&self.ctx, &s)?);
+        let (s, m) = parent_dealer(&self.ctx, ep, &key, &self.keys, id, relink, &self.timing)?;
         self.dealer = Some(s);
+        self.dealer_monitor = Some(m);
         Ok(())
     }
 

@@ -438,7 +438,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let session = splitmix(&mut rng);
         let mut core = BrokerCore {
             rank: cfg.rank,
-            health: Health::new(cfg.topo.clone(), cfg.rank, now),
+            health: Health::new(cfg.topo, cfg.rank, now),
             topo: cfg.topo,
             instance: cfg.instance,
             timing: cfg.timing,
@@ -560,7 +560,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     fn heartbeats(&mut self) {
         let now = self.now;
         if self.parent_state == ParentState::Online {
-            self.to_parent(Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+            self.send_parent(Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
         }
         let ranks: Vec<u32> = self.children.keys().copied().collect();
         for rank in ranks {
@@ -581,7 +581,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
                 Transition::Recovered | Transition::None => {}
             }
-            self.to_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+            self.send_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
         }
         // Every link state is checked, not only Online: a parent that
         // never answers a hello is as lost as one that went quiet.
@@ -791,13 +791,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         }
         match serde_json::to_vec(&deltas) {
-            Ok(body) => self.to_parent(Header::control(HEALTH_TOPIC), P::from(body)),
+            Ok(body) => self.send_parent(Header::control(HEALTH_TOPIC), P::from(body)),
             Err(e) => warn!("overlay: cannot encode a health report: {e}"),
         }
     }
 
     /// Send to the parent, or queue while the link moves.
-    fn to_parent(&mut self, h: Header, payload: P) {
+    fn send_parent(&mut self, h: Header, payload: P) {
         if self.rot.up.active() {
             if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
                 self.rot.up.queue.push((h, payload));
@@ -826,7 +826,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     fn probe_children(&mut self) {
         let links: Vec<Vec<u8>> = self.children.values().map(|l| l.rid.clone()).collect();
         for rid in links {
-            self.to_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+            self.send_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
         }
     }
 
@@ -865,7 +865,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     }
 
     /// Send to a child connection, or queue while that child's link moves.
-    fn to_rid(&mut self, rid: &[u8], h: Header, payload: P) {
+    fn send_rid(&mut self, rid: &[u8], h: Header, payload: P) {
         if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
             if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
                 held.queue.push((h, payload));
@@ -876,11 +876,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             .push_back(Transmit::Child(rid.to_vec(), h, payload));
     }
 
-    fn to_child(&mut self, rank: u32, h: Header, payload: P) -> bool {
+    fn send_child(&mut self, rank: u32, h: Header, payload: P) -> bool {
         let Some(rid) = self.children.get(&rank).map(|c| c.rid.clone()) else {
             return false;
         };
-        self.to_rid(&rid, h, payload);
+        self.send_rid(&rid, h, payload);
         true
     }
 
@@ -1030,7 +1030,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 self.health
                     .set(hello.rank, RankState::Online, "joined", now);
                 let resp = h.response(self.rank, 0);
-                self.to_rid(&rid, resp, P::from(Vec::new()));
+                self.send_rid(&rid, resp, P::from(Vec::new()));
                 if let Some(after) = hello.last_event {
                     self.replay_events(&rid, hello.rank, after);
                 }
@@ -1495,7 +1495,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 if !no_response(&h) {
                     self.pending.insert(Link::Parent, in_flight(&h));
                 }
-                self.to_parent(h, payload);
+                self.send_parent(h, payload);
             }
             Next::Down(child) => {
                 if !self.children.contains_key(&child) {
@@ -1506,7 +1506,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 if !no_response(&h) {
                     self.pending.insert(Link::Child(child), in_flight(&h));
                 }
-                self.to_child(child, h, payload);
+                self.send_child(child, h, payload);
             }
             Next::Fail(e) => {
                 let msg = match e {
@@ -1541,9 +1541,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     fn route_response(&mut self, mut h: Header, payload: P) {
         match h.route.pop() {
-            Some(Hop::Parent) => self.to_parent(h, payload),
+            Some(Hop::Parent) => self.send_parent(h, payload),
             Some(Hop::Child(r)) => {
-                if !self.to_child(r, h, payload) {
+                if !self.send_child(r, h, payload) {
                     debug!(
                         rank = r,
                         "overlay: response dropped: the rank is not online"
@@ -1605,14 +1605,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             after.1
         );
         for (ev, data) in events {
-            self.to_rid(rid, ev, P::from(data));
+            self.send_rid(rid, ev, P::from(data));
         }
     }
 
     fn distribute_event(&mut self, ev: &Header, data: &[u8]) {
         let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
         for rid in rids {
-            self.to_rid(&rid, ev.clone(), P::from(data.to_vec()));
+            self.send_rid(&rid, ev.clone(), P::from(data.to_vec()));
         }
         let subscribers: Vec<u32> = self
             .clients

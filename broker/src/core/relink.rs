@@ -187,7 +187,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 self.relink_limit_ms(),
             ));
             for c in online {
-                self.to_child(
+                self.send_child(
                     c,
                     Header::control(REKEY_TOPIC),
                     P::from(new_pub.clone().into_bytes()),
@@ -206,7 +206,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if self.rot.up.active() {
             return;
         }
-        self.to_parent(Header::control(RELINK_TOPIC), P::from(Vec::new()));
+        self.send_parent(Header::control(RELINK_TOPIC), P::from(Vec::new()));
         self.rot.up.start(self.now);
         self.rot.busy_until = Some(self.now + 10);
     }
@@ -310,7 +310,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// Control from a child: it asks to move its link. Mark the old
     /// connection drained (its last message) and hold the child's traffic.
     pub(super) fn child_relink(&mut self, rank: u32, rid: Vec<u8>) {
-        self.to_rid(&rid, Header::control(DRAINED_TOPIC), P::from(Vec::new()));
+        self.send_rid(&rid, Header::control(DRAINED_TOPIC), P::from(Vec::new()));
         let now = self.now;
         if let Some(l) = self.children.get_mut(&rank) {
             l.peer = Peer::new(now);

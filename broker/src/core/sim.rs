@@ -89,7 +89,7 @@ impl Sim {
             });
             let cfg = CoreConfig {
                 rank: r,
-                topo: topo.clone(),
+                topo,
                 instance: "sim".into(),
                 parent,
                 expected,
