@@ -13,6 +13,7 @@ pub mod core;
 pub mod error;
 pub mod gss;
 pub mod launcher;
+pub mod local;
 pub mod node;
 pub mod rotate;
 pub mod sockets;

@@ -14,18 +14,17 @@ use crate::admission::Worker;
 use crate::authz::{BrokerPolicy, ClientMech};
 use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
+use crate::local::Local;
 use crate::rotate::KeyFiles;
 use canopy_modules::BrokerInfo;
 use canopy_overlay::hello::HELLO_TOPIC;
 use canopy_overlay::liveness::Timing;
-use canopy_proto::frame::{encode_frame, FrameDecoder};
-use canopy_proto::{decode_header, Header, Roles};
+use canopy_proto::{decode_header, Roles};
 use canopy_security::CurveKeypair;
 use canopy_zap::ZapHandle;
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,21 +38,8 @@ use crate::sockets::{
     disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, split, zerr, zs,
 };
 
-/// Largest amount of unsent data a slow local client may accumulate.
-const MAX_CLIENT_BACKLOG: usize = 256 << 20;
 /// Messages taken from one socket before the others get a turn.
 const BATCH: usize = 256;
-
-/// A local client's UNIX stream with our framing.
-struct Stream {
-    stream: UnixStream,
-    dec: FrameDecoder,
-    out: Vec<u8>,
-    out_pos: usize,
-    /// Close once `out` is written.
-    closing: bool,
-    dead: bool,
-}
 
 /// Signals, as flags plus a pipe that wakes the poll loop.
 pub struct Signals {
@@ -77,11 +63,9 @@ pub struct Broker {
     /// DISCONNECTED events of the router and the dealer.
     router_monitor: Option<zmq::Socket>,
     dealer_monitor: Option<zmq::Socket>,
-    listener: UnixListener,
-    local_path: PathBuf,
+    local: Local,
     ipc_path: Option<PathBuf>,
     endpoint: Option<String>,
-    streams: HashMap<u32, Stream>,
     keys: CurveKeypair,
     timing: Timing,
     /// Certificate files (system instances): keys rotate.
@@ -117,17 +101,7 @@ impl Broker {
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed)
             .map_err(|e| BrokerError::Bootstrap(format!("random seed: {e}")))?;
-        let local_path = plan.rundir.join(format!("local-{}", plan.rank));
-        let _ = std::fs::remove_file(&local_path);
-        let io = |what: &'static str, path: &PathBuf| {
-            let path = path.clone();
-            move |source| BrokerError::Io { what, path, source }
-        };
-        let listener =
-            UnixListener::bind(&local_path).map_err(io("bind the local connector", &local_path))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io("configure the local connector", &local_path))?;
+        let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)))?;
         let ipc_path = endpoint
             .as_deref()
             .and_then(|e| e.strip_prefix("ipc://"))
@@ -137,11 +111,14 @@ impl Broker {
             endpoint: endpoint.clone(),
             public_key: plan.keys.public_z85(),
             client_endpoint,
-            local_uri: format!("local://{}", local_path.display()),
+            local_uri: format!("local://{}", local.path.display()),
             pid: std::process::id(),
         };
-        let worker = Worker::start(policy.clients.clone())
-            .map_err(io("start the admission worker", &local_path))?;
+        let worker = Worker::start(policy.clients.clone()).map_err(|source| BrokerError::Io {
+            what: "start the admission worker",
+            path: local.path.clone(),
+            source,
+        })?;
         let core = BrokerCore::new(
             CoreConfig {
                 rank: plan.rank,
@@ -178,11 +155,9 @@ impl Broker {
             dealer: None,
             router_monitor,
             dealer_monitor: None,
-            listener,
-            local_path,
+            local,
             ipc_path,
             endpoint,
-            streams: HashMap::new(),
             keys: plan.keys,
             timing: plan.timing,
             files: None,
@@ -234,7 +209,6 @@ impl Broker {
     }
 
     fn shutdown(&mut self) {
-        let _ = std::fs::remove_file(&self.local_path);
         if let Some(p) = &self.ipc_path {
             let _ = std::fs::remove_file(p);
         }
@@ -243,11 +217,9 @@ impl Broker {
         self.router = None;
         self.client_router = None;
         self.dealer = None;
-        self.streams.clear();
     }
 
     fn event_loop(&mut self) -> Result<(), BrokerError> {
-        let mut ids: Vec<u32> = Vec::new();
         loop {
             if !self.zap.alive() {
                 error!("zap handler died: no connection can be authenticated, so this broker stops admitting anyone and exits");
@@ -270,15 +242,14 @@ impl Broker {
             if self.rebinding.is_some() {
                 timeout = 2;
             }
-            ids.clear();
-            ids.extend(self.streams.keys().copied());
+            let clients = self.local.fds();
             let revents: Vec<zmq::PollEvents>;
             {
                 let fd = |f: Option<i32>| zmq::PollItem::from_fd(f.unwrap_or(-1), zmq::POLLIN);
                 let mut items = vec![
                     fd(Some(self.signals.pipe.as_raw_fd())),
                     fd(self.pmi_fd.as_ref().map(|f| f.as_raw_fd())),
-                    fd(Some(self.listener.as_raw_fd())),
+                    fd(Some(self.local.listener_fd())),
                     fd(Some(self.worker.wake.as_raw_fd())),
                     zs(&self.router),
                     zs(&self.dealer),
@@ -286,14 +257,13 @@ impl Broker {
                     zs(&self.router_monitor),
                     zs(&self.dealer_monitor),
                 ];
-                for id in &ids {
-                    let s = &self.streams[id];
-                    let ev = if s.out_pos < s.out.len() {
+                for (_, fd, write) in &clients {
+                    let ev = if *write {
                         zmq::POLLIN | zmq::POLLOUT
                     } else {
                         zmq::POLLIN
                     };
-                    items.push(zmq::PollItem::from_fd(s.stream.as_raw_fd(), ev));
+                    items.push(zmq::PollItem::from_fd(*fd, ev));
                 }
                 match zmq::poll(&mut items, timeout) {
                     Ok(_) => {}
@@ -320,7 +290,10 @@ impl Broker {
                 return Err(BrokerError::LauncherGone);
             }
             if readable(2) {
-                self.accept_clients();
+                let core = &mut self.core;
+                for input in self.local.accept(|| core.new_client_id()) {
+                    self.input(input);
+                }
             }
             if readable(3) {
                 let mut b = [0u8; 256];
@@ -346,10 +319,11 @@ impl Broker {
                     reason: "the connection to the parent closed".into(),
                 });
             }
-            for (i, id) in ids.iter().enumerate() {
-                let rev = revents[9 + i];
-                if rev.intersects(zmq::POLLIN | zmq::POLLERR) {
-                    self.read_client(*id);
+            for (i, (id, _, _)) in clients.iter().enumerate() {
+                if revents[9 + i].intersects(zmq::POLLIN | zmq::POLLERR) {
+                    for input in self.local.read(*id) {
+                        self.input(input);
+                    }
                 }
             }
             self.pump()?;
@@ -373,14 +347,8 @@ impl Broker {
                 break;
             }
         }
-        let ids: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.out_pos < s.out.len() || s.closing || s.dead)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.flush_client(id);
+        for id in self.local.flush() {
+            self.input(Input::ClientClosed { id });
         }
         Ok(())
     }
@@ -395,11 +363,7 @@ impl Broker {
                 self.dealer = None;
                 self.dealer_monitor = None;
             }
-            Event::Close { id } => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    s.closing = true;
-                }
-            }
+            Event::Close { id } => self.local.close(id),
             Event::Job(job) => self.worker.submit(job),
             Event::ReloadKeys { req } => {
                 let result = match &self.files {
@@ -451,7 +415,7 @@ impl Broker {
             Transmit::Parent(h, p) => (To::Parent, None, h, p),
             Transmit::Child(rid, h, p) => (To::Child, Some(rid), h, p),
             Transmit::Remote(rid, h, p) => (To::Remote, Some(rid), h, p),
-            Transmit::Local(id, h, p) => return self.queue_local(id, &h, p),
+            Transmit::Local(id, h, p) => return self.local.queue(id, &h, p.as_ref()),
         };
         let sock = match to {
             To::Parent => &self.dealer,
@@ -480,26 +444,6 @@ impl Broker {
             },
         };
         self.input(input);
-    }
-
-    fn queue_local(&mut self, id: u32, h: &Header, payload: Frame) {
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        if s.out.len() - s.out_pos > MAX_CLIENT_BACKLOG {
-            if !s.dead {
-                warn!(
-                    client = id,
-                    backlog = s.out.len() - s.out_pos,
-                    "local: client is not reading; disconnecting it"
-                );
-            }
-            s.dead = true;
-            return;
-        }
-        if let Err(e) = encode_frame(h, payload.as_ref(), &mut s.out) {
-            warn!(client = id, "local: cannot encode a message: {e}");
-        }
     }
 
     fn connect_parent(
@@ -566,120 +510,6 @@ impl Broker {
     }
 
     // ----- receiving -----
-
-    fn accept_clients(&mut self) {
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("local: accept failed: {e}");
-                    return;
-                }
-            };
-            let uid = match nix::sys::socket::getsockopt(
-                &stream.as_fd(),
-                nix::sys::socket::sockopt::PeerCredentials,
-            ) {
-                Ok(c) => c.uid(),
-                Err(e) => {
-                    warn!(verdict = %"deny", mechanism = %"peercred", reason = %format!("cannot read SO_PEERCRED: {e}"), "local: connection refused");
-                    continue;
-                }
-            };
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let id = self.core.new_client_id();
-            self.streams.insert(
-                id,
-                Stream {
-                    stream,
-                    dec: FrameDecoder::new(),
-                    out: Vec::new(),
-                    out_pos: 0,
-                    closing: false,
-                    dead: false,
-                },
-            );
-            self.input(Input::LocalConnected { id, uid });
-        }
-    }
-
-    fn read_client(&mut self, id: u32) {
-        let mut buf = [0u8; 65536];
-        let mut frames = Vec::new();
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        loop {
-            match s.stream.read(&mut buf) {
-                Ok(0) => {
-                    s.dead = true;
-                    break;
-                }
-                Ok(n) => {
-                    s.dec.push(&buf[..n]);
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    s.dead = true;
-                    break;
-                }
-            }
-        }
-        loop {
-            match s.dec.next_frame() {
-                Ok(Some(f)) => frames.push(f),
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(
-                        client = id,
-                        "local: bad frame ({e}); disconnecting the client"
-                    );
-                    s.dead = true;
-                    break;
-                }
-            }
-        }
-        if s.closing {
-            return; // a refused or revoked client: nothing it sends counts
-        }
-        for (header, p) in frames {
-            self.input(Input::Local {
-                id,
-                header,
-                payload: Frame::Bytes(p),
-            });
-        }
-    }
-
-    fn flush_client(&mut self, id: u32) {
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        while s.out_pos < s.out.len() && !s.dead {
-            match s.stream.write(&s.out[s.out_pos..]) {
-                Ok(n) => s.out_pos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => s.dead = true,
-            }
-        }
-        if s.out_pos == s.out.len() {
-            s.out.clear();
-            s.out_pos = 0;
-        }
-        if s.dead || (s.closing && s.out.is_empty()) {
-            self.streams.remove(&id);
-            self.input(Input::ClientClosed { id });
-        }
-    }
 
     fn drain_client_router(&mut self) -> Result<(), BrokerError> {
         for _ in 0..BATCH {
