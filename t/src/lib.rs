@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod krb;
 pub mod netns;
+pub mod users;
 
 /// How long an instance may take to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
