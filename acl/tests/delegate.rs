@@ -379,5 +379,9 @@ fn an_answer_after_the_timeout_is_a_deny() {
         "waited past the timeout: {:?}",
         started.elapsed()
     );
-    assert!(run_delegate(&spec(&on_time, &[], 300, Roles::USER), &req).unwrap().allow);
+    assert!(
+        run_delegate(&spec(&on_time, &[], 300, Roles::USER), &req)
+            .unwrap()
+            .allow
+    );
 }

@@ -5,7 +5,7 @@
 //! [`Job`] over and gets a [`Done`] back through a wake-up socket, so one
 //! slow decision delays only the client it is about.
 
-use crate::authz::{ClientAuthz, ClientMech};
+use crate::authz::{ClientAuthz, Mech};
 use crate::core::{Done, Job, Subject};
 use canopy_proto::errno;
 use std::io::Write;
@@ -115,7 +115,7 @@ fn run(authz: &dyn ClientAuthz, job: Job) -> Option<Done> {
             address,
         } => Done::Vetoed {
             ticket,
-            veto: authz.vetoes(&principal, ClientMech::Curve, &address),
+            veto: authz.vetoes(&principal, Mech::Curve, &address),
         },
         Job::Explain { req, query } => Done::Explained {
             req,
@@ -164,12 +164,12 @@ fn explain(authz: &dyn ClientAuthz, query: &[u8]) -> Result<Vec<u8>, (u32, Strin
     let q: Q = serde_json::from_slice(query)
         .map_err(|e| (errno::EPROTO, format!("acl.check payload: {e}")))?;
     let mech = match q.mechanism.as_deref() {
-        None if q.principal.starts_with("unix:") => ClientMech::Local,
-        None if q.principal.starts_with("curve:") => ClientMech::Curve,
-        None => ClientMech::Gssapi,
-        Some("local") => ClientMech::Local,
-        Some("curve") => ClientMech::Curve,
-        Some("gssapi") => ClientMech::Gssapi,
+        None if q.principal.starts_with("unix:") => Mech::Local,
+        None if q.principal.starts_with("curve:") => Mech::Curve,
+        None => Mech::Gssapi,
+        Some("local") => Mech::Local,
+        Some("curve") => Mech::Curve,
+        Some("gssapi") => Mech::Gssapi,
         Some(other) => {
             return Err((
                 errno::EINVAL,

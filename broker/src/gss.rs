@@ -13,7 +13,7 @@
 //!   re-authentication at 2/3 of the binding's lifetime with the same link
 //!   key, so a link outlives any one ticket without a reconnect.
 
-use crate::authz::{ClientAuthz, ClientMech, ClientVerdict, CLIENT_DOMAIN, OVERLAY_DOMAIN};
+use crate::authz::{ClientAuthz, ClientVerdict, Mech, CLIENT_DOMAIN, OVERLAY_DOMAIN};
 use crate::error::BrokerError;
 use canopy_gss::{Bindings, ClientConfig, KexServer, Purpose, ServerConfig};
 use canopy_proto::Roles;
@@ -200,7 +200,7 @@ impl GssGate {
                         ),
                     };
                 }
-                if let Some(why) = clients.vetoes(&b.principal, ClientMech::Gssapi, req.address) {
+                if let Some(why) = clients.vetoes(&b.principal, Mech::Gssapi, req.address) {
                     return Decision::Deny { reason: why };
                 }
                 Decision::Allow {
@@ -218,7 +218,7 @@ impl GssGate {
                         ),
                     };
                 }
-                match clients.decide(&b.principal, ClientMech::Gssapi, req.address) {
+                match clients.decide(&b.principal, Mech::Gssapi, req.address) {
                     Ok(roles) if !roles.is_empty() => Decision::Allow {
                         user_id: b.principal,
                         roles,
@@ -285,16 +285,16 @@ pub struct KrbOwner {
 }
 
 impl KrbOwner {
-    fn is_owner(&self, principal: &str, mech: ClientMech) -> bool {
+    fn is_owner(&self, principal: &str, mech: Mech) -> bool {
         match mech {
-            ClientMech::Gssapi => principal == self.principal,
+            Mech::Gssapi => principal == self.principal,
             _ => principal == self.unix,
         }
     }
 }
 
 impl ClientAuthz for KrbOwner {
-    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict {
+    fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
         if self.is_owner(principal, mech) {
             return Ok(Roles::OWNER);
         }
@@ -318,7 +318,7 @@ impl ClientAuthz for KrbOwner {
     fn explain(
         &self,
         principal: &str,
-        mech: ClientMech,
+        mech: Mech,
         address: &str,
     ) -> Option<crate::authz::Explained> {
         self.inner.as_ref()?.explain(principal, mech, address)
@@ -328,7 +328,7 @@ impl ClientAuthz for KrbOwner {
             i.role_refused(principal, roles, what)
         }
     }
-    fn vetoes(&self, principal: &str, mech: ClientMech, address: &str) -> Option<String> {
+    fn vetoes(&self, principal: &str, mech: Mech, address: &str) -> Option<String> {
         self.inner.as_ref()?.vetoes(principal, mech, address)
     }
 }

@@ -11,7 +11,7 @@
 //! carries out the core's events and sends its transmits.
 
 use crate::admission::Worker;
-use crate::authz::{BrokerPolicy, ClientMech};
+use crate::authz::{BrokerPolicy, Mech};
 use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
 use crate::local::Local;
@@ -131,9 +131,9 @@ impl Broker {
                 timing: plan.timing,
                 info,
                 remote_mech: if policy.gss.get().is_some() {
-                    ClientMech::Gssapi
+                    Mech::Gssapi
                 } else {
-                    ClientMech::Curve
+                    Mech::Curve
                 },
                 seed: u64::from_be_bytes(seed),
             },

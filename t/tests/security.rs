@@ -6,12 +6,9 @@
 
 use canopy_proto::Header;
 use canopy_t::users::{as_other_user, is_root, open_to_other_users, other_user, OTHER_USER};
-use canopy_t::{canopy_bin, run_canopy, run_command, run_test, text, Instance};
+use canopy_t::{run_canopy, run_test, text, Instance};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 

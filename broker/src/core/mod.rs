@@ -19,6 +19,7 @@
 //! Payloads are opaque to the core (`P`): the shell uses a type that moves
 //! a received ZeroMQ frame without copying it.
 
+pub mod keys;
 mod relink;
 pub mod services;
 #[cfg(test)]
@@ -26,8 +27,7 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-use crate::authz::ClientMech;
-use crate::rotate::KeyRing;
+use canopy_acl::Mech;
 use canopy_modules::BrokerInfo;
 use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Ring, Sequencer};
 use canopy_overlay::health::{Delta, Health, RankState, HEALTH_TOPIC};
@@ -37,6 +37,7 @@ use canopy_overlay::pending::{InFlight, Link, Pending};
 use canopy_overlay::route::{next_hop, Next};
 use canopy_overlay::Topology;
 use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
+use keys::KeyRing;
 use std::collections::{HashMap, VecDeque};
 use tracing::{debug, info, warn};
 
@@ -116,7 +117,7 @@ pub struct CoreConfig {
     pub timing: Timing,
     pub info: BrokerInfo,
     /// How remote clients authenticate on this instance.
-    pub remote_mech: ClientMech,
+    pub remote_mech: Mech,
     /// Seeds session ids and client ids.
     pub seed: u64,
 }
@@ -128,7 +129,7 @@ pub struct Subject {
     /// worker resolves its name.
     pub principal: Option<String>,
     pub uid: Option<u32>,
-    pub mech: ClientMech,
+    pub mech: Mech,
     pub address: String,
 }
 
@@ -351,7 +352,7 @@ struct Client<P> {
     rid: Vec<u8>,
     principal: String,
     roles: Roles,
-    mech: ClientMech,
+    mech: Mech,
     address: String,
     subs: Vec<String>,
     access: Access,
@@ -368,7 +369,7 @@ pub struct BrokerCore<P> {
     info: BrokerInfo,
     owner_uid: u32,
     owner_principal: String,
-    remote_mech: ClientMech,
+    remote_mech: Mech,
     rng: u64,
     now: u64,
 
@@ -939,7 +940,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
-            MsgType::Control if h.topic == crate::rotate::RELINK_TOPIC => {
+            MsgType::Control if h.topic == keys::RELINK_TOPIC => {
                 self.child_relink(rank, rid);
             }
             MsgType::Control if h.topic == HEALTH_TOPIC => {
@@ -1099,7 +1100,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     Vec::new(),
                     principal,
                     Roles::OWNER,
-                    ClientMech::Local,
+                    Mech::Local,
                     String::new(),
                     Access::Admitted,
                 ),
@@ -1135,7 +1136,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 Vec::new(),
                 format!("unix:#{uid}"),
                 Roles::NONE,
-                ClientMech::Local,
+                Mech::Local,
                 String::new(),
                 Access::Deciding {
                     ticket,
@@ -1148,7 +1149,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             subject: Subject {
                 principal: None,
                 uid: Some(uid),
-                mech: ClientMech::Local,
+                mech: Mech::Local,
                 address: String::new(),
             },
         }));
@@ -1679,7 +1680,7 @@ impl<P> Client<P> {
         rid: Vec<u8>,
         principal: String,
         roles: Roles,
-        mech: ClientMech,
+        mech: Mech,
         address: String,
         access: Access,
     ) -> Client<P> {

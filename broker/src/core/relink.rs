@@ -4,11 +4,11 @@
 //! `crate::rotate`'s pure state machines; here they are driven, with
 //! messages queued as `(Header, payload)`.
 
-use super::{BrokerCore, Event, ParentState, Transmit, HEARTBEAT_TOPIC};
-use crate::rotate::{
+use super::keys::{
     relink_verdict, Held, KeyRing, KeyStatus, Phase, Rebind, RelinkVerdict, UpLink, DRAINED_TOPIC,
     REKEY_TOPIC, RELINK_TOPIC,
 };
+use super::{BrokerCore, Event, ParentState, Transmit, HEARTBEAT_TOPIC};
 use canopy_overlay::hello::{Hello, HelloCheck, HELLO_TOPIC};
 use canopy_overlay::liveness::Peer;
 use canopy_proto::{errno, Header, MsgType, PROTOCOL_VERSION};
@@ -479,7 +479,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(card) = self.parent_card.as_mut() else {
             return;
         };
-        let Some(key) = crate::rotate::other_key(
+        let Some(key) = super::keys::other_key(
             self.rot.ring.keys(parent),
             &card.public_key,
             now - since,

@@ -62,19 +62,19 @@ pub const SERVICES: &[Service] = &[
     row("acl.reload", Roles::ADMIN, false, Builtin::AclReload),
     row("acl.check", Roles::ADMIN, false, Builtin::AclCheck),
     row(
-        crate::rotate::SWITCH_TOPIC,
+        super::keys::SWITCH_TOPIC,
         Roles::ADMIN,
         false,
         Builtin::KeySwitch,
     ),
     row(
-        crate::rotate::RELOAD_TOPIC,
+        super::keys::RELOAD_TOPIC,
         Roles::ADMIN,
         false,
         Builtin::KeyReload,
     ),
     row(
-        crate::rotate::STATUS_TOPIC,
+        super::keys::STATUS_TOPIC,
         Roles::USER,
         false,
         Builtin::KeyStatus,

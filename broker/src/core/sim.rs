@@ -100,7 +100,7 @@ impl Sim {
                     public_key: canopy_security::z85::encode(&key),
                     ..Default::default()
                 },
-                remote_mech: ClientMech::Curve,
+                remote_mech: Mech::Curve,
                 seed: 7 + r as u64,
             };
             nodes.push(Node {
@@ -260,7 +260,7 @@ impl Sim {
                         veto: (self.policy)(&Subject {
                             principal: Some(principal),
                             uid: None,
-                            mech: ClientMech::Curve,
+                            mech: Mech::Curve,
                             address: String::new(),
                         })
                         .err()
