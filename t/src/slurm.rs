@@ -172,7 +172,9 @@ impl Slurm {
         std::fs::write(&key_path, &key).expect("write the munge key");
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
             .expect("chmod the munge key");
-        for sub in ["state", "spool"] {
+        // TmpFS: the pmix plugin makes `spmix_appdir_<uid>_<job>.<step>`
+        // there, and every cluster's first job is 1.
+        for sub in ["state", "spool", "tmp"] {
             std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
         }
         let ports = crate::cluster::free_ports(2);
@@ -199,6 +201,7 @@ impl Slurm {
              CredType=cred/munge\n\
              AuthInfo=socket={d}/munge.sock\n\
              StateSaveLocation={d}/state\n\
+             TmpFS={d}/tmp\n\
              SlurmdSpoolDir={d}/spool/%n\n\
              SlurmctldPidFile={d}/slurmctld.pid\n\
              SlurmdPidFile={d}/slurmd-%n.pid\n\
