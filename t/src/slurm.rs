@@ -135,10 +135,13 @@ impl Slurm {
     /// One node, `n0` at 127.0.0.1 with 16 CPUs; returns once it is idle.
     /// Panics, with the daemons' logs, if it does not come up.
     pub fn start() -> Slurm {
-        let mut s = Slurm::configure(&[Node {
-            name: "n0".into(),
-            addr: "127.0.0.1".into(),
-        }]);
+        let mut s = Slurm::configure(
+            &[Node {
+                name: "n0".into(),
+                addr: "127.0.0.1".into(),
+            }],
+            "127.0.0.1",
+        );
         s.start_controller();
         let mut cmd = s.daemon("slurmd");
         cmd.args(["-D", "-N", "n0", "-f"]).arg(&s.conf);
@@ -147,11 +150,44 @@ impl Slurm {
         s
     }
 
+    /// One node per host of `net` (`node0`, `node1`, ... at the hosts'
+    /// addresses), each slurmd in its host's network namespace; munged and
+    /// slurmctld stay in the root namespace, slurmctld reached at the
+    /// bridge's address. Namespaces share the file system, so every slurmd
+    /// and task uses the one munged socket and the one `slurm.conf`.
+    /// Returns once every node is idle.
+    pub fn start_in(net: &crate::netns::Net) -> Slurm {
+        let nodes: Vec<Node> = net
+            .hosts()
+            .iter()
+            .map(|h| Node {
+                name: format!("node{}", h.index()),
+                addr: h.ip().to_string(),
+            })
+            .collect();
+        let mut s = Slurm::configure(&nodes, &net.bridge_ip().to_string());
+        s.start_controller();
+        for (h, n) in net.hosts().iter().zip(&nodes) {
+            // Not `ip netns exec`: it mounts a fresh /sys without the
+            // cgroup tree, and slurmd 22.05 will not start without it.
+            let mut nsenter = Command::new("nsenter");
+            nsenter
+                .arg(format!("--net=/run/netns/{}", h.name()))
+                .arg("--");
+            let mut cmd = s.daemon_in(nsenter, "slurmd");
+            cmd.args(["-D", "-N", &n.name, "-f"]).arg(&s.conf);
+            s.spawn_daemon("slurmd", cmd);
+        }
+        s.wait_idle();
+        s
+    }
+
     /// Writes the munge key and a `slurm.conf` for `nodes` into a fresh
-    /// temp dir, and registers the cluster with the watchdog. Starts
-    /// nothing: [`Slurm::start_controller`], then a slurmd per node (e.g. in
-    /// a network namespace, [`Slurm::daemon`]), then [`Slurm::wait_idle`].
-    pub fn configure(nodes: &[Node]) -> Slurm {
+    /// temp dir, and registers the cluster with the watchdog; slurmctld
+    /// will be reached at `ctld_addr`. Starts nothing:
+    /// [`Slurm::start_controller`], then a slurmd per node (e.g. in a
+    /// network namespace, [`Slurm::daemon_in`]), then [`Slurm::wait_idle`].
+    pub fn configure(nodes: &[Node], ctld_addr: &str) -> Slurm {
         if let Some(why) = missing() {
             panic!("cannot start a test slurm cluster: {why}");
         }
@@ -184,11 +220,6 @@ impl Slurm {
             .into_owned();
         // slurmctld insists that SlurmctldHost is this machine's name.
         let host = host.split('.').next().unwrap_or("localhost").to_string();
-        let ctld_addr = if nodes.iter().all(|n| n.addr.starts_with("127.")) {
-            "127.0.0.1".to_string()
-        } else {
-            std::env::var("CANOPY_SLURM_CTLD_ADDR").unwrap_or_else(|_| "0.0.0.0".into())
-        };
         let mut conf = format!(
             "# written by canopy-t's slurm harness\n\
              ClusterName=canopytest\n\
@@ -292,8 +323,9 @@ impl Slurm {
         cmd
     }
 
-    /// Like [`Slurm::daemon`] but run through `wrapper` (e.g. `ip netns
-    /// exec NS`), which must exec the daemon so that the pid stays its.
+    /// Like [`Slurm::daemon`] but run through `wrapper` (e.g. `nsenter
+    /// --net=/run/netns/NS --`), which must exec the daemon so that the pid
+    /// stays its.
     pub fn daemon_in(&self, mut wrapper: Command, name: &str) -> Command {
         wrapper.arg(tool(name));
         self.set_env(&mut wrapper);

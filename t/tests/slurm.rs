@@ -2,10 +2,15 @@
 //! slurmctld and slurmd from a temp dir). The probe (`pmi-probe`) uses
 //! `canopy_pmi::from_env`, as a broker will.
 //!
+//! `pmi2_across_four_nodes_in_network_namespaces` runs one slurmd per
+//! network namespace (`canopy_t::netns`), so the tasks of one job really sit
+//! on four addresses.
+//!
 //! Needs root and Debian's munge, slurmctld, slurmd and slurm-client
 //! (scripts/deps.sh installs them); without them each test prints
 //! `skipped: <test>: <reason>`.
 
+use canopy_t::netns::{self, Net};
 use canopy_t::run_test;
 use canopy_t::slurm::{can_run, Slurm};
 use canopy_t::{process_alive, text, wait_until};
@@ -280,6 +285,70 @@ fn scancel_ends_every_task_within_two_seconds() {
             wait_until(Duration::from_secs(5), || slurm.job_processes().is_empty()),
             "job processes left: {}",
             describe(&slurm.job_processes())
+        );
+    });
+}
+
+#[test]
+fn pmi2_across_four_nodes_in_network_namespaces() {
+    let name = "pmi2_across_four_nodes_in_network_namespaces";
+    if !can_run(name) || !netns::can_run(name) {
+        return;
+    }
+    netns::run_test(LIMIT, || {
+        let net = Net::new(4).expect("network namespaces");
+        let t0 = Instant::now();
+        let slurm = Slurm::start_in(&net);
+        println!("4-node slurm in namespaces: idle after {:?}", t0.elapsed());
+        let t1 = Instant::now();
+        let out = slurm.srun(
+            &[
+                "-N",
+                "4",
+                "-n",
+                "8",
+                "--ntasks-per-node=2",
+                "--mpi=pmi2",
+                probe(),
+            ],
+            &[],
+            SRUN_LIMIT,
+        );
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "srun failed ({}):\n{stdout}\n{}\n{}",
+            out.status,
+            text(&out.stderr),
+            slurm.logs()
+        );
+        println!("srun -N 4 -n 8 --mpi=pmi2 pmi-probe: {:?}", t1.elapsed());
+        check_probe_lines(&stdout, 8, "pmi-2");
+        let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
+        let mut netns_of: BTreeMap<String, String> = BTreeMap::new();
+        for l in stdout.lines().filter(|l| l.starts_with("probe ")) {
+            let f = fields(l);
+            *per_node.entry(f["node"].clone()).or_default() += 1;
+            let prev = netns_of.insert(f["node"].clone(), f["netns"].clone());
+            assert!(
+                prev.is_none_or(|p| p == f["netns"]),
+                "{l}: one namespace per node"
+            );
+        }
+        let mine = std::fs::read_link("/proc/self/ns/net")
+            .unwrap()
+            .display()
+            .to_string();
+        let distinct: std::collections::BTreeSet<&String> = netns_of.values().collect();
+        assert_eq!(distinct.len(), 4, "four network namespaces: {netns_of:?}");
+        assert!(
+            !distinct.contains(&mine),
+            "no task in the test's own namespace"
+        );
+        assert_eq!(
+            per_node.into_iter().collect::<Vec<_>>(),
+            (0..4).map(|i| (format!("node{i}"), 2)).collect::<Vec<_>>(),
+            "two tasks on each of the four nodes"
         );
     });
 }

@@ -4,7 +4,7 @@
 //! rank's value and prints one line:
 //!
 //! ```text
-//! probe rank=3 size=8 version=pmi-2 job=5.0 slurm_job=5 values=0:v0.4711,1:v1.4712,...
+//! probe rank=3 size=8 version=pmi-2 job=5.0 slurm_job=5 node=n0 netns=net:[4026531840] values=0:v0.4711,...
 //! ```
 //!
 //! Each value is `v<rank>.<pid>`, so a value that did not come through the
@@ -48,8 +48,12 @@ fn main() {
         })
         .collect();
     let slurm_job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
+    let node = std::env::var("SLURMD_NODENAME").unwrap_or_else(|_| "-".into());
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "-".into());
     println!(
-        "probe rank={rank} size={size} version={} job={} slurm_job={slurm_job} values={}",
+        "probe rank={rank} size={size} version={} job={} slurm_job={slurm_job} node={node} netns={netns} values={}",
         pmi.version(),
         pmi.job_id(),
         values.join(",")
