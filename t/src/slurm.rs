@@ -3,7 +3,9 @@
 //! [`Slurm::start`] is one call: a temp dir holding a munge key and a
 //! `slurm.conf`, free ports on 127.0.0.1, then `munged`, `slurmctld` and
 //! `slurmd` in the foreground as children of this process, and a wait until
-//! the node is idle (about 0.3 s here). Nothing touches the test process's
+//! the node is idle: about 1.1 s in all, most of it slurmd registering.
+//! [`Slurm::start_in`] does the same with one slurmd per network namespace
+//! of a [`crate::netns::Net`], for a real multi-node allocation. Nothing touches the test process's
 //! own environment: [`Slurm::command`] returns a `Command` with `SLURM_CONF`
 //! (which every client command needs) set.
 //!

@@ -197,6 +197,7 @@ fn srun_without_mpi_is_a_clear_error() {
                 .find(|l| l.contains(&format!("rank {r} of 3")))
                 .unwrap_or_else(|| panic!("no error naming rank {r}:\n{stderr}"));
             assert!(line.contains("srun --mpi=pmi2"), "{line}");
+            println!("{line}");
         }
     });
 }
@@ -350,5 +351,38 @@ fn pmi2_across_four_nodes_in_network_namespaces() {
             (0..4).map(|i| (format!("node{i}"), 2)).collect::<Vec<_>>(),
             "two tasks on each of the four nodes"
         );
+    });
+}
+
+#[test]
+fn a_fence_that_never_completes_times_out_naming_the_rank() {
+    if !can_run("a_fence_that_never_completes_times_out_naming_the_rank") {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let t0 = Instant::now();
+        // Rank 2 never fences; -K ends the step once a rank fails.
+        let out = slurm.srun(
+            &["-n", "3", "-K", "--mpi=pmi2", probe(), "--stall", "2"],
+            &[("CANOPY_PMI_TIMEOUT", "1")],
+            SRUN_LIMIT,
+        );
+        let took = t0.elapsed();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(took < Duration::from_secs(20), "srun took {took:?}");
+        for r in [0, 1] {
+            let line = stderr
+                .lines()
+                .find(|l| {
+                    l.contains(&format!(
+                        "rank {r}: pmi `kvs-fence` got no answer within 1s"
+                    ))
+                })
+                .unwrap_or_else(|| panic!("no timeout naming rank {r}:\n{stderr}"));
+            assert!(line.contains("CANOPY_PMI_TIMEOUT"), "{line}");
+            println!("{line}");
+        }
     });
 }

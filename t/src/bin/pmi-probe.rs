@@ -9,7 +9,9 @@
 //!
 //! Each value is `v<rank>.<pid>`, so a value that did not come through the
 //! KVS cannot be guessed. With `--hold` it then prints `holding rank=R` and
-//! sleeps until killed (for scancel tests); otherwise it finalizes.
+//! sleeps until killed (for scancel tests); otherwise it finalizes. With
+//! `--stall R`, rank R never fences (it sleeps 60 s, then exits 4), so the
+//! other ranks' fence times out (`CANOPY_PMI_TIMEOUT`).
 //!
 //! Exit status: 0 done, 2 a PMI error (printed to stderr, as `pmi-probe:
 //! <error>`), 3 no PMI launcher at all, 64 usage.
@@ -19,13 +21,14 @@ use std::io::Write;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let hold = match args.as_slice() {
-        [] => false,
-        [a] if a == "--hold" => true,
-        _ => {
-            eprintln!("usage: pmi-probe [--hold]");
-            std::process::exit(64);
-        }
+    let (hold, stall) = match args.as_slice() {
+        [] => (false, None),
+        [a] if a == "--hold" => (true, None),
+        [a, r] if a == "--stall" => match r.parse::<u32>() {
+            Ok(r) => (false, Some(r)),
+            Err(_) => usage(),
+        },
+        _ => usage(),
     };
     let mut pmi = match canopy_pmi::from_env() {
         Ok(Some(p)) => p,
@@ -37,6 +40,12 @@ fn main() {
     };
     let rank = pmi.rank();
     let size = pmi.size();
+    if stall == Some(rank) {
+        // Never reach the fence (for timeout tests); bounded, in case
+        // nobody kills us.
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        std::process::exit(4);
+    }
     let mine = format!("v{rank}.{}", std::process::id());
     pmi.put(&format!("probe.{rank}"), &mine)
         .unwrap_or_else(|e| fail(e));
@@ -69,6 +78,11 @@ fn main() {
     // Everyone has read everything before anyone finalizes.
     pmi.fence().unwrap_or_else(|e| fail(e));
     pmi.finalize().unwrap_or_else(|e| fail(e));
+}
+
+fn usage() -> ! {
+    eprintln!("usage: pmi-probe [--hold | --stall RANK]");
+    std::process::exit(64);
 }
 
 fn fail(e: canopy_pmi::PmiError) -> ! {
