@@ -46,6 +46,12 @@ pub enum BrokerError {
     Gss(String),
     #[error("refusing to run as root: run the broker as its own service user (see etc/canopy.service), or pass --force-root")]
     Root,
+    /// Launcher mode: the instance ended with `instance.shutdown`; not a
+    /// failure, the process exits with `status`.
+    #[error("the instance ended (its command exited with status {status})")]
+    InstanceEnded { status: i32 },
+    #[error("lost the link to parent rank {parent} ({reason}); under a launcher no broker is restarted, so this one exits too: see rank {parent}'s error for the cause")]
+    Orphaned { parent: u32, reason: String },
     #[error(
         "the launcher went away (its PMI connection closed); exiting so no broker is left behind"
     )]

@@ -439,6 +439,8 @@ pub fn setup_user_instance(
     }
     let host = match transport {
         crate::sockets::Transport::Tcp { host, .. } => host.clone(),
+        crate::sockets::Transport::Auto { addr } if addr.is_ipv6() => format!("[{addr}]"),
+        crate::sockets::Transport::Auto { addr } => addr.to_string(),
         _ => "127.0.0.1".to_string(),
     };
     let listen = match (&g.kex_listen, rank) {

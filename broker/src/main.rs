@@ -42,9 +42,15 @@ enum Cmd {
     /// Start a personal instance of SIZE brokers on this machine, run
     /// COMMAND in it (or wait for Ctrl-C), then shut it down.
     Start {
-        /// Number of brokers.
-        #[arg(long, short = 's', default_value_t = 1)]
-        size: u32,
+        /// Number of brokers (default 1). Under a launcher (srun, mpiexec)
+        /// each task is one broker; --size, if given, must match.
+        #[arg(long, short = 's')]
+        size: Option<u32>,
+        /// Under a launcher: the address each broker listens on, from
+        /// default-route, hostname, an interface name (eth0) or a CIDR
+        /// (10.0.0.0/24). Brokers on one host still use ipc.
+        #[arg(long, value_name = "HINT", default_value = "default-route")]
+        interface: canopy_broker::iface::Hint,
         /// Children per broker in the tree.
         #[arg(long, short = 'k', default_value_t = DEFAULT_FANOUT)]
         fanout: u32,
@@ -122,6 +128,11 @@ enum Cmd {
         /// With --tcp: the address to listen on.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
+        /// Listen on TCP at the address this hint picks (default-route,
+        /// hostname, an interface name or a CIDR), with a port from the
+        /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
+        #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
+        interface: Option<canopy_broker::iface::Hint>,
         #[arg(long, default_value_t = 0)]
         port: u16,
         /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
@@ -500,6 +511,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Start {
             size,
+            interface,
             fanout,
             tcp,
             port,
@@ -519,6 +531,7 @@ fn run(cli: Cli) -> Result<i32> {
             gss.to_opts()?;
             let mut broker_args = timing.to_args();
             broker_args.extend(gss.to_args());
+            let listen_clients_opt = listen_clients.clone();
             if let Some(ep) = listen_clients {
                 broker_args.push("--listen-clients".into());
                 broker_args.push(ep);
@@ -542,8 +555,40 @@ fn run(cli: Cli) -> Result<i32> {
                 broker_args.push("--audit".into());
                 broker_args.push(std::path::absolute(a)?.display().to_string());
             }
+            if canopy_broker::allocation::launched() {
+                anyhow::ensure!(
+                    !tcp,
+                    "--tcp and --port are for a local instance; under a launcher each broker listens where --interface says"
+                );
+                anyhow::ensure!(
+                    !keep_going,
+                    "--keep-going is for a local instance; under a launcher a broker whose parent is lost exits"
+                );
+                let _ = broker_path;
+                return Ok(canopy_broker::allocation::run(
+                    canopy_broker::allocation::AllocOpts {
+                        broker: BrokerOpts {
+                            fanout,
+                            rundir,
+                            instance: None,
+                            transport: Transport::Ipc,
+                            client_listen: listen_clients_opt,
+                            timing: timing.to_timing()?,
+                            client_authz: None,
+                            policy: policy.as_ref().map(std::path::absolute).transpose()?,
+                            audit: audit.as_ref().map(std::path::absolute).transpose()?,
+                            gss: gss.to_opts()?,
+                            interface: Some(interface),
+                        },
+                        size,
+                        timeout: secs(timeout, "--timeout")?,
+                        policy_text,
+                        command,
+                    },
+                ));
+            }
             Ok(start(StartOpts {
-                size,
+                size: size.unwrap_or(1),
                 fanout,
                 tcp,
                 port,
@@ -585,6 +630,7 @@ fn run(cli: Cli) -> Result<i32> {
             tcp,
             host,
             port,
+            interface,
             listen_clients: client_listen,
             policy,
             audit,
@@ -608,6 +654,7 @@ fn run(cli: Cli) -> Result<i32> {
                 policy,
                 audit,
                 gss: gss.to_opts()?,
+                interface,
             })?;
             Ok(0)
         }

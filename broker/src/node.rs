@@ -113,6 +113,8 @@ impl Broker {
             client_endpoint,
             local_uri: format!("local://{}", local.path.display()),
             pid: std::process::id(),
+            host: plan.host.clone(),
+            hosts: plan.hosts.clone(),
         };
         let worker = Worker::start(policy.clients.clone()).map_err(|source| BrokerError::Io {
             what: "start the admission worker",
@@ -190,6 +192,13 @@ impl Broker {
         );
         self.pump()?;
         Ok(self)
+    }
+
+    /// Launcher mode (an instance started by srun or mpiexec): see
+    /// [`BrokerCore::enable_launcher_mode`].
+    pub fn with_launcher_mode(mut self) -> Broker {
+        self.core.enable_launcher_mode();
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -398,6 +407,8 @@ impl Broker {
             Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
             Event::Exit(Exit::HelloRefused { parent, reason }) => return Err(BrokerError::HelloRefused { parent, reason }),
             Event::Exit(Exit::Disconnected(why)) => return Err(BrokerError::Disconnected(why)),
+            Event::Exit(Exit::Shutdown { status }) => return Err(BrokerError::InstanceEnded { status }),
+            Event::Exit(Exit::Orphaned { parent, reason }) => return Err(BrokerError::Orphaned { parent, reason }),
             Event::Exit(Exit::NoParentEndpoint) => return Err(BrokerError::Bootstrap(
                 "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
             )),

@@ -14,7 +14,8 @@ use canopy_zap::ZapHandle;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-/// Everything a broker needs to run, gathered by a bootstrap (PMI today).
+/// Everything a broker needs to run, gathered by a bootstrap
+/// ([`crate::boot::Bootstrap`]: PMI or a config file).
 /// The bootstrap must have called [`Bound::admit_children`] on every
 /// broker of the instance before any of them is started with
 /// [`Broker::new`], which connects to the parent: a connection that arrives
@@ -32,6 +33,11 @@ pub struct Plan {
     /// The only uid admitted on the local connector.
     pub owner_uid: u32,
     pub timing: Timing,
+    /// This broker's host name.
+    pub host: Option<String>,
+    /// Host names of the ranks of this broker's subtree that the bootstrap
+    /// learned (for `overlay.status`).
+    pub hosts: std::collections::BTreeMap<u32, String>,
 }
 
 /// The sockets a broker binds before the key exchange: they must exist so
@@ -67,6 +73,10 @@ pub enum Transport {
     Tcp { host: String, port: u16 },
     /// Exactly this endpoint (from a system-instance config).
     Endpoint(String),
+    /// `tcp://ADDR:*` (a port from the kernel) for brokers on other hosts,
+    /// and `ipc://RUNDIR/tbon-RANK` too for those on this one; the card
+    /// carries the TCP endpoint.
+    Auto { addr: std::net::IpAddr },
 }
 
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -171,6 +181,7 @@ pub fn bind(
         let ep = match transport {
             Transport::Ipc => format!("ipc://{}/tbon-{rank}", rundir.display()),
             Transport::Endpoint(ep) => ep.clone(),
+            Transport::Auto { addr } => crate::iface::tcp_endpoint(*addr),
             Transport::Tcp { host, port } => {
                 let port = if *port == 0 { 0 } else { *port as u32 + rank };
                 if port > u16::MAX as u32 {
@@ -194,6 +205,13 @@ pub fn bind(
             .get_last_endpoint()
             .map_err(zerr("get last endpoint"))?
             .map_err(|_| BrokerError::Bootstrap("router endpoint is not UTF-8".into()))?;
+        if matches!(transport, Transport::Auto { .. }) {
+            let ipc = format!("ipc://{}/tbon-{rank}", rundir.display());
+            s.bind(&ipc).map_err(|e| BrokerError::Bind {
+                endpoint: ipc.clone(),
+                reason: e.message().to_string(),
+            })?;
+        }
         endpoint = Some(last);
         router = Some(s);
     }

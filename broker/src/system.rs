@@ -5,7 +5,6 @@
 //! key is admitted only as the rank it belongs to.
 
 use crate::authz::{AclAuthz, ClientAuthz, OwnerOnly};
-use crate::bootstrap::{check_libzmq, signal_pipe};
 use crate::error::BrokerError;
 use crate::node::{bind, unix_principal, Broker, Card, Plan, Transport};
 use canopy_config::{Config, Mechanism};
@@ -79,65 +78,207 @@ pub fn run_system_broker(opts: SystemOpts) -> Result<(), BrokerError> {
     if uid.is_root() && !opts.force_root {
         return Err(BrokerError::Root);
     }
-    check_libzmq()?;
-    let config = Config::load(&opts.config).map_err(cfg_err)?;
-    let hostname = match &opts.hostname {
-        Some(h) => h.clone(),
-        None => nix::unistd::gethostname()
-            .map_err(|e| cfg_err(format!("cannot read the hostname: {e}")))?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    let rank = config.rank_of(&hostname).ok_or_else(|| {
-        cfg_err(format!(
-            "this host ({hostname}) is not in the [bootstrap] hosts of {}; add it, or pass --hostname NAME",
-            opts.config.display()
-        ))
-    })?;
-    let topo = config.topology().to_overlay().map_err(cfg_err)?;
-    // gssapi: Kerberos binds fresh per-link keys; no certificates. Still
-    // single-threaded here (the keytab goes to the environment).
-    let gss = match config.mechanism() {
-        Mechanism::Gssapi => Some(crate::gss::SystemGss::prepare(&config, rank, &topo)?),
-        Mechanism::Curve => None,
-    };
-    let _span = tracing::error_span!("broker", rank).entered();
+    let mut boot = ConfigBootstrap { opts, state: None };
+    crate::boot::run(&mut boot)
+}
 
-    // This node's own key, and its neighbours' public keys.
-    let keys = match &gss {
-        Some(_) => canopy_security::CurveKeypair::generate()?,
-        None => load_keys(&config, rank)?,
-    };
-    let mut children = HashMap::new();
-    for child in topo.children(rank) {
-        let principal = match &gss {
-            Some(g) => g.children[&child].clone(),
-            None => curve_principal(&public_key(&config, child)?),
+/// The bootstrap from a shared config file: the rank is this host's index
+/// in the host list, the neighbours' keys are their certificates.
+pub struct ConfigBootstrap {
+    pub opts: SystemOpts,
+    state: Option<Started>,
+}
+
+/// What lives from the plan until the broker stops.
+struct Started {
+    config: Config,
+    rank: u32,
+    hostname: String,
+    gss: bool,
+    rundir: PathBuf,
+    kex: Option<canopy_gss::KexServer>,
+}
+
+impl crate::boot::Bootstrap for ConfigBootstrap {
+    fn plan(&mut self) -> Result<crate::boot::Planned, BrokerError> {
+        let opts = &self.opts;
+        let config = Config::load(&opts.config).map_err(cfg_err)?;
+        let hostname = match &opts.hostname {
+            Some(h) => h.clone(),
+            None => nix::unistd::gethostname()
+                .map_err(|e| cfg_err(format!("cannot read the hostname: {e}")))?
+                .to_string_lossy()
+                .into_owned(),
         };
-        children.insert(child, principal);
-    }
-    let parent = match topo.parent(rank) {
-        None => None,
-        Some(p) => {
-            let ep = config
-                .connect_endpoint(p)
-                .ok_or_else(|| cfg_err(format!("no connect endpoint for rank {p}")))?;
-            check_resolves(
-                &ep,
-                &format!("parent (rank {p}, {})", config.host(p).unwrap_or("?")),
-            )?;
-            Some(Card {
-                public_key: match &gss {
-                    Some(_) => [0; 32], // from the parent's key exchange, below
-                    None => public_key(&config, p)?,
-                },
-                endpoint: Some(ep),
-            })
+        let rank = config.rank_of(&hostname).ok_or_else(|| {
+            cfg_err(format!(
+                "this host ({hostname}) is not in the [bootstrap] hosts of {}; add it, or pass --hostname NAME",
+                opts.config.display()
+            ))
+        })?;
+        let topo = config.topology().to_overlay().map_err(cfg_err)?;
+        // gssapi: Kerberos binds fresh per-link keys; no certificates. Still
+        // single-threaded here (the keytab goes to the environment).
+        let gss = match config.mechanism() {
+            Mechanism::Gssapi => Some(crate::gss::SystemGss::prepare(&config, rank, &topo)?),
+            Mechanism::Curve => None,
+        };
+        let _span = tracing::error_span!("broker", rank).entered();
+
+        // This node's own key, and its neighbours' public keys.
+        let keys = match &gss {
+            Some(_) => canopy_security::CurveKeypair::generate()?,
+            None => load_keys(&config, rank)?,
+        };
+        let mut children = HashMap::new();
+        for child in topo.children(rank) {
+            let principal = match &gss {
+                Some(g) => g.children[&child].clone(),
+                None => curve_principal(&public_key(&config, child)?),
+            };
+            children.insert(child, principal);
         }
-    };
-    run_rest(
-        opts, config, hostname, rank, topo, keys, children, parent, gss, uid,
-    )
+        let mut parent = match topo.parent(rank) {
+            None => None,
+            Some(p) => {
+                let ep = config
+                    .connect_endpoint(p)
+                    .ok_or_else(|| cfg_err(format!("no connect endpoint for rank {p}")))?;
+                check_resolves(
+                    &ep,
+                    &format!("parent (rank {p}, {})", config.host(p).unwrap_or("?")),
+                )?;
+                Some(Card {
+                    public_key: match &gss {
+                        Some(_) => [0; 32], // from the parent's key exchange, below
+                        None => public_key(&config, p)?,
+                    },
+                    endpoint: Some(ep),
+                })
+            }
+        };
+
+        // The local connector: reachable by every user; SO_PEERCRED and the
+        // policy decide who gets in.
+        let instance = config.fingerprint().to_string();
+        let rundir = opts.rundir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "canopy-system-{}",
+                &instance[..instance.len().min(16)]
+            ))
+        });
+        match std::fs::DirBuilder::new().mode(0o755).create(&rundir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(BrokerError::Io {
+                    what: "create the runtime directory",
+                    path: rundir,
+                    source,
+                })
+            }
+        }
+        check_not_writable(&rundir, "runtime directory")?;
+
+        let owner_uid = nix::unistd::getuid().as_raw();
+        let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
+            Some(p) => Arc::new(
+                AclAuthz::load(p, config.policy().audit_log.as_deref())
+                    .map_err(BrokerError::Policy)?,
+            ),
+            None => Arc::new(OwnerOnly {
+                owner: unix_principal(owner_uid),
+            }),
+        };
+        let transport = match config.bind_endpoint(rank) {
+            Some(ep) => Transport::Endpoint(ep),
+            None => Transport::Ipc,
+        };
+        let timing = config.timing().to_liveness();
+        let bound = bind(
+            rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
+        )?;
+        let kex = match &gss {
+            Some(g) => {
+                let kex = g.start(&bound, &keys)?;
+                if let (Some(card), Some(key)) =
+                    (parent.as_mut(), g.join_parent(&bound.policy, &keys)?)
+                {
+                    card.public_key = key;
+                }
+                kex
+            }
+            None => {
+                bound.admit_children(&children);
+                None
+            }
+        };
+        let hosts = topo
+            .subtree(rank)
+            .into_iter()
+            .filter_map(|r| config.host(r).map(|h| (r, h.to_string())))
+            .collect();
+        let plan = Plan {
+            rank,
+            topo,
+            instance,
+            rundir: rundir.clone(),
+            keys,
+            parent,
+            children,
+            owner_uid,
+            timing,
+            host: Some(hostname.clone()),
+            hosts,
+        };
+        self.state = Some(Started {
+            config,
+            rank,
+            hostname,
+            gss: gss.is_some(),
+            rundir,
+            kex,
+        });
+        Ok(crate::boot::Planned {
+            plan,
+            bound,
+            pmi_fd: None,
+        })
+    }
+
+    fn started(&mut self, mut broker: Broker) -> Result<Broker, BrokerError> {
+        let Some(st) = &self.state else {
+            return Ok(broker);
+        };
+        let rank = st.rank;
+        // Key rotation is for CURVE certificates; under gssapi every link key
+        // is fresh and bound by Kerberos, so there are no files to rotate.
+        if !st.gss {
+            let topo = st.config.topology().to_overlay().map_err(cfg_err)?;
+            let files = crate::rotate::KeyFiles::from_config(
+                &st.config,
+                rank,
+                topo.parent(rank).into_iter().chain(topo.children(rank)),
+            )
+            .map_err(cfg_err)?;
+            broker = broker.with_key_files(files)?;
+        }
+        let local = st.rundir.join(format!("local-{rank}"));
+        if let Ok(p) = std::fs::metadata(&local) {
+            let mut perm = p.permissions();
+            perm.set_mode(0o666);
+            let _ = std::fs::set_permissions(&local, perm);
+        }
+        sd_notify_ready();
+        tracing::info!("system instance broker rank {rank} ({}) up", st.hostname);
+        Ok(broker)
+    }
+
+    fn finish(&mut self) {
+        if let Some(st) = self.state.as_mut() {
+            st.kex = None;
+        }
+    }
 }
 
 /// This node's secret certificate.
@@ -152,108 +293,6 @@ fn load_keys(config: &Config, rank: u32) -> Result<canopy_security::CurveKeypair
         .keypair()
         .ok_or_else(|| cfg_err(format!("{} has no secret key", secret_path.display())))?;
     Ok(keys)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_rest(
-    opts: SystemOpts,
-    config: Config,
-    hostname: String,
-    rank: u32,
-    topo: canopy_overlay::Topology,
-    keys: canopy_security::CurveKeypair,
-    children: HashMap<u32, String>,
-    mut parent: Option<Card>,
-    gss: Option<crate::gss::SystemGss>,
-    uid: nix::unistd::Uid,
-) -> Result<(), BrokerError> {
-    // The local connector: reachable by every user; SO_PEERCRED and the
-    // policy decide who gets in.
-    let instance = config.fingerprint().to_string();
-    let rundir = opts.rundir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!(
-            "canopy-system-{}",
-            &instance[..instance.len().min(16)]
-        ))
-    });
-    match std::fs::DirBuilder::new().mode(0o755).create(&rundir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(BrokerError::Io {
-                what: "create the runtime directory",
-                path: rundir,
-                source,
-            })
-        }
-    }
-    check_not_writable(&rundir, "runtime directory")?;
-
-    let owner_uid = uid.as_raw();
-    let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
-        Some(p) => Arc::new(
-            AclAuthz::load(p, config.policy().audit_log.as_deref()).map_err(BrokerError::Policy)?,
-        ),
-        None => Arc::new(OwnerOnly {
-            owner: unix_principal(owner_uid),
-        }),
-    };
-    let transport = match config.bind_endpoint(rank) {
-        Some(ep) => Transport::Endpoint(ep),
-        None => Transport::Ipc,
-    };
-    let signals = signal_pipe()?;
-    let timing = config.timing().to_liveness();
-    let bound = bind(
-        rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
-    )?;
-    let kex = match &gss {
-        Some(g) => {
-            let kex = g.start(&bound, &keys)?;
-            if let (Some(card), Some(key)) = (parent.as_mut(), g.join_parent(&bound.policy, &keys)?)
-            {
-                card.public_key = key;
-            }
-            kex
-        }
-        None => {
-            bound.admit_children(&children);
-            None
-        }
-    };
-    let plan = Plan {
-        rank,
-        topo,
-        instance,
-        rundir: rundir.clone(),
-        keys,
-        parent,
-        children,
-        owner_uid,
-        timing,
-    };
-    let mut broker = Broker::new(plan, bound, None, signals)?;
-    // Key rotation is for CURVE certificates; under gssapi every link key
-    // is fresh and bound by Kerberos, so there are no files to rotate.
-    if gss.is_none() {
-        let files = crate::rotate::KeyFiles::from_config(
-            &config,
-            rank,
-            topo.parent(rank).into_iter().chain(topo.children(rank)),
-        )
-        .map_err(cfg_err)?;
-        broker = broker.with_key_files(files)?;
-    }
-    if let Ok(p) = std::fs::metadata(rundir.join(format!("local-{rank}"))) {
-        let mut perm = p.permissions();
-        perm.set_mode(0o666);
-        let _ = std::fs::set_permissions(rundir.join(format!("local-{rank}")), perm);
-    }
-    sd_notify_ready();
-    tracing::info!("system instance broker rank {rank} ({hostname}) up");
-    let result = broker.run();
-    drop(kex);
-    result
 }
 
 /// Tell systemd (Type=notify) that the broker is ready.

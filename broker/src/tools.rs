@@ -112,8 +112,13 @@ pub fn render_status(r: &StatusReport) -> String {
         } else {
             String::new()
         };
+        let host = x
+            .host
+            .as_deref()
+            .map(|h| format!(" on {h}"))
+            .unwrap_or_default();
         s.push_str(&format!(
-            "{prefix}{branch}{rank}: {} ({}, {:.1}s: {}){missed}\n",
+            "{prefix}{branch}{rank}: {} ({}, {:.1}s: {}){missed}{host}\n",
             x.health,
             serde_json::to_value(x.state)
                 .ok()

@@ -40,6 +40,13 @@ pub struct BrokerInfo {
     /// The local connector's socket path.
     pub local_uri: String,
     pub pid: u32,
+    /// This broker's host name, if the bootstrap knows it.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Host names of the ranks of this broker's subtree, from the bootstrap
+    /// (for `overlay.status`).
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<u32, String>,
 }
 
 /// A module's answer.

@@ -30,6 +30,9 @@ pub struct BrokerInfoView {
     #[serde(default)]
     pub client_endpoint: Option<String>,
     pub pid: u32,
+    /// The broker's host name (absent from brokers that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl From<&BrokerInfo> for BrokerInfoView {
@@ -40,6 +43,7 @@ impl From<&BrokerInfo> for BrokerInfoView {
             public_key: i.public_key.clone(),
             client_endpoint: i.client_endpoint.clone(),
             pid: i.pid,
+            host: i.host.clone(),
         }
     }
 }
@@ -56,6 +60,9 @@ pub struct RankStatus {
     /// Events this rank missed (gaps in the event sequence) so far.
     #[serde(default)]
     pub missed_events: u64,
+    /// The rank's host name, if the bootstrap told the reporting broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl Module for OverlayStatus {
@@ -85,6 +92,7 @@ impl Module for OverlayStatus {
                         duration_s: ctx.now_ms.saturating_sub(e.since_ms) as f64 / 1000.0,
                         reason: e.reason.clone(),
                         missed_events: e.missed_events,
+                        host: ctx.info.hosts.get(&r).cloned(),
                     })
                 })
                 .collect()
@@ -121,6 +129,7 @@ mod tests {
         let info = BrokerInfo {
             instance: "i".into(),
             public_key: "k".into(),
+            hosts: [(3, "node3".to_string())].into(),
             ..Default::default()
         };
         let ctx = Ctx {
@@ -142,6 +151,12 @@ mod tests {
             vec![1, 3, 4, 7]
         );
         assert_eq!(r.ranks[1].state, RankState::Online);
+        assert_eq!(r.ranks[1].host.as_deref(), Some("node3"));
+        assert_eq!(r.ranks[2].host, None);
+        // Without hosts, the JSON is what it was (backward compatible).
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["ranks"][2].get("host").is_none());
+        assert!(v["broker"].get("host").is_none());
         assert_eq!(r.ranks[1].duration_s, 2.0);
         assert_eq!(r.ranks[2].state, RankState::Offline);
         assert_eq!(r.ranks[0].parent, Some(0));

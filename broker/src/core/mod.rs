@@ -52,6 +52,10 @@ pub const HEARTBEAT_TOPIC: &str = "overlay.heartbeat";
 pub const REJOIN_TOPIC: &str = "overlay.rejoin";
 /// Topic of the one EPERM a client gets when its access is revoked.
 pub const REVOKED_TOPIC: &str = "access.revoked";
+/// Event that ends an instance started by a launcher (payload: the exit
+/// status every broker exits with, in decimal). Only the owner may publish
+/// it; it has this meaning only under [`BrokerCore::enable_launcher_mode`].
+pub const SHUTDOWN_TOPIC: &str = "instance.shutdown";
 
 /// Events each broker keeps to replay to a child that rejoins after a
 /// link loss (a rejoin after more events than this reports a gap).
@@ -274,6 +278,18 @@ pub enum Exit {
     Disconnected(String),
     /// The bootstrap gave a parent without an endpoint.
     NoParentEndpoint,
+    /// Launcher mode: `instance.shutdown` arrived and every child has left
+    /// (or the wait for them ran out); exit with this status.
+    Shutdown {
+        status: i32,
+    },
+    /// Launcher mode: the parent link was lost. Nobody restarts a broker
+    /// under a launcher, so this one ends too (fail closed), and so in turn
+    /// does its subtree.
+    Orphaned {
+        parent: u32,
+        reason: String,
+    },
 }
 
 /// What the shell must do (besides sending).
@@ -408,6 +424,14 @@ pub struct BrokerCore<P> {
 
     transmits: VecDeque<Transmit<P>>,
     events: VecDeque<Event>,
+
+    /// Launcher mode (see [`BrokerCore::enable_launcher_mode`]).
+    launched: bool,
+    /// `instance.shutdown` seen: the status, and until when to wait for
+    /// the children to leave.
+    shutdown: Option<(i32, u64)>,
+    /// An `Exit` was emitted; emit no other.
+    exiting: bool,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -478,6 +502,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             rot: relink::Rotation::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            launched: false,
+            shutdown: None,
+            exiting: false,
         };
         if core.parent_card.is_some() {
             core.connect_parent();
@@ -519,7 +546,53 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if let Some(at) = self.rot.deadline() {
             next = next.min(at);
         }
+        if let Some((_, at)) = self.shutdown.filter(|_| !self.exiting) {
+            next = next.min(at);
+        }
         next
+    }
+
+    /// Launcher mode, for an instance whose brokers a launcher (srun,
+    /// mpiexec) started, with no one to restart them: the owner's
+    /// [`SHUTDOWN_TOPIC`] event ends every broker, each after its children
+    /// left (at most `min(lost, 5 s)` later), with the event's status; and
+    /// losing the parent link ends this broker ([`Exit::Orphaned`]) instead
+    /// of rejoining forever.
+    pub fn enable_launcher_mode(&mut self) {
+        self.launched = true;
+    }
+
+    /// Launcher mode: start shutting down after `instance.shutdown`.
+    fn shutdown_event(&mut self, topic: &str, data: &[u8]) {
+        if !self.launched || topic != SHUTDOWN_TOPIC || self.shutdown.is_some() {
+            return;
+        }
+        // An unreadable status is a failure, never a success.
+        let status = std::str::from_utf8(data)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            .unwrap_or(1);
+        info!(status, "instance: shutting down (instance.shutdown)");
+        let wait = self.timing.lost_ms.min(5000);
+        self.shutdown = Some((status, self.now + wait));
+    }
+
+    /// Launcher mode: exit once shutting down and every child has left.
+    fn check_shutdown(&mut self) {
+        let Some((status, deadline)) = self.shutdown else {
+            return;
+        };
+        if self.exiting || (!self.children.is_empty() && self.now < deadline) {
+            return;
+        }
+        if !self.children.is_empty() {
+            let mut left: Vec<u32> = self.children.keys().copied().collect();
+            left.sort_unstable();
+            warn!("instance: ranks {left:?} did not leave in time; exiting anyway");
+        }
+        self.exiting = true;
+        self.events
+            .push_back(Event::Exit(Exit::Shutdown { status }));
     }
 
     /// This broker's public facts.
@@ -556,6 +629,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             self.heartbeats();
         }
         self.flush_health();
+        self.check_shutdown();
     }
 
     fn heartbeats(&mut self) {
@@ -648,6 +722,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Input::NextKey { req, result } => self.next_key(req, result),
         }
         self.flush_health();
+        self.check_shutdown();
     }
 
     // ----- the parent link -----
@@ -698,6 +773,18 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// The parent link is gone: answer what was in flight over it, and
     /// try to join again shortly.
     fn lose_parent(&mut self, reason: &str) {
+        if self.launched && !self.exiting {
+            self.exiting = true;
+            self.events.push_back(Event::Exit(match self.shutdown {
+                // The parent finished first: so do we.
+                Some((status, _)) => Exit::Shutdown { status },
+                None => Exit::Orphaned {
+                    parent: self.topo.parent(self.rank).unwrap_or(0),
+                    reason: reason.to_string(),
+                },
+            }));
+            return;
+        }
         warn!(reason = %reason, "overlay: lost the parent link; rejoining");
         for (h, _) in self.rot.up.abandon() {
             debug!(topic = %h.topic, "overlay: a message queued for a relink was dropped");
@@ -1564,6 +1651,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Ok(x) => x,
             Err((e, msg)) => return self.respond_err(&h, e, msg),
         };
+        if self.launched && topic == SHUTDOWN_TOPIC && !h.roles.contains(Roles::OWNER) {
+            return self.respond_err(
+                &h,
+                errno::EPERM,
+                "only the instance owner may end the instance (instance.shutdown)",
+            );
+        }
         let seq = self.sequencer.next_seq();
         let mut ev = Header::event(topic, seq);
         ev.nodeid = self.epoch;
@@ -1571,8 +1665,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         ev.roles = h.roles;
         let data = data.to_vec();
         self.distribute_event(&ev, &data);
-        self.replay.push(self.epoch, seq, (ev, data));
         self.respond(&h, P::from(seq.to_be_bytes().to_vec()));
+        self.shutdown_event(&ev.topic, &data);
+        self.replay.push(self.epoch, seq, (ev, data));
     }
 
     fn event_arrived(&mut self, h: Header, payload: P) {
@@ -1590,6 +1685,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         let data = payload.as_ref().to_vec();
         self.distribute_event(&h, &data);
+        self.shutdown_event(&h.topic, &data);
         self.replay.push(h.nodeid, h.seq, (h, data));
     }
 

@@ -377,3 +377,135 @@ fn a_role_is_checked_before_the_service_runs() {
     }
     assert!(s.full(), "nothing was disconnected");
 }
+
+/// Exited nodes vanish as real brokers would: their links are cut and
+/// their parent's router monitor reports a closed connection. Returns the
+/// ranks in the order they exited.
+fn reap_exits(s: &mut Sim, order: &mut Vec<u32>) {
+    loop {
+        s.settle();
+        let new: Vec<u32> = (0..s.nodes.len() as u32)
+            .filter(|r| s.nodes[*r as usize].exit.is_some() && !order.contains(r))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        for r in new {
+            order.push(r);
+            s.cut.insert(r);
+            if let Some(p) = s.topo.parent(r) {
+                let now = s.now;
+                s.nodes[p as usize].core.handle(now, Input::ChildClosed);
+            }
+        }
+    }
+}
+
+fn launcher_sim(size: u32, fanout: u32) -> Sim {
+    let mut s = Sim::new(size, fanout);
+    for n in &mut s.nodes {
+        n.core.enable_launcher_mode();
+    }
+    s.policy = allow(&[("unix:u2000", Roles::OPERATOR)]);
+    s.run_for(50);
+    assert!(s.full(), "every rank online");
+    s
+}
+
+#[test]
+fn launcher_mode_the_owners_shutdown_ends_every_broker_children_first() {
+    let mut s = launcher_sim(7, 2);
+    // An operator may publish events, but not end the instance.
+    let guest = s.connect(0, 2000);
+    let t = s.publish(0, guest, SHUTDOWN_TOPIC, b"0");
+    s.run_for(20);
+    let r = s.responses(0, guest, t);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].header.errnum, errno::EPERM);
+    assert!(String::from_utf8_lossy(&r[0].payload).contains("owner"));
+    s.run_for(100);
+    assert!(s.nodes.iter().all(|n| n.exit.is_none()), "nobody exits");
+
+    let owner = s.connect(0, OWNER_UID);
+    s.publish(0, owner, SHUTDOWN_TOPIC, b"3");
+    let mut order = Vec::new();
+    reap_exits(&mut s, &mut order);
+    assert_eq!(order.len(), 7, "every rank exits at once: {order:?}");
+    for (r, n) in s.nodes.iter().enumerate() {
+        assert_eq!(n.exit, Some(Exit::Shutdown { status: 3 }), "rank {r}");
+    }
+    // A broker leaves only after its children: the event reached them.
+    for r in 1..7u32 {
+        let p = s.topo.parent(r).unwrap();
+        let pos = |x: u32| order.iter().position(|&y| y == x).unwrap();
+        assert!(pos(r) < pos(p), "rank {r} before its parent {p}: {order:?}");
+    }
+    assert_eq!(*order.last().unwrap(), 0);
+}
+
+#[test]
+fn launcher_mode_a_child_that_never_leaves_delays_its_parent_at_most_the_wait() {
+    let mut s = launcher_sim(3, 2);
+    // Rank 2 hears the event but does not go away (hung).
+    let owner = s.connect(0, OWNER_UID);
+    s.publish(0, owner, SHUTDOWN_TOPIC, b"0");
+    let mut order = Vec::new();
+    s.settle();
+    s.cut.insert(1);
+    let now = s.now;
+    s.nodes[0].core.handle(now, Input::ChildClosed);
+    s.settle();
+    assert!(s.nodes[0].exit.is_none(), "rank 0 waits for rank 2");
+    let t0 = s.now;
+    while s.nodes[0].exit.is_none() && s.now < t0 + 10_000 {
+        s.run_for(50);
+    }
+    reap_exits(&mut s, &mut order);
+    assert_eq!(s.nodes[0].exit, Some(Exit::Shutdown { status: 0 }));
+    let waited = s.now - t0;
+    assert!(waited <= timing().lost_ms.min(5000) + 100, "{waited} ms");
+}
+
+#[test]
+fn launcher_mode_losing_the_parent_ends_the_subtree_fail_closed() {
+    let mut s = launcher_sim(7, 2);
+    // Rank 1 dies: its children see the connection close.
+    s.cut.insert(1);
+    s.nodes[1].exit = Some(Exit::Disconnected("killed".into()));
+    for c in [3u32, 4] {
+        let now = s.now;
+        s.nodes[c as usize].core.handle(
+            now,
+            Input::ParentGone {
+                reason: "the connection to the parent closed".into(),
+            },
+        );
+    }
+    s.run_for(1000);
+    for c in [3u32, 4] {
+        match &s.nodes[c as usize].exit {
+            Some(Exit::Orphaned { parent: 1, reason }) => {
+                assert!(reason.contains("closed"), "{reason}")
+            }
+            other => panic!("rank {c}: {other:?}"),
+        }
+    }
+    for r in [0u32, 2, 5, 6] {
+        assert_eq!(s.nodes[r as usize].exit, None, "rank {r} keeps running");
+    }
+}
+
+#[test]
+fn without_launcher_mode_instance_shutdown_is_an_ordinary_event() {
+    let mut s = Sim::new(3, 2);
+    s.run_for(50);
+    let owner = s.connect(0, OWNER_UID);
+    s.publish(0, owner, SHUTDOWN_TOPIC, b"0");
+    s.cut.insert(1);
+    let now = s.now;
+    s.nodes[2]
+        .core
+        .handle(now, Input::ParentGone { reason: "x".into() });
+    s.run_for(3000);
+    assert!(s.nodes.iter().all(|n| n.exit.is_none()));
+}
