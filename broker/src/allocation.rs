@@ -173,7 +173,7 @@ fn run_inner(mut opts: AllocOpts) -> Result<i32, String> {
 
 fn with_rank(rank: u32, e: &BrokerError) -> String {
     let msg = e.to_string();
-    if msg.starts_with("rank ") {
+    if msg.contains(&format!("rank {rank}:")) || msg.contains(&format!("rank {rank} of")) {
         msg
     } else {
         format!("rank {rank}: {msg}")
@@ -274,7 +274,7 @@ fn rank0(
     let Some((prog, args)) = command.split_first() else {
         let text = format!(
             "canopy: {size} brokers up (instance {instance}, rank 0 on {}); they stop when the job ends\nexport CANOPY_URI={uri}\n",
-            crate::iface::hostname()
+            crate::iface::display_host()
         );
         let mut out = std::io::stdout().lock();
         let _ = std::io::Write::write_all(&mut out, text.as_bytes())

@@ -296,7 +296,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             _ => None,
         };
 
-        let host = crate::iface::hostname();
+        let host = crate::iface::display_host();
         let mut hosts = std::collections::BTreeMap::new();
         hosts.insert(rank, host.clone());
         let mut parent = None;

@@ -146,8 +146,12 @@ pub fn resolve(hint: &Hint, rank: u32) -> Result<IpAddr, BrokerError> {
         Hint::Name(name) => {
             let all = addresses()?;
             if !all.iter().any(|(n, _)| n == name) {
-                let mut names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
-                names.dedup();
+                let mut names: Vec<&str> = Vec::new();
+                for (n, _) in &all {
+                    if !names.contains(&n.as_str()) {
+                        names.push(n);
+                    }
+                }
                 return Err(fail(format!(
                     "no interface is called {name} on this host (it has {})",
                     names.join(", ")
@@ -200,6 +204,17 @@ pub fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// The name `overlay status` shows for this broker's host: Slurm's node
+/// name when a Slurm task (`SLURMD_NODENAME`: what squeue and sinfo show,
+/// and the one name that differs between nodes that share a hostname),
+/// else the hostname.
+pub fn display_host() -> String {
+    std::env::var("SLURMD_NODENAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(hostname)
 }
 
 /// Brokers with the same host id reach each other over `ipc://`: the same

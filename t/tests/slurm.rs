@@ -386,3 +386,415 @@ fn a_fence_that_never_completes_times_out_naming_the_rank() {
         }
     });
 }
+
+// ----- canopy start under srun -----
+
+fn canopy() -> String {
+    canopy_t::canopy_bin().display().to_string()
+}
+
+/// The `canopy` processes (brokers) among the cluster's job processes.
+fn brokers(slurm: &Slurm) -> Vec<i32> {
+    slurm
+        .job_processes()
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.file_name().is_some_and(|n| n == "canopy"))
+        })
+        .collect()
+}
+
+fn fail_with(slurm: &Slurm, out: &std::process::Output) -> String {
+    format!(
+        "srun: {}\nstdout:\n{}\nstderr:\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        slurm.logs()
+    )
+}
+
+#[test]
+fn canopy_start_under_srun_pmi2_pings_rank_7() {
+    if !can_run("canopy_start_under_srun_pmi2_pings_rank_7") {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let rundir = tempfile::tempdir().unwrap();
+        let bin = canopy();
+        let t0 = Instant::now();
+        let out = slurm.srun(
+            &[
+                "-n",
+                "8",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--rundir",
+                rundir.path().to_str().unwrap(),
+                "--",
+                &bin,
+                "ping",
+                "--rank",
+                "7",
+                "--count",
+                "3",
+            ],
+            &[],
+            SRUN_LIMIT,
+        );
+        println!(
+            "srun -n 8 --mpi=pmi2 canopy start -- canopy ping --rank 7: {:?}",
+            t0.elapsed()
+        );
+        assert!(out.status.success(), "{}", fail_with(&slurm, &out));
+        let stdout = text(&out.stdout);
+        let pings: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("broker.ping rank=7 "))
+            .collect();
+        assert_eq!(pings.len(), 3, "{stdout}");
+        assert!(stdout.contains("3 sent, 3 received"), "{stdout}");
+        assert!(
+            wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
+            "brokers left: {}",
+            describe(&brokers(&slurm))
+        );
+        let left: Vec<_> = std::fs::read_dir(rundir.path())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "left in the runtime dir: {left:?}");
+    });
+}
+
+#[test]
+fn canopy_start_under_srun_the_commands_exit_status_propagates() {
+    if !can_run("canopy_start_under_srun_the_commands_exit_status_propagates") {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let bin = canopy();
+        let t0 = Instant::now();
+        let out = slurm.srun(
+            &[
+                "-n",
+                "4",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--",
+                "sh",
+                "-c",
+                "exit 3",
+            ],
+            &[],
+            SRUN_LIMIT,
+        );
+        println!("exit 3 under srun -n 4: {:?}", t0.elapsed());
+        assert_eq!(out.status.code(), Some(3), "{}", fail_with(&slurm, &out));
+        // Every task exited with 3, not only rank 0: srun -l reports each
+        // task that failed, and nothing failed otherwise.
+        let stderr = text(&out.stderr);
+        assert!(!stderr.contains("error: rank"), "{stderr}");
+        let out = slurm.srun(
+            &["-n", "2", "--mpi=pmi2", &bin, "start", "--", "true"],
+            &[],
+            SRUN_LIMIT,
+        );
+        assert!(out.status.success(), "{}", fail_with(&slurm, &out));
+        assert!(
+            wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
+            "brokers left: {}",
+            describe(&brokers(&slurm))
+        );
+    });
+}
+
+#[test]
+fn canopy_start_under_srun_scancel_ends_every_broker_within_two_seconds() {
+    if !can_run("canopy_start_under_srun_scancel_ends_every_broker_within_two_seconds") {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let rundir = tempfile::tempdir().unwrap();
+        let bin = canopy();
+        let mut job = slurm.spawn_srun(
+            &[
+                "-n",
+                "8",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--rundir",
+                rundir.path().to_str().unwrap(),
+            ],
+            &[],
+        );
+        let lines = job
+            .wait_lines(1, SRUN_LIMIT, |l| l.starts_with("export CANOPY_URI="))
+            .to_vec();
+        let Some(uri) = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("export CANOPY_URI="))
+            .map(str::to_string)
+        else {
+            job.wait(Duration::from_secs(1));
+            let (_, err) = job.output();
+            panic!(
+                "no CANOPY_URI from rank 0:\n{}\n{err}\n{}",
+                lines.join("\n"),
+                slurm.logs()
+            );
+        };
+        assert!(
+            lines.iter().any(|l| l.contains("8 brokers up")),
+            "{lines:?}"
+        );
+        // The instance works from outside the job, on rank 0's node.
+        let mut status = std::process::Command::new(&bin);
+        status.args(["overlay", "status"]).env("CANOPY_URI", &uri);
+        let st = canopy_t::run_command(&mut status, Duration::from_secs(10));
+        assert!(st.status.success(), "{}", text(&st.stderr));
+        let tree = text(&st.stdout);
+        assert!(tree.contains("8 of 8 online"), "{tree}");
+        assert!(tree.contains(" on n0"), "hosts named: {tree}");
+
+        let pids = brokers(&slurm);
+        assert_eq!(pids.len(), 8, "8 brokers: {}", describe(&pids));
+        let jobid = slurm_job_of(pids[0]);
+        let t0 = Instant::now();
+        let mut scancel = slurm.command("scancel");
+        scancel.arg(&jobid);
+        let out = canopy_t::run_command(&mut scancel, Duration::from_secs(10));
+        assert!(out.status.success(), "scancel: {}", text(&out.stderr));
+        let gone = wait_until(Duration::from_secs(2), || {
+            pids.iter().all(|&p| !process_alive(p))
+        });
+        println!("scancel: every broker gone after {:?}", t0.elapsed());
+        assert!(
+            gone,
+            "brokers alive 2 s after scancel: {}",
+            describe(
+                &pids
+                    .iter()
+                    .copied()
+                    .filter(|&p| process_alive(p))
+                    .collect::<Vec<_>>()
+            )
+        );
+        job.wait(Duration::from_secs(5)).expect("srun exits");
+        assert!(
+            wait_until(Duration::from_secs(5), || slurm.job_processes().is_empty()),
+            "job processes left: {}",
+            describe(&slurm.job_processes())
+        );
+        let left: Vec<_> = std::fs::read_dir(rundir.path())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "left in the runtime dir: {left:?}");
+    });
+}
+
+/// `SLURM_JOB_ID` from a task's environment.
+fn slurm_job_of(pid: i32) -> String {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    text(&env)
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix("SLURM_JOB_ID="))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("pid {pid} has no SLURM_JOB_ID"))
+}
+
+#[test]
+fn canopy_start_under_srun_bad_input_names_the_rank_and_the_fix() {
+    if !can_run("canopy_start_under_srun_bad_input_names_the_rank_and_the_fix") {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let bin = canopy();
+        let check = |args: &[&str], want: &[&str], ranks: u32| {
+            let mut all = vec![];
+            all.extend_from_slice(args);
+            let out = slurm.srun(&all, &[], SRUN_LIMIT);
+            let stderr = text(&out.stderr);
+            assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
+            for r in 0..ranks {
+                let line = stderr
+                    .lines()
+                    .find(|l| {
+                        l.contains(&format!("rank {r}")) && want.iter().all(|w| l.contains(w))
+                    })
+                    .unwrap_or_else(|| {
+                        panic!("{args:?}: no error naming rank {r} and {want:?}:\n{stderr}")
+                    });
+                println!("{line}");
+            }
+        };
+        // An interface hint that matches no address (TEST-NET-3).
+        check(
+            &[
+                "-n",
+                "2",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--interface",
+                "203.0.113.0/24",
+                "--",
+                "true",
+            ],
+            &[
+                "--interface 203.0.113.0/24",
+                "no address of this host",
+                "pass --interface",
+            ],
+            2,
+        );
+        check(
+            &[
+                "-n",
+                "2",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--interface",
+                "nosuch0",
+                "--",
+                "true",
+            ],
+            &["no interface is called nosuch0"],
+            2,
+        );
+        // srun without --mpi: no PMI is offered.
+        check(
+            &["-n", "3", &bin, "start", "--", "true"],
+            &["srun --mpi=pmi2"],
+            3,
+        );
+        // --size that disagrees with the number of tasks.
+        check(
+            &[
+                "-n",
+                "2",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--size",
+                "4",
+                "--",
+                "true",
+            ],
+            &["--size 4", "2 tasks", "drop --size"],
+            1,
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
+            "brokers left: {}",
+            describe(&brokers(&slurm))
+        );
+    });
+}
+
+#[test]
+fn canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts() {
+    let name = "canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts";
+    if !can_run(name) || !netns::can_run(name) {
+        return;
+    }
+    netns::run_test(LIMIT, || {
+        let net = Net::new(4).expect("network namespaces");
+        let slurm = Slurm::start_in(&net);
+        let (subnet, bits) = net.subnet();
+        let cidr = format!("{subnet}/{bits}");
+        let bin = canopy();
+        // A chain (fanout 1) of 8 brokers, two per node: 0-1 on node0, 2-3
+        // on node1, ...; ranks 0 to 6 listen, on four addresses; links
+        // within a node use ipc, between nodes TCP.
+        let script = format!(
+            "{bin} overlay status --wait full --timeout 10s >/dev/null && {bin} overlay status && \
+             for r in 0 1 2 3 4 5 6 7; do {bin} overlay status --rank $r --json || exit 1; done"
+        );
+        let t0 = Instant::now();
+        let out = slurm.srun(
+            &[
+                "-N",
+                "4",
+                "-n",
+                "8",
+                "--ntasks-per-node=2",
+                "--mpi=pmi2",
+                &bin,
+                "start",
+                "--fanout",
+                "1",
+                "--interface",
+                &cidr,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            &[],
+            SRUN_LIMIT,
+        );
+        println!("srun -N 4 -n 8 canopy start: {:?}", t0.elapsed());
+        assert!(out.status.success(), "{}", fail_with(&slurm, &out));
+        let stdout = text(&out.stdout);
+        println!("{}", stdout.lines().take(10).collect::<Vec<_>>().join("\n"));
+        let tree_end = stdout.find('{').expect("json after the tree");
+        let tree = &stdout[..tree_end];
+        assert!(tree.contains("8 of 8 online here, health full"), "{tree}");
+        for n in 0..4 {
+            assert!(
+                tree.contains(&format!(" on node{n}")),
+                "node{n} named:\n{tree}"
+            );
+        }
+        let reports: Vec<serde_json::Value> =
+            serde_json::Deserializer::from_str(&stdout[tree_end..])
+                .into_iter::<serde_json::Value>()
+                .collect::<Result<_, _>>()
+                .expect("one JSON report per rank");
+        assert_eq!(reports.len(), 8);
+        // Rank 0's report names every rank's host, two ranks per node.
+        let hosts: Vec<String> = reports[0]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["host"].as_str().unwrap_or("?").to_string())
+            .collect();
+        assert_eq!(
+            hosts,
+            ["node0", "node0", "node1", "node1", "node2", "node2", "node3", "node3"],
+            "{}",
+            reports[0]
+        );
+        let mut addrs = std::collections::BTreeSet::new();
+        for (r, rep) in reports.iter().enumerate() {
+            assert_eq!(rep["rank"], r as u64);
+            assert_eq!(rep["broker"]["host"], format!("node{}", r / 2));
+            if r < 7 {
+                let ep = rep["broker"]["endpoint"].as_str().unwrap_or_default();
+                let addr = ep
+                    .strip_prefix("tcp://")
+                    .and_then(|a| a.rsplit_once(':'))
+                    .map(|(a, _)| a.to_string())
+                    .unwrap_or_else(|| panic!("rank {r} listens on {ep}, not tcp"));
+                assert_eq!(
+                    addr,
+                    net.host(r / 2).ip().to_string(),
+                    "rank {r} listens on its node's address"
+                );
+                addrs.insert(addr);
+            }
+        }
+        assert_eq!(addrs.len(), 4, "four addresses: {addrs:?}");
+    });
+}
