@@ -312,3 +312,73 @@ fn body(mpiexec: &Path, dir: &Path) {
         job.log()
     );
 }
+
+/// `mpiexec -n 4 canopy start -- COMMAND`: each task is a broker (PMI-1),
+/// rank 0 runs the command, and mpiexec returns its exit status.
+#[test]
+fn mpiexec_canopy_start_runs_the_command_and_returns_its_status() {
+    let mpiexec = match hydra_mpiexec() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipped: hydra: {why}");
+            return;
+        }
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("canopy-t-hydra-start-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mark = dir.display().to_string();
+    live().push(mark.clone());
+    let res = std::panic::catch_unwind(|| {
+        let dir = dir.clone();
+        run_test(LIMIT, move || {
+            let bin = canopy_bin().display().to_string();
+            let script = format!("{bin} ping --rank 3 --count 2 && exit 3");
+            let mut cmd = Command::new(&mpiexec);
+            cmd.args(["-n", "4"])
+                .arg(&bin)
+                .args(["start", "--rundir"])
+                .arg(&dir)
+                .args(["--", "sh", "-c", &script])
+                .env_remove("CANOPY_URI")
+                .env(MARK_VAR, dir.display().to_string())
+                .process_group(0);
+            let t0 = Instant::now();
+            let out = run_command(&mut cmd, Duration::from_secs(60));
+            println!("mpiexec -n 4 canopy start: {:?}", t0.elapsed());
+            let stdout = text(&out.stdout);
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "{}\n{stdout}\n{}",
+                out.status,
+                text(&out.stderr)
+            );
+            assert_eq!(
+                stdout
+                    .lines()
+                    .filter(|l| l.starts_with("broker.ping rank=3 "))
+                    .count(),
+                2,
+                "{stdout}"
+            );
+            let mark = dir.display().to_string();
+            assert!(
+                wait_until(Duration::from_secs(5), || marked(&mark).is_empty()),
+                "processes left: {:?}",
+                marked(&mark)
+            );
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+            assert!(left.is_empty(), "left in the runtime dir: {left:?}");
+        })
+    });
+    // Only this test's processes: the other test may still run.
+    live().retain(|m| *m != mark);
+    kill_marked(&mark);
+    drop(tmp);
+    if let Err(panic) = res {
+        std::panic::resume_unwind(panic);
+    }
+}
