@@ -7,7 +7,9 @@
 //!   [`PmiServer`], the process manager side that `canopy start` runs;
 //! - PMI-2, spoken natively by `srun --mpi=pmi2`: [`wire2`] (the framed
 //!   format, pure) and [`Pmi2Client`];
-//! - [`Pmi`], the one interface both clients offer, and [`from_env`], which
+//! - PMIx, spoken by `srun --mpi=pmix`: [`PmixClient`], through libpmix
+//!   (`canopy_sys::pmix`; without libpmix at build time it says so);
+//! - [`Pmi`], the one interface the clients offer, and [`from_env`], which
 //!   picks the protocol the launcher offers (see there for how).
 //!
 //! A typical broker start-up:
@@ -30,6 +32,7 @@
 
 pub mod client;
 pub mod client2;
+pub mod pmix;
 pub mod select;
 pub mod server;
 pub mod wire;
@@ -37,6 +40,7 @@ pub mod wire2;
 
 pub use client::PmiClient;
 pub use client2::Pmi2Client;
+pub use pmix::PmixClient;
 pub use select::{from_env, version_from_env, Pmi, PmiVersion, DEFAULT_TIMEOUT};
 pub use server::{AbortInfo, PmiEvent, PmiServer, PmiServerHandle};
 pub use wire::WireError;
@@ -79,9 +83,16 @@ pub enum PmiError {
     /// `srun` started this task among several, but offered no PMI.
     #[error("rank {rank} of {size}: srun started this task without a pmi (PMI_FD is not set), so the tasks cannot find each other; run `srun --mpi=pmi2 ...` (or set MpiDefault=pmi2 in slurm.conf)")]
     NoPmi { rank: String, size: u32 },
-    /// The launcher offers only PMIx.
-    #[error("rank {rank}: the launcher offers only pmix (PMIX_RANK is set, PMI_FD is not), which canopy does not speak yet; run `srun --mpi=pmi2 ...` instead")]
+    /// The launcher offers only PMIx, and this build has no libpmix.
+    #[error("rank {rank}: the launcher offers only pmix (PMIX_RANK is set, PMI_FD is not), and this canopy was built without libpmix; install libpmix-dev and rebuild canopy, or run `srun --mpi=pmi2 ...` instead")]
     PmixOnly { rank: String },
+    /// A PMIx call failed.
+    #[error("rank {rank}: pmix `{op}` failed: {detail}; check that the launcher's pmix server is running (srun --mpi=pmix), or run `srun --mpi=pmi2 ...` instead")]
+    Pmix {
+        rank: String,
+        op: &'static str,
+        detail: String,
+    },
     /// A canopy setting in the environment is malformed.
     #[error("{var}={value} is not usable; {fix}")]
     BadSetting {

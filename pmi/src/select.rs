@@ -22,6 +22,8 @@ pub enum PmiVersion {
     V1,
     /// PMI-2 (`srun --mpi=pmi2`).
     V2,
+    /// PMIx (`srun --mpi=pmix`), through libpmix.
+    Pmix,
 }
 
 impl fmt::Display for PmiVersion {
@@ -29,6 +31,7 @@ impl fmt::Display for PmiVersion {
         f.write_str(match self {
             PmiVersion::V1 => "pmi-1",
             PmiVersion::V2 => "pmi-2",
+            PmiVersion::Pmix => "pmix",
         })
     }
 }
@@ -194,7 +197,8 @@ impl Pmi for Pmi2Client<UnixStream> {
 ///    but all tasks of a node must use the same one). `PMI_RANK` and
 ///    `PMI_SIZE` must be set too.
 /// 2. No `PMI_FD` but `PMIX_RANK`: `srun --mpi=pmix` or another PMIx
-///    launcher; not supported yet, so an error says to use `--mpi=pmi2`.
+///    launcher: PMIx through libpmix, or, in a build without it, an error
+///    that says to install libpmix-dev or use `--mpi=pmi2`.
 /// 3. No `PMI_FD` but `SLURM_PROCID` and more than one task
 ///    (`SLURM_STEP_NUM_TASKS`): `srun` without `--mpi`; an error says to
 ///    add `--mpi=pmi2`.
@@ -285,6 +289,7 @@ pub(crate) fn from_lookup(
             r.map_err(|e| v1_error(&c, e))?;
             c
         }
+        PmiVersion::Pmix => return no_pmi_fd(&lookup),
         PmiVersion::V2 => {
             let fd_text = require_env(&lookup, "PMI_FD")?;
             let fd: i32 = parse_env("PMI_FD", &fd_text)?;
@@ -314,9 +319,14 @@ pub(crate) fn from_lookup(
 /// offering a PMI we speak.
 fn no_pmi_fd(lookup: &impl Fn(&str) -> Option<String>) -> Result<Option<Box<dyn Pmi>>, PmiError> {
     if let Some(rank) = lookup("PMIX_RANK") {
-        return Err(PmiError::PmixOnly {
-            rank: rank.trim().to_owned(),
-        });
+        if !canopy_sys::pmix::Pmix::BUILT {
+            return Err(PmiError::PmixOnly {
+                rank: rank.trim().to_owned(),
+            });
+        }
+        let mut c = Box::new(crate::PmixClient::init(&rank)?);
+        c.set_timeout(timeout_from(lookup)?)?;
+        return Ok(Some(c));
     }
     let tasks = lookup("SLURM_STEP_NUM_TASKS")
         .or_else(|| lookup("SLURM_NTASKS"))
@@ -403,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn pmix_only_says_to_use_pmi2() {
+    fn pmix_without_a_server_or_without_libpmix_says_what_to_do() {
         let err = from_lookup(env(&[
             ("PMIX_RANK", "2"),
             ("PMIX_NAMESPACE", "slurm.pmix.3.0"),
@@ -412,7 +422,14 @@ mod tests {
         ]))
         .unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, PmiError::PmixOnly { .. }), "{err:?}");
+        // Built with libpmix: init finds no server here; without: it says
+        // how to get pmix. Either way the rank and --mpi=pmi2 are named.
+        if canopy_sys::pmix::Pmix::BUILT {
+            assert!(matches!(err, PmiError::Pmix { .. }), "{err:?}");
+        } else {
+            assert!(matches!(err, PmiError::PmixOnly { .. }), "{err:?}");
+            assert!(msg.contains("libpmix-dev"), "{msg}");
+        }
         assert!(
             msg.contains("rank 2") && msg.contains("--mpi=pmi2"),
             "{msg}"

@@ -220,3 +220,5 @@ mod zmq_tests {
         assert_eq!(super::set_tcp_maxrt(&mut s, -1), Err(zmq::Error::EINVAL));
     }
 }
+
+pub mod pmix;

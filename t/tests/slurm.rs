@@ -2,6 +2,9 @@
 //! slurmctld and slurmd from a temp dir). The probe (`pmi-probe`) uses
 //! `canopy_pmi::from_env`, as a broker will.
 //!
+//! The `canopy_start_*` tests run `canopy start` under srun: each task one
+//! broker (PMI-2, and PMIx through libpmix).
+//!
 //! `pmi2_across_four_nodes_in_network_namespaces` runs one slurmd per
 //! network namespace (`canopy_t::netns`), so the tasks of one job really sit
 //! on four addresses.
@@ -202,29 +205,42 @@ fn srun_without_mpi_is_a_clear_error() {
     });
 }
 
+/// `srun --mpi=pmix`'s plugin, or a panic saying how to get it.
+fn require_pmix(slurm: &Slurm) {
+    let list = slurm.srun(&["--mpi=list"], &[], SRUN_LIMIT);
+    let plugins = text(&list.stdout) + &text(&list.stderr);
+    if !plugins.contains("pmix") {
+        panic!("srun --mpi=list offers no pmix; install libpmix-dev (scripts/deps.sh does):\n{plugins}");
+    }
+}
+
 #[test]
-fn pmix_only_is_a_clear_error() {
-    if !can_run("pmix_only_is_a_clear_error") {
+fn pmix_under_srun_eight_ranks_see_every_value() {
+    if !can_run("pmix_under_srun_eight_ranks_see_every_value") {
         return;
     }
     run_test(LIMIT, || {
         let slurm = Slurm::start();
-        let list = slurm.srun(&["--mpi=list"], &[], SRUN_LIMIT);
-        let plugins = text(&list.stdout) + &text(&list.stderr);
-        if !plugins.contains("pmix") {
-            panic!("srun --mpi=list offers no pmix; install libpmix-dev (scripts/deps.sh does):\n{plugins}");
-        }
-        let out = slurm.srun(&["-n", "2", "--mpi=pmix", probe()], &[], SRUN_LIMIT);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
-        for r in 0..2 {
-            assert!(
-                stderr.lines().any(|l| l.contains(&format!("rank {r}:"))
-                    && l.contains("only pmix")
-                    && l.contains("--mpi=pmi2")),
-                "rank {r}:\n{stderr}"
-            );
-        }
+        require_pmix(&slurm);
+        let t0 = Instant::now();
+        let out = slurm.srun(&["-n", "8", "--mpi=pmix", probe()], &[], SRUN_LIMIT);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "srun failed ({}):\n{stdout}\n{}\n{}",
+            out.status,
+            text(&out.stderr),
+            slurm.logs()
+        );
+        println!("srun -n 8 --mpi=pmix pmi-probe: {:?}", t0.elapsed());
+        let f = check_probe_lines(&stdout, 8, "pmix");
+        // The PMIx namespace is Slurm's `slurm.pmix.<job>.<step>`.
+        assert!(
+            f["job"].contains(&format!(".{}.", f["slurm_job"])),
+            "namespace {} vs slurm job {}",
+            f["job"],
+            f["slurm_job"]
+        );
     });
 }
 
@@ -420,54 +436,68 @@ fn canopy_start_under_srun_pmi2_pings_rank_7() {
     if !can_run("canopy_start_under_srun_pmi2_pings_rank_7") {
         return;
     }
-    run_test(LIMIT, || {
-        let slurm = Slurm::start();
-        let rundir = tempfile::tempdir().unwrap();
-        let bin = canopy();
-        let t0 = Instant::now();
-        let out = slurm.srun(
-            &[
-                "-n",
-                "8",
-                "--mpi=pmi2",
-                &bin,
-                "start",
-                "--rundir",
-                rundir.path().to_str().unwrap(),
-                "--",
-                &bin,
-                "ping",
-                "--rank",
-                "7",
-                "--count",
-                "3",
-            ],
-            &[],
-            SRUN_LIMIT,
-        );
-        println!(
-            "srun -n 8 --mpi=pmi2 canopy start -- canopy ping --rank 7: {:?}",
-            t0.elapsed()
-        );
-        assert!(out.status.success(), "{}", fail_with(&slurm, &out));
-        let stdout = text(&out.stdout);
-        let pings: Vec<&str> = stdout
-            .lines()
-            .filter(|l| l.starts_with("broker.ping rank=7 "))
-            .collect();
-        assert_eq!(pings.len(), 3, "{stdout}");
-        assert!(stdout.contains("3 sent, 3 received"), "{stdout}");
-        assert!(
-            wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
-            "brokers left: {}",
-            describe(&brokers(&slurm))
-        );
-        let left: Vec<_> = std::fs::read_dir(rundir.path())
-            .unwrap()
-            .flatten()
-            .collect();
-        assert!(left.is_empty(), "left in the runtime dir: {left:?}");
-    });
+    run_test(LIMIT, || start_and_ping_rank_7("--mpi=pmi2"));
+}
+
+#[test]
+fn canopy_start_under_srun_pmix_pings_rank_7() {
+    if !can_run("canopy_start_under_srun_pmix_pings_rank_7") {
+        return;
+    }
+    run_test(LIMIT, || start_and_ping_rank_7("--mpi=pmix"));
+}
+
+/// `srun -n 8 MPI canopy start -- canopy ping --rank 7 --count 3`.
+fn start_and_ping_rank_7(mpi: &str) {
+    let slurm = Slurm::start();
+    if mpi == "--mpi=pmix" {
+        require_pmix(&slurm);
+    }
+    let rundir = tempfile::tempdir().unwrap();
+    let bin = canopy();
+    let t0 = Instant::now();
+    let out = slurm.srun(
+        &[
+            "-n",
+            "8",
+            mpi,
+            &bin,
+            "start",
+            "--rundir",
+            rundir.path().to_str().unwrap(),
+            "--",
+            &bin,
+            "ping",
+            "--rank",
+            "7",
+            "--count",
+            "3",
+        ],
+        &[],
+        SRUN_LIMIT,
+    );
+    println!(
+        "srun -n 8 {mpi} canopy start -- canopy ping --rank 7: {:?}",
+        t0.elapsed()
+    );
+    assert!(out.status.success(), "{}", fail_with(&slurm, &out));
+    let stdout = text(&out.stdout);
+    let pings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("broker.ping rank=7 "))
+        .collect();
+    assert_eq!(pings.len(), 3, "{stdout}");
+    assert!(stdout.contains("3 sent, 3 received"), "{stdout}");
+    assert!(
+        wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
+        "brokers left: {}",
+        describe(&brokers(&slurm))
+    );
+    let left: Vec<_> = std::fs::read_dir(rundir.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "left in the runtime dir: {left:?}");
 }
 
 #[test]
