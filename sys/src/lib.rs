@@ -12,6 +12,10 @@
 //! [`set_tcp_maxrt`] sets libzmq's `ZMQ_TCP_MAXRT`, which the `zmq` crate
 //! does not wrap: one `zmq_setsockopt` call with a pointer to an `int`.
 //!
+//! [`pmix`] is PMIx (`srun --mpi=pmix`): a small C shim over libpmix
+//! (`csrc/pmix_shim.c`, built when libpmix's headers are installed) and
+//! safe wrappers; without libpmix it builds and says how to get it.
+//!
 //! [`clear_cloexec`] is safe, but lives here too because it is the other half
 //! of fd inheritance: the launcher uses it so that a child inherits its end of
 //! a socketpair.

@@ -828,3 +828,71 @@ fn canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts() 
         assert_eq!(addrs.len(), 4, "four addresses: {addrs:?}");
     });
 }
+
+/// The wire-up benchmark of docs/performance.md ("Inside an allocation"):
+/// for 4, 16 and 64 tasks on one node, the wall time of `srun -n N true`
+/// (the launcher's own cost), of `srun -n N --mpi=pmi2|pmix canopy start
+/// -- true` (launch, wire-up, the command, shutdown), and of `canopy start
+/// --size N -- true` on the same machine in the same run; median and
+/// [min, max] of 5 runs each. Run it with a release build:
+/// `cargo test --release -p canopy-t --test slurm wireup_benchmark -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark; run it on purpose (docs/performance.md)"]
+fn wireup_benchmark() {
+    if !can_run("wireup_benchmark") {
+        return;
+    }
+    run_test(Duration::from_secs(600), || {
+        let slurm = Slurm::start();
+        require_pmix(&slurm);
+        let bin = canopy();
+        let runs = 5;
+        let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("load at start: {}", load().trim());
+        let time = |f: &dyn Fn() -> std::process::Output| -> (f64, f64, f64) {
+            let mut v: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let out = f();
+                    let took = t0.elapsed().as_secs_f64() * 1e3;
+                    assert!(
+                        out.status.success(),
+                        "{}\n{}",
+                        text(&out.stdout),
+                        text(&out.stderr)
+                    );
+                    took
+                })
+                .collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (v[runs / 2], v[0], v[runs - 1])
+        };
+        let fmt = |(m, lo, hi): (f64, f64, f64)| format!("{m:.0} [{lo:.0}, {hi:.0}]");
+        println!("| tasks | `srun true` | `srun --mpi=pmi2 canopy start -- true` | `srun --mpi=pmix canopy start -- true` | `canopy start --size N -- true` |");
+        println!("|---:|---:|---:|---:|---:|");
+        for n in [4u32, 16, 64] {
+            let ns = n.to_string();
+            let srun = |extra: &[&str]| {
+                let mut args = vec!["-n", &ns, "-O"];
+                args.extend_from_slice(extra);
+                slurm.srun(&args, &[], SRUN_LIMIT)
+            };
+            let t_true = time(&|| srun(&["true"]));
+            let t_pmi2 = time(&|| srun(&["--mpi=pmi2", &bin, "start", "--", "true"]));
+            let t_pmix = time(&|| srun(&["--mpi=pmix", &bin, "start", "--", "true"]));
+            let t_local = time(&|| {
+                let mut c = std::process::Command::new(&bin);
+                c.args(["start", "--size", &ns, "--", "true"]);
+                canopy_t::run_command(&mut c, SRUN_LIMIT)
+            });
+            println!(
+                "| {n} | {} | {} | {} | {} |",
+                fmt(t_true),
+                fmt(t_pmi2),
+                fmt(t_pmix),
+                fmt(t_local)
+            );
+        }
+        println!("load at end: {}", load().trim());
+    });
+}
