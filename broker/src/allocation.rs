@@ -176,7 +176,8 @@ fn with_rank(rank: u32, e: &BrokerError) -> String {
     if msg.contains(&format!("rank {rank}:")) || msg.contains(&format!("rank {rank} of")) {
         msg
     } else {
-        format!("rank {rank}: {msg}")
+        // The node too: a missing credential or library is per node.
+        format!("rank {rank} (on {}): {msg}", crate::iface::display_host())
     }
 }
 

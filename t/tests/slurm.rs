@@ -749,7 +749,8 @@ fn canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts() 
         // within a node use ipc, between nodes TCP.
         let script = format!(
             "{bin} overlay status --wait full --timeout 10s >/dev/null && {bin} overlay status && \
-             for r in 0 1 2 3 4 5 6 7; do {bin} overlay status --rank $r --json || exit 1; done"
+             for r in 0 1 2 3 4 5 6 7; do {bin} overlay status --rank $r --json || exit 1; done && \
+             echo --ss-- && ss -Htn state established"
         );
         let t0 = Instant::now();
         let out = slurm.srun(
@@ -787,11 +788,13 @@ fn canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts() 
                 "node{n} named:\n{tree}"
             );
         }
-        let reports: Vec<serde_json::Value> =
-            serde_json::Deserializer::from_str(&stdout[tree_end..])
-                .into_iter::<serde_json::Value>()
-                .collect::<Result<_, _>>()
-                .expect("one JSON report per rank");
+        let (json, ss) = stdout[tree_end..]
+            .split_once("--ss--")
+            .expect("ss output after the reports");
+        let reports: Vec<serde_json::Value> = serde_json::Deserializer::from_str(json)
+            .into_iter::<serde_json::Value>()
+            .collect::<Result<_, _>>()
+            .expect("one JSON report per rank");
         assert_eq!(reports.len(), 8);
         // Rank 0's report names every rank's host, two ranks per node.
         let hosts: Vec<String> = reports[0]["ranks"]
@@ -826,6 +829,29 @@ fn canopy_start_across_four_nodes_one_address_each_and_status_names_the_hosts() 
             }
         }
         assert_eq!(addrs.len(), 4, "four addresses: {addrs:?}");
+        // TCP connections in node0's namespace (rank 0 runs the command
+        // there): rank 1, on node0 too, reached rank 0 over ipc, so no TCP
+        // connection ends at rank 0's port; rank 2, on node1, reached rank 1
+        // over TCP.
+        let port = |r: usize| {
+            let ep = reports[r]["broker"]["endpoint"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            ep.rsplit_once(':').unwrap().1.to_string()
+        };
+        let locals: Vec<String> = ss
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .collect();
+        let at = |p: &str| {
+            locals
+                .iter()
+                .filter(|l| l.ends_with(&format!(":{p}")))
+                .count()
+        };
+        assert_eq!(at(&port(0)), 0, "rank 1 -> 0 is ipc, not TCP:\n{ss}");
+        assert_eq!(at(&port(1)), 1, "rank 2 -> 1 is TCP:\n{ss}");
     });
 }
 
@@ -894,5 +920,47 @@ fn wireup_benchmark() {
             );
         }
         println!("load at end: {}", load().trim());
+    });
+}
+
+#[test]
+fn canopy_start_under_srun_a_rank_that_dies_during_wire_up_is_named_by_the_others() {
+    let name = "canopy_start_under_srun_a_rank_that_dies_during_wire_up_is_named_by_the_others";
+    if !can_run(name) {
+        return;
+    }
+    run_test(LIMIT, || {
+        let slurm = Slurm::start();
+        let bin = canopy();
+        // Rank 2 exits before it reaches the fence.
+        let script =
+            format!("if [ \"$SLURM_PROCID\" = 2 ]; then exit 7; fi; exec {bin} start -- true");
+        let t0 = Instant::now();
+        let out = slurm.srun(
+            &["-n", "3", "--mpi=pmi2", "sh", "-c", &script],
+            &[("CANOPY_PMI_TIMEOUT", "2")],
+            SRUN_LIMIT,
+        );
+        let took = t0.elapsed();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(took < Duration::from_secs(20), "took {took:?}");
+        for r in [0, 1] {
+            let line = stderr
+                .lines()
+                .find(|l| {
+                    l.contains(&format!(
+                        "rank {r}: pmi `kvs-fence` got no answer within 2s"
+                    ))
+                })
+                .unwrap_or_else(|| panic!("no timeout naming rank {r}:\n{stderr}"));
+            assert!(line.contains("PMI_SIZE tasks"), "{line}");
+            println!("{line}");
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || brokers(&slurm).is_empty()),
+            "brokers left: {}",
+            describe(&brokers(&slurm))
+        );
     });
 }

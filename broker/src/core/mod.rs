@@ -56,6 +56,8 @@ pub const REVOKED_TOPIC: &str = "access.revoked";
 /// status every broker exits with, in decimal). Only the owner may publish
 /// it; it has this meaning only under [`BrokerCore::enable_launcher_mode`].
 pub const SHUTDOWN_TOPIC: &str = "instance.shutdown";
+/// While shutting down, children are probed this often (ms).
+const SHUTDOWN_PROBE_MS: u64 = 5;
 
 /// Events each broker keeps to replay to a child that rejoins after a
 /// link loss (a rejoin after more events than this reports a gap).
@@ -432,6 +434,9 @@ pub struct BrokerCore<P> {
     shutdown: Option<(i32, u64)>,
     /// An `Exit` was emitted; emit no other.
     exiting: bool,
+    /// While shutting down: when to probe the children next (libzmq may
+    /// report a closed connection before a send to it fails).
+    shutdown_probe_at: u64,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -505,6 +510,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             launched: false,
             shutdown: None,
             exiting: false,
+            shutdown_probe_at: 0,
         };
         if core.parent_card.is_some() {
             core.connect_parent();
@@ -547,7 +553,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             next = next.min(at);
         }
         if let Some((_, at)) = self.shutdown.filter(|_| !self.exiting) {
-            next = next.min(at);
+            next = next.min(at).min(self.shutdown_probe_at);
         }
         next
     }
@@ -582,7 +588,17 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some((status, deadline)) = self.shutdown else {
             return;
         };
-        if self.exiting || (!self.children.is_empty() && self.now < deadline) {
+        if self.exiting {
+            return;
+        }
+        if !self.children.is_empty() && self.now < deadline {
+            // A child that exited shows up as a failed send, soon after
+            // its connection closed: probe often rather than wait for the
+            // next heartbeat.
+            if self.now >= self.shutdown_probe_at {
+                self.shutdown_probe_at = self.now + SHUTDOWN_PROBE_MS;
+                self.probe_children();
+            }
             return;
         }
         if !self.children.is_empty() {
@@ -925,7 +941,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if let Some(link) = self.children.remove(&rank) {
             self.by_rid.remove(&link.rid);
         }
-        warn!(rank, "overlay: lost rank {rank}: {reason}");
+        if self.shutdown.is_some() {
+            debug!(rank, "overlay: rank {rank} left: {reason}");
+        } else {
+            warn!(rank, "overlay: lost rank {rank}: {reason}");
+        }
         let now = self.now;
         self.health.child_lost(rank, reason, now);
         let failed = self.pending.fail_link(Link::Child(rank));
