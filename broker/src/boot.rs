@@ -6,8 +6,11 @@
 //! admits its children's keys; [`run`] then builds the broker and runs it.
 
 use crate::error::BrokerError;
-use crate::node::{Bound, Broker, Plan};
+use crate::node::{Bound, Broker, Plan, Signals};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What a bootstrap hands over: the plan, the sockets it bound (children
 /// already admitted), and the launcher's connection to watch, if any.
@@ -49,7 +52,7 @@ pub fn run(boot: &mut dyn Bootstrap) -> Result<(), BrokerError> {
 /// launcher, which starts the command beside it). Call
 /// [`Bootstrap::finish`] after [`Broker::run`].
 pub fn build(boot: &mut dyn Bootstrap) -> Result<Broker, BrokerError> {
-    crate::bootstrap::check_libzmq()?;
+    check_libzmq()?;
     let planned = match boot.plan() {
         Ok(p) => p,
         Err(e) => {
@@ -57,7 +60,56 @@ pub fn build(boot: &mut dyn Bootstrap) -> Result<Broker, BrokerError> {
             return Err(e);
         }
     };
-    let signals = crate::bootstrap::signal_pipe()?;
+    let signals = signal_pipe()?;
     let broker = Broker::new(planned.plan, planned.bound, planned.pmi_fd, signals)?;
     boot.started(broker)
+}
+
+/// Fail fast if the linked libzmq cannot do what Canopy needs.
+pub fn check_libzmq() -> Result<(), BrokerError> {
+    if !zmq::has("curve").unwrap_or(false) {
+        return Err(BrokerError::Libzmq("CURVE"));
+    }
+    if !zmq::has("ipc").unwrap_or(false) {
+        return Err(BrokerError::Libzmq("ipc transport"));
+    }
+    Ok(())
+}
+
+pub(crate) fn signal_pipe() -> Result<Signals, BrokerError> {
+    let (r, w) = UnixStream::pair().map_err(|source| BrokerError::Io {
+        what: "create the signal pipe",
+        path: PathBuf::from("socketpair"),
+        source,
+    })?;
+    w.set_nonblocking(true).ok();
+    r.set_nonblocking(true).ok();
+    let signals = Signals {
+        pipe: r,
+        term: Default::default(),
+        hup: Default::default(),
+    };
+    let flags = [
+        (signal_hook::consts::SIGTERM, &signals.term),
+        (signal_hook::consts::SIGINT, &signals.term),
+        (signal_hook::consts::SIGHUP, &signals.hup),
+    ];
+    for (sig, flag) in flags {
+        signal_hook::flag::register(sig, Arc::clone(flag)).map_err(|source| BrokerError::Io {
+            what: "install signal handlers",
+            path: PathBuf::from("signal"),
+            source,
+        })?;
+        let w2 = w.try_clone().map_err(|source| BrokerError::Io {
+            what: "clone the signal pipe",
+            path: PathBuf::from("socketpair"),
+            source,
+        })?;
+        signal_hook::low_level::pipe::register(sig, w2).map_err(|source| BrokerError::Io {
+            what: "install signal handlers",
+            path: PathBuf::from("signal"),
+            source,
+        })?;
+    }
+    Ok(signals)
 }

@@ -6,15 +6,15 @@
 //! runs as a singleton instance of size 1.
 
 use crate::authz::{ClientAuthz, OwnerOnly};
+pub use crate::boot::check_libzmq;
 use crate::error::BrokerError;
-use crate::node::{bind, Card, Plan, Signals, Transport};
+use crate::node::{bind, Card, Plan, Transport};
 use canopy_overlay::Topology;
 use canopy_pmi::Pmi;
 use canopy_security::{curve_principal, CurveKeypair};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -47,17 +47,6 @@ pub struct BrokerOpts {
     pub interface: Option<crate::iface::Hint>,
 }
 
-/// Fail fast if the linked libzmq cannot do what Canopy needs.
-pub fn check_libzmq() -> Result<(), BrokerError> {
-    if !zmq::has("curve").unwrap_or(false) {
-        return Err(BrokerError::Libzmq("CURVE"));
-    }
-    if !zmq::has("ipc").unwrap_or(false) {
-        return Err(BrokerError::Libzmq("ipc transport"));
-    }
-    Ok(())
-}
-
 /// Create (or reuse, if it is ours and private) a runtime directory.
 pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
     let io = |what, source| BrokerError::Io {
@@ -81,44 +70,6 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
         }
         Err(e) => Err(io("create the runtime directory", e)),
     }
-}
-
-pub(crate) fn signal_pipe() -> Result<Signals, BrokerError> {
-    let (r, w) = UnixStream::pair().map_err(|source| BrokerError::Io {
-        what: "create the signal pipe",
-        path: PathBuf::from("socketpair"),
-        source,
-    })?;
-    w.set_nonblocking(true).ok();
-    r.set_nonblocking(true).ok();
-    let signals = Signals {
-        pipe: r,
-        term: Default::default(),
-        hup: Default::default(),
-    };
-    let flags = [
-        (signal_hook::consts::SIGTERM, &signals.term),
-        (signal_hook::consts::SIGINT, &signals.term),
-        (signal_hook::consts::SIGHUP, &signals.hup),
-    ];
-    for (sig, flag) in flags {
-        signal_hook::flag::register(sig, Arc::clone(flag)).map_err(|source| BrokerError::Io {
-            what: "install signal handlers",
-            path: PathBuf::from("signal"),
-            source,
-        })?;
-        let w2 = w.try_clone().map_err(|source| BrokerError::Io {
-            what: "clone the signal pipe",
-            path: PathBuf::from("socketpair"),
-            source,
-        })?;
-        signal_hook::low_level::pipe::register(sig, w2).map_err(|source| BrokerError::Io {
-            what: "install signal handlers",
-            path: PathBuf::from("signal"),
-            source,
-        })?;
-    }
-    Ok(signals)
 }
 
 /// Bootstrap through PMI (or as a singleton) and run until told to stop.
