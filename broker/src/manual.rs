@@ -35,7 +35,7 @@ pub(crate) fn generate(dir: &Path) -> Result<Vec<PathBuf>> {
         clap_complete::Shell::Zsh,
         clap_complete::Shell::Fish,
     ] {
-        let mut cmd = crate::cli::Cli::command();
+        let mut cmd = without_hidden(crate::cli::Cli::command());
         let path =
             clap_complete::generate_to(shell, &mut cmd, "canopy", &completions).map_err(|e| {
                 anyhow!(
@@ -46,6 +46,25 @@ pub(crate) fn generate(dir: &Path) -> Result<Vec<PathBuf>> {
         written.push(path);
     }
     Ok(written)
+}
+
+/// The command without its hidden subcommands (clap_complete offers them
+/// otherwise), e.g. `generate-manual`.
+fn without_hidden(cmd: clap::Command) -> clap::Command {
+    let visible: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut root = clap::Command::new(cmd.get_name().to_string())
+        .version(env!("CANOPY_LONG_VERSION"))
+        .subcommand_required(cmd.is_subcommand_required_set())
+        .args(cmd.get_arguments().cloned())
+        .subcommands(visible);
+    if let Some(about) = cmd.get_about() {
+        root = root.about(about.clone());
+    }
+    root
 }
 
 /// canopy(1), then one page per visible subcommand, recursively:

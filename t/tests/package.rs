@@ -6,7 +6,7 @@
 //!
 //! The .deb is `$CANOPY_DEB` if set (e.g. from `scripts/deb.sh`), else it
 //! is made here from the already-built `canopy` binary next to this test
-//! (`canopy generate-manual`, then `cargo deb --no-build`): no compiling.
+//! (`scripts/deb.sh --binary`): no compiling.
 //! Needs root, dpkg and cargo-deb (`scripts/test.sh` installs it). A
 //! guard purges the package, and removes the `canopy` user and group if
 //! this test created them, however the test ends.
@@ -83,26 +83,20 @@ impl Drop for Cleanup {
         if !self.user_existed && exists("canopy", "passwd") {
             let _ = Command::new("deluser")
                 .args(["--system", "--quiet", "canopy"])
+                .stderr(std::process::Stdio::null())
                 .status();
         }
         if !self.group_existed && exists("canopy", "group") {
             let _ = Command::new("delgroup")
                 .args(["--system", "--quiet", "canopy"])
+                .stderr(std::process::Stdio::null())
                 .status();
         }
     }
 }
 
-/// Make the .deb from the built binary: the manual, then `cargo deb`.
+/// Make the .deb from the built binary with `scripts/deb.sh --binary`.
 fn build_deb(out_dir: &Path) -> PathBuf {
-    let bin = canopy_bin();
-    let profile_dir = bin.parent().expect("bin dir");
-    let target = profile_dir.parent().expect("target dir");
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(p) => p.to_string(),
-        None => panic!("cannot tell the build profile of {}", bin.display()),
-    };
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace");
@@ -114,36 +108,21 @@ fn build_deb(out_dir: &Path) -> PathBuf {
         has_cargo_deb,
         "cargo-deb is missing: run `cargo install cargo-deb --locked` (scripts/test.sh does), or set CANOPY_DEB to a .deb made by scripts/deb.sh"
     );
-    let manual = profile_dir.join("manual");
-    let _ = std::fs::remove_dir_all(&manual);
-    ok(
-        &run_command(Command::new(&bin).arg("generate-manual").arg(&manual), STEP),
-        "canopy generate-manual",
-    );
     let out = run_command(
-        Command::new("cargo")
-            .current_dir(workspace)
-            .env("CARGO_TARGET_DIR", target)
-            .args([
-                "deb",
-                "-p",
-                "canopy-broker",
-                "--no-build",
-                "--fast",
-                "--profile",
-                &profile,
-            ])
+        Command::new(workspace.join("scripts/deb.sh"))
+            .arg("--binary")
+            .arg(canopy_bin())
             .arg("--output")
             .arg(out_dir),
         STEP,
     );
-    ok(&out, "cargo deb");
+    ok(&out, "scripts/deb.sh");
     std::fs::read_dir(out_dir)
         .expect("read the output dir")
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .unwrap_or_else(|| panic!("cargo deb wrote no .deb in {}", out_dir.display()))
+        .unwrap_or_else(|| panic!("scripts/deb.sh wrote no .deb in {}", out_dir.display()))
 }
 
 #[test]
@@ -226,7 +205,7 @@ fn the_deb_installs_runs_and_purges() {
         assert!(exists("canopy", "group"), "no canopy group");
 
         // The manual, completions and unit.
-        let man = |p: &str| Path::new(p).exists() || Path::new(&format!("{p}.gz")).exists();
+        let man = |p: &str| Path::new(&format!("{p}.gz")).is_file();
         for page in [
             "/usr/share/man/man1/canopy.1",
             "/usr/share/man/man1/canopy-start.1",
@@ -237,6 +216,8 @@ fn the_deb_installs_runs_and_purges() {
         ] {
             assert!(man(page), "{page} is not installed");
         }
+        let page5 = std::fs::read("/usr/share/man/man5/canopy.toml.5.gz").unwrap();
+        assert_eq!(page5[..2], [0x1f, 0x8b], "canopy.toml.5.gz is not gzipped");
         for f in [
             "/usr/share/bash-completion/completions/canopy",
             "/usr/share/zsh/vendor-completions/_canopy",
