@@ -233,6 +233,8 @@ fn the_deb_installs_runs_and_purges() {
             bash.contains("complete") && bash.contains("overlay"),
             "{bash}"
         );
+        // The hidden packaging subcommand is not offered.
+        assert!(!bash.contains("generate-manual"));
         let listed = run_command(Command::new("dpkg").args(["-L", "canopy"]), STEP);
         assert!(text(&listed.stdout).contains("/usr/bin/canopy"));
 
