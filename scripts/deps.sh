@@ -3,7 +3,11 @@
 # Uses sudo only when not already root. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
-CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc dpkg-dev adduser passwd util-linux procps iproute2 mpich python3-zmq libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user)
+CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user)
+
+# The Debian package (scripts/deb.sh, t/tests/package.rs): dpkg-shlibdeps
+# for its dependencies, adduser for its maintainer scripts.
+CANOPY_PACKAGES+=(dpkg-dev adduser)
 
 canopy_install_deps() {
     local missing=()
