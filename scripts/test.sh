@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 canopy_install_deps
 canopy_check_cargo
+canopy_install_cargo_deb
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
 if [ -d bench ]; then
