@@ -146,8 +146,14 @@ def test_key_configuration_errors_are_clear(remote: Remote, monkeypatch: pytest.
         canopy.connect(remote.uri)
     with pytest.raises(canopy.InvalidArgument, match="needs the broker's public key: set CANOPY_SERVER_KEY"):
         canopy.connect(remote.uri, key=remote.key)
-    with pytest.raises(canopy.InvalidArgument, match="no curve secret-key; this is a public certificate"):
+    with pytest.raises(canopy.InvalidArgument, match=r"me.pub: group or other can read it \(mode 644\)"):
         canopy.connect(remote.uri, key=remote.key + ".pub", server_key=remote.server_key)
+    public_only = os.path.join(remote.dir, "public-only")
+    fd = os.open(public_only, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(remote.key + ".pub") as src, os.fdopen(fd, "w") as dst:
+        dst.write(src.read())
+    with pytest.raises(canopy.InvalidArgument, match="no curve secret-key; this is a public certificate"):
+        canopy.connect(remote.uri, key=public_only, server_key=remote.server_key)
     loose = os.path.join(remote.dir, "loose")
     write_secret_cert(loose)
     os.chmod(loose, 0o640)
