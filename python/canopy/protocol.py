@@ -140,14 +140,22 @@ def _check_len(name: str, n: int, limit: int) -> None:
 
 def decode_header(b: bytes | bytearray | memoryview) -> Header:
     """Decode one header. Raises :class:`ProtocolError` for any bad input."""
-    n = len(b)
+    return _decode(b, 0, len(b))
+
+
+_TYPES = (None, MsgType.REQUEST, MsgType.RESPONSE, MsgType.EVENT, MsgType.CONTROL)
+_HOP_KINDS = (None, HopKind.PARENT, HopKind.CHILD, HopKind.LOCAL)
+
+
+def _decode(b: bytes | bytearray | memoryview, off: int, n: int) -> Header:
+    """Decode the header at b[off:off+n]."""
     if n < FIXED_LEN:
         raise ProtocolError(
             f"message too short: {n} bytes, need at least {FIXED_LEN}; "
             "the peer is not speaking the canopy protocol"
         )
     (magic, version, mtype, flags, matchtag, nodeid, errnum, seq, roles,
-     topic_len, userid_len, route_len) = _FIXED.unpack_from(b, 0)
+     topic_len, userid_len, route_len) = _FIXED.unpack_from(b, off)
     if magic != MAGIC:
         raise ProtocolError(
             f"bad magic byte 0x{magic:02x}; the peer is not speaking the canopy protocol"
@@ -161,38 +169,44 @@ def decode_header(b: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(
             f"unknown message type {mtype}; the peer is not speaking the canopy protocol"
         )
-    for name, v, limit in (
-        ("topic", topic_len, MAX_TOPIC),
-        ("userid", userid_len, MAX_USERID),
-        ("route", route_len, MAX_ROUTE),
-    ):
-        if v > limit:
-            raise ProtocolError(f"{name} is {v} bytes, more than the limit of {limit}; the message is corrupt")
+    if topic_len > MAX_TOPIC or userid_len > MAX_USERID or route_len > MAX_ROUTE:
+        for name, v, limit in (
+            ("topic", topic_len, MAX_TOPIC),
+            ("userid", userid_len, MAX_USERID),
+            ("route", route_len, MAX_ROUTE),
+        ):
+            if v > limit:
+                raise ProtocolError(
+                    f"{name} is {v} bytes, more than the limit of {limit}; the message is corrupt"
+                )
     claimed = FIXED_LEN + topic_len + userid_len + 5 * route_len
     if claimed != n:
         raise ProtocolError(
             f"header length fields claim {claimed} bytes but the frame has {n}; "
             "the message is truncated or corrupt"
         )
-    at = FIXED_LEN
+    at = off + FIXED_LEN
     try:
-        topic = bytes(b[at:at + topic_len]).decode("utf-8")
+        topic = str(b[at : at + topic_len], "utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("topic is not valid UTF-8; the message is corrupt") from None
     at += topic_len
-    try:
-        userid = bytes(b[at:at + userid_len]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("userid is not valid UTF-8; the message is corrupt") from None
-    at += userid_len
+    if userid_len:
+        try:
+            userid = str(b[at : at + userid_len], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("userid is not valid UTF-8; the message is corrupt") from None
+        at += userid_len
+    else:
+        userid = ""
     route: list[Hop] = []
     for _ in range(route_len):
         kind, hid = _HOP.unpack_from(b, at)
         if not 1 <= kind <= 3:
             raise ProtocolError(f"unknown route hop kind {kind}; the message is corrupt")
-        route.append(Hop(HopKind(kind), hid))
+        route.append(Hop(_HOP_KINDS[kind], hid))  # type: ignore[arg-type]
         at += 5
-    return Header(MsgType(mtype), flags, matchtag, nodeid, errnum, seq, roles, topic, userid, route)
+    return Header(_TYPES[mtype], flags, matchtag, nodeid, errnum, seq, roles, topic, userid, route)  # type: ignore[arg-type]
 
 
 def encode_frame(header: Header | bytes, payload: bytes = b"") -> bytes:
@@ -305,9 +319,8 @@ class FrameDecoder:
         end = s + 8 + hlen + plen
         if len(buf) < end:
             return None
-        with memoryview(buf) as mv:
-            header = decode_header(mv[s + 8 : s + 8 + hlen])
-            payload = bytes(mv[s + 8 + hlen : end])
+        header = _decode(buf, s + 8, hlen)
+        payload = bytes(buf[s + 8 + hlen : end])
         self._start = end
         return header, payload
 
