@@ -167,7 +167,7 @@ def decode_seq(payload: bytes) -> int:
             f"event.pub answered {len(payload)} bytes where a u64 sequence number was expected; "
             "the broker is not speaking this protocol version"
         )
-    return struct.unpack(">Q", payload)[0]
+    return int.from_bytes(payload, "big")
 
 
 def publish_body(topic: str, data: bytes) -> bytes:

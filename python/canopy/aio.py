@@ -201,7 +201,9 @@ class _AsyncZmqLink:
             return
 
     def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
-        fut = self.sock.send_multipart([encode_request_header(topic, nodeid, tag), payload], copy=False)
+        fut: asyncio.Future[Any] = self.sock.send_multipart(  # type: ignore[assignment]
+            [encode_request_header(topic, nodeid, tag), payload], copy=False
+        )
         if not fut.done():
             fut.add_done_callback(self._sent)
         else:

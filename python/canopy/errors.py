@@ -10,6 +10,8 @@ connection raise the subclasses below.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Linux errno values (the wire carries Linux values whatever the client's
 # platform, so these are not taken from the stdlib errno module).
 EPERM = 1
@@ -100,7 +102,7 @@ class CanopyError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, errnum={self.errnum}, topic={self.topic!r}, rank={self.rank!r})"
 
-    def __reduce__(self):  # keep errnum etc. through pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keep errnum etc. through pickling
         return (
             _rebuild,
             (type(self), self.message, self.errnum, self.topic, self.rank),
