@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NoReturn
@@ -61,8 +62,18 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+_TIMEVAL = struct.Struct("@ll")
+#: How long a request may take to write before the connection is given up.
+_SEND_TIMEOUT = 30.0
+
+
 class _UnixLink:
-    """The local connector: a UNIX stream socket carrying frames."""
+    """The local connector: a UNIX stream socket carrying frames.
+
+    The socket stays in blocking mode with kernel timeouts (SO_RCVTIMEO,
+    SO_SNDTIMEO) rather than Python's socket timeouts, which cost a poll()
+    and an ioctl() per call: an RPC is one send() and one recv().
+    """
 
     def __init__(self, path: str, timeout: float | None) -> None:
         self.where = f"local://{path}"
@@ -70,6 +81,8 @@ class _UnixLink:
         try:
             sock.settimeout(timeout)
             sock.connect(path)
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(_SEND_TIMEOUT))
         except OSError as e:
             sock.close()
             hint = (
@@ -83,11 +96,15 @@ class _UnixLink:
             ) from None
         self.sock = sock
         self.decoder = FrameDecoder()
+        self._rcvtimeo = 0.0  # 0: none (wait forever)
+        # One read buffer per connection: recv() of a fresh 256 KiB bytes
+        # would cost an mmap, mremap and munmap per message.
+        self._rbuf = bytearray(_READ_CHUNK)
+        self._rview = memoryview(self._rbuf)
 
     def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
         frame = encode_request_frame(topic, nodeid, tag, payload)
         try:
-            self.sock.settimeout(None)
             self.sock.sendall(frame)
         except (BrokenPipeError, ConnectionResetError):
             # A broker that refuses a connection writes one refusal frame
@@ -100,12 +117,29 @@ class _UnixLink:
             raise Disconnected(
                 f"the broker at {self.where} closed the connection; the instance may have shut down"
             ) from None
+        except BlockingIOError:
+            raise Disconnected(
+                f"the broker at {self.where} did not read a request for {_SEND_TIMEOUT:.0f} s; "
+                "the connection is closed (the broker may be stuck)"
+            ) from None
         except OSError as e:
             raise Disconnected(f"lost the connection to {self.where}: {e}; the instance may have shut down") from None
+
+    def _set_rcvtimeo(self, left: float | None) -> None:
+        """Wait at most about ``left`` seconds in recv(). The kernel value is
+        changed only when it is more than 5% off, so a run of RPCs with the
+        same timeout sets it once."""
+        want = 0.0 if left is None else max(left, 0.001)
+        have = self._rcvtimeo
+        if want == have or (want and have and have * 0.95 <= want <= have):
+            return
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(want))
+        self._rcvtimeo = want
 
     def recv(self, timeout: float | None) -> tuple[Header, bytes]:
         deadline = _deadline(timeout)
         dec = self.decoder
+        sock = self.sock
         while True:
             try:
                 f = dec.next_frame()
@@ -119,29 +153,35 @@ class _UnixLink:
             left = _left(deadline)
             if left is not None and left <= 0:
                 raise Timeout("no message from the broker in time")
+            self._set_rcvtimeo(left)
             try:
-                self.sock.settimeout(left)
-                data = self.sock.recv(_READ_CHUNK)
-            except (TimeoutError, BlockingIOError):
-                raise Timeout("no message from the broker in time") from None
+                n = sock.recv_into(self._rbuf)
+            except (BlockingIOError, TimeoutError):
+                continue  # SO_RCVTIMEO expired: the deadline check above decides
             except InterruptedError:
                 continue
             except OSError as e:
                 raise Disconnected(
                     f"lost the connection to {self.where}: {e}; the instance may have shut down"
                 ) from None
-            if not data:
+            if not n:
                 mid = " in the middle of a frame" if dec.pending() else ""
                 raise Disconnected(
                     f"the broker at {self.where} closed the connection{mid}; the instance may have shut down"
                 )
-            dec.feed(data)
+            dec.feed(self._rview[:n])
 
     def timeout_hint(self) -> str:
         return "the target may be down or overloaded"
 
     def close(self) -> None:
+        self._rview.release()
         self.sock.close()
+
+
+def _timeval(seconds: float) -> bytes:
+    sec = int(seconds)
+    return _TIMEVAL.pack(sec, int((seconds - sec) * 1e6))
 
 
 class _ZmqLink:

@@ -132,3 +132,15 @@ def test_serving_a_namespace_is_not_implemented_yet(instance: Instance) -> None:
                 await c.serve("kvs", {"kvs.get": "user"})
 
     run(main())
+
+
+def test_large_payloads_concurrently(instance: Instance) -> None:
+    import os
+
+    async def main() -> None:
+        async with canopy.aio.connect(instance.uri) as c:
+            bigs = [os.urandom((1 << 20) + i) for i in range(4)]
+            got = await asyncio.gather(*(c.rpc("broker.ping", b, rank=i) for i, b in enumerate(bigs)))
+            assert got == bigs
+
+    run(main())

@@ -123,3 +123,12 @@ def test_closed_client_says_so(instance: Instance) -> None:
     c.close()
     with pytest.raises(canopy.Disconnected, match="is closed; connect again"):
         c.ping(0)
+
+
+def test_large_payloads(instance: Instance) -> None:
+    big = os.urandom(3 << 20)
+    with canopy.connect(instance.uri) as c:
+        assert c.rpc("broker.ping", big, rank=3) == big
+        with pytest.raises(canopy.InvalidArgument, match="more than the limit of 67108864"):
+            c.rpc("broker.ping", bytes((64 << 20) + 1))
+        c.ping(3, b"still fine")
