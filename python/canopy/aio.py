@@ -66,6 +66,12 @@ if TYPE_CHECKING:
 Payload = bytes | bytearray | memoryview | str
 
 _END = object()
+#: Granularity of the shared timers of RPC timeouts of a second or more.
+_TICK = 0.05
+
+
+class _Expired(Exception):
+    """A request's timer fired (turned into a Timeout by request())."""
 
 
 class _UnixProtocol(asyncio.BufferedProtocol):
@@ -125,9 +131,19 @@ class _AsyncUnixLink:
     def __init__(self, transport: asyncio.Transport, where: str) -> None:
         self.transport = transport
         self.where = where
+        self._loop = asyncio.get_running_loop()
+        # Requests made in one turn of the event loop go out in one write.
+        self._wbuf: list[bytes] = []
 
     def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
-        self.transport.write(encode_request_frame(topic, nodeid, tag, payload))
+        if not self._wbuf:
+            self._loop.call_soon(self._flush)
+        self._wbuf.append(encode_request_frame(topic, nodeid, tag, payload))
+
+    def _flush(self) -> None:
+        buf, self._wbuf = self._wbuf, []
+        if not self.transport.is_closing():
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def timeout_hint(self) -> str:
         return "the target may be down or overloaded"
@@ -321,6 +337,7 @@ class AsyncClient:
         self.target = target
         self._link: _AsyncUnixLink | _AsyncZmqLink | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._buckets: dict[int, set[int]] = {}
         self._tag = 0
         self._subs: list[AsyncSubscription] = []
         self._error: CanopyError | None = None
@@ -386,14 +403,26 @@ class AsyncClient:
             raise closed_error(self.uri)
         return self._link
 
-    def _expire(self, tag: int, fut: asyncio.Future[Message], topic: str, rank: int, timeout: float) -> None:
+    def _expire(self, tag: int, fut: asyncio.Future[Message]) -> None:
+        """One request's timer (timeouts under a second)."""
         if self._pending.get(tag) is fut:
             del self._pending[tag]
         if not fut.done():
-            link = self._link
-            hint = link.timeout_hint() if link is not None else "the connection is closed"
-            where = "" if rank == ANY else f" from rank {rank}"
-            fut.set_exception(Timeout(f"no response{where} within {timeout} s; {hint}", topic=topic))
+            fut.set_exception(_Expired())
+
+    def _expire_bucket(self, bucket: int) -> None:
+        """Longer timeouts share a timer per 50 ms: a heap entry per RPC
+        costs more than the RPC's own work at high rates."""
+        for tag in self._buckets.pop(bucket, ()):
+            fut = self._pending.pop(tag, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(_Expired())
+
+    def _timeout_error(self, topic: str, rank: int, timeout: float) -> Timeout:
+        link = self._link
+        hint = link.timeout_hint() if link is not None else "the connection is closed"
+        where = "" if rank == ANY else f" from rank {rank}"
+        return Timeout(f"no response{where} within {timeout} s; {hint}", topic=topic)
 
     async def request(
         self,
@@ -408,17 +437,34 @@ class AsyncClient:
         check_rank(rank)
         link = self._live()
         tag = self._next_tag()
-        fut: asyncio.Future[Message] = self._loop.create_future()
+        loop = self._loop
+        fut: asyncio.Future[Message] = loop.create_future()
         self._pending[tag] = fut
         handle = None
+        bucket = None
         if timeout is not None:
-            handle = self._loop.call_later(timeout, self._expire, tag, fut, topic, rank, timeout)
+            if timeout < 1.0:
+                handle = loop.call_later(timeout, self._expire, tag, fut)
+            else:
+                # Fires within 50 ms after the deadline.
+                bucket = int((loop.time() + timeout) / _TICK) + 1
+                tags = self._buckets.get(bucket)
+                if tags is None:
+                    tags = self._buckets[bucket] = set()
+                    loop.call_at(bucket * _TICK, self._expire_bucket, bucket)
+                tags.add(tag)
         try:
             link.send_request(t, rank, tag, data)
             return await fut
+        except _Expired:
+            raise self._timeout_error(topic, rank, timeout or 0.0) from None
         finally:
             if handle is not None:
                 handle.cancel()
+            elif bucket is not None:
+                tags = self._buckets.get(bucket)
+                if tags is not None:
+                    tags.discard(tag)
             if self._pending.get(tag) is fut:
                 del self._pending[tag]
 

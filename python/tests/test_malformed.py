@@ -177,6 +177,16 @@ def test_silent_broker_times_out(tmp_path: os.PathLike[str]) -> None:
             with pytest.raises(canopy.Timeout, match="no response within 0.3 s"):
                 await c.rpc("broker.ping", timeout=0.3)
             assert not c._pending
+            # Timeouts of a second or more share timers; still on time.
+            t0 = time.monotonic()
+            res = await asyncio.gather(
+                *(c.rpc("broker.ping", rank=r, timeout=1.2) for r in range(3)), return_exceptions=True
+            )
+            took = time.monotonic() - t0
+            assert all(isinstance(e, canopy.Timeout) for e in res), res
+            assert "no response from rank 2 within 1.2 s" in str(res[2])
+            assert 1.2 <= took < 2.0, took
+            assert not c._pending and not c._buckets
 
     try:
         asyncio.run(asyncio.wait_for(main(), 30))
