@@ -45,6 +45,7 @@ from .errors import (
     ProtocolError,
     Timeout,
     from_response,
+    require_zmq,
 )
 from .protocol import (
     ANY,
@@ -154,6 +155,7 @@ class _AsyncUnixLink:
 
 class _AsyncZmqLink:
     def __init__(self, client: AsyncClient, endpoint: str, keys: CurveKeys) -> None:
+        require_zmq()
         import zmq
         import zmq.asyncio
 

@@ -21,7 +21,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, require_zmq
 
 _Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 _Z85_INDEX = {c: i for i, c in enumerate(_Z85)}
@@ -134,7 +134,8 @@ def parse_certificate(text: str, path: str = "<certificate>") -> Certificate:
     if public is None:
         raise InvalidArgument(f"{path}: no curve public-key; is this a ZeroMQ CURVE certificate?")
     if secret is not None:
-        import zmq  # deriving the public key needs libzmq (with CURVE)
+        require_zmq()  # deriving the public key needs libzmq (with CURVE)
+        import zmq
 
         derived = zmq.curve_public(secret.encode()).decode()
         if derived != public:

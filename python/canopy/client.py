@@ -31,7 +31,7 @@ from ._common import (
     refusal,
     resolve_uri,
 )
-from .errors import CanopyError, ConnectError, Disconnected, ProtocolError, Timeout
+from .errors import CanopyError, ConnectError, Disconnected, ProtocolError, Timeout, require_zmq
 from .protocol import (
     ANY,
     FrameDecoder,
@@ -188,7 +188,9 @@ class _ZmqLink:
     """A remote client endpoint: a ZeroMQ DEALER with CURVE."""
 
     def __init__(self, endpoint: str, keys: CurveKeys) -> None:
+        require_zmq()
         import zmq
+
 
         if not zmq.has("curve"):
             raise ConnectError(
@@ -215,10 +217,22 @@ class _ZmqLink:
             raise ConnectError(f"cannot connect to {endpoint}: {e}; check the uri", e.errno) from None
 
     def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
-        self.sock.send_multipart([encode_request_header(topic, nodeid, tag), payload], copy=False)
+        import zmq
+
+        try:
+            self.sock.send_multipart(
+                [encode_request_header(topic, nodeid, tag), payload], flags=zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            # Requests queue until the connection is up; a full queue means it
+            # never came up (or the broker stopped reading): fail, don't block.
+            raise Timeout(
+                f"cannot send to {self.where}: too many requests are queued; {self.state.timeout_hint()}"
+            ) from None
 
     def recv(self, timeout: float | None) -> tuple[Header, bytes]:
         import zmq
+
 
         deadline = _deadline(timeout)
         while True:
@@ -370,6 +384,9 @@ class Client:
         deadline = _deadline(timeout)
         try:
             link.send_request(t, rank, tag, data)
+        except Timeout as e:
+            e.topic = topic
+            raise
         except (Disconnected, ProtocolError, ConnectError) as e:
             self._fail(e)
         while True:

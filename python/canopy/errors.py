@@ -153,6 +153,18 @@ class Timeout(CanopyError, TimeoutError):
     default_errnum = ETIMEDOUT
 
 
+def require_zmq() -> Any:
+    """pyzmq, or a clear error: only tcp:// connections need it."""
+    try:
+        import zmq
+    except ImportError:
+        raise ConnectError(
+            "a tcp:// uri (CURVE) needs pyzmq, which is not installed: pip install pyzmq "
+            "(local:// uris need only the standard library)"
+        ) from None
+    return zmq
+
+
 def from_response(topic: str, rank: int, errnum: int, payload: bytes) -> CanopyError:
     """The exception for an error response."""
     message = payload.decode("utf-8", "replace") or "(no message)"

@@ -223,3 +223,24 @@ def test_errors_are_clear() -> None:
 
     e2 = pickle.loads(pickle.dumps(e))
     assert (type(e2), e2.errnum, e2.topic, e2.rank, str(e2)) == (type(e), e.errnum, e.topic, e.rank, str(e))
+
+
+def test_tcp_without_pyzmq_says_what_to_install(tmp_path: os.PathLike[str]) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['zmq'] = None\n"
+        "import canopy\n"
+        "try:\n"
+        "    canopy.connect('tcp://127.0.0.1:1', key=sys.argv[1], server_key='0' * 40)\n"
+        "except canopy.ConnectError as e:\n"
+        "    print(e)\n"
+    )
+    from conftest import write_secret_cert
+
+    key = os.path.join(tmp_path, "k")
+    write_secret_cert(key)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(canopy.__file__)))
+    out = subprocess.run([sys.executable, "-c", code, key], capture_output=True, text=True, env=env, timeout=30)
+    assert "needs pyzmq, which is not installed: pip install pyzmq" in out.stdout, (out.stdout, out.stderr)
