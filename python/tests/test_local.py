@@ -132,3 +132,38 @@ def test_large_payloads(instance: Instance) -> None:
         with pytest.raises(canopy.InvalidArgument, match="more than the limit of 67108864"):
             c.rpc("broker.ping", bytes((64 << 20) + 1))
         c.ping(3, b"still fine")
+
+
+def test_instance_ending_is_reported_not_hung() -> None:
+    import asyncio
+    import threading
+    import time
+
+    import canopy.aio
+
+    inst = Instance(2)
+    try:
+        c = canopy.connect(inst.local_uri(1))
+        sub = c.subscribe("pytest.end.*")
+
+        async def waiter() -> BaseException | None:
+            async with canopy.aio.connect(inst.uri) as ac:
+                asub = await ac.subscribe("pytest.end.*")
+                threading.Timer(0.5, inst.stop).start()
+                try:
+                    await asub.get(timeout=20)
+                except canopy.CanopyError as e:
+                    return e
+                return None
+
+        t0 = time.monotonic()
+        err = asyncio.run(waiter())
+        assert isinstance(err, canopy.Disconnected), err
+        assert "closed the connection; the instance may have shut down" in err.message
+        with pytest.raises(canopy.Disconnected):
+            sub.get(timeout=20)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(canopy.Disconnected):
+            c.ping(0)
+    finally:
+        inst.stop()
