@@ -277,6 +277,8 @@ class AsyncSubscription:
     async def start(self) -> AsyncSubscription:
         """Subscribe at the broker (idempotent)."""
         if not self._started:
+            if self.closed:
+                raise closed_error(f"subscription '{self.pattern}'")
             self._started = True
             await self._client._subscribe(self)
         return self
@@ -300,7 +302,7 @@ class AsyncSubscription:
             raise closed_error(f"subscription '{self.pattern}'")
         if isinstance(item, CanopyError):
             self._queue.put_nowait(item)
-            raise item
+            raise item.with_traceback(None)
         return item  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -400,7 +402,7 @@ class AsyncClient:
 
     def _live(self) -> _AsyncUnixLink | _AsyncZmqLink:
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         if self._link is None:
             raise closed_error(self.uri)
         return self._link

@@ -355,7 +355,7 @@ class Client:
 
     def _live(self) -> _UnixLink | _ZmqLink:
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         if self._link is None:
             raise closed_error(self.uri)
         return self._link
