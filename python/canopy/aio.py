@@ -136,10 +136,15 @@ class _AsyncUnixLink:
         # Requests made in one turn of the event loop go out in one write.
         self._wbuf: list[bytes] = []
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
+    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False) -> None:
+        frame = encode_request_frame(topic, nodeid, tag, payload)
+        if alone and not self._wbuf:
+            # The only request in flight: no one to batch with, send now.
+            self.transport.write(frame)
+            return
         if not self._wbuf:
             self._loop.call_soon(self._flush)
-        self._wbuf.append(encode_request_frame(topic, nodeid, tag, payload))
+        self._wbuf.append(frame)
 
     def _flush(self) -> None:
         buf, self._wbuf = self._wbuf, []
@@ -224,7 +229,7 @@ class _AsyncZmqLink:
         except Exception:
             return
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
+    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False) -> None:
         fut: asyncio.Future[Any] = self.sock.send_multipart(  # type: ignore[assignment]
             [encode_request_header(topic, nodeid, tag), payload], copy=False
         )
@@ -458,7 +463,7 @@ class AsyncClient:
                     loop.call_at(bucket * _TICK, self._expire_bucket, bucket)
                 tags.add(tag)
         try:
-            link.send_request(t, rank, tag, data)
+            link.send_request(t, rank, tag, data, len(self._pending) == 1)
             return await fut
         except _Expired:
             raise self._timeout_error(topic, rank, timeout or 0.0) from None
