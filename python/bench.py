@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run from a checkout without installing
@@ -31,11 +32,15 @@ import canopy  # noqa: E402
 import canopy.aio  # noqa: E402
 
 
-def sync_rate(uri: str, seconds: float, rank: int) -> float:
+Result = tuple[float, float]  # RPC/s, client CPU seconds per RPC
+
+
+def sync_rate(uri: str, seconds: float, rank: int) -> Result:
     with canopy.connect(uri) as c:
         for _ in range(200):  # warm up
             c.rpc("broker.ping", b"", rank)
         n = 0
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         end = t0 + seconds
         while True:
@@ -44,11 +49,11 @@ def sync_rate(uri: str, seconds: float, rank: int) -> float:
             n += 100
             if time.perf_counter() >= end:
                 break
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), (time.process_time() - cpu0) / n
 
 
-def async_rate(uri: str, seconds: float, rank: int, window: int) -> float:
-    async def main() -> float:
+def async_rate(uri: str, seconds: float, rank: int, window: int) -> Result:
+    async def main() -> Result:
         async with canopy.aio.connect(uri) as c:
             await asyncio.gather(*(c.rpc("broker.ping", b"", rank) for _ in range(window * 4)))
             done = 0
@@ -61,10 +66,11 @@ def async_rate(uri: str, seconds: float, rank: int, window: int) -> float:
                     await rpc("broker.ping", b"", rank)
                     done += 1
 
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             end = t0 + seconds
             await asyncio.gather(*(worker() for _ in range(window)))
-            return done / (time.perf_counter() - t0)
+            return done / (time.perf_counter() - t0), (time.process_time() - cpu0) / done
 
     return asyncio.run(main())
 
@@ -107,16 +113,20 @@ def main() -> None:
     if not uri:
         proc, uri, tmp = start_instance()
     try:
-        print(f"broker.ping, empty payload, {uri}, {args.runs} runs of {args.seconds} s")
-        for name, fn in (
+        print(f"broker.ping, empty payload, {uri}, {args.runs} runs of {args.seconds} s, "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        scenarios: list[tuple[str, Callable[[], Result]]] = [
             ("sync, window 1", lambda: sync_rate(uri, args.seconds, args.rank)),
             ("asyncio, window 1", lambda: async_rate(uri, args.seconds, args.rank, 1)),
             ("asyncio, window 64", lambda: async_rate(uri, args.seconds, args.rank, 64)),
-        ):
-            rates = [fn() for _ in range(args.runs)]
+        ]
+        for name, fn in scenarios:
+            results = [fn() for _ in range(args.runs)]
+            rates = [r for r, _ in results]
+            cpu = statistics.median(c for _, c in results) * 1e6
             print(
                 f"{name:20} median {statistics.median(rates):9,.0f} RPC/s   "
-                f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})",
+                f"client CPU {cpu:5.1f} µs/RPC   (runs: {', '.join(f'{r:,.0f}' for r in rates)})",
                 flush=True,
             )
     finally:
