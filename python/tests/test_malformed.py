@@ -185,7 +185,7 @@ def test_silent_broker_times_out(tmp_path: os.PathLike[str]) -> None:
             took = time.monotonic() - t0
             assert all(isinstance(e, canopy.Timeout) for e in res), res
             assert "no response from rank 2 within 1.2 s" in str(res[2])
-            assert 1.2 <= took < 2.0, took
+            assert 1.2 <= took < 3.0, took
             assert not c._pending and not c._buckets
 
     try:
