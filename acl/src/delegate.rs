@@ -185,15 +185,20 @@ pub fn run_delegate(
     let status = status.map_err(|e| format!("cannot reap {program}: {e}"))?;
 
     // Everything in the group is dead, so the pipes close promptly unless a
-    // process left the group; do not wait long for that.
-    let grace = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
+    // process left the group. Output, exit and stderr share the one
+    // timeout: nothing waits past the deadline.
+    let left = || deadline.saturating_duration_since(Instant::now());
     let stderr = err_rx
-        .and_then(|rx| rx.recv_timeout(grace).ok())
+        .and_then(|rx| rx.recv_timeout(left()).ok())
         .and_then(Result::ok)
         .unwrap_or_default();
-    let stdout = out_rx.map(|rx| rx.recv_timeout(grace));
+    let stdout = out_rx.map(|rx| rx.recv_timeout(left()));
+    if Instant::now() > deadline {
+        return Err(format!(
+            "{program} answered after its timeout of {} ms; a late answer is a deny",
+            spec.timeout.as_millis()
+        ));
+    }
     if let Some(Ok(Ok(bytes))) = &stdout {
         if bytes.len() as u64 > MAX_DELEGATE_OUTPUT {
             return Err(format!(

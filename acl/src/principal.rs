@@ -196,6 +196,9 @@ fn split_kerberos(text: &str, wild: bool) -> Result<(Part, Option<Part>, String)
 }
 
 fn valid_unix_user(user: &str) -> bool {
+    if let Some(uid) = user.strip_prefix('#') {
+        return !uid.is_empty() && uid.len() <= 10 && uid.bytes().all(|b| b.is_ascii_digit());
+    }
     let n = user.len();
     n > 0
         && !user.starts_with('-')
@@ -221,6 +224,14 @@ fn parse_curve(text: &str, key: &str) -> Result<Principal, PrincipalError> {
 }
 
 impl Principal {
+    /// `unix:#UID`: a local uid whose user name could not be resolved
+    /// (name service down, or no passwd entry). No name rule and no
+    /// wildcard matches it, allow or deny alike; only a rule naming
+    /// `unix:#UID` exactly.
+    pub fn is_unresolved_uid(&self) -> bool {
+        matches!(self, Principal::Unix { user } if user.starts_with('#'))
+    }
+
     /// Parse and canonicalize a principal. The form is chosen by prefix:
     /// `curve:` and `unix:` first (Z85 keys may contain `@` and `/`), then
     /// Kerberos.
@@ -373,6 +384,9 @@ impl Pattern {
     /// Does this pattern cover `p`?
     pub fn matches(&self, p: &Principal) -> bool {
         match (self, p) {
+            // A uid whose name could not be resolved matches no wildcard:
+            // only a rule naming `unix:#UID` itself.
+            (Pattern::Any | Pattern::AnyUnix, p) if p.is_unresolved_uid() => false,
             (Pattern::Any, _) => true,
             (Pattern::AnyCurve, Principal::Curve { .. }) => true,
             (Pattern::AnyUnix, Principal::Unix { .. }) => true,
@@ -561,6 +575,17 @@ mod tests {
         );
         assert!(pat("curve:*").matches(&key) && !pat("curve:*").matches(&bob));
         assert!(pat("unix:*").matches(&bob) && !pat("unix:*").matches(&alice));
+        let unresolved = Principal::parse("unix:#65534").unwrap();
+        assert!(unresolved.is_unresolved_uid() && !bob.is_unresolved_uid());
+        assert!(
+            !pat("unix:*").matches(&unresolved),
+            "no wildcard matches an unresolved uid"
+        );
+        assert!(!pat("*").matches(&unresolved));
+        assert!(!pat("unix:nobody").matches(&unresolved));
+        assert!(pat("unix:#65534").matches(&unresolved));
+        assert!(!pat("unix:#65535").matches(&unresolved));
+        assert!(Principal::parse("unix:#").is_err() && Principal::parse("unix:#1a").is_err());
         assert!(pat("unix:bob").matches(&bob));
         assert!(pat(&format!("curve:{KEY}")).matches(&key));
 

@@ -351,3 +351,37 @@ fn real_delegate_programs() {
         v.reason
     );
 }
+
+#[test]
+fn an_answer_after_the_timeout_is_a_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // It allows and exits at once, but its output stays open (held by a
+    // process outside its group) past the timeout: output, exit and stderr
+    // share the one timeout, so the answer is late.
+    let late = write_script(
+        d,
+        "late.sh",
+        "setsid sleep 0.45 &\nsleep 0.1\necho '{\"allow\": true}'\nexit 0",
+    );
+    let on_time = write_script(d, "ok.sh", "echo '{\"allow\": true}'");
+    let req = DelegateRequest {
+        principal: "alice@R",
+        mechanism: Mech::Gssapi,
+        address: None,
+        rule: "late",
+    };
+    let started = std::time::Instant::now();
+    let err = run_delegate(&spec(&late, &[], 300, Roles::USER), &req).unwrap_err();
+    assert!(err.contains("after its timeout"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(420),
+        "waited past the timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        run_delegate(&spec(&on_time, &[], 300, Roles::USER), &req)
+            .unwrap()
+            .allow
+    );
+}

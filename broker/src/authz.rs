@@ -18,31 +18,16 @@ pub const OVERLAY_DOMAIN: &str = "canopy";
 /// ZAP domain of the remote client endpoint.
 pub const CLIENT_DOMAIN: &str = "canopy-client";
 
-/// How a client authenticated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientMech {
-    /// UNIX socket, uid from `SO_PEERCRED`.
-    Local,
-    Curve,
-    Gssapi,
-}
-
-impl ClientMech {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientMech::Local => "local",
-            ClientMech::Curve => "curve",
-            ClientMech::Gssapi => "gssapi",
-        }
-    }
-}
+/// How a client authenticated: the one mechanism type, shared with the
+/// policy (`canopy_acl::Mech`).
+pub use canopy_acl::Mech;
 
 /// A client's verdict: roles, or why not.
 pub type ClientVerdict = Result<Roles, String>;
 
 /// Decides for clients (not overlay peers).
 pub trait ClientAuthz: Send + Sync {
-    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict;
+    fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict;
     /// Changes whenever the policy is reloaded, so that connections admitted
     /// under an older policy are checked again on their next message.
     fn generation(&self) -> u64 {
@@ -54,7 +39,7 @@ pub trait ClientAuthz: Send + Sync {
     }
     /// The decision for a principal, with the deciding rule, if this
     /// authorizer has rules to explain.
-    fn explain(&self, _principal: &str, _mech: ClientMech, _address: &str) -> Option<Explained> {
+    fn explain(&self, _principal: &str, _mech: Mech, _address: &str) -> Option<Explained> {
         None
     }
     /// Record that a caller lacked the role for `what`.
@@ -62,7 +47,7 @@ pub trait ClientAuthz: Send + Sync {
     /// An explicit deny rule for this principal, if the policy has one.
     /// Overlay peers are admitted by their bootstrap-issued keys, but a
     /// principal on a deny list is kept out even as a peer.
-    fn vetoes(&self, _principal: &str, _mech: ClientMech, _address: &str) -> Option<String> {
+    fn vetoes(&self, _principal: &str, _mech: Mech, _address: &str) -> Option<String> {
         None
     }
 }
@@ -73,7 +58,7 @@ pub struct OwnerOnly {
 }
 
 impl ClientAuthz for OwnerOnly {
-    fn decide(&self, principal: &str, _mech: ClientMech, _address: &str) -> ClientVerdict {
+    fn decide(&self, principal: &str, _mech: Mech, _address: &str) -> ClientVerdict {
         if principal == self.owner {
             Ok(Roles::OWNER)
         } else {
@@ -85,12 +70,22 @@ impl ClientAuthz for OwnerOnly {
     }
 }
 
+/// A gate that decides in place of the key sets: in a gssapi instance,
+/// only CURVE keys bound to Kerberos principals are admitted
+/// (`crate::gss::GssGate`). A trait here, so that this module does not
+/// depend on the Kerberos one.
+pub trait Gate: Send + Sync {
+    fn decide(&self, req: &AuthRequest<'_>, clients: &dyn ClientAuthz) -> Decision;
+    /// For the gate's owner to reach its own state.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// The broker's ZAP policy over both domains.
 pub struct BrokerPolicy {
     pub peers: KeySetPolicy,
     pub clients: Arc<dyn ClientAuthz>,
     /// Set in a gssapi instance: then it alone decides (see `crate::gss`).
-    pub gss: std::sync::OnceLock<Arc<crate::gss::GssGate>>,
+    pub gss: std::sync::OnceLock<Arc<dyn Gate>>,
 }
 
 impl BrokerPolicy {
@@ -117,10 +112,7 @@ impl Policy for BrokerPolicy {
                     user_id,
                     roles,
                     reason,
-                } => match self
-                    .clients
-                    .vetoes(req.principal, ClientMech::Curve, req.address)
-                {
+                } => match self.clients.vetoes(req.principal, Mech::Curve, req.address) {
                     Some(why) => Decision::Deny { reason: why },
                     None => Decision::Allow {
                         user_id,
@@ -132,8 +124,8 @@ impl Policy for BrokerPolicy {
             },
             CLIENT_DOMAIN => {
                 let mech = match req.mechanism {
-                    Mechanism::Curve => ClientMech::Curve,
-                    Mechanism::Gssapi => ClientMech::Gssapi,
+                    Mechanism::Curve => Mech::Curve,
+                    Mechanism::Gssapi => Mech::Gssapi,
                     other => {
                         return Decision::Deny {
                             reason: format!("mechanism {other} is not accepted"),
@@ -174,10 +166,10 @@ mod tests {
 
     struct Banned;
     impl ClientAuthz for Banned {
-        fn decide(&self, _p: &str, _m: ClientMech, _a: &str) -> ClientVerdict {
+        fn decide(&self, _p: &str, _m: Mech, _a: &str) -> ClientVerdict {
             Err("no clients".into())
         }
-        fn vetoes(&self, p: &str, _m: ClientMech, _a: &str) -> Option<String> {
+        fn vetoes(&self, p: &str, _m: Mech, _a: &str) -> Option<String> {
             (p == "curve:STOLEN").then(|| "denied by rule \"stolen\"".to_string())
         }
     }
@@ -260,14 +252,6 @@ impl AclAuthz {
     }
 }
 
-fn acl_mech(m: ClientMech) -> canopy_acl::Mech {
-    match m {
-        ClientMech::Local => canopy_acl::Mech::Local,
-        ClientMech::Curve => canopy_acl::Mech::Curve,
-        ClientMech::Gssapi => canopy_acl::Mech::Gssapi,
-    }
-}
-
 /// A decision explained, for `acl.check`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Explained {
@@ -291,8 +275,8 @@ impl From<canopy_acl::Verdict> for Explained {
 }
 
 impl ClientAuthz for AclAuthz {
-    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict {
-        let v = self.policy.check(principal, acl_mech(mech), address);
+    fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
+        let v = self.policy.check(principal, mech, address);
         if v.allow {
             Ok(v.roles)
         } else {
@@ -318,18 +302,18 @@ impl ClientAuthz for AclAuthz {
         }
     }
 
-    fn explain(&self, principal: &str, mech: ClientMech, address: &str) -> Option<Explained> {
+    fn explain(&self, principal: &str, mech: Mech, address: &str) -> Option<Explained> {
         let acl = self.policy.current();
         let q = canopy_acl::Query {
             principal,
-            mechanism: acl_mech(mech),
+            mechanism: mech,
             address: address.parse().ok(),
             now: std::time::SystemTime::now(),
         };
         Some(acl.decide(&q).into())
     }
 
-    fn vetoes(&self, principal: &str, mech: ClientMech, address: &str) -> Option<String> {
+    fn vetoes(&self, principal: &str, mech: Mech, address: &str) -> Option<String> {
         let v = self.explain(principal, mech, address)?;
         (!v.allow && v.rule.is_some()).then_some(v.reason)
     }

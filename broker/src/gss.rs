@@ -13,7 +13,7 @@
 //!   re-authentication at 2/3 of the binding's lifetime with the same link
 //!   key, so a link outlives any one ticket without a reconnect.
 
-use crate::authz::{ClientAuthz, ClientMech, ClientVerdict, CLIENT_DOMAIN, OVERLAY_DOMAIN};
+use crate::authz::{ClientAuthz, ClientVerdict, Mech, CLIENT_DOMAIN, OVERLAY_DOMAIN};
 use crate::error::BrokerError;
 use canopy_gss::{Bindings, ClientConfig, KexServer, Purpose, ServerConfig};
 use canopy_proto::Roles;
@@ -115,9 +115,24 @@ impl ParentLink {
     }
 }
 
+/// The gssapi gate, if this instance has one.
+fn gate(policy: &crate::authz::BrokerPolicy) -> Option<&GssGate> {
+    policy.gss.get()?.as_any().downcast_ref::<GssGate>()
+}
+
+impl crate::authz::Gate for GssGate {
+    fn decide(&self, req: &AuthRequest<'_>, clients: &dyn ClientAuthz) -> Decision {
+        GssGate::decide(self, req, clients)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// Loop hook: the parent link was lost (no-op unless gssapi).
 pub fn parent_lost(policy: &crate::authz::BrokerPolicy) {
-    if let Some(g) = policy.gss.get() {
+    if let Some(g) = gate(policy) {
         g.parent.kick();
     }
 }
@@ -125,7 +140,7 @@ pub fn parent_lost(policy: &crate::authz::BrokerPolicy) {
 /// Loop hook (timer): true once after the parent's key changed, so the
 /// loop reconnects with the new key.
 pub fn parent_key_changed(policy: &crate::authz::BrokerPolicy) -> bool {
-    let Some(g) = policy.gss.get() else {
+    let Some(g) = gate(policy) else {
         return false;
     };
     let mut s = g
@@ -139,7 +154,7 @@ pub fn parent_key_changed(policy: &crate::authz::BrokerPolicy) -> bool {
 /// Loop hook: the parent's current CURVE key under gssapi, if it changed
 /// hands since the bootstrap (a restarted parent has a new key).
 pub fn parent_key(policy: &crate::authz::BrokerPolicy) -> Option<[u8; 32]> {
-    policy.gss.get()?.parent.key()
+    gate(policy)?.parent.key()
 }
 
 impl GssGate {
@@ -185,7 +200,7 @@ impl GssGate {
                         ),
                     };
                 }
-                if let Some(why) = clients.vetoes(&b.principal, ClientMech::Gssapi, req.address) {
+                if let Some(why) = clients.vetoes(&b.principal, Mech::Gssapi, req.address) {
                     return Decision::Deny { reason: why };
                 }
                 Decision::Allow {
@@ -203,7 +218,7 @@ impl GssGate {
                         ),
                     };
                 }
-                match clients.decide(&b.principal, ClientMech::Gssapi, req.address) {
+                match clients.decide(&b.principal, Mech::Gssapi, req.address) {
                     Ok(roles) if !roles.is_empty() => Decision::Allow {
                         user_id: b.principal,
                         roles,
@@ -253,7 +268,7 @@ pub fn message_allowed(
     first: Option<&mut zmq::Message>,
     user_id: &str,
 ) -> bool {
-    let Some(g) = policy.gss.get() else {
+    let Some(g) = gate(policy) else {
         return true;
     };
     let key = first.and_then(|m| m.gets(LINK_KEY_PROPERTY)).unwrap_or("");
@@ -270,16 +285,16 @@ pub struct KrbOwner {
 }
 
 impl KrbOwner {
-    fn is_owner(&self, principal: &str, mech: ClientMech) -> bool {
+    fn is_owner(&self, principal: &str, mech: Mech) -> bool {
         match mech {
-            ClientMech::Gssapi => principal == self.principal,
+            Mech::Gssapi => principal == self.principal,
             _ => principal == self.unix,
         }
     }
 }
 
 impl ClientAuthz for KrbOwner {
-    fn decide(&self, principal: &str, mech: ClientMech, address: &str) -> ClientVerdict {
+    fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
         if self.is_owner(principal, mech) {
             return Ok(Roles::OWNER);
         }
@@ -303,7 +318,7 @@ impl ClientAuthz for KrbOwner {
     fn explain(
         &self,
         principal: &str,
-        mech: ClientMech,
+        mech: Mech,
         address: &str,
     ) -> Option<crate::authz::Explained> {
         self.inner.as_ref()?.explain(principal, mech, address)
@@ -313,7 +328,7 @@ impl ClientAuthz for KrbOwner {
             i.role_refused(principal, roles, what)
         }
     }
-    fn vetoes(&self, principal: &str, mech: ClientMech, address: &str) -> Option<String> {
+    fn vetoes(&self, principal: &str, mech: Mech, address: &str) -> Option<String> {
         self.inner.as_ref()?.vetoes(principal, mech, address)
     }
 }
@@ -399,10 +414,10 @@ pub fn setup_user_instance(
     topo: &canopy_overlay::Topology,
     me: &str,
     g: &GssOpts,
-    bound: &crate::node::Bound,
+    bound: &crate::sockets::Bound,
     keys: &canopy_security::CurveKeypair,
     rundir: &std::path::Path,
-    transport: &crate::node::Transport,
+    transport: &crate::sockets::Transport,
     clients: bool,
 ) -> Result<Option<KexServer>, BrokerError> {
     let bindings = Arc::new(Bindings::new());
@@ -423,7 +438,7 @@ pub fn setup_user_instance(
         return Ok(None);
     }
     let host = match transport {
-        crate::node::Transport::Tcp { host, .. } => host.clone(),
+        crate::sockets::Transport::Tcp { host, .. } => host.clone(),
         _ => "127.0.0.1".to_string(),
     };
     let listen = match (&g.kex_listen, rank) {
@@ -573,7 +588,7 @@ impl SystemGss {
     /// Install the ZAP gate and, with children, start the key exchange.
     pub fn start(
         &self,
-        bound: &crate::node::Bound,
+        bound: &crate::sockets::Bound,
         keys: &canopy_security::CurveKeypair,
     ) -> Result<Option<KexServer>, BrokerError> {
         let bindings = Arc::new(Bindings::new());
@@ -660,9 +675,7 @@ fn copy_keys(k: &canopy_security::CurveKeypair) -> canopy_security::CurveKeypair
 }
 
 fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, BrokerError> {
-    policy
-        .gss
-        .get()
+    gate(policy)
         .map(|g| g.parent.clone())
         .ok_or_else(|| BrokerError::Gss("the gssapi gate is not installed".into()))
 }

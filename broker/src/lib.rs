@@ -6,13 +6,17 @@
 //! * [`tools`]: `canopy ping`, `overlay status`, `event pub|sub`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod authz;
 pub mod bootstrap;
+pub mod core;
 pub mod error;
 pub mod gss;
 pub mod launcher;
+pub mod local;
 pub mod node;
 pub mod rotate;
+pub mod sockets;
 pub mod system;
 pub mod tools;
 

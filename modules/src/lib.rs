@@ -1,8 +1,9 @@
 //! Services hosted by the broker.
 //!
-//! A module registers methods by full topic (`broker.ping`), each with the
-//! role a caller needs. The broker checks the role before the module sees
-//! the request, and calls [`Module::handle`] on its own thread: there is no
+//! A module registers methods by full topic (`broker.ping`). The role each
+//! method needs is declared in the broker's one service table
+//! (`canopy_broker::core::services::SERVICES`), which the broker checks
+//! before the module sees the request, and calls [`Module::handle`] on its own thread: there is no
 //! thread hop between the routing loop and a module.
 #![forbid(unsafe_code)]
 
@@ -13,7 +14,7 @@ pub use ping::Ping;
 pub use status::{OverlayStatus, RankStatus, StatusReport};
 
 use canopy_overlay::{health::Health, Topology};
-use canopy_proto::{Header, Roles};
+use canopy_proto::Header;
 
 /// What a module can see of its broker.
 pub struct Ctx<'a> {
@@ -52,8 +53,9 @@ pub enum Reply {
 }
 
 pub trait Module {
-    /// The methods this module offers, with the role each needs.
-    fn methods(&self) -> &'static [(&'static str, Roles)];
+    /// The methods this module offers (their roles are in the broker's
+    /// service table).
+    fn methods(&self) -> &'static [&'static str];
     /// Handle one request for one of [`Module::methods`].
     fn handle(&mut self, ctx: &Ctx<'_>, header: &Header, payload: &[u8]) -> Reply;
 }
@@ -62,7 +64,7 @@ pub trait Module {
 #[derive(Default)]
 pub struct Registry {
     modules: Vec<Box<dyn Module>>,
-    methods: std::collections::HashMap<&'static str, (usize, Roles)>,
+    methods: std::collections::HashMap<&'static str, usize>,
 }
 
 /// Why a method could not be registered.
@@ -82,24 +84,24 @@ impl Registry {
 
     pub fn register(&mut self, m: Box<dyn Module>) -> Result<(), DuplicateMethod> {
         let idx = self.modules.len();
-        for (name, role) in m.methods() {
+        for name in m.methods() {
             if self.methods.contains_key(name) {
                 return Err(DuplicateMethod(name));
             }
-            self.methods.insert(name, (idx, *role));
+            self.methods.insert(name, idx);
         }
         self.modules.push(m);
         Ok(())
     }
 
-    /// The role `method` needs, if it is offered here.
-    pub fn lookup(&self, method: &str) -> Option<Roles> {
-        self.methods.get(method).map(|(_, r)| *r)
+    /// Whether `method` is offered here.
+    pub fn offers(&self, method: &str) -> bool {
+        self.methods.contains_key(method)
     }
 
-    /// Dispatch. The caller has already checked [`Registry::lookup`]'s role.
+    /// Dispatch. The caller has already checked the method's role.
     pub fn handle(&mut self, ctx: &Ctx<'_>, header: &Header, payload: &[u8]) -> Option<Reply> {
-        let (idx, _) = *self.methods.get(header.topic.as_str())?;
+        let idx = *self.methods.get(header.topic.as_str())?;
         Some(self.modules[idx].handle(ctx, header, payload))
     }
 }
@@ -111,9 +113,9 @@ mod tests {
     #[test]
     fn registry_lookup_and_duplicates() {
         let mut r = Registry::standard();
-        assert_eq!(r.lookup("broker.ping"), Some(Roles::USER));
-        assert_eq!(r.lookup("overlay.status"), Some(Roles::USER));
-        assert_eq!(r.lookup("nope"), None);
+        assert!(r.offers("broker.ping"));
+        assert!(r.offers("overlay.status"));
+        assert!(!r.offers("nope"));
         assert_eq!(
             r.register(Box::new(Ping)).unwrap_err(),
             DuplicateMethod("broker.ping")

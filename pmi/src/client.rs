@@ -10,7 +10,7 @@ use crate::PmiError;
 
 /// Set once `PMI_FD` has been taken, so a second `from_env` cannot create a
 /// second owner of the same descriptor.
-static PMI_FD_TAKEN: AtomicBool = AtomicBool::new(false);
+pub(crate) static PMI_FD_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// A PMI-1 client over one connection to the process manager.
 ///
@@ -27,6 +27,7 @@ pub struct PmiClient<S: Read + Write = UnixStream> {
     keylen_max: usize,
     vallen_max: usize,
     finalized: bool,
+    timeout: Option<std::time::Duration>,
 }
 
 impl PmiClient<UnixStream> {
@@ -69,9 +70,30 @@ impl PmiClient<UnixStream> {
         })?;
         Ok(Some(Self::connect(UnixStream::from(owned), rank, size)?))
     }
+
+    /// Bounds how long any one call waits for its answer (`None`, the
+    /// default: forever). A call that runs over fails with
+    /// [`PmiError::Io`] of kind `WouldBlock`, and the connection is then
+    /// unusable. (Through the [`crate::Pmi`] trait it is [`PmiError::Timeout`].)
+    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), PmiError> {
+        self.stream
+            .get_ref()
+            .set_read_timeout(timeout)
+            .map_err(|source| PmiError::Io {
+                op: "set_timeout",
+                source,
+            })?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// The timeout set with [`PmiClient::set_timeout`].
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
+    }
 }
 
-fn require_env(
+pub(crate) fn require_env(
     lookup: &impl Fn(&str) -> Option<String>,
     var: &'static str,
 ) -> Result<String, PmiError> {
@@ -82,7 +104,10 @@ fn require_env(
     })
 }
 
-fn parse_env<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, PmiError> {
+pub(crate) fn parse_env<T: std::str::FromStr>(
+    var: &'static str,
+    value: &str,
+) -> Result<T, PmiError> {
     value.trim().parse().map_err(|_| PmiError::Env {
         var,
         value: value.to_owned(),
@@ -90,7 +115,7 @@ fn parse_env<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, 
     })
 }
 
-fn check_rank_size(rank: u32, size: u32) -> Result<(), PmiError> {
+pub(crate) fn check_rank_size(rank: u32, size: u32) -> Result<(), PmiError> {
     if size == 0 {
         return Err(PmiError::Env {
             var: "PMI_SIZE",
@@ -122,6 +147,7 @@ impl<S: Read + Write> PmiClient<S> {
             keylen_max: wire::KEYLEN_MAX,
             vallen_max: wire::VALLEN_MAX,
             finalized: false,
+            timeout: None,
         })
     }
 

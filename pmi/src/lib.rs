@@ -1,38 +1,46 @@
-//! PMI-1 "simple" wire protocol for Canopy.
+//! PMI for Canopy: the wire protocols a launcher speaks with the processes
+//! it starts, so that brokers learn their rank and exchange bootstrap data
+//! through the job's key-value space (KVS).
 //!
-//! This is the protocol MPICH's hydra (`mpiexec`) speaks with the processes
-//! it starts, over the descriptor named by `PMI_FD` (with `PMI_RANK` and
-//! `PMI_SIZE` beside it). Canopy brokers use it to learn their rank and to
-//! exchange bootstrap data through the job's key-value space (KVS):
-//!
-//! - [`wire`]: the line format, pure and without I/O;
-//! - [`PmiClient`]: what a broker uses, under `mpiexec` or `canopy start`;
-//! - [`PmiServer`]: the process manager side that `canopy start` runs, one
-//!   thread serving every rank.
+//! - PMI-1 "simple", spoken by MPICH's hydra (`mpiexec`) and by
+//!   `canopy start`: [`wire`] (the line format, pure), [`PmiClient`], and
+//!   [`PmiServer`], the process manager side that `canopy start` runs;
+//! - PMI-2, spoken natively by `srun --mpi=pmi2`: [`wire2`] (the framed
+//!   format, pure) and [`Pmi2Client`];
+//! - [`Pmi`], the one interface both clients offer, and [`from_env`], which
+//!   picks the protocol the launcher offers (see there for how).
 //!
 //! A typical broker start-up:
 //!
 //! ```no_run
 //! # fn main() -> Result<(), canopy_pmi::PmiError> {
-//! if let Some(mut pmi) = canopy_pmi::PmiClient::from_env()? {
-//!     pmi.init()?;
+//! if let Some(mut pmi) = canopy_pmi::from_env()? {
 //!     pmi.put(&format!("uri-{}", pmi.rank()), "tcp://10.0.0.1:5000")?;
-//!     pmi.barrier()?;
+//!     pmi.fence()?;
 //!     let parent = pmi.get("uri-0")?;
 //!     # let _ = parent;
 //!     pmi.finalize()?;
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`PmiClient`] keeps its own API for existing callers
+//! (`PmiClient::from_env`, then `init`, `put`, `barrier`, `get`, ...).
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod client2;
+pub mod select;
 pub mod server;
 pub mod wire;
+pub mod wire2;
 
 pub use client::PmiClient;
+pub use client2::Pmi2Client;
+pub use select::{from_env, version_from_env, Pmi, PmiVersion, DEFAULT_TIMEOUT};
 pub use server::{AbortInfo, PmiEvent, PmiServer, PmiServerHandle};
 pub use wire::WireError;
+pub use wire2::Wire2Error;
 
 use thiserror::Error;
 
@@ -42,6 +50,45 @@ pub enum PmiError {
     /// A line or value was malformed.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// A PMI-2 key or value could not be sent.
+    #[error(transparent)]
+    Wire2(#[from] Wire2Error),
+    /// The process manager answered with something that is not the
+    /// protocol (through [`Pmi`] and [`Pmi2Client`]).
+    #[error("rank {rank}: the pmi-{version} server answered garbage ({detail}); check that PMI_FD comes from a launcher that speaks pmi-{version} (pmi-2: srun --mpi=pmi2; pmi-1: mpiexec or canopy start), or choose the protocol with CANOPY_PMI=1 or CANOPY_PMI=2")]
+    Garbage {
+        rank: u32,
+        version: u8,
+        detail: String,
+    },
+    /// A call (usually a fence) got no answer in time.
+    #[error("rank {rank}: pmi `{op}` got no answer within {after:?}; some rank never reached it (it died, hangs, or was never started: check that the job started PMI_SIZE tasks and read the other tasks' errors), or raise CANOPY_PMI_TIMEOUT (seconds, 0 waits forever)")]
+    Timeout {
+        rank: u32,
+        op: &'static str,
+        after: std::time::Duration,
+    },
+    /// The process manager refused PMI-2.
+    #[error("rank {rank}: the process manager refused pmi 2.0 (rc={rc}, it speaks {pmi_version}.{pmi_subversion}); set CANOPY_PMI=1 to use pmi-1 with it")]
+    Pmi2Refused {
+        rank: u32,
+        rc: i32,
+        pmi_version: u32,
+        pmi_subversion: u32,
+    },
+    /// `srun` started this task among several, but offered no PMI.
+    #[error("rank {rank} of {size}: srun started this task without a pmi (PMI_FD is not set), so the tasks cannot find each other; run `srun --mpi=pmi2 ...` (or set MpiDefault=pmi2 in slurm.conf)")]
+    NoPmi { rank: String, size: u32 },
+    /// The launcher offers only PMIx.
+    #[error("rank {rank}: the launcher offers only pmix (PMIX_RANK is set, PMI_FD is not), which canopy does not speak yet; run `srun --mpi=pmi2 ...` instead")]
+    PmixOnly { rank: String },
+    /// A canopy setting in the environment is malformed.
+    #[error("{var}={value} is not usable; {fix}")]
+    BadSetting {
+        var: &'static str,
+        value: String,
+        fix: &'static str,
+    },
     /// A PMI environment variable is missing or malformed.
     #[error("{var}={value} is not usable: {reason}; start the broker from `canopy start` or a PMI launcher such as mpiexec")]
     Env {

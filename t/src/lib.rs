@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod krb;
 pub mod netns;
+pub mod slurm;
+pub mod users;
 
 /// How long an instance may take to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,6 +79,9 @@ struct Tracked {
     /// `marker` (so a recycled pid is left alone).
     pids: Vec<i32>,
     marker: String,
+    /// Every process whose environment holds this `NAME=value` entry is
+    /// SIGKILLed too (job tasks that a daemon such as slurmd started).
+    env_marker: Option<String>,
     /// Directory to remove.
     dir: Option<PathBuf>,
 }
@@ -119,9 +124,36 @@ fn cmdline_contains(pid: i32, marker: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Live processes (other than this one) whose environment holds the
+/// entry `entry` (`NAME=value`).
+pub fn pids_with_env(entry: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|kv| kv == entry.as_bytes()))
+                .unwrap_or(false)
+        })
+        .filter(|&pid| process_alive(pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 fn kill_tracked(t: &Tracked) {
     if let Some(g) = t.pgid {
         let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    if let Some(entry) = &t.env_marker {
+        for p in pids_with_env(entry) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
     }
     for &p in &t.pids {
         if cmdline_contains(p, &t.marker) {
@@ -205,7 +237,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Parent pid from /proc/PID/stat.
-fn ppid_of(pid: i32) -> Option<i32> {
+pub(crate) fn ppid_of(pid: i32) -> Option<i32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = s.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()

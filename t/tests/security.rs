@@ -5,12 +5,10 @@
 #![forbid(unsafe_code)]
 
 use canopy_proto::Header;
-use canopy_t::{canopy_bin, run_canopy, run_command, run_test, text, Instance};
+use canopy_t::users::{as_other_user, is_root, open_to_other_users, other_user, OTHER_USER};
+use canopy_t::{run_canopy, run_test, text, Instance};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -236,84 +234,6 @@ fn garbage_on_the_local_socket_disconnects_only_that_client() {
         );
         inst.assert_all_ranks_answer();
     });
-}
-
-const OTHER_USER: &str = "canopy-t-other";
-
-/// The uid of OTHER_USER, creating it if needed.
-fn other_user() -> u32 {
-    let lookup = || {
-        nix::unistd::User::from_name(OTHER_USER)
-            .ok()
-            .flatten()
-            .map(|u| u.uid.as_raw())
-    };
-    if let Some(uid) = lookup() {
-        return uid;
-    }
-    let out = run_command(
-        Command::new("useradd").args(["--system", "--no-create-home", OTHER_USER]),
-        Duration::from_secs(30),
-    );
-    // Another run may have created it meanwhile; only the lookup counts.
-    lookup().unwrap_or_else(|| {
-        panic!(
-            "cannot create user {OTHER_USER}: {:?}\n{}",
-            out.status,
-            text(&out.stderr)
-        )
-    })
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Make the instance's rank 0 socket reachable by anyone, so that the
-/// broker itself (not file permissions) has to refuse another user, and
-/// put copies of `canopy` and the test peer where that user can run them.
-/// Returns (canopy, peer).
-fn open_to_other_users(inst: &Instance) -> (PathBuf, PathBuf) {
-    let chmod = |p: &Path, mode| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
-    };
-    chmod(inst.tempdir(), 0o711);
-    chmod(inst.rundir(), 0o711);
-    chmod(&inst.local_path(0), 0o777);
-    let copy = |from: &Path, name: &str| {
-        let to = inst.tempdir().join(name);
-        std::fs::copy(from, &to).unwrap();
-        chmod(&to, 0o755);
-        to
-    };
-    (
-        copy(&canopy_bin(), "canopy"),
-        copy(Path::new(env!("CARGO_BIN_EXE_canopy-t-peer")), "peer"),
-    )
-}
-
-/// Run `prog` as the other user. A just-copied binary can be briefly
-/// "busy" (ETXTBSY): another test thread may fork while the copy's write
-/// descriptor is open, and the forked child holds it until it execs. That
-/// window is short, so retry.
-fn as_other_user(prog: &Path, args: &[&str]) -> std::process::Output {
-    let mut tries = 0;
-    loop {
-        let out = run_command(
-            Command::new("runuser")
-                .args(["-u", OTHER_USER, "--"])
-                .arg(prog)
-                .args(args)
-                .env("RUST_LOG", "warn"),
-            Duration::from_secs(30),
-        );
-        tries += 1;
-        if tries == 50 || !text(&out.stderr).contains("Text file busy") {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -1,0 +1,1708 @@
+//! `BrokerCore`: every decision a broker makes, with no I/O and no clock.
+//!
+//! After the model of quinn-proto: the socket shell (`crate::node`) feeds
+//! what arrived through [`BrokerCore::handle`] and the passing of time
+//! through [`BrokerCore::handle_timeout`], then drains what the core wants
+//! done: [`BrokerCore::poll_event`] first (connect, close, jobs for the
+//! admission worker, exit), then [`BrokerCore::poll_transmit`] (messages to
+//! send, as `(Header, payload)`), and sleeps until
+//! [`BrokerCore::poll_timeout`]. Time is a number of milliseconds the shell
+//! passes in; randomness comes from a seed. So a test can wire several
+//! cores together on a simulated clock (`sim.rs`) and check joins,
+//! rejoins, replay, relinks, revocation and admission deterministically.
+//!
+//! What it owns: the parent link's state and the children's sessions,
+//! clients with their identities, roles and subscriptions, requests in
+//! flight, health and liveness, the event sequence and replay ring, the
+//! key ring and relink phases, and admission and revocation state.
+//!
+//! Payloads are opaque to the core (`P`): the shell uses a type that moves
+//! a received ZeroMQ frame without copying it.
+
+pub mod keys;
+mod relink;
+pub mod services;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use canopy_acl::Mech;
+use canopy_modules::BrokerInfo;
+use canopy_overlay::events::{topic_matches, Arrival, GapDetector, Ring, Sequencer};
+use canopy_overlay::health::{Delta, Health, RankState, HEALTH_TOPIC};
+use canopy_overlay::hello::{Hello, HelloCheck, HelloError, HELLO_TOPIC};
+use canopy_overlay::liveness::{Peer, Timing, Transition};
+use canopy_overlay::pending::{InFlight, Link, Pending};
+use canopy_overlay::route::{next_hop, Next};
+use canopy_overlay::Topology;
+use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
+use keys::KeyRing;
+use std::collections::{HashMap, VecDeque};
+use tracing::{debug, info, warn};
+
+pub use services::{Builtin, SERVICES};
+
+/// Admin request to drop a child's link; also the control message telling
+/// the child.
+pub const DISCONNECT_TOPIC: &str = "overlay.disconnect";
+/// Control: sign of life, both directions, every `heartbeat_ms`.
+pub const HEARTBEAT_TOPIC: &str = "overlay.heartbeat";
+/// Control, parent to child: "I do not know your session; rejoin".
+pub const REJOIN_TOPIC: &str = "overlay.rejoin";
+/// Topic of the one EPERM a client gets when its access is revoked.
+pub const REVOKED_TOPIC: &str = "access.revoked";
+
+/// Events each broker keeps to replay to a child that rejoins after a
+/// link loss (a rejoin after more events than this reports a gap).
+const EVENT_REPLAY: usize = 1024;
+/// Connections waiting for a first access decision; more are refused.
+pub const MAX_PENDING_ADMISSIONS: usize = 64;
+/// Requests a client may send while its access is being decided; more get
+/// EAGAIN.
+const MAX_HELD_IN: usize = 256;
+/// Messages held for a client while its access is decided again; a client
+/// that would get more is cut.
+const MAX_HELD_OUT: usize = 4096;
+/// Revoked remote connections remembered (their routing ids are never
+/// reused by libzmq; the oldest is forgotten past this).
+const MAX_REVOKED_REMOTE: usize = 65_536;
+
+/// A peer's "business card": what its neighbours need to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Card {
+    pub public_key: [u8; 32],
+    /// Where its ROUTER listens; `None` if it has no children.
+    pub endpoint: Option<String>,
+}
+
+impl Card {
+    /// Encode for a PMI value: `HEXKEY,ENDPOINT` (no spaces or `=`).
+    pub fn encode(&self) -> String {
+        let hex: String = self.public_key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex},{}", self.endpoint.as_deref().unwrap_or("-"))
+    }
+
+    pub fn decode(s: &str) -> Result<Card, String> {
+        let (hex, ep) = s
+            .split_once(',')
+            .ok_or_else(|| format!("business card '{s}' has no ','"))?;
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("business card key '{hex}' is not 64 hex digits"));
+        }
+        let mut key = [0u8; 32];
+        for (i, k) in key.iter_mut().enumerate() {
+            *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(Card {
+            public_key: key,
+            endpoint: (ep != "-").then(|| ep.to_string()),
+        })
+    }
+}
+
+/// What a core is started with.
+pub struct CoreConfig {
+    pub rank: u32,
+    pub topo: Topology,
+    pub instance: String,
+    pub parent: Option<Card>,
+    /// Principal of each child rank, from the bootstrap.
+    pub expected: HashMap<u32, String>,
+    /// The instance owner's uid: the one local uid admitted without asking
+    /// the policy, as `owner`.
+    pub owner_uid: u32,
+    /// The owner's principal (`unix:NAME`).
+    pub owner_principal: String,
+    pub timing: Timing,
+    pub info: BrokerInfo,
+    /// How remote clients authenticate on this instance.
+    pub remote_mech: Mech,
+    /// Seeds session ids and client ids.
+    pub seed: u64,
+}
+
+/// Who an access decision is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// The principal, if known; a local client has only its uid until the
+    /// worker resolves its name.
+    pub principal: Option<String>,
+    pub uid: Option<u32>,
+    pub mech: Mech,
+    pub address: String,
+}
+
+/// Work that may block (name service, delegate programs, files): done by
+/// the admission worker, never on the loop; its answer comes back as
+/// [`Input::Done`].
+#[derive(Debug)]
+pub enum Job {
+    /// Decide a client (first admission or again after a reload).
+    Admit { ticket: u64, subject: Subject },
+    /// Whether the policy now vetoes an overlay peer.
+    Veto {
+        ticket: u64,
+        principal: String,
+        address: String,
+    },
+    /// `acl.check`: explain a decision; answer `req`.
+    Explain { req: Header, query: Vec<u8> },
+    /// Re-read the policy file; answer `req` if an admin asked.
+    ReloadPolicy { req: Option<Header> },
+    /// Record that a caller lacked a role (audit log).
+    RoleRefused {
+        principal: String,
+        roles: Roles,
+        topic: String,
+    },
+}
+
+/// A finished [`Job`].
+#[derive(Debug)]
+pub enum Done {
+    /// `Ok((principal, roles))`, or `Err((principal, reason))`.
+    Admitted {
+        ticket: u64,
+        verdict: Result<(String, Roles), (String, String)>,
+    },
+    Vetoed {
+        ticket: u64,
+        veto: Option<String>,
+    },
+    Explained {
+        req: Header,
+        result: Result<Vec<u8>, (u32, String)>,
+    },
+    PolicyReloaded {
+        req: Option<Header>,
+        result: Result<String, String>,
+    },
+}
+
+/// What arrived.
+pub enum Input<P> {
+    /// A message from a child connection. `user_id` is the ZAP-authenticated
+    /// principal on the message.
+    Child {
+        rid: Vec<u8>,
+        user_id: String,
+        address: String,
+        header: Header,
+        payload: P,
+    },
+    /// A send to this child connection failed: it is gone.
+    ChildGone {
+        rid: Vec<u8>,
+    },
+    /// Some child connection closed (libzmq does not say which).
+    ChildClosed,
+    Parent {
+        header: Header,
+        payload: P,
+    },
+    /// The parent connection closed, or a send to it failed.
+    ParentGone {
+        reason: String,
+    },
+    /// The parent's key changed (Kerberos renewal bound a new one).
+    ParentKeyChanged,
+    /// A local client connected; its uid from `SO_PEERCRED`.
+    LocalConnected {
+        id: u32,
+        uid: u32,
+    },
+    /// A message from a local client.
+    Local {
+        id: u32,
+        header: Header,
+        payload: P,
+    },
+    /// A message from a remote client, with what ZAP said of it.
+    Remote {
+        rid: Vec<u8>,
+        user_id: String,
+        roles: Roles,
+        address: String,
+        header: Header,
+        payload: P,
+    },
+    /// A local client closed its connection (or was cut by the shell).
+    ClientClosed {
+        id: u32,
+    },
+    /// A send to this remote client failed: it is gone.
+    RemoteGone {
+        rid: Vec<u8>,
+    },
+    /// The admission worker finished a job.
+    Done(Done),
+    /// SIGHUP: reload the policy and (system instances) the keys.
+    Hangup,
+    /// The neighbours' certificates were re-read (`None`: this broker has
+    /// none to reload).
+    KeysReloaded {
+        req: Option<Header>,
+        result: Result<KeyRing, String>,
+    },
+    /// The `.next` key was loaded for `key.switch`: its public key.
+    NextKey {
+        req: Header,
+        result: Result<[u8; 32], String>,
+    },
+}
+
+/// A message to send.
+#[derive(Debug)]
+pub enum Transmit<P> {
+    Parent(Header, P),
+    /// To a child connection, by routing id.
+    Child(Vec<u8>, Header, P),
+    /// To a local client.
+    Local(u32, Header, P),
+    /// To a remote client, by routing id.
+    Remote(Vec<u8>, Header, P),
+}
+
+/// Why the broker must stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    HelloRefused {
+        parent: u32,
+        reason: String,
+    },
+    Disconnected(String),
+    /// The bootstrap gave a parent without an endpoint.
+    NoParentEndpoint,
+}
+
+/// What the shell must do (besides sending).
+#[derive(Debug)]
+pub enum Event {
+    /// Make a fresh connection to the parent (dropping any old one) with
+    /// this routing id, and the parent's `server_key` (the shell may use a
+    /// Kerberos-bound key instead). `relink`: a rotation's new connection.
+    ConnectParent {
+        endpoint: String,
+        server_key: [u8; 32],
+        identity: Vec<u8>,
+        relink: bool,
+    },
+    /// The parent link is gone (the shell tells the Kerberos renewal).
+    ParentLost,
+    /// Close a local client once what is queued for it is written.
+    Close {
+        id: u32,
+    },
+    /// Hand to the admission worker.
+    Job(Job),
+    /// Read the neighbours' certificates again; feed back `KeysReloaded`.
+    ReloadKeys {
+        req: Option<Header>,
+    },
+    /// Load the `.next` key for `key.switch`; feed back `NextKey`.
+    LoadNextKey {
+        req: Header,
+    },
+    /// Start using the loaded `.next` key for new parent connections; the
+    /// ROUTER keeps the old one until `Rebind`.
+    AdoptKey,
+    /// Admit exactly these overlay keys (principal, name) as peers.
+    AdmitPeers(Vec<(String, String)>),
+    /// Listen again with the new key.
+    Rebind {
+        since_switch_ms: u64,
+    },
+    Exit(Exit),
+}
+
+#[derive(PartialEq, Eq, Debug, Clone, Copy)]
+enum ParentState {
+    None,
+    Joining,
+    Online,
+}
+
+struct ChildLink {
+    rid: Vec<u8>,
+    principal: String,
+    session: u64,
+    peer: Peer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    Local { uid: u32 },
+    Remote,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Admitted,
+    /// Waiting for the worker; `first`: not yet admitted at all.
+    Deciding {
+        ticket: u64,
+        first: bool,
+    },
+}
+
+struct Client<P> {
+    kind: ClientKind,
+    /// Remote clients: their routing id.
+    rid: Vec<u8>,
+    principal: String,
+    roles: Roles,
+    mech: Mech,
+    address: String,
+    subs: Vec<String>,
+    access: Access,
+    held_in: VecDeque<(Header, P)>,
+    held_out: VecDeque<(Header, P)>,
+}
+
+/// The broker's decisions. See the module documentation.
+pub struct BrokerCore<P> {
+    rank: u32,
+    topo: Topology,
+    instance: String,
+    timing: Timing,
+    info: BrokerInfo,
+    owner_uid: u32,
+    owner_principal: String,
+    remote_mech: Mech,
+    rng: u64,
+    now: u64,
+
+    session: u64,
+    parent_state: ParentState,
+    parent_card: Option<Card>,
+    parent_peer: Option<Peer>,
+    rejoin_at: Option<u64>,
+    next_heartbeat: u64,
+
+    expected: HashMap<u32, String>,
+    children: HashMap<u32, ChildLink>,
+    by_rid: HashMap<Vec<u8>, u32>,
+    pending: Pending,
+    health: Health,
+    modules: canopy_modules::Registry,
+
+    clients: HashMap<u32, Client<P>>,
+    remote_ids: HashMap<Vec<u8>, u32>,
+    revoked_remote: HashMap<Vec<u8>, ()>,
+    revoked_order: VecDeque<Vec<u8>>,
+    next_client: u32,
+    next_ticket: u64,
+    /// Children being decided again after a reload: ticket -> rank.
+    vetting: HashMap<u64, u32>,
+    /// Whether the policy was reloaded since start: a remote client's
+    /// connection-time verdict may then be stale.
+    reloaded: bool,
+
+    sequencer: Sequencer,
+    gaps: GapDetector,
+    epoch: u32,
+    replay: Ring<(Header, Vec<u8>)>,
+
+    rot: relink::Rotation<P>,
+
+    transmits: VecDeque<Transmit<P>>,
+    events: VecDeque<Event>,
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn in_flight(h: &Header) -> InFlight {
+    InFlight {
+        topic: h.topic.clone(),
+        matchtag: h.matchtag,
+        nodeid: h.nodeid,
+        route: h.route.clone(),
+    }
+}
+
+fn no_response(h: &Header) -> bool {
+    h.flags & canopy_proto::FLAG_NORESPONSE != 0
+}
+
+impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
+    /// A core at time `now`; if it has a parent, it connects at once (see
+    /// [`BrokerCore::poll_event`]).
+    pub fn new(cfg: CoreConfig, now: u64) -> BrokerCore<P> {
+        let mut rng = cfg.seed;
+        let session = splitmix(&mut rng);
+        let mut core = BrokerCore {
+            rank: cfg.rank,
+            health: Health::new(cfg.topo, cfg.rank, now),
+            topo: cfg.topo,
+            instance: cfg.instance,
+            timing: cfg.timing,
+            info: cfg.info,
+            owner_uid: cfg.owner_uid,
+            owner_principal: cfg.owner_principal,
+            remote_mech: cfg.remote_mech,
+            rng,
+            now,
+            session,
+            parent_state: ParentState::None,
+            parent_card: cfg.parent,
+            parent_peer: None,
+            rejoin_at: None,
+            next_heartbeat: now,
+            expected: cfg.expected,
+            children: HashMap::new(),
+            by_rid: HashMap::new(),
+            pending: Pending::default(),
+            modules: canopy_modules::Registry::standard(),
+            clients: HashMap::new(),
+            remote_ids: HashMap::new(),
+            revoked_remote: HashMap::new(),
+            revoked_order: VecDeque::new(),
+            // Client ids start at a random point, so a restarted broker's
+            // clients never reuse its previous incarnation's ids: a stale
+            // response (same route, same matchtag) then matches nothing.
+            next_client: ((session >> 16) as u32).max(1),
+            next_ticket: 1,
+            vetting: HashMap::new(),
+            reloaded: false,
+            sequencer: Sequencer::default(),
+            gaps: GapDetector::default(),
+            epoch: (session >> 32) as u32 ^ session as u32,
+            replay: Ring::new(EVENT_REPLAY),
+            rot: relink::Rotation::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        if core.parent_card.is_some() {
+            core.connect_parent();
+        }
+        core
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// A fresh id for a client the shell is about to report.
+    pub fn new_client_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_client;
+            self.next_client = self.next_client.wrapping_add(1).max(1);
+            if !self.clients.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing for the shell to do. Drain these before transmits.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`BrokerCore::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut next = self.next_heartbeat;
+        if let Some(at) = self.rejoin_at {
+            next = next.min(at);
+        }
+        if let Some(at) = self.rot.deadline() {
+            next = next.min(at);
+        }
+        next
+    }
+
+    /// This broker's public facts.
+    pub fn info(&self) -> &BrokerInfo {
+        &self.info
+    }
+
+    /// The subtree's health as this broker sees it.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Whether the parent link is up (always true for rank 0).
+    pub fn joined(&self) -> bool {
+        self.parent_card.is_none() || self.parent_state == ParentState::Online
+    }
+
+    /// Clients admitted or being decided.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Timers: heartbeats out, liveness checks in, rejoin attempts, relink
+    /// deadlines.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = now.max(self.now);
+        let now = self.now;
+        if self.rejoin_at.is_some_and(|at| now >= at) {
+            self.connect_parent();
+        }
+        self.rotation_tick();
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.timing.heartbeat_ms;
+            self.heartbeats();
+        }
+        self.flush_health();
+    }
+
+    fn heartbeats(&mut self) {
+        let now = self.now;
+        if self.parent_state == ParentState::Online {
+            self.send_parent(Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+        }
+        let ranks: Vec<u32> = self.children.keys().copied().collect();
+        for rank in ranks {
+            let Some(link) = self.children.get_mut(&rank) else {
+                continue;
+            };
+            let rid = link.rid.clone();
+            match link.peer.check(now, &self.timing) {
+                Transition::BecameTorpid => {
+                    let why = format!("no message for {:.1}s", self.timing.torpid_ms as f64 / 1e3);
+                    warn!(rank, reason = %why, "overlay: rank is torpid");
+                    self.health.set(rank, RankState::Torpid, &why, now);
+                }
+                Transition::BecameLost => {
+                    let why = format!("no message for {:.1}s", self.timing.lost_ms as f64 / 1e3);
+                    self.lose_child(rank, &why);
+                    continue;
+                }
+                Transition::Recovered | Transition::None => {}
+            }
+            self.send_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+        }
+        // Every link state is checked, not only Online: a parent that
+        // never answers a hello is as lost as one that went quiet.
+        if self.parent_state != ParentState::None && self.rejoin_at.is_none() {
+            if let Some(p) = self.parent_peer.as_mut() {
+                if p.check(now, &self.timing) == Transition::BecameLost {
+                    let why = format!("no message for {:.1}s", self.timing.lost_ms as f64 / 1e3);
+                    self.lose_parent(&why);
+                }
+            }
+        }
+    }
+
+    /// Feed one input at time `now`.
+    pub fn handle(&mut self, now: u64, input: Input<P>) {
+        self.now = now.max(self.now);
+        match input {
+            Input::Child {
+                rid,
+                user_id,
+                address,
+                header,
+                payload,
+            } => self.child_ingress(rid, &user_id, &address, header, payload),
+            Input::ChildGone { rid } => self.child_gone(&rid),
+            Input::ChildClosed => self.probe_children(),
+            Input::Parent { header, payload } => self.parent_ingress(header, payload),
+            Input::ParentGone { reason } => {
+                if self.parent_state == ParentState::Online && !self.rot.up.active() {
+                    self.lose_parent(&reason);
+                }
+            }
+            Input::ParentKeyChanged => self.connect_parent(),
+            Input::LocalConnected { id, uid } => self.local_connected(id, uid),
+            Input::Local {
+                id,
+                header,
+                payload,
+            } => self.client_ingress(id, header, payload),
+            Input::Remote {
+                rid,
+                user_id,
+                roles,
+                address,
+                header,
+                payload,
+            } => self.remote_ingress(rid, user_id, roles, address, header, payload),
+            Input::ClientClosed { id } => self.remove_client(id),
+            Input::RemoteGone { rid } => {
+                if let Some(id) = self.remote_ids.get(&rid).copied() {
+                    self.remove_client(id);
+                }
+            }
+            Input::Done(d) => self.job_done(d),
+            Input::Hangup => {
+                self.events
+                    .push_back(Event::Job(Job::ReloadPolicy { req: None }));
+                if self.rot.has_files {
+                    self.events.push_back(Event::ReloadKeys { req: None });
+                }
+            }
+            Input::KeysReloaded { req, result } => self.keys_reloaded(req, result),
+            Input::NextKey { req, result } => self.next_key(req, result),
+        }
+        self.flush_health();
+    }
+
+    // ----- the parent link -----
+
+    /// (Re)connect to the parent with a fresh session and say hello.
+    fn connect_parent(&mut self) {
+        let Some(card) = self.parent_card.clone() else {
+            return;
+        };
+        let Some(endpoint) = card.endpoint.clone() else {
+            self.events.push_back(Event::Exit(Exit::NoParentEndpoint));
+            return;
+        };
+        self.session = splitmix(&mut self.rng);
+        // Anything still queued for the old connection goes nowhere.
+        self.transmits
+            .retain(|t| !matches!(t, Transmit::Parent(..)));
+        self.events.push_back(Event::ConnectParent {
+            endpoint,
+            server_key: card.public_key,
+            identity: format!("{}:{:016x}", self.rank, self.session).into_bytes(),
+            relink: false,
+        });
+        self.parent_state = ParentState::Joining;
+        self.parent_peer = Some(Peer::new(self.now));
+        self.rejoin_at = None;
+        self.send_hello(true);
+    }
+
+    fn send_hello(&mut self, with_last_event: bool) {
+        let hello = Hello {
+            rank: self.rank,
+            version: PROTOCOL_VERSION,
+            session: self.session,
+            instance: self.instance.clone(),
+            last_event: if with_last_event {
+                self.gaps.position()
+            } else {
+                None
+            },
+        };
+        let parent = self.topo.parent(self.rank).unwrap_or(0);
+        let h = Header::request(HELLO_TOPIC, parent, 0);
+        self.transmits
+            .push_back(Transmit::Parent(h, P::from(hello.encode())));
+    }
+
+    /// The parent link is gone: answer what was in flight over it, and
+    /// try to join again shortly.
+    fn lose_parent(&mut self, reason: &str) {
+        warn!(reason = %reason, "overlay: lost the parent link; rejoining");
+        for (h, _) in self.rot.up.abandon() {
+            debug!(topic = %h.topic, "overlay: a message queued for a relink was dropped");
+        }
+        self.events.push_back(Event::ParentLost);
+        for r in self.pending.fail_link(Link::Parent) {
+            self.fail_in_flight(r, "the parent link was lost");
+        }
+        // Requests the old parent session sent down: their responses would
+        // reach a session the parent no longer knows.
+        self.pending.forget_from(Hop::Parent);
+        self.transmits
+            .retain(|t| !matches!(t, Transmit::Parent(..)));
+        self.parent_state = ParentState::Joining;
+        self.parent_peer = None;
+        self.rejoin_at = Some(self.now + self.timing.heartbeat_ms.min(1000));
+    }
+
+    fn parent_ingress(&mut self, mut h: Header, payload: P) {
+        let now = self.now;
+        if let Some(p) = self.parent_peer.as_mut() {
+            p.heard(now);
+        }
+        if self.is_relink_answer(&h) {
+            self.up_joined(&h, payload.as_ref());
+            return;
+        }
+        if h.msg_type == MsgType::Control && self.rotation_control(&h, payload.as_ref()) {
+            return;
+        }
+        match h.msg_type {
+            MsgType::Response
+                if self.parent_state == ParentState::Joining
+                    && h.topic == HELLO_TOPIC
+                    && h.route.is_empty() =>
+            {
+                if h.errnum != 0 {
+                    let why = String::from_utf8_lossy(payload.as_ref()).into_owned();
+                    if h.errnum == errno::EAGAIN {
+                        // Our previous session is still online there; try again.
+                        warn!(parent = h.nodeid, reason = %why, "overlay: parent asks to retry the hello");
+                        self.rejoin_at = Some(now + self.timing.heartbeat_ms.min(1000));
+                        return;
+                    }
+                    self.events.push_back(Event::Exit(Exit::HelloRefused {
+                        parent: h.nodeid,
+                        reason: why,
+                    }));
+                    return;
+                }
+                info!(parent = h.nodeid, "overlay: joined the parent");
+                self.parent_state = ParentState::Online;
+                // The parent may have marked our subtree lost: resend it all.
+                self.health.requeue_all();
+            }
+            MsgType::Request => {
+                h.route.push(Hop::Parent);
+                self.route_request(h, payload);
+            }
+            MsgType::Response => {
+                if self.pending.complete(Link::Parent, &h.route, h.matchtag) {
+                    self.route_response(h, payload)
+                } else {
+                    stale_response(&h);
+                }
+            }
+            MsgType::Event => self.event_arrived(h, payload),
+            MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == REJOIN_TOPIC => {
+                self.lose_parent("the parent does not know this session");
+            }
+            MsgType::Control if h.topic == DISCONNECT_TOPIC => {
+                let why = String::from_utf8_lossy(payload.as_ref()).into_owned();
+                self.events.push_back(Event::Exit(Exit::Disconnected(why)));
+            }
+            MsgType::Control => {
+                debug!(topic = %h.topic, "overlay: ignored control from the parent")
+            }
+        }
+    }
+
+    fn flush_health(&mut self) {
+        if self.parent_card.is_none() {
+            self.health.take_pending();
+            return;
+        }
+        if self.parent_state != ParentState::Online {
+            return;
+        }
+        let deltas = self.health.take_pending();
+        if deltas.is_empty() {
+            return;
+        }
+        match serde_json::to_vec(&deltas) {
+            Ok(body) => self.send_parent(Header::control(HEALTH_TOPIC), P::from(body)),
+            Err(e) => warn!("overlay: cannot encode a health report: {e}"),
+        }
+    }
+
+    /// Send to the parent, or queue while the link moves.
+    fn send_parent(&mut self, h: Header, payload: P) {
+        if self.rot.up.active() {
+            if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
+                self.rot.up.queue.push((h, payload));
+            }
+            return;
+        }
+        self.transmits.push_back(Transmit::Parent(h, payload));
+    }
+
+    // ----- children -----
+
+    fn child_gone(&mut self, rid: &[u8]) {
+        if let Some(rb) = self.rot.rebind.as_mut() {
+            rb.old_rids.retain(|r| r != rid);
+        }
+        if let Some(&rank) = self.by_rid.get(rid) {
+            if self.rot.held.get(&rank).is_some_and(|h| h.old_rid == rid) {
+                return; // the old connection of a child that is moving
+            }
+            self.lose_child(rank, "its connection closed");
+        }
+    }
+
+    /// A child connection closed: a heartbeat to each says which (the
+    /// shell reports [`Input::ChildGone`] for a send that fails).
+    fn probe_children(&mut self) {
+        let links: Vec<Vec<u8>> = self.children.values().map(|l| l.rid.clone()).collect();
+        for rid in links {
+            self.send_rid(&rid, Header::control(HEARTBEAT_TOPIC), P::from(Vec::new()));
+        }
+    }
+
+    /// The child's link is gone: mark its subtree lost and answer what was
+    /// in flight over it.
+    fn lose_child(&mut self, rank: u32, reason: &str) {
+        self.rot.held.remove(&rank);
+        if let Some(link) = self.children.remove(&rank) {
+            self.by_rid.remove(&link.rid);
+        }
+        warn!(rank, "overlay: lost rank {rank}: {reason}");
+        let now = self.now;
+        self.health.child_lost(rank, reason, now);
+        let failed = self.pending.fail_link(Link::Child(rank));
+        // Requests that came up from the lost incarnation: their responses
+        // must not reach whatever rejoins as this rank.
+        let orphaned = self.pending.forget_from(Hop::Child(rank));
+        if orphaned > 0 {
+            debug!(
+                rank,
+                orphaned, "overlay: requests from a lost rank forgotten"
+            );
+        }
+        let msg = format!("rank {rank} was lost ({reason})");
+        for r in failed {
+            self.fail_in_flight(r, &msg);
+        }
+    }
+
+    fn fail_in_flight(&mut self, r: InFlight, why: &str) {
+        let mut h = Header::request(r.topic, r.nodeid, r.matchtag);
+        h.route = r.route;
+        let resp = h.response(self.rank, errno::EHOSTUNREACH);
+        let msg = format!("{why}; the request may or may not have been processed");
+        self.route_response(resp, P::from(msg.into_bytes()));
+    }
+
+    /// Send to a child connection, or queue while that child's link moves.
+    fn send_rid(&mut self, rid: &[u8], h: Header, payload: P) {
+        if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
+            if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
+                held.queue.push((h, payload));
+            }
+            return;
+        }
+        self.transmits
+            .push_back(Transmit::Child(rid.to_vec(), h, payload));
+    }
+
+    fn send_child(&mut self, rank: u32, h: Header, payload: P) -> bool {
+        let Some(rid) = self.children.get(&rank).map(|c| c.rid.clone()) else {
+            return false;
+        };
+        self.send_rid(&rid, h, payload);
+        true
+    }
+
+    fn child_ingress(&mut self, rid: Vec<u8>, user_id: &str, address: &str, h: Header, payload: P) {
+        let Some(&rank) = self.by_rid.get(&rid) else {
+            if h.msg_type == MsgType::Request && h.topic == HELLO_TOPIC {
+                self.child_hello(rid, user_id, address, &h, payload.as_ref());
+            } else {
+                // An authenticated peer talking from a session we do not
+                // know (e.g. we declared it lost): tell it to rejoin.
+                debug!(
+                    principal = %user_id,
+                    "overlay: message from an unknown session; asking it to rejoin"
+                );
+                self.transmits.push_back(Transmit::Child(
+                    rid,
+                    Header::control(REJOIN_TOPIC),
+                    P::from(Vec::new()),
+                ));
+            }
+            return;
+        };
+        let now = self.now;
+        if let Some(link) = self.children.get_mut(&rank) {
+            if link.peer.heard(now) == Transition::Recovered {
+                info!(rank, "overlay: rank recovered");
+                self.health.set(rank, RankState::Online, "recovered", now);
+            }
+        }
+        // Defence in depth: the ZAP-authenticated identity on every message
+        // must be the one this child joined with.
+        if self.children.get(&rank).map(|c| c.principal.as_str()) != Some(user_id) {
+            warn!(
+                verdict = %"deny",
+                rank,
+                principal = %user_id,
+                reason = %"User-Id does not match the principal that joined as this rank",
+                "overlay: message dropped"
+            );
+            return;
+        }
+        match h.msg_type {
+            MsgType::Request => {
+                let mut h = h;
+                h.route.push(Hop::Child(rank));
+                self.route_request(h, payload);
+            }
+            MsgType::Response => {
+                if self
+                    .pending
+                    .complete(Link::Child(rank), &h.route, h.matchtag)
+                {
+                    self.route_response(h, payload)
+                } else {
+                    stale_response(&h);
+                }
+            }
+            MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == keys::RELINK_TOPIC => {
+                self.child_relink(rank, rid);
+            }
+            MsgType::Control if h.topic == HEALTH_TOPIC => {
+                match serde_json::from_slice::<Vec<Delta>>(payload.as_ref()) {
+                    Ok(deltas) => {
+                        let ignored = self.health.apply_from_child(rank, &deltas, now);
+                        if ignored > 0 {
+                            warn!(rank, ignored, "overlay: state changes for ranks outside the child's subtree ignored");
+                        }
+                    }
+                    Err(e) => warn!(rank, "overlay: bad health report: {e}"),
+                }
+            }
+            other => debug!(rank, "overlay: ignored {other:?} '{}'", h.topic),
+        }
+    }
+
+    /// The principal the hello check expects for `rank` given who
+    /// authenticated: from the key ring when there is one.
+    fn hello_expected(&self, rank: u32, user_id: &str) -> Option<String> {
+        if self.rot.ring.is_empty() {
+            self.expected.get(&rank).cloned()
+        } else {
+            self.rot.ring.expected(rank, user_id)
+        }
+    }
+
+    fn child_hello(
+        &mut self,
+        rid: Vec<u8>,
+        user_id: &str,
+        address: &str,
+        h: &Header,
+        payload: &[u8],
+    ) {
+        if self.relink_hello(&rid, user_id, h, payload) {
+            return;
+        }
+        // A restarted child says hello with a new session while its old
+        // session may still look online: if the old one has been silent
+        // for two heartbeats, it is gone.
+        if let Ok(hello) = Hello::decode(payload) {
+            let now = self.now;
+            let stale = self.children.get(&hello.rank).is_some_and(|l| {
+                l.session != hello.session
+                    && l.principal == user_id
+                    && now.saturating_sub(l.peer.last_heard_ms()) > 2 * self.timing.heartbeat_ms
+            });
+            if stale {
+                self.lose_child(hello.rank, "replaced by a new session");
+            }
+        }
+        let verdict = Hello::decode(payload).and_then(|hello| {
+            let expected = self.hello_expected(hello.rank, user_id);
+            HelloCheck {
+                topo: &self.topo,
+                my_rank: self.rank,
+                my_version: PROTOCOL_VERSION,
+                my_instance: &self.instance,
+                authenticated: user_id,
+                expected: expected.as_deref(),
+                online_session: self.children.get(&hello.rank).map(|c| c.session),
+            }
+            .check(&hello)
+            .map(|()| hello)
+        });
+        match verdict {
+            Ok(hello) => {
+                info!(
+                    verdict = %"allow",
+                    rank = hello.rank,
+                    principal = %user_id,
+                    address = %address,
+                    reason = %"hello accepted",
+                    "overlay: child joined"
+                );
+                self.by_rid.insert(rid.clone(), hello.rank);
+                let now = self.now;
+                self.children.insert(
+                    hello.rank,
+                    ChildLink {
+                        rid: rid.clone(),
+                        principal: user_id.to_string(),
+                        session: hello.session,
+                        peer: Peer::new(now),
+                    },
+                );
+                self.health
+                    .set(hello.rank, RankState::Online, "joined", now);
+                let resp = h.response(self.rank, 0);
+                self.send_rid(&rid, resp, P::from(Vec::new()));
+                if let Some(after) = hello.last_event {
+                    self.replay_events(&rid, hello.rank, after);
+                }
+            }
+            Err(e) => {
+                warn!(verdict = %"deny", principal = %user_id, address = %address, reason = %e, "overlay: hello refused");
+                // A restarted broker may say hello before we noticed its old
+                // session die: let it retry rather than exit.
+                let code = if matches!(e, HelloError::AlreadyOnline { .. }) {
+                    errno::EAGAIN
+                } else {
+                    errno::EPERM
+                };
+                let resp = h.response(self.rank, code);
+                self.transmits.push_back(Transmit::Child(
+                    rid,
+                    resp,
+                    P::from(e.to_string().into_bytes()),
+                ));
+            }
+        }
+    }
+
+    /// The children's keys changed or the policy was reloaded: a child
+    /// whose key is no longer admitted for its rank is disconnected.
+    fn recheck_children(&mut self) {
+        let gone: Vec<u32> = self
+            .children
+            .iter()
+            .filter(|(rank, l)| {
+                self.hello_expected(**rank, &l.principal).as_deref() != Some(l.principal.as_str())
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        for rank in gone {
+            self.disconnect(rank, "its key is no longer admitted for this rank");
+        }
+    }
+
+    /// Tell a child it is disconnected and forget it.
+    fn disconnect(&mut self, rank: u32, reason: &str) {
+        if let Some(rid) = self.children.get(&rank).map(|l| l.rid.clone()) {
+            warn!(
+                verdict = %"deny",
+                rank, reason = %reason, "overlay: disconnecting a child"
+            );
+            self.transmits.push_back(Transmit::Child(
+                rid,
+                Header::control(DISCONNECT_TOPIC),
+                P::from(reason.as_bytes().to_vec()),
+            ));
+            self.lose_child(rank, reason);
+        }
+    }
+
+    // ----- clients -----
+
+    fn local_connected(&mut self, id: u32, uid: u32) {
+        if uid == self.owner_uid {
+            info!(verdict = %"allow", principal = %self.owner_principal, uid, mechanism = %"peercred", roles = %Roles::OWNER, "local: client admitted as the instance owner");
+            let principal = self.owner_principal.clone();
+            self.clients.insert(
+                id,
+                Client::new(
+                    ClientKind::Local { uid },
+                    Vec::new(),
+                    principal,
+                    Roles::OWNER,
+                    Mech::Local,
+                    String::new(),
+                    Access::Admitted,
+                ),
+            );
+            return;
+        }
+        let waiting = self
+            .clients
+            .values()
+            .filter(|c| matches!(c.access, Access::Deciding { first: true, .. }))
+            .count();
+        if waiting >= MAX_PENDING_ADMISSIONS {
+            warn!(
+                verdict = %"deny",
+                uid,
+                mechanism = %"peercred",
+                reason = %"too many connections are waiting for an access decision",
+                limit = MAX_PENDING_ADMISSIONS,
+                "local: connection refused"
+            );
+            self.refuse_local(
+                id,
+                errno::EAGAIN,
+                "too many connections are waiting for an access decision; retry in a moment",
+            );
+            return;
+        }
+        let ticket = self.ticket();
+        self.clients.insert(
+            id,
+            Client::new(
+                ClientKind::Local { uid },
+                Vec::new(),
+                format!("unix:#{uid}"),
+                Roles::NONE,
+                Mech::Local,
+                String::new(),
+                Access::Deciding {
+                    ticket,
+                    first: true,
+                },
+            ),
+        );
+        self.events.push_back(Event::Job(Job::Admit {
+            ticket,
+            subject: Subject {
+                principal: None,
+                uid: Some(uid),
+                mech: Mech::Local,
+                address: String::new(),
+            },
+        }));
+    }
+
+    fn ticket(&mut self) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+
+    /// One error frame, then close.
+    fn refuse_local(&mut self, id: u32, errnum: u32, msg: &str) {
+        let mut h = Header::request("connect", self.rank, 0);
+        h.msg_type = MsgType::Response;
+        h.errnum = errnum;
+        self.transmits
+            .push_back(Transmit::Local(id, h, P::from(msg.as_bytes().to_vec())));
+        self.events.push_back(Event::Close { id });
+    }
+
+    fn remote_ingress(
+        &mut self,
+        rid: Vec<u8>,
+        user_id: String,
+        roles: Roles,
+        address: String,
+        h: Header,
+        payload: P,
+    ) {
+        if self.revoked_remote.contains_key(&rid) {
+            debug!(principal = %user_id, "remote: message on a revoked connection dropped");
+            return;
+        }
+        let id = match self.remote_ids.get(&rid) {
+            Some(id) if self.clients.get(id).is_some_and(|c| c.principal == user_id) => *id,
+            _ => {
+                let id = self.new_client_id();
+                self.remote_ids.insert(rid.clone(), id);
+                // After a reload, the connection-time verdict may be stale:
+                // decide again before the first message is served.
+                let access = if self.reloaded {
+                    let ticket = self.ticket();
+                    self.events.push_back(Event::Job(Job::Admit {
+                        ticket,
+                        subject: Subject {
+                            principal: Some(user_id.clone()),
+                            uid: None,
+                            mech: self.remote_mech,
+                            address: address.clone(),
+                        },
+                    }));
+                    Access::Deciding {
+                        ticket,
+                        first: false,
+                    }
+                } else {
+                    Access::Admitted
+                };
+                let mech = self.remote_mech;
+                self.clients.insert(
+                    id,
+                    Client::new(
+                        ClientKind::Remote,
+                        rid,
+                        user_id,
+                        roles,
+                        mech,
+                        address,
+                        access,
+                    ),
+                );
+                id
+            }
+        };
+        self.client_ingress(id, h, payload);
+    }
+
+    /// A request from a client: stamp its identity and route it, or hold
+    /// it while its access is being decided.
+    fn client_ingress(&mut self, id: u32, mut h: Header, payload: P) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if h.msg_type != MsgType::Request {
+            debug!(principal = %c.principal, "client sent a non-request; ignored");
+            return;
+        }
+        if let Access::Deciding { .. } = c.access {
+            if c.held_in.len() >= MAX_HELD_IN {
+                let mut r = h.response(self.rank, errno::EAGAIN);
+                r.route = vec![Hop::Local(id)];
+                let msg = "your access is still being decided; retry in a moment";
+                self.deliver(id, r, P::from(msg.as_bytes().to_vec()), true);
+                return;
+            }
+            c.held_in.push_back((h, payload));
+            return;
+        }
+        // Identity is stamped here, at ingress; whatever the client claimed is discarded.
+        h.userid.clone_from(&c.principal);
+        h.roles = c.roles;
+        h.route.clear();
+        h.route.push(Hop::Local(id));
+        self.route_request(h, payload);
+    }
+
+    fn remove_client(&mut self, id: u32) {
+        if let Some(c) = self.clients.remove(&id) {
+            if c.kind == ClientKind::Remote {
+                self.remote_ids.remove(&c.rid);
+            }
+        }
+    }
+
+    /// Deliver to a client; `bypass` skips the hold (answers about the
+    /// hold itself).
+    fn deliver(&mut self, id: u32, h: Header, payload: P, bypass: bool) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if !bypass && matches!(c.access, Access::Deciding { .. }) {
+            if c.held_out.len() >= MAX_HELD_OUT {
+                warn!(principal = %c.principal, held = MAX_HELD_OUT, "client: too much held for it while its access is decided; disconnecting it");
+                self.cut(id);
+                return;
+            }
+            c.held_out.push_back((h, payload));
+            return;
+        }
+        let t = match c.kind {
+            ClientKind::Local { .. } => Transmit::Local(id, h, payload),
+            ClientKind::Remote => Transmit::Remote(c.rid.clone(), h, payload),
+        };
+        self.transmits.push_back(t);
+    }
+
+    /// Forget a client; a local one is closed, a remote connection is
+    /// remembered as revoked so that nothing it sends is served again.
+    fn cut(&mut self, id: u32) {
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
+        match c.kind {
+            ClientKind::Local { .. } => self.events.push_back(Event::Close { id }),
+            ClientKind::Remote => {
+                self.remote_ids.remove(&c.rid);
+                if self.revoked_order.len() >= MAX_REVOKED_REMOTE {
+                    if let Some(old) = self.revoked_order.pop_front() {
+                        self.revoked_remote.remove(&old);
+                    }
+                }
+                self.revoked_order.push_back(c.rid.clone());
+                self.revoked_remote.insert(c.rid, ());
+            }
+        }
+    }
+
+    /// Cut a client whose access was revoked, with one EPERM first.
+    fn revoke(&mut self, id: u32, reason: &str) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        c.held_in.clear();
+        c.held_out.clear();
+        c.subs.clear();
+        warn!(verdict = %"deny", principal = %c.principal, mechanism = %c.mech.as_str(), address = %c.address, reason = %reason, "authz: access revoked");
+        let mut h = Header::request(REVOKED_TOPIC, self.rank, 0);
+        h.msg_type = MsgType::Response;
+        h.errnum = errno::EPERM;
+        let msg = format!("permission denied: access revoked: {reason}");
+        self.deliver(id, h, P::from(msg.into_bytes()), true);
+        self.cut(id);
+    }
+
+    fn job_done(&mut self, d: Done) {
+        match d {
+            Done::Admitted { ticket, verdict } => self.admitted(ticket, verdict),
+            Done::Vetoed { ticket, veto } => {
+                if let (Some(rank), Some(why)) = (self.vetting.remove(&ticket), veto) {
+                    self.disconnect(rank, &format!("the policy now denies it: {why}"));
+                }
+            }
+            Done::Explained { req, result } => match result {
+                Ok(body) => self.respond(&req, P::from(body)),
+                Err((e, msg)) => self.respond_err(&req, e, &msg),
+            },
+            Done::PolicyReloaded { req, result } => self.policy_reloaded(req, result),
+        }
+    }
+
+    fn admitted(&mut self, ticket: u64, verdict: Result<(String, Roles), (String, String)>) {
+        let Some((&id, c)) = self
+            .clients
+            .iter_mut()
+            .find(|(_, c)| matches!(c.access, Access::Deciding { ticket: t, .. } if t == ticket))
+        else {
+            return; // the client left meanwhile
+        };
+        let Access::Deciding { first, .. } = c.access else {
+            return;
+        };
+        match verdict {
+            Ok((principal, roles)) if !roles.is_empty() => {
+                info!(verdict = %"allow", principal = %principal, mechanism = %c.mech.as_str(), roles = %roles, "authz: client admitted");
+                c.principal = principal;
+                c.roles = roles;
+                c.access = Access::Admitted;
+                let held_in = std::mem::take(&mut c.held_in);
+                let held_out = std::mem::take(&mut c.held_out);
+                for (h, p) in held_out {
+                    self.deliver(id, h, p, false);
+                }
+                for (h, p) in held_in {
+                    self.client_ingress(id, h, p);
+                }
+            }
+            other => {
+                let (principal, reason) = match other {
+                    Err(x) => x,
+                    Ok((p, _)) => (p, "the policy grants no role".to_string()),
+                };
+                c.principal = principal;
+                if first && c.kind != ClientKind::Remote {
+                    let uid = match c.kind {
+                        ClientKind::Local { uid } => uid,
+                        ClientKind::Remote => 0,
+                    };
+                    warn!(verdict = %"deny", principal = %c.principal, uid, mechanism = %"peercred", reason = %reason, "local: connection refused");
+                    let msg = format!("permission denied: {}: {reason}", c.principal);
+                    self.clients.remove(&id);
+                    self.refuse_local(id, errno::EPERM, &msg);
+                } else {
+                    self.revoke(id, &reason);
+                }
+            }
+        }
+    }
+
+    /// The policy was reloaded: every client and child is decided again,
+    /// once; whoever lost access is cut now, not at its next message.
+    fn policy_reloaded(&mut self, req: Option<Header>, result: Result<String, String>) {
+        let msg = match result {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::error!(
+                    by = %req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
+                    "acl: reload failed: {e}"
+                );
+                if let Some(h) = req {
+                    self.respond_err(&h, errno::EINVAL, &e);
+                }
+                return;
+            }
+        };
+        warn!(
+            by = %req.as_ref().map(|h| h.userid.as_str()).unwrap_or("SIGHUP"),
+            "acl: {msg}"
+        );
+        self.reloaded = true;
+        let ids: Vec<u32> = self.clients.keys().copied().collect();
+        for id in ids {
+            let ticket = self.ticket();
+            let c = self.clients.get_mut(&id).expect("listed");
+            // The owner is known by uid, not by role: a principal the
+            // policy made `owner` is decided again like anyone else.
+            if c.kind
+                == (ClientKind::Local {
+                    uid: self.owner_uid,
+                })
+            {
+                continue;
+            }
+            if let Access::Deciding { first: true, .. } = c.access {
+                continue; // its first decision is still coming
+            }
+            c.access = Access::Deciding {
+                ticket,
+                first: false,
+            };
+            let subject = Subject {
+                principal: Some(c.principal.clone()),
+                uid: match c.kind {
+                    ClientKind::Local { uid } => Some(uid),
+                    ClientKind::Remote => None,
+                },
+                mech: c.mech,
+                address: c.address.clone(),
+            };
+            self.events
+                .push_back(Event::Job(Job::Admit { ticket, subject }));
+        }
+        let children: Vec<(u32, String)> = self
+            .children
+            .iter()
+            .map(|(r, l)| (*r, l.principal.clone()))
+            .collect();
+        for (rank, principal) in children {
+            let ticket = self.ticket();
+            self.vetting.insert(ticket, rank);
+            self.events.push_back(Event::Job(Job::Veto {
+                ticket,
+                principal,
+                address: String::new(),
+            }));
+        }
+        if let Some(h) = req {
+            self.respond(&h, P::from(msg.into_bytes()));
+        }
+    }
+
+    // ----- routing -----
+
+    fn route_request(&mut self, h: Header, payload: P) {
+        let svc = services::lookup(&h.topic, self.rank, &self.modules);
+        match next_hop(&self.topo, self.rank, h.nodeid, svc.is_some()) {
+            Next::Local => {
+                let (needed, svc) = svc.expect("local implies a service");
+                if !h.roles.satisfies(needed) {
+                    let msg = format!(
+                        "{} requires role '{needed}'; principal {} has roles '{}'",
+                        h.topic, h.userid, h.roles
+                    );
+                    warn!(verdict = %"deny", principal = %h.userid, topic = %h.topic, reason = %format!("missing role {needed}"), "authz: request refused");
+                    self.events.push_back(Event::Job(Job::RoleRefused {
+                        principal: h.userid.clone(),
+                        roles: h.roles,
+                        topic: h.topic.clone(),
+                    }));
+                    self.respond_err(&h, errno::EPERM, &msg);
+                    return;
+                }
+                self.call(svc, h, payload);
+            }
+            Next::Up => {
+                if self.parent_state != ParentState::Online {
+                    self.respond_err(
+                        &h,
+                        errno::EHOSTUNREACH,
+                        "this broker has not joined its parent yet; retry shortly",
+                    );
+                    return;
+                }
+                if !no_response(&h) {
+                    self.pending.insert(Link::Parent, in_flight(&h));
+                }
+                self.send_parent(h, payload);
+            }
+            Next::Down(child) => {
+                if !self.children.contains_key(&child) {
+                    let msg = format!("rank {child} is not online; check 'canopy overlay status'");
+                    self.respond_err(&h, errno::EHOSTUNREACH, &msg);
+                    return;
+                }
+                if !no_response(&h) {
+                    self.pending.insert(Link::Child(child), in_flight(&h));
+                }
+                self.send_child(child, h, payload);
+            }
+            Next::Fail(e) => {
+                let msg = match e {
+                    errno::ENOSYS => format!("no service offers '{}'", h.topic),
+                    errno::EHOSTUNREACH => format!(
+                        "rank {} does not exist in this instance of size {}",
+                        h.nodeid,
+                        self.topo.size()
+                    ),
+                    _ => "cannot route this request".to_string(),
+                };
+                self.respond_err(&h, e, &msg);
+            }
+        }
+    }
+
+    fn respond_err(&mut self, req: &Header, errnum: u32, msg: &str) {
+        if no_response(req) {
+            return;
+        }
+        let r = req.response(self.rank, errnum);
+        self.route_response(r, P::from(msg.as_bytes().to_vec()));
+    }
+
+    fn respond(&mut self, req: &Header, payload: P) {
+        if no_response(req) {
+            return;
+        }
+        let r = req.response(self.rank, 0);
+        self.route_response(r, payload);
+    }
+
+    fn route_response(&mut self, mut h: Header, payload: P) {
+        match h.route.pop() {
+            Some(Hop::Parent) => self.send_parent(h, payload),
+            Some(Hop::Child(r)) => {
+                if !self.send_child(r, h, payload) {
+                    debug!(
+                        rank = r,
+                        "overlay: response dropped: the rank is not online"
+                    );
+                }
+            }
+            Some(Hop::Local(id)) => self.deliver(id, h, payload, false),
+            None => debug!(topic = %h.topic, "overlay: response with an empty route dropped"),
+        }
+    }
+
+    // ----- events -----
+
+    fn publish(&mut self, h: Header, payload: P) {
+        let body = payload.as_ref();
+        let (topic, data) = match services::parse_event_pub(body) {
+            Ok(x) => x,
+            Err((e, msg)) => return self.respond_err(&h, e, msg),
+        };
+        let seq = self.sequencer.next_seq();
+        let mut ev = Header::event(topic, seq);
+        ev.nodeid = self.epoch;
+        ev.userid.clone_from(&h.userid);
+        ev.roles = h.roles;
+        let data = data.to_vec();
+        self.distribute_event(&ev, &data);
+        self.replay.push(self.epoch, seq, (ev, data));
+        self.respond(&h, P::from(seq.to_be_bytes().to_vec()));
+    }
+
+    fn event_arrived(&mut self, h: Header, payload: P) {
+        match self.gaps.arrive_in(h.nodeid, h.seq) {
+            Arrival::Duplicate => {
+                debug!(seq = h.seq, "events: duplicate event dropped");
+                return;
+            }
+            Arrival::Gap { from, to } => {
+                warn!(from, to, "events: missed events (reported in overlay status; the parent no longer held them)");
+                let (missed, _) = self.gaps.missed();
+                self.health.set_missed(self.rank, missed);
+            }
+            Arrival::First | Arrival::InOrder => {}
+        }
+        let data = payload.as_ref().to_vec();
+        self.distribute_event(&h, &data);
+        self.replay.push(h.nodeid, h.seq, (h, data));
+    }
+
+    /// Send a rejoining child the events after the last one it saw.
+    fn replay_events(&mut self, rid: &[u8], rank: u32, after: (u32, u64)) {
+        let events = self.replay.after(after.0, after.1);
+        if events.is_empty() {
+            return;
+        }
+        info!(
+            rank,
+            "events: replaying {} events after {} to rank {rank}",
+            events.len(),
+            after.1
+        );
+        for (ev, data) in events {
+            self.send_rid(rid, ev, P::from(data));
+        }
+    }
+
+    fn distribute_event(&mut self, ev: &Header, data: &[u8]) {
+        let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
+        for rid in rids {
+            self.send_rid(&rid, ev.clone(), P::from(data.to_vec()));
+        }
+        let subscribers: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.subs.iter().any(|p| topic_matches(p, &ev.topic)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in subscribers {
+            self.deliver(id, ev.clone(), P::from(data.to_vec()), false);
+        }
+    }
+
+    fn subscription(&mut self, h: Header, payload: P) {
+        let Some(Hop::Local(id)) = h.route.first().copied().filter(|_| h.route.len() == 1) else {
+            return self.respond_err(
+                &h,
+                errno::EPROTO,
+                "subscribe on your own broker's local connector",
+            );
+        };
+        let pattern = String::from_utf8_lossy(payload.as_ref()).into_owned();
+        if let Some(c) = self.clients.get_mut(&id) {
+            if h.topic == "event.subscribe" {
+                c.subs.push(pattern);
+            } else {
+                c.subs.retain(|p| *p != pattern);
+            }
+        }
+        self.respond(&h, P::from(Vec::new()));
+    }
+
+    /// `overlay.disconnect` (admin), sent to the parent of the rank named in
+    /// the payload: drop that child's link. The child exits, saying who
+    /// disconnected it.
+    fn disconnect_rpc(&mut self, h: Header, payload: P) {
+        let text = String::from_utf8_lossy(payload.as_ref());
+        let Ok(rank) = text.trim().parse::<u32>() else {
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "overlay.disconnect payload must be a rank number",
+            );
+        };
+        if !self.topo.is_child(self.rank, rank) {
+            let msg = format!(
+                "rank {rank} is not a child of rank {}; send this to its parent",
+                self.rank
+            );
+            return self.respond_err(&h, errno::EINVAL, &msg);
+        }
+        if !self.children.contains_key(&rank) {
+            let msg = format!("rank {rank} is not online");
+            return self.respond_err(&h, errno::EHOSTUNREACH, &msg);
+        }
+        let reason = format!("disconnected by {} through rank {}", h.userid, self.rank);
+        self.disconnect(rank, &reason);
+        self.respond(&h, P::from(Vec::new()));
+    }
+}
+
+impl<P> Client<P> {
+    fn new(
+        kind: ClientKind,
+        rid: Vec<u8>,
+        principal: String,
+        roles: Roles,
+        mech: Mech,
+        address: String,
+        access: Access,
+    ) -> Client<P> {
+        Client {
+            kind,
+            rid,
+            principal,
+            roles,
+            mech,
+            address,
+            subs: Vec::new(),
+            access,
+            held_in: VecDeque::new(),
+            held_out: VecDeque::new(),
+        }
+    }
+}
+
+/// A response that matches no request in flight over its link: its
+/// requester's link was lost (the requester may since have restarted as a
+/// new incarnation, which must not get it) or it was already answered
+/// with EHOSTUNREACH. Dropped, so every request gets exactly one answer.
+fn stale_response(h: &Header) {
+    debug!(topic = %h.topic, matchtag = h.matchtag, "overlay: dropped a response that matches no request in flight");
+}

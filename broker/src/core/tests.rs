@@ -1,0 +1,379 @@
+//! The core's scenarios on a simulated clock: no sockets, no threads.
+
+use super::sim::*;
+use super::*;
+use canopy_proto::NODEID_ANY;
+
+fn ok_once(s: &Sim, rank: u32, id: u32, tag: u32) -> Got {
+    let r = s.responses(rank, id, tag);
+    assert_eq!(r.len(), 1, "exactly one response to tag {tag}: {r:?}");
+    assert_eq!(
+        r[0].header.errnum,
+        0,
+        "{}",
+        String::from_utf8_lossy(&r[0].payload)
+    );
+    r[0].clone()
+}
+
+fn allow(rules: &'static [(&'static str, Roles)]) -> Policy {
+    Box::new(move |s: &Subject| {
+        let p = s.principal.clone().unwrap_or_default();
+        if p.starts_with("curve:") {
+            return Ok((p, Roles::PEER));
+        }
+        match rules.iter().find(|(n, _)| *n == p) {
+            Some((_, r)) => Ok((p, *r)),
+            None => Err((p, "no rule grants a role".into())),
+        }
+    })
+}
+
+#[test]
+fn a_tree_joins_and_every_rank_answers() {
+    let mut s = Sim::new(7, 2);
+    s.run_for(50);
+    assert!(s.full(), "every rank online");
+    let c = s.connect(0, OWNER_UID);
+    for r in 0..7 {
+        let t = s.request(0, c, "broker.ping", r, b"x");
+        s.settle();
+        assert_eq!(ok_once(&s, 0, c, t).payload, b"x");
+    }
+    let t = s.request(0, c, "broker.ping", 9, b"");
+    s.settle();
+    assert_eq!(s.responses(0, c, t)[0].header.errnum, errno::EHOSTUNREACH);
+    let t = s.request(0, c, "no.such", 3, b"");
+    s.settle();
+    assert_eq!(s.responses(0, c, t)[0].header.errnum, errno::ENOSYS);
+}
+
+#[test]
+fn a_rejoining_child_gets_the_events_it_missed_in_order() {
+    let mut s = Sim::new(3, 1); // 0 - 1 - 2
+    s.run_for(50);
+    let publisher = s.connect(0, OWNER_UID);
+    let sub = s.connect(2, OWNER_UID);
+    let t = s.request(2, sub, "event.subscribe", NODEID_ANY, b"job.*");
+    s.settle();
+    ok_once(&s, 2, sub, t);
+    for i in 0..3 {
+        s.publish(0, publisher, "job.x", &[i]);
+    }
+    s.settle();
+    assert_eq!(s.events(2, sub).len(), 3);
+    // The link 1-2 breaks; two events are published meanwhile.
+    s.cut.insert(2);
+    for i in 3..5 {
+        s.publish(0, publisher, "job.x", &[i]);
+    }
+    s.run_for(300);
+    assert!(!s.nodes[2].core.joined(), "rank 2 noticed the loss");
+    assert_eq!(
+        s.nodes[1].core.health().get(2).unwrap().state,
+        canopy_overlay::health::RankState::Lost
+    );
+    s.cut.remove(&2);
+    s.run_for(3000);
+    assert!(s.full(), "rank 2 rejoined");
+    let seqs: Vec<u64> = s.events(2, sub).iter().map(|g| g.header.seq).collect();
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3, 4, 5],
+        "missed events replayed once, in order"
+    );
+    let data: Vec<u8> = s.events(2, sub).iter().map(|g| g.payload[0]).collect();
+    assert_eq!(data, vec![0, 1, 2, 3, 4]);
+}
+
+#[test]
+fn a_request_over_a_lost_link_is_answered_once_with_ehostunreach() {
+    let mut s = Sim::new(3, 1);
+    s.run_for(50);
+    let c = s.connect(0, OWNER_UID);
+    s.stalled.insert(2);
+    let t = s.request(0, c, "broker.ping", 2, b"p");
+    s.settle();
+    assert!(s.responses(0, c, t).is_empty(), "rank 2 is stalled");
+    s.cut.insert(2);
+    s.run_for(300);
+    let r = s.responses(0, c, t);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].header.errnum, errno::EHOSTUNREACH);
+    assert!(String::from_utf8_lossy(&r[0].payload).contains("rank 2 was lost"));
+    // Rank 2 wakes up and answers from its old session: dropped.
+    s.cut.remove(&2);
+    s.unstall(2);
+    s.run_for(3000);
+    assert_eq!(s.responses(0, c, t).len(), 1, "still exactly one answer");
+    assert!(s.full());
+    let t2 = s.request(0, c, "broker.ping", 2, b"again");
+    s.settle();
+    ok_once(&s, 0, c, t2);
+}
+
+#[test]
+fn a_parent_that_never_answers_the_hello_is_retried() {
+    let mut s = Sim::new(2, 1);
+    s.cut.insert(1); // the hello never arrives
+    s.run_for(1000);
+    assert!(!s.nodes[1].core.joined());
+    s.cut.remove(&1);
+    s.run_for(2000);
+    assert!(s.nodes[1].core.joined(), "joined after the cause went away");
+    assert!(s.full());
+}
+
+fn rotation_sim() -> Sim {
+    let mut s = Sim::new(3, 1); // 0 - 1 - 2
+    let next: [u8; 32] = [0x77; 32];
+    let ring = KeyRing::new(HashMap::from([
+        (0, vec![s.nodes[0].key]),
+        (1, vec![s.nodes[1].key, next]),
+        (2, vec![s.nodes[2].key]),
+    ]));
+    for r in 0..3 {
+        let n = &mut s.nodes[r];
+        n.ring = Some(ring.clone());
+        n.core.enable_key_files();
+        n.core.handle(
+            0,
+            Input::KeysReloaded {
+                req: None,
+                result: Ok(ring.clone()),
+            },
+        );
+    }
+    s.nodes[1].next_key = Some(next);
+    s.run_for(50);
+    assert!(s.full());
+    s
+}
+
+#[test]
+fn a_key_switch_relinks_both_links_without_losing_a_message() {
+    let mut s = rotation_sim();
+    let next = s.nodes[1].next_key.unwrap();
+    let c = s.connect(0, OWNER_UID);
+    let sub = s.connect(2, OWNER_UID);
+    let t = s.request(2, sub, "event.subscribe", NODEID_ANY, b"*");
+    s.settle();
+    ok_once(&s, 2, sub, t);
+    let sw = s.request(0, c, "key.switch", 1, b"");
+    let mut tags = Vec::new();
+    // Traffic through the moving links while they move: one ping and one
+    // event every 2 ms for 200 ms, delivered a step at a time.
+    for i in 0..100u8 {
+        tags.push(s.request(0, c, "broker.ping", 2, &[i]));
+        s.publish(0, c, "rot.e", &[i]);
+        s.run_for(2);
+    }
+    s.run_for(500);
+    let r = ok_once(&s, 0, c, sw);
+    assert!(String::from_utf8_lossy(&r.payload).contains("switching to key"));
+    assert_eq!(s.nodes[1].key, next, "rank 1 uses its new key");
+    assert_eq!(s.nodes[1].rebinds, 1, "rank 1 listens with the new key");
+    for (i, t) in tags.iter().enumerate() {
+        assert_eq!(ok_once(&s, 0, c, *t).payload, vec![i as u8]);
+    }
+    let seqs: Vec<u64> = s.events(2, sub).iter().map(|g| g.header.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=100).collect::<Vec<u64>>(),
+        "every event once, in order"
+    );
+    assert!(s.full());
+    assert!(s.nodes.iter().all(|n| n.exit.is_none()));
+}
+
+#[test]
+fn a_key_reload_disconnects_a_child_whose_key_is_no_longer_admitted() {
+    let mut s = rotation_sim();
+    // Rank 2's key is dropped from rank 1's ring.
+    let ring = KeyRing::new(HashMap::from([
+        (0, vec![s.nodes[0].key]),
+        (1, vec![s.nodes[1].key]),
+    ]));
+    s.nodes[1].ring = Some(ring);
+    s.nodes[1].core.handle(s.now, Input::Hangup);
+    s.run_for(10);
+    assert!(
+        matches!(s.nodes[2].exit, Some(Exit::Disconnected(ref why)) if why.contains("no longer admitted"))
+    );
+}
+
+#[test]
+fn a_reload_cuts_talkers_and_silent_subscribers_at_once() {
+    let mut s = Sim::new(3, 2);
+    s.policy = allow(&[("unix:u2000", Roles::USER), ("unix:u3000", Roles::USER)]);
+    s.run_for(50);
+    let owner = s.connect(0, OWNER_UID);
+    let talker = s.connect(0, 2000);
+    let silent = s.connect(1, 3000);
+    s.run_for(5);
+    let t = s.request(0, talker, "broker.ping", 2, b"hi");
+    let sub = s.request(1, silent, "event.subscribe", NODEID_ANY, b"*");
+    s.run_for(5);
+    ok_once(&s, 0, talker, t);
+    ok_once(&s, 1, silent, sub);
+    s.publish(0, owner, "a.b", b"1");
+    s.run_for(5);
+    assert_eq!(s.events(1, silent).len(), 1);
+
+    s.policy = allow(&[]);
+    s.nodes[0].core.handle(s.now, Input::Hangup);
+    s.nodes[1].core.handle(s.now, Input::Hangup);
+    s.run_for(10);
+    for (rank, id) in [(0, talker), (1, silent)] {
+        let got = s.got(rank, id);
+        let last = got.last().unwrap();
+        assert_eq!(last.header.errnum, errno::EPERM);
+        assert_eq!(last.header.topic, REVOKED_TOPIC);
+        assert!(String::from_utf8_lossy(&last.payload).contains("access revoked"));
+        assert!(s.closed.contains(&(rank, id)), "cut at the reload");
+    }
+    let before = (s.got(0, talker).len(), s.got(1, silent).len());
+    s.publish(0, owner, "a.b", b"2");
+    let t2 = s.request(0, talker, "broker.ping", 0, b"again");
+    s.run_for(10);
+    assert_eq!(
+        (s.got(0, talker).len(), s.got(1, silent).len()),
+        before,
+        "nothing more, not even events"
+    );
+    assert!(s.responses(0, talker, t2).is_empty());
+    // The owner (by uid) is not decided again and keeps working.
+    let t3 = s.request(0, owner, "broker.ping", 2, b"");
+    s.run_for(5);
+    ok_once(&s, 0, owner, t3);
+}
+
+#[test]
+fn a_reload_disconnects_a_child_the_policy_now_denies() {
+    let mut s = Sim::new(3, 2);
+    s.policy = allow(&[]);
+    s.run_for(50);
+    let two = s.principal(2);
+    s.policy = Box::new(move |sub: &Subject| {
+        let p = sub.principal.clone().unwrap_or_default();
+        if p == two {
+            Err((p, "denied by rule \"stolen\"".into()))
+        } else {
+            Ok((p, Roles::PEER))
+        }
+    });
+    s.nodes[0].core.handle(s.now, Input::Hangup);
+    s.run_for(10);
+    assert!(matches!(s.nodes[2].exit, Some(Exit::Disconnected(ref why)) if why.contains("stolen")));
+    assert!(s.nodes[1].exit.is_none());
+}
+
+#[test]
+fn a_policy_granted_owner_is_decided_again_after_a_reload() {
+    let mut s = Sim::new(2, 1);
+    s.policy = allow(&[("unix:u2000", Roles::OWNER)]);
+    s.run_for(50);
+    let granted = s.connect(0, 2000);
+    let real = s.connect(0, OWNER_UID);
+    s.run_for(5);
+    let t = s.request(0, granted, "acl.reload", 0, b"");
+    s.run_for(5);
+    ok_once(&s, 0, granted, t);
+    s.policy = allow(&[]);
+    let t = s.request(0, real, "acl.reload", 0, b"");
+    s.run_for(10);
+    ok_once(&s, 0, real, t);
+    assert!(
+        s.closed.contains(&(0, granted)),
+        "a policy-granted owner loses access with its rule"
+    );
+    assert!(
+        !s.closed.contains(&(0, real)),
+        "the instance owner, by uid, stays"
+    );
+}
+
+#[test]
+fn admission_waits_on_a_slow_delegate_without_holding_anyone_else() {
+    let mut s = Sim::new(4, 2);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    s.decide_ms = 5000;
+    s.run_for(50);
+    let slow = s.connect(0, 2000);
+    let t = s.request(0, slow, "broker.ping", 3, b"s");
+    let owner = s.connect(0, OWNER_UID);
+    let start = s.now;
+    for r in 0..4 {
+        let t = s.request(0, owner, "broker.ping", r, b"o");
+        s.settle();
+        ok_once(&s, 0, owner, t);
+    }
+    assert_eq!(
+        s.now, start,
+        "the owner was served while the decision was pending"
+    );
+    assert!(
+        s.got(0, slow).is_empty(),
+        "the waiting client got nothing yet"
+    );
+    s.run_for(4900);
+    assert!(s.responses(0, slow, t).is_empty());
+    s.run_for(200);
+    assert_eq!(ok_once(&s, 0, slow, t).payload, b"s");
+}
+
+#[test]
+fn a_denied_admission_gets_one_eperm_and_a_close() {
+    let mut s = Sim::new(1, 2);
+    s.policy = allow(&[]);
+    let c = s.connect(0, 2000);
+    let t = s.request(0, c, "broker.ping", 0, b"");
+    s.run_for(10);
+    let got = s.got(0, c);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].header.errnum, errno::EPERM);
+    assert!(s.responses(0, c, t).is_empty());
+    assert!(s.closed.contains(&(0, c)));
+}
+
+#[test]
+fn pending_admissions_are_bounded() {
+    let mut s = Sim::new(1, 2);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    s.decide_ms = 10_000;
+    let ids: Vec<u32> = (0..MAX_PENDING_ADMISSIONS + 3)
+        .map(|_| s.connect(0, 2000))
+        .collect();
+    let refused: Vec<&u32> = ids
+        .iter()
+        .filter(|id| s.closed.contains(&(0, **id)))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        3,
+        "the ones past the bound are refused at once"
+    );
+    let r = &s.got(0, *refused[0])[0];
+    assert_eq!(r.header.errnum, errno::EAGAIN);
+    let owner = s.connect(0, OWNER_UID);
+    let t = s.request(0, owner, "broker.ping", 0, b"");
+    s.settle();
+    ok_once(&s, 0, owner, t);
+}
+
+#[test]
+fn a_role_is_checked_before_the_service_runs() {
+    let mut s = Sim::new(2, 1);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    s.run_for(50);
+    let u = s.connect(1, 2000);
+    s.run_for(5);
+    let t = s.request(1, u, "overlay.disconnect", 0, b"1");
+    let p = s.publish(1, u, "x.y", b"");
+    s.run_for(5);
+    for tag in [t, p] {
+        let r = s.responses(1, u, tag);
+        assert_eq!(r[0].header.errnum, errno::EPERM, "{r:?}");
+    }
+    assert!(s.full(), "nothing was disconnected");
+}

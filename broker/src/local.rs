@@ -1,0 +1,217 @@
+//! The local connector's sockets: a UNIX listener and one stream per
+//! client, with the length-prefixed framing (docs/protocol.md §2). The uid
+//! comes from `SO_PEERCRED`; what a client may do is the core's decision.
+
+use crate::core::Input;
+use crate::error::BrokerError;
+use crate::sockets::Frame;
+use canopy_proto::frame::{encode_frame, FrameDecoder};
+use canopy_proto::Header;
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use tracing::warn;
+
+/// Largest amount of unsent data a slow local client may accumulate.
+const MAX_CLIENT_BACKLOG: usize = 256 << 20;
+
+struct Stream {
+    stream: UnixStream,
+    dec: FrameDecoder,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Close once `out` is written.
+    closing: bool,
+    dead: bool,
+}
+
+pub struct Local {
+    listener: UnixListener,
+    pub path: PathBuf,
+    streams: HashMap<u32, Stream>,
+}
+
+impl Local {
+    pub fn bind(path: &Path) -> Result<Local, BrokerError> {
+        let _ = std::fs::remove_file(path);
+        let io = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| BrokerError::Io { what, path, source }
+        };
+        let listener = UnixListener::bind(path).map_err(io("bind the local connector"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("configure the local connector"))?;
+        Ok(Local {
+            listener,
+            path: path.to_path_buf(),
+            streams: HashMap::new(),
+        })
+    }
+
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// Each client's id and fd, and whether it has output pending.
+    pub fn fds(&self) -> Vec<(u32, RawFd, bool)> {
+        self.streams
+            .iter()
+            .map(|(id, s)| (*id, s.stream.as_raw_fd(), s.out_pos < s.out.len()))
+            .collect()
+    }
+
+    /// Accept every waiting connection: `(id, uid)` for each, ids from
+    /// `new_id`.
+    pub fn accept(&mut self, mut new_id: impl FnMut() -> u32) -> Vec<Input<Frame>> {
+        let mut out = Vec::new();
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return out,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("local: accept failed: {e}");
+                    return out;
+                }
+            };
+            let uid = match nix::sys::socket::getsockopt(
+                &stream.as_fd(),
+                nix::sys::socket::sockopt::PeerCredentials,
+            ) {
+                Ok(c) => c.uid(),
+                Err(e) => {
+                    warn!(verdict = %"deny", mechanism = %"peercred", reason = %format!("cannot read SO_PEERCRED: {e}"), "local: connection refused");
+                    continue;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = new_id();
+            self.streams.insert(
+                id,
+                Stream {
+                    stream,
+                    dec: FrameDecoder::new(),
+                    out: Vec::new(),
+                    out_pos: 0,
+                    closing: false,
+                    dead: false,
+                },
+            );
+            out.push(Input::LocalConnected { id, uid });
+        }
+    }
+
+    /// What client `id` sent.
+    pub fn read(&mut self, id: u32) -> Vec<Input<Frame>> {
+        let mut buf = [0u8; 65536];
+        let mut out = Vec::new();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return out;
+        };
+        loop {
+            match s.stream.read(&mut buf) {
+                Ok(0) => {
+                    s.dead = true;
+                    break;
+                }
+                Ok(n) => {
+                    s.dec.push(&buf[..n]);
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    s.dead = true;
+                    break;
+                }
+            }
+        }
+        loop {
+            match s.dec.next_frame() {
+                Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
+                    id,
+                    header,
+                    payload: Frame::Bytes(p),
+                }),
+                // A refused or revoked client: nothing it sends counts.
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(
+                        client = id,
+                        "local: bad frame ({e}); disconnecting the client"
+                    );
+                    s.dead = true;
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn queue(&mut self, id: u32, h: &Header, payload: &[u8]) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.out.len() - s.out_pos > MAX_CLIENT_BACKLOG {
+            if !s.dead {
+                warn!(
+                    client = id,
+                    backlog = s.out.len() - s.out_pos,
+                    "local: client is not reading; disconnecting it"
+                );
+            }
+            s.dead = true;
+            return;
+        }
+        if let Err(e) = encode_frame(h, payload, &mut s.out) {
+            warn!(client = id, "local: cannot encode a message: {e}");
+        }
+    }
+
+    /// Close `id` once what is queued for it is written.
+    pub fn close(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.closing = true;
+        }
+    }
+
+    /// Write what is pending; the ids of clients now closed.
+    pub fn flush(&mut self) -> Vec<u32> {
+        let mut closed = Vec::new();
+        for (id, s) in self.streams.iter_mut() {
+            while s.out_pos < s.out.len() && !s.dead {
+                match s.stream.write(&s.out[s.out_pos..]) {
+                    Ok(n) => s.out_pos += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => s.dead = true,
+                }
+            }
+            if s.out_pos == s.out.len() {
+                s.out.clear();
+                s.out_pos = 0;
+            }
+            if s.dead || (s.closing && s.out.is_empty()) {
+                closed.push(*id);
+            }
+        }
+        for id in &closed {
+            self.streams.remove(id);
+        }
+        closed
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
