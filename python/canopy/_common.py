@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .certs import check_key, load_secret_certificate, server_key as _server_key
-from .errors import InvalidArgument, PermissionDenied, ProtocolError, from_response, CanopyError
+from .errors import EPERM, CanopyError, InvalidArgument, PermissionDenied, ProtocolError, errname, from_response
 from .protocol import Header
 
 URI_ENV = "CANOPY_URI"
@@ -148,10 +148,25 @@ def event_from(h: Header, payload: bytes) -> Event:
     return Event(h.topic, h.seq, payload, h.userid, h.nodeid, h.roles)
 
 
-def refusal(payload: bytes) -> PermissionDenied:
-    """A response with matchtag 0 and an errnum: the broker refused us."""
-    text = payload.decode("utf-8", "replace") or "permission denied"
-    return PermissionDenied(f"the broker refused this connection: {text}")
+#: Topic of the frame a broker sends a client whose access a reload revoked.
+REVOKED_TOPIC = "access.revoked"
+
+
+def refusal(h: Header, payload: bytes) -> CanopyError:
+    """A response with matchtag 0 and an errnum: the broker refused this
+    connection (EPERM; EAGAIN when too many connections are waiting for an
+    access decision) or revoked its access. Nothing more will come on it."""
+    text = payload.decode("utf-8", "replace")
+    if h.topic == REVOKED_TOPIC:
+        return PermissionDenied(
+            f"the broker revoked this connection's access: {text or 'permission denied'}; "
+            "ask its admin, then connect again"
+        )
+    if h.errnum == EPERM:
+        return PermissionDenied(f"the broker refused this connection: {text or 'permission denied'}")
+    return CanopyError(
+        f"the broker refused this connection: {text or errname(h.errnum)}; connect again", h.errnum
+    )
 
 
 def check_response(topic: str, msg: Message) -> Message:

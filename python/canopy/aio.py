@@ -369,7 +369,7 @@ class AsyncClient:
                     else:
                         fut.set_result(Message(h, p))
             elif h.matchtag == 0 and h.errnum:
-                self._on_error(refusal(p))
+                self._on_error(refusal(h, p))
             # else: a late response to a request that timed out; dropped.
         elif t == MsgType.EVENT:
             ev = None

@@ -403,7 +403,7 @@ class Client:
                 if h.matchtag == tag:
                     return check_response(topic, Message(h, p))
                 if h.matchtag == 0 and h.errnum:
-                    self._fail(refusal(p))
+                    self._fail(refusal(h, p))
                 # A late response to a request that timed out: dropped.
             elif h.type == MsgType.EVENT:
                 self._deliver(h, p)
@@ -485,7 +485,7 @@ class Client:
         if h.type == MsgType.EVENT:
             self._deliver(h, p)
         elif h.type == MsgType.RESPONSE and h.matchtag == 0 and h.errnum:
-            self._fail(refusal(p))
+            self._fail(refusal(h, p))
 
     # ----- services (not yet) -----
 

@@ -62,6 +62,20 @@ SCRIPTS: dict[str, tuple[Callable[[Header], bytes], bool, type[canopy.CanopyErro
         True, canopy.Disconnected, "closed the connection in the middle of a frame",
     ),
     "closed": (lambda r: b"", True, canopy.Disconnected, "closed the connection; the instance may have shut down"),
+    "revoked": (
+        lambda r: encode_frame(
+            Header(MsgType.RESPONSE, matchtag=0, errnum=1, topic="access.revoked"),
+            b"permission denied: access revoked: no rule matches",
+        ),
+        True, canopy.PermissionDenied, "revoked this connection's access: permission denied: access revoked",
+    ),
+    "busy": (
+        lambda r: encode_frame(
+            Header(MsgType.RESPONSE, matchtag=0, errnum=11, topic="connect"),
+            b"too many connections are waiting for an access decision; retry in a moment",
+        ),
+        True, canopy.CanopyError, "refused this connection: too many connections are waiting",
+    ),
     "refusal": (
         lambda r: encode_frame(
             Header(MsgType.RESPONSE, matchtag=0, errnum=1, topic="connect"), b"permission denied: unix:eve (uid 1001): no rule"
@@ -123,6 +137,8 @@ def test_sync_client_raises_clearly(case: str, tmp_path: os.PathLike[str]) -> No
             c.rpc("broker.ping", timeout=20)
         assert time.monotonic() - t0 < 5, "an error, not a wait for the timeout"
         assert text in ei.value.message, ei.value.message
+        if case == "busy":
+            assert ei.value.errname == "EAGAIN" and not isinstance(ei.value, canopy.PermissionDenied)
         # The connection is dead; it says so again rather than hanging.
         with pytest.raises(canopy.CanopyError):
             c.rpc("broker.ping", timeout=20)

@@ -164,3 +164,63 @@ def test_key_configuration_errors_are_clear(remote: Remote, monkeypatch: pytest.
     monkeypatch.setenv("CANOPY_KEX", "host:1")
     with pytest.raises(canopy.InvalidArgument, match="Kerberos .* not support"):
         canopy.connect(remote.uri, key=remote.key, server_key=remote.server_key)
+
+
+def test_revoked_access_ends_the_connection_clearly(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A policy reload that drops our key: the broker sends one
+    access.revoked EPERM at the reload, and a waiting subscriber (sync and
+    asyncio) gets PermissionDenied at once instead of waiting forever."""
+    import threading
+
+    import zmq
+
+    d = str(tmp_path_factory.mktemp("revoke"))
+    key = os.path.join(d, "me")
+    public = write_secret_cert(key)
+    stranger, _ = zmq.curve_keypair()
+    policy = os.path.join(d, "policy.toml")
+
+    def write_policy(principal: str) -> None:
+        with open(policy + ".tmp", "w") as f:
+            f.write(f'[[rule]]\nname = "pytest"\nprincipal = "curve:{principal}"\nroles = ["user"]\n')
+        os.chmod(policy + ".tmp", 0o600)
+        os.replace(policy + ".tmp", policy)
+
+    write_policy(public)
+    port = free_port()
+    inst = Instance(1, ("--listen-clients", f"tcp://127.0.0.1:{port}", "--policy", policy))
+    try:
+        local = canopy.connect(inst.uri)
+        server_key = json.loads(local.rpc("overlay.status", rank=0))["broker"]["public_key"]
+        uri = f"tcp://127.0.0.1:{port}"
+        c = canopy.connect(uri, key=key, server_key=server_key)
+        sub = c.subscribe("pytest.revoke.*", timeout=20)
+        local.publish("pytest.revoke.a", b"before")
+        assert sub.get(timeout=10).data == b"before"
+
+        def revoke() -> None:
+            write_policy(stranger.decode())
+            local.rpc("acl.reload", rank=0)
+
+        async def main() -> canopy.CanopyError | None:
+            async with canopy.aio.connect(uri, key=key, server_key=server_key) as ac:
+                asub = await ac.subscribe("pytest.revoke.*")
+                threading.Timer(0.3, revoke).start()
+                try:
+                    await asub.get(timeout=20)
+                except canopy.CanopyError as e:
+                    return e
+            return None
+
+        t0 = time.monotonic()
+        err = asyncio.run(asyncio.wait_for(main(), 30))
+        assert isinstance(err, canopy.PermissionDenied), err
+        assert "revoked this connection's access: permission denied: access revoked" in err.message
+        with pytest.raises(canopy.PermissionDenied, match="revoked this connection's access"):
+            sub.get(timeout=20)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(canopy.PermissionDenied):
+            c.ping(0)
+        local.close()
+    finally:
+        inst.stop()
