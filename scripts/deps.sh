@@ -3,7 +3,7 @@
 # Uses sudo only when not already root. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
-CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user munge slurmctld slurmd slurm-client libpmix-dev)
+CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq python3-venv libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user munge slurmctld slurmd slurm-client libpmix-dev)
 
 # The Debian package (scripts/deb.sh, t/tests/package.rs): dpkg-shlibdeps
 # for its dependencies, adduser for its maintainer scripts.

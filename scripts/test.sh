@@ -9,6 +9,9 @@ canopy_check_cargo
 canopy_install_cargo_deb
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
+
+# The Python client (python/) against real brokers run by that debug binary.
+scripts/test-python.sh
 if [ -d bench ]; then
     cargo build --release -q -p canopy-broker -p canopy-bench
     target/release/canopy-bench smoke
