@@ -67,16 +67,12 @@ impl TimingArgs {
             );
             Ok((s * 1000.0).round().max(1.0) as u64)
         };
-        let t = canopy_overlay::liveness::Timing {
-            heartbeat_ms: ms(self.heartbeat, "heartbeat")?,
-            torpid_ms: ms(self.torpid, "torpid")?,
-            lost_ms: ms(self.lost, "lost")?,
-        };
-        anyhow::ensure!(
-            t.heartbeat_ms < t.torpid_ms && t.torpid_ms < t.lost_ms,
-            "timings must satisfy --heartbeat < --torpid < --lost"
-        );
-        Ok(t)
+        canopy_overlay::liveness::Timing::new(
+            ms(self.heartbeat, "heartbeat")?,
+            ms(self.torpid, "torpid")?,
+            ms(self.lost, "lost")?,
+        )
+        .map_err(|e| anyhow::anyhow!("--heartbeat, --torpid, --lost: {e}"))
     }
 
     fn to_args(self) -> Vec<String> {

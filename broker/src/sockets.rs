@@ -18,7 +18,7 @@ use std::sync::Arc;
 /// Messages libzmq may queue toward (or from) one neighbour broker; past
 /// it a send fails with EAGAIN and the core answers the sender EAGAIN.
 /// Requests are also bounded in bytes by the core (`Budgets`).
-pub const OVERLAY_HWM: i32 = 10_000;
+pub const OVERLAY_HWM: i32 = 100_000;
 /// Messages libzmq may queue toward one remote client.
 pub const CLIENT_HWM: i32 = 1_000;
 /// Largest frame any ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`): the

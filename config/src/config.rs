@@ -141,11 +141,12 @@ impl Timing {
     /// The same timings in the overlay's units.
     pub fn to_liveness(&self) -> canopy_overlay::liveness::Timing {
         let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
-        canopy_overlay::liveness::Timing {
-            heartbeat_ms: ms(self.heartbeat),
-            torpid_ms: ms(self.torpid),
-            lost_ms: ms(self.lost),
-        }
+        // Parsing checked the order with file:line:col; sub-millisecond
+        // settings round down, so keep the order after rounding too.
+        let h = ms(self.heartbeat).max(1);
+        let t = ms(self.torpid).max(h + 1);
+        let l = ms(self.lost).max(t + 1);
+        canopy_overlay::liveness::Timing::new(h, t, l).unwrap_or_default()
     }
 }
 
