@@ -29,6 +29,7 @@
 
 mod config;
 mod error;
+pub mod fuzz;
 pub mod hostlist;
 mod raw;
 mod template;

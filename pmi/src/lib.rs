@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod fuzz;
 pub mod server;
 pub mod wire;
 
