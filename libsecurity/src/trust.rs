@@ -439,6 +439,64 @@ pub fn create_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, T
     })
 }
 
+/// Open an existing private directory: its parent must be a trusted
+/// [`TrustKind::RuntimeDir`], `path` itself must not be a symlink (it is
+/// opened with `O_NOFOLLOW | O_DIRECTORY`), and what was opened must be a
+/// directory owned by `service_uid` that group and other cannot use (mode
+/// `0700` or stricter). For a broker reusing the directory `canopy start`
+/// made for it.
+pub fn open_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, TrustError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::env::current_dir().map_err(io(path))?,
+    };
+    check_trusted(&parent, TrustKind::RuntimeDir, service_uid)?;
+    let flags = OFlag::O_NOFOLLOW.bits() | OFlag::O_DIRECTORY.bits() | OFlag::O_CLOEXEC.bits();
+    let dir = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+    {
+        Ok(d) => d,
+        Err(source) => {
+            // ELOOP (or ENOTDIR for a symlink to a file): say what it is.
+            return Err(match fs::read_link(path) {
+                Ok(dest) => TrustError::Symlink {
+                    what: "private directory",
+                    path: path.to_owned(),
+                    dest: parent.join(dest),
+                },
+                Err(_) => TrustError::Io {
+                    path: path.to_owned(),
+                    source,
+                },
+            });
+        }
+    };
+    let meta = dir.metadata().map_err(io(path))?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != service_uid || mode & 0o077 != 0 {
+        return Err(TrustError::NotPrivate {
+            path: path.to_owned(),
+            owner: Uid(meta.uid()),
+            service: Uid(service_uid),
+            mode,
+        });
+    }
+    Ok(PrivateDir {
+        path: path.to_owned(),
+        dir,
+    })
+}
+
+/// [`create_private_dir`], or [`open_private_dir`] if `path` exists.
+pub fn ensure_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, TrustError> {
+    match create_private_dir(path, service_uid) {
+        Err(TrustError::Exists { .. }) => open_private_dir(path, service_uid),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -764,6 +822,51 @@ mod tests {
                 ),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn existing_private_dirs_are_reused_only_when_private() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("canopy-1");
+        ensure_private_dir(&p, me()).unwrap();
+        ensure_private_dir(&p, me()).unwrap();
+        open_private_dir(&p, me()).unwrap();
+        chmod(&p, 0o750);
+        let e = open_private_dir(&p, me()).unwrap_err();
+        assert!(
+            matches!(e, TrustError::NotPrivate { mode: 0o750, .. }),
+            "{e}"
+        );
+        chmod(&p, 0o700);
+        // A symlink to a private directory of ours is still refused.
+        let link = t.path().join("canopy-link");
+        symlink(&p, &link).unwrap();
+        let e = ensure_private_dir(&link, me()).unwrap_err();
+        assert!(
+            matches!(&e, TrustError::Symlink { path, .. } if path == &link),
+            "{e}"
+        );
+        if root() {
+            // Someone else's directory is refused.
+            std::os::unix::fs::chown(&p, Some(OTHER), None).unwrap();
+            let e = open_private_dir(&p, 0).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TrustError::NotPrivate {
+                        owner: Uid(OTHER),
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            // A parent owned by someone else is refused before anything else.
+            let theirs = dir(&t.path().join("theirs"), 0o755);
+            std::os::unix::fs::chown(&theirs, Some(OTHER), None).unwrap();
+            let e = ensure_private_dir(&theirs.join("canopy-2"), 0).unwrap_err();
+            assert!(matches!(e, TrustError::Owner { .. }), "{e}");
+            assert!(!theirs.join("canopy-2").exists());
         }
     }
 }
