@@ -82,3 +82,39 @@ fn policy_through_a_symlink_in_another_users_directory_is_refused() {
     assert!(matches!(e, AclError::Untrusted(_)), "{e}");
     assert!(e.to_string().contains(&theirs.display().to_string()), "{e}");
 }
+
+#[test]
+fn audit_log_needs_a_trusted_directory() {
+    use canopy_acl::{AuditError, AuditLog};
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    fs::create_dir(&logs).unwrap();
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o755)).unwrap();
+    let log = logs.join("audit.log");
+    AuditLog::open(&log).unwrap();
+    // Group-writable: group could replace the log.
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o775)).unwrap();
+    let e = AuditLog::open(&log).unwrap_err();
+    assert!(matches!(e, AuditError::Untrusted(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("chmod go-w {}", logs.display())),
+        "{e}"
+    );
+    // Shared like /tmp: anyone could have made the log first.
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o1777)).unwrap();
+    let e = AuditLog::open(&log).unwrap_err();
+    assert!(matches!(e, AuditError::Untrusted(_)), "{e}");
+    assert!(!e.to_string().contains("chmod go-w"), "{e}");
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o755)).unwrap();
+    // A symlink in place of the log is not followed.
+    let link = logs.join("link.log");
+    symlink(&log, &link).unwrap();
+    assert!(AuditLog::open(&link).is_err());
+    // An existing log owned by someone else.
+    if root() {
+        std::os::unix::fs::chown(&log, Some(OTHER), None).unwrap();
+        let e = AuditLog::open(&log).unwrap_err();
+        assert!(matches!(e, AuditError::Untrusted(_)), "{e}");
+    }
+}

@@ -175,6 +175,13 @@ pub enum TrustError {
         target: PathBuf,
         mode: u32,
     },
+    #[error("{what} {path} is shared (mode {mode:04o}: anyone can add entries to it); use a directory that only root or {service} can write, e.g. `install -d -m 0755 -o {service} /var/lib/canopy`")]
+    Shared {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+        service: Uid,
+    },
     #[error("secret file {path} can be read or written by group or other (mode {mode:04o}); run `chmod 600 {path}`")]
     Exposed { path: PathBuf, mode: u32 },
     #[error("symlink {path} (on the path of {target}) is owned by {owner} (uid {}), who can point it anywhere; replace it with the real path (`ln -sfn` as root) or give the real path instead", owner.0)]
@@ -288,6 +295,15 @@ fn check_final(
         });
     }
     if mode & 0o022 != 0 && !sticky_ok {
+        if meta.is_dir() && mode & 0o1000 != 0 {
+            // `chmod go-w /tmp` would be bad advice.
+            return Err(TrustError::Shared {
+                what,
+                path: path.to_owned(),
+                mode,
+                service: Uid(service_uid),
+            });
+        }
         return Err(TrustError::Writable {
             what,
             path: path.to_owned(),
