@@ -175,7 +175,7 @@ pub enum TrustError {
         target: PathBuf,
         mode: u32,
     },
-    #[error("{what} {path} is shared (mode {mode:04o}: anyone can add entries to it); use a directory that only root or {service} can write, e.g. `install -d -m 0755 -o {service} /var/lib/canopy`")]
+    #[error("{what} {path} is shared (mode {mode:04o}: anyone can add entries to it); use a directory that only its owner can write, e.g. `install -d -m 0755 -o {service} /var/lib/canopy`")]
     Shared {
         what: &'static str,
         path: PathBuf,
@@ -618,10 +618,9 @@ mod tests {
         check_trusted(&p, TrustKind::File, me()).unwrap();
         check_trusted(&d, TrustKind::RuntimeDir, me()).unwrap();
         let e = check_trusted(&d, TrustKind::Directory, me()).unwrap_err();
-        assert!(
-            matches!(e, TrustError::Writable { mode: 0o1777, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, TrustError::Shared { mode: 0o1777, .. }), "{e}");
+        assert!(!e.to_string().contains("chmod go-w"), "{e}");
+        assert!(e.to_string().contains("install -d -m 0755"), "{e}");
     }
 
     #[test]
