@@ -30,6 +30,7 @@
 
 pub mod client;
 pub mod client2;
+pub mod fuzz;
 pub mod select;
 pub mod server;
 pub mod wire;
