@@ -132,10 +132,19 @@ mod tests {
 
     #[test]
     fn timings_are_validated() {
-        assert_eq!(Timing::new(2000, 10_000, 30_000).unwrap(), Timing::default());
+        assert_eq!(
+            Timing::new(2000, 10_000, 30_000).unwrap(),
+            Timing::default()
+        );
         assert_eq!(Timing::new(0, 1, 2), Err(TimingError::ZeroHeartbeat));
-        assert!(matches!(Timing::new(5, 5, 9), Err(TimingError::Order { .. })));
-        assert!(matches!(Timing::new(1, 9, 9), Err(TimingError::Order { .. })));
+        assert!(matches!(
+            Timing::new(5, 5, 9),
+            Err(TimingError::Order { .. })
+        ));
+        assert!(matches!(
+            Timing::new(1, 9, 9),
+            Err(TimingError::Order { .. })
+        ));
     }
 
     #[test]

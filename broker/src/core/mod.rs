@@ -946,21 +946,26 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     /// Send to a child connection, or queue while that child's link moves.
     fn send_rid(&mut self, rid: &[u8], h: Header, payload: P) {
-        if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
-            if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
-                held.queue.push((h, payload));
+        self.send_rid_owned(rid.to_vec(), h, payload)
+    }
+
+    fn send_rid_owned(&mut self, rid: Vec<u8>, h: Header, payload: P) {
+        if !self.rot.held.is_empty() {
+            if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
+                if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
+                    held.queue.push((h, payload));
+                }
+                return;
             }
-            return;
         }
-        self.transmits
-            .push_back(Transmit::Child(rid.to_vec(), h, payload));
+        self.transmits.push_back(Transmit::Child(rid, h, payload));
     }
 
     fn send_child(&mut self, rank: u32, h: Header, payload: P) -> bool {
         let Some(rid) = self.children.get(&rank).map(|c| c.rid.clone()) else {
             return false;
         };
-        self.send_rid(&rid, h, payload);
+        self.send_rid_owned(rid, h, payload);
         true
     }
 
@@ -1366,10 +1371,12 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             c.in_flight_bytes += n;
             self.total_in_flight += n;
-            *self
-                .principal_in_flight
-                .entry(c.principal.clone())
-                .or_default() += n;
+            match self.principal_in_flight.get_mut(&c.principal) {
+                Some(b) => *b += n,
+                None => {
+                    self.principal_in_flight.insert(c.principal.clone(), n);
+                }
+            }
         }
         // Identity is stamped here, at ingress; whatever the client claimed is discarded.
         h.userid.clone_from(&c.principal);
@@ -1413,9 +1420,6 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     }
 
     fn release(&mut self, principal: &str, bytes: usize) {
-        if bytes == 0 {
-            return;
-        }
         self.total_in_flight = self.total_in_flight.saturating_sub(bytes);
         if let Some(b) = self.principal_in_flight.get_mut(principal) {
             *b = b.saturating_sub(bytes);
@@ -1528,16 +1532,15 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if h.msg_type == MsgType::Response {
+        if h.msg_type == MsgType::Response && !c.in_flight.is_empty() {
             if let Some(n) = c.in_flight.remove(&h.matchtag) {
                 c.in_flight_bytes -= n;
-                let principal = c.principal.clone();
-                self.release(&principal, n);
+                self.total_in_flight = self.total_in_flight.saturating_sub(n);
+                if let Some(b) = self.principal_in_flight.get_mut(&c.principal) {
+                    *b = b.saturating_sub(n);
+                }
             }
         }
-        let Some(c) = self.clients.get_mut(&id) else {
-            return;
-        };
         if !bypass && matches!(c.access, Access::Deciding { .. }) {
             if c.held_out.len() >= MAX_HELD_OUT {
                 warn!(principal = %c.principal, held = MAX_HELD_OUT, "client: too much held for it while its access is decided; disconnecting it");
