@@ -3,7 +3,11 @@
 # Uses sudo only when not already root. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
-CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user munge slurmctld slurmd slurm-client libpmix-dev)
+CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mpich python3-zmq python3-venv libkrb5-dev clang libclang-dev krb5-kdc krb5-admin-server krb5-user munge slurmctld slurmd slurm-client libpmix-dev)
+
+# The Debian package (scripts/deb.sh, t/tests/package.rs): dpkg-shlibdeps
+# for its dependencies, adduser for its maintainer scripts.
+CANOPY_PACKAGES+=(dpkg-dev adduser)
 
 canopy_install_deps() {
     local missing=()
@@ -26,4 +30,11 @@ canopy_install_deps() {
 
 canopy_check_cargo() {
     command -v cargo >/dev/null || { echo "canopy: cargo not found; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
+}
+
+# cargo-deb builds the Debian package (scripts/deb.sh, t/tests/package.rs).
+canopy_install_cargo_deb() {
+    command -v cargo-deb >/dev/null && return 0
+    echo "canopy: installing cargo-deb (cargo install cargo-deb --locked)" >&2
+    cargo install --locked cargo-deb
 }

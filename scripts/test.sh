@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 canopy_install_deps
 canopy_check_cargo
+canopy_install_cargo_deb
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
+
+# The Python client (python/) against real brokers run by that debug binary.
+scripts/test-python.sh
 if [ -d bench ]; then
     cargo build --release -q -p canopy-broker -p canopy-bench
     target/release/canopy-bench smoke

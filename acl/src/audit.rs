@@ -177,6 +177,10 @@ pub enum AuditError {
     },
     #[error("the last entry of audit log {path} is damaged ({reason}); run `verify` on it, move it aside and start a new log")]
     Damaged { path: PathBuf, reason: String },
+    /// The log or its directory is not trusted (owned by someone else,
+    /// writable by others, reached through someone else's symlink).
+    #[error("audit log refused: {0}")]
+    Untrusted(#[from] canopy_security::trust::TrustError),
 }
 
 /// The first bad entry of a log. `line` is 1-based (0: the file could not
@@ -310,20 +314,38 @@ fn last_line(file: &mut File) -> Result<Option<String>, String> {
 impl AuditLog {
     /// Open (creating with mode 0600) a log for appending. An existing log
     /// is continued from its last entry, which must be intact (its own hash
-    /// is checked; run [`verify`] for the whole chain).
+    /// is checked; run [`verify`] for the whole chain). The log's directory
+    /// must be trusted as a [`canopy_security::trust::TrustKind::Directory`]
+    /// and a regular log as a file, for this process's user; the log must
+    /// not be a symlink.
     pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
         let path = path.as_ref().to_owned();
         let open_err = |source| AuditError::Open {
             path: path.clone(),
             source,
         };
+        // The directory decides who can replace the log: it must be trusted
+        // (not shared, like /tmp), and so must an existing log.
+        use canopy_security::trust::{check_trusted, service_uid, TrustError, TrustKind};
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        check_trusted(&dir, TrustKind::Directory, service_uid())?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        // A device or pipe (a log shipper) has no contents to replace.
+        if meta.is_file() && !check_trusted(&path, TrustKind::File, service_uid())?.same_file(&meta)
+        {
+            return Err(TrustError::Replaced { path: path.clone() }.into());
+        }
         let damaged = |reason: String| AuditError::Damaged {
             path: path.clone(),
             reason,

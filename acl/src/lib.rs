@@ -110,6 +110,7 @@ pub mod audit;
 pub mod cidr;
 mod decide;
 mod delegate;
+pub mod fuzz;
 mod policy;
 pub mod principal;
 mod time;

@@ -53,6 +53,10 @@ pub enum AclError {
     TooLarge { path: PathBuf },
     #[error("policy file {path} is writable by group or others (mode {mode:04o}); run `chmod go-w {path}` and make sure it is owned by the broker's user or root")]
     Writable { path: PathBuf, mode: u32 },
+    /// Owned by someone else, or reached through a directory or symlink
+    /// that someone else controls (OpenSSH `StrictModes`).
+    #[error("policy file refused: {0}")]
+    Untrusted(#[from] canopy_security::trust::TrustError),
 }
 
 /// What a rule does when it matches.
@@ -523,8 +527,11 @@ impl Acl {
     }
 
     /// Read and parse a policy file. Refuses a file that group or others can
-    /// write, one that is not a regular file, and one larger than
-    /// [`MAX_POLICY_BYTES`].
+    /// write, one that is not a regular file, one larger than
+    /// [`MAX_POLICY_BYTES`], and one that is not trusted as
+    /// [`canopy_security::trust::check_trusted`] says for this process's
+    /// effective uid: owned by root or that uid, every directory on its path
+    /// too and not writable by others, no symlink someone else owns.
     pub fn load(path: impl AsRef<Path>) -> Result<Acl, AclError> {
         let path = path.as_ref();
         let read_err = |source| AclError::Read {
@@ -545,6 +552,17 @@ impl Acl {
                 path: path.to_owned(),
                 mode: mode & 0o7777,
             });
+        }
+        let trusted = canopy_security::trust::check_trusted(
+            path,
+            canopy_security::trust::TrustKind::File,
+            canopy_security::trust::service_uid(),
+        )?;
+        if !trusted.same_file(&meta) {
+            return Err(canopy_security::trust::TrustError::Replaced {
+                path: path.to_owned(),
+            }
+            .into());
         }
         if meta.len() > MAX_POLICY_BYTES {
             return Err(AclError::TooLarge {

@@ -203,6 +203,6 @@ pub fn principal() -> String {
     let uid = nix::unistd::getuid();
     match nix::unistd::User::from_uid(uid) {
         Ok(Some(u)) => format!("unix:{}", u.name),
-        _ => format!("unix:uid{uid}"),
+        _ => format!("unix:#{uid}"),
     }
 }

@@ -2,7 +2,7 @@
 //! client, with the length-prefixed framing (docs/protocol.md §2). The uid
 //! comes from `SO_PEERCRED`; what a client may do is the core's decision.
 
-use crate::core::Input;
+use crate::core::{Budgets, Input, Queued};
 use crate::error::BrokerError;
 use crate::sockets::Frame;
 use canopy_proto::frame::{encode_frame, FrameDecoder};
@@ -14,11 +14,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use tracing::warn;
 
-/// Largest amount of unsent data a slow local client may accumulate.
-const MAX_CLIENT_BACKLOG: usize = 256 << 20;
-
 struct Stream {
     stream: UnixStream,
+    uid: u32,
     dec: FrameDecoder,
     out: Vec<u8>,
     out_pos: usize,
@@ -31,10 +29,14 @@ pub struct Local {
     listener: UnixListener,
     pub path: PathBuf,
     streams: HashMap<u32, Stream>,
+    budgets: Budgets,
+    /// Unsent bytes: per uid, and in total.
+    by_uid: HashMap<u32, usize>,
+    total: usize,
 }
 
 impl Local {
-    pub fn bind(path: &Path) -> Result<Local, BrokerError> {
+    pub fn bind(path: &Path, budgets: Budgets) -> Result<Local, BrokerError> {
         let _ = std::fs::remove_file(path);
         let io = |what: &'static str| {
             let path = path.to_path_buf();
@@ -48,6 +50,9 @@ impl Local {
             listener,
             path: path.to_path_buf(),
             streams: HashMap::new(),
+            budgets,
+            by_uid: HashMap::new(),
+            total: 0,
         })
     }
 
@@ -95,6 +100,7 @@ impl Local {
                 id,
                 Stream {
                     stream,
+                    uid,
                     dec: FrameDecoder::new(),
                     out: Vec::new(),
                     out_pos: 0,
@@ -133,12 +139,18 @@ impl Local {
                 }
             }
         }
+        let queued = Queued {
+            conn: s.out.len() - s.out_pos,
+            uid: self.by_uid.get(&s.uid).copied().unwrap_or(0),
+            total: self.total,
+        };
         loop {
             match s.dec.next_frame() {
                 Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
                     id,
                     header,
                     payload: Frame::Bytes(p),
+                    queued,
                 }),
                 // A refused or revoked client: nothing it sends counts.
                 Ok(Some(_)) => {}
@@ -160,20 +172,55 @@ impl Local {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if s.out.len() - s.out_pos > MAX_CLIENT_BACKLOG {
-            if !s.dead {
-                warn!(
-                    client = id,
-                    backlog = s.out.len() - s.out_pos,
-                    "local: client is not reading; disconnecting it"
-                );
-            }
-            s.dead = true;
+        if s.dead {
             return;
         }
+        let before = s.out.len();
         if let Err(e) = encode_frame(h, payload, &mut s.out) {
             warn!(client = id, "local: cannot encode a message: {e}");
         }
+        let added = s.out.len() - before;
+        let (uid, backlog) = (s.uid, s.out.len() - s.out_pos);
+        *self.by_uid.entry(uid).or_default() += added;
+        self.total += added;
+        // A client that will not read: its connection, then its uid's
+        // largest, then the broker's largest is cut, logged once with the
+        // figures. Clients that read keep nothing queued and lose nothing.
+        let b = self.budgets;
+        let victim = if backlog > b.client_bytes {
+            Some((id, "this connection", backlog, b.client_bytes))
+        } else if self.by_uid.get(&uid).copied().unwrap_or(0) > b.principal_bytes {
+            self.largest(Some(uid))
+                .map(|v| (v, "this uid", self.by_uid[&uid], b.principal_bytes))
+        } else if self.total > b.total_bytes {
+            self.largest(None)
+                .map(|v| (v, "this broker", self.total, b.total_bytes))
+        } else {
+            None
+        };
+        if let Some((victim, over, held, budget)) = victim {
+            if let Some(v) = self.streams.get_mut(&victim) {
+                warn!(
+                    client = victim,
+                    uid = v.uid,
+                    queued = v.out.len() - v.out_pos,
+                    over,
+                    held,
+                    budget,
+                    "budget: local client is not reading; disconnecting it"
+                );
+                v.dead = true;
+            }
+        }
+    }
+
+    /// The stream with the most unsent bytes (of `uid`, if given).
+    fn largest(&self, uid: Option<u32>) -> Option<u32> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| !s.dead && uid.is_none_or(|u| s.uid == u))
+            .max_by_key(|(_, s)| s.out.len() - s.out_pos)
+            .map(|(id, _)| *id)
     }
 
     /// Close `id` once what is queued for it is written.
@@ -187,6 +234,7 @@ impl Local {
     pub fn flush(&mut self) -> Vec<u32> {
         let mut closed = Vec::new();
         for (id, s) in self.streams.iter_mut() {
+            let before = s.out.len() - s.out_pos;
             while s.out_pos < s.out.len() && !s.dead {
                 match s.stream.write(&s.out[s.out_pos..]) {
                     Ok(n) => s.out_pos += n,
@@ -199,8 +247,19 @@ impl Local {
                 s.out.clear();
                 s.out_pos = 0;
             }
+            let mut gone = before - (s.out.len() - s.out_pos);
             if s.dead || (s.closing && s.out.is_empty()) {
                 closed.push(*id);
+                gone += s.out.len() - s.out_pos;
+            }
+            if gone > 0 {
+                self.total -= gone;
+                if let Some(u) = self.by_uid.get_mut(&s.uid) {
+                    *u -= gone;
+                    if *u == 0 {
+                        self.by_uid.remove(&s.uid);
+                    }
+                }
             }
         }
         for id in &closed {

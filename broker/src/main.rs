@@ -1,239 +1,22 @@
 #![forbid(unsafe_code)]
 
+mod cli;
+mod journal;
+mod manual;
+#[macro_use]
+mod out;
+
 use anyhow::{Context, Result};
 use canopy_broker::bootstrap::{run_broker, BrokerOpts};
 use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
-use canopy_overlay::topology::DEFAULT_FANOUT;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use cli::{
+    AclCmd, AuditCmd, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd, TimingArgs,
+};
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Canopy: a secure overlay broker for HPC clusters.
-#[derive(Parser)]
-#[command(name = "canopy", version, about)]
-struct Cli {
-    /// Tools over tcp://: your secret certificate (or set CANOPY_KEY).
-    #[arg(long, global = true, value_name = "FILE")]
-    key: Option<PathBuf>,
-    /// Tools over tcp://: the broker's public key, 40 Z85 characters or a
-    /// certificate file (or set CANOPY_SERVER_KEY).
-    #[arg(long, global = true, value_name = "KEY")]
-    server_key: Option<String>,
-    /// Tools over tcp:// with Kerberos: the broker's key exchange HOST:PORT
-    /// (or set CANOPY_KEX; `canopy start --mechanism gssapi` prints it).
-    #[arg(long, global = true, value_name = "HOST:PORT")]
-    kex: Option<String>,
-    /// Tools over tcp:// with Kerberos: the broker's principal (or set
-    /// CANOPY_GSS_TARGET).
-    #[arg(long, global = true, value_name = "PRINCIPAL")]
-    gss_target: Option<String>,
-    /// Tools over tcp:// with Kerberos: your principal (or set
-    /// CANOPY_GSS_PRINCIPAL; default: your credential cache's).
-    #[arg(long, global = true, value_name = "PRINCIPAL")]
-    gss_principal: Option<String>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Start a personal instance of SIZE brokers on this machine, run
-    /// COMMAND in it (or wait for Ctrl-C), then shut it down.
-    Start {
-        /// Number of brokers (default 1). Under a launcher (srun, mpiexec)
-        /// each task is one broker; --size, if given, must match.
-        #[arg(long, short = 's')]
-        size: Option<u32>,
-        /// Under a launcher: the address each broker listens on, from
-        /// default-route, hostname, an interface name (eth0) or a CIDR
-        /// (10.0.0.0/24). Brokers on one host still use ipc.
-        #[arg(long, value_name = "HINT", default_value = "default-route")]
-        interface: canopy_broker::iface::Hint,
-        /// Children per broker in the tree.
-        #[arg(long, short = 'k', default_value_t = DEFAULT_FANOUT)]
-        fanout: u32,
-        /// Connect brokers over TCP on 127.0.0.1 instead of ipc sockets.
-        #[arg(long)]
-        tcp: bool,
-        /// With --tcp: rank R listens on PORT+R (default: any free port).
-        #[arg(long, default_value_t = 0, requires = "tcp")]
-        port: u16,
-        /// Directory in which to create the private runtime directory
-        /// (default: $XDG_RUNTIME_DIR, else the temp dir).
-        #[arg(long)]
-        rundir: Option<PathBuf>,
-        /// Broker executable (default: this canopy binary).
-        #[arg(long, env = "CANOPY_BROKER", hide = true)]
-        broker_path: Option<PathBuf>,
-        /// How long to wait for every broker to come online, in seconds.
-        #[arg(long, default_value_t = 60.0)]
-        timeout: f64,
-        /// Also accept remote clients (CURVE) at rank 0 on this endpoint,
-        /// e.g. tcp://0.0.0.0:7700.
-        #[arg(long)]
-        listen_clients: Option<String>,
-        /// Keep running, degraded, when a broker other than rank 0 dies
-        /// (default: end the instance and report the rank).
-        #[arg(long)]
-        keep_going: bool,
-        /// Let PRINCIPAL in with ROLE (repeatable), e.g.
-        /// --allow unix:bob=user --allow curve:<Z85>=operator. The owner
-        /// is always let in as owner.
-        #[arg(
-            long = "allow",
-            value_name = "PRINCIPAL=ROLE",
-            conflicts_with = "policy"
-        )]
-        allow: Vec<String>,
-        /// ACL policy file for clients other than the owner.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Append every access decision to this hash-chained audit log
-        /// (rank R > 0 uses PATH.R).
-        #[arg(long)]
-        audit: Option<PathBuf>,
-        #[command(flatten)]
-        timing: TimingArgs,
-        #[command(flatten)]
-        gss: GssArgs,
-        /// Command to run inside the instance; CANOPY_URI is set for it.
-        #[arg(last = true)]
-        command: Vec<String>,
-    },
-    /// Run one broker. Started by `canopy start` or a PMI-1 launcher
-    /// (mpiexec); with --config, one node of a system instance; without
-    /// either it is a singleton instance.
-    Broker {
-        /// System instance: the shared config file or directory
-        /// (docs/config.md); this node's rank is its hostname's index.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// With --config: this node's name in the host list (default: the
-        /// hostname).
-        #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
-        hostname: Option<String>,
-        /// With --config: allow running as root (not recommended).
-        #[arg(long, requires = "config")]
-        force_root: bool,
-        #[arg(long, default_value_t = DEFAULT_FANOUT)]
-        fanout: u32,
-        #[arg(long)]
-        rundir: Option<PathBuf>,
-        #[arg(long)]
-        instance: Option<String>,
-        #[arg(long)]
-        tcp: bool,
-        /// With --tcp: the address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Listen on TCP at the address this hint picks (default-route,
-        /// hostname, an interface name or a CIDR), with a port from the
-        /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
-        #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
-        interface: Option<canopy_broker::iface::Hint>,
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
-        /// e.g. tcp://0.0.0.0:7700.
-        #[arg(long)]
-        listen_clients: Option<String>,
-        /// ACL policy for clients (see etc/policy.toml). Default: owner only.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Append every access decision to this hash-chained audit log
-        /// (rank R > 0 uses PATH.R).
-        #[arg(long, requires = "policy")]
-        audit: Option<PathBuf>,
-        #[command(flatten)]
-        timing: TimingArgs,
-        #[command(flatten)]
-        gss: GssArgs,
-    },
-    /// Send broker.ping requests and print each round-trip time.
-    Ping {
-        /// Target rank (default: the local broker).
-        #[arg(long, short = 'r')]
-        rank: Option<u32>,
-        #[arg(long, short = 'c', default_value_t = 4)]
-        count: u32,
-        /// Payload size in bytes.
-        #[arg(long, short = 'p', default_value_t = 0)]
-        pad: usize,
-        /// Seconds between requests.
-        #[arg(long, short = 'i', default_value_t = 0.0)]
-        interval: f64,
-        /// Seconds to wait for each reply.
-        #[arg(long, default_value_t = 10.0)]
-        timeout: f64,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// Write a CURVE certificate pair (ZPL format, as flux keygen, czmq and
-    /// pyzmq use): PATH (secret, mode 0600) and PATH.pub (public).
-    Keygen {
-        /// Where to write the secret certificate.
-        path: PathBuf,
-        /// The certificate's name metadata (default: this host's name).
-        #[arg(long)]
-        name: Option<String>,
-        /// Print the public certificate of the existing secret PATH instead.
-        #[arg(long)]
-        public: bool,
-    },
-    /// Rotate a system-instance node's CURVE key without downtime: new,
-    /// reload, switch, retire (docs/operations.md).
-    Key {
-        #[command(subcommand)]
-        cmd: KeyCmd,
-    },
-    /// Validate a system-instance config; errors name file, line and key.
-    Config {
-        #[command(subcommand)]
-        cmd: ConfigCmd,
-    },
-    /// Access policy: reload it, or check a principal against it.
-    Acl {
-        #[command(subcommand)]
-        cmd: AclCmd,
-    },
-    /// Audit log tools.
-    Audit {
-        #[command(subcommand)]
-        cmd: AuditCmd,
-    },
-    /// Inspect the overlay.
-    Overlay {
-        #[command(subcommand)]
-        cmd: OverlayCmd,
-    },
-    /// Publish and subscribe to events.
-    Event {
-        #[command(subcommand)]
-        cmd: EventCmd,
-    },
-}
-
-/// How brokers authenticate to each other and to clients.
-#[derive(clap::Args, Clone)]
-struct GssArgs {
-    /// curve: keys issued by the bootstrap; gssapi: Kerberos binds each
-    /// link's CURVE key to a principal (docs/security.md).
-    #[arg(long, default_value = "curve", value_parser = ["curve", "gssapi"])]
-    mechanism: String,
-    /// gssapi: the principal every broker authenticates as (default: the
-    /// default principal of KRB5CCNAME or KRB5_CLIENT_KTNAME).
-    #[arg(long, value_name = "PRINCIPAL")]
-    principal: Option<String>,
-    /// gssapi: where rank 0's key exchange listens for remote clients
-    /// (HOST:PORT; default: a free port on 127.0.0.1, printed as CANOPY_KEX).
-    #[arg(long, value_name = "HOST:PORT")]
-    kex_listen: Option<String>,
-    /// gssapi, for tests: cap each key binding's lifetime, in seconds.
-    #[arg(long, hide = true)]
-    gss_max_lifetime: Option<f64>,
-}
 
 impl GssArgs {
     fn to_opts(&self) -> Result<Option<canopy_broker::gss::GssOpts>> {
@@ -275,21 +58,6 @@ impl GssArgs {
     }
 }
 
-/// Liveness timings, in seconds.
-#[derive(clap::Args, Clone, Copy)]
-struct TimingArgs {
-    /// Seconds between heartbeats on each link.
-    #[arg(long, default_value_t = 2.0)]
-    heartbeat: f64,
-    /// Seconds of silence after which a peer is reported torpid.
-    #[arg(long, default_value_t = 10.0)]
-    torpid: f64,
-    /// Seconds of silence after which a peer is lost: its link is dropped
-    /// and its requests in flight fail with EHOSTUNREACH.
-    #[arg(long, default_value_t = 30.0)]
-    lost: f64,
-}
-
 impl TimingArgs {
     fn to_timing(self) -> Result<canopy_overlay::liveness::Timing> {
         let ms = |s: f64, what: &str| -> Result<u64> {
@@ -299,16 +67,12 @@ impl TimingArgs {
             );
             Ok((s * 1000.0).round().max(1.0) as u64)
         };
-        let t = canopy_overlay::liveness::Timing {
-            heartbeat_ms: ms(self.heartbeat, "heartbeat")?,
-            torpid_ms: ms(self.torpid, "torpid")?,
-            lost_ms: ms(self.lost, "lost")?,
-        };
-        anyhow::ensure!(
-            t.heartbeat_ms < t.torpid_ms && t.torpid_ms < t.lost_ms,
-            "timings must satisfy --heartbeat < --torpid < --lost"
-        );
-        Ok(t)
+        canopy_overlay::liveness::Timing::new(
+            ms(self.heartbeat, "heartbeat")?,
+            ms(self.torpid, "torpid")?,
+            ms(self.lost, "lost")?,
+        )
+        .map_err(|e| anyhow::anyhow!("--heartbeat, --torpid, --lost: {e}"))
     }
 
     fn to_args(self) -> Vec<String> {
@@ -323,140 +87,6 @@ impl TimingArgs {
     }
 }
 
-#[derive(Subcommand)]
-enum ConfigCmd {
-    /// Load and validate PATH (a file, or a directory of *.toml).
-    Check { path: PathBuf },
-}
-
-#[derive(Subcommand)]
-enum KeyCmd {
-    /// Write HOST's next key beside its current certificates:
-    /// <curve_cert>.next (secret, 0600) and <public cert>.next.
-    New {
-        host: String,
-        /// The system-instance config (file or directory).
-        #[arg(long, env = "CANOPY_CONFIG")]
-        config: PathBuf,
-    },
-    /// Every broker re-reads its neighbours' public certificates, current
-    /// and .next, and admits both keys (needs admin). Also done by SIGHUP.
-    Reload {
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// HOST's broker switches to its .next key and moves its links to it,
-    /// without losing messages (needs admin). Run `canopy key reload` first.
-    Switch {
-        host: String,
-        #[arg(long, env = "CANOPY_CONFIG")]
-        config: PathBuf,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// Finish: HOST's .next certificates replace its current ones, then
-    /// every broker reloads, so the old key is no longer admitted.
-    Retire {
-        host: String,
-        #[arg(long, env = "CANOPY_CONFIG")]
-        config: PathBuf,
-        /// Retire even if HOST's broker still uses its old key (it will not
-        /// be able to reconnect).
-        #[arg(long)]
-        force: bool,
-        /// Only move the files (e.g. on each node whose public certificate
-        /// directory is not shared); do not reload the brokers.
-        #[arg(long)]
-        no_reload: bool,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum AclCmd {
-    /// Re-read the policy file on every broker (needs admin). A policy that
-    /// fails to parse is refused and the old one stays in force.
-    Reload {
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// Show the verdict, roles and deciding rule (file:line) for PRINCIPAL:
-    /// offline against --policy FILE, else online against the instance
-    /// (needs admin).
-    Check {
-        principal: String,
-        /// The peer's IP address.
-        #[arg(long)]
-        address: Option<String>,
-        /// curve, gssapi or local (default: from the principal's form).
-        #[arg(long)]
-        mechanism: Option<String>,
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum AuditCmd {
-    /// Check the hash chain of an audit log; report the first bad entry.
-    Verify { file: PathBuf },
-}
-
-#[derive(Subcommand)]
-enum OverlayCmd {
-    /// Drop RANK's link to its parent (needs the admin role). The broker
-    /// at RANK exits, reporting who disconnected it.
-    Disconnect {
-        rank: u32,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// Show the tree with each rank's state.
-    Status {
-        /// Show the subtree rooted at this rank.
-        #[arg(long, short = 'r', default_value_t = 0)]
-        rank: u32,
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
-        /// Wait until the subtree's health is this (full, partial,
-        /// degraded, lost, offline); exit 1 if --timeout passes first.
-        #[arg(long, value_name = "HEALTH")]
-        wait: Option<String>,
-        /// Seconds to wait with --wait (accepts a trailing "s": 10s).
-        #[arg(long, default_value = "10")]
-        timeout: String,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum EventCmd {
-    /// Publish an event to every rank.
-    Pub {
-        topic: String,
-        payload: Option<String>,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-    /// Print events whose topic matches PATTERN (`*`, `prefix.*`, exact).
-    Sub {
-        pattern: String,
-        /// Stop after this many events (0: never).
-        #[arg(long, short = 'c', default_value_t = 0)]
-        count: u64,
-        /// Give up after this many seconds without an event.
-        #[arg(long)]
-        timeout: Option<f64>,
-        #[arg(long)]
-        uri: Option<String>,
-    },
-}
-
 fn secs(s: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(s)
         .with_context(|| format!("{what} must be a non-negative number of seconds"))
@@ -465,6 +95,19 @@ fn secs(s: f64, what: &str) -> Result<Duration> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if journal::stderr_is_journal() {
+        // Under systemd: `<4>` etc. before each line, no time or colours.
+        let format = tracing_subscriber::fmt::format()
+            .with_target(false)
+            .without_time();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(journal::Priority(format))
+            .init();
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -477,6 +120,8 @@ fn main() {
     init_logging();
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
+        // `| head -1`: the reader has what it wanted; nothing to report.
+        Err(e) if out::reader_gone(&e) => std::process::exit(out::READER_GONE_STATUS),
         Err(e) => {
             // Every error message already includes its cause.
             if e.downcast_ref::<canopy_broker::BrokerError>()
@@ -604,8 +249,8 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config {
             cmd: ConfigCmd::Check { path },
         } => {
-            print!("{}", canopy_broker::system::config_check(&path)?);
-            println!("{}: ok", path.display());
+            out!("{}", tools::config_check(&path)?);
+            outln!("{}: ok", path.display());
             Ok(0)
         }
         Cmd::Broker {
@@ -658,6 +303,12 @@ fn run(cli: Cli) -> Result<i32> {
             })?;
             Ok(0)
         }
+        Cmd::GenerateManual { dir } => {
+            for p in manual::generate(&dir)? {
+                outln!("wrote {}", p.display());
+            }
+            Ok(0)
+        }
         Cmd::Ping {
             rank,
             count,
@@ -684,7 +335,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let kp = c
                     .keypair()
                     .context("secret certificate has no secret key")?;
-                print!("{}", cert::public_text(&kp, c.name().unwrap_or("")));
+                out!("{}", cert::public_text(&kp, c.name().unwrap_or("")));
                 return Ok(0);
             }
             let name = match name {
@@ -698,7 +349,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mut public_path = path.clone().into_os_string();
             public_path.push(".pub");
             cert::write_pair(&kp, &name, &path, std::path::Path::new(&public_path))?;
-            println!(
+            outln!(
                 "wrote {} (secret, mode 0600) and {} (public key {})",
                 path.display(),
                 PathBuf::from(&public_path).display(),
@@ -709,20 +360,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Key { cmd } => key_cmd(cmd),
         Cmd::Acl {
             cmd: AclCmd::Reload { uri },
-        } => {
-            let results = tools::acl_reload(uri.as_deref(), Duration::from_secs(10))?;
-            let mut failed = 0;
-            for (rank, r) in results {
-                match r {
-                    Ok(msg) => println!("rank {rank}: {msg}"),
-                    Err(e) => {
-                        failed += 1;
-                        println!("rank {rank}: refused: {e}");
-                    }
-                }
-            }
-            Ok(if failed > 0 { 1 } else { 0 })
-        }
+        } => print_rank_results(tools::acl_reload(uri.as_deref(), Duration::from_secs(10))?),
         Cmd::Acl {
             cmd:
                 AclCmd::Check {
@@ -748,7 +386,7 @@ fn run(cli: Cli) -> Result<i32> {
                     Duration::from_secs(10),
                 )?,
             };
-            println!(
+            outln!(
                 "{}: {} roles={} rule={} ({})",
                 x.principal,
                 if x.allow { "allow" } else { "deny" },
@@ -762,11 +400,11 @@ fn run(cli: Cli) -> Result<i32> {
             cmd: AuditCmd::Verify { file },
         } => match canopy_acl::audit::verify(&file) {
             Ok(n) => {
-                println!("{}: {n} entries, chain intact", file.display());
+                outln!("{}: {n} entries, chain intact", file.display());
                 Ok(0)
             }
             Err(e) => {
-                println!("{}: {e}", file.display());
+                outln!("{}: {e}", file.display());
                 Ok(1)
             }
         },
@@ -774,7 +412,7 @@ fn run(cli: Cli) -> Result<i32> {
             cmd: OverlayCmd::Disconnect { rank, uri },
         } => {
             let parent = tools::disconnect(uri.as_deref(), rank, Duration::from_secs(10))?;
-            println!("rank {rank} disconnected from rank {parent}");
+            outln!("rank {rank} disconnected from rank {parent}");
             Ok(0)
         }
         Cmd::Overlay {
@@ -795,7 +433,7 @@ fn run(cli: Cli) -> Result<i32> {
                     match tools::wait_health(uri.as_deref(), rank, &want, secs(t, "--timeout")?)? {
                         Ok(r) => r,
                         Err(r) => {
-                            print!("{}", tools::render_status(&r));
+                            out!("{}", tools::render_status(&r));
                             canopy_broker::launcher::say(&format!(
                                 "error: rank {rank}'s subtree is {}, not {want}, after {timeout}",
                                 r.health
@@ -807,9 +445,9 @@ fn run(cli: Cli) -> Result<i32> {
                 None => tools::status(uri.as_deref(), rank, Duration::from_secs(10))?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print!("{}", tools::render_status(&r));
+                out!("{}", tools::render_status(&r));
             }
             Ok(0)
         }
@@ -827,7 +465,7 @@ fn run(cli: Cli) -> Result<i32> {
                 payload.unwrap_or_default().as_bytes(),
                 Duration::from_secs(10),
             )?;
-            println!("published {topic} seq={seq}");
+            outln!("published {topic} seq={seq}");
             Ok(0)
         }
         Cmd::Event {
@@ -853,7 +491,9 @@ fn policy_from_allow(allow: &[String]) -> Result<String> {
         let (principal, role) = a
             .rsplit_once('=')
             .with_context(|| format!("--allow {a}: expected PRINCIPAL=ROLE, e.g. unix:bob=user"))?;
-        canopy_proto::Roles::parse_list(role).with_context(|| format!("--allow {a}"))?;
+        // The message says which role is unknown and lists the roles (the
+        // main error printer shows only the outermost message).
+        canopy_proto::Roles::parse_list(role).map_err(|e| anyhow::anyhow!("--allow {a}: {e}"))?;
         let roles: Vec<String> = role.split(',').map(|r| format!("{:?}", r.trim())).collect();
         out.push_str(&format!(
             "\n[[rule]]\nname = \"allow-{}\"\nprincipal = {:?}\nroles = [{}]\n",
@@ -866,22 +506,18 @@ fn policy_from_allow(allow: &[String]) -> Result<String> {
     Ok(out)
 }
 
-fn print_rank_results(results: Vec<tools::RankResult>) -> i32 {
+fn print_rank_results(results: Vec<tools::RankResult>) -> Result<i32> {
     let mut failed = 0;
     for (rank, r) in results {
         match r {
-            Ok(msg) => println!("rank {rank}: {msg}"),
+            Ok(msg) => outln!("rank {rank}: {msg}"),
             Err(e) => {
                 failed += 1;
-                println!("rank {rank}: refused: {e}");
+                outln!("rank {rank}: refused: {e}");
             }
         }
     }
-    if failed > 0 {
-        1
-    } else {
-        0
-    }
+    Ok(if failed > 0 { 1 } else { 0 })
 }
 
 fn key_cmd(cmd: KeyCmd) -> Result<i32> {
@@ -893,15 +529,15 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
         KeyCmd::New { host, config } => {
             let cfg = load(&config)?;
             let (rank, sn, pn, key) = rotate::write_next(&cfg, &host)?;
-            println!(
+            outln!(
                 "wrote {} (secret, mode 0600) and {} (public key {key}) for rank {rank}",
                 sn.display(),
                 pn.display()
             );
-            println!("next: copy the public certificate to every node if its directory is not shared, then `canopy key reload`");
+            outln!("next: copy the public certificate to every node if its directory is not shared, then `canopy key reload`");
             Ok(0)
         }
-        KeyCmd::Reload { uri } => Ok(print_rank_results(tools::key_reload(uri.as_deref(), t)?)),
+        KeyCmd::Reload { uri } => print_rank_results(tools::key_reload(uri.as_deref(), t)?),
         KeyCmd::Switch { host, config, uri } => {
             let cfg = load(&config)?;
             let (rank, _, public) = rotate::host_paths(&cfg, &host)?;
@@ -917,16 +553,16 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
                 t,
                 Duration::from_secs(30),
             )?;
-            println!("{reply}");
+            outln!("{reply}");
             if st.settled() {
-                println!(
+                outln!(
                     "rank {rank}: links moved to key {} in {:.1} ms",
                     st.public_key,
                     took.as_secs_f64() * 1e3
                 );
                 Ok(0)
             } else {
-                println!(
+                outln!(
                     "rank {rank}: links still moving after {:.1} s (parent moving: {}, children moving: {:?}, rebinding: {}); see its log",
                     took.as_secs_f64(),
                     st.parent_moving,
@@ -955,12 +591,12 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
                 );
             }
             for p in rotate::promote_next(&cfg, &host)? {
-                println!("{}: now holds the new key", p.display());
+                outln!("{}: now holds the new key", p.display());
             }
             if no_reload {
                 return Ok(0);
             }
-            Ok(print_rank_results(tools::key_reload(uri.as_deref(), t)?))
+            print_rank_results(tools::key_reload(uri.as_deref(), t)?)
         }
     }
 }

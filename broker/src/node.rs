@@ -12,7 +12,7 @@
 
 use crate::admission::Worker;
 use crate::authz::{BrokerPolicy, Mech};
-use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
+use crate::core::{BrokerCore, Budgets, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
 use crate::local::Local;
 use crate::rotate::KeyFiles;
@@ -101,7 +101,8 @@ impl Broker {
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed)
             .map_err(|e| BrokerError::Bootstrap(format!("random seed: {e}")))?;
-        let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)))?;
+        let budgets = Budgets::default();
+        let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
         let ipc_path = endpoint
             .as_deref()
             .and_then(|e| e.strip_prefix("ipc://"))
@@ -138,6 +139,7 @@ impl Broker {
                     Mech::Curve
                 },
                 seed: u64::from_be_bytes(seed),
+                budgets,
             },
             0,
         );
@@ -444,6 +446,10 @@ impl Broker {
         let Err(e) = send(sock, rid.as_deref(), &self.hdr, payload) else {
             return;
         };
+        if e == zmq::Error::EAGAIN && !matches!(to, To::Remote) {
+            // The neighbour's queue is at its high-water mark.
+            return self.input(Input::SendFull { rid, header: h });
+        }
         let input = match (to, rid) {
             (To::Child, Some(rid)) => Input::ChildGone { rid },
             (To::Remote, Some(rid)) => {

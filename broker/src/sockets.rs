@@ -14,6 +14,18 @@ use canopy_zap::ZapHandle;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Messages libzmq may queue toward (or from) one neighbour broker; past
+/// it a send fails with EAGAIN and the core answers the sender EAGAIN.
+/// Requests are also bounded in bytes by the core (`Budgets`).
+pub const OVERLAY_HWM: i32 = 100_000;
+/// Messages libzmq may queue toward one remote client.
+pub const CLIENT_HWM: i32 = 1_000;
+/// Largest frame any ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`): the
+/// largest payload plus the largest header. libzmq closes the connection
+/// of a peer that sends more, before buffering it.
+pub const MAX_FRAME: i64 =
+    (canopy_proto::frame::MAX_PAYLOAD + canopy_proto::frame::MAX_HEADER) as i64;
 /// Everything a broker needs to run, gathered by a bootstrap
 /// ([`crate::boot::Bootstrap`]: PMI or a config file).
 /// The bootstrap must have called [`Bound::admit_children`] on every
@@ -169,8 +181,10 @@ pub fn bind(
         let mut s = ctx.socket(zmq::ROUTER).map_err(zerr("create router"))?;
         tcp_liveness(&mut s, timing)?;
         s.set_linger(0).map_err(zerr("set linger"))?;
-        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-        s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
+        s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
+        s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
+        s.set_maxmsgsize(MAX_FRAME)
+            .map_err(zerr("set maxmsgsize"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
@@ -222,7 +236,9 @@ pub fn bind(
             .socket(zmq::ROUTER)
             .map_err(zerr("create client router"))?;
         s.set_linger(0).map_err(zerr("set linger"))?;
-        s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
+        s.set_sndhwm(CLIENT_HWM).map_err(zerr("set sndhwm"))?;
+        s.set_maxmsgsize(MAX_FRAME)
+            .map_err(zerr("set maxmsgsize"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
@@ -367,8 +383,10 @@ pub(crate) fn parent_dealer(
         tcp_liveness(&mut s, timing)?;
     }
     s.set_linger(0).map_err(zerr("set linger"))?;
-    s.set_sndhwm(0).map_err(zerr("set sndhwm"))?;
-    s.set_rcvhwm(0).map_err(zerr("set rcvhwm"))?;
+    s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
+    s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
+    s.set_maxmsgsize(MAX_FRAME)
+        .map_err(zerr("set maxmsgsize"))?;
     s.set_identity(identity).map_err(zerr("set identity"))?;
     s.set_curve_serverkey(server_key)
         .map_err(zerr("set curve server key"))?;

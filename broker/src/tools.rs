@@ -5,6 +5,36 @@ use canopy_modules::{RankStatus, StatusReport};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+/// Why a tool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// Talking to the broker failed, or it answered with an error.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Found by the tool itself (bad input, a check before acting): the
+    /// broker did not refuse anything.
+    #[error("{0}")]
+    Local(String),
+    /// The broker answered with something the tool cannot read.
+    #[error("{0}; is the broker the same canopy version as this tool?")]
+    Reply(String),
+    /// Writing the output failed. A `BrokenPipe` means the reader went
+    /// away (`| head -1`): see [`ToolError::reader_gone`].
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl ToolError {
+    /// The output's reader closed its end (EPIPE): not an error to report.
+    pub fn reader_gone(&self) -> bool {
+        matches!(self, ToolError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+fn output(r: std::io::Result<()>) -> Result<(), ToolError> {
+    r.map_err(ToolError::Output)
+}
+
 /// Summary of a ping run.
 pub struct PingSummary {
     pub sent: u32,
@@ -20,7 +50,7 @@ pub fn ping(
     interval: Duration,
     timeout: Duration,
     out: &mut dyn Write,
-) -> Result<PingSummary, ClientError> {
+) -> Result<PingSummary, ToolError> {
     let mut c = Client::connect(uri)?;
     let payload: Vec<u8> = (0..pad).map(|i| b'a' + (i % 26) as u8).collect();
     let nodeid = rank.unwrap_or(NODEID_ANY);
@@ -33,20 +63,21 @@ pub fn ping(
         let m = c.rpc("broker.ping", nodeid, &payload, timeout)?;
         let rtt = t0.elapsed();
         if m.payload != payload {
-            return Err(ClientError::Refused(format!(
+            return Err(ToolError::Reply(format!(
                 "rank {} echoed {} bytes that differ from the {} sent",
                 m.header.nodeid,
                 m.payload.len(),
                 payload.len()
             )));
         }
-        let _ = writeln!(
+        output(writeln!(
             out,
             "broker.ping rank={} seq={seq} bytes={} time={:.3} ms",
             m.header.nodeid,
             pad,
             rtt.as_secs_f64() * 1e3
-        );
+        ))?;
+        output(out.flush())?;
         rtts.push(rtt);
     }
     if !rtts.is_empty() {
@@ -54,28 +85,25 @@ pub fn ping(
         let min = rtts.iter().min().copied().unwrap_or_default();
         let max = rtts.iter().max().copied().unwrap_or_default();
         let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
-        let _ = writeln!(
+        output(writeln!(
             out,
             "--- {count} sent, {} received, rtt min/avg/max = {:.3}/{:.3}/{:.3} ms",
             rtts.len(),
             ms(min),
             ms(avg),
             ms(max)
-        );
+        ))?;
+        output(out.flush())?;
     }
     Ok(PingSummary { sent: count, rtts })
 }
 
 /// Fetch `overlay.status` from a rank.
-pub fn status(
-    uri: Option<&str>,
-    rank: u32,
-    timeout: Duration,
-) -> Result<StatusReport, ClientError> {
+pub fn status(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<StatusReport, ToolError> {
     let mut c = Client::connect(uri)?;
     let m = c.rpc("overlay.status", rank, b"", timeout)?;
     serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank {rank} sent an unreadable status: {e}")))
+        .map_err(|e| ToolError::Reply(format!("rank {rank} sent an unreadable status: {e}")))
 }
 
 /// Render the status as an indented tree.
@@ -153,42 +181,43 @@ pub fn event_pub(
     topic: &str,
     payload: &[u8],
     timeout: Duration,
-) -> Result<u64, ClientError> {
-    Client::connect(uri)?.publish(topic, payload, timeout)
+) -> Result<u64, ToolError> {
+    Ok(Client::connect(uri)?.publish(topic, payload, timeout)?)
 }
 
-/// `canopy event sub`: print `count` events (0 = until interrupted).
+/// `canopy event sub`: print `count` events (0 = until interrupted, or
+/// until the output cannot be written: the reader went away).
 pub fn event_sub(
     uri: Option<&str>,
     pattern: &str,
     count: u64,
     timeout: Option<Duration>,
     out: &mut dyn Write,
-) -> Result<u64, ClientError> {
+) -> Result<u64, ToolError> {
     let mut c = Client::connect(uri)?;
     c.subscribe(pattern, Duration::from_secs(10))?;
     let mut n = 0;
     while count == 0 || n < count {
         let m = c.next_event(timeout.unwrap_or(Duration::from_secs(u32::MAX as u64)))?;
-        let _ = writeln!(
+        output(writeln!(
             out,
             "{} {} {}",
             m.header.seq,
             m.header.topic,
             String::from_utf8_lossy(&m.payload)
-        );
-        let _ = out.flush();
+        ))?;
+        output(out.flush())?;
         n += 1;
     }
     Ok(n)
 }
 
 /// `canopy overlay disconnect RANK`: ask RANK's parent to drop its link.
-pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32, ClientError> {
+pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32, ToolError> {
     let mut c = Client::connect(uri)?;
     let (parents, size) = tree_of(&mut c, timeout)?;
     let parent = parents.get(&rank).copied().flatten().ok_or_else(|| {
-        ClientError::Refused(format!(
+        ToolError::Local(format!(
             "rank {rank} has no parent (rank 0, or outside the instance of size {size}); nothing to disconnect it from"
         ))
     })?;
@@ -205,21 +234,24 @@ pub fn disconnect(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<u32
 pub type RankResult = (u32, Result<String, String>);
 
 /// `canopy acl reload`: every rank re-reads its policy. Per-rank results.
-pub fn acl_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ClientError> {
+pub fn acl_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ToolError> {
     let mut c = Client::connect(uri)?;
     let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
     let r: StatusReport = serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+        .map_err(|e| ToolError::Reply(format!("rank 0 sent an unreadable status: {e}")))?;
     let mut out = Vec::new();
     for rank in 0..r.size {
         let res = match c.rpc("acl.reload", rank, b"", timeout) {
-            Ok(m) => Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Ok(m) => Ok(without_rank_prefix(
+                rank,
+                &String::from_utf8_lossy(&m.payload),
+            )),
             Err(
                 e @ ClientError::Remote {
                     errnum: canopy_proto::errno::EPERM,
                     ..
                 },
-            ) => return Err(e),
+            ) => return Err(e.into()),
             Err(e) => Err(e.to_string()),
         };
         out.push((rank, res));
@@ -227,11 +259,18 @@ pub fn acl_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult
     Ok(out)
 }
 
-fn acl_mech(principal: &str, mechanism: Option<&str>) -> Result<canopy_acl::Mech, ClientError> {
+/// A rank's reply without a leading `rank N: ` (the tool adds its own).
+fn without_rank_prefix(rank: u32, msg: &str) -> String {
+    msg.strip_prefix(&format!("rank {rank}: "))
+        .unwrap_or(msg)
+        .to_string()
+}
+
+fn acl_mech(principal: &str, mechanism: Option<&str>) -> Result<canopy_acl::Mech, ToolError> {
     match mechanism {
-        Some(m) => m
-            .parse()
-            .map_err(|e: canopy_acl::MechParseError| ClientError::Refused(e.to_string())),
+        Some(m) => m.parse().map_err(|e: canopy_acl::MechParseError| {
+            ToolError::Local(format!("--mechanism {m}: {e}"))
+        }),
         None if principal.starts_with("unix:") => Ok(canopy_acl::Mech::Local),
         None if principal.starts_with("curve:") => Ok(canopy_acl::Mech::Curve),
         None => Ok(canopy_acl::Mech::Gssapi),
@@ -244,13 +283,14 @@ pub fn acl_check_offline(
     principal: &str,
     mechanism: Option<&str>,
     address: Option<&str>,
-) -> Result<crate::authz::Explained, ClientError> {
-    let acl = canopy_acl::Acl::load(policy).map_err(|e| ClientError::Refused(e.to_string()))?;
+) -> Result<crate::authz::Explained, ToolError> {
+    let acl = canopy_acl::Acl::load(policy).map_err(|e| ToolError::Local(e.to_string()))?;
     let address = match address {
-        Some(a) => Some(
-            a.parse()
-                .map_err(|_| ClientError::Refused(format!("--address {a} is not an IP address")))?,
-        ),
+        Some(a) => Some(a.parse().map_err(|_| {
+            ToolError::Local(format!(
+                "--address {a} is not an IP address; give one such as 10.0.0.5 or ::1"
+            ))
+        })?),
         None => None,
     };
     let q = canopy_acl::Query {
@@ -269,7 +309,7 @@ pub fn acl_check_online(
     mechanism: Option<&str>,
     address: Option<&str>,
     timeout: Duration,
-) -> Result<crate::authz::Explained, ClientError> {
+) -> Result<crate::authz::Explained, ToolError> {
     let mech = acl_mech(principal, mechanism)?;
     let body = serde_json::json!({
         "principal": principal,
@@ -279,7 +319,7 @@ pub fn acl_check_online(
     let mut c = Client::connect(uri)?;
     let m = c.rpc("acl.check", 0, body.to_string().as_bytes(), timeout)?;
     serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable verdict: {e}")))
+        .map_err(|e| ToolError::Reply(format!("rank 0 sent an unreadable verdict: {e}")))
 }
 
 /// `overlay status --wait HEALTH`: poll until the subtree's health is
@@ -289,10 +329,10 @@ pub fn wait_health(
     rank: u32,
     want: &str,
     timeout: Duration,
-) -> Result<Result<StatusReport, StatusReport>, ClientError> {
+) -> Result<Result<StatusReport, StatusReport>, ToolError> {
     const STATES: [&str; 5] = ["full", "partial", "degraded", "lost", "offline"];
     if !STATES.contains(&want) {
-        return Err(ClientError::Refused(format!(
+        return Err(ToolError::Local(format!(
             "--wait {want}: expected one of {}",
             STATES.join(", ")
         )));
@@ -306,9 +346,8 @@ pub fn wait_health(
             b"",
             timeout.max(Duration::from_secs(1)),
         )?;
-        let r: StatusReport = serde_json::from_slice(&m.payload).map_err(|e| {
-            ClientError::Refused(format!("rank {rank} sent an unreadable status: {e}"))
-        })?;
+        let r: StatusReport = serde_json::from_slice(&m.payload)
+            .map_err(|e| ToolError::Reply(format!("rank {rank} sent an unreadable status: {e}")))?;
         if r.health.to_string() == want {
             return Ok(Ok(r));
         }
@@ -320,21 +359,26 @@ pub fn wait_health(
 }
 
 /// `canopy key reload`: every rank re-reads its neighbours' certificates.
-pub fn key_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ClientError> {
+pub fn key_reload(uri: Option<&str>, timeout: Duration) -> Result<Vec<RankResult>, ToolError> {
     let mut c = Client::connect(uri)?;
     let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
     let r: StatusReport = serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+        .map_err(|e| ToolError::Reply(format!("rank 0 sent an unreadable status: {e}")))?;
     let mut out = Vec::new();
     for rank in 0..r.size {
+        // The broker's reply names its rank (`rank 0: reloaded ...`); the
+        // caller prints `rank N: ` before each line, so drop it here.
         let res = match c.rpc(crate::rotate::RELOAD_TOPIC, rank, b"", timeout) {
-            Ok(m) => Ok(String::from_utf8_lossy(&m.payload).into_owned()),
+            Ok(m) => Ok(without_rank_prefix(
+                rank,
+                &String::from_utf8_lossy(&m.payload),
+            )),
             Err(
                 e @ ClientError::Remote {
                     errnum: canopy_proto::errno::EPERM,
                     ..
                 },
-            ) => return Err(e),
+            ) => return Err(e.into()),
             Err(e) => Err(e.to_string()),
         };
         out.push((rank, res));
@@ -347,11 +391,10 @@ pub fn key_status(
     c: &mut Client,
     rank: u32,
     timeout: Duration,
-) -> Result<crate::rotate::KeyStatus, ClientError> {
+) -> Result<crate::rotate::KeyStatus, ToolError> {
     let m = c.rpc(crate::rotate::STATUS_TOPIC, rank, b"", timeout)?;
-    serde_json::from_slice(&m.payload).map_err(|e| {
-        ClientError::Refused(format!("rank {rank} sent an unreadable key status: {e}"))
-    })
+    serde_json::from_slice(&m.payload)
+        .map_err(|e| ToolError::Reply(format!("rank {rank} sent an unreadable key status: {e}")))
 }
 
 /// `canopy key switch`: RANK's broker moves to its next key; then wait
@@ -363,7 +406,7 @@ pub fn key_switch(
     next_key: Option<&str>,
     timeout: Duration,
     wait: Duration,
-) -> Result<(String, crate::rotate::KeyStatus, Duration), ClientError> {
+) -> Result<(String, crate::rotate::KeyStatus, Duration), ToolError> {
     let mut c = Client::connect(uri)?;
     let t0 = Instant::now();
     if let Some(next) = next_key {
@@ -380,10 +423,10 @@ pub fn key_switch(
             let st = match key_status(&mut c, n, timeout) {
                 Ok(st) => st,
                 // Not online: it reads the certificates when it starts.
-                Err(ClientError::Remote {
+                Err(ToolError::Client(ClientError::Remote {
                     errnum: canopy_proto::errno::EHOSTUNREACH,
                     ..
-                }) => continue,
+                })) => continue,
                 Err(e) => return Err(e),
             };
             if !st
@@ -391,7 +434,7 @@ pub fn key_switch(
                 .get(&rank)
                 .is_some_and(|ks| ks.iter().any(|k| k == next))
             {
-                return Err(ClientError::Refused(format!(
+                return Err(ToolError::Local(format!(
                     "rank {n} does not admit rank {rank}'s next key {next} yet: install its .next public certificate there and run `canopy key reload`; nothing was switched"
                 )));
             }
@@ -409,7 +452,7 @@ pub fn key_switch(
 }
 
 /// The public key RANK's broker uses now (Z85).
-pub fn key_in_use(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ClientError> {
+pub fn key_in_use(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<String, ToolError> {
     let r = status(uri, rank, timeout)?;
     Ok(r.broker.public_key)
 }
@@ -419,9 +462,94 @@ pub fn key_in_use(uri: Option<&str>, rank: u32, timeout: Duration) -> Result<Str
 fn tree_of(
     c: &mut Client,
     timeout: Duration,
-) -> Result<(std::collections::HashMap<u32, Option<u32>>, u32), ClientError> {
+) -> Result<(std::collections::HashMap<u32, Option<u32>>, u32), ToolError> {
     let m = c.rpc("overlay.status", 0, b"", timeout)?;
     let r: StatusReport = serde_json::from_slice(&m.payload)
-        .map_err(|e| ClientError::Refused(format!("rank 0 sent an unreadable status: {e}")))?;
+        .map_err(|e| ToolError::Reply(format!("rank 0 sent an unreadable status: {e}")))?;
     Ok((r.ranks.iter().map(|x| (x.rank, x.parent)).collect(), r.size))
+}
+
+/// `canopy config check PATH`: load and validate the config, then refuse
+/// what every broker would refuse at start although the config model
+/// accepts it, with the broker's reason. Returns the summary.
+pub fn config_check(path: &std::path::Path) -> Result<String, ToolError> {
+    let summary = crate::system::config_check(path).map_err(|e| ToolError::Local(e.to_string()))?;
+    let config =
+        canopy_config::Config::load(path).map_err(|e| ToolError::Local(format!("config: {e}")))?;
+    startup_check(&config, path)?;
+    Ok(summary)
+}
+
+/// What a broker of this config refuses at start that `Config::load`
+/// lets through: with CURVE, every broker loads its own secret
+/// certificate, so `bootstrap.curve_cert` is needed even for one host.
+fn startup_check(config: &canopy_config::Config, path: &std::path::Path) -> Result<(), ToolError> {
+    if config.mechanism() == canopy_config::Mechanism::Curve {
+        if let Some(rank) = (0..config.size()).find(|r| config.cert_path(*r).is_none()) {
+            return Err(ToolError::Local(format!(
+                "config: no secret certificate is configured for rank {rank} ({}), so its broker would refuse to start; set bootstrap.curve_cert in {} to each node's secret certificate, e.g. \"/etc/canopy/curve/%h.key_secret\" (write one with `canopy keygen`)",
+                config.host(rank).unwrap_or("?"),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rank_prefix_is_dropped_once() {
+        assert_eq!(
+            without_rank_prefix(0, "rank 0: reloaded 2 neighbour certificates"),
+            "reloaded 2 neighbour certificates"
+        );
+        // Another rank's name, or none, stays.
+        assert_eq!(without_rank_prefix(1, "rank 0: x"), "rank 0: x");
+        assert_eq!(without_rank_prefix(3, "reloaded"), "reloaded");
+        assert_eq!(without_rank_prefix(3, "rank 3: rank 3: x"), "rank 3: x");
+    }
+
+    #[test]
+    fn a_one_host_curve_config_needs_a_secret_certificate() {
+        let path = std::path::Path::new("solo.toml");
+        let no_cert = canopy_config::Config::parse(
+            "[bootstrap]\nhosts = [ { host = \"solo\" } ]\n",
+            "solo.toml",
+        )
+        .unwrap();
+        let e = startup_check(&no_cert, path).unwrap_err().to_string();
+        assert!(
+            e.contains("no secret certificate is configured for rank 0 (solo)")
+                && e.contains("bootstrap.curve_cert"),
+            "{e}"
+        );
+        let with_cert = canopy_config::Config::parse(
+            "[bootstrap]\ncurve_cert = \"/etc/canopy/curve/%h.key_secret\"\nhosts = [ { host = \"solo\" } ]\n",
+            "solo.toml",
+        )
+        .unwrap();
+        startup_check(&with_cert, path).unwrap();
+        let gss = canopy_config::Config::parse(
+            "[bootstrap]\nmechanism = \"gssapi\"\nhosts = [ { host = \"solo\" } ]\n[gssapi]\n",
+            "solo.toml",
+        )
+        .unwrap();
+        startup_check(&gss, path).unwrap();
+    }
+
+    #[test]
+    fn only_a_broken_pipe_means_the_reader_went_away() {
+        let gone = ToolError::Output(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(gone.reader_gone());
+        let full = ToolError::Output(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(!full.reader_gone());
+        // The broker's socket closing is not the output's reader.
+        let sock = ToolError::Client(ClientError::Io(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe,
+        )));
+        assert!(!sock.reader_gone());
+    }
 }

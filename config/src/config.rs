@@ -16,6 +16,8 @@ use crate::hostlist::{self, HostlistError, MAX_HOSTS};
 use crate::raw::{self, Ctx, Pos, RawPublicCerts, Source, Val};
 use crate::template::{self, Tokens};
 use crate::tree::Tree;
+use canopy_security::trust::{check_trusted, service_uid, TrustKind};
+use std::io::Read as _;
 
 /// `bootstrap.default_port` when not set (flux-core's examples use 8050).
 pub const DEFAULT_PORT: u16 = 8050;
@@ -141,11 +143,12 @@ impl Timing {
     /// The same timings in the overlay's units.
     pub fn to_liveness(&self) -> canopy_overlay::liveness::Timing {
         let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
-        canopy_overlay::liveness::Timing {
-            heartbeat_ms: ms(self.heartbeat),
-            torpid_ms: ms(self.torpid),
-            lost_ms: ms(self.lost),
-        }
+        // Parsing checked the order with file:line:col; sub-millisecond
+        // settings round down, so keep the order after rounding too.
+        let h = ms(self.heartbeat).max(1);
+        let t = ms(self.torpid).max(h + 1);
+        let l = ms(self.lost).max(t + 1);
+        canopy_overlay::liveness::Timing::new(h, t, l).unwrap_or_default()
     }
 }
 
@@ -197,7 +200,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
 fn read_checked(path: &Path) -> Result<Source, ConfigError> {
     let meta = fs::metadata(path).map_err(io(path))?;
     check_mode(path, &meta)?;
-    let bytes = fs::read(path).map_err(io(path))?;
+    let trusted = check_trusted(path, TrustKind::File, service_uid())?;
+    let mut bytes = Vec::new();
+    trusted.open()?.read_to_end(&mut bytes).map_err(io(path))?;
     let text = String::from_utf8(bytes).map_err(|e| ConfigError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::new(
@@ -221,6 +226,7 @@ impl Config {
             return Config::from_sources(vec![read_checked(path)?]);
         }
         check_mode(path, &meta)?;
+        check_trusted(path, TrustKind::Directory, service_uid())?;
         let mut names = Vec::new();
         for entry in fs::read_dir(path).map_err(io(path))? {
             let entry = entry.map_err(io(path))?;

@@ -55,6 +55,10 @@ pub enum ConfigError {
     },
     #[error("{} is writable by group or others (mode {mode:04o}); run `chmod go-w {}` and make sure it is owned by root or the broker's user", path.display(), path.display())]
     InsecurePermissions { path: PathBuf, mode: u32 },
+    /// Owned by someone else, or reached through a directory or symlink
+    /// that someone else controls (OpenSSH `StrictModes`).
+    #[error("configuration refused: {0}")]
+    Untrusted(#[from] canopy_security::trust::TrustError),
     #[error("{} has no *.toml files; put the configuration in e.g. {}/canopy.toml", dir.display(), dir.display())]
     NoConfigFiles { dir: PathBuf },
     #[error("{at}: {key}: {message}; fix the TOML syntax (see docs/config.md)")]
@@ -151,6 +155,7 @@ impl ConfigError {
         match self {
             ConfigError::Io { .. }
             | ConfigError::InsecurePermissions { .. }
+            | ConfigError::Untrusted(_)
             | ConfigError::NoConfigFiles { .. } => None,
             ConfigError::Syntax { at, .. }
             | ConfigError::BadType { at, .. }
@@ -174,6 +179,7 @@ impl ConfigError {
         match self {
             ConfigError::Io { .. }
             | ConfigError::InsecurePermissions { .. }
+            | ConfigError::Untrusted(_)
             | ConfigError::NoConfigFiles { .. } => None,
             ConfigError::Syntax { key, .. }
             | ConfigError::BadType { key, .. }

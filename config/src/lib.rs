@@ -15,7 +15,9 @@
 //!
 //! * [`Config::load`] reads a file, or every `*.toml` of a directory in
 //!   lexical order, merging tables (a key set in two files is an error),
-//!   and refuses files or a directory that group or others can write.
+//!   and refuses files or a directory that group or others can write, or
+//!   that are not trusted for the broker's user (owned by root or that
+//!   user, on a path nobody else can change: `canopy_security::trust`).
 //! * Every error names the file, the line and column, and the key, e.g.
 //!   `/etc/canopy/system/hosts.toml:7:12: bootstrap.hosts[2].parent: ...`.
 //! * Resolution is pure: [`Config::rank_of`], [`Config::topology`],
@@ -29,6 +31,7 @@
 
 mod config;
 mod error;
+pub mod fuzz;
 pub mod hostlist;
 mod raw;
 mod template;

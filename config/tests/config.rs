@@ -542,7 +542,10 @@ fn writable_files_and_directories_are_refused() {
         other => panic!("{other}"),
     }
     assert!(e.to_string().contains("chmod go-w"), "{e}");
-    // the file alone is fine
+    // The file alone is refused too: a directory on its path that group
+    // can write lets group swap the file (StrictModes, issue 12).
+    assert!(matches!(Config::load(&f), Err(ConfigError::Untrusted(_))));
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
     assert!(Config::load(&f).is_ok());
 }
 
@@ -803,4 +806,47 @@ fn every_example_under_etc_system_parses() {
     if let (Some(a), Some(b)) = (fp("canopy.toml"), fp("conf.d")) {
         assert_eq!(a, b, "canopy.toml and conf.d/ should be the same cluster");
     }
+}
+
+#[test]
+fn untrusted_files_and_directories_are_refused() {
+    let d = tempdir();
+    let open = d.path().join("open");
+    fs::create_dir(&open).unwrap();
+    let f = write(
+        &open,
+        "canopy.toml",
+        "[bootstrap]\nhosts = [ { host = \"a\" } ]\n",
+    );
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(Config::load(&f).is_ok());
+    // A directory on the path that anyone can write: the file could be
+    // swapped for another.
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let e = Config::load(&f).unwrap_err();
+    assert!(matches!(e, ConfigError::Untrusted(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("chmod go-w {}", open.display())),
+        "{e}"
+    );
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    if !nix_is_root() {
+        eprintln!("skipped: the other-owner case needs root");
+        return;
+    }
+    std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+    let e = Config::load(&f).unwrap_err();
+    assert!(matches!(e, ConfigError::Untrusted(_)), "{e}");
+    assert!(e.to_string().contains("chown"), "{e}");
+    std::os::unix::fs::chown(&f, Some(0), None).unwrap();
+    std::os::unix::fs::chown(&open, Some(65534), None).unwrap();
+    let e = Config::load(&open).unwrap_err();
+    assert!(matches!(e, ConfigError::Untrusted(_)), "{e}");
+}
+
+fn nix_is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }

@@ -60,6 +60,37 @@ pub fn acceptor_keytab() -> String {
     env_or("KRB5_KTNAME", "FILE:/etc/krb5.keytab (the default)")
 }
 
+/// The file a keytab name (`KRB5_KTNAME` syntax) refers to: `FILE:PATH`,
+/// `WRFILE:PATH` or a bare absolute or relative path. `None` for keytabs
+/// that are not files (`MEMORY:`, `KEYRING:`, ...).
+pub fn keytab_file(ktname: &str) -> Option<std::path::PathBuf> {
+    let path = match ktname.split_once(':') {
+        Some(("FILE" | "WRFILE", p)) => p,
+        // A prefix is letters only; anything else is a path with a colon.
+        Some((t, _)) if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphabetic()) => return None,
+        _ => ktname,
+    };
+    (!path.is_empty()).then(|| std::path::PathBuf::from(path))
+}
+
+/// Refuse a keytab file that is not trusted as a secret for this process's
+/// user ([`canopy_security::trust::TrustKind::Secret`]: owned by root or
+/// that user, neither readable nor writable by group or other, on a path
+/// nobody else can change). Keytabs that are not files pass. Call before
+/// handing the keytab to the Kerberos library.
+pub fn check_keytab(ktname: &str) -> Result<(), GssError> {
+    let Some(path) = keytab_file(ktname) else {
+        return Ok(());
+    };
+    canopy_security::trust::check_trusted(
+        &path,
+        canopy_security::trust::TrustKind::Secret,
+        canopy_security::trust::service_uid(),
+    )
+    .map(|_| ())
+    .map_err(|e| GssError::Credentials(format!("keytab refused: {e}")))
+}
+
 /// The initiator's credential sources, for messages.
 pub fn initiator_sources() -> String {
     format!(

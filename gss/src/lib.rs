@@ -23,6 +23,7 @@
 
 pub mod bindings;
 pub mod client;
+pub mod fuzz;
 pub mod krb;
 pub mod pop;
 pub mod server;

@@ -50,6 +50,10 @@ pub enum CertError {
     NoSecretKey { path: PathBuf },
     #[error("{path}: public-key does not match secret-key; regenerate the certificate with canopy keygen")]
     Mismatch { path: PathBuf },
+    /// Owned by someone else, or reached through a directory or symlink
+    /// that someone else controls (see [`crate::trust`]).
+    #[error("certificate refused: {0}")]
+    Untrusted(#[from] crate::trust::TrustError),
 }
 
 /// A parsed certificate. `secret` is present only in secret certificates.
@@ -176,14 +180,30 @@ fn decode_key(v: &str) -> Result<[u8; 32], String> {
     b.try_into().map_err(|_| "wrong key length".to_string())
 }
 
-fn read(path: &Path) -> Result<String, CertError> {
-    std::fs::read_to_string(path).map_err(|source| CertError::Read {
+/// Check `path` as [`crate::trust::check_trusted`] does for this process's
+/// effective uid, and read the file that was checked.
+fn read_trusted(path: &Path, kind: crate::trust::TrustKind) -> Result<String, CertError> {
+    use std::io::Read;
+    // A missing or unreachable file keeps its plain "cannot read" error.
+    std::fs::metadata(path).map_err(|source| CertError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    let trusted = crate::trust::check_trusted(path, kind, crate::trust::service_uid())?;
+    let mut text = String::new();
+    trusted
+        .open()?
+        .read_to_string(&mut text)
+        .map_err(|source| CertError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(text)
 }
 
-/// Load a secret certificate, refusing one that group or other can read.
+/// Load a secret certificate, refusing one that group or other can read,
+/// and one that is not trusted ([`crate::trust::TrustKind::Secret`]: owned
+/// by root or this process's user, on a path nobody else can change).
 pub fn load_secret(path: &Path) -> Result<Cert, CertError> {
     let md = std::fs::metadata(path).map_err(|source| CertError::Read {
         path: path.to_path_buf(),
@@ -196,7 +216,7 @@ pub fn load_secret(path: &Path) -> Result<Cert, CertError> {
             mode,
         });
     }
-    let text = Zeroizing::new(read(path)?);
+    let text = Zeroizing::new(read_trusted(path, crate::trust::TrustKind::Secret)?);
     let cert = parse(&text, path)?;
     if cert.secret.is_none() {
         return Err(CertError::NoSecretKey {
@@ -207,9 +227,11 @@ pub fn load_secret(path: &Path) -> Result<Cert, CertError> {
 }
 
 /// Load a public certificate (a secret one is accepted; only its public
-/// key is used).
+/// key is used), refusing one that is not trusted
+/// ([`crate::trust::TrustKind::File`]: owned by root or this process's
+/// user, not writable by others, on a path nobody else can change).
 pub fn load_public(path: &Path) -> Result<Cert, CertError> {
-    let text = Zeroizing::new(read(path)?);
+    let text = Zeroizing::new(read_trusted(path, crate::trust::TrustKind::File)?);
     let mut c = parse(&text, path)?;
     c.secret = None;
     Ok(c)
@@ -320,6 +342,49 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn refuses_untrusted_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = CurveKeypair::generate().unwrap();
+        let certs = dir.path().join("public");
+        std::fs::create_dir(&certs).unwrap();
+        let s = dir.path().join("n1.key_secret");
+        let p = certs.join("n1.key");
+        write_pair(&kp, "n1", &s, &p).unwrap();
+        load_public(&p).unwrap();
+        // A certificate directory anyone can write: anyone could plant a key.
+        std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = load_public(&p).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CertError::Untrusted(crate::trust::TrustError::DirWritable { .. })
+            ),
+            "{e}"
+        );
+        assert!(e
+            .to_string()
+            .contains(&format!("chmod go-w {}", certs.display())));
+        std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A certificate owned by another user (needs root to arrange).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&s, Some(65534), None).unwrap();
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let e = load_secret(&s).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    CertError::Untrusted(crate::trust::TrustError::Owner { .. })
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("chown root"), "{e}");
+            assert!(matches!(load_public(&p), Err(CertError::Untrusted(_))));
+        } else {
+            eprintln!("skipped: the other-owner case needs root");
+        }
     }
 
     #[test]

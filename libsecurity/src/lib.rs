@@ -4,9 +4,11 @@
 //! * [`CurveKeypair`]: an X25519 keypair for libzmq's CURVE mechanism. The
 //!   secret half is zeroized on drop and never appears in `Debug` output.
 //! * [`curve_principal`]: the canonical principal of a CURVE public key.
+//! * [`trust`]: OpenSSH `StrictModes` for files that decide access.
 #![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod trust;
 pub mod z85;
 
 use zeroize::Zeroizing;

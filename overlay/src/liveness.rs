@@ -12,6 +12,41 @@ pub struct Timing {
     pub lost_ms: u64,
 }
 
+/// Timings that cannot work: zero, or out of order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    #[error("the heartbeat interval must be at least 1 ms")]
+    ZeroHeartbeat,
+    #[error("timings must satisfy heartbeat < torpid < lost (got {heartbeat_ms} ms, {torpid_ms} ms, {lost_ms} ms); raise torpid and lost, or lower the heartbeat")]
+    Order {
+        heartbeat_ms: u64,
+        torpid_ms: u64,
+        lost_ms: u64,
+    },
+}
+
+impl Timing {
+    /// The one way to make timings from settings: the heartbeat is
+    /// positive and heartbeat < torpid < lost.
+    pub fn new(heartbeat_ms: u64, torpid_ms: u64, lost_ms: u64) -> Result<Timing, TimingError> {
+        if heartbeat_ms == 0 {
+            return Err(TimingError::ZeroHeartbeat);
+        }
+        if !(heartbeat_ms < torpid_ms && torpid_ms < lost_ms) {
+            return Err(TimingError::Order {
+                heartbeat_ms,
+                torpid_ms,
+                lost_ms,
+            });
+        }
+        Ok(Timing {
+            heartbeat_ms,
+            torpid_ms,
+            lost_ms,
+        })
+    }
+}
+
 impl Default for Timing {
     /// Cluster defaults: heartbeat 2 s, torpid after 10 s, lost after 30 s.
     fn default() -> Timing {
@@ -94,6 +129,23 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_are_validated() {
+        assert_eq!(
+            Timing::new(2000, 10_000, 30_000).unwrap(),
+            Timing::default()
+        );
+        assert_eq!(Timing::new(0, 1, 2), Err(TimingError::ZeroHeartbeat));
+        assert!(matches!(
+            Timing::new(5, 5, 9),
+            Err(TimingError::Order { .. })
+        ));
+        assert!(matches!(
+            Timing::new(1, 9, 9),
+            Err(TimingError::Order { .. })
+        ));
+    }
 
     #[test]
     fn online_torpid_recovered_lost() {

@@ -22,11 +22,15 @@ pub struct InFlight {
     pub matchtag: u32,
     pub nodeid: u32,
     pub route: Vec<Hop>,
+    /// The request's payload size, counted against the link's budget.
+    pub bytes: usize,
 }
 
 #[derive(Default)]
 pub struct Pending {
     by_link: HashMap<Link, HashMap<(u64, u32), InFlight>>,
+    /// Payload bytes of the requests in flight over each link.
+    bytes: HashMap<Link, usize>,
     count: usize,
 }
 
@@ -56,17 +60,26 @@ impl Pending {
         self.count == 0
     }
 
+    /// Payload bytes of the requests in flight over `link`.
+    pub fn bytes(&self, link: Link) -> usize {
+        self.bytes.get(&link).copied().unwrap_or(0)
+    }
+
     /// Record a request forwarded over `link`.
     pub fn insert(&mut self, link: Link, req: InFlight) {
         let key = (route_key(&req.route), req.matchtag);
-        if self
-            .by_link
-            .entry(link)
-            .or_default()
-            .insert(key, req)
-            .is_none()
-        {
-            self.count += 1;
+        let n = req.bytes;
+        let b = self.bytes.entry(link).or_default();
+        *b += n;
+        match self.by_link.entry(link).or_default().insert(key, req) {
+            None => self.count += 1,
+            Some(old) => *b -= old.bytes,
+        }
+    }
+
+    fn sub(&mut self, link: Link, n: usize) {
+        if let Some(b) = self.bytes.get_mut(&link) {
+            *b = b.saturating_sub(n);
         }
     }
 
@@ -76,11 +89,13 @@ impl Pending {
         let Some(m) = self.by_link.get_mut(&link) else {
             return false;
         };
-        if m.remove(&(route_key(route), matchtag)).is_some() {
-            self.count -= 1;
-            true
-        } else {
-            false
+        match m.remove(&(route_key(route), matchtag)) {
+            Some(r) => {
+                self.count -= 1;
+                self.sub(link, r.bytes);
+                true
+            }
+            None => false,
         }
     }
 
@@ -92,6 +107,7 @@ impl Pending {
             .map(|m| m.into_values().collect())
             .unwrap_or_default();
         self.count -= v.len();
+        self.bytes.remove(&link);
         v
     }
 
@@ -99,10 +115,19 @@ impl Pending {
     /// so their responses have nowhere to go). Returns how many.
     pub fn forget_from(&mut self, from: Hop) -> usize {
         let mut n = 0;
-        for m in self.by_link.values_mut() {
-            let before = m.len();
-            m.retain(|_, r| r.route.last() != Some(&from));
-            n += before - m.len();
+        for (link, m) in self.by_link.iter_mut() {
+            let mut freed = 0;
+            m.retain(|_, r| {
+                let keep = r.route.last() != Some(&from);
+                if !keep {
+                    freed += r.bytes;
+                    n += 1;
+                }
+                keep
+            });
+            if let Some(b) = self.bytes.get_mut(link) {
+                *b = b.saturating_sub(freed);
+            }
         }
         self.count -= n;
         n
@@ -119,7 +144,24 @@ mod tests {
             matchtag: tag,
             nodeid: 7,
             route,
+            bytes: 10,
         }
+    }
+
+    #[test]
+    fn bytes_per_link() {
+        let mut p = Pending::default();
+        p.insert(Link::Child(1), req(1, vec![Hop::Local(5)]));
+        p.insert(Link::Child(1), req(2, vec![Hop::Local(5)]));
+        p.insert(Link::Child(1), req(2, vec![Hop::Local(5)])); // same key again
+        p.insert(Link::Parent, req(3, vec![Hop::Child(4)]));
+        assert_eq!(p.bytes(Link::Child(1)), 20);
+        assert!(p.complete(Link::Child(1), &[Hop::Local(5)], 1));
+        assert_eq!(p.bytes(Link::Child(1)), 10);
+        assert_eq!(p.forget_from(Hop::Child(4)), 1);
+        assert_eq!(p.bytes(Link::Parent), 0);
+        p.fail_link(Link::Child(1));
+        assert_eq!(p.bytes(Link::Child(1)), 0);
     }
 
     #[test]

@@ -32,6 +32,7 @@
 
 pub mod client;
 pub mod client2;
+pub mod fuzz;
 pub mod pmix;
 pub mod select;
 pub mod server;

@@ -196,6 +196,16 @@ impl<'a> Line<'a> {
                 what: "an embedded newline",
             });
         }
+        // Only one `\r` may end a line: a value ending in `\r` would lose
+        // it when written back out and read again (`cmd=put ... value=v\r\r\n`
+        // stored "v\r" but served "v"), found by the `pmi` fuzz target.
+        if line.contains('\r') {
+            return Err(WireError::BadChar {
+                field: "line",
+                value: line.to_owned(),
+                what: "an embedded carriage return",
+            });
+        }
         let mut tokens = line.split(' ').filter(|t| !t.is_empty());
         let first = tokens.next().ok_or(WireError::Empty)?;
         let cmd = match first.strip_prefix("cmd=") {
@@ -951,5 +961,31 @@ mod tests {
         assert_eq!(command_name("cmd= x"), None);
         assert_eq!(command_name("garbage"), None);
         assert_eq!(command_name(""), None);
+    }
+
+    #[test]
+    fn a_carriage_return_only_ends_a_line() {
+        let put = parse_request("cmd=put key=k value=v\r\n").unwrap();
+        assert_eq!(put, Request::put("", "k", "v", 64, 1024).unwrap());
+        for line in [
+            "cmd=put key=k value=v\r\r\n",
+            "cmd=put key=k\rx value=v\n",
+            "cmd=get_result rc=0 msg=ok value=v\r\r\n",
+        ] {
+            let e = parse_request(line)
+                .err()
+                .or(parse_reply(line).err())
+                .unwrap_or_else(|| panic!("{line:?} was accepted"));
+            assert!(
+                matches!(
+                    e,
+                    WireError::BadChar {
+                        what: "an embedded carriage return",
+                        ..
+                    }
+                ),
+                "{line:?}: {e}"
+            );
+        }
     }
 }

@@ -55,9 +55,12 @@ impl Hop {
         out.extend_from_slice(&id.to_be_bytes());
     }
 
+    /// `Parent` carries no id: it must be 0, so that every route stack has
+    /// exactly one encoding (found by the `header` fuzz target).
     fn decode(kind: u8, id: u32) -> Option<Hop> {
         match kind {
-            1 => Some(Hop::Parent),
+            1 if id == 0 => Some(Hop::Parent),
+            1 => None,
             2 => Some(Hop::Child(id)),
             3 => Some(Hop::Local(id)),
             _ => None,
@@ -112,6 +115,8 @@ pub enum ProtoError {
     Utf8(&'static str),
     #[error("unknown route hop kind {0}; the message is corrupt")]
     BadHop(u8),
+    #[error("route hop `parent` carries id {0}, not 0; the message is corrupt")]
+    ParentId(u32),
 }
 
 impl Header {
@@ -258,7 +263,11 @@ pub fn decode_header(b: &[u8]) -> Result<Header, ProtoError> {
     at += userid_len;
     let mut route = Vec::with_capacity(route_len);
     for _ in 0..route_len {
-        let hop = Hop::decode(b[at], be_u32(b, at + 1)).ok_or(ProtoError::BadHop(b[at]))?;
+        let id = be_u32(b, at + 1);
+        let hop = Hop::decode(b[at], id).ok_or(match b[at] {
+            1 => ProtoError::ParentId(id),
+            kind => ProtoError::BadHop(kind),
+        })?;
         route.push(hop);
         at += 5;
     }
@@ -397,6 +406,19 @@ mod tests {
             }
             let _ = decode_header(&buf);
         }
+    }
+
+    #[test]
+    fn parent_hop_has_one_encoding() {
+        let mut h = sample();
+        h.route = vec![Hop::Parent];
+        let mut b = h.encode().unwrap();
+        assert_eq!(decode_header(&b), Ok(h.clone()));
+        let n = b.len();
+        b[n - 1] = 16;
+        assert_eq!(decode_header(&b), Err(ProtoError::ParentId(16)));
+        b[n - 5] = 9;
+        assert_eq!(decode_header(&b), Err(ProtoError::BadHop(9)));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod errno;
 pub mod frame;
+pub mod fuzz;
 mod header;
 mod roles;
 

@@ -58,6 +58,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod fuzz;
 mod handler;
 mod policy;
 

@@ -74,6 +74,52 @@ const MAX_HELD_OUT: usize = 4096;
 /// reused by libzmq; the oldest is forgotten past this).
 const MAX_REVOKED_REMOTE: usize = 65_536;
 
+/// What clients can make a broker hold, each with a default, a config key
+/// and (where it makes sense) a `canopy start` flag (docs/security.md,
+/// "Budgets"). Reaching one costs only the client that reached it: it gets
+/// EAGAIN, or is disconnected if it will not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    /// Largest payload on any endpoint (ZeroMQ `ZMQ_MAXMSGSIZE`, local
+    /// framing, key exchange).
+    pub max_message: usize,
+    /// Bytes queued for one client connection plus its requests in flight.
+    pub client_bytes: usize,
+    /// The same, summed over one principal's connections.
+    pub principal_bytes: usize,
+    /// The same, summed over every client of the broker.
+    pub total_bytes: usize,
+    /// Connections per local uid or remote principal.
+    pub connections: usize,
+    /// Requests in flight per client connection.
+    pub in_flight: usize,
+    /// Payload bytes of requests in flight toward one neighbour broker.
+    pub neighbour_bytes: usize,
+}
+
+impl Default for Budgets {
+    fn default() -> Budgets {
+        Budgets {
+            max_message: 64 << 20,
+            client_bytes: 96 << 20,
+            principal_bytes: 128 << 20,
+            total_bytes: 512 << 20,
+            connections: 256,
+            in_flight: 1024,
+            neighbour_bytes: 32 << 20,
+        }
+    }
+}
+
+/// What the shell has queued and not yet written for local clients, sent
+/// with each message from one: this connection, this uid, the broker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Queued {
+    pub conn: usize,
+    pub uid: usize,
+    pub total: usize,
+}
+
 /// A peer's "business card": what its neighbours need to reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Card {
@@ -126,6 +172,7 @@ pub struct CoreConfig {
     pub remote_mech: Mech,
     /// Seeds session ids and client ids.
     pub seed: u64,
+    pub budgets: Budgets,
 }
 
 /// Who an access decision is about.
@@ -218,11 +265,12 @@ pub enum Input<P> {
         id: u32,
         uid: u32,
     },
-    /// A message from a local client.
+    /// A message from a local client, and what is queued for it.
     Local {
         id: u32,
         header: Header,
         payload: P,
+        queued: Queued,
     },
     /// A message from a remote client, with what ZAP said of it.
     Remote {
@@ -236,6 +284,12 @@ pub enum Input<P> {
     /// A local client closed its connection (or was cut by the shell).
     ClientClosed {
         id: u32,
+    },
+    /// A send toward the parent (`rid` None) or a child was refused: its
+    /// queue is at the high-water mark. The message was not sent.
+    SendFull {
+        rid: Option<Vec<u8>>,
+        header: Header,
     },
     /// A send to this remote client failed: it is gone.
     RemoteGone {
@@ -376,6 +430,9 @@ struct Client<P> {
     access: Access,
     held_in: VecDeque<(Header, P)>,
     held_out: VecDeque<(Header, P)>,
+    /// Requests in flight: matchtag -> payload bytes.
+    in_flight: HashMap<u32, usize>,
+    in_flight_bytes: usize,
 }
 
 /// The broker's decisions. See the module documentation.
@@ -424,6 +481,15 @@ pub struct BrokerCore<P> {
 
     rot: relink::Rotation<P>,
 
+    budgets: Budgets,
+    /// Requests in flight from clients, in payload bytes: per principal,
+    /// and in total.
+    principal_in_flight: HashMap<String, usize>,
+    total_in_flight: usize,
+    /// Connections per local uid, and per remote principal.
+    per_uid: HashMap<u32, usize>,
+    per_principal: HashMap<String, usize>,
+
     transmits: VecDeque<Transmit<P>>,
     events: VecDeque<Event>,
 
@@ -447,12 +513,13 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn in_flight(h: &Header) -> InFlight {
+fn in_flight(h: &Header, bytes: usize) -> InFlight {
     InFlight {
         topic: h.topic.clone(),
         matchtag: h.matchtag,
         nodeid: h.nodeid,
         route: h.route.clone(),
+        bytes,
     }
 }
 
@@ -505,6 +572,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             epoch: (session >> 32) as u32 ^ session as u32,
             replay: Ring::new(EVENT_REPLAY),
             rot: relink::Rotation::default(),
+            budgets: cfg.budgets,
+            principal_in_flight: HashMap::new(),
+            total_in_flight: 0,
+            per_uid: HashMap::new(),
+            per_principal: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             launched: false,
@@ -711,7 +783,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 id,
                 header,
                 payload,
-            } => self.client_ingress(id, header, payload),
+                queued,
+            } => {
+                if self.over_budget(id, &header, payload.as_ref().len(), queued) {
+                    return;
+                }
+                self.client_ingress(id, header, payload)
+            }
             Input::Remote {
                 rid,
                 user_id,
@@ -721,6 +799,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 payload,
             } => self.remote_ingress(rid, user_id, roles, address, header, payload),
             Input::ClientClosed { id } => self.remove_client(id),
+            Input::SendFull { rid, header } => self.send_full(rid, header),
             Input::RemoteGone { rid } => {
                 if let Some(id) = self.remote_ids.get(&rid).copied() {
                     self.remove_client(id);
@@ -974,21 +1053,26 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     /// Send to a child connection, or queue while that child's link moves.
     fn send_rid(&mut self, rid: &[u8], h: Header, payload: P) {
-        if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
-            if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
-                held.queue.push((h, payload));
+        self.send_rid_owned(rid.to_vec(), h, payload)
+    }
+
+    fn send_rid_owned(&mut self, rid: Vec<u8>, h: Header, payload: P) {
+        if !self.rot.held.is_empty() {
+            if let Some(held) = self.rot.held.values_mut().find(|x| x.old_rid == rid) {
+                if !(h.topic == HEARTBEAT_TOPIC && h.msg_type == MsgType::Control) {
+                    held.queue.push((h, payload));
+                }
+                return;
             }
-            return;
         }
-        self.transmits
-            .push_back(Transmit::Child(rid.to_vec(), h, payload));
+        self.transmits.push_back(Transmit::Child(rid, h, payload));
     }
 
     fn send_child(&mut self, rank: u32, h: Header, payload: P) -> bool {
         let Some(rid) = self.children.get(&rank).map(|c| c.rid.clone()) else {
             return false;
         };
-        self.send_rid(&rid, h, payload);
+        self.send_rid_owned(rid, h, payload);
         true
     }
 
@@ -1214,6 +1298,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             );
             return;
         }
+        let conns = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if conns >= self.budgets.connections {
+            warn!(verdict = %"deny", uid, mechanism = %"peercred", connections = conns, budget = self.budgets.connections, "budget: too many connections for this uid; connection refused");
+            let msg = format!("uid {uid} already has {conns} connections to this broker (budget {}); close some and retry", self.budgets.connections);
+            self.refuse_local(id, errno::EAGAIN, &msg);
+            return;
+        }
         let waiting = self
             .clients
             .values()
@@ -1236,6 +1327,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         }
         let ticket = self.ticket();
+        *self.per_uid.entry(uid).or_default() += 1;
         self.clients.insert(
             id,
             Client::new(
@@ -1294,6 +1386,22 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let id = match self.remote_ids.get(&rid) {
             Some(id) if self.clients.get(id).is_some_and(|c| c.principal == user_id) => *id,
             _ => {
+                let conns = self.per_principal.get(&user_id).copied().unwrap_or(0);
+                if conns >= self.budgets.connections {
+                    warn!(verdict = %"deny", principal = %user_id, connections = conns, budget = self.budgets.connections, "budget: too many connections for this principal; message refused");
+                    if !no_response(&h) {
+                        let mut r = h.response(self.rank, errno::EAGAIN);
+                        r.route.clear();
+                        let msg = format!("{user_id} already has {conns} connections to this broker (budget {}); close some and retry", self.budgets.connections);
+                        self.transmits.push_back(Transmit::Remote(
+                            rid,
+                            r,
+                            P::from(msg.into_bytes()),
+                        ));
+                    }
+                    return;
+                }
+                *self.per_principal.entry(user_id.clone()).or_default() += 1;
                 let id = self.new_client_id();
                 self.remote_ids.insert(rid.clone(), id);
                 // After a reload, the connection-time verdict may be stale:
@@ -1332,6 +1440,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 id
             }
         };
+        if self.over_budget(id, &h, payload.as_ref().len(), Queued::default()) {
+            return;
+        }
         self.client_ingress(id, h, payload);
     }
 
@@ -1356,6 +1467,24 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             c.held_in.push_back((h, payload));
             return;
         }
+        if !no_response(&h) {
+            let n = payload.as_ref().len();
+            if let Some(old) = c.in_flight.insert(h.matchtag, n) {
+                c.in_flight_bytes -= old;
+                self.total_in_flight -= old;
+                if let Some(b) = self.principal_in_flight.get_mut(&c.principal) {
+                    *b -= old;
+                }
+            }
+            c.in_flight_bytes += n;
+            self.total_in_flight += n;
+            match self.principal_in_flight.get_mut(&c.principal) {
+                Some(b) => *b += n,
+                None => {
+                    self.principal_in_flight.insert(c.principal.clone(), n);
+                }
+            }
+        }
         // Identity is stamped here, at ingress; whatever the client claimed is discarded.
         h.userid.clone_from(&c.principal);
         h.roles = c.roles;
@@ -1365,11 +1494,143 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     }
 
     fn remove_client(&mut self, id: u32) {
-        if let Some(c) = self.clients.remove(&id) {
+        if let Some(c) = self.drop_client(id) {
             if c.kind == ClientKind::Remote {
                 self.remote_ids.remove(&c.rid);
             }
         }
+    }
+
+    /// Forget a client and what it counted against the budgets.
+    fn drop_client(&mut self, id: u32) -> Option<Client<P>> {
+        let c = self.clients.remove(&id)?;
+        self.release(&c.principal, c.in_flight_bytes);
+        match c.kind {
+            ClientKind::Local { uid } => {
+                if let Some(n) = self.per_uid.get_mut(&uid) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_uid.remove(&uid);
+                    }
+                }
+            }
+            ClientKind::Remote => {
+                if let Some(n) = self.per_principal.get_mut(&c.principal) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_principal.remove(&c.principal);
+                    }
+                }
+            }
+        }
+        Some(c)
+    }
+
+    fn release(&mut self, principal: &str, bytes: usize) {
+        self.total_in_flight = self.total_in_flight.saturating_sub(bytes);
+        if let Some(b) = self.principal_in_flight.get_mut(principal) {
+            *b = b.saturating_sub(bytes);
+            if *b == 0 {
+                self.principal_in_flight.remove(principal);
+            }
+        }
+    }
+
+    /// EAGAIN `h` if this request would take its client, principal or the
+    /// broker past a budget. True if refused.
+    fn over_budget(&mut self, id: u32, h: &Header, n: usize, q: Queued) -> bool {
+        let Some(c) = self.clients.get(&id) else {
+            return false;
+        };
+        if h.msg_type != MsgType::Request || no_response(h) {
+            return false;
+        }
+        let b = self.budgets;
+        let principal_held = self
+            .principal_in_flight
+            .get(&c.principal)
+            .copied()
+            .unwrap_or(0);
+        let mine = q.conn + c.in_flight_bytes;
+        let theirs = q.uid + principal_held;
+        let all = q.total + self.total_in_flight;
+        let refusal = if n > b.max_message {
+            Some((
+                errno::EMSGSIZE,
+                format!(
+                    "a {n}-byte payload is over this broker's limit of {} bytes",
+                    b.max_message
+                ),
+            ))
+        } else if c.in_flight.len() >= b.in_flight {
+            Some((errno::EAGAIN, format!("{} requests are in flight on this connection (budget {}); wait for answers before sending more", c.in_flight.len(), b.in_flight)))
+        } else if mine > 0 && mine + n > b.client_bytes {
+            Some((errno::EAGAIN, format!("{mine} bytes are queued or in flight for this connection (budget {}); read your replies before sending more", b.client_bytes)))
+        } else if theirs > 0 && theirs + n > b.principal_bytes {
+            Some((errno::EAGAIN, format!("{theirs} bytes are queued or in flight for {} (budget {}); read your replies before sending more", c.principal, b.principal_bytes)))
+        } else if all > 0 && all + n > b.total_bytes {
+            Some((
+                errno::EAGAIN,
+                format!(
+                    "this broker holds {all} bytes for its clients (budget {}); retry later",
+                    b.total_bytes
+                ),
+            ))
+        } else {
+            None
+        };
+        let Some((e, msg)) = refusal else {
+            return false;
+        };
+        debug!(principal = %c.principal, topic = %h.topic, reason = %msg, "budget: request refused");
+        let mut r = h.response(self.rank, e);
+        r.route = vec![Hop::Local(id)];
+        self.deliver(id, r, P::from(msg.into_bytes()), true);
+        true
+    }
+
+    /// A message could not be queued toward a neighbour. A request is
+    /// answered EAGAIN at once; an event is missed by that subtree (which
+    /// reports the gap); a response is lost and its requester times out.
+    fn send_full(&mut self, rid: Option<Vec<u8>>, h: Header) {
+        let link = match &rid {
+            None => Link::Parent,
+            Some(r) => match self.by_rid.get(r) {
+                Some(rank) => Link::Child(*rank),
+                None => return,
+            },
+        };
+        let who = match link {
+            Link::Parent => "the parent broker".to_string(),
+            Link::Child(r) => format!("rank {r}"),
+        };
+        debug!(link = %who, topic = %h.topic, "budget: the queue toward a neighbour is full; message not sent");
+        if h.msg_type == MsgType::Request && self.pending.complete(link, &h.route, h.matchtag) {
+            let r = h.response(self.rank, errno::EAGAIN);
+            let msg = format!("the queue toward {who} is full (it is not reading); retry later");
+            self.route_response(r, P::from(msg.into_bytes()));
+        }
+    }
+
+    /// A neighbour that does not answer holds at most `neighbour_bytes` of
+    /// requests; past that the sender gets EAGAIN (and EHOSTUNREACH for
+    /// all of them once the neighbour is declared lost). True if refused.
+    fn link_full(&mut self, link: Link, n: usize, h: &Header) -> bool {
+        let held = self.pending.bytes(link);
+        if held == 0 || held + n <= self.budgets.neighbour_bytes {
+            return false;
+        }
+        let who = match link {
+            Link::Parent => "the parent broker".to_string(),
+            Link::Child(r) => format!("rank {r}"),
+        };
+        debug!(link = %who, held, "budget: neighbour queue full");
+        let msg = format!(
+            "{who} is not keeping up: {held} bytes of requests are in flight toward it (budget {}); retry later",
+            self.budgets.neighbour_bytes
+        );
+        self.respond_err(h, errno::EAGAIN, &msg);
+        true
     }
 
     /// Deliver to a client; `bypass` skips the hold (answers about the
@@ -1378,6 +1639,15 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        if h.msg_type == MsgType::Response && !c.in_flight.is_empty() {
+            if let Some(n) = c.in_flight.remove(&h.matchtag) {
+                c.in_flight_bytes -= n;
+                self.total_in_flight = self.total_in_flight.saturating_sub(n);
+                if let Some(b) = self.principal_in_flight.get_mut(&c.principal) {
+                    *b = b.saturating_sub(n);
+                }
+            }
+        }
         if !bypass && matches!(c.access, Access::Deciding { .. }) {
             if c.held_out.len() >= MAX_HELD_OUT {
                 warn!(principal = %c.principal, held = MAX_HELD_OUT, "client: too much held for it while its access is decided; disconnecting it");
@@ -1397,7 +1667,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// Forget a client; a local one is closed, a remote connection is
     /// remembered as revoked so that nothing it sends is served again.
     fn cut(&mut self, id: u32) {
-        let Some(c) = self.clients.remove(&id) else {
+        let Some(c) = self.drop_client(id) else {
             return;
         };
         match c.kind {
@@ -1487,7 +1757,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     };
                     warn!(verdict = %"deny", principal = %c.principal, uid, mechanism = %"peercred", reason = %reason, "local: connection refused");
                     let msg = format!("permission denied: {}: {reason}", c.principal);
-                    self.clients.remove(&id);
+                    self.drop_client(id);
                     self.refuse_local(id, errno::EPERM, &msg);
                 } else {
                     self.revoke(id, &reason);
@@ -1601,7 +1871,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     return;
                 }
                 if !no_response(&h) {
-                    self.pending.insert(Link::Parent, in_flight(&h));
+                    let n = payload.as_ref().len();
+                    if self.link_full(Link::Parent, n, &h) {
+                        return;
+                    }
+                    self.pending.insert(Link::Parent, in_flight(&h, n));
                 }
                 self.send_parent(h, payload);
             }
@@ -1612,7 +1886,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     return;
                 }
                 if !no_response(&h) {
-                    self.pending.insert(Link::Child(child), in_flight(&h));
+                    let n = payload.as_ref().len();
+                    if self.link_full(Link::Child(child), n, &h) {
+                        return;
+                    }
+                    self.pending.insert(Link::Child(child), in_flight(&h, n));
                 }
                 self.send_child(child, h, payload);
             }
@@ -1811,6 +2089,8 @@ impl<P> Client<P> {
             access,
             held_in: VecDeque::new(),
             held_out: VecDeque::new(),
+            in_flight: HashMap::new(),
+            in_flight_bytes: 0,
         }
     }
 }

@@ -102,6 +102,7 @@ impl Sim {
                 },
                 remote_mech: Mech::Curve,
                 seed: 7 + r as u64,
+                budgets: Budgets::default(),
             };
             nodes.push(Node {
                 core: BrokerCore::new(cfg, 0),
@@ -389,6 +390,7 @@ impl Sim {
                 id,
                 header: h,
                 payload: payload.to_vec(),
+                queued: Queued::default(),
             },
         );
         self.tag

@@ -378,6 +378,98 @@ fn a_role_is_checked_before_the_service_runs() {
     assert!(s.full(), "nothing was disconnected");
 }
 
+#[test]
+fn requests_toward_a_stalled_neighbour_are_bounded_in_bytes() {
+    let mut s = Sim::new(3, 1);
+    s.run_for(50);
+    let c = s.connect(0, OWNER_UID);
+    s.stalled.insert(1); // SIGSTOP: it reads nothing
+    let pad = vec![0u8; 1 << 20];
+    let budget = Budgets::default().neighbour_bytes / (1 << 20);
+    let tags: Vec<u32> = (0..budget + 10)
+        .map(|_| s.request(0, c, "broker.ping", 2, &pad))
+        .collect();
+    s.settle();
+    let refused: Vec<u32> = tags
+        .iter()
+        .filter(|t| {
+            s.responses(0, c, **t)
+                .first()
+                .is_some_and(|g| g.header.errnum == errno::EAGAIN)
+        })
+        .copied()
+        .collect();
+    assert_eq!(
+        refused.len(),
+        10,
+        "past the budget, the sender gets EAGAIN at once"
+    );
+    let r = &s.responses(0, c, refused[0])[0];
+    assert!(String::from_utf8_lossy(&r.payload).contains("rank 1 is not keeping up"));
+    // The owner's other traffic is unaffected.
+    let t = s.request(0, c, "broker.ping", 0, b"");
+    s.settle();
+    ok_once(&s, 0, c, t);
+    // Once rank 1 is lost, every held request gets EHOSTUNREACH, once.
+    s.cut.insert(1);
+    s.run_for(2000);
+    for t in &tags[..budget] {
+        let r = s.responses(0, c, *t);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].header.errnum, errno::EHOSTUNREACH);
+    }
+}
+
+#[test]
+fn requests_in_flight_per_client_are_bounded() {
+    let mut s = Sim::new(2, 1);
+    s.run_for(50);
+    let c = s.connect(0, OWNER_UID);
+    s.stalled.insert(1);
+    let n = Budgets::default().in_flight;
+    let tags: Vec<u32> = (0..n + 1)
+        .map(|_| s.request(0, c, "broker.ping", 1, b""))
+        .collect();
+    s.settle();
+    let last = s.responses(0, c, tags[n]);
+    assert_eq!(last[0].header.errnum, errno::EAGAIN, "{last:?}");
+    assert!(
+        s.responses(0, c, tags[0]).is_empty(),
+        "the first ones are still in flight"
+    );
+    // Answers free the budget.
+    s.unstall(1);
+    s.settle();
+    let t = s.request(0, c, "broker.ping", 1, b"");
+    s.settle();
+    ok_once(&s, 0, c, t);
+}
+
+#[test]
+fn connections_per_uid_are_bounded() {
+    let mut s = Sim::new(1, 2);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    let n = Budgets::default().connections;
+    let ids: Vec<u32> = (0..n + 2)
+        .map(|_| {
+            let id = s.connect(0, 2000);
+            s.run_for(2);
+            id
+        })
+        .collect();
+    let refused: Vec<&u32> = ids
+        .iter()
+        .filter(|id| s.closed.contains(&(0, **id)))
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert_eq!(s.got(0, *refused[0])[0].header.errnum, errno::EAGAIN);
+    // The owner is not counted against another uid's budget.
+    let o = s.connect(0, OWNER_UID);
+    let t = s.request(0, o, "broker.ping", 0, b"");
+    s.settle();
+    ok_once(&s, 0, o, t);
+}
+
 /// Exited nodes vanish as real brokers would: their links are cut and
 /// their parent's router monitor reports a closed connection. Returns the
 /// ranks in the order they exited.

@@ -1,0 +1,407 @@
+//! The command line: every subcommand and flag of `canopy`, as clap
+//! definitions only (no behaviour), so that `canopy generate-manual` can
+//! render man pages and shell completions from them.
+
+use canopy_overlay::topology::DEFAULT_FANOUT;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Canopy: a secure overlay broker for HPC clusters.
+#[derive(Parser)]
+#[command(
+    name = "canopy",
+    version = env!("CANOPY_LONG_VERSION"),
+    about,
+    long_about = "Canopy: a secure overlay broker for HPC clusters. One broker runs per \
+node; the brokers connect in a tree over ZeroMQ, every link authenticated and encrypted \
+with CURVE (or with keys bound to Kerberos principals). `canopy start` runs a personal \
+instance on this machine; `canopy broker --config` runs one node of a system instance \
+(canopy.toml(5)); the other subcommands are tools that talk to a running instance.",
+    after_long_help = "Environment:\n\n\
+CANOPY_URI: the instance the tools talk to, local://PATH or tcp://HOST:PORT.\n\n\
+CANOPY_KEY, CANOPY_SERVER_KEY: over tcp://, your secret certificate and the broker's public key.\n\n\
+CANOPY_KEX, CANOPY_GSS_TARGET, CANOPY_GSS_PRINCIPAL: over tcp:// with Kerberos.\n\n\
+CANOPY_CONFIG: the system-instance config (canopy key).\n\n\
+CANOPY_HOSTNAME: this node's name in the config (canopy broker --config).\n\n\
+RUST_LOG: the log filter for stderr (default warn); when stderr is the journal, \
+each line starts with its priority (<3> error ... <7> debug).\n\n\
+Documentation: /usr/share/doc/canopy; the config file: canopy.toml(5)."
+)]
+pub(crate) struct Cli {
+    /// Tools over tcp://: your secret certificate (or set CANOPY_KEY).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) key: Option<PathBuf>,
+    /// Tools over tcp://: the broker's public key, 40 Z85 characters or a
+    /// certificate file (or set CANOPY_SERVER_KEY).
+    #[arg(long, global = true, value_name = "KEY")]
+    pub(crate) server_key: Option<String>,
+    /// Tools over tcp:// with Kerberos: the broker's key exchange HOST:PORT
+    /// (or set CANOPY_KEX; `canopy start --mechanism gssapi` prints it).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub(crate) kex: Option<String>,
+    /// Tools over tcp:// with Kerberos: the broker's principal (or set
+    /// CANOPY_GSS_TARGET).
+    #[arg(long, global = true, value_name = "PRINCIPAL")]
+    pub(crate) gss_target: Option<String>,
+    /// Tools over tcp:// with Kerberos: your principal (or set
+    /// CANOPY_GSS_PRINCIPAL; default: your credential cache's).
+    #[arg(long, global = true, value_name = "PRINCIPAL")]
+    pub(crate) gss_principal: Option<String>,
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Start a personal instance of SIZE brokers on this machine, run
+    /// COMMAND in it (or wait for Ctrl-C), then shut it down.
+    Start {
+        /// Number of brokers (default 1). Under a launcher (srun, mpiexec)
+        /// each task is one broker; --size, if given, must match.
+        #[arg(long, short = 's')]
+        size: Option<u32>,
+        /// Under a launcher: the address each broker listens on, from
+        /// default-route, hostname, an interface name (eth0) or a CIDR
+        /// (10.0.0.0/24). Brokers on one host still use ipc.
+        #[arg(long, value_name = "HINT", default_value = "default-route")]
+        interface: canopy_broker::iface::Hint,
+        /// Children per broker in the tree.
+        #[arg(long, short = 'k', default_value_t = DEFAULT_FANOUT)]
+        fanout: u32,
+        /// Connect brokers over TCP on 127.0.0.1 instead of ipc sockets.
+        #[arg(long)]
+        tcp: bool,
+        /// With --tcp: rank R listens on PORT+R (default: any free port).
+        #[arg(long, default_value_t = 0, requires = "tcp")]
+        port: u16,
+        /// Directory in which to create the private runtime directory
+        /// (default: $XDG_RUNTIME_DIR, else the temp dir).
+        #[arg(long)]
+        rundir: Option<PathBuf>,
+        /// Broker executable (default: this canopy binary).
+        #[arg(long, env = "CANOPY_BROKER", hide = true)]
+        broker_path: Option<PathBuf>,
+        /// How long to wait for every broker to come online, in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Also accept remote clients (CURVE) at rank 0 on this endpoint,
+        /// e.g. tcp://0.0.0.0:7700.
+        #[arg(long)]
+        listen_clients: Option<String>,
+        /// Keep running, degraded, when a broker other than rank 0 dies
+        /// (default: end the instance and report the rank).
+        #[arg(long)]
+        keep_going: bool,
+        /// Let PRINCIPAL in with ROLE (repeatable), e.g.
+        /// --allow unix:bob=user --allow curve:<Z85>=operator. The owner
+        /// is always let in as owner.
+        #[arg(
+            long = "allow",
+            value_name = "PRINCIPAL=ROLE",
+            conflicts_with = "policy"
+        )]
+        allow: Vec<String>,
+        /// ACL policy file for clients other than the owner.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Append every access decision to this hash-chained audit log
+        /// (rank R > 0 uses PATH.R).
+        #[arg(long)]
+        audit: Option<PathBuf>,
+        #[command(flatten)]
+        timing: TimingArgs,
+        #[command(flatten)]
+        gss: GssArgs,
+        /// Command to run inside the instance; CANOPY_URI is set for it.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run one broker. Started by `canopy start` or a PMI-1 launcher
+    /// (mpiexec); with --config, one node of a system instance; without
+    /// either it is a singleton instance.
+    Broker {
+        /// System instance: the shared config file or directory
+        /// (docs/config.md); this node's rank is its hostname's index.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// With --config: this node's name in the host list (default: the
+        /// hostname).
+        #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
+        hostname: Option<String>,
+        /// With --config: allow running as root (not recommended).
+        #[arg(long, requires = "config")]
+        force_root: bool,
+        #[arg(long, default_value_t = DEFAULT_FANOUT)]
+        fanout: u32,
+        #[arg(long)]
+        rundir: Option<PathBuf>,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long)]
+        tcp: bool,
+        /// With --tcp: the address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Listen on TCP at the address this hint picks (default-route,
+        /// hostname, an interface name or a CIDR), with a port from the
+        /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
+        #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
+        interface: Option<canopy_broker::iface::Hint>,
+        /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
+        /// e.g. tcp://0.0.0.0:7700.
+        #[arg(long)]
+        listen_clients: Option<String>,
+        /// ACL policy for clients (see etc/policy.toml). Default: owner only.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Append every access decision to this hash-chained audit log
+        /// (rank R > 0 uses PATH.R).
+        #[arg(long, requires = "policy")]
+        audit: Option<PathBuf>,
+        #[command(flatten)]
+        timing: TimingArgs,
+        #[command(flatten)]
+        gss: GssArgs,
+    },
+    /// Send broker.ping requests and print each round-trip time.
+    Ping {
+        /// Target rank (default: the local broker).
+        #[arg(long, short = 'r')]
+        rank: Option<u32>,
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        /// Payload size in bytes.
+        #[arg(long, short = 'p', default_value_t = 0)]
+        pad: usize,
+        /// Seconds between requests.
+        #[arg(long, short = 'i', default_value_t = 0.0)]
+        interval: f64,
+        /// Seconds to wait for each reply.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Write a CURVE certificate pair (ZPL format, as flux keygen, czmq and
+    /// pyzmq use): PATH (secret, mode 0600) and PATH.pub (public).
+    Keygen {
+        /// Where to write the secret certificate.
+        path: PathBuf,
+        /// The certificate's name metadata (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the public certificate of the existing secret PATH instead.
+        #[arg(long)]
+        public: bool,
+    },
+    /// Rotate a system-instance node's CURVE key without downtime: new,
+    /// reload, switch, retire (docs/operations.md).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Validate a system-instance config; errors name file, line and key.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Access policy: reload it, or check a principal against it.
+    Acl {
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Inspect the overlay.
+    Overlay {
+        #[command(subcommand)]
+        cmd: OverlayCmd,
+    },
+    /// Publish and subscribe to events.
+    Event {
+        #[command(subcommand)]
+        cmd: EventCmd,
+    },
+    /// Write the manual (man pages) and shell completions under DIR, for
+    /// packaging: DIR/man/*.1, DIR/man/canopy.toml.5 and
+    /// DIR/completions/{canopy.bash,_canopy,canopy.fish}.
+    #[command(hide = true)]
+    GenerateManual {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// How brokers authenticate to each other and to clients.
+#[derive(clap::Args, Clone)]
+pub(crate) struct GssArgs {
+    /// curve: keys issued by the bootstrap; gssapi: Kerberos binds each
+    /// link's CURVE key to a principal (docs/security.md).
+    #[arg(long, default_value = "curve", value_parser = ["curve", "gssapi"])]
+    pub(crate) mechanism: String,
+    /// gssapi: the principal every broker authenticates as (default: the
+    /// default principal of KRB5CCNAME or KRB5_CLIENT_KTNAME).
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub(crate) principal: Option<String>,
+    /// gssapi: where rank 0's key exchange listens for remote clients
+    /// (HOST:PORT; default: a free port on 127.0.0.1, printed as CANOPY_KEX).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) kex_listen: Option<String>,
+    /// gssapi, for tests: cap each key binding's lifetime, in seconds.
+    #[arg(long, hide = true)]
+    pub(crate) gss_max_lifetime: Option<f64>,
+}
+
+/// Liveness timings, in seconds.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct TimingArgs {
+    /// Seconds between heartbeats on each link.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) heartbeat: f64,
+    /// Seconds of silence after which a peer is reported torpid.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) torpid: f64,
+    /// Seconds of silence after which a peer is lost: its link is dropped
+    /// and its requests in flight fail with EHOSTUNREACH.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) lost: f64,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ConfigCmd {
+    /// Load and validate PATH (a file, or a directory of *.toml).
+    Check { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeyCmd {
+    /// Write HOST's next key beside its current certificates:
+    /// <curve_cert>.next (secret, 0600) and <public cert>.next.
+    New {
+        host: String,
+        /// The system-instance config (file or directory).
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Every broker re-reads its neighbours' public certificates, current
+    /// and .next, and admits both keys (needs admin). Also done by SIGHUP.
+    Reload {
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// HOST's broker switches to its .next key and moves its links to it,
+    /// without losing messages (needs admin). Run `canopy key reload` first.
+    Switch {
+        host: String,
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Finish: HOST's .next certificates replace its current ones, then
+    /// every broker reloads, so the old key is no longer admitted.
+    Retire {
+        host: String,
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+        /// Retire even if HOST's broker still uses its old key (it will not
+        /// be able to reconnect).
+        #[arg(long)]
+        force: bool,
+        /// Only move the files (e.g. on each node whose public certificate
+        /// directory is not shared); do not reload the brokers.
+        #[arg(long)]
+        no_reload: bool,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AclCmd {
+    /// Re-read the policy file on every broker (needs admin). A policy that
+    /// fails to parse is refused and the old one stays in force.
+    Reload {
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Show the verdict, roles and deciding rule (file:line) for PRINCIPAL:
+    /// offline against --policy FILE, else online against the instance
+    /// (needs admin).
+    Check {
+        principal: String,
+        /// The peer's IP address.
+        #[arg(long)]
+        address: Option<String>,
+        /// curve, gssapi or local (default: from the principal's form).
+        #[arg(long)]
+        mechanism: Option<String>,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCmd {
+    /// Check the hash chain of an audit log; report the first bad entry.
+    Verify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum OverlayCmd {
+    /// Drop RANK's link to its parent (needs the admin role). The broker
+    /// at RANK exits, reporting who disconnected it.
+    Disconnect {
+        rank: u32,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Show the tree with each rank's state.
+    Status {
+        /// Show the subtree rooted at this rank.
+        #[arg(long, short = 'r', default_value_t = 0)]
+        rank: u32,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Wait until the subtree's health is this (full, partial,
+        /// degraded, lost, offline); exit 1 if --timeout passes first.
+        #[arg(long, value_name = "HEALTH")]
+        wait: Option<String>,
+        /// Seconds to wait with --wait (accepts a trailing "s": 10s).
+        #[arg(long, default_value = "10")]
+        timeout: String,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum EventCmd {
+    /// Publish an event to every rank.
+    Pub {
+        topic: String,
+        payload: Option<String>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Print events whose topic matches PATTERN (`*`, `prefix.*`, exact).
+    Sub {
+        pattern: String,
+        /// Stop after this many events (0: never).
+        #[arg(long, short = 'c', default_value_t = 0)]
+        count: u64,
+        /// Give up after this many seconds without an event.
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}

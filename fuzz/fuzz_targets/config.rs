@@ -1,0 +1,6 @@
+#![no_main]
+#![forbid(unsafe_code)]
+
+// The property checks live in the library, so that `cargo test` replays
+// fuzz/regressions/config and fuzz/seeds/config through the same function.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| canopy_config::fuzz::config(data));

@@ -1,0 +1,74 @@
+"""Canopy client: RPCs and events over a Canopy broker overlay.
+
+Synchronous::
+
+    import canopy
+    with canopy.connect() as c:                 # CANOPY_URI
+        c.ping(rank=3)
+        print(c.rpc("broker.ping", b"hi", rank=3))
+
+asyncio: :mod:`canopy.aio`. Errors: :class:`CanopyError` (``errnum``,
+``errname``, ``message``) and its subclasses.
+"""
+
+from ._common import DEFAULT_TIMEOUT, CurveKeys, Event, Message, Target, resolve_uri
+from .certs import Certificate, load_public_certificate, load_secret_certificate
+from .client import Client, Subscription, connect
+from .errors import (
+    EAGAIN,
+    EHOSTUNREACH,
+    EINVAL,
+    ENOENT,
+    ENOSYS,
+    EPERM,
+    EPROTO,
+    ETIMEDOUT,
+    CanopyError,
+    ConnectError,
+    Disconnected,
+    InvalidArgument,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+    errname,
+)
+from .protocol import ANY, Header, Hop, HopKind, MsgType, Roles
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY",
+    "DEFAULT_TIMEOUT",
+    "EAGAIN",
+    "EHOSTUNREACH",
+    "EINVAL",
+    "ENOENT",
+    "ENOSYS",
+    "EPERM",
+    "EPROTO",
+    "ETIMEDOUT",
+    "CanopyError",
+    "Certificate",
+    "Client",
+    "ConnectError",
+    "CurveKeys",
+    "Disconnected",
+    "Event",
+    "Header",
+    "Hop",
+    "HopKind",
+    "InvalidArgument",
+    "Message",
+    "MsgType",
+    "PermissionDenied",
+    "ProtocolError",
+    "Roles",
+    "Subscription",
+    "Target",
+    "Timeout",
+    "connect",
+    "errname",
+    "load_public_certificate",
+    "load_secret_certificate",
+    "resolve_uri",
+]

@@ -1,0 +1,361 @@
+//! Small things the command line must get right (issue 15): output into a
+//! closed pipe, error messages that say why and do not blame the broker
+//! for local mistakes, `config check` agreeing with the broker, `key
+//! reload`'s lines, and journald priorities on log lines.
+#![forbid(unsafe_code)]
+
+use canopy_t::cluster::Cluster;
+use canopy_t::{canopy_bin, run_canopy, run_command, run_test, text, wait_until, Instance};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const RUN: Duration = Duration::from_secs(30);
+/// What a tool exits with when its output's reader went away.
+const READER_GONE: i32 = 141;
+
+/// Run canopy with its stdout a pipe whose reader has already gone, as in
+/// `canopy ... | head -0`. Returns the exit status and stderr; the process
+/// group is killed if it overruns `timeout` (then the status is None).
+fn run_into_closed_pipe(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
+    let mut child = Command::new(canopy_bin())
+        .args(args)
+        .env_remove("CANOPY_URI")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (status, err)
+}
+
+fn assert_reader_gone(args: &[&str], status: Option<ExitStatus>, err: &str) {
+    assert!(
+        !err.contains("panicked"),
+        "canopy {args:?} panicked:\n{err}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(READER_GONE),
+        "canopy {args:?} into a closed pipe: {status:?}, stderr:\n{err}"
+    );
+    assert!(err.is_empty(), "canopy {args:?} said something:\n{err}");
+}
+
+/// #7: every tool that prints stops quietly (status 141, no panic, no
+/// message) when its reader has gone, `canopy overlay status --json |
+/// head -1` included.
+#[test]
+fn tools_writing_into_a_closed_pipe_exit_quietly() {
+    run_test(LIMIT, || {
+        let inst = Instance::start(2, 2, &[]);
+        let uri = inst.uri().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = tmp.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nname = \"bob\"\nprincipal = \"unix:bob\"\nroles = [\"user\"]\n",
+        )
+        .unwrap();
+        let key = tmp.path().join("k");
+        let out = run_canopy(&["keygen", key.to_str().unwrap()], &[], RUN);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let config = tmp.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[bootstrap]\ncurve_cert = \"/k/%h\"\nhosts = [ { host = \"solo\" } ]\n",
+        )
+        .unwrap();
+        let audit = tmp.path().join("audit.log");
+        std::fs::write(&audit, "").unwrap();
+        let manual = tmp.path().join("manual");
+        let cases: Vec<Vec<&str>> = vec![
+            vec!["overlay", "status", "--json", "--uri", &uri],
+            vec!["overlay", "status", "--uri", &uri],
+            vec![
+                "overlay",
+                "status",
+                "--wait",
+                "full",
+                "--timeout",
+                "5s",
+                "--uri",
+                &uri,
+            ],
+            vec!["ping", "--rank", "1", "--count", "2", "--uri", &uri],
+            vec!["event", "pub", "t.x", "hello", "--uri", &uri],
+            vec!["acl", "reload", "--uri", &uri],
+            vec![
+                "acl",
+                "check",
+                "unix:bob",
+                "--policy",
+                policy.to_str().unwrap(),
+            ],
+            vec!["keygen", "--public", key.to_str().unwrap()],
+            vec!["config", "check", config.to_str().unwrap()],
+            vec!["audit", "verify", audit.to_str().unwrap()],
+            vec!["generate-manual", manual.to_str().unwrap()],
+        ];
+        for args in &cases {
+            let (status, err) = run_into_closed_pipe(args, RUN);
+            assert_reader_gone(args, status, &err);
+        }
+    });
+}
+
+/// #7: `event sub` (no --count) into a closed pipe stops at the first
+/// event instead of running on, writing nowhere.
+#[test]
+fn event_sub_stops_when_its_reader_has_gone() {
+    run_test(LIMIT, || {
+        let inst = Instance::start(1, 2, &[]);
+        let uri = inst.uri().to_string();
+        let args = ["event", "sub", "t.*", "--uri", &uri];
+        let sub = std::thread::spawn({
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_into_closed_pipe(&a, Duration::from_secs(20))
+            }
+        });
+        // Publish until the subscriber has seen one and gone.
+        let done = wait_until(Duration::from_secs(20), || {
+            let out = run_canopy(&["event", "pub", "t.x", "hi", "--uri", &uri], &[], RUN);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            std::thread::sleep(Duration::from_millis(100));
+            sub.is_finished()
+        });
+        assert!(
+            done,
+            "event sub still running 20 s after its reader went away"
+        );
+        let (status, err) = sub.join().unwrap();
+        assert_reader_gone(&args, status, &err);
+    });
+}
+
+/// #8: an unknown role says which one and what the roles are.
+#[test]
+fn an_unknown_role_in_allow_says_why() {
+    run_test(LIMIT, || {
+        let out = run_canopy(
+            &["start", "--allow", "unix:bob=wizard", "--", "true"],
+            &[],
+            RUN,
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--allow unix:bob=wizard")
+                && err.contains("unknown role 'wizard'")
+                && err.contains("peer, owner, admin, operator, user"),
+            "{err}"
+        );
+    });
+}
+
+/// #9: mistakes found by the tool itself are not reported as the broker
+/// refusing the connection.
+#[test]
+fn local_errors_do_not_blame_the_broker() {
+    run_test(LIMIT, || {
+        let inst = Instance::start(2, 2, &[]);
+        let uri = inst.uri().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[[rule]]\nname = \"x\"\nprincipal = \"unix:bob\"\nroles = [\"wizard\"]\n",
+        )
+        .unwrap();
+        let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+            (
+                vec![
+                    "acl",
+                    "check",
+                    "unix:bob",
+                    "--policy",
+                    bad.to_str().unwrap(),
+                ],
+                vec!["bad.toml:4", "wizard"],
+            ),
+            (
+                vec!["overlay", "status", "--wait", "ful", "--uri", &uri],
+                vec!["--wait ful: expected one of full, partial"],
+            ),
+            (
+                vec!["overlay", "disconnect", "0", "--uri", &uri],
+                vec!["rank 0 has no parent"],
+            ),
+            (
+                vec![
+                    "acl",
+                    "check",
+                    "unix:bob",
+                    "--mechanism",
+                    "smoke",
+                    "--uri",
+                    &uri,
+                ],
+                vec!["--mechanism smoke"],
+            ),
+        ];
+        for (args, needles) in cases {
+            let out = run_canopy(&args, &[], RUN);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(!err.contains("refused the connection"), "{args:?}: {err}");
+            for n in needles {
+                assert!(err.contains(n), "{args:?}: stderr lacks {n:?}:\n{err}");
+            }
+        }
+        // The instance is untouched: rank 0 was not disconnected.
+        inst.assert_all_ranks_answer();
+    });
+}
+
+/// #11: a one-host CURVE config without `curve_cert` fails `config check`
+/// for the reason the broker gives when it refuses to start.
+#[test]
+fn config_check_refuses_what_the_broker_refuses() {
+    run_test(LIMIT, || {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("solo.toml");
+        std::fs::write(
+            &config,
+            "[bootstrap]\nhosts = [ { host = \"solo\", bind = \"tcp://127.0.0.1:1\", connect = \"tcp://127.0.0.1:1\" } ]\n",
+        )
+        .unwrap();
+        let reason = "no secret certificate is configured for rank 0";
+        let check = run_canopy(&["config", "check", config.to_str().unwrap()], &[], RUN);
+        let check_err = text(&check.stderr);
+        assert_eq!(check.status.code(), Some(1), "{check_err}");
+        assert!(
+            check_err.contains(reason) && check_err.contains("bootstrap.curve_cert"),
+            "{check_err}"
+        );
+        assert!(!text(&check.stdout).contains(": ok"));
+        let rundir = tmp.path().join("run");
+        let broker = run_canopy(
+            &[
+                "broker",
+                "--config",
+                config.to_str().unwrap(),
+                "--hostname",
+                "solo",
+                "--force-root",
+                "--rundir",
+                rundir.to_str().unwrap(),
+            ],
+            &[],
+            RUN,
+        );
+        let broker_err = text(&broker.stderr);
+        assert!(!broker.status.success(), "{broker_err}");
+        assert!(broker_err.contains(reason), "{broker_err}");
+        // With the certificate configured, both accept it.
+        std::fs::write(
+            &config,
+            format!(
+                "[bootstrap]\ncurve_cert = \"{}/%h.key_secret\"\nhosts = [ {{ host = \"solo\" }} ]\n",
+                tmp.path().display()
+            ),
+        )
+        .unwrap();
+        let check = run_canopy(&["config", "check", config.to_str().unwrap()], &[], RUN);
+        assert!(check.status.success(), "{}", text(&check.stderr));
+    });
+}
+
+/// #12: `key reload` names each rank once.
+#[test]
+fn key_reload_names_each_rank_once() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(3);
+        c.start_all();
+        c.wait_full(Duration::from_secs(20));
+        let out = run_canopy(&["key", "reload", "--uri", &c.uri(0)], &[], RUN);
+        let o = text(&out.stdout);
+        assert!(out.status.success(), "{o}{}", text(&out.stderr));
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines.len(), 3, "{o}");
+        for (r, line) in lines.iter().enumerate() {
+            assert!(
+                line.starts_with(&format!("rank {r}: reloaded ")),
+                "line {r}: {line:?}\n{o}"
+            );
+            assert!(!line.contains(&format!("rank {r}: rank {r}")), "{o}");
+        }
+    });
+}
+
+/// Run `canopy start --allow ... -- canopy acl reload` under `sh`, with
+/// `JOURNAL_STREAM` set to stderr's device and inode when `journal` (as
+/// systemd does), else to something else; returns the combined stderr.
+fn acl_reload_log(journal: bool) -> String {
+    let stream = if journal {
+        "$(stat -L -c %d:%i /proc/self/fd/2)"
+    } else {
+        "0:0"
+    };
+    let script = format!(
+        "JOURNAL_STREAM={stream}; export JOURNAL_STREAM; exec \"$0\" start --allow unix:nobody=user -- \"$0\" acl reload"
+    );
+    let out = run_command(
+        Command::new("sh")
+            .args(["-c", &script])
+            .arg(canopy_bin())
+            .env_remove("CANOPY_URI")
+            .env("RUST_LOG", "warn"),
+        RUN,
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{}{err}", text(&out.stdout));
+    err
+}
+
+/// Under journald, a warn line (the broker logs a policy reload at warn)
+/// starts with `<4>`; with a JOURNAL_STREAM
+/// that is not stderr (inherited, then redirected), no prefix.
+#[test]
+fn log_lines_carry_journald_priorities_when_stderr_is_the_journal() {
+    run_test(LIMIT, || {
+        let err = acl_reload_log(true);
+        let line = err
+            .lines()
+            .find(|l| l.contains("acl: reload"))
+            .unwrap_or_else(|| panic!("no acl reload warning in:\n{err}"));
+        assert!(line.starts_with("<4>"), "{line:?}");
+        assert!(line.contains("WARN"), "{line:?}");
+        let err = acl_reload_log(false);
+        let line = err
+            .lines()
+            .find(|l| l.contains("acl: reload"))
+            .unwrap_or_else(|| panic!("no acl reload warning in:\n{err}"));
+        assert!(!line.starts_with('<'), "{line:?}");
+    });
+}
