@@ -104,9 +104,11 @@ fn run_inner(mut opts: AllocOpts) -> Result<i32, String> {
         .and_then(|n| n.trim().parse().ok())
         .filter(|_| std::env::var_os("SLURM_PROCID").is_some());
     if let Err(msg) = check_size(rank, size, opts.size, slurm_tasks) {
+        // Said before the abort, which may end this task at once.
+        say(&format!("error: {msg}"));
         let mut pmi = pmi;
         let _ = pmi.abort(1, &msg);
-        return Err(msg);
+        return Ok(1);
     }
     let instance = match &opts.broker.instance {
         Some(i) => i.clone(),
