@@ -2,12 +2,12 @@
 //! client, with the length-prefixed framing (docs/protocol.md §2). The uid
 //! comes from `SO_PEERCRED`; what a client may do is the core's decision.
 
+use crate::core::idmap::IdMap;
 use crate::core::{Budgets, Input, Queued};
 use crate::error::BrokerError;
 use crate::sockets::Frame;
 use canopy_proto::frame::{encode_frame, FrameDecoder};
 use canopy_proto::Header;
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,10 +28,12 @@ struct Stream {
 pub struct Local {
     listener: UnixListener,
     pub path: PathBuf,
-    streams: HashMap<u32, Stream>,
+    streams: IdMap<u32, Stream>,
+    /// One read buffer for every client (not zeroed per read).
+    rbuf: Box<[u8]>,
     budgets: Budgets,
     /// Unsent bytes: per uid, and in total.
-    by_uid: HashMap<u32, usize>,
+    by_uid: IdMap<u32, usize>,
     total: usize,
 }
 
@@ -49,9 +51,10 @@ impl Local {
         Ok(Local {
             listener,
             path: path.to_path_buf(),
-            streams: HashMap::new(),
+            streams: IdMap::default(),
+            rbuf: vec![0u8; 65536].into_boxed_slice(),
             budgets,
-            by_uid: HashMap::new(),
+            by_uid: IdMap::default(),
             total: 0,
         })
     }
@@ -114,13 +117,13 @@ impl Local {
 
     /// What client `id` sent.
     pub fn read(&mut self, id: u32) -> Vec<Input<Frame>> {
-        let mut buf = [0u8; 65536];
+        let buf = &mut self.rbuf;
         let mut out = Vec::new();
         let Some(s) = self.streams.get_mut(&id) else {
             return out;
         };
         loop {
-            match s.stream.read(&mut buf) {
+            match s.stream.read(buf) {
                 Ok(0) => {
                     s.dead = true;
                     break;

@@ -20,6 +20,7 @@
 //! a received ZeroMQ frame without copying it.
 
 pub mod keys;
+pub mod idmap;
 mod relink;
 pub mod services;
 #[cfg(test)]
@@ -38,6 +39,7 @@ use canopy_overlay::route::{next_hop, Next};
 use canopy_overlay::Topology;
 use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
 use keys::KeyRing;
+use idmap::IdMap;
 use std::collections::{HashMap, VecDeque};
 use tracing::{debug, info, warn};
 
@@ -431,7 +433,7 @@ struct Client<P> {
     held_in: VecDeque<(Header, P)>,
     held_out: VecDeque<(Header, P)>,
     /// Requests in flight: matchtag -> payload bytes.
-    in_flight: HashMap<u32, usize>,
+    in_flight: IdMap<u32, usize>,
     in_flight_bytes: usize,
 }
 
@@ -456,13 +458,13 @@ pub struct BrokerCore<P> {
     next_heartbeat: u64,
 
     expected: HashMap<u32, String>,
-    children: HashMap<u32, ChildLink>,
+    children: IdMap<u32, ChildLink>,
     by_rid: HashMap<Vec<u8>, u32>,
     pending: Pending,
     health: Health,
     modules: canopy_modules::Registry,
 
-    clients: HashMap<u32, Client<P>>,
+    clients: IdMap<u32, Client<P>>,
     remote_ids: HashMap<Vec<u8>, u32>,
     revoked_remote: HashMap<Vec<u8>, ()>,
     revoked_order: VecDeque<Vec<u8>>,
@@ -487,7 +489,7 @@ pub struct BrokerCore<P> {
     principal_in_flight: HashMap<String, usize>,
     total_in_flight: usize,
     /// Connections per local uid, and per remote principal.
-    per_uid: HashMap<u32, usize>,
+    per_uid: IdMap<u32, usize>,
     per_principal: HashMap<String, usize>,
 
     transmits: VecDeque<Transmit<P>>,
@@ -552,11 +554,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             rejoin_at: None,
             next_heartbeat: now,
             expected: cfg.expected,
-            children: HashMap::new(),
+            children: IdMap::default(),
             by_rid: HashMap::new(),
             pending: Pending::default(),
             modules: canopy_modules::Registry::standard(),
-            clients: HashMap::new(),
+            clients: IdMap::default(),
             remote_ids: HashMap::new(),
             revoked_remote: HashMap::new(),
             revoked_order: VecDeque::new(),
@@ -575,7 +577,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             budgets: cfg.budgets,
             principal_in_flight: HashMap::new(),
             total_in_flight: 0,
-            per_uid: HashMap::new(),
+            per_uid: IdMap::default(),
             per_principal: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -2089,7 +2091,7 @@ impl<P> Client<P> {
             access,
             held_in: VecDeque::new(),
             held_out: VecDeque::new(),
-            in_flight: HashMap::new(),
+            in_flight: IdMap::default(),
             in_flight_bytes: 0,
         }
     }
