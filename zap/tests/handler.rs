@@ -399,7 +399,10 @@ fn one_log_line_per_verdict_without_secrets() {
     assert!(recv_within(&srv, PATIENCE).is_some());
     let _c2 = client(&ctx, &ep, &skeys.public_key, Some(&bad));
     assert!(recv_within(&srv, QUIET).is_none());
-    assert!(wait_until(|| zap.stats().denied == 1));
+    // The handler counts a denial just before it logs it: wait for both.
+    assert!(wait_until(
+        || zap.stats().denied == 1 && buf.text().lines().count() >= 2
+    ));
     zap.stop();
 
     let log = buf.text();
