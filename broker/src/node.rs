@@ -79,6 +79,8 @@ pub struct Broker {
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr: Vec<u8>,
+    /// A fatal error met while carrying out the core's events.
+    fatal: Option<BrokerError>,
 }
 
 impl Broker {
@@ -171,6 +173,7 @@ impl Broker {
             pmi_fd,
             signals,
             hdr: Vec::with_capacity(256),
+            fatal: None,
         };
         b.pump()?;
         Ok(b)
@@ -207,9 +210,16 @@ impl Broker {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Feed the core, and carry out at once what it wants: a message is
+    /// sent as soon as it is routed, so the next broker starts on it while
+    /// this one reads the rest of its batch. A fatal event is kept for the
+    /// loop to return.
     fn input(&mut self, input: Input<Frame>) {
         let now = self.now_ms();
         self.core.handle(now, input);
+        if let Err(e) = self.drain_core() {
+            self.fatal.get_or_insert(e);
+        }
     }
 
     /// Run until a signal, the launcher going away, or a fatal error.
@@ -344,6 +354,18 @@ impl Broker {
     /// Carry out what the core wants: its events, then its transmits, until
     /// neither is left; then write what local clients have pending.
     fn pump(&mut self) -> Result<(), BrokerError> {
+        self.drain_core()?;
+        for id in self.local.flush() {
+            self.input(Input::ClientClosed { id });
+        }
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The core's events, then its transmits, until neither is left.
+    fn drain_core(&mut self) -> Result<(), BrokerError> {
         loop {
             let mut any = false;
             while let Some(ev) = self.core.poll_event() {
@@ -355,13 +377,9 @@ impl Broker {
                 self.transmit(t);
             }
             if !any {
-                break;
+                return Ok(());
             }
         }
-        for id in self.local.flush() {
-            self.input(Input::ClientClosed { id });
-        }
-        Ok(())
     }
 
     fn apply(&mut self, ev: Event) -> Result<(), BrokerError> {

@@ -19,8 +19,8 @@
 //! Payloads are opaque to the core (`P`): the shell uses a type that moves
 //! a received ZeroMQ frame without copying it.
 
-pub mod keys;
 pub mod idmap;
+pub mod keys;
 mod relink;
 pub mod services;
 #[cfg(test)]
@@ -38,8 +38,8 @@ use canopy_overlay::pending::{InFlight, Link, Pending};
 use canopy_overlay::route::{next_hop, Next};
 use canopy_overlay::Topology;
 use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
-use keys::KeyRing;
 use idmap::IdMap;
+use keys::KeyRing;
 use std::collections::{HashMap, VecDeque};
 use tracing::{debug, info, warn};
 
