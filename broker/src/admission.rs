@@ -22,6 +22,7 @@ pub struct Worker {
     /// Readable when a job is done.
     pub wake: UnixStream,
     threads: Vec<std::thread::JoinHandle<()>>,
+    idle: Option<Idle>,
 }
 
 /// `unix:NAME`, or `unix:#UID` when the name cannot be resolved (no passwd
@@ -39,47 +40,68 @@ pub fn unix_principal(uid: u32) -> String {
 }
 
 impl Worker {
+    /// The queue and the wake-up socket; the threads start with the first
+    /// job (an owner-only personal instance may never need one).
     pub fn start(authz: Arc<dyn ClientAuthz>) -> std::io::Result<Worker> {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
         let (jobs_tx, jobs_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
-        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        let waker = Arc::new(waker);
-        let mut threads = Vec::new();
-        for i in 0..THREADS {
-            let jobs = jobs_rx.clone();
-            let done = done_tx.clone();
-            let authz = authz.clone();
-            let waker = waker.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("admission-{i}"))
-                    .spawn(move || loop {
-                        let job = match jobs.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        if let Some(d) = run(&*authz, job) {
-                            if done.send(d).is_err() {
-                                return;
-                            }
-                            let _ = (&*waker).write(&[1]);
-                        }
-                    })?,
-            );
-        }
         Ok(Worker {
             jobs: Some(jobs_tx),
             done: done_rx,
             wake,
-            threads,
+            threads: Vec::new(),
+            idle: Some(Idle {
+                authz,
+                jobs: Arc::new(Mutex::new(jobs_rx)),
+                done: done_tx,
+                waker: Arc::new(waker),
+            }),
         })
     }
 
-    pub fn submit(&self, job: Job) {
+    fn spawn_threads(&mut self) {
+        let Some(idle) = self.idle.take() else {
+            return;
+        };
+        for i in 0..THREADS {
+            let jobs = idle.jobs.clone();
+            let done = idle.done.clone();
+            let authz = idle.authz.clone();
+            let waker = idle.waker.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("admission-{i}"))
+                .spawn(move || loop {
+                    let job = match jobs.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    if let Some(d) = run(&*authz, job) {
+                        if done.send(d).is_err() {
+                            return;
+                        }
+                        let _ = (&*waker).write(&[1]);
+                    }
+                });
+            match spawned {
+                Ok(t) => self.threads.push(t),
+                // Fewer threads still decide; none at all is fatal below.
+                Err(e) => tracing::error!("admission: cannot start a worker thread: {e}"),
+            }
+        }
+    }
+
+    pub fn submit(&mut self, job: Job) {
+        self.spawn_threads();
+        if self.threads.is_empty() {
+            // No thread to decide: nothing is admitted (fail closed), and
+            // the job's client waits until its connection is dropped.
+            tracing::error!("admission: no worker thread; the access decision cannot be made");
+            return;
+        }
         if let Some(tx) = &self.jobs {
             let _ = tx.send(job);
         }
@@ -88,6 +110,14 @@ impl Worker {
     pub fn try_done(&self) -> Option<Done> {
         self.done.try_recv().ok()
     }
+}
+
+/// What the threads need, kept until the first job.
+struct Idle {
+    authz: Arc<dyn ClientAuthz>,
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: Sender<Done>,
+    waker: Arc<UnixStream>,
 }
 
 impl Drop for Worker {
