@@ -77,13 +77,16 @@ impl Drop for Peer {
     }
 }
 
-fn as_other() -> Vec<String> {
-    vec![
-        "runuser".into(),
-        "-u".into(),
-        OTHER_USER.into(),
-        "--".into(),
-    ]
+impl Peer {
+    /// The peer as OTHER_USER on the local socket `local`.
+    fn as_other(peer: &Path, local: &Path, mode: &str, ms: &str, pattern: &str) -> Peer {
+        let local = local.to_str().unwrap();
+        Peer::spawn(
+            &["runuser", "-u", OTHER_USER, "--"],
+            peer,
+            &[mode, local, ms, pattern],
+        )
+    }
 }
 
 fn write_policy(path: &Path, text: &str) {
@@ -153,18 +156,8 @@ fn revoked_clients_get_one_eperm_then_nothing_not_even_events() {
         );
         let (_, peer) = open_to_other_users(&inst);
         let local0 = inst.local_path(0);
-        let other = as_other();
-        let other: Vec<&str> = other.iter().map(String::as_str).collect();
-        let talker = Peer::spawn(
-            &other,
-            &peer,
-            &["talk-local", local0.to_str().unwrap(), "60000", "rev.*"],
-        );
-        let silent = Peer::spawn(
-            &other,
-            &peer,
-            &["sub-local", local0.to_str().unwrap(), "60000", "rev.*"],
-        );
+        let talker = Peer::as_other(&peer, &local0, "talk-local", "60000", "rev.*");
+        let silent = Peer::as_other(&peer, &local0, "sub-local", "60000", "rev.*");
         let mut rc = remote(&inst, &key);
         rc.subscribe("rev.*", RPC_TIMEOUT).unwrap();
         Instance::ping(&mut rc, 3, b"before").unwrap();
@@ -275,14 +268,8 @@ fn a_policy_granted_owner_loses_access_when_its_rule_is_removed() {
         );
         let inst = Instance::start(2, 2, &["--policy", policy.to_str().unwrap()]);
         let (_, peer) = open_to_other_users(&inst);
-        let other = as_other();
-        let other: Vec<&str> = other.iter().map(String::as_str).collect();
         let local0 = inst.local_path(0);
-        let p = Peer::spawn(
-            &other,
-            &peer,
-            &["talk-local", local0.to_str().unwrap(), "60000", "*"],
-        );
+        let p = Peer::as_other(&peer, &local0, "talk-local", "60000", "*");
         assert!(
             p.wait_for("payload=talk", Duration::from_secs(10)),
             "{:?}",
@@ -427,18 +414,10 @@ fn a_hanging_delegate_delays_only_the_client_it_decides() {
             ],
         );
         let (_, peer) = open_to_other_users(&inst);
-        let other = as_other();
-        let other: Vec<&str> = other.iter().map(String::as_str).collect();
         let local0 = inst.local_path(0);
         // Several connections, each waiting on its own hung delegate.
         let waiting: Vec<Peer> = (0..6)
-            .map(|_| {
-                Peer::spawn(
-                    &other,
-                    &peer,
-                    &["talk-local", local0.to_str().unwrap(), "20000", "*"],
-                )
-            })
+            .map(|_| Peer::as_other(&peer, &local0, "talk-local", "20000", "*"))
             .collect();
         std::thread::sleep(Duration::from_millis(300));
         let mut c = inst.client(0);
@@ -509,14 +488,8 @@ fn a_delegate_answer_after_its_timeout_is_a_deny() {
         write_policy(&policy, &with(&late));
         let inst = Instance::start(1, 2, &["--policy", policy.to_str().unwrap()]);
         let (_, peer) = open_to_other_users(&inst);
-        let other = as_other();
-        let other: Vec<&str> = other.iter().map(String::as_str).collect();
         let local0 = inst.local_path(0);
-        let p = Peer::spawn(
-            &other,
-            &peer,
-            &["talk-local", local0.to_str().unwrap(), "10000", "*"],
-        );
+        let p = Peer::as_other(&peer, &local0, "talk-local", "10000", "*");
         assert!(
             p.wait_for("closed", Duration::from_secs(5)),
             "{:?}",
@@ -540,11 +513,7 @@ fn a_delegate_answer_after_its_timeout_is_a_deny() {
         // The same rule with a prompt delegate admits.
         write_policy(&policy, &with(&on_time));
         acl_reload(&inst);
-        let p = Peer::spawn(
-            &other,
-            &peer,
-            &["talk-local", local0.to_str().unwrap(), "10000", "*"],
-        );
+        let p = Peer::as_other(&peer, &local0, "talk-local", "10000", "*");
         assert!(
             p.wait_for("payload=talk", Duration::from_secs(5)),
             "{:?}",
