@@ -1802,15 +1802,12 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             {
                 continue;
             }
-            if let Access::Deciding { first: true, .. } = c.access {
-                continue; // its first decision is still coming
-            }
-            c.access = Access::Deciding {
-                ticket,
-                first: false,
-            };
+            // A first decision still on its way was made under the old
+            // policy: ask again (its answer is ignored when it comes).
+            let first = matches!(c.access, Access::Deciding { first: true, .. });
+            c.access = Access::Deciding { ticket, first };
             let subject = Subject {
-                principal: Some(c.principal.clone()),
+                principal: (!first).then(|| c.principal.clone()),
                 uid: match c.kind {
                     ClientKind::Local { uid } => Some(uid),
                     ClientKind::Remote => None,

@@ -601,3 +601,21 @@ fn without_launcher_mode_instance_shutdown_is_an_ordinary_event() {
     s.run_for(3000);
     assert!(s.nodes.iter().all(|n| n.exit.is_none()));
 }
+
+#[test]
+fn a_first_decision_pending_at_a_reload_is_made_again_under_the_new_policy() {
+    let mut s = Sim::new(1, 2);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    s.decide_ms = 100;
+    // The reload starts, then a client connects: its first decision is
+    // made under the old policy and arrives after the reload completed.
+    s.nodes[0].core.handle(s.now, Input::Hangup);
+    s.run_for(1);
+    let c = s.connect(0, 2000);
+    let t = s.request(0, c, "broker.ping", 0, b"");
+    s.policy = allow(&[]);
+    s.run_for(500);
+    assert!(s.responses(0, c, t).is_empty(), "served under the old policy");
+    assert!(s.closed.contains(&(0, c)));
+    assert_eq!(s.got(0, c)[0].header.errnum, errno::EPERM);
+}
