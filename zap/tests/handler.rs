@@ -3,8 +3,7 @@
 //! Every wait is bounded; every socket has linger 0 and is declared after
 //! the Context and the handle, so it is dropped first.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canopy_proto::Roles;
@@ -13,89 +12,8 @@ use canopy_zap::{
     AuthRequest, Decision, KeySetPolicy, Mechanism, Policy, ZapError, ZapHandler, ZAP_ENDPOINT,
 };
 
-const QUIET: Duration = Duration::from_millis(500);
-const PATIENCE: Duration = Duration::from_secs(5);
-
-fn require_curve() {
-    assert_eq!(
-        zmq::has("curve"),
-        Some(true),
-        "libzmq lacks CURVE: install libzmq3-dev and link the system libzmq (.cargo/config.toml)"
-    );
-}
-
-fn keypair() -> zmq::CurveKeyPair {
-    zmq::CurveKeyPair::new().expect("generate a curve key pair")
-}
-
-/// A CURVE ROUTER with a ZAP domain, bound on an ephemeral loopback port.
-fn server(ctx: &zmq::Context, keys: &zmq::CurveKeyPair) -> (zmq::Socket, String) {
-    let s = ctx.socket(zmq::ROUTER).unwrap();
-    s.set_linger(0).unwrap();
-    s.set_curve_server(true).unwrap();
-    s.set_curve_secretkey(&keys.secret_key).unwrap();
-    s.set_zap_domain("canopy").unwrap();
-    s.bind("tcp://127.0.0.1:*").unwrap();
-    let ep = s.get_last_endpoint().unwrap().unwrap();
-    (s, ep)
-}
-
-/// A DEALER that connects with CURVE (`Some(keys)`) or NULL (`None`) and
-/// queues one message.
-fn client(
-    ctx: &zmq::Context,
-    ep: &str,
-    server_pub: &[u8; 32],
-    keys: Option<&zmq::CurveKeyPair>,
-) -> zmq::Socket {
-    let c = ctx.socket(zmq::DEALER).unwrap();
-    c.set_linger(0).unwrap();
-    if let Some(k) = keys {
-        c.set_curve_serverkey(server_pub).unwrap();
-        c.set_curve_publickey(&k.public_key).unwrap();
-        c.set_curve_secretkey(&k.secret_key).unwrap();
-    }
-    c.connect(ep).unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match c.send("hello", zmq::DONTWAIT) {
-            Ok(()) => break,
-            Err(zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("client send failed: {e}"),
-        }
-    }
-    c
-}
-
-/// Receive one multipart message (routing id + payload), or `None` after `wait`.
-fn recv_within(s: &zmq::Socket, wait: Duration) -> Option<Vec<zmq::Message>> {
-    if s.poll(zmq::POLLIN, wait.as_millis() as i64).unwrap() == 0 {
-        return None;
-    }
-    let mut parts = Vec::new();
-    loop {
-        let mut m = zmq::Message::new();
-        s.recv(&mut m, 0).unwrap();
-        let more = m.get_more();
-        parts.push(m);
-        if !more {
-            return Some(parts);
-        }
-    }
-}
-
-fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + PATIENCE;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
+mod common;
+use common::*;
 
 #[test]
 fn curve_is_available() {
@@ -354,101 +272,6 @@ fn panicking_policy_clears_alive_and_fails_closed() {
 }
 
 /// A tracing writer into a shared buffer.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-#[test]
-fn one_log_line_per_verdict_without_secrets() {
-    require_curve();
-    // One global subscriber for this test binary: a scoped one races with
-    // the other tests' handler threads over tracing's per-callsite
-    // interest cache (the deny line was sometimes never captured). Other
-    // tests' lines land in the buffer too; this test reads only the lines
-    // naming its own (fresh) keys.
-    static BUF: std::sync::OnceLock<LogBuf> = std::sync::OnceLock::new();
-    let buf = BUF
-        .get_or_init(|| {
-            let buf = LogBuf::default();
-            let writer = buf.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(move || writer.clone())
-                .finish();
-            tracing::subscriber::set_global_default(subscriber)
-                .expect("no other global subscriber in this test binary");
-            buf
-        })
-        .clone();
-    let ctx = zmq::Context::new();
-    let good = keypair();
-    let bad = keypair();
-    let skeys = keypair();
-    let good_p = curve_principal(&good.public_key).unwrap();
-    let bad_p = curve_principal(&bad.public_key).unwrap();
-    let keys = Arc::new(KeySetPolicy::new());
-    keys.insert(good_p.clone(), "node1", Roles::PEER);
-    let zap = ZapHandler::start(&ctx, keys).unwrap();
-    let (srv, ep) = server(&ctx, &skeys);
-    let _c1 = client(&ctx, &ep, &skeys.public_key, Some(&good));
-    assert!(recv_within(&srv, PATIENCE).is_some());
-    let _c2 = client(&ctx, &ep, &skeys.public_key, Some(&bad));
-    assert!(recv_within(&srv, QUIET).is_none());
-    // The handler counts a denial just before it logs it: wait for both.
-    let mine = |log: &str| -> Vec<String> {
-        log.lines()
-            .filter(|l| l.contains(&good_p) || l.contains(&bad_p))
-            .map(str::to_string)
-            .collect()
-    };
-    assert!(wait_until(
-        || zap.stats().denied == 1 && mine(&buf.text()).len() >= 2
-    ));
-    zap.stop();
-
-    let log = mine(&buf.text()).join("\n");
-    let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), 2, "{log}");
-    let allow = lines
-        .iter()
-        .find(|l| l.contains("verdict=allow"))
-        .expect(&log);
-    assert!(allow.contains(" INFO "), "{allow}");
-    assert!(allow.contains(&format!("principal={good_p}")), "{allow}");
-    assert!(
-        allow.contains("address=127.0.0.1 mechanism=CURVE"),
-        "{allow}"
-    );
-    let deny = lines
-        .iter()
-        .find(|l| l.contains("verdict=deny"))
-        .expect(&log);
-    assert!(deny.contains(" WARN "), "{deny}");
-    assert!(deny.contains(&format!("principal={bad_p}")), "{deny}");
-    assert!(deny.contains("reason=\"unknown key\""), "{deny}");
-    for secret in [&good.secret_key, &bad.secret_key, &skeys.secret_key] {
-        let z = zmq::z85_encode(secret).unwrap();
-        let all = buf.text();
-        assert!(!all.contains(&z), "secret key in the log: {all}");
-    }
-}
-
 #[test]
 fn mechanism_display_names() {
     let names: Vec<String> = [

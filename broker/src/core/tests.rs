@@ -615,7 +615,10 @@ fn a_first_decision_pending_at_a_reload_is_made_again_under_the_new_policy() {
     let t = s.request(0, c, "broker.ping", 0, b"");
     s.policy = allow(&[]);
     s.run_for(500);
-    assert!(s.responses(0, c, t).is_empty(), "served under the old policy");
+    assert!(
+        s.responses(0, c, t).is_empty(),
+        "served under the old policy"
+    );
     assert!(s.closed.contains(&(0, c)));
     assert_eq!(s.got(0, c)[0].header.errnum, errno::EPERM);
 }
