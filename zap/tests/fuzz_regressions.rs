@@ -2,29 +2,7 @@
 //! `fuzz/seeds/<target>/` through the same function the fuzz target calls,
 //! so a bug the fuzzer once found stays fixed without cargo-fuzz.
 
-use std::path::Path;
-
-fn replay(target: &str, run: fn(&[u8])) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let mut n = 0;
-    for kind in ["regressions", "seeds"] {
-        let Ok(dir) = std::fs::read_dir(root.join(kind).join(target)) else {
-            continue;
-        };
-        for entry in dir {
-            let path = entry.unwrap().path();
-            let data = std::fs::read(&path).unwrap();
-            eprintln!("replaying {}", path.display());
-            run(&data);
-            n += 1;
-        }
-    }
-    assert!(
-        n > 0,
-        "no inputs for fuzz target {target} under {}",
-        root.display()
-    );
-}
+include!("../../fuzz/replay.rs");
 
 #[test]
 fn zap() {
