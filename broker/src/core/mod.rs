@@ -1388,7 +1388,30 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let id = match self.remote_ids.get(&rid) {
             Some(id) if self.clients.get(id).is_some_and(|c| c.principal == user_id) => *id,
             _ => {
-                let conns = self.per_principal.get(&user_id).copied().unwrap_or(0);
+                let mut conns = self.per_principal.get(&user_id).copied().unwrap_or(0);
+                if conns >= self.budgets.connections {
+                    // libzmq does not say when a remote client goes away, so
+                    // its entry stays until a send to it fails. At the
+                    // budget, forget an idle one of this principal (nothing
+                    // in flight, no subscription): if it is still there, its
+                    // next message makes a new entry. Otherwise refuse.
+                    let idle = self
+                        .clients
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.kind == ClientKind::Remote
+                                && c.principal == user_id
+                                && c.in_flight.is_empty()
+                                && c.subs.is_empty()
+                                && c.access == Access::Admitted
+                        })
+                        .map(|(id, _)| *id)
+                        .min();
+                    if let Some(old) = idle {
+                        self.remove_client(old);
+                        conns -= 1;
+                    }
+                }
                 if conns >= self.budgets.connections {
                     warn!(verdict = %"deny", principal = %user_id, connections = conns, budget = self.budgets.connections, "budget: too many connections for this principal; message refused");
                     if !no_response(&h) {

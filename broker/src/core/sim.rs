@@ -49,6 +49,8 @@ pub struct Sim {
     /// (rank, client id) -> what it received; closed clients.
     pub inbox: BTreeMap<(u32, u32), Vec<Got>>,
     pub closed: std::collections::HashSet<(u32, u32)>,
+    /// What remote clients received, by routing id.
+    pub remote_inbox: Vec<(Vec<u8>, Got)>,
     pub policy: Policy,
     /// How long the simulated admission worker takes.
     pub decide_ms: u64,
@@ -125,6 +127,7 @@ impl Sim {
             queue: VecDeque::new(),
             inbox: BTreeMap::new(),
             closed: Default::default(),
+            remote_inbox: Vec::new(),
             policy: Box::new(|s| {
                 Err((s.principal.clone().unwrap_or_default(), "owner only".into()))
             }),
@@ -364,7 +367,9 @@ impl Sim {
                     .or_default()
                     .push(Got { header, payload });
             }
-            Transmit::Remote(..) => {}
+            Transmit::Remote(rid, header, payload) => {
+                self.remote_inbox.push((rid, Got { header, payload }))
+            }
         }
     }
 

@@ -622,3 +622,71 @@ fn a_first_decision_pending_at_a_reload_is_made_again_under_the_new_policy() {
     assert!(s.closed.contains(&(0, c)));
     assert_eq!(s.got(0, c)[0].header.errnum, errno::EPERM);
 }
+
+fn remote(s: &mut Sim, rid: Vec<u8>, principal: &str, topic: &str) -> u32 {
+    let tag = 900;
+    let now = s.now;
+    s.nodes[0].core.handle(
+        now,
+        Input::Remote {
+            rid,
+            user_id: principal.into(),
+            roles: Roles::USER,
+            address: "127.0.0.1".into(),
+            header: Header::request(topic, 0, tag),
+            payload: Vec::new(),
+        },
+    );
+    s.settle();
+    tag
+}
+
+#[test]
+fn a_principal_reconnecting_past_its_connection_budget_is_not_locked_out() {
+    let mut s = Sim::new(1, 2);
+    let n = Budgets::default().connections;
+    // Many short-lived remote connections (each `canopy ping` is one);
+    // libzmq never says they closed.
+    for i in 0..n + 5 {
+        let tag = remote(
+            &mut s,
+            vec![(i % 250) as u8, (i / 250) as u8],
+            "curve:alice",
+            "broker.ping",
+        );
+        let last = s.remote_inbox.last().expect("an answer");
+        assert_eq!(last.1.header.matchtag, tag);
+        assert_eq!(
+            last.1.header.errnum, 0,
+            "connection {i} refused: {:?}",
+            last.1
+        );
+    }
+    assert!(s.nodes[0].core.clients() <= n, "entries stay bounded");
+    // A subscriber holding the budget with subscriptions is not evicted;
+    // then a new connection is refused rather than dropping it.
+    let mut t = Sim::new(1, 2);
+    for i in 0..n {
+        let rid = (i % 250) as u8;
+        let now = t.now;
+        t.nodes[0].core.handle(
+            now,
+            Input::Remote {
+                rid: vec![rid, (i / 250) as u8],
+                user_id: "curve:bob".into(),
+                roles: Roles::USER,
+                address: String::new(),
+                header: Header::request("event.subscribe", NODEID_ANY, 1),
+                payload: b"*".to_vec(),
+            },
+        );
+    }
+    t.settle();
+    assert_eq!(t.nodes[0].core.clients(), n);
+    remote(&mut t, vec![251, 9], "curve:bob", "broker.ping");
+    assert_eq!(t.nodes[0].core.clients(), n, "refused, nobody evicted");
+    assert_eq!(
+        t.remote_inbox.last().unwrap().1.header.errnum,
+        errno::EAGAIN
+    );
+}
