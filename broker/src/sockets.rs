@@ -25,7 +25,7 @@ pub const CLIENT_HWM: i32 = 1_000;
 /// largest payload plus the largest header. libzmq closes the connection
 /// of a peer that sends more, before buffering it.
 pub const MAX_FRAME: i64 =
-    (canopy_proto::frame::MAX_PAYLOAD + canopy_proto::frame::MAX_HEADER) as i64;
+    (crate::core::DEFAULT_MAX_MESSAGE + canopy_proto::frame::MAX_HEADER) as i64;
 /// Everything a broker needs to run, gathered by a bootstrap
 /// ([`crate::boot::Bootstrap`]: PMI or a config file).
 /// The bootstrap must have called [`Bound::admit_children`] on every

@@ -99,14 +99,17 @@ pub struct Budgets {
     pub neighbour_bytes: usize,
 }
 
+/// The default largest payload on any endpoint.
+pub const DEFAULT_MAX_MESSAGE: usize = 16 << 20;
+
 impl Default for Budgets {
     fn default() -> Budgets {
         Budgets {
-            max_message: 64 << 20,
-            client_bytes: 96 << 20,
-            principal_bytes: 128 << 20,
-            total_bytes: 512 << 20,
-            connections: 256,
+            max_message: DEFAULT_MAX_MESSAGE,
+            client_bytes: 32 << 20,
+            principal_bytes: 32 << 20,
+            total_bytes: 256 << 20,
+            connections: 64,
             in_flight: 1024,
             neighbour_bytes: 32 << 20,
         }
