@@ -37,12 +37,14 @@ fn main() {
         "cargo::rerun-if-changed={}",
         include.join("pmix.h").display()
     );
+    // libpmix is not linked: the shim loads it with dlopen on the first
+    // PMIx launch, trying the directory found here first.
     cc::Build::new()
         .file("csrc/pmix_shim.c")
         .include(&include)
+        .define("CANOPY_PMIX_LIBDIR", format!("\"{}\"", lib.display()).as_str())
         .warnings(true)
         .compile("canopy_pmix_shim");
-    println!("cargo::rustc-link-search=native={}", lib.display());
-    println!("cargo::rustc-link-lib=dylib=pmix");
+    println!("cargo::rustc-link-lib=dylib=dl");
     println!("cargo::rustc-cfg=canopy_pmix");
 }

@@ -6,7 +6,7 @@ use crate::core::idmap::IdMap;
 use crate::core::{Budgets, Input, Queued};
 use crate::error::BrokerError;
 use crate::sockets::Frame;
-use canopy_proto::frame::{encode_frame, FrameDecoder};
+use canopy_proto::frame::{encode_frame, encode_raw_frame, FrameDecoder};
 use canopy_proto::Header;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -182,6 +182,29 @@ impl Local {
         if let Err(e) = encode_frame(h, payload, &mut s.out) {
             warn!(client = id, "local: cannot encode a message: {e}");
         }
+        self.charge(id, before);
+    }
+
+    /// The same with a header already encoded (an event for several
+    /// clients).
+    pub fn queue_encoded(&mut self, id: u32, header: &[u8], payload: &[u8]) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.dead {
+            return;
+        }
+        let before = s.out.len();
+        encode_raw_frame(header, payload, &mut s.out);
+        self.charge(id, before);
+    }
+
+    /// Count what was just queued for `id` (its output was `before` bytes
+    /// long) against the budgets, and cut whoever is over one.
+    fn charge(&mut self, id: u32, before: usize) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
         let added = s.out.len() - before;
         let (uid, backlog) = (s.uid, s.out.len() - s.out_pos);
         *self.by_uid.entry(uid).or_default() += added;

@@ -35,7 +35,7 @@ pub use crate::admission::unix_principal;
 pub use crate::core::Card;
 pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
 use crate::sockets::{
-    disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, split, zerr, zs,
+    disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, send_slice, split, zerr, zs,
 };
 
 /// Messages taken from one socket before the others get a turn.
@@ -447,6 +447,9 @@ impl Broker {
             Transmit::Child(rid, h, p) => (To::Child, Some(rid), h, p),
             Transmit::Remote(rid, h, p) => (To::Remote, Some(rid), h, p),
             Transmit::Local(id, h, p) => return self.local.queue(id, &h, p.as_ref()),
+            Transmit::Event { children, locals, header, payload } => {
+                return self.multicast(&children, &locals, header, payload)
+            }
         };
         let sock = match to {
             To::Parent => &self.dealer,
@@ -479,6 +482,36 @@ impl Broker {
             },
         };
         self.input(input);
+    }
+
+    /// One event to several children and local clients: the header is
+    /// encoded once.
+    fn multicast(&mut self, children: &[Vec<u8>], locals: &[u32], h: canopy_proto::Header, payload: Frame) {
+        self.hdr.clear();
+        if let Err(e) = h.encode_into(&mut self.hdr) {
+            warn!(topic = %h.topic, "cannot encode a message: {e}");
+            return;
+        }
+        for id in locals {
+            self.local.queue_encoded(*id, &self.hdr, payload.as_ref());
+        }
+        let Some(sock) = &self.router else {
+            return;
+        };
+        let mut failed = Vec::new();
+        for rid in children {
+            if let Err(e) = send_slice(sock, rid, &self.hdr, payload.as_ref()) {
+                failed.push((rid.clone(), e));
+            }
+        }
+        for (rid, e) in failed {
+            let input = if e == zmq::Error::EAGAIN {
+                Input::SendFull { rid: Some(rid), header: h.clone() }
+            } else {
+                Input::ChildGone { rid }
+            };
+            self.input(input);
+        }
     }
 
     fn connect_parent(

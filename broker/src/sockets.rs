@@ -319,6 +319,14 @@ pub(crate) fn send(
     sock.send(payload.into_msg(), zmq::DONTWAIT)
 }
 
+/// The same, with the payload copied from a slice (one payload for
+/// several recipients).
+pub(crate) fn send_slice(sock: &zmq::Socket, rid: &[u8], hdr: &[u8], payload: &[u8]) -> zmq::Result<()> {
+    sock.send(rid, zmq::SNDMORE | zmq::DONTWAIT)?;
+    sock.send(hdr, zmq::SNDMORE | zmq::DONTWAIT)?;
+    sock.send(payload, zmq::DONTWAIT)
+}
+
 /// Receive one multipart message: the first frame and up to 2 more
 /// (`None` when there is nothing to read).
 pub(crate) fn recv_parts(

@@ -14,6 +14,9 @@ use std::fmt;
 pub enum PmixError {
     /// This build has no PMIx support.
     NotBuilt,
+    /// libpmix could not be loaded at run time (it is loaded only for a
+    /// PMIx launch).
+    NotLoaded(String),
     /// A PMIx call returned an error status.
     Status {
         call: &'static str,
@@ -36,6 +39,7 @@ impl fmt::Display for PmixError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PmixError::NotBuilt => f.write_str("this canopy was built without libpmix, so it cannot speak pmix; install libpmix-dev and rebuild, or run `srun --mpi=pmi2 ...`"),
+            PmixError::NotLoaded(why) => write!(f, "cannot load libpmix ({why}); install libpmix2, or run `srun --mpi=pmi2 ...`"),
             PmixError::Status { call, rc, text } => write!(f, "{call} failed: {text} ({rc})"),
             PmixError::NotFound => f.write_str("the key is not in the job's data"),
             PmixError::Timeout => f.write_str("the operation timed out"),
@@ -86,6 +90,8 @@ mod ffi {
         pub fn canopy_pmix_not_found() -> c_int;
         pub fn canopy_pmix_timeout() -> c_int;
         pub fn canopy_pmix_error(rc: c_int) -> *const c_char;
+        pub fn canopy_pmix_not_loaded() -> c_int;
+        pub fn canopy_pmix_load_error() -> *const c_char;
     }
 }
 
@@ -101,6 +107,13 @@ mod imp {
         // SAFETY: plain integer calls with no arguments to check.
         if rc == unsafe { ffi::canopy_pmix_not_found() } {
             return Err(PmixError::NotFound);
+        }
+        // SAFETY: as above.
+        if rc == unsafe { ffi::canopy_pmix_not_loaded() } {
+            // SAFETY: a static NUL-terminated buffer the shim filled before
+            // returning this status.
+            let why = unsafe { CStr::from_ptr(ffi::canopy_pmix_load_error()) };
+            return Err(PmixError::NotLoaded(why.to_string_lossy().into_owned()));
         }
         // SAFETY: as above.
         if rc == unsafe { ffi::canopy_pmix_timeout() } {

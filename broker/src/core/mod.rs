@@ -41,6 +41,7 @@ use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
 use idmap::IdMap;
 use keys::KeyRing;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 pub use services::{Builtin, SERVICES};
@@ -323,6 +324,14 @@ pub enum Transmit<P> {
     Parent(Header, P),
     /// To a child connection, by routing id.
     Child(Vec<u8>, Header, P),
+    /// An event to several children (by routing id) and local clients:
+    /// the shell encodes the header once and sends the same bytes to each.
+    Event {
+        children: Arc<[Vec<u8>]>,
+        locals: Vec<u32>,
+        header: Header,
+        payload: P,
+    },
     /// To a local client.
     Local(u32, Header, P),
     /// To a remote client, by routing id.
@@ -462,6 +471,11 @@ pub struct BrokerCore<P> {
 
     expected: HashMap<u32, String>,
     children: IdMap<u32, ChildLink>,
+    /// The children's routing ids as the last event went out: shared by
+    /// every event's transmit while the children do not change.
+    child_rids: Arc<[Vec<u8>]>,
+    /// Reused for each event's list of subscribers.
+    scratch_ids: Vec<u32>,
     by_rid: HashMap<Vec<u8>, u32>,
     pending: Pending,
     health: Health,
@@ -558,6 +572,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             next_heartbeat: now,
             expected: cfg.expected,
             children: IdMap::default(),
+            child_rids: Arc::from(Vec::new()),
+            scratch_ids: Vec::new(),
             by_rid: HashMap::new(),
             pending: Pending::default(),
             modules: canopy_modules::Registry::standard(),
@@ -1987,7 +2003,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         ev.userid.clone_from(&h.userid);
         ev.roles = h.roles;
         let data = data.to_vec();
-        self.distribute_event(&ev, &data);
+        self.distribute_event(&ev, &data, None);
         self.respond(&h, P::from(seq.to_be_bytes().to_vec()));
         self.shutdown_event(&ev.topic, &data);
         self.replay.push(self.epoch, seq, (ev, data));
@@ -2007,7 +2023,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Arrival::First | Arrival::InOrder => {}
         }
         let data = payload.as_ref().to_vec();
-        self.distribute_event(&h, &data);
+        self.distribute_event(&h, &data, Some(payload));
         self.shutdown_event(&h.topic, &data);
         self.replay.push(h.nodeid, h.seq, (h, data));
     }
@@ -2029,20 +2045,62 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
     }
 
-    fn distribute_event(&mut self, ev: &Header, data: &[u8]) {
-        let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
-        for rid in rids {
-            self.send_rid(&rid, ev.clone(), P::from(data.to_vec()));
+    /// An event to every child and to every matching subscriber.
+    /// `for_children` is the payload to send the children if the caller
+    /// has one to give up (else `data` is copied once).
+    fn distribute_event(&mut self, ev: &Header, data: &[u8], for_children: Option<P>) {
+        let mut children = self.child_rids.clone();
+        if !self.children.is_empty() {
+            if self.rot.held.is_empty() {
+                let same = self.child_rids.len() == self.children.len()
+                    && self
+                        .child_rids
+                        .iter()
+                        .zip(self.children.values())
+                        .all(|(a, c)| *a == c.rid);
+                if !same {
+                    self.child_rids = self.children.values().map(|c| c.rid.clone()).collect();
+                }
+                children = self.child_rids.clone();
+            } else {
+                // A child is being rebound: what goes to it is held.
+                children = Arc::from(Vec::new());
+                let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
+                for rid in rids {
+                    self.send_rid_owned(rid, ev.clone(), P::from(data.to_vec()));
+                }
+            }
+        } else if !children.is_empty() {
+            children = Arc::from(Vec::new());
+            self.child_rids = children.clone();
         }
-        let subscribers: Vec<u32> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.subs.iter().any(|p| topic_matches(p, &ev.topic)))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in subscribers {
+        // Local subscribers whose access is settled share the one
+        // transmit; the others take the general path.
+        let mut locals = Vec::new();
+        let mut others = std::mem::take(&mut self.scratch_ids);
+        for (id, c) in self.clients.iter() {
+            if c.subs.is_empty() || !c.subs.iter().any(|p| topic_matches(p, &ev.topic)) {
+                continue;
+            }
+            match (c.kind, &c.access) {
+                (ClientKind::Local { .. }, a) if !matches!(a, Access::Deciding { .. }) => locals.push(*id),
+                _ => others.push(*id),
+            }
+        }
+        for id in others.drain(..) {
             self.deliver(id, ev.clone(), P::from(data.to_vec()), false);
         }
+        self.scratch_ids = others;
+        if children.is_empty() && locals.is_empty() {
+            return;
+        }
+        let payload = for_children.unwrap_or_else(|| P::from(data.to_vec()));
+        self.transmits.push_back(Transmit::Event {
+            children,
+            locals,
+            header: ev.clone(),
+            payload,
+        });
     }
 
     fn subscription(&mut self, h: Header, payload: P) {

@@ -352,6 +352,19 @@ impl Sim {
                     _ => self.push(r, Input::ChildGone { rid }),
                 }
             }
+            Transmit::Event {
+                children,
+                locals,
+                header,
+                payload,
+            } => {
+                for rid in children.iter() {
+                    self.transmit(r, Transmit::Child(rid.clone(), header.clone(), payload.clone()));
+                }
+                for id in locals {
+                    self.transmit(r, Transmit::Local(id, header.clone(), payload.clone()));
+                }
+            }
             Transmit::Local(id, header, payload) => {
                 if self.closed.contains(&(r, id)) {
                     // The shell writes what was queued before a close, then closes.
