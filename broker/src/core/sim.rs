@@ -77,6 +77,11 @@ fn key_of(rank: u32) -> [u8; 32] {
 impl Sim {
     /// `size` brokers in a `fanout`-ary tree, owner only.
     pub fn new(size: u32, fanout: u32) -> Sim {
+        Sim::with_budgets(size, fanout, Budgets::default())
+    }
+
+    /// The same, with these budgets on every broker.
+    pub fn with_budgets(size: u32, fanout: u32, budgets: Budgets) -> Sim {
         let topo = Topology::new(size, fanout).unwrap();
         let mut nodes = Vec::new();
         for r in 0..size {
@@ -104,7 +109,7 @@ impl Sim {
                 },
                 remote_mech: Mech::Curve,
                 seed: 7 + r as u64,
-                budgets: Budgets::default(),
+                budgets,
             };
             nodes.push(Node {
                 core: BrokerCore::new(cfg, 0),

@@ -380,12 +380,17 @@ fn a_role_is_checked_before_the_service_runs() {
 
 #[test]
 fn requests_toward_a_stalled_neighbour_are_bounded_in_bytes() {
-    let mut s = Sim::new(3, 1);
+    // A client budget above the neighbour's, so the neighbour's is met first.
+    let budgets = Budgets {
+        neighbour_bytes: 8 << 20,
+        ..Budgets::default()
+    };
+    let mut s = Sim::with_budgets(3, 1, budgets);
     s.run_for(50);
     let c = s.connect(0, OWNER_UID);
     s.stalled.insert(1); // SIGSTOP: it reads nothing
     let pad = vec![0u8; 1 << 20];
-    let budget = Budgets::default().neighbour_bytes / (1 << 20);
+    let budget = budgets.neighbour_bytes / (1 << 20);
     let tags: Vec<u32> = (0..budget + 10)
         .map(|_| s.request(0, c, "broker.ping", 2, &pad))
         .collect();
