@@ -42,7 +42,10 @@ fn main() {
     cc::Build::new()
         .file("csrc/pmix_shim.c")
         .include(&include)
-        .define("CANOPY_PMIX_LIBDIR", format!("\"{}\"", lib.display()).as_str())
+        .define(
+            "CANOPY_PMIX_LIBDIR",
+            format!("\"{}\"", lib.display()).as_str(),
+        )
         .warnings(true)
         .compile("canopy_pmix_shim");
     println!("cargo::rustc-link-lib=dylib=dl");

@@ -236,12 +236,12 @@ impl AclAuthz {
     pub fn load(
         path: &std::path::Path,
         audit: Option<&std::path::Path>,
-    ) -> Result<AclAuthz, String> {
-        let acl = canopy_acl::Acl::load(path).map_err(|e| e.to_string())?;
+    ) -> Result<AclAuthz, crate::error::BrokerError> {
+        let acl = canopy_acl::Acl::load(path)?;
         let policy = match audit {
             Some(a) => {
-                let log = canopy_acl::audit::AuditLog::open(a).map_err(|e| e.to_string())?;
-                canopy_acl::AclPolicy::with_audit(acl, log).map_err(|e| e.to_string())?
+                let log = canopy_acl::audit::AuditLog::open(a)?;
+                canopy_acl::AclPolicy::with_audit(acl, log)?
             }
             None => canopy_acl::AclPolicy::new(acl),
         };

@@ -59,12 +59,11 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let md = std::fs::metadata(dir).map_err(|e| io("inspect the runtime directory", e))?;
             if md.uid() != nix::unistd::getuid().as_raw() || md.permissions().mode() & 0o077 != 0 {
-                return Err(BrokerError::Bootstrap(format!(
-                    "runtime directory {} is not private to this user (owner uid {}, mode {:o}); remove it or pass --rundir",
-                    dir.display(),
-                    md.uid(),
-                    md.permissions().mode() & 0o777
-                )));
+                return Err(BrokerError::RundirNotPrivate {
+                    path: dir.to_path_buf(),
+                    uid: md.uid(),
+                    mode: md.permissions().mode() & 0o777,
+                });
             }
             Ok(())
         }
@@ -197,10 +196,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
                         PathBuf::from(p)
                     }
                 });
-                Arc::new(
-                    crate::authz::AclAuthz::load(policy, audit.as_deref())
-                        .map_err(BrokerError::Policy)?,
-                )
+                Arc::new(crate::authz::AclAuthz::load(policy, audit.as_deref())?)
             }
             (None, None) => Arc::new(OwnerOnly {
                 owner: crate::node::unix_principal(owner_uid),
@@ -277,8 +273,10 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             c.fence()?;
             let get_card = |c: &mut Box<dyn Pmi>, r: u32| -> Result<Card, BrokerError> {
                 let v = c.get(&card_key(r))?;
-                Card::decode(&v).map_err(|e| {
-                    BrokerError::Bootstrap(format!("rank {rank}: rank {r}'s business card: {e}"))
+                Card::decode(&v).map_err(|source| BrokerError::Card {
+                    rank,
+                    of: r,
+                    source,
                 })
             };
             if let Some(p) = topo.parent(rank) {

@@ -334,7 +334,7 @@ impl ClientAuthz for KrbOwner {
 }
 
 fn gss_err(e: canopy_gss::GssError) -> BrokerError {
-    BrokerError::Gss(e.to_string())
+    BrokerError::Gss(e)
 }
 
 /// Our canonical principal: acquires initiator credentials, so a missing
@@ -428,9 +428,7 @@ pub fn setup_user_instance(
         .set(Arc::new(GssGate::new(bindings.clone(), peers.clone())))
         .is_err()
     {
-        return Err(BrokerError::Gss(
-            "the gssapi gate was installed twice".into(),
-        ));
+        return Err(BrokerError::GateInstalledTwice);
     }
     let has_children = topo.children(rank).next().is_some();
     let serves_clients = rank == 0 && clients;
@@ -472,9 +470,7 @@ pub fn join_and_renew(
     link: &canopy_security::CurveKeypair,
 ) -> Result<(), BrokerError> {
     if addr == "-" {
-        return Err(BrokerError::Gss(
-            "the parent runs no key exchange; start every broker with --mechanism gssapi".into(),
-        ));
+        return Err(BrokerError::ParentHasNoKex);
     }
     let cfg = ClientConfig {
         principal: g.principal.clone().or_else(|| Some(me.to_string())),
@@ -522,34 +518,33 @@ impl SystemGss {
         rank: u32,
         topo: &canopy_overlay::Topology,
     ) -> Result<SystemGss, BrokerError> {
-        let g = config.gssapi().ok_or_else(|| {
-            BrokerError::Config("mechanism is gssapi but there is no [gssapi] table".into())
-        })?;
+        let g = config.gssapi().ok_or(BrokerError::NoGssapiTable)?;
         if let Some(kt) = &g.keytab {
             let v = format!("FILE:{}", kt.display());
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
         }
         let principal_of = |r: u32| -> Result<String, BrokerError> {
-            let host = config
-                .host(r)
-                .ok_or_else(|| BrokerError::Config(format!("no host for rank {r}")))?;
+            let host = config.host(r).ok_or(BrokerError::RankLacks {
+                rank: r,
+                what: "host",
+            })?;
             canopy_gss::krb::qualify(&g.principal(host)).map_err(gss_err)
         };
         let kex_addr = |r: u32, ep: Option<String>| -> Result<String, BrokerError> {
-            let ep = ep.ok_or_else(|| BrokerError::Config(format!("no endpoint for rank {r}")))?;
-            let (h, p) = endpoint_host_port(&ep).ok_or_else(|| {
-                BrokerError::Config(format!(
-                    "gssapi needs tcp:// endpoints to place the key exchange; rank {r} has {ep}"
-                ))
+            let ep = ep.ok_or(BrokerError::RankLacks {
+                rank: r,
+                what: "endpoint",
+            })?;
+            let (h, p) = endpoint_host_port(&ep).ok_or_else(|| BrokerError::KexNeedsTcp {
+                rank: r,
+                endpoint: ep.clone(),
             })?;
             let port = match g.kex_port {
                 Some(k) => k,
-                None => p.checked_add(1).ok_or_else(|| {
-                    BrokerError::Config(format!(
-                        "rank {r}: port {p} + 1 is out of range; set gssapi.kex_port"
-                    ))
-                })?,
+                None => p
+                    .checked_add(1)
+                    .ok_or(BrokerError::KexPortRange { rank: r, port: p })?,
             };
             Ok(format!("{h}:{port}"))
         };
@@ -601,9 +596,7 @@ impl SystemGss {
             .set(Arc::new(GssGate::new(bindings.clone(), peers.clone())))
             .is_err()
         {
-            return Err(BrokerError::Gss(
-                "the gssapi gate was installed twice".into(),
-            ));
+            return Err(BrokerError::GateInstalledTwice);
         }
         match &self.listen {
             Some(l) => Ok(Some(start_server(
@@ -679,7 +672,7 @@ fn copy_keys(k: &canopy_security::CurveKeypair) -> canopy_security::CurveKeypair
 fn parent_link(policy: &crate::authz::BrokerPolicy) -> Result<Arc<ParentLink>, BrokerError> {
     gate(policy)
         .map(|g| g.parent.clone())
-        .ok_or_else(|| BrokerError::Gss("the gssapi gate is not installed".into()))
+        .ok_or(BrokerError::NoGate)
 }
 
 pub fn spawn_renewal(

@@ -3,7 +3,7 @@
 //! this host's interfaces; and which brokers share a host (they talk over
 //! `ipc://` instead of TCP).
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, NoAddress};
 use std::net::{IpAddr, ToSocketAddrs};
 
 /// An interface hint.
@@ -98,9 +98,7 @@ pub fn default_route_interface(route_table: &str) -> Option<String> {
 
 /// This host's interface addresses: (interface, address).
 fn addresses() -> Result<Vec<(String, IpAddr)>, BrokerError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| {
-        BrokerError::Bootstrap(format!("cannot list this host's network interfaces: {e}"))
-    })?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(BrokerError::Interfaces)?;
     let mut out = Vec::new();
     for a in addrs {
         let Some(sa) = a.address else { continue };
@@ -121,10 +119,10 @@ fn addresses() -> Result<Vec<(String, IpAddr)>, BrokerError> {
 /// Resolve `hint` to the address to listen on. `rank` names the broker in
 /// errors.
 pub fn resolve(hint: &Hint, rank: u32) -> Result<IpAddr, BrokerError> {
-    let fail = |why: String| {
-        BrokerError::Bootstrap(format!(
-            "rank {rank}: --interface {hint}: {why}; pass --interface with an interface name (ip -br addr lists them), a CIDR such as 10.0.0.0/24, or hostname"
-        ))
+    let fail = |why: NoAddress| BrokerError::Interface {
+        rank,
+        hint: hint.to_string(),
+        why,
     };
     let on = |name: &str| -> Result<Option<IpAddr>, BrokerError> {
         Ok(addresses()?
@@ -135,13 +133,9 @@ pub fn resolve(hint: &Hint, rank: u32) -> Result<IpAddr, BrokerError> {
     match hint {
         Hint::DefaultRoute => {
             let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-            let name = default_route_interface(&table)
-                .ok_or_else(|| fail("this host has no IPv4 default route".into()))?;
-            on(&name)?.ok_or_else(|| {
-                fail(format!(
-                    "the default route's interface {name} has no address"
-                ))
-            })
+            let name =
+                default_route_interface(&table).ok_or_else(|| fail(NoAddress::NoDefaultRoute))?;
+            on(&name)?.ok_or_else(|| fail(NoAddress::DefaultRouteBare(name.clone())))
         }
         Hint::Name(name) => {
             let all = addresses()?;
@@ -152,32 +146,30 @@ pub fn resolve(hint: &Hint, rank: u32) -> Result<IpAddr, BrokerError> {
                         names.push(n);
                     }
                 }
-                return Err(fail(format!(
-                    "no interface is called {name} on this host (it has {})",
-                    names.join(", ")
-                )));
+                return Err(fail(NoAddress::NoSuchInterface {
+                    name: name.clone(),
+                    have: names.join(", "),
+                }));
             }
-            on(name)?.ok_or_else(|| fail(format!("interface {name} has no address")))
+            on(name)?.ok_or_else(|| fail(NoAddress::InterfaceBare(name.clone())))
         }
         Hint::Cidr(net, bits) => addresses()?
             .into_iter()
             .map(|(_, ip)| ip)
             .find(|ip| in_cidr(*ip, *net, *bits))
-            .ok_or_else(|| fail(format!("no address of this host is in {net}/{bits}"))),
+            .ok_or_else(|| fail(NoAddress::NotInCidr(format!("{net}/{bits}")))),
         Hint::Hostname => {
             let name = hostname();
             let ips: Vec<IpAddr> = (name.as_str(), 0)
                 .to_socket_addrs()
-                .map_err(|e| fail(format!("this host's name {name} does not resolve ({e})")))?
+                .map_err(|e| fail(NoAddress::Unresolvable(name.clone(), e.to_string())))?
                 .map(|a| a.ip())
                 .collect();
             let mut ips: Vec<IpAddr> = ips.into_iter().filter(|ip| !ip.is_loopback()).collect();
             ips.sort_by_key(|ip| ip.is_ipv6());
-            ips.into_iter().next().ok_or_else(|| {
-                fail(format!(
-                    "this host's name {name} resolves only to loopback, which other hosts cannot reach"
-                ))
-            })
+            ips.into_iter()
+                .next()
+                .ok_or_else(|| fail(NoAddress::OnlyLoopback(name.clone())))
         }
     }
 }

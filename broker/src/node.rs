@@ -101,8 +101,7 @@ impl Broker {
             client_endpoint,
         } = bound;
         let mut seed = [0u8; 8];
-        getrandom::getrandom(&mut seed)
-            .map_err(|e| BrokerError::Bootstrap(format!("random seed: {e}")))?;
+        getrandom::getrandom(&mut seed).map_err(BrokerError::Random)?;
         let budgets = Budgets::default();
         let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
         let ipc_path = endpoint
@@ -182,9 +181,7 @@ impl Broker {
     /// Enable rotation (system instances): where the certificates are.
     /// Loads the neighbours' keys, current and next, and admits them.
     pub fn with_key_files(mut self, files: KeyFiles) -> Result<Broker, BrokerError> {
-        let ring = files
-            .load_ring()
-            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let ring = files.load_ring()?;
         self.files = Some(files);
         self.core.enable_key_files();
         let now = self.now_ms();
@@ -384,9 +381,12 @@ impl Broker {
 
     fn apply(&mut self, ev: Event) -> Result<(), BrokerError> {
         match ev {
-            Event::ConnectParent { endpoint, server_key, identity, relink } => {
-                self.connect_parent(&endpoint, server_key, &identity, relink)?
-            }
+            Event::ConnectParent {
+                endpoint,
+                server_key,
+                identity,
+                relink,
+            } => self.connect_parent(&endpoint, server_key, &identity, relink)?,
             Event::ParentLost => {
                 crate::gss::parent_lost(&self.policy);
                 self.dealer = None;
@@ -396,7 +396,9 @@ impl Broker {
             Event::Job(job) => self.worker.submit(job),
             Event::ReloadKeys { req } => {
                 let result = match &self.files {
-                    Some(f) => f.load_ring().map_err(|e| format!("{e}; the previous keys stay in force")),
+                    Some(f) => f
+                        .load_ring()
+                        .map_err(|e| format!("{e}; the previous keys stay in force")),
                     None => Err("this broker has no certificate files to reload".into()),
                 };
                 self.input(Input::KeysReloaded { req, result });
@@ -416,22 +418,32 @@ impl Broker {
             Event::AdoptKey => {
                 if let Some(kp) = self.staged.take() {
                     if self.router.is_some() {
-                        self.server_key = Some(CurveKeypair::from_secret(zeroize::Zeroizing::new(*kp.secret())));
+                        self.server_key = Some(CurveKeypair::from_secret(zeroize::Zeroizing::new(
+                            *kp.secret(),
+                        )));
                     }
                     self.keys = kp;
                 }
             }
             Event::AdmitPeers(entries) => {
-                self.policy.peers.replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
+                self.policy
+                    .peers
+                    .replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
             }
             Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
-            Event::Exit(Exit::HelloRefused { parent, reason }) => return Err(BrokerError::HelloRefused { parent, reason }),
-            Event::Exit(Exit::Disconnected(why)) => return Err(BrokerError::Disconnected(why)),
-            Event::Exit(Exit::Shutdown { status }) => return Err(BrokerError::InstanceEnded { status }),
-            Event::Exit(Exit::Orphaned { parent, reason }) => return Err(BrokerError::Orphaned { parent, reason }),
-            Event::Exit(Exit::NoParentEndpoint) => return Err(BrokerError::Bootstrap(
-                "the parent's business card has no endpoint; the parent has no children in its plan: check --size and --fanout agree on every broker".into(),
-            )),
+            Event::Exit(Exit::HelloRefused { parent, reason }) => {
+                return Err(BrokerError::HelloRefused { parent, reason })
+            }
+            Event::Exit(Exit::Disconnected(reason)) => {
+                return Err(BrokerError::Disconnected { reason })
+            }
+            Event::Exit(Exit::Shutdown { status }) => {
+                return Err(BrokerError::InstanceEnded { status })
+            }
+            Event::Exit(Exit::Orphaned { parent, reason }) => {
+                return Err(BrokerError::Orphaned { parent, reason })
+            }
+            Event::Exit(Exit::NoParentEndpoint) => return Err(BrokerError::NoParentEndpoint),
         }
         Ok(())
     }
@@ -447,9 +459,12 @@ impl Broker {
             Transmit::Child(rid, h, p) => (To::Child, Some(rid), h, p),
             Transmit::Remote(rid, h, p) => (To::Remote, Some(rid), h, p),
             Transmit::Local(id, h, p) => return self.local.queue(id, &h, p.as_ref()),
-            Transmit::Event { children, locals, header, payload } => {
-                return self.multicast(&children, &locals, header, payload)
-            }
+            Transmit::Event {
+                children,
+                locals,
+                header,
+                payload,
+            } => return self.multicast(&children, &locals, header, payload),
         };
         let sock = match to {
             To::Parent => &self.dealer,
@@ -486,7 +501,13 @@ impl Broker {
 
     /// One event to several children and local clients: the header is
     /// encoded once.
-    fn multicast(&mut self, children: &[Vec<u8>], locals: &[u32], h: canopy_proto::Header, payload: Frame) {
+    fn multicast(
+        &mut self,
+        children: &[Vec<u8>],
+        locals: &[u32],
+        h: canopy_proto::Header,
+        payload: Frame,
+    ) {
         self.hdr.clear();
         if let Err(e) = h.encode_into(&mut self.hdr) {
             warn!(topic = %h.topic, "cannot encode a message: {e}");
@@ -506,7 +527,10 @@ impl Broker {
         }
         for (rid, e) in failed {
             let input = if e == zmq::Error::EAGAIN {
-                Input::SendFull { rid: Some(rid), header: h.clone() }
+                Input::SendFull {
+                    rid: Some(rid),
+                    header: h.clone(),
+                }
             } else {
                 Input::ChildGone { rid }
             };

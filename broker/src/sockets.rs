@@ -218,7 +218,7 @@ pub fn bind(
         let last = s
             .get_last_endpoint()
             .map_err(zerr("get last endpoint"))?
-            .map_err(|_| BrokerError::Bootstrap("router endpoint is not UTF-8".into()))?;
+            .map_err(|_| BrokerError::EndpointNotUtf8)?;
         if matches!(transport, Transport::Auto { .. }) {
             let ipc = format!("ipc://{}/tbon-{rank}", rundir.display());
             s.bind(&ipc).map_err(|e| BrokerError::Bind {
@@ -321,7 +321,12 @@ pub(crate) fn send(
 
 /// The same, with the payload copied from a slice (one payload for
 /// several recipients).
-pub(crate) fn send_slice(sock: &zmq::Socket, rid: &[u8], hdr: &[u8], payload: &[u8]) -> zmq::Result<()> {
+pub(crate) fn send_slice(
+    sock: &zmq::Socket,
+    rid: &[u8],
+    hdr: &[u8],
+    payload: &[u8],
+) -> zmq::Result<()> {
     sock.send(rid, zmq::SNDMORE | zmq::DONTWAIT)?;
     sock.send(hdr, zmq::SNDMORE | zmq::DONTWAIT)?;
     sock.send(payload, zmq::DONTWAIT)

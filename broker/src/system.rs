@@ -26,33 +26,31 @@ pub struct SystemOpts {
     pub force_root: bool,
 }
 
-fn cfg_err(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Config(e.to_string())
-}
-
 /// Refuse files that group or other can write.
-fn check_not_writable(path: &Path, what: &str) -> Result<(), BrokerError> {
-    let md = std::fs::metadata(path)
-        .map_err(|e| cfg_err(format!("cannot read {what} {}: {e}", path.display())))?;
+fn check_not_writable(path: &Path, what: &'static str) -> Result<(), BrokerError> {
+    let md = std::fs::metadata(path).map_err(|source| BrokerError::Io {
+        what: "read the metadata of",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mode = md.permissions().mode() & 0o777;
     if mode & 0o022 != 0 {
-        return Err(cfg_err(format!(
-            "refusing {what} {}: group or other can write it (mode {mode:o}); run chmod go-w {}",
-            path.display(),
-            path.display()
-        )));
+        return Err(BrokerError::WritableByOthers {
+            what,
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
 
 fn public_key(config: &Config, rank: u32) -> Result<[u8; 32], BrokerError> {
-    let path = config.public_cert_path(rank).ok_or_else(|| {
-        cfg_err(format!(
-            "no public certificate is configured for rank {rank}"
-        ))
+    let path = config.public_cert_path(rank).ok_or(BrokerError::NoCert {
+        which: "public",
+        rank,
     })?;
     check_not_writable(&path, "public certificate")?;
-    Ok(cert::load_public(&path).map_err(cfg_err)?.public)
+    Ok(cert::load_public(&path)?.public)
 }
 
 /// Check that `tcp://HOST:PORT` resolves now, naming the host if not.
@@ -65,10 +63,15 @@ fn check_resolves(endpoint: &str, who: &str) -> Result<(), BrokerError> {
     }
     match hostport.to_socket_addrs().map(|mut a| a.next().is_some()) {
         Ok(true) => Ok(()),
-        Ok(false) => Err(cfg_err(format!("{who} endpoint {endpoint}: the host has no address"))),
-        Err(e) => Err(cfg_err(format!(
-            "{who} endpoint {endpoint}: the host does not resolve ({e}); fix the name in the config, DNS or /etc/hosts"
-        ))),
+        Ok(false) => Err(BrokerError::NoAddress {
+            who: who.to_string(),
+            endpoint: endpoint.to_string(),
+        }),
+        Err(source) => Err(BrokerError::Unresolvable {
+            who: who.to_string(),
+            endpoint: endpoint.to_string(),
+            source,
+        }),
     }
 }
 
@@ -102,21 +105,21 @@ struct Started {
 impl crate::boot::Bootstrap for ConfigBootstrap {
     fn plan(&mut self) -> Result<crate::boot::Planned, BrokerError> {
         let opts = &self.opts;
-        let config = Config::load(&opts.config).map_err(cfg_err)?;
+        let config = Config::load(&opts.config)?;
         let hostname = match &opts.hostname {
             Some(h) => h.clone(),
             None => nix::unistd::gethostname()
-                .map_err(|e| cfg_err(format!("cannot read the hostname: {e}")))?
+                .map_err(BrokerError::Hostname)?
                 .to_string_lossy()
                 .into_owned(),
         };
-        let rank = config.rank_of(&hostname).ok_or_else(|| {
-            cfg_err(format!(
-                "this host ({hostname}) is not in the [bootstrap] hosts of {}; add it, or pass --hostname NAME",
-                opts.config.display()
-            ))
-        })?;
-        let topo = config.topology().to_overlay().map_err(cfg_err)?;
+        let rank = config
+            .rank_of(&hostname)
+            .ok_or_else(|| BrokerError::HostNotInConfig {
+                hostname: hostname.clone(),
+                config: opts.config.clone(),
+            })?;
+        let topo = config.topology().to_overlay()?;
         // gssapi: Kerberos binds fresh per-link keys; no certificates. Still
         // single-threaded here (the keytab goes to the environment).
         let gss = match config.mechanism() {
@@ -141,9 +144,10 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
         let mut parent = match topo.parent(rank) {
             None => None,
             Some(p) => {
-                let ep = config
-                    .connect_endpoint(p)
-                    .ok_or_else(|| cfg_err(format!("no connect endpoint for rank {p}")))?;
+                let ep = config.connect_endpoint(p).ok_or(BrokerError::RankLacks {
+                    rank: p,
+                    what: "connect endpoint",
+                })?;
                 check_resolves(
                     &ep,
                     &format!("parent (rank {p}, {})", config.host(p).unwrap_or("?")),
@@ -182,10 +186,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
 
         let owner_uid = nix::unistd::getuid().as_raw();
         let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
-            Some(p) => Arc::new(
-                AclAuthz::load(p, config.policy().audit_log.as_deref())
-                    .map_err(BrokerError::Policy)?,
-            ),
+            Some(p) => Arc::new(AclAuthz::load(p, config.policy().audit_log.as_deref())?),
             None => Arc::new(OwnerOnly {
                 owner: unix_principal(owner_uid),
             }),
@@ -254,13 +255,12 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
         // Key rotation is for CURVE certificates; under gssapi every link key
         // is fresh and bound by Kerberos, so there are no files to rotate.
         if !st.gss {
-            let topo = st.config.topology().to_overlay().map_err(cfg_err)?;
+            let topo = st.config.topology().to_overlay()?;
             let files = crate::rotate::KeyFiles::from_config(
                 &st.config,
                 rank,
                 topo.parent(rank).into_iter().chain(topo.children(rank)),
-            )
-            .map_err(cfg_err)?;
+            )?;
             broker = broker.with_key_files(files)?;
         }
         let local = st.rundir.join(format!("local-{rank}"));
@@ -283,15 +283,16 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
 
 /// This node's secret certificate.
 fn load_keys(config: &Config, rank: u32) -> Result<canopy_security::CurveKeypair, BrokerError> {
-    let secret_path = config.cert_path(rank).ok_or_else(|| {
-        cfg_err(format!(
-            "no secret certificate is configured for rank {rank}"
-        ))
+    let secret_path = config.cert_path(rank).ok_or(BrokerError::NoCert {
+        which: "secret",
+        rank,
     })?;
-    let keys = cert::load_secret(&secret_path)
-        .map_err(cfg_err)?
-        .keypair()
-        .ok_or_else(|| cfg_err(format!("{} has no secret key", secret_path.display())))?;
+    let keys =
+        cert::load_secret(&secret_path)?
+            .keypair()
+            .ok_or_else(|| BrokerError::NoSecretKey {
+                path: secret_path.clone(),
+            })?;
     Ok(keys)
 }
 
@@ -310,6 +311,6 @@ fn sd_notify_ready() {
 
 /// `canopy config check PATH`: validate and summarize.
 pub fn config_check(path: &Path) -> Result<String, BrokerError> {
-    let config = Config::load(path).map_err(cfg_err)?;
+    let config = Config::load(path)?;
     Ok(config.summary())
 }

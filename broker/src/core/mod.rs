@@ -103,6 +103,15 @@ pub struct Budgets {
 /// The default largest payload on any endpoint.
 pub const DEFAULT_MAX_MESSAGE: usize = 16 << 20;
 
+/// A business card (a PMI value) that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CardError {
+    #[error("business card '{0}' has no ','; every broker of an instance must run the same canopy version")]
+    NoComma(String),
+    #[error("business card key '{0}' is not 64 hex digits; every broker of an instance must run the same canopy version")]
+    BadKey(String),
+}
+
 impl Default for Budgets {
     fn default() -> Budgets {
         Budgets {
@@ -141,16 +150,17 @@ impl Card {
         format!("{hex},{}", self.endpoint.as_deref().unwrap_or("-"))
     }
 
-    pub fn decode(s: &str) -> Result<Card, String> {
+    pub fn decode(s: &str) -> Result<Card, CardError> {
         let (hex, ep) = s
             .split_once(',')
-            .ok_or_else(|| format!("business card '{s}' has no ','"))?;
+            .ok_or_else(|| CardError::NoComma(s.to_string()))?;
         if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("business card key '{hex}' is not 64 hex digits"));
+            return Err(CardError::BadKey(hex.to_string()));
         }
         let mut key = [0u8; 32];
         for (i, k) in key.iter_mut().enumerate() {
-            *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+            *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| CardError::BadKey(hex.to_string()))?;
         }
         Ok(Card {
             public_key: key,
@@ -2083,7 +2093,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 continue;
             }
             match (c.kind, &c.access) {
-                (ClientKind::Local { .. }, a) if !matches!(a, Access::Deciding { .. }) => locals.push(*id),
+                (ClientKind::Local { .. }, a) if !matches!(a, Access::Deciding { .. }) => {
+                    locals.push(*id)
+                }
                 _ => others.push(*id),
             }
         }

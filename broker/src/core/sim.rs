@@ -364,7 +364,10 @@ impl Sim {
                 payload,
             } => {
                 for rid in children.iter() {
-                    self.transmit(r, Transmit::Child(rid.clone(), header.clone(), payload.clone()));
+                    self.transmit(
+                        r,
+                        Transmit::Child(rid.clone(), header.clone(), payload.clone()),
+                    );
                 }
                 for id in locals {
                     self.transmit(r, Transmit::Local(id, header.clone(), payload.clone()));
