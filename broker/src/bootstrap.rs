@@ -45,6 +45,8 @@ pub struct BrokerOpts {
     /// Listen on TCP at the address this hint picks (and on ipc for the
     /// brokers of this host, which use it); `None`: `transport`.
     pub interface: Option<crate::iface::Hint>,
+    /// What clients can make this broker hold (`--max-message` etc.).
+    pub budgets: crate::core::Budgets,
 }
 
 /// Create (or reuse, if it is ours and private) a runtime directory.
@@ -227,6 +229,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             authz,
             opts.client_listen.as_deref().filter(|_| rank == 0),
             &opts.timing,
+            opts.budgets.max_message,
         )?;
         let card = Card {
             public_key: *keys.public(),
@@ -339,6 +342,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             timing: opts.timing,
             host: Some(host),
             hosts,
+            budgets: opts.budgets,
         };
         Ok(crate::boot::Planned {
             plan,

@@ -24,6 +24,31 @@ pub struct SystemOpts {
     /// per-instance directory under the temp dir).
     pub rundir: Option<PathBuf>,
     pub force_root: bool,
+    /// Budgets given as flags (`--max-message` etc.): they override the
+    /// config's `[budgets]`.
+    pub budget_flags: Vec<(canopy_config::BudgetKey, u64)>,
+}
+
+/// The config's `[budgets]` with the flags applied, checked again (a flag
+/// may break the order the config kept).
+pub fn effective_budgets(
+    config: &Config,
+    flags: &[(canopy_config::BudgetKey, u64)],
+) -> Result<crate::core::Budgets, BrokerError> {
+    let mut b = *config.budgets();
+    for (k, v) in flags {
+        b.set(*k, *v);
+    }
+    b.check(|k| flags.iter().any(|(f, _)| *f == k))
+        .map_err(|p| {
+            let from = if flags.iter().any(|(f, _)| *f == p.key) {
+                p.key.flag()
+            } else {
+                format!("budgets.{} in {}", p.key.name(), config.files().iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
+            };
+            cfg_err(format!("{from}: {}", p.message))
+        })?;
+    Ok(crate::sockets::budgets_from(&b))
 }
 
 fn cfg_err(e: impl std::fmt::Display) -> BrokerError {
@@ -103,6 +128,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
     fn plan(&mut self) -> Result<crate::boot::Planned, BrokerError> {
         let opts = &self.opts;
         let config = Config::load(&opts.config).map_err(cfg_err)?;
+        let budgets = effective_budgets(&config, &opts.budget_flags)?;
         let hostname = match &opts.hostname {
             Some(h) => h.clone(),
             None => nix::unistd::gethostname()
@@ -196,7 +222,15 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
         };
         let timing = config.timing().to_liveness();
         let bound = bind(
-            rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
+            rank,
+            &topo,
+            &keys,
+            &rundir,
+            &transport,
+            authz,
+            None,
+            &timing,
+            budgets.max_message,
         )?;
         let kex = match &gss {
             Some(g) => {
@@ -230,6 +264,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             timing,
             host: Some(hostname.clone()),
             hosts,
+            budgets,
         };
         self.state = Some(Started {
             config,
