@@ -14,7 +14,6 @@ use canopy_pmi::Pmi;
 use canopy_security::{curve_principal, CurveKeypair};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -49,29 +48,18 @@ pub struct BrokerOpts {
     pub budgets: crate::core::Budgets,
 }
 
-/// Create (or reuse, if it is ours and private) a runtime directory.
+/// Create (or reuse, if it is ours and private) a runtime directory: its
+/// parent must be trusted (ours or root's, not writable by others unless
+/// sticky, not a symlink); the directory is created with mode 0700, or an
+/// existing one opened with `O_NOFOLLOW | O_DIRECTORY`, and what was
+/// created or opened is checked through its descriptor (a directory owned
+/// by this user, mode 0700): a symlink or someone else's directory planted
+/// at its name is refused (`canopy_security::trust::ensure_private_dir`).
 pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
-    let io = |what, source| BrokerError::Io {
-        what,
-        path: dir.to_path_buf(),
-        source,
-    };
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let md = std::fs::metadata(dir).map_err(|e| io("inspect the runtime directory", e))?;
-            if md.uid() != nix::unistd::getuid().as_raw() || md.permissions().mode() & 0o077 != 0 {
-                return Err(BrokerError::Bootstrap(format!(
-                    "runtime directory {} is not private to this user (owner uid {}, mode {:o}); remove it or pass --rundir",
-                    dir.display(),
-                    md.uid(),
-                    md.permissions().mode() & 0o777
-                )));
-            }
-            Ok(())
-        }
-        Err(e) => Err(io("create the runtime directory", e)),
-    }
+    use canopy_security::trust;
+    trust::ensure_private_dir(dir, trust::service_uid())
+        .map(|_| ())
+        .map_err(|e| BrokerError::Bootstrap(format!("runtime directory refused: {e}")))
 }
 
 /// Bootstrap through PMI (or as a singleton) and run until told to stop.

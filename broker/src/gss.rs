@@ -340,6 +340,7 @@ fn gss_err(e: canopy_gss::GssError) -> BrokerError {
 /// Our canonical principal: acquires initiator credentials, so a missing
 /// or expired credential fails here, at once.
 pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
+    check_keytabs()?;
     let (_, p) = canopy_gss::krb::initiator_cred(opts.principal.as_deref()).map_err(gss_err)?;
     Ok(p)
 }
@@ -512,6 +513,19 @@ fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
     Some((h.to_string(), p.parse().ok()?))
 }
 
+/// Refuse the keytabs named by `KRB5_KTNAME` and `KRB5_CLIENT_KTNAME`
+/// unless they are trusted secrets for this user (owned by root or us,
+/// neither readable nor writable by group or other, on a path nobody else
+/// can change), as a CURVE secret certificate is.
+pub fn check_keytabs() -> Result<(), BrokerError> {
+    for var in ["KRB5_KTNAME", "KRB5_CLIENT_KTNAME"] {
+        if let Some(v) = std::env::var_os(var) {
+            canopy_gss::krb::check_keytab(&v.to_string_lossy()).map_err(gss_err)?;
+        }
+    }
+    Ok(())
+}
+
 impl SystemGss {
     /// Work out the principals and addresses, and check our credentials.
     /// Call while the process is still single-threaded: a configured
@@ -527,9 +541,12 @@ impl SystemGss {
         })?;
         if let Some(kt) = &g.keytab {
             let v = format!("FILE:{}", kt.display());
+            // Refused before the Kerberos library sees it.
+            canopy_gss::krb::check_keytab(&v).map_err(gss_err)?;
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
         }
+        check_keytabs()?;
         let principal_of = |r: u32| -> Result<String, BrokerError> {
             let host = config
                 .host(r)

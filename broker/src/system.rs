@@ -8,6 +8,7 @@ use crate::authz::{AclAuthz, ClientAuthz, OwnerOnly};
 use crate::error::BrokerError;
 use crate::node::{bind, unix_principal, Broker, Card, Plan, Transport};
 use canopy_config::{Config, Mechanism};
+use canopy_security::trust::{check_trusted, service_uid, TrustKind};
 use canopy_security::{cert, curve_principal};
 use std::collections::HashMap;
 use std::net::ToSocketAddrs;
@@ -70,6 +71,13 @@ fn check_not_writable(path: &Path, what: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Refuse `path` unless [`check_trusted`] accepts it for this user.
+fn trusted(path: &Path, kind: TrustKind, what: &str) -> Result<(), BrokerError> {
+    check_trusted(path, kind, service_uid())
+        .map(|_| ())
+        .map_err(|e| cfg_err(format!("{what} refused: {e}")))
+}
+
 fn public_key(config: &Config, rank: u32) -> Result<[u8; 32], BrokerError> {
     let path = config.public_cert_path(rank).ok_or_else(|| {
         cfg_err(format!(
@@ -129,6 +137,15 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
         let opts = &self.opts;
         let config = Config::load(&opts.config).map_err(cfg_err)?;
         let budgets = effective_budgets(&config, &opts.budget_flags)?;
+        // Anyone who can add a file to the public certificate directory can
+        // join as any rank: it must be trusted as a whole.
+        if let Some(canopy_config::PublicCerts::Directory(dir)) =
+            &config.bootstrap().curve_public_certs
+        {
+            if config.mechanism() == Mechanism::Curve {
+                trusted(dir, TrustKind::Directory, "certificate directory")?;
+            }
+        }
         let hostname = match &opts.hostname {
             Some(h) => h.clone(),
             None => nix::unistd::gethostname()
@@ -204,7 +221,9 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
                 })
             }
         }
-        check_not_writable(&rundir, "runtime directory")?;
+        // Not a symlink, ours or root's, and nobody else can add to it.
+        trusted(&rundir, TrustKind::RuntimeDir, "runtime directory")?;
+        trusted(&rundir, TrustKind::Directory, "runtime directory")?;
 
         let owner_uid = nix::unistd::getuid().as_raw();
         let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
