@@ -215,6 +215,13 @@ pub enum TrustError {
         service: Uid,
         mode: u32,
     },
+    #[error("private directory {path} is owned by {owner} (uid {}) with mode {mode:04o}, not by {service} with mode 0700; if it is yours run `chmod 700 {path}`, else remove it (`rm -r {path}` as root) or choose another directory", owner.0)]
+    ExistingNotPrivate {
+        path: PathBuf,
+        owner: Uid,
+        service: Uid,
+        mode: u32,
+    },
 }
 
 /// The effective uid of this process: the "service user" of a broker.
@@ -492,7 +499,7 @@ pub fn open_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, Tru
     let meta = dir.metadata().map_err(io(path))?;
     let mode = meta.mode() & 0o7777;
     if !meta.is_dir() || meta.uid() != service_uid || mode & 0o077 != 0 {
-        return Err(TrustError::NotPrivate {
+        return Err(TrustError::ExistingNotPrivate {
             path: path.to_owned(),
             owner: Uid(meta.uid()),
             service: Uid(service_uid),
@@ -850,7 +857,7 @@ mod tests {
         chmod(&p, 0o750);
         let e = open_private_dir(&p, me()).unwrap_err();
         assert!(
-            matches!(e, TrustError::NotPrivate { mode: 0o750, .. }),
+            matches!(e, TrustError::ExistingNotPrivate { mode: 0o750, .. }),
             "{e}"
         );
         chmod(&p, 0o700);
@@ -869,7 +876,7 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    TrustError::NotPrivate {
+                    TrustError::ExistingNotPrivate {
                         owner: Uid(OTHER),
                         ..
                     }
