@@ -11,8 +11,8 @@ use canopy_broker::bootstrap::{run_broker, BrokerOpts};
 use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
-use clap::Parser;
 use canopy_config::{BudgetKey, BudgetSettings};
+use clap::Parser;
 use cli::{
     AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
     TimingArgs,

@@ -495,7 +495,16 @@ impl Broker {
         self.dealer = None;
         self.dealer_monitor = None;
         let max = self.local.budgets().max_message;
-        let (s, m) = parent_dealer(&self.ctx, ep, &key, &self.keys, id, relink, &self.timing, max)?;
+        let (s, m) = parent_dealer(
+            &self.ctx,
+            ep,
+            &key,
+            &self.keys,
+            id,
+            relink,
+            &self.timing,
+            max,
+        )?;
         self.dealer = Some(s);
         self.dealer_monitor = Some(m);
         Ok(())

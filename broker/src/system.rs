@@ -45,7 +45,16 @@ pub fn effective_budgets(
             let from = if flags.iter().any(|(f, _)| *f == p.key) {
                 p.key.flag()
             } else {
-                format!("budgets.{} in {}", p.key.name(), config.files().iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
+                format!(
+                    "budgets.{} in {}",
+                    p.key.name(),
+                    config
+                        .files()
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             };
             cfg_err(format!("{from}: {}", p.message))
         })?;

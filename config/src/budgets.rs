@@ -240,8 +240,10 @@ mod tests {
     #[test]
     fn defaults_pass_and_order_is_checked() {
         BudgetSettings::default().check(|_| false).unwrap();
-        let mut b = BudgetSettings::default();
-        b.max_message = 64 << 20;
+        let b = BudgetSettings {
+            max_message: 64 << 20,
+            ..Default::default()
+        };
         // client_bytes was not set: blame max_message, which was.
         let e = b.check(|k| k == BudgetKey::MaxMessage).unwrap_err();
         assert_eq!(e.key, BudgetKey::MaxMessage);
@@ -249,13 +251,17 @@ mod tests {
         // both set: blame the larger one.
         let e = b.check(|_| true).unwrap_err();
         assert_eq!(e.key, BudgetKey::ClientBytes);
-        let mut b = BudgetSettings::default();
-        b.connections = 0;
+        let b = BudgetSettings {
+            connections: 0,
+            ..Default::default()
+        };
         let e = b.check(|_| true).unwrap_err();
         assert_eq!(e.key, BudgetKey::Connections);
         assert!(e.message.contains("out of range"), "{}", e.message);
-        let mut b = BudgetSettings::default();
-        b.max_message = MAX_MAX_MESSAGE + 1;
+        let b = BudgetSettings {
+            max_message: MAX_MAX_MESSAGE + 1,
+            ..Default::default()
+        };
         assert_eq!(b.check(|_| true).unwrap_err().key, BudgetKey::MaxMessage);
     }
 }

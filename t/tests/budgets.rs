@@ -36,7 +36,9 @@ fn start_max_message_refuses_a_2kib_ping_locally_and_remotely_and_answers_small_
         let policy = dir.path().join("policy.toml");
         std::fs::write(
             &policy,
-            format!("[[rule]]\nname = \"remote\"\nprincipal = \"{principal}\"\nroles = [\"user\"]\n"),
+            format!(
+                "[[rule]]\nname = \"remote\"\nprincipal = \"{principal}\"\nroles = [\"user\"]\n"
+            ),
         )
         .unwrap();
         let inst = Instance::start(
@@ -86,7 +88,10 @@ fn start_max_message_refuses_a_2kib_ping_locally_and_remotely_and_answers_small_
         match rc.rpc("broker.ping", 0, &big, RPC_TIMEOUT) {
             Err(e) => {
                 let msg = e.to_string();
-                assert!(msg.contains("over this broker's limit of 1024 bytes"), "{msg}");
+                assert!(
+                    msg.contains("over this broker's limit of 1024 bytes"),
+                    "{msg}"
+                );
             }
             Ok(m) => panic!("a 2 KiB remote ping was answered: {:?}", m.header),
         }
@@ -123,7 +128,10 @@ fn start_refuses_budgets_out_of_order_before_starting_anything() {
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(err.contains("--max-message"), "{err}");
-        assert!(err.contains("raise client_bytes or lower max_message"), "{err}");
+        assert!(
+            err.contains("raise client_bytes or lower max_message"),
+            "{err}"
+        );
         // Nothing was created.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let out = run_canopy(
@@ -132,14 +140,22 @@ fn start_refuses_budgets_out_of_order_before_starting_anything() {
             Duration::from_secs(20),
         );
         assert!(!out.status.success());
-        assert!(text(&out.stderr).contains("--connections"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--connections"),
+            "{}",
+            text(&out.stderr)
+        );
         let out = run_canopy(
             &["start", "--max-message", "16MB", "--", "true"],
             &[],
             Duration::from_secs(20),
         );
         assert!(!out.status.success());
-        assert!(text(&out.stderr).contains("binary unit"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("binary unit"),
+            "{}",
+            text(&out.stderr)
+        );
         // A consistent set is accepted and the command runs inside.
         let out = run_canopy(
             &[
@@ -179,10 +195,20 @@ fn system_instance_budgets_table_limits_messages() {
         cl.wait_full(Duration::from_secs(20));
         let small = vec![3u8; 512];
         let mut c = cl.client(0);
-        assert_eq!(c.rpc("broker.ping", 1, &small, RPC_TIMEOUT).unwrap().payload, small);
+        assert_eq!(
+            c.rpc("broker.ping", 1, &small, RPC_TIMEOUT)
+                .unwrap()
+                .payload,
+            small
+        );
         assert!(c.rpc("broker.ping", 1, &[0u8; 2048], RPC_TIMEOUT).is_err());
         let mut c = cl.client(0);
-        assert_eq!(c.rpc("broker.ping", 1, &small, RPC_TIMEOUT).unwrap().payload, small);
+        assert_eq!(
+            c.rpc("broker.ping", 1, &small, RPC_TIMEOUT)
+                .unwrap()
+                .payload,
+            small
+        );
         assert!(cl.log(0).contains("local: bad frame"), "{}", cl.logs());
 
         // A flag overriding [budgets] that breaks the order is refused,
@@ -202,7 +228,11 @@ fn system_instance_budgets_table_limits_messages() {
             Duration::from_secs(20),
         );
         assert!(!out.status.success());
-        assert!(text(&out.stderr).contains("--max-message"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--max-message"),
+            "{}",
+            text(&out.stderr)
+        );
         cl.write(
             "bad.toml",
             &format!("{text_}\n[budgets]\nconnections = -1\n"),

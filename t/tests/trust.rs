@@ -108,7 +108,11 @@ fn policy_owned_by_another_user_is_refused() {
         let out = start_and_touch(&["--policy", p], &marker);
         refused(
             &out,
-            &[p, &format!("owned by {OTHER_USER}"), &format!("chown root {p}")],
+            &[
+                p,
+                &format!("owned by {OTHER_USER}"),
+                &format!("chown root {p}"),
+            ],
         );
         assert!(!marker.exists(), "the command ran");
         // The same file through `acl check` offline.
@@ -127,7 +131,10 @@ fn policy_reached_through_another_users_directory_or_an_open_one_is_refused() {
         let ours = mkdir(&d.path().join("ours"), 0o755);
         let link = ours.join("policy.toml");
         symlink(&real, &link).unwrap();
-        accepted(&start_and_touch(&["--policy", link.to_str().unwrap()], &marker));
+        accepted(&start_and_touch(
+            &["--policy", link.to_str().unwrap()],
+            &marker,
+        ));
         std::fs::remove_file(&marker).unwrap();
 
         // A group/other-writable directory on the way.
@@ -341,7 +348,15 @@ fn audit_log_directory_writable_by_group_is_refused() {
         ];
         let out = start_and_touch(&args, &marker);
         let l = logs.to_str().unwrap();
-        refused(&out, &["audit log refused", l, "mode 0775", &format!("chmod go-w {l}")]);
+        refused(
+            &out,
+            &[
+                "audit log refused",
+                l,
+                "mode 0775",
+                &format!("chmod go-w {l}"),
+            ],
+        );
         assert!(!marker.exists());
         assert!(!audit.exists(), "an audit log was created");
         chmod(&logs, 0o755);
@@ -418,7 +433,11 @@ fn broker_rundir_must_be_a_private_directory_of_ours_not_a_symlink() {
         // Correct: a directory of ours, mode 0700.
         let good = mkdir(&d.path().join("run"), 0o700);
         let g = good.to_str().unwrap();
-        singleton_comes_up(&["--rundir", g, "--instance", "t"], &[], &good.join("local-0"));
+        singleton_comes_up(
+            &["--rundir", g, "--instance", "t"],
+            &[],
+            &good.join("local-0"),
+        );
 
         // Group-writable.
         chmod(&good, 0o770);
@@ -468,7 +487,10 @@ fn start_rundir_owned_by_another_user_is_refused() {
         // directory aside.
         chmod(&parent, 0o775);
         let out = start_and_touch(&["--rundir", p], &marker);
-        refused(&out, &["runtime directory refused", p, "mode 0775", "chmod go-w"]);
+        refused(
+            &out,
+            &["runtime directory refused", p, "mode 0775", "chmod go-w"],
+        );
         assert!(!marker.exists());
         chmod(&parent, 0o755);
         // A symlink as --rundir.
@@ -511,7 +533,11 @@ fn private_dir_planted_as_a_symlink_by_another_user_is_refused() {
         let x = xdg.to_str().unwrap();
         let env = [("XDG_RUNTIME_DIR", x)];
         // Correct: nothing planted; the broker creates its own.
-        singleton_comes_up(&["--instance", "good"], &env, &xdg.join("canopy-good/local-0"));
+        singleton_comes_up(
+            &["--instance", "good"],
+            &env,
+            &xdg.join("canopy-good/local-0"),
+        );
         let made = std::fs::symlink_metadata(xdg.join("canopy-good")).unwrap();
         assert!(made.is_dir());
         assert_eq!(made.permissions().mode() & 0o7777, 0o700);
@@ -528,7 +554,11 @@ fn private_dir_planted_as_a_symlink_by_another_user_is_refused() {
         let out = singleton(&["--instance", "victim"], &env);
         refused(
             &out,
-            &["runtime directory refused", planted.to_str().unwrap(), "symlink"],
+            &[
+                "runtime directory refused",
+                planted.to_str().unwrap(),
+                "symlink",
+            ],
         );
         assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
         // Planted as a real directory of theirs, mode 0700.
@@ -537,7 +567,11 @@ fn private_dir_planted_as_a_symlink_by_another_user_is_refused() {
         let out = singleton(&["--instance", "victim2"], &env);
         refused(
             &out,
-            &["runtime directory refused", planted2.to_str().unwrap(), OTHER_USER],
+            &[
+                "runtime directory refused",
+                planted2.to_str().unwrap(),
+                OTHER_USER,
+            ],
         );
     });
 }
