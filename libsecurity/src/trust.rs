@@ -483,7 +483,20 @@ pub fn open_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, Tru
         Ok(d) => d,
         Err(source) => {
             // ELOOP (or ENOTDIR for a symlink to a file): say what it is.
+            let owner = fs::symlink_metadata(path).map(|m| m.uid());
             return Err(match fs::read_link(path) {
+                // Planted by someone else: never suggest following it.
+                Ok(_)
+                    if owner
+                        .as_ref()
+                        .is_ok_and(|u| !trusted_owner(*u, service_uid)) =>
+                {
+                    TrustError::SymlinkOwner {
+                        path: path.to_owned(),
+                        target: path.to_owned(),
+                        owner: Uid(owner.unwrap_or_default()),
+                    }
+                }
                 Ok(dest) => TrustError::Symlink {
                     what: "private directory",
                     path: path.to_owned(),
@@ -890,5 +903,25 @@ mod tests {
             assert!(matches!(e, TrustError::Owner { .. }), "{e}");
             assert!(!theirs.join("canopy-2").exists());
         }
+    }
+
+    #[test]
+    fn a_private_dir_planted_as_someone_elses_symlink_is_not_followed() {
+        if !root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let theirs = dir(&t.path().join("theirs"), 0o700);
+        std::os::unix::fs::chown(&theirs, Some(OTHER), None).unwrap();
+        let planted = t.path().join("canopy-1");
+        symlink(&theirs, &planted).unwrap();
+        lchown(&planted, Some(OTHER), None).unwrap();
+        let e = ensure_private_dir(&planted, 0).unwrap_err();
+        assert!(
+            matches!(&e, TrustError::SymlinkOwner { path, owner: Uid(OTHER), .. } if path == &planted),
+            "{e}"
+        );
+        // The message does not suggest using their directory.
+        assert!(!e.to_string().contains("e.g."), "{e}");
     }
 }
