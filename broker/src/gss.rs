@@ -520,10 +520,23 @@ fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
 pub fn check_keytabs() -> Result<(), BrokerError> {
     for var in ["KRB5_KTNAME", "KRB5_CLIENT_KTNAME"] {
         if let Some(v) = std::env::var_os(var) {
-            canopy_gss::krb::check_keytab(&v.to_string_lossy()).map_err(gss_err)?;
+            check_keytab(&v.to_string_lossy())?;
         }
     }
     Ok(())
+}
+
+/// [`canopy_gss::krb::check_keytab`], for a keytab that exists: a missing
+/// one is left to Kerberos, whose error names the principal and the
+/// variable to check.
+fn check_keytab(ktname: &str) -> Result<(), BrokerError> {
+    let missing = canopy_gss::krb::keytab_file(ktname).is_some_and(|p| {
+        std::fs::symlink_metadata(&p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    });
+    if missing {
+        return Ok(());
+    }
+    canopy_gss::krb::check_keytab(ktname).map_err(gss_err)
 }
 
 impl SystemGss {
@@ -542,7 +555,7 @@ impl SystemGss {
         if let Some(kt) = &g.keytab {
             let v = format!("FILE:{}", kt.display());
             // Refused before the Kerberos library sees it.
-            canopy_gss::krb::check_keytab(&v).map_err(gss_err)?;
+            check_keytab(&v)?;
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
         }

@@ -120,7 +120,8 @@ fn make_rundir(parent: Option<&Path>) -> Result<Rundir, StartError> {
     use canopy_security::trust;
     match trust::create_private_dir(&dir, trust::service_uid()) {
         Ok(_) => {}
-        Err(trust::TrustError::Io { source, .. }) if !parent.is_dir() => {
+        // The directory could not be made (or the parent is missing).
+        Err(trust::TrustError::Io { path, source }) if path == dir || !parent.is_dir() => {
             return Err(StartError::Rundir {
                 dir: parent.clone(),
                 source,
