@@ -340,6 +340,7 @@ fn gss_err(e: canopy_gss::GssError) -> BrokerError {
 /// Our canonical principal: acquires initiator credentials, so a missing
 /// or expired credential fails here, at once.
 pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
+    check_keytabs()?;
     let (_, p) = canopy_gss::krb::initiator_cred(opts.principal.as_deref()).map_err(gss_err)?;
     Ok(p)
 }
@@ -508,6 +509,32 @@ fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
     Some((h.to_string(), p.parse().ok()?))
 }
 
+/// Refuse the keytabs named by `KRB5_KTNAME` and `KRB5_CLIENT_KTNAME`
+/// unless they are trusted secrets for this user (owned by root or us,
+/// neither readable nor writable by group or other, on a path nobody else
+/// can change), as a CURVE secret certificate is.
+pub fn check_keytabs() -> Result<(), BrokerError> {
+    for var in ["KRB5_KTNAME", "KRB5_CLIENT_KTNAME"] {
+        if let Some(v) = std::env::var_os(var) {
+            check_keytab(&v.to_string_lossy())?;
+        }
+    }
+    Ok(())
+}
+
+/// [`canopy_gss::krb::check_keytab`], for a keytab that exists: a missing
+/// one is left to Kerberos, whose error names the principal and the
+/// variable to check.
+fn check_keytab(ktname: &str) -> Result<(), BrokerError> {
+    let missing = canopy_gss::krb::keytab_file(ktname).is_some_and(|p| {
+        std::fs::symlink_metadata(&p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    });
+    if missing {
+        return Ok(());
+    }
+    canopy_gss::krb::check_keytab(ktname).map_err(gss_err)
+}
+
 impl SystemGss {
     /// Work out the principals and addresses, and check our credentials.
     /// Call while the process is still single-threaded: a configured
@@ -521,9 +548,12 @@ impl SystemGss {
         let g = config.gssapi().ok_or(BrokerError::NoGssapiTable)?;
         if let Some(kt) = &g.keytab {
             let v = format!("FILE:{}", kt.display());
+            // Refused before the Kerberos library sees it.
+            check_keytab(&v)?;
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
         }
+        check_keytabs()?;
         let principal_of = |r: u32| -> Result<String, BrokerError> {
             let host = config.host(r).ok_or(BrokerError::RankLacks {
                 rank: r,

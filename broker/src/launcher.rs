@@ -18,7 +18,6 @@ use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +61,8 @@ pub enum StartError {
         online: usize,
         size: u32,
     },
+    #[error("runtime directory refused: {0}")]
+    Untrusted(#[from] canopy_security::trust::TrustError),
     #[error("interrupted during start")]
     Interrupted,
     #[error("system error: {0}")]
@@ -113,13 +114,21 @@ fn make_rundir(parent: Option<&Path>) -> Result<Rundir, StartError> {
     getrandom::getrandom(&mut rnd).map_err(|e| StartError::Sys(e.to_string()))?;
     let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
     let dir = parent.join(format!("canopy-{name}"));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| StartError::Rundir {
-            dir: parent.clone(),
-            source,
-        })?;
+    // The parent must be ours or root's and nobody else's to change (or
+    // sticky, as /tmp): else its owner could move our directory aside and
+    // plant a fake socket. The directory is checked once created.
+    use canopy_security::trust;
+    match trust::create_private_dir(&dir, trust::service_uid()) {
+        Ok(_) => {}
+        // The directory could not be made (or the parent is missing).
+        Err(trust::TrustError::Io { path, source }) if path == dir || !parent.is_dir() => {
+            return Err(StartError::Rundir {
+                dir: parent.clone(),
+                source,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(Rundir(dir))
 }
 

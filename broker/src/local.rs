@@ -104,7 +104,7 @@ impl Local {
                 Stream {
                     stream,
                     uid,
-                    dec: FrameDecoder::new(),
+                    dec: FrameDecoder::with_max_payload(self.budgets.max_message),
                     out: Vec::new(),
                     out_pos: 0,
                     closing: false,
@@ -115,60 +115,72 @@ impl Local {
         }
     }
 
-    /// What client `id` sent.
+    /// What client `id` sent. Frames are decoded after every read, so a
+    /// frame whose length prefix is over the max message is refused (and
+    /// the client cut, logged once) before its payload is buffered: at
+    /// most one read buffer past the prefix is ever held.
     pub fn read(&mut self, id: u32) -> Vec<Input<Frame>> {
         let buf = &mut self.rbuf;
         let mut out = Vec::new();
         let Some(s) = self.streams.get_mut(&id) else {
             return out;
         };
-        loop {
-            match s.stream.read(buf) {
-                Ok(0) => {
-                    s.dead = true;
-                    break;
-                }
-                Ok(n) => {
-                    s.dec.push(&buf[..n]);
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    s.dead = true;
-                    break;
-                }
-            }
-        }
         let queued = Queued {
             conn: s.out.len() - s.out_pos,
             uid: self.by_uid.get(&s.uid).copied().unwrap_or(0),
             total: self.total,
         };
-        loop {
-            match s.dec.next_frame() {
-                Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
-                    id,
-                    header,
-                    payload: Frame::Bytes(p),
-                    queued,
-                }),
-                // A refused or revoked client: nothing it sends counts.
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(
-                        client = id,
-                        "local: bad frame ({e}); disconnecting the client"
-                    );
+        while !s.dead {
+            let more = match s.stream.read(buf) {
+                Ok(0) => {
                     s.dead = true;
-                    break;
+                    false
                 }
+                Ok(n) => {
+                    s.dec.push(&buf[..n]);
+                    n == buf.len()
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => true,
+                Err(_) => {
+                    s.dead = true;
+                    false
+                }
+            };
+            loop {
+                match s.dec.next_frame() {
+                    Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
+                        id,
+                        header,
+                        payload: Frame::Bytes(p),
+                        queued,
+                    }),
+                    // A refused or revoked client: nothing it sends counts.
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(
+                            verdict = %"deny",
+                            client = id,
+                            uid = s.uid,
+                            max_message = self.budgets.max_message,
+                            "local: bad frame ({e}); disconnecting the client"
+                        );
+                        s.dead = true;
+                        break;
+                    }
+                }
+            }
+            if !more {
+                break;
             }
         }
         out
+    }
+
+    /// The budgets this connector enforces.
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
     }
 
     pub fn queue(&mut self, id: u32, h: &Header, payload: &[u8]) {

@@ -11,9 +11,11 @@ use canopy_broker::bootstrap::{run_broker, BrokerOpts};
 use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
+use canopy_config::{BudgetKey, BudgetSettings};
 use clap::Parser;
 use cli::{
-    AclCmd, AuditCmd, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd, TimingArgs,
+    AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
+    TimingArgs,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,6 +86,46 @@ impl TimingArgs {
             "--lost".into(),
             self.lost.to_string(),
         ]
+    }
+}
+
+impl BudgetArgs {
+    /// The budgets given, as (key, value).
+    fn flags(&self) -> Vec<(BudgetKey, u64)> {
+        let given = [
+            self.max_message,
+            self.client_bytes,
+            self.principal_bytes,
+            self.total_bytes,
+            self.connections,
+            self.in_flight,
+            self.neighbour_bytes,
+        ];
+        BudgetKey::ALL
+            .into_iter()
+            .zip(given)
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+
+    /// The defaults with the flags applied, checked.
+    fn to_budgets(&self) -> Result<canopy_broker::core::Budgets> {
+        let flags = self.flags();
+        let mut b = BudgetSettings::default();
+        for (k, v) in &flags {
+            b.set(*k, *v);
+        }
+        b.check(|k| flags.iter().any(|(f, _)| *f == k))
+            .map_err(|p| anyhow::anyhow!("{}: {}", p.key.flag(), p.message))?;
+        Ok(canopy_broker::sockets::budgets_from(&b))
+    }
+
+    /// The same flags, for the brokers `canopy start` launches.
+    fn to_args(&self) -> Vec<String> {
+        self.flags()
+            .into_iter()
+            .flat_map(|(k, v)| [k.flag(), v.to_string()])
+            .collect()
     }
 }
 
@@ -170,12 +212,15 @@ fn run(cli: Cli) -> Result<i32> {
             audit,
             timing,
             gss,
+            budgets,
             command,
         } => {
             timing.to_timing()?;
             gss.to_opts()?;
+            let budget_values = budgets.to_budgets()?;
             let mut broker_args = timing.to_args();
             broker_args.extend(gss.to_args());
+            broker_args.extend(budgets.to_args());
             let listen_clients_opt = listen_clients.clone();
             if let Some(ep) = listen_clients {
                 broker_args.push("--listen-clients".into());
@@ -224,6 +269,7 @@ fn run(cli: Cli) -> Result<i32> {
                             audit: audit.as_ref().map(std::path::absolute).transpose()?,
                             gss: gss.to_opts()?,
                             interface: Some(interface),
+                            budgets: budget_values,
                         },
                         size,
                         timeout: secs(timeout, "--timeout")?,
@@ -258,6 +304,7 @@ fn run(cli: Cli) -> Result<i32> {
             hostname,
             force_root,
             rundir,
+            budgets,
             ..
         } => {
             canopy_broker::system::run_system_broker(canopy_broker::system::SystemOpts {
@@ -265,6 +312,7 @@ fn run(cli: Cli) -> Result<i32> {
                 hostname,
                 rundir,
                 force_root,
+                budget_flags: budgets.flags(),
             })?;
             Ok(0)
         }
@@ -281,6 +329,7 @@ fn run(cli: Cli) -> Result<i32> {
             audit,
             timing,
             gss,
+            budgets,
             ..
         } => {
             let transport = if tcp {
@@ -300,6 +349,7 @@ fn run(cli: Cli) -> Result<i32> {
                 audit,
                 gss: gss.to_opts()?,
                 interface,
+                budgets: budgets.to_budgets()?,
             })?;
             Ok(0)
         }

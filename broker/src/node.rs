@@ -12,7 +12,7 @@
 
 use crate::admission::Worker;
 use crate::authz::{BrokerPolicy, Mech};
-use crate::core::{BrokerCore, Budgets, CoreConfig, Event, Exit, Input, Transmit};
+use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
 use crate::local::Local;
 use crate::rotate::KeyFiles;
@@ -102,7 +102,7 @@ impl Broker {
         } = bound;
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).map_err(BrokerError::Random)?;
-        let budgets = Budgets::default();
+        let budgets = plan.budgets;
         let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
         let ipc_path = endpoint
             .as_deref()
@@ -551,7 +551,17 @@ impl Broker {
         };
         self.dealer = None;
         self.dealer_monitor = None;
-        let (s, m) = parent_dealer(&self.ctx, ep, &key, &self.keys, id, relink, &self.timing)?;
+        let max = self.local.budgets().max_message;
+        let (s, m) = parent_dealer(
+            &self.ctx,
+            ep,
+            &key,
+            &self.keys,
+            id,
+            relink,
+            &self.timing,
+            max,
+        )?;
         self.dealer = Some(s);
         self.dealer_monitor = Some(m);
         Ok(())

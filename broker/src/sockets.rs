@@ -21,11 +21,30 @@ use std::sync::Arc;
 pub const OVERLAY_HWM: i32 = 100_000;
 /// Messages libzmq may queue toward one remote client.
 pub const CLIENT_HWM: i32 = 1_000;
-/// Largest frame any ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`): the
-/// largest payload plus the largest header. libzmq closes the connection
-/// of a peer that sends more, before buffering it.
-pub const MAX_FRAME: i64 =
-    (crate::core::DEFAULT_MAX_MESSAGE + canopy_proto::frame::MAX_HEADER) as i64;
+/// Largest frame a ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`) for a
+/// broker whose largest payload is `max_message` (`budgets.max_message`,
+/// `--max-message`): that payload plus the largest header, which also
+/// covers CURVE's per-frame overhead. libzmq checks each frame's length
+/// prefix and closes the connection of a peer that sends more, before
+/// buffering it; a payload between `max_message` and this is refused by
+/// the core with EMSGSIZE.
+pub fn max_frame(max_message: usize) -> i64 {
+    i64::try_from(max_message.saturating_add(canopy_proto::frame::MAX_HEADER)).unwrap_or(i64::MAX)
+}
+
+/// The core's budgets from the configured ones (`[budgets]`, flags).
+pub fn budgets_from(s: &canopy_config::BudgetSettings) -> crate::core::Budgets {
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    crate::core::Budgets {
+        max_message: n(s.max_message),
+        client_bytes: n(s.client_bytes),
+        principal_bytes: n(s.principal_bytes),
+        total_bytes: n(s.total_bytes),
+        connections: n(s.connections),
+        in_flight: n(s.in_flight),
+        neighbour_bytes: n(s.neighbour_bytes),
+    }
+}
 /// Everything a broker needs to run, gathered by a bootstrap
 /// ([`crate::boot::Bootstrap`]: PMI or a config file).
 /// The bootstrap must have called [`Bound::admit_children`] on every
@@ -50,6 +69,8 @@ pub struct Plan {
     /// Host names of the ranks of this broker's subtree that the bootstrap
     /// learned (for `overlay.status`).
     pub hosts: std::collections::BTreeMap<u32, String>,
+    /// What clients can make this broker hold (`[budgets]`, flags).
+    pub budgets: crate::core::Budgets,
 }
 
 /// The sockets a broker binds before the key exchange: they must exist so
@@ -168,6 +189,7 @@ pub fn bind(
     clients: Arc<dyn ClientAuthz>,
     client_listen: Option<&str>,
     timing: &Timing,
+    max_message: usize,
 ) -> Result<Bound, BrokerError> {
     let ctx = zmq::Context::new();
     let policy = Arc::new(BrokerPolicy::new(clients));
@@ -183,7 +205,7 @@ pub fn bind(
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
         s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
-        s.set_maxmsgsize(MAX_FRAME)
+        s.set_maxmsgsize(max_frame(max_message))
             .map_err(zerr("set maxmsgsize"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
@@ -237,7 +259,7 @@ pub fn bind(
             .map_err(zerr("create client router"))?;
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(CLIENT_HWM).map_err(zerr("set sndhwm"))?;
-        s.set_maxmsgsize(MAX_FRAME)
+        s.set_maxmsgsize(max_frame(max_message))
             .map_err(zerr("set maxmsgsize"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
@@ -378,6 +400,7 @@ pub(crate) fn split(mut parts: Vec<zmq::Message>) -> Option<(zmq::Message, Frame
 /// `server_key`, with routing id `identity`; and its disconnect monitor.
 /// `relink`: a rotation's new connection, which retries fast (it may first
 /// meet the parent's old listener).
+#[allow(clippy::too_many_arguments)] // the one call site, in node.rs
 pub(crate) fn parent_dealer(
     ctx: &zmq::Context,
     ep: &str,
@@ -386,6 +409,7 @@ pub(crate) fn parent_dealer(
     identity: &[u8],
     relink: bool,
     timing: &Timing,
+    max_message: usize,
 ) -> Result<(zmq::Socket, zmq::Socket), BrokerError> {
     let mut s = ctx.socket(zmq::DEALER).map_err(zerr("create dealer"))?;
     if relink {
@@ -398,7 +422,7 @@ pub(crate) fn parent_dealer(
     s.set_linger(0).map_err(zerr("set linger"))?;
     s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
     s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
-    s.set_maxmsgsize(MAX_FRAME)
+    s.set_maxmsgsize(max_frame(max_message))
         .map_err(zerr("set maxmsgsize"))?;
     s.set_identity(identity).map_err(zerr("set identity"))?;
     s.set_curve_serverkey(server_key)
@@ -413,4 +437,23 @@ pub(crate) fn parent_dealer(
     })?;
     let m = disconnect_monitor(ctx, &s)?;
     Ok((s, m))
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn configured_defaults_are_the_core_defaults() {
+        let b = budgets_from(&canopy_config::BudgetSettings::default());
+        assert_eq!(b, crate::core::Budgets::default());
+        assert_eq!(
+            max_frame(b.max_message),
+            (crate::core::DEFAULT_MAX_MESSAGE + canopy_proto::frame::MAX_HEADER) as i64
+        );
+        assert_eq!(
+            max_frame(1024),
+            1024 + canopy_proto::frame::MAX_HEADER as i64
+        );
+    }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::budgets::{self, BudgetKey, BudgetSettings};
 use crate::error::{ConfigError, Location};
 use crate::hostlist::{self, HostlistError, MAX_HOSTS};
 use crate::raw::{self, Ctx, Pos, RawPublicCerts, Source, Val};
@@ -168,6 +169,7 @@ pub struct Config {
     gssapi: Option<GssapiConfig>,
     timing: Timing,
     policy: PolicyConfig,
+    budgets: BudgetSettings,
     /// expanded host names, in rank order
     hosts: Vec<String>,
     /// rank -> index into `bootstrap.hosts`
@@ -293,6 +295,11 @@ impl Config {
 
     pub fn policy(&self) -> &PolicyConfig {
         &self.policy
+    }
+
+    /// `[budgets]`, with defaults for the keys not set.
+    pub fn budgets(&self) -> &BudgetSettings {
+        &self.budgets
     }
 
     /// Number of brokers (hosts).
@@ -746,6 +753,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
     }
     let gssapi = build_gssapi(ctx, &m, mechanism)?;
     let timing = build_timing(ctx, &m)?;
+    let budgets = build_budgets(ctx, &m)?;
     let mut policy = PolicyConfig::default();
     if let Some(v) = &m.policy_file {
         absolute(v, "policy.file", Tokens::None)?;
@@ -772,6 +780,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         gssapi,
         timing,
         policy,
+        budgets,
         hosts,
         entry_of,
         by_short,
@@ -998,6 +1007,51 @@ fn build_gssapi(
         realm,
         kex_port,
     }))
+}
+
+/// `[budgets]`: each key a positive size (integer bytes or `"16MiB"`) or
+/// count, within range and in order (see [`BudgetSettings::check`]).
+fn build_budgets(ctx: &Ctx<'_>, m: &raw::Merged) -> Result<BudgetSettings, ConfigError> {
+    let mut b = BudgetSettings::default();
+    for (k, v) in BudgetKey::ALL.into_iter().zip(&m.budgets) {
+        let Some(v) = v else { continue };
+        let key = format!("budgets.{}", k.name());
+        let invalid = |message: String| ConfigError::Invalid {
+            at: ctx.loc(&v.pos),
+            key: key.clone(),
+            message,
+        };
+        let n = match &v.value {
+            raw::RawSize::Int(n) => u64::try_from(*n).map_err(|_| {
+                invalid(format!(
+                    "{n} is negative; give a positive {} (default {})",
+                    if k.is_size() {
+                        "number of bytes"
+                    } else {
+                        "number"
+                    },
+                    BudgetSettings::default().get(k)
+                ))
+            })?,
+            raw::RawSize::Str(s) if k.is_size() => budgets::parse_size(s).map_err(invalid)?,
+            raw::RawSize::Str(s) => {
+                return Err(invalid(format!(
+                    "{s:?} is a string; give a plain integer, e.g. {}",
+                    BudgetSettings::default().get(k)
+                )))
+            }
+        };
+        b.set(k, n);
+    }
+    b.check(|k| m.budgets[k as usize].is_some()).map_err(|p| {
+        let v = m.budgets[p.key as usize].as_ref();
+        ConfigError::Invalid {
+            at: ctx.loc(&v.map_or_else(|| ctx.start(), |v| v.pos.clone())),
+            key: format!("budgets.{}", p.key.name()),
+            message: p.message,
+        }
+    })?;
+    Ok(b)
 }
 
 fn build_timing(ctx: &Ctx<'_>, m: &raw::Merged) -> Result<Timing, ConfigError> {

@@ -29,6 +29,7 @@
 //! The crate does no network I/O; it reads only the configuration files.
 #![forbid(unsafe_code)]
 
+pub mod budgets;
 mod config;
 mod error;
 pub mod fuzz;
@@ -37,6 +38,7 @@ mod raw;
 mod template;
 mod tree;
 
+pub use budgets::{parse_size, BudgetKey, BudgetSettings};
 pub use config::{
     Bootstrap, Config, GssapiConfig, HostEntry, Mechanism, PolicyConfig, PublicCerts, Timing,
     DEFAULT_BIND, DEFAULT_CONNECT, DEFAULT_PORT,

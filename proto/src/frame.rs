@@ -22,6 +22,8 @@ pub enum FrameError {
     HeaderTooLong(usize),
     #[error("frame payload length {0} exceeds {MAX_PAYLOAD}; send smaller payloads")]
     PayloadTooLong(usize),
+    #[error("frame payload length {len} exceeds this broker's max message of {max} bytes; send smaller payloads")]
+    PayloadOverLimit { len: usize, max: usize },
     #[error(transparent)]
     Header(#[from] ProtoError),
 }
@@ -50,15 +52,47 @@ pub fn encode_raw_frame(header: &[u8], payload: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Incremental frame reassembly.
-#[derive(Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    max_payload: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max_payload: MAX_PAYLOAD,
+        }
+    }
 }
 
 impl FrameDecoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that refuses, from its length prefix alone, a frame whose
+    /// payload exceeds `max` bytes (at most [`MAX_PAYLOAD`]).
+    pub fn with_max_payload(max: usize) -> Self {
+        FrameDecoder {
+            max_payload: max.min(MAX_PAYLOAD),
+            ..Self::default()
+        }
+    }
+
+    /// The lengths of the next frame's header and payload, once its 8-byte
+    /// prefix has arrived: a caller can refuse the frame before buffering
+    /// it.
+    pub fn next_lengths(&self) -> Option<(usize, usize)> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 8 {
+            return None;
+        }
+        let hlen = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        let plen = u32::from_be_bytes([avail[4], avail[5], avail[6], avail[7]]) as usize;
+        Some((hlen, plen))
     }
 
     /// Add bytes read from the stream.
@@ -91,6 +125,12 @@ impl FrameDecoder {
         if plen > MAX_PAYLOAD {
             return Err(FrameError::PayloadTooLong(plen));
         }
+        if plen > self.max_payload {
+            return Err(FrameError::PayloadOverLimit {
+                len: plen,
+                max: self.max_payload,
+            });
+        }
         if avail.len() < 8 + hlen + plen {
             self.compact();
             return Ok(None);
@@ -112,6 +152,34 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configured_limit_is_enforced_from_the_prefix() {
+        let h = Header::request("broker.ping", 7, 42);
+        let mut stream = Vec::new();
+        encode_frame(&h, &[1u8; 1024], &mut stream).unwrap();
+        let first = stream.len();
+        encode_frame(&h, &[2u8; 1025], &mut stream).unwrap();
+        let mut d = FrameDecoder::with_max_payload(1024);
+        d.push(&stream);
+        assert_eq!(d.next_frame().unwrap().unwrap().1.len(), 1024);
+        // Only the prefix of the second frame has to be there.
+        let mut d2 = FrameDecoder::with_max_payload(1024);
+        d2.push(&stream[first..first + 8]);
+        assert_eq!(d2.next_lengths().map(|l| l.1), Some(1025));
+        assert_eq!(
+            d2.next_frame(),
+            Err(FrameError::PayloadOverLimit {
+                len: 1025,
+                max: 1024
+            })
+        );
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::PayloadOverLimit { len: 1025, .. })
+        ));
+        assert_eq!(FrameDecoder::new().next_lengths(), None);
+    }
 
     #[test]
     fn reassembles_across_chunks() {
