@@ -35,7 +35,8 @@ pub use crate::admission::unix_principal;
 pub use crate::core::Card;
 pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
 use crate::sockets::{
-    disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, send_slice, split, zerr, zs,
+    disconnect_monitor, drain_monitor, drain_parent_monitor, parent_dealer, recv_parts, send,
+    send_slice, split, zerr, zs,
 };
 
 /// Messages taken from one socket before the others get a turn.
@@ -297,6 +298,13 @@ impl Broker {
             }
             if self.signals.term.load(Ordering::SeqCst) {
                 info!("received a termination signal; shutting down");
+                // Tell the parent this is a clean stop (offline, not lost),
+                // and give libzmq a moment to send it.
+                self.input(Input::Stopping);
+                self.pump()?;
+                if let Some(d) = &self.dealer {
+                    let _ = d.set_linger(200);
+                }
                 return Ok(());
             }
             if self.signals.hup.swap(false, Ordering::SeqCst) {
@@ -332,10 +340,19 @@ impl Broker {
             if readable(7) && self.router_monitor.as_ref().is_some_and(drain_monitor) {
                 self.input(Input::ChildClosed);
             }
-            if readable(8) && self.dealer_monitor.as_ref().is_some_and(drain_monitor) {
-                self.input(Input::ParentGone {
-                    reason: "the connection to the parent closed".into(),
-                });
+            if readable(8) {
+                let (closed, failed) = self
+                    .dealer_monitor
+                    .as_ref()
+                    .map(drain_parent_monitor)
+                    .unwrap_or_default();
+                if let Some(why) = failed {
+                    self.input(Input::ParentRefused { reason: why.into() });
+                } else if closed {
+                    self.input(Input::ParentGone {
+                        reason: "the connection to the parent closed".into(),
+                    });
+                }
             }
             for (i, (id, _, _)) in clients.iter().enumerate() {
                 if revents[9 + i].intersects(zmq::POLLIN | zmq::POLLERR) {

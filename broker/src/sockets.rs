@@ -115,16 +115,39 @@ pub enum Transport {
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watch `sock` for closed connections: returns a PAIR socket that
-/// receives libzmq's DISCONNECTED events.
+/// receives libzmq's DISCONNECTED events (and, for the parent link, failed
+/// handshakes: `handshakes`).
 pub(crate) fn disconnect_monitor(
     ctx: &zmq::Context,
     sock: &zmq::Socket,
+) -> Result<zmq::Socket, BrokerError> {
+    monitor(ctx, sock, zmq::SocketEvent::DISCONNECTED as i32)
+}
+
+/// The parent link's monitor: closed connections and failed handshakes.
+pub(crate) fn parent_monitor(
+    ctx: &zmq::Context,
+    sock: &zmq::Socket,
+) -> Result<zmq::Socket, BrokerError> {
+    monitor(
+        ctx,
+        sock,
+        zmq::SocketEvent::DISCONNECTED as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32,
+    )
+}
+
+fn monitor(
+    ctx: &zmq::Context,
+    sock: &zmq::Socket,
+    events: i32,
 ) -> Result<zmq::Socket, BrokerError> {
     let ep = format!(
         "inproc://canopy-monitor-{}",
         MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    sock.monitor(&ep, zmq::SocketEvent::DISCONNECTED as i32)
+    sock.monitor(&ep, events)
         .map_err(zerr("monitor a socket"))?;
     let m = ctx
         .socket(zmq::PAIR)
@@ -136,16 +159,28 @@ pub(crate) fn disconnect_monitor(
 
 /// Drain a monitor socket; true if any DISCONNECTED event was seen.
 pub(crate) fn drain_monitor(m: &zmq::Socket) -> bool {
-    let mut seen = false;
+    drain_parent_monitor(m).0
+}
+
+/// What a monitor reported: a connection closed; a handshake failed,
+/// and why (the last one seen).
+pub(crate) fn drain_parent_monitor(m: &zmq::Socket) -> (bool, Option<&'static str>) {
+    let mut closed = false;
+    let mut failed = None;
     while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-        if frames.first().is_some_and(|f| {
-            f.len() >= 2
-                && u16::from_le_bytes([f[0], f[1]]) == zmq::SocketEvent::DISCONNECTED as u16
-        }) {
-            seen = true;
+        let Some(f) = frames.first().filter(|f| f.len() >= 6) else {
+            continue;
+        };
+        let event = u16::from_le_bytes([f[0], f[1]]);
+        if event == zmq::SocketEvent::DISCONNECTED as u16 {
+            closed = true;
+        } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as u16 {
+            failed = Some("the parent's ZAP handler refused this broker's key (is this node's public certificate the one the parent has for this rank?)");
+        } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as u16 {
+            failed = Some("the CURVE handshake with the parent failed (is the parent's public key in this node's configuration the parent's current key?)");
         }
     }
-    seen
+    (closed, failed)
 }
 
 pub(crate) fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
@@ -435,7 +470,7 @@ pub(crate) fn parent_dealer(
         endpoint: ep.to_string(),
         reason: format!("connect: {}", e.message()),
     })?;
-    let m = disconnect_monitor(ctx, &s)?;
+    let m = parent_monitor(ctx, &s)?;
     Ok((s, m))
 }
 

@@ -134,6 +134,106 @@ fn impostor_keys_cannot_join() {
             "the impostor did not report the refusal:\n{}",
             c.log(3)
         );
+        // Status says refused, and why, not merely offline.
+        let refused = wait_until(Duration::from_secs(5), || {
+            c.status(0).is_some_and(|s| {
+                let r3 = &s["ranks"][3];
+                r3["state"] == "refused"
+                    && r3["reason"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("may only join as its own rank"))
+            })
+        });
+        assert!(refused, "{:?}", c.status(0));
+        assert!(
+            c.exited(3).is_none(),
+            "a refused system broker keeps retrying"
+        );
+    });
+}
+
+/// A node whose new key its parent does not know yet is refused by the
+/// parent's ZAP handler: it says so once (not once per retry), keeps
+/// retrying, and joins as soon as the parent has the key (SIGHUP reloads
+/// certificates), with no restart.
+#[test]
+fn a_wrongly_keyed_node_joins_once_its_parent_has_the_key() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        // n3 gets a new key pair, but its parent keeps the old public one.
+        let public = c.path("pub/n3.key");
+        let old_public = std::fs::read(&public).unwrap();
+        c.keygen("n3");
+        let new_public = std::fs::read(&public).unwrap();
+        std::fs::write(&public, &old_public).unwrap();
+        c.start_all();
+        assert!(
+            wait_until(Duration::from_secs(5), || c
+                .log(3)
+                .contains("refused this broker")),
+            "rank 3 did not report the refusal:\n{}",
+            c.log(3)
+        );
+        // Several retries (0.5 s, 1 s, 2 s apart), one warning.
+        std::thread::sleep(Duration::from_millis(3000));
+        assert_eq!(
+            c.log(3).matches("the parent refused this broker").count(),
+            1,
+            "{}",
+            c.log(3)
+        );
+        assert!(c.exited(3).is_none());
+        // The admin installs the new public key on the parent and reloads.
+        std::fs::write(&public, &new_public).unwrap();
+        c.signal(1, Signal::SIGHUP);
+        let t = Instant::now();
+        c.wait_full(Duration::from_secs(8));
+        eprintln!("rank 3 joined {:?} after the reload", t.elapsed());
+        assert!(
+            c.log(3).contains("which had refused this broker"),
+            "{}",
+            c.log(3)
+        );
+        c.assert_all_answer();
+    });
+}
+
+/// `overlay status` tells a clean stop (offline) from a crash (lost).
+#[test]
+fn a_clean_stop_is_offline_and_a_crash_is_lost() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        c.signal(2, Signal::SIGTERM);
+        let state = |c: &Cluster, r: usize| {
+            c.status(0).map(|s| {
+                (
+                    s["ranks"][r]["state"].clone(),
+                    s["ranks"][r]["reason"].clone(),
+                )
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || state(&c, 2).is_some_and(
+                |(st, why)| st == "offline" && why == "stopped cleanly"
+            )),
+            "{:?}\n{}",
+            state(&c, 2),
+            c.logs()
+        );
+        c.kill(3);
+        assert!(
+            wait_until(Duration::from_secs(5), || state(&c, 3)
+                .is_some_and(|(st, _)| st == "lost")),
+            "{:?}",
+            state(&c, 3)
+        );
+        assert_eq!(
+            state(&c, 2).unwrap().0,
+            "offline",
+            "still offline, not lost"
+        );
     });
 }
 
