@@ -63,6 +63,9 @@ pub struct Broker {
     /// DISCONNECTED events of the router and the dealer.
     router_monitor: Option<zmq::Socket>,
     dealer_monitor: Option<zmq::Socket>,
+    /// Failed handshakes on the remote client endpoint (logged only; drained
+    /// on every turn of the loop, so it needs no poll item).
+    client_monitor: Option<zmq::Socket>,
     local: Local,
     ipc_path: Option<PathBuf>,
     endpoint: Option<String>,
@@ -149,6 +152,10 @@ impl Broker {
             Some(r) => Some(disconnect_monitor(&ctx, r)?),
             None => None,
         };
+        let client_monitor = match &client_router {
+            Some(r) => Some(disconnect_monitor(&ctx, r)?),
+            None => None,
+        };
         let mut b = Broker {
             core,
             start: Instant::now(),
@@ -161,6 +168,7 @@ impl Broker {
             dealer: None,
             router_monitor,
             dealer_monitor: None,
+            client_monitor,
             local,
             ipc_path,
             endpoint,
@@ -235,6 +243,7 @@ impl Broker {
         }
         self.router_monitor = None;
         self.dealer_monitor = None;
+        self.client_monitor = None;
         self.router = None;
         self.client_router = None;
         self.dealer = None;
@@ -332,10 +341,23 @@ impl Broker {
             if readable(6) {
                 self.drain_client_router()?;
             }
-            if readable(7) && self.router_monitor.as_ref().is_some_and(drain_monitor) {
+            if let Some(m) = &self.client_monitor {
+                drain_monitor(m, "client");
+            }
+            if readable(7)
+                && self
+                    .router_monitor
+                    .as_ref()
+                    .is_some_and(|m| drain_monitor(m, "overlay"))
+            {
                 self.input(Input::ChildClosed);
             }
-            if readable(8) && self.dealer_monitor.as_ref().is_some_and(drain_monitor) {
+            if readable(8)
+                && self
+                    .dealer_monitor
+                    .as_ref()
+                    .is_some_and(|m| drain_monitor(m, "parent"))
+            {
                 self.input(Input::ParentGone {
                     reason: "the connection to the parent closed".into(),
                 });

@@ -93,8 +93,9 @@ pub enum Transport {
 
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Watch `sock` for closed connections: returns a PAIR socket that
-/// receives libzmq's DISCONNECTED events.
+/// Watch `sock` for closed connections and failed handshakes: returns a
+/// PAIR socket that receives libzmq's DISCONNECTED and HANDSHAKE_FAILED
+/// events (the latter are logged by [`drain_monitor`]).
 pub(crate) fn disconnect_monitor(
     ctx: &zmq::Context,
     sock: &zmq::Socket,
@@ -103,7 +104,10 @@ pub(crate) fn disconnect_monitor(
         "inproc://canopy-monitor-{}",
         MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    sock.monitor(&ep, zmq::SocketEvent::DISCONNECTED as i32)
+    let events = zmq::SocketEvent::DISCONNECTED as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32;
+    sock.monitor(&ep, events)
         .map_err(zerr("monitor a socket"))?;
     let m = ctx
         .socket(zmq::PAIR)
@@ -113,15 +117,67 @@ pub(crate) fn disconnect_monitor(
     Ok(m)
 }
 
-/// Drain a monitor socket; true if any DISCONNECTED event was seen.
-pub(crate) fn drain_monitor(m: &zmq::Socket) -> bool {
+/// Handshake failures logged at warn per second, across the broker; more
+/// are counted at debug, so a flood of bad connections cannot flood the log.
+const HANDSHAKE_LOGS_PER_SECOND: u64 = 20;
+static HANDSHAKE_LOG_SECOND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static HANDSHAKE_LOG_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Log a failed handshake on the endpoint `what` (`overlay`, `client`,
+/// `parent`): the peer spoke another protocol or mechanism (`protocol`,
+/// with libzmq's error code), or did not finish in time (`no_detail`).
+fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if HANDSHAKE_LOG_SECOND.swap(now, Relaxed) != now {
+        HANDSHAKE_LOG_COUNT.store(0, Relaxed);
+    }
+    let kind = if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL {
+        "protocol"
+    } else {
+        "no_detail"
+    };
+    match HANDSHAKE_LOG_COUNT.fetch_add(1, Relaxed) {
+        n if n < HANDSHAKE_LOGS_PER_SECOND => tracing::warn!(
+            verdict = %"deny",
+            endpoint = what,
+            failure = kind,
+            code = format_args!("{value:#x}"),
+            peer,
+            "zmq: handshake failed; connection closed (a peer speaking another protocol or mechanism, or one that did not finish the handshake in time)"
+        ),
+        HANDSHAKE_LOGS_PER_SECOND => tracing::warn!(
+            endpoint = what,
+            "zmq: more handshake failures this second; not logging each"
+        ),
+        _ => tracing::debug!(endpoint = what, failure = kind, peer, "zmq: handshake failed"),
+    }
+}
+
+/// Drain a monitor socket of endpoint `what`, logging failed handshakes;
+/// true if any DISCONNECTED event was seen.
+pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
     let mut seen = false;
     while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-        if frames.first().is_some_and(|f| {
-            f.len() >= 2
-                && u16::from_le_bytes([f[0], f[1]]) == zmq::SocketEvent::DISCONNECTED as u16
-        }) {
-            seen = true;
+        let Some(f) = frames.first().filter(|f| f.len() >= 6) else {
+            continue;
+        };
+        let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([f[0], f[1]]));
+        let value = u32::from_le_bytes([f[2], f[3], f[4], f[5]]);
+        match event {
+            zmq::SocketEvent::DISCONNECTED => seen = true,
+            zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => {
+                let peer = frames
+                    .get(1)
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default();
+                log_handshake_failure(what, event, value, &peer);
+            }
+            _ => {}
         }
     }
     seen
