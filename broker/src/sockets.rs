@@ -183,6 +183,13 @@ pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
     seen
 }
 
+/// A peer that has not finished its handshake within `timing.lost` (at
+/// most libzmq's default of 30 s) is cut, so half-open connections do not
+/// pile up.
+fn handshake_ivl(timing: &Timing) -> i32 {
+    timing.lost_ms.clamp(1, 30_000) as i32
+}
+
 pub(crate) fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
     let what = what.into();
     move |source| BrokerError::Zmq { what, source }
@@ -241,6 +248,8 @@ pub fn bind(
         s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
         s.set_maxmsgsize(MAX_FRAME)
             .map_err(zerr("set maxmsgsize"))?;
+        s.set_handshake_ivl(handshake_ivl(timing))
+            .map_err(zerr("set handshake_ivl"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
@@ -295,6 +304,8 @@ pub fn bind(
         s.set_sndhwm(CLIENT_HWM).map_err(zerr("set sndhwm"))?;
         s.set_maxmsgsize(MAX_FRAME)
             .map_err(zerr("set maxmsgsize"))?;
+        s.set_handshake_ivl(handshake_ivl(timing))
+            .map_err(zerr("set handshake_ivl"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
