@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use tracing::warn;
+use tracing::{info, warn};
 
 struct Stream {
     stream: UnixStream,
@@ -125,6 +125,14 @@ impl Local {
         loop {
             match s.stream.read(buf) {
                 Ok(0) => {
+                    if s.dec.pending() > 0 {
+                        info!(
+                            client = id,
+                            uid = s.uid,
+                            discarded = s.dec.pending(),
+                            "local: client closed the connection in the middle of a frame; the partial frame is discarded"
+                        );
+                    }
                     s.dead = true;
                     break;
                 }

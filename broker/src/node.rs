@@ -577,7 +577,7 @@ impl Broker {
                 return Ok(());
             };
             let Some((mut hframe, payload)) = split(parts) else {
-                debug!("remote: dropped a message with the wrong number of frames");
+                warn!(verdict = %"deny", "remote: dropped a message with the wrong number of frames; expected 1 or 2");
                 continue;
             };
             let user_id = hframe.gets("User-Id").unwrap_or("").to_string();

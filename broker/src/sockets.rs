@@ -117,8 +117,9 @@ pub(crate) fn disconnect_monitor(
     Ok(m)
 }
 
-/// Handshake failures logged at warn per second, across the broker; more
-/// are counted at debug, so a flood of bad connections cannot flood the log.
+/// Connection events (failed handshakes, closed connections) logged per
+/// second, across the broker; more go to debug, so a flood of bad
+/// connections cannot flood the log.
 const HANDSHAKE_LOGS_PER_SECOND: u64 = 20;
 static HANDSHAKE_LOG_SECOND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static HANDSHAKE_LOG_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -126,7 +127,9 @@ static HANDSHAKE_LOG_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::At
 /// Log a failed handshake on the endpoint `what` (`overlay`, `client`,
 /// `parent`): the peer spoke another protocol or mechanism (`protocol`,
 /// with libzmq's error code), or did not finish in time (`no_detail`).
-fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: &str) {
+/// Whether another connection event may be logged this second (at most
+/// [`HANDSHAKE_LOGS_PER_SECOND`]; the first one over says so).
+fn under_log_rate() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -135,29 +138,41 @@ fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: 
     if HANDSHAKE_LOG_SECOND.swap(now, Relaxed) != now {
         HANDSHAKE_LOG_COUNT.store(0, Relaxed);
     }
+    match HANDSHAKE_LOG_COUNT.fetch_add(1, Relaxed) {
+        n if n < HANDSHAKE_LOGS_PER_SECOND => true,
+        HANDSHAKE_LOGS_PER_SECOND => {
+            tracing::warn!("zmq: more connection failures this second; not logging each");
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Log a failed handshake on the endpoint `what` (`overlay`, `client`,
+/// `parent`): the peer spoke another protocol or mechanism (`protocol`,
+/// with libzmq's error code), or did not finish in time (`no_detail`).
+fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: &str) {
     let kind = if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL {
         "protocol"
     } else {
         "no_detail"
     };
-    match HANDSHAKE_LOG_COUNT.fetch_add(1, Relaxed) {
-        n if n < HANDSHAKE_LOGS_PER_SECOND => tracing::warn!(
+    if under_log_rate() {
+        tracing::warn!(
             verdict = %"deny",
             endpoint = what,
             failure = kind,
             code = format_args!("{value:#x}"),
             peer,
             "zmq: handshake failed; connection closed (a peer speaking another protocol or mechanism, or one that did not finish the handshake in time)"
-        ),
-        HANDSHAKE_LOGS_PER_SECOND => tracing::warn!(
-            endpoint = what,
-            "zmq: more handshake failures this second; not logging each"
-        ),
-        _ => tracing::debug!(endpoint = what, failure = kind, peer, "zmq: handshake failed"),
+        );
+    } else {
+        tracing::debug!(endpoint = what, failure = kind, peer, "zmq: handshake failed");
     }
 }
 
-/// Drain a monitor socket of endpoint `what`, logging failed handshakes;
+/// Drain a monitor socket of endpoint `what`, logging failed handshakes
+/// (and closed connections of children and remote clients, at info);
 /// true if any DISCONNECTED event was seen.
 pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
     let mut seen = false;
@@ -168,7 +183,19 @@ pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
         let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([f[0], f[1]]));
         let value = u32::from_le_bytes([f[2], f[3], f[4], f[5]]);
         match event {
-            zmq::SocketEvent::DISCONNECTED => seen = true,
+            zmq::SocketEvent::DISCONNECTED => {
+                seen = true;
+                if what != "parent" && under_log_rate() {
+                    // libzmq cuts a peer without telling the application
+                    // why: a frame over ZMQ_MAXMSGSIZE, a protocol error
+                    // (bytes that are not ZMTP), or the peer simply left.
+                    let peer = frames
+                        .get(1)
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .unwrap_or_default();
+                    tracing::info!(endpoint = what, peer = %peer, "zmq: a connection closed (the peer left, or libzmq cut it for a frame over the maximum message size or bytes that are not ZMTP)");
+                }
+            }
             zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL
             | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => {
                 let peer = frames
