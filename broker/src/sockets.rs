@@ -21,6 +21,11 @@ use std::sync::Arc;
 pub const OVERLAY_HWM: i32 = 100_000;
 /// Messages libzmq may queue toward one remote client.
 pub const CLIENT_HWM: i32 = 1_000;
+/// Messages libzmq may queue from one remote client before the broker
+/// reads them; past it, TCP pushes back on the client. Kept small: what
+/// libzmq holds here is not counted by the budgets (with libzmq's default
+/// of 1,000, ten connections flooding 8 KiB pings held up to 80 MB).
+pub const CLIENT_RCVHWM: i32 = 64;
 /// Largest frame any ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`): the
 /// largest payload plus the largest header. libzmq closes the connection
 /// of a peer that sends more, before buffering it.
@@ -141,7 +146,7 @@ fn under_log_rate() -> bool {
     match HANDSHAKE_LOG_COUNT.fetch_add(1, Relaxed) {
         n if n < HANDSHAKE_LOGS_PER_SECOND => true,
         HANDSHAKE_LOGS_PER_SECOND => {
-            tracing::warn!("zmq: more connection failures this second; not logging each");
+            tracing::warn!("zmq: more connection events this second; not logging each");
             false
         }
         _ => false,
@@ -160,14 +165,14 @@ fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: 
     if under_log_rate() {
         tracing::warn!(
             verdict = %"deny",
-            endpoint = what,
-            failure = kind,
+            endpoint = %what,
+            failure = %kind,
             code = format_args!("{value:#x}"),
-            peer,
+            peer = %peer,
             "zmq: handshake failed; connection closed (a peer speaking another protocol or mechanism, or one that did not finish the handshake in time)"
         );
     } else {
-        tracing::debug!(endpoint = what, failure = kind, peer, "zmq: handshake failed");
+        tracing::debug!(endpoint = %what, failure = %kind, peer = %peer, "zmq: handshake failed");
     }
 }
 
@@ -193,7 +198,7 @@ pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
                         .get(1)
                         .map(|p| String::from_utf8_lossy(p).into_owned())
                         .unwrap_or_default();
-                    tracing::info!(endpoint = what, peer = %peer, "zmq: a connection closed (the peer left, or libzmq cut it for a frame over the maximum message size or bytes that are not ZMTP)");
+                    tracing::info!(endpoint = %what, peer = %peer, "zmq: a connection closed (the peer left, or libzmq cut it for a frame over the maximum message size or bytes that are not ZMTP)");
                 }
             }
             zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL
@@ -329,6 +334,7 @@ pub fn bind(
             .map_err(zerr("create client router"))?;
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(CLIENT_HWM).map_err(zerr("set sndhwm"))?;
+        s.set_rcvhwm(CLIENT_RCVHWM).map_err(zerr("set rcvhwm"))?;
         s.set_maxmsgsize(MAX_FRAME)
             .map_err(zerr("set maxmsgsize"))?;
         s.set_handshake_ivl(handshake_ivl(timing))

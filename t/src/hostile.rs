@@ -9,6 +9,7 @@ use crate::{wait_until, Instance};
 use canopy_client::{Client, TcpKeys};
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -335,11 +336,14 @@ pub struct UserProc {
 impl UserProc {
     /// `prog ARGS...` as OTHER_USER.
     pub fn spawn(prog: &Path, args: &[&str]) -> UserProc {
+        // A process group of its own, killed as a whole: killing runuser
+        // alone would leave the program running.
         let mut child = Command::new("runuser")
             .args(["-u", OTHER_USER, "--"])
             .arg(prog)
             .args(args)
             .env("RUST_LOG", "warn")
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -381,6 +385,10 @@ impl UserProc {
 
 impl Drop for UserProc {
     fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -10,7 +10,7 @@
 //!
 //! `canopy-t-peer flood-local PATH TIMEOUT_MS CONNS SIZES HOLD_MS` opens
 //! CONNS connections; each sends one `broker.ping` to rank 0 per size in
-//! SIZES (comma-separated payload bytes) without reading, holds them
+//! SIZES (comma-separated payload bytes, `-` for none) without reading, holds them
 //! HOLD_MS more without reading, then reads what each got (a slow reader).
 //! It prints `conn N sent K of M` (and `conn N send error: ..`), then the
 //! frames as `conn N frame ..`, then `conn N closed` or `conn N open`.
@@ -128,8 +128,10 @@ fn flood(path: &str, ms: &str, conns: &str, sizes: &str, hold: &str) -> ! {
     else {
         usage()
     };
+    let sizes = if sizes == "-" { "" } else { sizes };
     let Ok(sizes) = sizes
         .split(',')
+        .filter(|s| !s.is_empty())
         .map(str::parse::<usize>)
         .collect::<Result<Vec<_>, _>>()
     else {
@@ -178,19 +180,22 @@ fn flood(path: &str, ms: &str, conns: &str, sizes: &str, hold: &str) -> ! {
         let _ = w.join();
     }
     std::thread::sleep(Duration::from_millis(hold).min(deadline.saturating_duration_since(Instant::now())));
+    // One window for all the connections: each is read until it closes or
+    // the window ends.
+    let end = Instant::now() + Duration::from_millis(1500);
     for (n, s) in streams.iter_mut().enumerate() {
         let mut dec = FrameDecoder::new();
         let mut buf = vec![0u8; 1 << 16];
-        let end = Instant::now() + Duration::from_millis(500);
         let state = loop {
             while let Ok(Some((h, p))) = dec.next_frame() {
                 println!("conn {n} frame {}", describe(&h, &p));
             }
             let now = Instant::now();
-            if now >= end.min(deadline) {
+            if now >= deadline {
                 break "open";
             }
-            let _ = s.set_read_timeout(Some(end.min(deadline) - now));
+            let left = (end.min(deadline) - now).max(Duration::from_millis(20));
+            let _ = s.set_read_timeout(Some(left));
             match s.read(&mut buf) {
                 Ok(0) => break "closed",
                 Ok(k) => dec.push(&buf[..k]),
