@@ -1000,6 +1000,12 @@ fn v_sigstop_neighbour(ctx: &Ctx) -> Vec<String> {
         Instance::ping(&mut c, rank, b"").unwrap();
         assert!(t.elapsed() < Duration::from_millis(500), "rank {rank} slow");
     }
+    // Continued, rank 1 rejoins and is served again.
+    drop(_cont);
+    let back = wait_until(Duration::from_secs(15), || {
+        Instance::ping(&mut c, 1, b"").is_ok()
+    });
+    assert!(back, "rank 1 did not come back after SIGCONT");
     needles(&["overlay: lost rank 1"])
 }
 
