@@ -257,6 +257,9 @@ impl Local {
             if s.out_pos == s.out.len() {
                 s.out.clear();
                 s.out_pos = 0;
+                if s.out.capacity() > canopy_proto::frame::KEEP_CAPACITY {
+                    s.out = Vec::new();
+                }
             }
             let mut gone = before - (s.out.len() - s.out_pos);
             if s.dead || (s.closing && s.out.is_empty()) {

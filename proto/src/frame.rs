@@ -49,6 +49,11 @@ pub fn encode_raw_frame(header: &[u8], payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// A buffer emptied with more capacity than this gives it back, so a
+/// connection that once sent (or was sent) a large frame does not keep
+/// holding its memory.
+pub const KEEP_CAPACITY: usize = 1 << 20;
+
 /// Incremental frame reassembly.
 #[derive(Default)]
 pub struct FrameDecoder {
@@ -66,6 +71,9 @@ impl FrameDecoder {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf = Vec::new();
+            }
         }
         self.buf.extend_from_slice(data);
     }
@@ -96,8 +104,17 @@ impl FrameDecoder {
             return Ok(None);
         }
         let header = decode_header(&avail[8..8 + hlen])?;
-        let payload = avail[8 + hlen..8 + hlen + plen].to_vec();
-        self.start += 8 + hlen + plen;
+        let end = self.start + 8 + hlen + plen;
+        if self.start == 0 && end == self.buf.len() && plen > KEEP_CAPACITY {
+            // A large frame that is all the buffer holds: hand over the
+            // buffer itself rather than a copy (no second allocation of
+            // the payload's size).
+            let mut b = std::mem::take(&mut self.buf);
+            b.drain(..8 + hlen);
+            return Ok(Some((header, b)));
+        }
+        let payload = self.buf[self.start + 8 + hlen..end].to_vec();
+        self.start = end;
         Ok(Some((header, payload)))
     }
 
