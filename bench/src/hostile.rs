@@ -186,14 +186,8 @@ fn one_run(canopy: &Path, peer_src: &Path, p: &HostileParams) -> Result<HostileR
     std::fs::copy(peer_src, &peer).context("copy canopy-t-peer")?;
     chmod(&peer, 0o755)?;
     let extra = vec!["--policy".to_string(), policy.display().to_string()];
-    let mut inst = Instance::start_with(
-        canopy,
-        1,
-        2,
-        p.start_timeout,
-        p.rundir.as_deref(),
-        &extra,
-    )?;
+    let mut inst =
+        Instance::start_with(canopy, 1, 2, p.start_timeout, p.rundir.as_deref(), &extra)?;
     let uri = inst.uri(0);
     let local0 = inst.dir.join("local-0");
     chmod(inst.launcher.scratch(), 0o711)?;
@@ -324,7 +318,14 @@ pub fn table(r: &HostileReport) -> String {
     let _ = writeln!(
         s,
         "{:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "idle MiB", "peak MiB", "over budget", "quiet p50", "quiet p99", "attack p50", "attack p99", "refused"
+        "idle MiB",
+        "peak MiB",
+        "over budget",
+        "quiet p50",
+        "quiet p99",
+        "attack p50",
+        "attack p99",
+        "refused"
     );
     for x in &r.runs {
         let _ = writeln!(

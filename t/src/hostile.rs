@@ -9,8 +9,8 @@ use crate::{wait_until, Instance};
 use canopy_client::{Client, TcpKeys};
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -119,11 +119,15 @@ impl Pinger {
     /// Ping `rank` through a fresh client of `uri` (the owner's).
     pub fn start(uri: &str, rank: u32, count: usize, every: Duration) -> Pinger {
         let mut c = Client::connect(Some(uri)).expect("the owner connects");
-        Pinger::start_with(move |payload| {
-            c.rpc("broker.ping", rank, payload, Duration::from_secs(5))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }, count, every)
+        Pinger::start_with(
+            move |payload| {
+                c.rpc("broker.ping", rank, payload, Duration::from_secs(5))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            count,
+            every,
+        )
     }
 
     /// Ping with `ping` (one round trip, an error if it failed).

@@ -118,7 +118,10 @@ fn slow_readers_on_three_connections_of_one_user() {
                         || l.contains(&format!("errnum={} ", errno::EMSGSIZE))
                         || l.contains(&format!("errnum={} ", errno::EAGAIN)))
             });
-            assert!(refused, "connection {n} was neither refused nor cut: {lines:?}");
+            assert!(
+                refused,
+                "connection {n} was neither refused nor cut: {lines:?}"
+            );
         }
         // Not everything it sent was echoed back.
         let echoed = lines
@@ -129,7 +132,8 @@ fn slow_readers_on_three_connections_of_one_user() {
         let log = inst.stderr_text();
         let logged = log.lines().any(|l| {
             (l.contains("budget: request refused") && l.contains(&format!("unix:{OTHER_USER}")))
-                || (l.contains("budget: local client is not reading") && l.contains(&format!("uid={uid}")))
+                || (l.contains("budget: local client is not reading")
+                    && l.contains(&format!("uid={uid}")))
                 || l.contains("bad frame")
         });
         assert!(logged, "no refusal of {OTHER_USER} in the log:\n{log}");
@@ -182,12 +186,12 @@ fn a_100_mb_ping_from_a_remote_user_key() {
         let pinger = Pinger::start(inst.uri(), 0, PINGS, Duration::from_millis(20));
         let big = Header::request("broker.ping", 0, 2).encode().unwrap();
         let payload = vec![0x5au8; 100_000_000];
-        assert!(peer.send(&[&big, &payload]), "could not queue the 100 MB ping");
-        drop(payload);
-        let events = peer.events(
-            Duration::from_secs(20),
-            &[zmq::SocketEvent::DISCONNECTED],
+        assert!(
+            peer.send(&[&big, &payload]),
+            "could not queue the 100 MB ping"
         );
+        drop(payload);
+        let events = peer.events(Duration::from_secs(20), &[zmq::SocketEvent::DISCONNECTED]);
         assert!(
             events.contains(&zmq::SocketEvent::DISCONNECTED),
             "the broker did not drop the connection: {events:?}"
@@ -227,7 +231,11 @@ fn twenty_thousand_pings_toward_a_stopped_rank() {
         let policy = dir.path().join("policy.toml");
         write_policy(
             &policy,
-            &format!("{}{}", rule("a", &pa, "\"user\""), rule("b", &pb, "\"user\"")),
+            &format!(
+                "{}{}",
+                rule("a", &pa, "\"user\""),
+                rule("b", &pb, "\"user\"")
+            ),
         );
         let inst = Instance::start_with_env(
             2,

@@ -170,7 +170,10 @@ impl Ctx {
                 continue;
             }
             if let Err(e) = Instance::ping(&mut owner, 0, b"still serving") {
-                failed.push(format!("{}: the owner's ping failed afterwards: {e}", c.name));
+                failed.push(format!(
+                    "{}: the owner's ping failed afterwards: {e}",
+                    c.name
+                ));
                 owner = self.inst.client(0);
                 continue;
             }
@@ -298,7 +301,10 @@ fn curve_peer(ep: &str, server: &[u8; 32], kp: &canopy_security::CurveKeypair) -
 fn h_garbage(ctx: &Ctx, overlay: bool) -> Vec<String> {
     let mut r = Raw::connect(ctx, overlay);
     r.write(&garbage(16384));
-    assert!(r.closed_within(Duration::from_secs(5)), "garbage kept its connection");
+    assert!(
+        r.closed_within(Duration::from_secs(5)),
+        "garbage kept its connection"
+    );
     needles(&["zmq: a connection closed", which(overlay)])
 }
 
@@ -389,7 +395,11 @@ fn h_flood(ctx: &Ctx, overlay: bool) -> Vec<String> {
 
 fn h_user_key_on_overlay(ctx: &Ctx) -> Vec<String> {
     let keys = TcpKeys::load(&ctx.user.0, &client_endpoint(&ctx.inst).1).unwrap();
-    let p = curve_peer(&ctx.inst.tbon_endpoint(0), &keys.server_public, &keys.client);
+    let p = curve_peer(
+        &ctx.inst.tbon_endpoint(0),
+        &keys.server_public,
+        &keys.client,
+    );
     assert_handshake_fails(&p);
     vec!["verdict=deny".into(), ctx.user.1.clone()]
 }
@@ -409,13 +419,24 @@ fn handshake_on_the_overlay_and_client_endpoints() {
             case("client: unknown CURVE key", |c| h_unknown_key(c, false)),
             case("overlay: wrong server key", |c| h_wrong_server_key(c, true)),
             case("client: wrong server key", |c| h_wrong_server_key(c, false)),
-            case("overlay: truncated greeting", |c| h_truncated_greeting(c, true)),
-            case("client: truncated greeting", |c| h_truncated_greeting(c, false)),
+            case("overlay: truncated greeting", |c| {
+                h_truncated_greeting(c, true)
+            }),
+            case("client: truncated greeting", |c| {
+                h_truncated_greeting(c, false)
+            }),
             case("overlay: half-open handshake", |c| h_half_open(c, true)),
             case("client: half-open handshake", |c| h_half_open(c, false)),
-            case("overlay: a user key tries to join the tree", h_user_key_on_overlay),
-            case("overlay: flood of 200 bad connections", |c| h_flood(c, true)),
-            case("client: flood of 200 bad connections", |c| h_flood(c, false)),
+            case(
+                "overlay: a user key tries to join the tree",
+                h_user_key_on_overlay,
+            ),
+            case("overlay: flood of 200 bad connections", |c| {
+                h_flood(c, true)
+            }),
+            case("client: flood of 200 bad connections", |c| {
+                h_flood(c, false)
+            }),
         ]);
     });
 }
@@ -433,7 +454,10 @@ fn admitted(ctx: &Ctx, key: &Path) -> ZPeer {
         s.connect(&ep).unwrap();
     });
     let ev = p.events(Duration::from_secs(5), &[Ev::HANDSHAKE_SUCCEEDED]);
-    assert!(ev.contains(&Ev::HANDSHAKE_SUCCEEDED), "not admitted: {ev:?}");
+    assert!(
+        ev.contains(&Ev::HANDSHAKE_SUCCEEDED),
+        "not admitted: {ev:?}"
+    );
     p
 }
 
@@ -688,27 +712,48 @@ fn malformed_forged_and_spoofed_messages() {
             case("bad magic byte", m_bad_magic),
             case("unsupported protocol version", m_bad_version),
             case("unknown message type", m_bad_type),
-            case("oversized header: topic length field over the maximum", m_oversized_topic_field),
+            case(
+                "oversized header: topic length field over the maximum",
+                m_oversized_topic_field,
+            ),
             case("oversized header: 5000-byte userid", m_oversized_userid),
             case("truncated header", m_truncated_header),
             case("header shorter than its fixed part", m_short_header),
             case("invalid UTF-8 in the topic", m_bad_utf8),
             case("unknown route hop kind", m_bad_hop),
             case("wrong number of frames", m_wrong_frame_count),
-            case("response-typed message from a client", |c| m_not_a_request(c, MsgType::Response)),
-            case("event-typed message from a client", |c| m_not_a_request(c, MsgType::Event)),
-            case("control-typed message from a client", |c| m_not_a_request(c, MsgType::Control)),
+            case("response-typed message from a client", |c| {
+                m_not_a_request(c, MsgType::Response)
+            }),
+            case("event-typed message from a client", |c| {
+                m_not_a_request(c, MsgType::Event)
+            }),
+            case("control-typed message from a client", |c| {
+                m_not_a_request(c, MsgType::Control)
+            }),
             case("forged userid and roles", m_forged_identity),
             case("forged route stack", m_forged_route),
             case("routing to a nonexistent rank", m_no_such_rank),
             case("huge topic no service offers", m_huge_topic),
             case("event.pub as a user", m_event_pub_as_user),
-            case("admin-only acl.reload as a user", |c| m_admin_topic_as_user(c, "acl.reload")),
-            case("admin-only key.switch as a user", |c| m_admin_topic_as_user(c, "key.switch")),
-            case("admin-only overlay.disconnect as a user", |c| m_admin_topic_as_user(c, "overlay.disconnect")),
-            case("a payload over the maximum message size", m_over_max_payload),
+            case("admin-only acl.reload as a user", |c| {
+                m_admin_topic_as_user(c, "acl.reload")
+            }),
+            case("admin-only key.switch as a user", |c| {
+                m_admin_topic_as_user(c, "key.switch")
+            }),
+            case("admin-only overlay.disconnect as a user", |c| {
+                m_admin_topic_as_user(c, "overlay.disconnect")
+            }),
+            case(
+                "a payload over the maximum message size",
+                m_over_max_payload,
+            ),
             case("a frame over ZMQ_MAXMSGSIZE", m_over_max_frame),
-            case("local: a response-typed frame from the owner", m_local_response_from_owner),
+            case(
+                "local: a response-typed frame from the owner",
+                m_local_response_from_owner,
+            ),
         ]);
     });
 }
@@ -774,7 +819,10 @@ fn l_partial_then_close(ctx: &Ctx) -> Vec<String> {
     s.write_all(&b).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     drop(s);
-    needles(&["closed the connection in the middle of a frame", "discarded="])
+    needles(&[
+        "closed the connection in the middle of a frame",
+        "discarded=",
+    ])
 }
 
 fn peer_of(ctx: &Ctx) -> &Path {
@@ -785,7 +833,14 @@ fn l_too_many_connections(ctx: &Ctx) -> Vec<String> {
     let local0 = ctx.inst.local_path(0);
     let mut p = UserProc::spawn(
         peer_of(ctx),
-        &["flood-local", local0.to_str().unwrap(), "20000", "65", "-", "500"],
+        &[
+            "flood-local",
+            local0.to_str().unwrap(),
+            "20000",
+            "65",
+            "-",
+            "500",
+        ],
     );
     p.wait_exit(Duration::from_secs(20));
     let lines = p.lines();
@@ -817,7 +872,14 @@ fn l_never_reads(ctx: &Ctx) -> Vec<String> {
     let sizes = format!("{mib16},{mib16},{mib16}");
     let mut p = UserProc::spawn(
         peer_of(ctx),
-        &["flood-local", local0.to_str().unwrap(), "20000", "1", &sizes, "1000"],
+        &[
+            "flood-local",
+            local0.to_str().unwrap(),
+            "20000",
+            "1",
+            &sizes,
+            "1000",
+        ],
     );
     p.wait_exit(Duration::from_secs(25));
     let lines = p.lines();
@@ -835,13 +897,25 @@ fn local_socket_abuse() {
     run_test(LIMIT, || {
         let ctx = Ctx::new(1, &[]);
         ctx.run(&[
-            case("length prefix: header over the maximum", l_header_len_over_max),
-            case("length prefix: payload over the maximum", l_payload_len_over_max),
+            case(
+                "length prefix: header over the maximum",
+                l_header_len_over_max,
+            ),
+            case(
+                "length prefix: payload over the maximum",
+                l_payload_len_over_max,
+            ),
             case("invalid framing: undecodable header", l_undecodable),
-            case("invalid framing: header length disagrees with the header", l_header_len_mismatch),
+            case(
+                "invalid framing: header length disagrees with the header",
+                l_header_len_mismatch,
+            ),
             case("invalid framing: empty header", l_empty_header),
             case("partial frame, then close", l_partial_then_close),
-            root_case("65 connections of one uid (budget 64)", l_too_many_connections),
+            root_case(
+                "65 connections of one uid (budget 64)",
+                l_too_many_connections,
+            ),
             root_case("connect, send max-size pings, never read", l_never_reads),
         ]);
     });
@@ -888,12 +962,18 @@ fn a_denied_local_user(ctx: &Ctx) -> Vec<String> {
     write_policy(&ctx.policy, &rule("user-key", &ctx.user.1, "\"user\""));
     acl_reload(ctx);
     let local0 = ctx.inst.local_path(0);
-    let mut p = UserProc::spawn(peer_of(ctx), &["read-local", local0.to_str().unwrap(), "5000"]);
+    let mut p = UserProc::spawn(
+        peer_of(ctx),
+        &["read-local", local0.to_str().unwrap(), "5000"],
+    );
     p.wait_exit(Duration::from_secs(10));
     write_policy(&ctx.policy, &base_policy(&ctx.user.1, &ctx.operator.1));
     acl_reload(ctx);
     assert!(p.has("errnum=1 ") && p.has("closed"), "{:?}", p.lines());
-    vec!["verdict=deny".into(), format!("principal=unix:{OTHER_USER}")]
+    vec![
+        "verdict=deny".into(),
+        format!("principal=unix:{OTHER_USER}"),
+    ]
 }
 
 fn a_remote_revoked_mid_stream(ctx: &Ctx) -> Vec<String> {
@@ -937,13 +1017,21 @@ fn a_local_revoked_mid_stream(ctx: &Ctx) -> Vec<String> {
         peer_of(ctx),
         &["talk-local", local0.to_str().unwrap(), "20000", "*"],
     );
-    assert!(p.wait_for("payload=talk", Duration::from_secs(10)), "{:?}", p.lines());
+    assert!(
+        p.wait_for("payload=talk", Duration::from_secs(10)),
+        "{:?}",
+        p.lines()
+    );
     write_policy(&ctx.policy, &rule("user-key", &ctx.user.1, "\"user\""));
     acl_reload(ctx);
     let cut = p.wait_for("closed", Duration::from_secs(5));
     write_policy(&ctx.policy, &base_policy(&ctx.user.1, &ctx.operator.1));
     acl_reload(ctx);
-    assert!(cut, "a revoked local client kept its connection: {:?}", p.lines());
+    assert!(
+        cut,
+        "a revoked local client kept its connection: {:?}",
+        p.lines()
+    );
     assert!(p.has("access revoked"), "{:?}", p.lines());
     vec!["access revoked".into(), format!("unix:{OTHER_USER}")]
 }
@@ -956,7 +1044,11 @@ fn a_user_reloads_the_policy(ctx: &Ctx) -> Vec<String> {
         Some(errno::EPERM),
         "{r:?}"
     );
-    vec!["authz: request refused".into(), "topic=acl.reload".into(), ctx.user.1.clone()]
+    vec![
+        "authz: request refused".into(),
+        "topic=acl.reload".into(),
+        ctx.user.1.clone(),
+    ]
 }
 
 #[test]
@@ -967,9 +1059,15 @@ fn authorization_and_revocation() {
             case("a remote key no rule names", a_unknown_remote_key),
             case("a remote key with a deny rule", a_denied_remote_key),
             root_case("a local user no rule names", a_denied_local_user),
-            case("a remote client revoked mid-stream", a_remote_revoked_mid_stream),
+            case(
+                "a remote client revoked mid-stream",
+                a_remote_revoked_mid_stream,
+            ),
             case("the revoked key reconnects", a_revoked_key_reconnects),
-            root_case("a local client revoked mid-stream", a_local_revoked_mid_stream),
+            root_case(
+                "a local client revoked mid-stream",
+                a_local_revoked_mid_stream,
+            ),
             case("a user asks for acl.reload", a_user_reloads_the_policy),
         ]);
     });
@@ -1026,8 +1124,9 @@ fn v_local_slow_subscriber(ctx: &Ctx) -> Vec<String> {
     p.wait_exit(Duration::from_secs(25));
     let lines = p.lines();
     assert!(
-        lines.iter().any(|l| l.ends_with(" closed")
-            || l.contains(&format!("errnum={} ", errno::EAGAIN))),
+        lines
+            .iter()
+            .any(|l| l.ends_with(" closed") || l.contains(&format!("errnum={} ", errno::EAGAIN))),
         "two slow connections of one uid were neither refused nor cut: {lines:?}"
     );
     vec!["budget:".into(), format!("unix:{OTHER_USER}")]
@@ -1038,7 +1137,10 @@ fn liveness_abuse() {
     run_test(LIMIT, || {
         let ctx = Ctx::new(3, &[]);
         ctx.run(&[
-            root_case("one uid's two connections that never read 12 MiB replies", v_local_slow_subscriber),
+            root_case(
+                "one uid's two connections that never read 12 MiB replies",
+                v_local_slow_subscriber,
+            ),
             case("SIGSTOP of a neighbour", v_sigstop_neighbour),
         ]);
     });
@@ -1067,6 +1169,9 @@ fn a_remote_client_that_never_reads_is_bounded() {
         std::thread::sleep(Duration::from_secs(2));
         let growth = watch.stop().saturating_sub(base);
         println!("a remote client that never reads: +{growth} KiB");
-        assert!(growth < 64_000_000 / 1024, "the broker grew by {growth} KiB");
+        assert!(
+            growth < 64_000_000 / 1024,
+            "the broker grew by {growth} KiB"
+        );
     });
 }

@@ -124,7 +124,8 @@ fn describe(h: &Header, p: &[u8]) -> String {
 
 /// The slow-reader attack: see the module documentation.
 fn flood(path: &str, ms: &str, conns: &str, sizes: &str, hold: &str) -> ! {
-    let (Ok(ms), Ok(conns), Ok(hold)) = (ms.parse::<u64>(), conns.parse::<u32>(), hold.parse::<u64>())
+    let (Ok(ms), Ok(conns), Ok(hold)) =
+        (ms.parse::<u64>(), conns.parse::<u32>(), hold.parse::<u64>())
     else {
         usage()
     };
@@ -179,7 +180,9 @@ fn flood(path: &str, ms: &str, conns: &str, sizes: &str, hold: &str) -> ! {
     for w in writers {
         let _ = w.join();
     }
-    std::thread::sleep(Duration::from_millis(hold).min(deadline.saturating_duration_since(Instant::now())));
+    std::thread::sleep(
+        Duration::from_millis(hold).min(deadline.saturating_duration_since(Instant::now())),
+    );
     // One window for all the connections: each is read until it closes or
     // the window ends.
     let end = Instant::now() + Duration::from_millis(1500);
