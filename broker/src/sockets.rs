@@ -123,30 +123,35 @@ pub(crate) fn disconnect_monitor(
 }
 
 /// Connection events (failed handshakes, closed connections) logged per
-/// second, across the broker; more go to debug, so a flood of bad
-/// connections cannot flood the log.
+/// second and endpoint; more go to debug, so a flood of bad connections
+/// cannot flood the log, nor silence another endpoint's.
 const HANDSHAKE_LOGS_PER_SECOND: u64 = 20;
-static HANDSHAKE_LOG_SECOND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static HANDSHAKE_LOG_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static LOG_SECOND: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+static LOG_COUNT: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
 
-/// Log a failed handshake on the endpoint `what` (`overlay`, `client`,
-/// `parent`): the peer spoke another protocol or mechanism (`protocol`,
-/// with libzmq's error code), or did not finish in time (`no_detail`).
-/// Whether another connection event may be logged this second (at most
-/// [`HANDSHAKE_LOGS_PER_SECOND`]; the first one over says so).
-fn under_log_rate() -> bool {
+/// Whether another connection event on endpoint `what` may be logged this
+/// second (at most [`HANDSHAKE_LOGS_PER_SECOND`]; the first one over says
+/// so).
+fn under_log_rate(what: &str) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
+    let i = match what {
+        "overlay" => 0,
+        "client" => 1,
+        _ => 2,
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    if HANDSHAKE_LOG_SECOND.swap(now, Relaxed) != now {
-        HANDSHAKE_LOG_COUNT.store(0, Relaxed);
+    if LOG_SECOND[i].swap(now, Relaxed) != now {
+        LOG_COUNT[i].store(0, Relaxed);
     }
-    match HANDSHAKE_LOG_COUNT.fetch_add(1, Relaxed) {
+    match LOG_COUNT[i].fetch_add(1, Relaxed) {
         n if n < HANDSHAKE_LOGS_PER_SECOND => true,
         HANDSHAKE_LOGS_PER_SECOND => {
-            tracing::warn!("zmq: more connection events this second; not logging each");
+            tracing::warn!(endpoint = %what, "zmq: more connection events this second; not logging each");
             false
         }
         _ => false,
@@ -162,7 +167,7 @@ fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: 
     } else {
         "no_detail"
     };
-    if under_log_rate() {
+    if under_log_rate(what) {
         tracing::warn!(
             verdict = %"deny",
             endpoint = %what,
@@ -190,7 +195,7 @@ pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
         match event {
             zmq::SocketEvent::DISCONNECTED => {
                 seen = true;
-                if what != "parent" && under_log_rate() {
+                if what != "parent" && under_log_rate(what) {
                     // libzmq cuts a peer without telling the application
                     // why: a frame over ZMQ_MAXMSGSIZE, a protocol error
                     // (bytes that are not ZMTP), or the peer simply left.
