@@ -131,6 +131,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_large_frame_alone_is_handed_over_intact() {
+        let h = Header::request("broker.ping", 7, 42);
+        let big: Vec<u8> = (0..(3 << 20) as u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = Vec::new();
+        encode_frame(&h, &big, &mut stream).unwrap();
+        let mut d = FrameDecoder::new();
+        for c in stream.chunks(65536) {
+            d.push(c);
+        }
+        let (hh, p) = d.next_frame().unwrap().unwrap();
+        assert_eq!(hh, h);
+        assert_eq!(p, big);
+        assert_eq!(d.pending(), 0);
+        // The decoder goes on with the next frames.
+        let mut more = Vec::new();
+        encode_frame(&h, b"after", &mut more).unwrap();
+        encode_frame(&h, &big, &mut more).unwrap();
+        d.push(&more);
+        assert_eq!(d.next_frame().unwrap().unwrap().1, b"after");
+        assert_eq!(d.next_frame().unwrap().unwrap().1, big);
+        assert!(d.next_frame().unwrap().is_none());
+    }
+
+    #[test]
     fn reassembles_across_chunks() {
         let h = Header::request("broker.ping", 7, 42);
         let mut stream = Vec::new();

@@ -61,7 +61,15 @@ fn check_bounds(what: &str, base_kib: u64, peak_kib: u64, lat: &Latency, log: &s
 
 /// (a) One local non-owner user, 3 connections, each sending a 60 MB ping
 /// (over the 16 MiB maximum) and three 16 MiB ones without reading.
+///
+/// Fails today (2026-11-30: +140 MB; +66 to +77 MB with the 60 MB pings
+/// left out): the local connector buffers a whole frame (up to 64 MiB)
+/// before the core refuses it, and the bytes a connection's decoder holds
+/// are not counted against its uid's budget. Un-ignore once the local
+/// connector refuses frames over the maximum at their length prefix and
+/// stops reading a uid that is over its budget.
 #[test]
+#[ignore = "fails until the local connector caps frames at the maximum message size and counts decoder bytes against the uid's budget (issue 12)"]
 fn slow_readers_on_three_connections_of_one_user() {
     run_test(LIMIT, || {
         if !is_root() {
