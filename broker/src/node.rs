@@ -64,6 +64,9 @@ pub struct Broker {
     /// DISCONNECTED events of the router and the dealer.
     router_monitor: Option<zmq::Socket>,
     dealer_monitor: Option<zmq::Socket>,
+    /// Failed handshakes on the remote client endpoint (logged only; drained
+    /// on every turn of the loop, so it needs no poll item).
+    client_monitor: Option<zmq::Socket>,
     local: Local,
     ipc_path: Option<PathBuf>,
     endpoint: Option<String>,
@@ -149,6 +152,10 @@ impl Broker {
             Some(r) => Some(disconnect_monitor(&ctx, r)?),
             None => None,
         };
+        let client_monitor = match &client_router {
+            Some(r) => Some(disconnect_monitor(&ctx, r)?),
+            None => None,
+        };
         let mut b = Broker {
             core,
             start: Instant::now(),
@@ -161,6 +168,7 @@ impl Broker {
             dealer: None,
             router_monitor,
             dealer_monitor: None,
+            client_monitor,
             local,
             ipc_path,
             endpoint,
@@ -233,6 +241,7 @@ impl Broker {
         }
         self.router_monitor = None;
         self.dealer_monitor = None;
+        self.client_monitor = None;
         self.router = None;
         self.client_router = None;
         self.dealer = None;
@@ -276,12 +285,14 @@ impl Broker {
                     zs(&self.router_monitor),
                     zs(&self.dealer_monitor),
                 ];
-                for (_, fd, write) in &clients {
-                    let ev = if *write {
-                        zmq::POLLIN | zmq::POLLOUT
-                    } else {
-                        zmq::POLLIN
-                    };
+                for (_, fd, read, write) in &clients {
+                    let mut ev = zmq::PollEvents::empty();
+                    if *read {
+                        ev |= zmq::POLLIN;
+                    }
+                    if *write {
+                        ev |= zmq::POLLOUT;
+                    }
                     items.push(zmq::PollItem::from_fd(*fd, ev));
                 }
                 match zmq::poll(&mut items, timeout) {
@@ -337,24 +348,32 @@ impl Broker {
             if readable(6) {
                 self.drain_client_router()?;
             }
-            if readable(7) && self.router_monitor.as_ref().is_some_and(drain_monitor) {
+            if let Some(m) = &self.client_monitor {
+                drain_monitor(m, "client");
+            }
+            if readable(7)
+                && self
+                    .router_monitor
+                    .as_ref()
+                    .is_some_and(|m| drain_monitor(m, "overlay"))
+            {
                 self.input(Input::ChildClosed);
             }
             if readable(8) {
-                let (closed, failed) = self
+                let seen = self
                     .dealer_monitor
                     .as_ref()
                     .map(drain_parent_monitor)
                     .unwrap_or_default();
-                if let Some(why) = failed {
+                if let Some(why) = seen.refused {
                     self.input(Input::ParentRefused { reason: why.into() });
-                } else if closed {
+                } else if seen.closed {
                     self.input(Input::ParentGone {
                         reason: "the connection to the parent closed".into(),
                     });
                 }
             }
-            for (i, (id, _, _)) in clients.iter().enumerate() {
+            for (i, (id, _, _, _)) in clients.iter().enumerate() {
                 if revents[9 + i].intersects(zmq::POLLIN | zmq::POLLERR) {
                     for input in self.local.read(*id) {
                         self.input(input);
@@ -639,7 +658,7 @@ impl Broker {
                 return Ok(());
             };
             let Some((mut hframe, payload)) = split(parts) else {
-                debug!("remote: dropped a message with the wrong number of frames");
+                warn!(verdict = %"deny", "remote: dropped a message with the wrong number of frames; expected 1 or 2");
                 continue;
             };
             let user_id = hframe.gets("User-Id").unwrap_or("").to_string();

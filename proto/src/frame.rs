@@ -51,6 +51,11 @@ pub fn encode_raw_frame(header: &[u8], payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// A buffer emptied with more capacity than this gives it back, so a
+/// connection that once sent (or was sent) a large frame does not keep
+/// holding its memory.
+pub const KEEP_CAPACITY: usize = 1 << 20;
+
 /// Incremental frame reassembly.
 pub struct FrameDecoder {
     buf: Vec<u8>,
@@ -100,6 +105,9 @@ impl FrameDecoder {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf = Vec::new();
+            }
         }
         self.buf.extend_from_slice(data);
     }
@@ -136,8 +144,17 @@ impl FrameDecoder {
             return Ok(None);
         }
         let header = decode_header(&avail[8..8 + hlen])?;
-        let payload = avail[8 + hlen..8 + hlen + plen].to_vec();
-        self.start += 8 + hlen + plen;
+        let end = self.start + 8 + hlen + plen;
+        if self.start == 0 && end == self.buf.len() && plen > KEEP_CAPACITY {
+            // A large frame that is all the buffer holds: hand over the
+            // buffer itself rather than a copy (no second allocation of
+            // the payload's size).
+            let mut b = std::mem::take(&mut self.buf);
+            b.drain(..8 + hlen);
+            return Ok(Some((header, b)));
+        }
+        let payload = self.buf[self.start + 8 + hlen..end].to_vec();
+        self.start = end;
         Ok(Some((header, payload)))
     }
 
@@ -179,6 +196,30 @@ mod tests {
             Err(FrameError::PayloadOverLimit { len: 1025, .. })
         ));
         assert_eq!(FrameDecoder::new().next_lengths(), None);
+    }
+
+    #[test]
+    fn a_large_frame_alone_is_handed_over_intact() {
+        let h = Header::request("broker.ping", 7, 42);
+        let big: Vec<u8> = (0..(3 << 20) as u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = Vec::new();
+        encode_frame(&h, &big, &mut stream).unwrap();
+        let mut d = FrameDecoder::new();
+        for c in stream.chunks(65536) {
+            d.push(c);
+        }
+        let (hh, p) = d.next_frame().unwrap().unwrap();
+        assert_eq!(hh, h);
+        assert_eq!(p, big);
+        assert_eq!(d.pending(), 0);
+        // The decoder goes on with the next frames.
+        let mut more = Vec::new();
+        encode_frame(&h, b"after", &mut more).unwrap();
+        encode_frame(&h, &big, &mut more).unwrap();
+        d.push(&more);
+        assert_eq!(d.next_frame().unwrap().unwrap().1, b"after");
+        assert_eq!(d.next_frame().unwrap().unwrap().1, big);
+        assert!(d.next_frame().unwrap().is_none());
     }
 
     #[test]

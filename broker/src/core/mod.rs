@@ -471,7 +471,20 @@ struct Client<P> {
     /// Requests in flight: matchtag -> payload bytes.
     in_flight: IdMap<u32, usize>,
     in_flight_bytes: usize,
+    /// Kinds of refusal ([`REFUSED_BUDGET`], ...) already logged at warn
+    /// for this client: each is logged once, then at debug, so a hostile
+    /// client cannot flood the log.
+    warned: u8,
 }
+
+/// A request refused by a budget (EAGAIN, EMSGSIZE).
+const REFUSED_BUDGET: u8 = 1;
+/// A message that is not a request.
+const REFUSED_NOT_REQUEST: u8 = 2;
+/// A request that cannot be routed (no such rank or service).
+const REFUSED_UNROUTABLE: u8 = 4;
+/// An event topic the sender may not publish.
+const REFUSED_TOPIC: u8 = 8;
 
 /// The broker's decisions. See the module documentation.
 pub struct BrokerCore<P> {
@@ -1616,7 +1629,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         };
         if h.msg_type != MsgType::Request {
-            debug!(principal = %c.principal, "client sent a non-request; ignored");
+            let first = c.warned & REFUSED_NOT_REQUEST == 0;
+            c.warned |= REFUSED_NOT_REQUEST;
+            if first {
+                warn!(verdict = %"deny", principal = %c.principal, msg_type = ?h.msg_type, topic = %h.topic, "client: sent a message that is not a request; dropped (logged once per connection)");
+            } else {
+                debug!(principal = %c.principal, msg_type = ?h.msg_type, "client: sent a non-request; dropped");
+            }
             return;
         }
         if let Access::Deciding { .. } = c.access {
@@ -1745,11 +1764,26 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some((e, msg)) = refusal else {
             return false;
         };
-        debug!(principal = %c.principal, topic = %h.topic, reason = %msg, "budget: request refused");
+        let principal = c.principal.clone();
+        if self.first_refusal(id, REFUSED_BUDGET) {
+            warn!(verdict = %"deny", principal = %principal, topic = %h.topic, errnum = e, reason = %msg, "budget: request refused (logged once per connection)");
+        } else {
+            debug!(principal = %principal, topic = %h.topic, reason = %msg, "budget: request refused");
+        }
         let mut r = h.response(self.rank, e);
         r.route = vec![Hop::Local(id)];
         self.deliver(id, r, P::from(msg.into_bytes()), true);
         true
+    }
+
+    /// Whether this is the first refusal of `kind` for client `id` (to be
+    /// logged at warn); later ones are logged at debug.
+    fn first_refusal(&mut self, id: u32, kind: u8) -> bool {
+        self.clients.get_mut(&id).is_some_and(|c| {
+            let first = c.warned & kind == 0;
+            c.warned |= kind;
+            first
+        })
     }
 
     /// A message could not be queued toward a neighbour. A request is
@@ -1787,7 +1821,15 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Link::Parent => "the parent broker".to_string(),
             Link::Child(r) => format!("rank {r}"),
         };
-        debug!(link = %who, held, "budget: neighbour queue full");
+        let first = match h.route.last() {
+            Some(&Hop::Local(id)) => self.first_refusal(id, REFUSED_BUDGET),
+            _ => false,
+        };
+        if first {
+            warn!(verdict = %"deny", principal = %h.userid, link = %who, held, budget = self.budgets.neighbour_bytes, "budget: neighbour queue full; request refused (logged once per connection)");
+        } else {
+            debug!(link = %who, held, "budget: neighbour queue full");
+        }
         let msg = format!(
             "{who} is not keeping up: {held} bytes of requests are in flight toward it (budget {}); retry later",
             self.budgets.neighbour_bytes
@@ -2064,6 +2106,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     ),
                     _ => "cannot route this request".to_string(),
                 };
+                if let Some(&Hop::Local(id)) = h.route.last() {
+                    if self.first_refusal(id, REFUSED_UNROUTABLE) {
+                        warn!(verdict = %"deny", principal = %h.userid, topic = %h.topic, nodeid = h.nodeid, errnum = e, reason = %msg, "route: request refused (logged once per connection)");
+                    }
+                }
                 self.respond_err(&h, e, &msg);
             }
         }
@@ -2110,6 +2157,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Err((e, msg)) => return self.respond_err(&h, e, msg),
         };
         if self.launched && topic == SHUTDOWN_TOPIC && !h.roles.contains(Roles::OWNER) {
+            if let Some(&Hop::Local(id)) = h.route.last() {
+                if self.first_refusal(id, REFUSED_TOPIC) {
+                    warn!(verdict = %"deny", principal = %h.userid, topic = %topic, "events: only the owner may publish this topic; refused (logged once per connection)");
+                }
+            }
             return self.respond_err(
                 &h,
                 errno::EPERM,
@@ -2295,6 +2347,7 @@ impl<P> Client<P> {
             held_out: VecDeque::new(),
             in_flight: IdMap::default(),
             in_flight_bytes: 0,
+            warned: 0,
         }
     }
 }
