@@ -181,8 +181,11 @@ impl crate::boot::Bootstrap for PmiBootstrap {
         let authz: Arc<dyn ClientAuthz> = match (&opts.client_authz, &opts.policy) {
             (Some(a), _) => a.clone(),
             (None, Some(policy)) => {
+                let host = crate::iface::hostname();
                 let audit = opts.audit.as_ref().map(|a| {
-                    if rank == 0 {
+                    if crate::authz::audit_path_is_template(a) {
+                        crate::authz::audit_path(a, rank, &host)
+                    } else if rank == 0 {
                         a.clone()
                     } else {
                         let mut p = a.clone().into_os_string();
@@ -190,7 +193,11 @@ impl crate::boot::Bootstrap for PmiBootstrap {
                         PathBuf::from(p)
                     }
                 });
-                Arc::new(crate::authz::AclAuthz::load(policy, audit.as_deref())?)
+                Arc::new(crate::authz::AclAuthz::load(
+                    policy,
+                    audit.as_deref(),
+                    (rank, &host),
+                )?)
             }
             (None, None) => Arc::new(OwnerOnly {
                 owner: crate::node::unix_principal(owner_uid),

@@ -243,7 +243,14 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
 
         let owner_uid = nix::unistd::getuid().as_raw();
         let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
-            Some(p) => Arc::new(AclAuthz::load(p, config.policy().audit_log.as_deref())?),
+            Some(p) => {
+                let audit = config
+                    .policy()
+                    .audit_log
+                    .as_deref()
+                    .map(|a| crate::authz::audit_path(a, rank, &hostname));
+                Arc::new(AclAuthz::load(p, audit.as_deref(), (rank, &hostname))?)
+            }
             None => Arc::new(OwnerOnly {
                 owner: unix_principal(owner_uid),
             }),

@@ -760,7 +760,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         policy.file = Some(PathBuf::from(&v.value));
     }
     if let Some(v) = &m.audit_log {
-        absolute(v, "policy.audit_log", Tokens::None)?;
+        absolute(v, "policy.audit_log", Tokens::HostRank)?;
         policy.audit_log = Some(PathBuf::from(&v.value));
     }
 

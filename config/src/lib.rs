@@ -45,4 +45,5 @@ pub use config::{
 };
 pub use error::{ConfigError, Location};
 pub use hostlist::HostlistError;
+pub use template::substitute_host_rank;
 pub use tree::Tree;

@@ -509,3 +509,67 @@ fn parent_overrides_shape_the_tree() {
         }
     });
 }
+
+/// Issue 15 #10: `%h` and `%r` in `policy.audit_log` give each broker its
+/// own log, and every entry names its rank and host; brokers that share
+/// one log path are refused (the second writer would break the chain).
+#[test]
+fn audit_logs_name_their_broker_and_are_not_shared() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        let logs = c.path("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700)).unwrap();
+        c.write(
+            "policy.toml",
+            "[[rule]]\nname = \"ops\"\nprincipal = \"unix:root\"\nroles = [\"admin\"]\n",
+        );
+        let policy = c.path("policy.toml");
+        let base = c.config_text(&c.hosts_text(2));
+        let with_audit = |log: &str| {
+            format!(
+                "{base}\n[policy]\nfile = \"{}\"\naudit_log = \"{}/{log}\"\n",
+                policy.display(),
+                logs.display()
+            )
+        };
+        c.write("canopy.toml", &with_audit("audit-%h-r%r.log"));
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        for (r, host) in [(0, "n0"), (1, "n1")] {
+            let f = logs.join(format!("audit-{host}-r{r}.log"));
+            let log = std::fs::read_to_string(&f)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", f.display(), c.logs()));
+            let first = log.lines().next().unwrap();
+            assert!(
+                first.contains(&format!("\"rank\":{r},\"host\":\"{host}\"")),
+                "{first}"
+            );
+            let v = run_canopy(&["audit", "verify", f.to_str().unwrap()], &[], RPC_TIMEOUT);
+            assert!(v.status.success(), "{}", text(&v.stderr));
+        }
+        c.kill(0);
+        c.kill(1);
+
+        // One path for both: the second broker is refused, naming the fix.
+        c.write("canopy.toml", &with_audit("shared.log"));
+        c.start(0);
+        assert!(
+            wait_until(Duration::from_secs(5), || c.status(0).is_some()),
+            "rank 0 did not come up:\n{}",
+            c.log(0)
+        );
+        c.start(1);
+        assert!(
+            wait_until(Duration::from_secs(5), || c.exited(1).is_some()),
+            "a second broker writing the same audit log kept running:\n{}",
+            c.log(1)
+        );
+        assert!(
+            c.log(1).contains("in use by another process"),
+            "{}",
+            c.log(1)
+        );
+        assert!(c.log(1).contains("%h"), "{}", c.log(1));
+    });
+}
