@@ -352,12 +352,18 @@ impl AuditLog {
         // One writer per log: two brokers appending to one file would break
         // its chain. The lock goes with the file descriptor.
         if file.metadata().map_err(open_err)?.is_file() {
-            match file.try_lock() {
+            use std::os::fd::AsRawFd;
+            // flock(2) on our own descriptor; released when it closes.
+            #[allow(deprecated)]
+            match nix::fcntl::flock(
+                file.as_raw_fd(),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            ) {
                 Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
+                Err(nix::errno::Errno::EWOULDBLOCK) => {
                     return Err(AuditError::InUse { path: path.clone() })
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
+                Err(e) => return Err(open_err(e.into())),
             }
         }
         let meta = file.metadata().map_err(open_err)?;
