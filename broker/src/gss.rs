@@ -552,6 +552,10 @@ impl SystemGss {
             check_keytab(&v)?;
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
+            // A credential cache of this broker's own: the service user's
+            // default one is shared by every broker (and tool) of that user
+            // on the host, and holds one principal at a time.
+            std::env::set_var("KRB5CCNAME", format!("MEMORY:canopy-broker-{rank}"));
         }
         check_keytabs()?;
         let principal_of = |r: u32| -> Result<String, BrokerError> {
