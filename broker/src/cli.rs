@@ -189,6 +189,15 @@ pub(crate) enum Cmd {
         #[arg(long)]
         uri: Option<String>,
     },
+    /// Show how the broker sees you: your principal, the mechanism that
+    /// authenticated you, your roles, and the policy rule that decided.
+    Whoami {
+        /// Print the broker's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        uri: Option<String>,
+    },
     /// Write a CURVE certificate pair (ZPL format, as flux keygen, czmq and
     /// pyzmq use): PATH (secret, mode 0600) and PATH.pub (public).
     Keygen {

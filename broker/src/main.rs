@@ -359,6 +359,24 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Whoami { json, uri } => {
+            let v = tools::whoami(uri.as_deref(), Duration::from_secs(10))?;
+            if json {
+                outln!("{v}");
+            } else {
+                let field = |k: &str| match &v[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "(none)".to_string(),
+                    other => other.to_string(),
+                };
+                outln!("principal: {}", field("principal"));
+                outln!("mechanism: {}", field("mechanism"));
+                outln!("roles:     {}", field("roles"));
+                outln!("rule:      {}", field("rule"));
+                outln!("reason:    {}", field("reason"));
+            }
+            Ok(0)
+        }
         Cmd::Ping {
             rank,
             count,

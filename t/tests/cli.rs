@@ -359,3 +359,59 @@ fn log_lines_carry_journald_priorities_when_stderr_is_the_journal() {
         assert!(!line.starts_with('<'), "{line:?}");
     });
 }
+
+/// `canopy whoami` (issue 15): the principal, mechanism, roles and
+/// deciding rule as the broker sees this connection, for a local client
+/// and for a remote CURVE client.
+#[test]
+fn whoami_shows_how_the_broker_sees_a_local_and_a_remote_client() {
+    use canopy_t::hostile::{client_endpoint, remote_key, rule, write_policy};
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, principal) = remote_key(dir.path(), "alice");
+        let policy = dir.path().join("policy.toml");
+        write_policy(&policy, &rule("workstations", &principal, "\"user\""));
+        let inst = Instance::start(
+            2,
+            2,
+            &[
+                "--policy",
+                policy.to_str().unwrap(),
+                "--listen-clients",
+                "tcp://127.0.0.1:*",
+            ],
+        );
+        // Local, the owner.
+        let out = run_canopy(&["whoami", "--uri", &inst.uri()], &[], RUN);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let local = text(&out.stdout);
+        assert!(local.contains("mechanism: local"), "{local}");
+        assert!(local.contains("roles:     owner"), "{local}");
+        // Remote, over CURVE, as the policy's `workstations` rule admits it.
+        let (ep, server) = client_endpoint(&inst);
+        let out = run_canopy(
+            &[
+                "whoami",
+                "--json",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                &server,
+            ],
+            &[],
+            RUN,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["principal"], principal.as_str(), "{v}");
+        assert_eq!(v["mechanism"], "curve", "{v}");
+        assert_eq!(v["roles"], "user", "{v}");
+        let rule = v["rule"].as_str().unwrap_or_default();
+        assert!(
+            rule.contains("policy.toml") && rule.contains("workstations"),
+            "{v}"
+        );
+    });
+}

@@ -224,6 +224,15 @@ pub enum Job {
     },
     /// `acl.check`: explain a decision; answer `req`.
     Explain { req: Header, query: Vec<u8> },
+    /// `broker.whoami`: how this broker sees the caller (`roles` as
+    /// admitted), with the policy's deciding rule; answer `req`.
+    Whoami {
+        req: Header,
+        principal: String,
+        mech: Mech,
+        address: String,
+        roles: Roles,
+    },
     /// Re-read the policy file; answer `req` if an admin asked.
     ReloadPolicy { req: Option<Header> },
     /// Record that a caller lacked a role (audit log).
