@@ -163,6 +163,32 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     }
 }
 
+impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
+    /// `broker.whoami`: answered by the caller's own broker, which knows
+    /// how it authenticated the connection.
+    fn whoami(&mut self, h: Header) {
+        let client = match h.route.as_slice() {
+            [canopy_proto::Hop::Local(id)] => self.clients.get(id),
+            _ => None,
+        };
+        let Some(c) = client else {
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "broker.whoami is answered by the broker you are connected to: send it to rank ANY or to that broker's rank",
+            );
+        };
+        let job = Job::Whoami {
+            principal: c.principal.clone(),
+            mech: c.mech,
+            address: c.address.clone(),
+            roles: c.roles,
+            req: h,
+        };
+        self.events.push_back(Event::Job(job));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,31 +224,5 @@ mod tests {
         assert_eq!(parse_event_pub(&[0]).unwrap_err().0, errno::EPROTO);
         assert_eq!(parse_event_pub(&[0, 9, b'a']).unwrap_err().0, errno::EPROTO);
         assert_eq!(parse_event_pub(&[0, 0]).unwrap_err().0, errno::EINVAL);
-    }
-}
-
-impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
-    /// `broker.whoami`: answered by the caller's own broker, which knows
-    /// how it authenticated the connection.
-    fn whoami(&mut self, h: Header) {
-        let client = match h.route.as_slice() {
-            [canopy_proto::Hop::Local(id)] => self.clients.get(id),
-            _ => None,
-        };
-        let Some(c) = client else {
-            return self.respond_err(
-                &h,
-                errno::EINVAL,
-                "broker.whoami is answered by the broker you are connected to: send it to rank ANY or to that broker's rank",
-            );
-        };
-        let job = Job::Whoami {
-            principal: c.principal.clone(),
-            mech: c.mech,
-            address: c.address.clone(),
-            roles: c.roles,
-            req: h,
-        };
-        self.events.push_back(Event::Job(job));
     }
 }
