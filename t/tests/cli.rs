@@ -382,7 +382,7 @@ fn whoami_shows_how_the_broker_sees_a_local_and_a_remote_client() {
             ],
         );
         // Local, the owner.
-        let out = run_canopy(&["whoami", "--uri", &inst.uri()], &[], RUN);
+        let out = run_canopy(&["whoami", "--uri", inst.uri()], &[], RUN);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let local = text(&out.stdout);
         assert!(local.contains("mechanism: local"), "{local}");
