@@ -342,6 +342,20 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             perm.set_mode(0o666);
             let _ = std::fs::set_permissions(&local, perm);
         }
+        // `RUNDIR/local`, the name tools find without CANOPY_URI when the
+        // runtime directory is /run/canopy (the unit's): a symlink to this
+        // broker's socket, replaced atomically.
+        let link = st.rundir.join("local");
+        let tmp = st.rundir.join(format!(".local-{rank}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let linked = std::os::unix::fs::symlink(format!("local-{rank}"), &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link));
+        if let Err(e) = linked {
+            tracing::warn!(
+                "cannot link {} to this broker's socket: {e}; tools need CANOPY_URI",
+                link.display()
+            );
+        }
         sd_notify_ready();
         tracing::info!("system instance broker rank {rank} ({}) up", st.hostname);
         Ok(broker)

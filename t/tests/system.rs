@@ -573,3 +573,67 @@ fn audit_logs_name_their_broker_and_are_not_shared() {
         assert!(c.log(1).contains("%h"), "{}", c.log(1));
     });
 }
+
+/// Issue 15: tools find this host's system-instance broker without
+/// CANOPY_URI: a broker whose runtime directory is /run/canopy (the unit's)
+/// links /run/canopy/local to its socket, and tools try that name.
+#[test]
+fn tools_find_the_system_broker_without_canopy_uri() {
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED tools_find_the_system_broker_without_canopy_uri: needs root for /run/canopy"
+        );
+        return;
+    }
+    run_test(LIMIT, || {
+        let run = std::path::PathBuf::from("/run/canopy");
+        assert!(
+            !run.exists(),
+            "/run/canopy exists: a system instance runs on this host; stop it to run this test"
+        );
+        // Without a broker, the tools say what to do.
+        let out = run_canopy(&["ping", "--count", "1"], &[], RPC_TIMEOUT);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("CANOPY_URI"),
+            "{}",
+            text(&out.stderr)
+        );
+        std::fs::create_dir(&run).unwrap();
+        let _cleanup = Cleanup(run.clone());
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = Cluster::new(1);
+        let mut broker = std::process::Command::new(canopy_t::canopy_bin())
+            .args(["broker", "--config"])
+            .arg(c.path("canopy.toml"))
+            .args([
+                "--hostname",
+                "n0",
+                "--force-root",
+                "--rundir",
+                "/run/canopy",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = wait_until(Duration::from_secs(10), || run.join("local").exists());
+        let out = run_canopy(&["ping", "--count", "1"], &[], RPC_TIMEOUT);
+        let _ = kill(Pid::from_raw(broker.id() as i32), Signal::SIGKILL);
+        let _ = broker.wait();
+        assert!(up, "no /run/canopy/local");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("rank=0"),
+            "{}",
+            text(&out.stdout)
+        );
+    });
+}
