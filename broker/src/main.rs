@@ -12,7 +12,6 @@ use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
 use canopy_config::{BudgetKey, BudgetSettings};
-use clap::Parser;
 use cli::{
     AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
     TimingArgs,
@@ -158,9 +157,59 @@ fn init_logging() {
         .init();
 }
 
+/// Flags of `canopy broker` that a system-instance config sets instead,
+/// with the config key that does: given with `--config`, they are refused,
+/// never silently ignored.
+const CONFIG_SETS: &[(&str, &str)] = &[
+    ("fanout", "bootstrap.fanout"),
+    ("instance", "nothing: the instance id comes from the config"),
+    ("tcp", "bootstrap.default_bind / hosts[].bind"),
+    ("host", "bootstrap.default_bind / hosts[].bind"),
+    ("port", "bootstrap.default_port"),
+    (
+        "interface",
+        "bootstrap.default_bind (an interface name, tcp://eth0:%p)",
+    ),
+    ("listen_clients", "[clients] bind"),
+    ("policy", "policy.file"),
+    ("audit", "policy.audit_log"),
+    ("heartbeat", "timing.heartbeat"),
+    ("torpid", "timing.torpid"),
+    ("lost", "timing.lost"),
+    ("mechanism", "bootstrap.mechanism"),
+    ("principal", "gssapi.service"),
+    ("kex_listen", "gssapi.kex_port"),
+    ("gss_max_lifetime", "nothing (a test option)"),
+];
+
+/// Parse the command line; `canopy broker --config` with a flag its config
+/// sets is an error naming the config key.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    if let Some(("broker", sub)) = matches.subcommand() {
+        if sub.contains_id("config") && sub.get_one::<std::path::PathBuf>("config").is_some() {
+            for (id, key) in CONFIG_SETS {
+                if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::ArgumentConflict,
+                            format!(
+                                "--{} is not used with --config: the config sets it ({key}); set it there, or drop the flag",
+                                id.replace('_', "-")
+                            ),
+                        )
+                        .exit();
+                }
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
     init_logging();
-    match run(Cli::parse()) {
+    match run(parse_cli()) {
         Ok(code) => std::process::exit(code),
         // `| head -1`: the reader has what it wanted; nothing to report.
         Err(e) if out::reader_gone(&e) => std::process::exit(out::READER_GONE_STATUS),

@@ -260,6 +260,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             None => Transport::Ipc,
         };
         let timing = config.timing().to_liveness();
+        let client_listen = config.client_endpoint(rank);
         let bound = bind(
             rank,
             &topo,
@@ -267,7 +268,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             &rundir,
             &transport,
             authz,
-            None,
+            client_listen.as_deref(),
             &timing,
             budgets.max_message,
         )?;

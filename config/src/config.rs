@@ -161,6 +161,18 @@ pub struct PolicyConfig {
     pub audit_log: Option<PathBuf>,
 }
 
+/// The `[clients]` table: the remote client endpoint (users on
+/// workstations): which hosts' brokers listen, and where. Clients
+/// authenticate with the instance's mechanism (CURVE: the broker's public
+/// key; gssapi: its key exchange) and the policy decides who gets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientsConfig {
+    /// `tcp://ADDR:PORT`; `%h` is the listening host.
+    pub bind: String,
+    /// The hosts whose brokers listen (default: rank 0's).
+    pub hosts: Vec<String>,
+}
+
 /// A validated system-instance configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -169,6 +181,7 @@ pub struct Config {
     gssapi: Option<GssapiConfig>,
     timing: Timing,
     policy: PolicyConfig,
+    clients: Option<ClientsConfig>,
     budgets: BudgetSettings,
     /// expanded host names, in rank order
     hosts: Vec<String>,
@@ -295,6 +308,21 @@ impl Config {
 
     pub fn policy(&self) -> &PolicyConfig {
         &self.policy
+    }
+
+    /// `[clients]`, if present.
+    pub fn clients(&self) -> Option<&ClientsConfig> {
+        self.clients.as_ref()
+    }
+
+    /// Where `rank`'s broker listens for remote clients, if it does.
+    pub fn client_endpoint(&self, rank: u32) -> Option<String> {
+        let c = self.clients.as_ref()?;
+        let host = self.host(rank)?;
+        c.hosts
+            .iter()
+            .any(|h| self.rank_of(h) == Some(rank))
+            .then(|| template::substitute(&c.bind, host, self.bootstrap.default_port))
     }
 
     /// `[budgets]`, with defaults for the keys not set.
@@ -764,6 +792,64 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         policy.audit_log = Some(PathBuf::from(&v.value));
     }
 
+    let clients = match (&m.clients_bind, &m.clients_hosts) {
+        (None, None) => None,
+        (None, Some(v)) => {
+            return Err(ConfigError::Invalid {
+                at: ctx.loc(&v.pos),
+                key: "clients.bind".to_string(),
+                message: "[clients] needs bind, the endpoint remote clients connect to, e.g. bind = \"tcp://*:7700\"".to_string(),
+            })
+        }
+        (Some(b), listed) => {
+            check_tokens(ctx, b, "clients.bind", Tokens::Host)?;
+            let invalid = |pos: &Pos, key: &str, message: String| ConfigError::Invalid {
+                at: ctx.loc(pos),
+                key: key.to_string(),
+                message,
+            };
+            if !b.value.starts_with("tcp://") {
+                return Err(invalid(
+                    &b.pos,
+                    "clients.bind",
+                    format!("'{}' is not a tcp:// endpoint; remote clients connect over TCP, e.g. tcp://*:7700", b.value),
+                ));
+            }
+            endpoint_ok(&template::substitute(&b.value, &hosts[0], default_port)).map_err(
+                |p| match p {
+                    EndpointProblem::Port(port) => ConfigError::BadPort {
+                        at: ctx.loc(&b.pos),
+                        key: "clients.bind".to_string(),
+                        port,
+                    },
+                    EndpointProblem::Form(message) => invalid(&b.pos, "clients.bind", message),
+                },
+            )?;
+            let hosts_of = match listed {
+                None => vec![hosts[0].clone()],
+                Some(v) => {
+                    if v.value.is_empty() {
+                        return Err(invalid(&v.pos, "clients.hosts", "the list is empty; name the hosts whose brokers accept remote clients, or leave it out for rank 0's".to_string()));
+                    }
+                    for h in &v.value {
+                        if lookup(&by_short, &hosts, h).is_none() {
+                            return Err(invalid(
+                                &v.pos,
+                                "clients.hosts",
+                                format!("{h} is not in bootstrap.hosts; name hosts of this instance"),
+                            ));
+                        }
+                    }
+                    v.value.clone()
+                }
+            };
+            Some(ClientsConfig {
+                bind: b.value.clone(),
+                hosts: hosts_of,
+            })
+        }
+    };
+
     let fingerprint = fingerprint(&hosts, &tree, mechanism);
     Ok(Config {
         files: Vec::new(),
@@ -780,6 +866,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         gssapi,
         timing,
         policy,
+        clients,
         budgets,
         hosts,
         entry_of,

@@ -40,8 +40,8 @@ mod tree;
 
 pub use budgets::{parse_size, BudgetKey, BudgetSettings};
 pub use config::{
-    Bootstrap, Config, GssapiConfig, HostEntry, Mechanism, PolicyConfig, PublicCerts, Timing,
-    DEFAULT_BIND, DEFAULT_CONNECT, DEFAULT_PORT,
+    Bootstrap, ClientsConfig, Config, GssapiConfig, HostEntry, Mechanism, PolicyConfig,
+    PublicCerts, Timing, DEFAULT_BIND, DEFAULT_CONNECT, DEFAULT_PORT,
 };
 pub use error::{ConfigError, Location};
 pub use hostlist::HostlistError;

@@ -44,6 +44,14 @@ pub(crate) struct RawFile {
     timing: Option<RawTiming>,
     policy: Option<RawPolicy>,
     budgets: Option<RawBudgets>,
+    clients: Option<RawClients>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClients {
+    bind: Option<Spanned<String>>,
+    hosts: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +194,8 @@ pub(crate) struct Merged {
     pub lost: Option<Val<f64>>,
     pub policy_file: Option<Val<String>>,
     pub audit_log: Option<Val<String>>,
+    pub clients_bind: Option<Val<String>>,
+    pub clients_hosts: Option<Val<Vec<String>>>,
     /// `[budgets]`, key by key (`BudgetKey::ALL` order).
     pub budgets: [Option<Val<RawSize>>; 7],
 }
@@ -317,6 +327,10 @@ pub(crate) fn parse_and_merge(ctx: &Ctx<'_>) -> Result<Merged, ConfigError> {
             put(ctx, &mut m.heartbeat, t.heartbeat, file, "timing.heartbeat")?;
             put(ctx, &mut m.torpid, t.torpid, file, "timing.torpid")?;
             put(ctx, &mut m.lost, t.lost, file, "timing.lost")?;
+        }
+        if let Some(c) = raw.clients {
+            put(ctx, &mut m.clients_bind, c.bind, file, "clients.bind")?;
+            put(ctx, &mut m.clients_hosts, c.hosts, file, "clients.hosts")?;
         }
         if let Some(p) = raw.policy {
             put(ctx, &mut m.policy_file, p.file, file, "policy.file")?;

@@ -953,3 +953,37 @@ fn budgets_set_twice_across_files_are_refused() {
     assert!(matches!(e, ConfigError::DuplicateKey { .. }), "{e}");
     assert_eq!(e.key(), Some("budgets.connections"));
 }
+
+#[test]
+fn clients_table_names_the_listening_hosts_and_refuses_bad_values() {
+    let base = bootstrap("{ host = \"n[0-3]\" }");
+    // Default: rank 0 listens.
+    let c = parse(&format!("{base}\n[clients]\nbind = \"tcp://*:7700\"\n"));
+    assert_eq!(c.client_endpoint(0).as_deref(), Some("tcp://*:7700"));
+    assert_eq!(c.client_endpoint(1), None);
+    // Named hosts, with %h.
+    let c = parse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://%h:7700\"\nhosts = [\"n2\", \"n3\"]\n"
+    ));
+    assert_eq!(c.client_endpoint(0), None);
+    assert_eq!(c.client_endpoint(3).as_deref(), Some("tcp://n3:7700"));
+    assert_eq!(parse(&base).client_endpoint(0), None);
+    // Bad values name the file, line and key.
+    let lines = base.lines().count() as u32;
+    let e = refuse(&format!("{base}\n[clients]\nbind = \"ipc:///tmp/x\"\n"));
+    assert_at(&e, "t.toml", lines + 3, "clients.bind");
+    let e = refuse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://*:7700\"\nhosts = [\"n9\"]\n"
+    ));
+    assert_at(&e, "t.toml", lines + 4, "clients.hosts");
+    assert!(
+        e.to_string().contains("n9 is not in bootstrap.hosts"),
+        "{e}"
+    );
+    let e = refuse(&format!("{base}\n[clients]\nhosts = [\"n1\"]\n"));
+    assert_eq!(e.key(), Some("clients.bind"), "{e}");
+    let e = refuse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://*:7700\"\nport = 1\n"
+    ));
+    assert!(e.to_string().contains("port"), "{e}");
+}

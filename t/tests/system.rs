@@ -637,3 +637,87 @@ fn tools_find_the_system_broker_without_canopy_uri() {
         );
     });
 }
+
+/// Issue 15 #1: a system instance takes remote clients from its config
+/// (`[clients]`), and `canopy broker --config` refuses the flags its
+/// config sets rather than ignoring them.
+#[test]
+fn remote_clients_come_from_the_config_and_config_flags_are_refused() {
+    use canopy_t::hostile::{remote_key, rule, write_policy};
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        let (key, principal) = remote_key(&c.path(""), "alice");
+        let policy = c.path("policy.toml");
+        write_policy(&policy, &rule("workstations", &principal, "\"user\""));
+        let port = canopy_t::cluster::free_ports(1)[0];
+        let cfg = format!(
+            "{}\n[policy]\nfile = \"{}\"\n\n[clients]\nbind = \"tcp://127.0.0.1:{port}\"\n",
+            c.config_text(&c.hosts_text(2)),
+            policy.display()
+        );
+        c.write("canopy.toml", &cfg);
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        let ep = format!("tcp://127.0.0.1:{port}");
+        let server = c.path("pub/n0.key");
+        let out = run_canopy(
+            &[
+                "whoami",
+                "--json",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                server.to_str().unwrap(),
+            ],
+            &[],
+            RPC_TIMEOUT,
+        );
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.logs());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["principal"], principal.as_str(), "{v}");
+        assert_eq!(v["roles"], "user", "{v}");
+        let out = run_canopy(
+            &[
+                "ping",
+                "--rank",
+                "1",
+                "--count",
+                "1",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                server.to_str().unwrap(),
+            ],
+            &[],
+            RPC_TIMEOUT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+
+        // A flag the config sets is refused, naming the key.
+        for (flag, value, key) in [
+            (
+                "--listen-clients",
+                Some("tcp://127.0.0.1:1"),
+                "[clients] bind",
+            ),
+            ("--policy", Some("/etc/canopy/policy.toml"), "policy.file"),
+            ("--lost", Some("3"), "timing.lost"),
+            ("--tcp", None, "bootstrap"),
+        ] {
+            let cfg = c.path("canopy.toml");
+            let mut args = vec!["broker", "--config", cfg.to_str().unwrap(), flag];
+            args.extend(value);
+            let out = run_canopy(&args, &[], RPC_TIMEOUT);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+            assert!(
+                err.contains(&format!("{flag} is not used with --config")) && err.contains(key),
+                "{flag}: {err}"
+            );
+        }
+    });
+}
