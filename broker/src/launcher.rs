@@ -91,6 +91,10 @@ pub struct StartOpts {
     pub policy_text: Option<String>,
     /// Extra arguments for every `canopy broker` (e.g. timings).
     pub broker_args: Vec<String>,
+    /// A policy may admit other local users (`--allow`, `--policy`): once
+    /// every broker is up, open the runtime directory to them (traverse
+    /// only) and the local connectors (the policy decides who gets in).
+    pub open_to_others: bool,
     pub command: Vec<String>,
 }
 
@@ -130,6 +134,35 @@ fn make_rundir(parent: Option<&Path>) -> Result<Rundir, StartError> {
         Err(e) => return Err(e.into()),
     }
     Ok(Rundir(dir))
+}
+
+/// Let other local users reach the brokers' local connectors: the runtime
+/// directory becomes 0711 (they may traverse it, not list it or add to
+/// it) and each `local-R` socket 0666; the policy decides who gets in.
+/// Done once every broker is up, so each broker's own check of its
+/// private directory has passed. A parent directory they cannot traverse
+/// is reported, with the fix.
+fn open_local_connectors(dir: &Path, size: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, mode: u32| {
+        if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)) {
+            say(&format!("cannot open {} to other users: {e}", p.display()));
+        }
+    };
+    chmod(dir, 0o711);
+    for r in 0..size {
+        chmod(&dir.join(format!("local-{r}")), 0o666);
+    }
+    if let Some(parent) = dir.parent() {
+        let closed = std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o001 == 0);
+        if closed {
+            say(&format!(
+                "other users cannot reach this instance's sockets: {} is closed to them (mode {:o}); start with --rundir /tmp (or another directory they can traverse)",
+                parent.display(),
+                std::fs::metadata(parent).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0)
+            ));
+        }
+    }
 }
 
 fn describe(status: WaitStatus) -> Option<(String, i32)> {
@@ -406,6 +439,9 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         signals.wait(Duration::from_millis(if online > 0 { 2 } else { 1 }));
     }
     drop(client);
+    if opts.open_to_others {
+        open_local_connectors(&rundir.0, opts.size);
+    }
     // gssapi: rank 0's key exchange, for remote clients.
     let kex: Vec<(&str, String)> = std::fs::read_to_string(rundir.0.join("kex-0"))
         .ok()

@@ -327,7 +327,9 @@ fn run(cli: Cli) -> Result<i32> {
                     },
                 ));
             }
+            let open_to_others = policy_text.is_some() || policy.is_some();
             Ok(start(StartOpts {
+                open_to_others,
                 size: size.unwrap_or(1),
                 fanout,
                 tcp,
