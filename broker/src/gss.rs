@@ -535,6 +535,32 @@ fn check_keytab(ktname: &str) -> Result<(), BrokerError> {
     canopy_gss::krb::check_keytab(ktname).map_err(gss_err)
 }
 
+/// Where the key exchange listens, from the overlay's bind endpoint's
+/// `HOST:PORT`: `*` is every address, and an interface name (`eth0`, as
+/// `tcp://eth0:%p` binds the overlay) is that interface's address, which
+/// the socket API cannot look up by itself.
+fn kex_listen_addr(hostport: &str, rank: u32) -> Result<String, BrokerError> {
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Ok(hostport.to_string());
+    };
+    if host == "*" {
+        return Ok(format!("0.0.0.0:{port}"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(hostport.to_string());
+    }
+    let is_interface = nix::net::if_::if_nametoindex(bare).is_ok();
+    if !is_interface {
+        return Ok(hostport.to_string()); // a host name
+    }
+    let ip = crate::iface::resolve(&crate::iface::Hint::Name(bare.to_string()), rank)?;
+    Ok(match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    })
+}
+
 impl SystemGss {
     /// Work out the principals and addresses, and check our credentials.
     /// Call while the process is still single-threaded: a configured
@@ -598,7 +624,10 @@ impl SystemGss {
         let listen = if children.is_empty() {
             None
         } else {
-            Some(kex_addr(rank, config.bind_endpoint(rank))?)
+            Some(kex_listen_addr(
+                &kex_addr(rank, config.bind_endpoint(rank))?,
+                rank,
+            )?)
         };
         let opts = GssOpts {
             principal: Some(me.clone()),

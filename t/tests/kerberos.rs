@@ -680,7 +680,9 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         let hosts: String = (0..4)
             .map(|r| {
                 let p = port_pair();
-                format!("  {{ host = \"n{r}\", bind = \"tcp://127.0.0.1:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
+                // The overlay (and so the key exchange) binds an interface
+                // name, as the shipped example does (issue 15 #3).
+                format!("  {{ host = \"n{r}\", bind = \"tcp://lo:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
             })
             .collect();
         let write_cfg = |name: &str, keytab: &std::path::Path| {
