@@ -320,8 +320,19 @@ pub(crate) struct TimingArgs {
 
 #[derive(Subcommand)]
 pub(crate) enum ConfigCmd {
-    /// Load and validate PATH (a file, or a directory of *.toml).
-    Check { path: PathBuf },
+    /// Load and validate PATH (a file, or a directory of *.toml). With
+    /// --host, also check what that host's broker needs: its files (owner,
+    /// mode, matching keys), its addresses and its neighbours' names.
+    Check {
+        path: PathBuf,
+        /// Check this host's node too (run it on that host).
+        #[arg(long)]
+        host: Option<String>,
+        /// With --host: the user the broker runs as (default: canopy if it
+        /// exists, else you).
+        #[arg(long, requires = "host")]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -16,6 +16,7 @@ pub mod bootstrap;
 pub mod core;
 pub mod error;
 pub mod gss;
+pub mod hostcheck;
 pub mod iface;
 pub mod launcher;
 pub mod local;

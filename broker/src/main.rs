@@ -344,11 +344,55 @@ fn run(cli: Cli) -> Result<i32> {
             })?)
         }
         Cmd::Config {
-            cmd: ConfigCmd::Check { path },
+            cmd: ConfigCmd::Check { path, host, user },
         } => {
             out!("{}", tools::config_check(&path)?);
-            outln!("{}: ok", path.display());
-            Ok(0)
+            let Some(host) = host else {
+                outln!("{}: ok", path.display());
+                return Ok(0);
+            };
+            let (uname, uid) = match user {
+                Some(u) => {
+                    let pw = nix::unistd::User::from_name(&u)?.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no user {u} on this host; name the user the broker runs as (--user)"
+                        )
+                    })?;
+                    (u, pw.uid.as_raw())
+                }
+                None => match nix::unistd::User::from_name("canopy")? {
+                    Some(pw) => ("canopy".to_string(), pw.uid.as_raw()),
+                    None => {
+                        let me = nix::unistd::getuid();
+                        let name = nix::unistd::User::from_uid(me)?
+                            .map(|p| p.name)
+                            .unwrap_or_else(|| format!("uid {me}"));
+                        (name, me.as_raw())
+                    }
+                },
+            };
+            let config = canopy_config::Config::load(&path)?;
+            let findings = canopy_broker::hostcheck::check(&config, &host, (&uname, uid))
+                .map_err(anyhow::Error::msg)?;
+            let mut problems = 0;
+            for f in &findings {
+                if f.ok {
+                    outln!("ok: {}", f.text);
+                } else {
+                    problems += 1;
+                    outln!("problem: {}", f.text);
+                }
+            }
+            if problems == 0 {
+                outln!(
+                    "{}: ok for {host} (broker running as {uname})",
+                    path.display()
+                );
+                Ok(0)
+            } else {
+                outln!("{}: {problems} problem(s) for {host}", path.display());
+                Ok(1)
+            }
         }
         Cmd::Broker {
             config: Some(config),

@@ -721,3 +721,73 @@ fn remote_clients_come_from_the_config_and_config_flags_are_refused() {
         }
     });
 }
+
+/// Issue 15: `config check --host H` checks what H's broker needs beyond
+/// syntax: its files (owner, mode, matching keys) and its addresses.
+#[test]
+fn config_check_host_checks_files_keys_and_addresses() {
+    run_test(LIMIT, || {
+        let c = Cluster::new(3);
+        let cfg = c.path("canopy.toml");
+        let check = |host: &str| {
+            run_canopy(
+                &[
+                    "config",
+                    "check",
+                    cfg.to_str().unwrap(),
+                    "--host",
+                    host,
+                    "--user",
+                    "root",
+                ],
+                &[],
+                RPC_TIMEOUT,
+            )
+        };
+        let out = check("n1");
+        let report = text(&out.stdout);
+        assert!(out.status.success(), "{report}{}", text(&out.stderr));
+        for needle in [
+            "ok: n1 is rank 1 of 3",
+            "ok: secret certificate",
+            "holds this node's key",
+            "rank 0's public certificate",
+            "binds tcp://127.0.0.1:",
+            "rank 0 is reached at",
+            "ok for n1",
+        ] {
+            assert!(report.contains(needle), "{needle}: {report}");
+        }
+        // A public certificate that is not the node's, and a bind address
+        // this host does not have.
+        let pubkey = c.path("pub/n1.key");
+        let saved = std::fs::read(&pubkey).unwrap();
+        std::fs::copy(c.path("pub/n2.key"), &pubkey).unwrap();
+        let hosts = c
+            .hosts_text(3)
+            .replacen("tcp://127.0.0.1:", "tcp://192.0.2.77:", 3);
+        c.write("canopy.toml", &c.config_text(&hosts));
+        let out = check("n1");
+        let report = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{report}");
+        assert!(
+            report.contains("problem: public certificate")
+                && report.contains("does not hold the public key"),
+            "{report}"
+        );
+        assert!(
+            report.contains("192.0.2.77 is not an address of this host"),
+            "{report}"
+        );
+        assert!(report.contains("problem(s) for n1"), "{report}");
+        std::fs::write(&pubkey, saved).unwrap();
+        // A host not in the config.
+        let out = check("n9");
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("n9 is not in bootstrap.hosts"),
+            "{}",
+            text(&out.stderr)
+        );
+    });
+}
