@@ -337,6 +337,18 @@ pub(crate) enum ConfigCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum KeyCmd {
+    /// Write the whole key layout of a config: a key pair for every host,
+    /// each secret certificate (mode 0600) owned by --owner, every public
+    /// certificate in curve_public_certs. Refuses to replace any key.
+    Init {
+        /// The system-instance config (file or directory).
+        #[arg(long, env = "CANOPY_CONFIG")]
+        config: PathBuf,
+        /// The user the brokers run as, who must own the secret
+        /// certificates (default: you).
+        #[arg(long)]
+        owner: Option<String>,
+    },
     /// Write HOST's next key beside its current certificates:
     /// <curve_cert>.next (secret, 0600) and <public cert>.next.
     New {

@@ -57,7 +57,12 @@ pub fn check(config: &Config, host: &str, user: (&str, u32)) -> Result<Vec<Findi
                         ok(format!("{t}, readable by {uname} only"));
                     }
                     let public = config.public_cert_path(rank);
-                    match (canopy_security::cert::load_secret(&secret), public) {
+                    // Parsed, not loaded: the trust check above was for
+                    // the broker's user, who may not be the one running this.
+                    let parsed = std::fs::read_to_string(&secret)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| canopy_security::cert::parse(&t, &secret).map_err(|e| e.to_string()));
+                    match (parsed, public) {
                         (Err(e), _) => problem(format!("secret certificate: {e}")),
                         (Ok(s), Some(p)) => match canopy_security::cert::load_public(&p) {
                             Ok(pc) if pc.public == s.public => ok(format!("public certificate {} holds this node's key", p.display())),

@@ -689,6 +689,31 @@ fn key_cmd(cmd: KeyCmd) -> Result<i32> {
     let load =
         |p: &std::path::Path| canopy_config::Config::load(p).map_err(|e| anyhow::anyhow!("{e}"));
     match cmd {
+        KeyCmd::Init { config, owner } => {
+            let cfg = load(&config)?;
+            let owner = match owner {
+                Some(u) => {
+                    let pw = nix::unistd::User::from_name(&u)?.ok_or_else(|| {
+                        anyhow::anyhow!("no user {u} on this host; create it first (the Debian package creates canopy), or name another with --owner")
+                    })?;
+                    Some((pw.uid.as_raw(), pw.gid.as_raw()))
+                }
+                None => None,
+            };
+            let written = rotate::init_keys(&cfg, owner)?;
+            for (host, secret, public) in &written {
+                outln!(
+                    "{host}: {} (secret, mode 0600), {}",
+                    secret.display(),
+                    public.display()
+                );
+            }
+            outln!(
+                "wrote {} key pairs; copy each secret certificate to its host only, and the public certificates to every host",
+                written.len()
+            );
+            Ok(0)
+        }
         KeyCmd::New { host, config } => {
             let cfg = load(&config)?;
             let (rank, sn, pn, key) = rotate::write_next(&cfg, &host)?;

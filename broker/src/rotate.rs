@@ -219,6 +219,54 @@ pub fn write_next(
     Ok((rank, sn, pn, kp.public_z85()))
 }
 
+/// `canopy key init`: a key pair for every host of `config`, the secret
+/// certificates owned by `owner` (uid, gid) if given. Nothing is written
+/// if any of the files exists already. Returns (host, secret, public) for
+/// each host.
+pub fn init_keys(
+    config: &Config,
+    owner: Option<(u32, u32)>,
+) -> Result<Vec<(String, PathBuf, PathBuf)>, RotateError> {
+    let mut plan = Vec::new();
+    for rank in 0..config.size() {
+        let host = config.host(rank).unwrap_or_default().to_string();
+        let (_, secret, public) = host_paths(config, &host)?;
+        for p in [&secret, &public] {
+            if p.exists() {
+                return Err(ferr(format!(
+                    "{} already exists: key init writes a new layout and replaces nothing; rotate an existing key with `canopy key new {host}`, or move the old files aside",
+                    p.display()
+                )));
+            }
+        }
+        plan.push((host, secret, public));
+    }
+    for (_, secret, public) in &plan {
+        for dir in [secret.parent(), public.parent()].into_iter().flatten() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ferr(format!("cannot create {}: {e}", dir.display())))?;
+        }
+    }
+    for (host, secret, public) in &plan {
+        let kp = CurveKeypair::generate().map_err(ferr)?;
+        cert::write_pair(&kp, host, secret, public).map_err(ferr)?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(
+                secret.as_path(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
+                ferr(format!(
+                    "cannot give {} to uid {uid}: {e}; run key init as root",
+                    secret.display()
+                ))
+            })?;
+        }
+    }
+    Ok(plan)
+}
+
 /// Give `new` the owner and group of `like` (the file it will replace),
 /// if `like` exists and they differ from ours.
 fn keep_owner(new: &Path, like: &Path) -> Result<(), RotateError> {

@@ -791,3 +791,92 @@ fn config_check_host_checks_files_keys_and_addresses() {
         );
     });
 }
+
+/// Issue 15: `canopy key init` writes a config's whole key layout in one
+/// command, the secrets owned by the service user; it replaces nothing.
+#[test]
+fn key_init_writes_every_hosts_keys_owned_by_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED key_init_writes_every_hosts_keys_owned_by_the_service_user: needs root");
+        return;
+    }
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.path().display();
+        let cfg = dir.path().join("canopy.toml");
+        std::fs::write(
+            &cfg,
+            format!("[bootstrap]\ndefault_connect = \"tcp://127.0.0.1:%p\"\ncurve_cert = \"{d}/keys/%h.key_secret\"\ncurve_public_certs = \"{d}/keys/public\"\nhosts = [ {{ host = \"node[1-3]\" }} ]\n"),
+        )
+        .unwrap();
+        let nobody = nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("a nobody user");
+        let init = || {
+            run_canopy(
+                &[
+                    "key",
+                    "init",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--owner",
+                    "nobody",
+                ],
+                &[],
+                RPC_TIMEOUT,
+            )
+        };
+        let out = init();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("wrote 3 key pairs"),
+            "{}",
+            text(&out.stdout)
+        );
+        for h in ["node1", "node2", "node3"] {
+            let secret = dir.path().join(format!("keys/{h}.key_secret"));
+            let md = std::fs::metadata(&secret).unwrap();
+            assert_eq!(md.uid(), nobody.uid.as_raw(), "{}", secret.display());
+            assert_eq!(md.mode() & 0o777, 0o600);
+            let public = canopy_security::cert::load_public(
+                &dir.path().join(format!("keys/public/{h}.key")),
+            )
+            .unwrap();
+            // (Read as text: as root, load_secret rightly refuses a secret
+            // owned by another user.)
+            let text = std::fs::read_to_string(&secret).unwrap();
+            let s = canopy_security::cert::parse(&text, &secret).unwrap();
+            assert_eq!(public.public, s.public, "{h}");
+        }
+        // The layout checks out for the user that owns it.
+        let out = run_canopy(
+            &[
+                "config",
+                "check",
+                cfg.to_str().unwrap(),
+                "--host",
+                "node2",
+                "--user",
+                "nobody",
+            ],
+            &[],
+            RPC_TIMEOUT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stdout));
+        // Nothing is replaced.
+        let before = std::fs::read(dir.path().join("keys/node1.key_secret")).unwrap();
+        let out = init();
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("already exists"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("keys/node1.key_secret")).unwrap(),
+            before
+        );
+    });
+}
