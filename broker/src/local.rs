@@ -44,6 +44,9 @@ pub struct Local {
     /// Unsent bytes: per uid, and in total.
     by_uid: IdMap<u32, usize>,
     total: usize,
+    /// The instance owner's uid: not paused for the broker's total budget
+    /// (other clients' backlog must not lock the owner out).
+    owner: Option<u32>,
 }
 
 impl Local {
@@ -65,6 +68,7 @@ impl Local {
             budgets,
             by_uid: IdMap::default(),
             total: 0,
+            owner: None,
         })
     }
 
@@ -85,11 +89,14 @@ impl Local {
     pub fn fds(&mut self) -> Vec<(u32, RawFd, bool, bool)> {
         let b = self.budgets;
         let mut decoding: IdMap<u32, usize> = IdMap::default();
+        let mut all = self.total;
         for s in self.streams.values() {
             *decoding.entry(s.uid).or_default() += s.dec.pending();
+            all += s.dec.pending();
         }
         let now = Instant::now();
         let by_uid = &self.by_uid;
+        let owner = self.owner;
         self.streams
             .iter_mut()
             .map(|(id, s)| {
@@ -97,7 +104,10 @@ impl Local {
                 let conn = unsent + s.dec.pending();
                 let uid = by_uid.get(&s.uid).copied().unwrap_or(0)
                     + decoding.get(&s.uid).copied().unwrap_or(0);
-                let read = conn < b.client_bytes && uid < b.principal_bytes;
+                // At the broker's total, only the owner is still read.
+                let read = conn < b.client_bytes
+                    && uid < b.principal_bytes
+                    && (all < b.total_bytes || owner == Some(s.uid));
                 if read {
                     s.paused_since = None;
                 } else if (unsent > 0 || s.dec.pending() > 0)
@@ -240,6 +250,11 @@ impl Local {
             }
         }
         out
+    }
+
+    /// The instance owner's uid (see the `owner` field).
+    pub fn set_owner(&mut self, uid: u32) {
+        self.owner = Some(uid);
     }
 
     /// The budgets this connector enforces.

@@ -107,7 +107,8 @@ impl Broker {
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).map_err(BrokerError::Random)?;
         let budgets = plan.budgets;
-        let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
+        let mut local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
+        local.set_owner(plan.owner_uid);
         let ipc_path = endpoint
             .as_deref()
             .and_then(|e| e.strip_prefix("ipc://"))
