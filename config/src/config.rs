@@ -101,10 +101,12 @@ pub struct GssapiConfig {
 }
 
 impl GssapiConfig {
-    /// The principal of the broker on `host`: `service/host@REALM` (host
-    /// lower-cased), or `service/host` when the realm is the default one.
+    /// The principal of the broker on `host`: `service/host@REALM`, or
+    /// `service/host` when the realm is the default one. The host is used
+    /// exactly as written in `bootstrap.hosts` (no case folding): principals
+    /// are compared exactly, so write hosts as the KDC spells the
+    /// principals' instances.
     pub fn principal(&self, host: &str) -> String {
-        let host = host.to_ascii_lowercase();
         match &self.realm {
             Some(r) => format!("{}/{host}@{r}", self.service),
             None => format!("{}/{host}", self.service),

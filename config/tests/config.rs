@@ -353,7 +353,8 @@ fn gssapi_needs_its_table() {
     assert_eq!(g.service, "canopy");
     assert_eq!(g.keytab, None);
     assert_eq!(g.kex_port, None, "default: the connect endpoint's port + 1");
-    assert_eq!(g.principal("Cn001"), "canopy/cn001");
+    assert_eq!(g.principal("Cn001"), "canopy/Cn001");
+    assert_eq!(g.principal("cn001"), "canopy/cn001");
     let c = parse(
         "[bootstrap]\nhosts = [ { host = \"a\" } ]\nmechanism = \"gssapi\"\n[gssapi]\nrealm = \"HPC.EXAMPLE\"\nkex_port = 9000\n",
     );

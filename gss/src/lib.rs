@@ -62,8 +62,9 @@ pub enum GssError {
 }
 
 /// Canonical form of a Kerberos principal for the ACL and the logs:
-/// `name@REALM` or `service/host@REALM`, names and realm case-sensitive,
-/// the host part lower-cased (see `canopy_acl::Principal`).
+/// `name@REALM` or `service/host@REALM`, exactly as the KDC authenticated
+/// it: every part case-sensitive, nothing folded (see
+/// `canopy_acl::Principal`).
 pub fn canonical_principal(display: &str) -> Result<String, GssError> {
     let p = canopy_acl::principal::Principal::parse(display).map_err(|e| GssError::Name {
         name: display.to_string(),
