@@ -42,6 +42,20 @@ pub struct GssOpts {
     pub kex_listen: Option<String>,
     /// Cap on a binding's lifetime (tests; default: the ticket's).
     pub max_lifetime: Option<Duration>,
+    /// Cap on one principal's live key bindings (default
+    /// [`canopy_gss::bindings::DEFAULT_PER_PRINCIPAL`]).
+    pub max_bindings_per_principal: Option<usize>,
+}
+
+impl GssOpts {
+    /// The binding table with this broker's caps.
+    pub fn bindings(&self) -> Bindings {
+        Bindings::with_caps(
+            self.max_bindings_per_principal
+                .unwrap_or(canopy_gss::bindings::DEFAULT_PER_PRINCIPAL),
+            canopy_gss::bindings::DEFAULT_TOTAL,
+        )
+    }
 }
 
 /// The ZAP side of a gssapi instance.
@@ -345,26 +359,38 @@ pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
 }
 
 /// Start the key-exchange acceptor on `listen` (`HOST:PORT`, port 0 for
-/// any) as `principal`, vouching for `server_key`.
+/// any) as `principal`, vouching for `server_key`. A principal is admitted
+/// to bind a key only if it would be admitted on that key: an overlay key
+/// only for an expected peer no deny rule names, a client key only for a
+/// principal the client policy grants a role (so a principal the policy
+/// refuses gets no binding at all).
 pub fn start_server(
     listen: &str,
     principal: &str,
     keys: &canopy_security::CurveKeypair,
     bindings: Arc<Bindings>,
     peers: HashSet<String>,
+    clients: Arc<dyn ClientAuthz>,
     max_lifetime: Option<Duration>,
 ) -> Result<KexServer, BrokerError> {
     let listener = TcpListener::bind(listen).map_err(|e| BrokerError::Bind {
         endpoint: listen.to_string(),
         reason: format!("key exchange listener: {e}"),
     })?;
-    let admit = move |purpose: Purpose, who: &str| match purpose {
-        Purpose::Overlay if peers.contains(who) => Ok(()),
+    let admit = move |purpose: Purpose, who: &str, address: &str| match purpose {
+        Purpose::Overlay if peers.contains(who) => match clients.vetoes(who, Mech::Gssapi, address)
+        {
+            Some(why) => Err(why),
+            None => Ok(()),
+        },
         Purpose::Overlay => Err(format!(
             "{who} is not an expected peer principal of this instance"
         )),
-        // The ACL decides for clients when they connect (ZAP).
-        Purpose::Client => Ok(()),
+        Purpose::Client => match clients.decide(who, Mech::Gssapi, address) {
+            Ok(roles) if !roles.is_empty() => Ok(()),
+            Ok(_) => Err(format!("the policy grants {who} no role; no key is bound")),
+            Err(why) => Err(why),
+        },
     };
     let s = KexServer::start(
         listener,
@@ -375,7 +401,7 @@ pub fn start_server(
             bindings,
             admit: Arc::new(admit),
             max_lifetime,
-            timeout: KEX_TIMEOUT,
+            limits: canopy_gss::Limits::default(),
         },
     )
     .map_err(gss_err)?;
@@ -420,7 +446,7 @@ pub fn setup_user_instance(
     transport: &crate::sockets::Transport,
     clients: bool,
 ) -> Result<Option<KexServer>, BrokerError> {
-    let bindings = Arc::new(Bindings::new());
+    let bindings = Arc::new(g.bindings());
     let peers: HashSet<String> = [me.to_string()].into_iter().collect();
     if bound
         .policy
@@ -445,7 +471,15 @@ pub fn setup_user_instance(
         (Some(l), 0) => l.clone(),
         _ => format!("{host}:0"),
     };
-    let s = start_server(&listen, me, keys, bindings, peers, g.max_lifetime)?;
+    let s = start_server(
+        &listen,
+        me,
+        keys,
+        bindings,
+        peers,
+        bound.policy.clients.clone(),
+        g.max_lifetime,
+    )?;
     if rank == 0 {
         let path = rundir.join("kex-0");
         std::fs::write(&path, format!("{} {me}\n", s.addr())).map_err(|source| {
@@ -588,7 +622,7 @@ impl SystemGss {
         bound: &crate::sockets::Bound,
         keys: &canopy_security::CurveKeypair,
     ) -> Result<Option<KexServer>, BrokerError> {
-        let bindings = Arc::new(Bindings::new());
+        let bindings = Arc::new(self.opts.bindings());
         let peers: HashSet<String> = self.children.values().cloned().collect();
         if bound
             .policy
@@ -600,7 +634,13 @@ impl SystemGss {
         }
         match &self.listen {
             Some(l) => Ok(Some(start_server(
-                l, &self.me, keys, bindings, peers, None,
+                l,
+                &self.me,
+                keys,
+                bindings,
+                peers,
+                bound.policy.clients.clone(),
+                None,
             )?)),
             None => Ok(None),
         }

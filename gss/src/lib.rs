@@ -26,12 +26,13 @@ pub mod client;
 pub mod fuzz;
 pub mod krb;
 pub mod pop;
+pub mod ratelog;
 pub mod server;
 pub mod wire;
 
 pub use bindings::{BindError, Binding, Bindings};
 pub use client::{handshake, Bound, ClientConfig};
-pub use server::{KexServer, ServerConfig};
+pub use server::{KexServer, Limits, ServerConfig};
 pub use wire::{Msg, Purpose, Transcript};
 
 /// Errors of this crate. Messages are lower-case and say what to do.
@@ -59,6 +60,25 @@ pub enum GssError {
     },
     #[error("invalid principal {name:?}: {reason}")]
     Name { name: String, reason: String },
+    /// The acceptor is at one of its limits; the initiator may retry.
+    #[error("the key exchange is busy ({0}); retry shortly")]
+    Busy(String),
+}
+
+impl GssError {
+    /// A short name of the kind of error, for rate-limited logging.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            GssError::Credentials(_) => "credentials",
+            GssError::Gss { .. } => "gss",
+            GssError::Protocol(_) => "protocol",
+            GssError::Refused { .. } => "refused",
+            GssError::Auth(_) => "auth",
+            GssError::Io { .. } => "io",
+            GssError::Name { .. } => "name",
+            GssError::Busy(_) => "busy",
+        }
+    }
 }
 
 /// Canonical form of a Kerberos principal for the ACL and the logs:

@@ -856,3 +856,241 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
         println!("expired and recovered in {:?}", t0.elapsed());
     });
 }
+
+/// `canopy-t-kex`: bind COUNT fresh keys at `kex` as the default principal
+/// of `env`. Returns each bind's latency or error, in order.
+fn bind_keys(
+    env: &[(String, String)],
+    kex: &str,
+    target: &str,
+    purpose: &str,
+    count: u32,
+    pause_ms: u32,
+) -> Vec<Result<Duration, String>> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_canopy-t-kex"));
+    cmd.args([
+        kex,
+        target,
+        purpose,
+        &count.to_string(),
+        &pause_ms.to_string(),
+    ])
+    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let out = canopy_t::run_command(&mut cmd, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("done ")),
+        "canopy-t-kex did not finish: {stdout}\n{}",
+        text(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            let (kind, us) = (w.next()?, w.next()?.parse::<u64>().ok()?);
+            match kind {
+                "ok" => Some(Ok(Duration::from_micros(us))),
+                "error" => Some(Err(w.next().unwrap_or("").to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_principal_differing_only_in_case_is_another_principal() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        // Two principals of the realm, with two keys, that differ only in
+        // the case of their instance.
+        let realm = Realm::start(&["canopy/n1", "canopy/N1"]);
+        let env = realm.env("canopy/n1");
+        let ep = format!("tcp://127.0.0.1:{}", free_port());
+        let inst = Instance::start_with_env(
+            1,
+            2,
+            &["--mechanism", "gssapi", "--listen-clients", &ep],
+            &env_ref(&env),
+        );
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        assert_eq!(target, "canopy/n1@CANOPY.TEST");
+        // The instance's own principal may bind an overlay key (a rank).
+        let own = bind_keys(&env, &kex, &target, "overlay", 1, 0);
+        assert!(matches!(own[..], [Ok(_)]), "{own:?}");
+        // canopy/N1 may not: not as a rank, not as the owner.
+        let upper = realm.env("canopy/N1");
+        for purpose in ["overlay", "client"] {
+            let r = bind_keys(&upper, &kex, &target, purpose, 1, 0);
+            match &r[..] {
+                [Err(e)] => assert!(
+                    e.contains("canopy/N1@CANOPY.TEST"),
+                    "{purpose}: the refusal does not name the exact principal: {e}"
+                ),
+                other => panic!("canopy/N1 bound a {purpose} key as canopy/n1: {other:?}"),
+            }
+        }
+        let log = inst.stderr_text();
+        assert!(
+            log.contains("principal=canopy/N1@CANOPY.TEST") && log.contains("verdict=deny"),
+            "{log}"
+        );
+        assert!(!log.contains("verdict=allow principal=canopy/N1"), "{log}");
+    });
+}
+
+#[test]
+fn a_principal_without_a_rule_gets_no_binding_and_the_1001st_binding_is_refused() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice", "bob", "carol"]);
+        let allow = format!("{}=user", realm.principal("bob"));
+        let (inst, _ep) = alice_instance(&realm, 1, &["--allow", &allow]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        // carol has no rule: refused before any key is bound.
+        let r = bind_keys(&realm.env("carol"), &kex, &target, "client", 1, 0);
+        match &r[..] {
+            [Err(e)] => assert!(e.contains("carol@CANOPY.TEST"), "{e}"),
+            other => panic!("carol bound a key without a rule: {other:?}"),
+        }
+        inst.wait_log_line(
+            &["verdict=deny", "principal=carol@CANOPY.TEST"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no denial logged for carol:\n{}", inst.stderr_text()));
+        // bob may bind, up to the default cap of 1,000 live bindings.
+        let t0 = Instant::now();
+        let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 1001, 0);
+        assert_eq!(r.len(), 1001);
+        let ok = r.iter().filter(|x| x.is_ok()).count();
+        assert_eq!(ok, 1000, "{:?}", r.iter().find(|x| x.is_err()));
+        match &r[1000] {
+            Err(e) => assert!(
+                e.contains("1000 live key bindings") && e.contains("bob@CANOPY.TEST"),
+                "{e}"
+            ),
+            Ok(_) => panic!("the 1,001st binding was accepted"),
+        }
+        println!("1,001 binds in {:?}", t0.elapsed());
+        // alice (another principal) is not held back by bob's cap.
+        let r = bind_keys(&realm.env("alice"), &kex, &target, "client", 1, 0);
+        assert!(matches!(r[..], [Ok(_)]), "{r:?}");
+    });
+}
+
+/// Keeps `n` connections to `addr` open, each trickling one byte a second
+/// (the start of a large frame that never completes), reconnecting each
+/// one the server closes. Returns how many reconnects it made.
+fn slow_loris(addr: &str, n: usize, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let open = || {
+        let s = TcpStream::connect(addr).ok()?;
+        s.set_nonblocking(true).ok()?;
+        Some((s, 0usize))
+    };
+    let header = [0u8, 0, 0x80, 0];
+    let mut conns: Vec<Option<(TcpStream, usize)>> = (0..n).map(|_| open()).collect();
+    let mut reconnects = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for c in conns.iter_mut() {
+            let alive = match c {
+                Some((s, sent)) => {
+                    let b = header.get(*sent).copied().unwrap_or(1);
+                    match s.write(&[b]) {
+                        Ok(1) => {
+                            *sent += 1;
+                            // Closed by the server: reading gives EOF.
+                            let mut x = [0u8; 64];
+                            s.read(&mut x).is_err()
+                        }
+                        _ => false,
+                    }
+                }
+                None => false,
+            };
+            if !alive {
+                *c = open();
+                reconnects += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    reconnects
+}
+
+#[test]
+fn two_hundred_slow_loris_connections_starve_neither_clients_nor_renewals() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        // Bindings last 3 s: each child renews every 2 s, so a listener
+        // starved for a second or more loses overlay links.
+        let (inst, _ep) = alice_instance(&realm, 4, &["--gss-max-lifetime", "3"]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        let env = realm.env("alice");
+        let quiet = bind_keys(&env, &kex, &target, "client", 50, 20);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, kex2) = (stop.clone(), kex.clone());
+        let attack = std::thread::spawn(move || slow_loris(&kex2, 200, &stop2));
+        std::thread::sleep(Duration::from_millis(1500));
+        let t0 = Instant::now();
+        let attacked = bind_keys(&env, &kex, &target, "client", 100, 30);
+        // Messages keep crossing both levels of the tree while attacked.
+        let mut c = inst.client(0);
+        while t0.elapsed() < Duration::from_secs(7) {
+            for r in 1..4 {
+                Instance::ping(&mut c, r, b"under attack").unwrap_or_else(|e| {
+                    panic!(
+                        "rank {r} lost under attack after {:?}: {e}\n{}",
+                        t0.elapsed(),
+                        inst.stderr_text()
+                    )
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let reconnects = attack.join().unwrap();
+        let lat = |r: &[Result<Duration, String>]| {
+            let mut v: Vec<Duration> = r
+                .iter()
+                .map(|x| *x.as_ref().unwrap_or_else(|e| panic!("a bind failed: {e}")))
+                .collect();
+            v.sort();
+            let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+            (q(0.5), q(0.99))
+        };
+        let (qp50, qp99) = lat(&quiet);
+        let (ap50, ap99) = lat(&attacked);
+        println!(
+            "bind latency: quiet p50 {qp50:?} p99 {qp99:?}; with 200 slow-loris connections p50 {ap50:?} p99 {ap99:?} ({reconnects} attacker reconnects)"
+        );
+        assert!(
+            ap99 < Duration::from_millis(200),
+            "p99 {ap99:?} under attack"
+        );
+        let log = inst.stderr_text();
+        assert!(
+            !log.contains("binding expired"),
+            "an overlay link was lost:\n{log}"
+        );
+        // The closures are logged, one line per cause per interval.
+        let slow = log
+            .lines()
+            .filter(|l| l.contains("no complete hello"))
+            .count();
+        assert!(slow >= 1, "the slow connections were not noticed:\n{log}");
+        assert!(
+            slow <= 4,
+            "{slow} lines about slow hellos: not rate-limited:\n{log}"
+        );
+        inst.assert_all_ranks_answer();
+    });
+}
