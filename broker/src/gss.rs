@@ -354,8 +354,14 @@ fn gss_err(e: canopy_gss::GssError) -> BrokerError {
 /// Our canonical principal: acquires initiator credentials, so a missing
 /// or expired credential fails here, at once.
 pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
-    let (_, p) = canopy_gss::krb::initiator_cred(opts.principal.as_deref()).map_err(gss_err)?;
-    Ok(p)
+    let principal = opts.principal.clone();
+    let who = principal
+        .clone()
+        .unwrap_or_else(|| "the default principal".into());
+    canopy_gss::krb::with_kdc_deadline(canopy_gss::krb::kdc_timeout(), who, move || {
+        canopy_gss::krb::initiator_cred(principal.as_deref()).map(|(_, p)| p)
+    })
+    .map_err(gss_err)
 }
 
 /// Start the key-exchange acceptor on `listen` (`HOST:PORT`, port 0 for
@@ -512,6 +518,7 @@ pub fn join_and_renew(
         purpose: Purpose::Overlay,
         expect_server_key: Some(parent_key),
         timeout: KEX_TIMEOUT,
+        kdc_timeout: canopy_gss::krb::kdc_timeout(),
     };
     let b = join_parent(addr, &cfg, link)?;
     let parent = parent_link(policy)?;
@@ -664,6 +671,7 @@ impl SystemGss {
             purpose: Purpose::Overlay,
             expect_server_key: None,
             timeout: KEX_TIMEOUT,
+            kdc_timeout: canopy_gss::krb::kdc_timeout(),
         };
         let mut backoff = Duration::from_millis(100);
         loop {

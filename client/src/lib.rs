@@ -174,6 +174,7 @@ impl TcpKeys {
             purpose: canopy_gss::Purpose::Client,
             expect_server_key: None,
             timeout: Duration::from_secs(5),
+            kdc_timeout: canopy_gss::krb::kdc_timeout(),
         };
         let b = canopy_gss::handshake(kex, &cfg, &client)
             .map_err(|e| ClientError::Keys(format!("gssapi: {e}")))?;

@@ -43,6 +43,7 @@ fn main() {
         purpose,
         expect_server_key: None,
         timeout: Duration::from_secs(5),
+        kdc_timeout: canopy_gss::krb::kdc_timeout(),
     };
     let (mut ok, mut bad) = (0u64, 0u64);
     for _ in 0..count {
