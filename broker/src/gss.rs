@@ -609,6 +609,7 @@ impl SystemGss {
         };
         let opts = GssOpts {
             principal: Some(me.clone()),
+            max_bindings_per_principal: g.max_bindings_per_principal,
             ..GssOpts::default()
         };
         if parent.is_some() {

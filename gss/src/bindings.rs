@@ -99,7 +99,7 @@ pub enum BindError {
     OtherPrincipal { existing: String, wanted: String },
     #[error("link key is already bound for {existing} use; generate a fresh key for each link")]
     OtherPurpose { existing: &'static str },
-    #[error("{principal} already has {cap} live key bindings, the most allowed per principal; reuse a connection or wait for old bindings to expire (the cap is gssapi.max_bindings_per_principal)")]
+    #[error("{principal} already has {cap} live key bindings, the most allowed per principal; reuse a connection or wait for old bindings to expire (the cap is gssapi.max_bindings_per_principal in a system config, canopy start --gss-max-bindings in a user instance)")]
     PrincipalCap { principal: String, cap: usize },
     #[error("the binding table is full ({cap} live bindings); retry later")]
     Full { cap: usize },
