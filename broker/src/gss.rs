@@ -66,6 +66,21 @@ pub struct GssGate {
     warned: Mutex<HashSet<String>>,
     /// This broker's link to its parent, shared with the renewal thread.
     pub parent: Arc<ParentLink>,
+    /// Remote client connections by link key, so that each is cut the
+    /// moment its binding ends (expiry is revocation).
+    remote: Mutex<RemoteLinks>,
+}
+
+/// Most remote client connections tracked for expiry (past it, an expired
+/// connection's messages are still dropped, but it is not cut at once).
+const MAX_TRACKED_REMOTE: usize = 65_536;
+
+#[derive(Default)]
+struct RemoteLinks {
+    /// key → (routing id, binding's expiry).
+    by_key: std::collections::HashMap<String, (Vec<u8>, Instant)>,
+    /// The earliest expiry in `by_key`.
+    next: Option<Instant>,
 }
 
 /// Between the broker loop and the renewal thread: the loop says when the
@@ -178,7 +193,64 @@ impl GssGate {
             peers: peers.into_iter().collect(),
             warned: Mutex::new(HashSet::new()),
             parent: Arc::new(ParentLink::default()),
+            remote: Mutex::new(RemoteLinks::default()),
         }
+    }
+
+    /// Remember that the remote connection `rid` uses `key`, to cut it when
+    /// the key's binding ends.
+    pub fn remote_seen(&self, key: &str, rid: &[u8]) {
+        let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.by_key.get(key).is_some_and(|(old, _)| old == rid) {
+            return;
+        }
+        let Some(b) = self.bindings.get(key, Instant::now()) else {
+            return;
+        };
+        if r.by_key.len() >= MAX_TRACKED_REMOTE && !r.by_key.contains_key(key) {
+            return;
+        }
+        r.by_key.insert(key.to_string(), (rid.to_vec(), b.expires));
+        r.next = Some(r.next.map_or(b.expires, |n| n.min(b.expires)));
+    }
+
+    /// The remote connections whose binding has ended by `now` (each
+    /// returned once), with their principal's reason. Costs one comparison
+    /// unless the earliest expiry has passed.
+    pub fn expired_remote(&self, now: Instant) -> Vec<(Vec<u8>, String)> {
+        let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.next.is_none_or(|n| n > now) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut next: Option<Instant> = None;
+        let bindings = &self.bindings;
+        r.by_key.retain(|key, (rid, expires)| {
+            match bindings.get(key, now) {
+                // Renewed (or still live): track its new expiry.
+                Some(b) => {
+                    *expires = b.expires;
+                    next = Some(next.map_or(b.expires, |n| n.min(b.expires)));
+                    true
+                }
+                None => {
+                    out.push((
+                        std::mem::take(rid),
+                        "its kerberos binding expired; authenticate again (kinit) and reconnect"
+                            .to_string(),
+                    ));
+                    false
+                }
+            }
+        });
+        r.next = next;
+        out
+    }
+
+    /// How long until the earliest tracked remote binding ends.
+    pub fn next_remote_expiry(&self, now: Instant) -> Option<Duration> {
+        let r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        r.next.map(|n| n.saturating_duration_since(now))
     }
 
     /// The ZAP decision for a connecting CURVE key.
@@ -287,6 +359,38 @@ pub fn message_allowed(
     };
     let key = first.and_then(|m| m.gets(LINK_KEY_PROPERTY)).unwrap_or("");
     g.link_live(key, user_id)
+}
+
+/// The per-message check of a remote client connection under gssapi (a
+/// no-op otherwise): as [`message_allowed`], and the connection is
+/// remembered so that it is cut when its binding ends.
+pub fn client_message_allowed(
+    policy: &crate::authz::BrokerPolicy,
+    first: &mut zmq::Message,
+    user_id: &str,
+    rid: &[u8],
+) -> bool {
+    let Some(g) = gate(policy) else {
+        return true;
+    };
+    let key = first.gets(LINK_KEY_PROPERTY).unwrap_or("");
+    if !g.link_live(key, user_id) {
+        return false;
+    }
+    g.remote_seen(key, rid);
+    true
+}
+
+/// Loop hook: remote client connections whose binding ended (routing id,
+/// reason), to be revoked now; and how long until the next one may end.
+pub fn expired_remote(
+    policy: &crate::authz::BrokerPolicy,
+) -> (Vec<(Vec<u8>, String)>, Option<Duration>) {
+    let Some(g) = gate(policy) else {
+        return (Vec::new(), None);
+    };
+    let now = Instant::now();
+    (g.expired_remote(now), g.next_remote_expiry(now))
 }
 
 /// A user instance's client policy under gssapi: the owner, as a local
@@ -846,6 +950,31 @@ mod tests {
         assert!(matches!(g.decide(&null, &acl), Decision::Deny { .. }));
         assert!(g.link_live("curve:peer", "x"));
         assert!(!g.link_live("curve:old", "x"));
+    }
+
+    #[test]
+    fn a_remote_connection_is_reported_once_when_its_binding_ends() {
+        let b = Arc::new(Bindings::new());
+        let g = GssGate::new(b.clone(), []);
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        b.bind("curve:a", "alice@R", Purpose::Client, now + 2 * s, now)
+            .unwrap();
+        b.bind("curve:b", "bob@R", Purpose::Client, now + 60 * s, now)
+            .unwrap();
+        g.remote_seen("curve:a", b"rid-a");
+        g.remote_seen("curve:b", b"rid-b");
+        g.remote_seen("curve:unbound", b"rid-x");
+        assert!(g.expired_remote(now + s).is_empty());
+        let d = g.next_remote_expiry(now).unwrap();
+        assert!(d <= 2 * s && d > s, "{d:?}");
+        let gone = g.expired_remote(now + 3 * s);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, b"rid-a");
+        assert!(gone[0].1.contains("binding expired"), "{}", gone[0].1);
+        assert!(g.expired_remote(now + 4 * s).is_empty(), "reported once");
+        assert_eq!(g.expired_remote(now + 61 * s)[0].0, b"rid-b");
+        assert_eq!(g.next_remote_expiry(now), None);
     }
 
     #[test]

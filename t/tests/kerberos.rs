@@ -1127,3 +1127,86 @@ fn two_hundred_slow_loris_connections_starve_neither_clients_nor_renewals() {
         inst.assert_all_ranks_answer();
     });
 }
+
+#[test]
+fn an_expired_subscriber_gets_no_more_events() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        // Every binding lasts 3 s; remote clients do not renew.
+        let (inst, ep) = alice_instance(&realm, 1, &["--gss-max-lifetime", "3"]);
+        let env = realm.env("alice");
+        let mut e = env_ref(&env);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        e.push(("CANOPY_KEX", &kex));
+        e.push(("CANOPY_GSS_TARGET", &target));
+        let out_path = inst.tempdir().join("sub.out");
+        let err_path = inst.tempdir().join("sub.err");
+        let t0 = Instant::now();
+        let mut sub = std::process::Command::new(canopy_t::canopy_bin())
+            .args(["event", "sub", "tick.*", "--uri", &ep, "--timeout", "20"])
+            .envs(e.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap();
+        // Publish a numbered event every 100 ms for 6 s.
+        let mut c = inst.client(0);
+        let mut published = Vec::new();
+        let mut exited = None;
+        let mut n = 0u32;
+        while t0.elapsed() < Duration::from_secs(6) {
+            c.publish("tick.n", n.to_string().as_bytes(), Duration::from_secs(5))
+                .unwrap();
+            published.push((n, t0.elapsed()));
+            n += 1;
+            if exited.is_none() {
+                if let Ok(Some(st)) = sub.try_wait() {
+                    exited = Some((st, t0.elapsed()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = sub.kill();
+        let _ = sub.wait();
+        let got = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let last: Option<u32> = got
+            .lines()
+            .filter_map(|l| l.split(' ').nth(2)?.parse().ok())
+            .max();
+        let last = last.unwrap_or_else(|| panic!("the subscriber got no event at all: {err}"));
+        // The binding was made before the first event and lasts 3 s: no
+        // event published after 3.3 s of the subscriber's start arrives.
+        let (_, at) = published[last as usize];
+        assert!(
+            at < Duration::from_millis(3300),
+            "event {last}, published at {at:?}, reached an expired subscriber:\n{got}\n{}",
+            inst.stderr_text()
+        );
+        let (st, when) = exited.unwrap_or_else(|| {
+            panic!(
+                "the expired subscriber is still connected after 6 s:\n{err}\n{}",
+                inst.stderr_text()
+            )
+        });
+        assert!(!st.success(), "the subscriber exited successfully");
+        assert!(
+            err.contains("access revoked") && err.contains("binding expired"),
+            "{err}"
+        );
+        println!(
+            "subscriber cut at {when:?}, last event published at {at:?}: {}",
+            err.trim()
+        );
+        inst.wait_log_line(
+            &["access revoked", "binding expired"],
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|| panic!("no revocation logged:\n{}", inst.stderr_text()));
+    });
+}
