@@ -1210,3 +1210,122 @@ fn an_expired_subscriber_gets_no_more_events() {
         .unwrap_or_else(|| panic!("no revocation logged:\n{}", inst.stderr_text()));
     });
 }
+
+/// Remote `canopy event sub` and `canopy ping` (one every 200 ms) against
+/// `inst` as alice; waits until the subscriber has an event.
+fn remote_tools(
+    realm: &Realm,
+    inst: &Instance,
+    ep: &str,
+) -> (std::process::Child, std::process::Child, std::path::PathBuf) {
+    let env = realm.env("alice");
+    let mut e = env_ref(&env);
+    let kex = exported(inst, "CANOPY_KEX");
+    let target = exported(inst, "CANOPY_GSS_TARGET");
+    e.push(("CANOPY_KEX", &kex));
+    e.push(("CANOPY_GSS_TARGET", &target));
+    let dir = inst.tempdir().to_path_buf();
+    let spawn = |args: &[&str], name: &str| {
+        std::process::Command::new(canopy_t::canopy_bin())
+            .args(args)
+            .envs(e.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let sub = spawn(&["event", "sub", "x.*", "--uri", ep], "sub");
+    let ping = spawn(
+        &[
+            "ping",
+            "--uri",
+            ep,
+            "--rank",
+            "1",
+            "--count",
+            "100000",
+            "--interval",
+            "0.2",
+        ],
+        "ping",
+    );
+    let mut c = inst.client(0);
+    let subscribed = canopy_t::wait_until(Duration::from_secs(10), || {
+        c.publish("x.y", b"hello", Duration::from_secs(5)).unwrap();
+        std::fs::read_to_string(dir.join("sub.out")).is_ok_and(|s| s.contains("hello"))
+    });
+    assert!(
+        subscribed,
+        "the remote subscriber got no event:\n{}",
+        inst.stderr_text()
+    );
+    (sub, ping, dir)
+}
+
+/// Wait up to `limit` for `c` to exit; its exit time.
+fn exits_within(c: &mut std::process::Child, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Ok(Some(st)) = c.try_wait() {
+            assert!(!st.success(), "exited successfully");
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    None
+}
+
+#[test]
+fn remote_tools_exit_within_5_s_of_rank_0_dying_or_hanging() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        for how in ["killed", "stopped"] {
+            let (inst, ep) = alice_instance(&realm, 2, &[]);
+            let (mut sub, mut ping, dir) = remote_tools(&realm, &inst, &ep);
+            let rank0 = inst
+                .broker_pids()
+                .into_iter()
+                .find(|(_, r)| *r == 0)
+                .expect("rank 0's pid")
+                .0;
+            let pid = nix::unistd::Pid::from_raw(rank0);
+            let sig = if how == "killed" {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                // Alive but silent: only heartbeats can tell.
+                nix::sys::signal::Signal::SIGSTOP
+            };
+            nix::sys::signal::kill(pid, sig).unwrap();
+            let t_sub = exits_within(&mut sub, Duration::from_secs(5));
+            let t_ping = exits_within(&mut ping, Duration::from_secs(5));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            for (name, t) in [("event sub", t_sub), ("ping", t_ping)] {
+                let file = if name == "ping" {
+                    "ping.err"
+                } else {
+                    "sub.err"
+                };
+                let err = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                let t = t.unwrap_or_else(|| {
+                    panic!("remote {name} still ran 5 s after rank 0 was {how}: {err}")
+                });
+                assert!(
+                    err.contains("lost the connection to the broker"),
+                    "{name} ({how}): {err}"
+                );
+                println!(
+                    "rank 0 {how}: remote {name} exited after {t:?}: {}",
+                    err.trim()
+                );
+            }
+            drop(inst);
+        }
+    });
+}
