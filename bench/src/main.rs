@@ -14,6 +14,7 @@
 mod acl;
 mod event;
 mod gss;
+mod gssbind;
 mod instance;
 mod link;
 mod machine;
@@ -478,6 +479,9 @@ fn check_smoke(r: &Report) -> Result<()> {
 
 fn main() {
     if let Some(code) = gss::run_if_requested() {
+        std::process::exit(code);
+    }
+    if let Some(code) = gssbind::run_if_requested() {
         std::process::exit(code);
     }
     let cli = Cli::parse();

@@ -115,6 +115,10 @@ pub struct KexServer {
     stop: Arc<AtomicBool>,
     queue: Arc<Queue>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Joined on drop: the last of them releases the Kerberos credential,
+    /// which must happen before the process exits (MIT's library aborts
+    /// if it is used while its destructors run).
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl KexServer {
@@ -139,24 +143,44 @@ impl KexServer {
         });
         let l = &shared.cfg.limits;
         let (general, reserved) = (l.workers.max(1), l.overlay_workers);
+        let mut workers = Vec::with_capacity(general + reserved);
         for i in 0..general + reserved {
             let (q, sh) = (queue.clone(), shared.clone());
             let overlay_only = i >= general;
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("canopy-gss-work".into())
-                .spawn(move || worker(&q, &sh, overlay_only))
-                .map_err(io("thread"))?;
+                .spawn(move || worker(&q, &sh, overlay_only));
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    queue.stop();
+                    for w in workers {
+                        let _ = w.join();
+                    }
+                    return Err(io("thread")(e));
+                }
+            }
         }
         let (stop2, q2) = (stop.clone(), queue.clone());
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name("canopy-gss-kex".into())
             .spawn(move || serve(listener, shared, q2, stop2))
-            .map_err(io("thread"))?;
+        {
+            Ok(t) => t,
+            Err(e) => {
+                queue.stop();
+                for w in workers {
+                    let _ = w.join();
+                }
+                return Err(io("thread")(e));
+            }
+        };
         Ok(KexServer {
             addr,
             stop,
             queue,
             thread: Some(thread),
+            workers,
         })
     }
 
@@ -172,6 +196,10 @@ impl Drop for KexServer {
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Each finishes its exchange (bounded by the exchange deadline).
+        for w in self.workers.drain(..) {
+            let _ = w.join();
         }
     }
 }
@@ -352,7 +380,7 @@ fn serve(listener: TcpListener, sh: Arc<Shared>, q: Arc<Queue>, stop: Arc<Atomic
         // Read what arrived; hand complete Hellos to the workers.
         let now = Instant::now();
         let mut keep = Vec::with_capacity(pending.len());
-        for (mut p, ready) in pending.drain(..).zip(ready) {
+        for (p, ready) in pending.drain(..).zip(ready) {
             if !ready {
                 if now.duration_since(p.accepted) >= l.first_message {
                     sh.warn(
@@ -368,58 +396,13 @@ fn serve(listener: TcpListener, sh: Arc<Shared>, q: Arc<Queue>, stop: Arc<Atomic
                 }
                 continue;
             }
-            match p.read() {
-                Progress::More if now.duration_since(p.accepted) < l.first_message => keep.push(p),
-                Progress::More => sh.warn(
-                    "slow-hello",
-                    format!(
-                        "gss: verdict=deny principal=- address={} reason=\"no complete hello within {:.1}s of connecting; closed (slow or idle peer)\"",
-                        p.peer,
-                        l.first_message.as_secs_f64()
-                    ),
-                ),
-                Progress::Closed => {}
-                Progress::Bad(e) => refuse_early(&sh, p.s, &p.peer, "bad-hello", e),
-                Progress::Done(Msg::Hello {
-                    purpose,
-                    link_key,
-                    token,
-                }) => {
-                    let _ = p.s.set_nonblocking(false);
-                    let job = Job {
-                        s: p.s,
-                        peer: p.peer,
-                        accepted: p.accepted,
-                        purpose,
-                        link_key,
-                        token,
-                    };
-                    if let Err(j) = q.push(job, l.queue) {
-                        refuse_early(
-                            &sh,
-                            j.s,
-                            &j.peer,
-                            "busy",
-                            GssError::Busy(format!(
-                                "{} {} exchanges are waiting",
-                                l.queue,
-                                j.purpose.as_str()
-                            )),
-                        );
-                    }
-                }
-                Progress::Done(other) => refuse_early(
-                    &sh,
-                    p.s,
-                    &p.peer,
-                    "bad-hello",
-                    GssError::Protocol(format!("expected hello, got {}", other.kind())),
-                ),
+            if let Some(p) = advance(p, &sh, &q, now) {
+                keep.push(p);
             }
         }
         pending = keep;
         if accept {
-            accept_all(&listener, &mut pending, &sh, &stop);
+            accept_all(&listener, &mut pending, &sh, &q, &stop);
         }
         if now.duration_since(last_flush) >= Duration::from_secs(1) {
             last_flush = now;
@@ -430,11 +413,74 @@ fn serve(listener: TcpListener, sh: Arc<Shared>, q: Arc<Queue>, stop: Arc<Atomic
     }
 }
 
+/// Read what a pending connection sent; hand a complete Hello to the
+/// workers. Returns the connection if it is still waiting for its Hello.
+fn advance(mut p: Pending, sh: &Shared, q: &Queue, now: Instant) -> Option<Pending> {
+    let l = &sh.cfg.limits;
+    match p.read() {
+        Progress::More if now.duration_since(p.accepted) < l.first_message => return Some(p),
+        Progress::More => sh.warn(
+            "slow-hello",
+            format!(
+                "gss: verdict=deny principal=- address={} reason=\"no complete hello within {:.1}s of connecting; closed (slow or idle peer)\"",
+                p.peer,
+                l.first_message.as_secs_f64()
+            ),
+        ),
+        Progress::Closed => {}
+        Progress::Bad(e) => refuse_early(sh, p.s, &p.peer, "bad-hello", e),
+        Progress::Done(Msg::Hello {
+            purpose,
+            link_key,
+            token,
+        }) => {
+            let _ = p.s.set_nonblocking(false);
+            let job = Job {
+                s: p.s,
+                peer: p.peer,
+                accepted: p.accepted,
+                purpose,
+                link_key,
+                token,
+            };
+            if let Err(j) = q.push(job, l.queue) {
+                refuse_early(
+                    sh,
+                    j.s,
+                    &j.peer,
+                    "busy",
+                    GssError::Busy(format!(
+                        "{} {} exchanges are waiting",
+                        l.queue,
+                        j.purpose.as_str()
+                    )),
+                );
+            }
+        }
+        Progress::Done(other) => refuse_early(
+            sh,
+            p.s,
+            &p.peer,
+            "bad-hello",
+            GssError::Protocol(format!("expected hello, got {}", other.kind())),
+        ),
+    }
+    None
+}
+
 /// Accept every connection waiting; make room for each by closing the
 /// oldest pending connection of its address, or of all, when full.
-fn accept_all(listener: &TcpListener, pending: &mut Vec<Pending>, sh: &Shared, stop: &AtomicBool) {
+fn accept_all(
+    listener: &TcpListener,
+    pending: &mut Vec<Pending>,
+    sh: &Shared,
+    q: &Queue,
+    stop: &AtomicBool,
+) {
     let l = &sh.cfg.limits;
-    loop {
+    // A bounded batch, so that pending connections are read between
+    // bursts of new ones.
+    for _ in 0..256 {
         let (s, addr) = match listener.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -483,13 +529,19 @@ fn accept_all(listener: &TcpListener, pending: &mut Vec<Pending>, sh: &Shared, s
                 ),
             );
         }
-        pending.push(Pending {
+        // A Hello that came with the connection is handed on at once, so
+        // a burst of other connections cannot evict it before it is read.
+        let now = Instant::now();
+        let p = Pending {
             s,
             ip,
             peer: addr.to_string(),
-            accepted: Instant::now(),
+            accepted: now,
             buf: Vec::new(),
-        });
+        };
+        if let Some(p) = advance(p, sh, q, now) {
+            pending.push(p);
+        }
     }
 }
 
