@@ -117,6 +117,14 @@ impl ParentLink {
             .key
     }
 
+    /// Ask the loop to reconnect to the parent (with the key it has): a
+    /// renewal succeeded after the binding had expired, so the parent
+    /// refused the old connection and libzmq will not retry it by itself.
+    fn reconnect(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.changed = true;
+    }
+
     fn set_key(&self, k: [u8; 32]) -> bool {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let changed = s.key.is_some_and(|old| old != k);
@@ -855,6 +863,13 @@ pub fn spawn_renewal(
                         );
                         if link.set_key(b.server_key) {
                             warn!("gss: {} has a new CURVE key (it restarted); rejoining with it", b.acceptor);
+                        } else if Instant::now() >= expires {
+                            // The parent dropped this link while the
+                            // binding was expired (and ZAP refused any
+                            // reconnection): rejoin now, not at the next
+                            // liveness timeout.
+                            warn!("gss: the link key binding with {} had expired and is renewed; rejoining the parent", b.acceptor);
+                            link.reconnect();
                         }
                         expires = Instant::now() + b.lifetime;
                         next = Instant::now() + renew_after(b.lifetime);
@@ -868,7 +883,15 @@ pub fn spawn_renewal(
                             backoff.as_secs_f64()
                         );
                         next = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        // Once the binding has expired the link is down:
+                        // retry often, so it comes back within seconds of
+                        // the KDC (or the parent) returning.
+                        let cap = if left.is_zero() {
+                            Duration::from_secs(2)
+                        } else {
+                            Duration::from_secs(10)
+                        };
+                        backoff = (backoff * 2).min(cap);
                     }
                 }
             }
