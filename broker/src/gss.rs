@@ -537,7 +537,8 @@ pub fn join_parent(
     cfg: &ClientConfig,
     link: &canopy_security::CurveKeypair,
 ) -> Result<canopy_gss::Bound, BrokerError> {
-    let b = canopy_gss::handshake(addr, cfg, link).map_err(gss_err)?;
+    // Many children joining at once may find the parent's exchange busy.
+    let b = canopy_gss::client::handshake_retrying_busy(addr, cfg, link, 20).map_err(gss_err)?;
     info!(
         "gss: authenticated to {} at {addr} as {}; link key bound for {}s (took {:.1} ms)",
         b.acceptor,
@@ -788,7 +789,7 @@ impl SystemGss {
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            match canopy_gss::handshake(addr, &cfg, link) {
+            match canopy_gss::client::handshake_retrying_busy(addr, &cfg, link, 20) {
                 Ok(b) => {
                     info!(
                         "gss: authenticated to rank {p} ({}) at {addr}; link key bound for {}s (took {:.1} ms)",

@@ -189,7 +189,7 @@ impl TcpKeys {
             timeout: Duration::from_secs(5),
             kdc_timeout: canopy_gss::krb::kdc_timeout(),
         };
-        let b = canopy_gss::handshake(kex, &cfg, &client)
+        let b = canopy_gss::client::handshake_retrying_busy(kex, &cfg, &client, 5)
             .map_err(|e| ClientError::Keys(format!("gssapi: {e}")))?;
         Ok(TcpKeys {
             client,

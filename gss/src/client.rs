@@ -122,6 +122,28 @@ fn refused(peer: &str, m: Msg, expected: &str) -> GssError {
     }
 }
 
+/// [`handshake`], retried with a short, growing pause while the acceptor
+/// answers that it is busy (at most `tries` attempts).
+pub fn handshake_retrying_busy(
+    addr: &str,
+    cfg: &ClientConfig,
+    link: &canopy_security::CurveKeypair,
+    tries: u32,
+) -> Result<Bound, GssError> {
+    let mut pause = Duration::from_millis(20);
+    let mut left = tries.max(1);
+    loop {
+        left -= 1;
+        match handshake(addr, cfg, link) {
+            Err(e) if e.is_busy() && left > 0 => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Run the exchange with the acceptor at `addr`, binding `link`'s public
 /// key (proving we hold its secret; our
 /// fresh CURVE public key) to our principal. Credentials are acquired

@@ -65,7 +65,20 @@ pub enum GssError {
     Busy(String),
 }
 
+/// How a refusal for being busy starts (see [`GssError::Busy`]).
+const BUSY_PREFIX: &str = "the key exchange is busy";
+
 impl GssError {
+    /// The acceptor refused only because it was at a limit: retrying
+    /// shortly may succeed.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            GssError::Busy(_) => true,
+            GssError::Refused { reason, .. } => reason.starts_with(BUSY_PREFIX),
+            _ => false,
+        }
+    }
+
     /// A short name of the kind of error, for rate-limited logging.
     pub fn cause(&self) -> &'static str {
         match self {
@@ -96,5 +109,27 @@ pub fn canonical_principal(display: &str) -> Result<String, GssError> {
             name: display.to_string(),
             reason: "not a kerberos principal; write name@REALM or service/host@REALM".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_refusal_is_recognised_on_the_other_side() {
+        let busy = GssError::Busy("4 client exchanges are waiting".into());
+        assert!(busy.is_busy());
+        // What the initiator gets back: the acceptor's message as a reason.
+        let seen = GssError::Refused {
+            peer: "127.0.0.1:1".into(),
+            reason: busy.to_string(),
+        };
+        assert!(seen.is_busy(), "{seen}");
+        let other = GssError::Refused {
+            peer: "127.0.0.1:1".into(),
+            reason: "carol@R is not an expected peer principal".into(),
+        };
+        assert!(!other.is_busy());
     }
 }
