@@ -1037,6 +1037,33 @@ fn a_principal_without_a_rule_gets_no_binding_and_the_1001st_binding_is_refused(
             Ok(_) => panic!("the 1,001st binding was accepted"),
         }
         println!("1,001 binds in {:?}", t0.elapsed());
+        // Binding in a loop past the cap costs rank 0 nothing more.
+        let rank0 = inst
+            .broker_pids()
+            .into_iter()
+            .find(|(_, r)| *r == 0)
+            .expect("rank 0")
+            .0;
+        let rss = || {
+            std::fs::read_to_string(format!("/proc/{rank0}/status"))
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap()
+        };
+        let before = rss();
+        let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 1000, 0);
+        assert!(
+            r.iter().all(|x| x.is_err()),
+            "a bind past the cap succeeded"
+        );
+        let after = rss();
+        println!("rank 0 RSS {before} KiB at the cap, {after} KiB after 1,000 more refused binds");
+        assert!(
+            after <= before + before / 20,
+            "rank 0 grew from {before} to {after} KiB on refused binds"
+        );
         // alice (another principal) is not held back by bob's cap.
         let r = bind_keys(&realm.env("alice"), &kex, &target, "client", 1, 0);
         assert!(matches!(r[..], [Ok(_)]), "{r:?}");
