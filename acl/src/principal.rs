@@ -413,6 +413,44 @@ impl Pattern {
         }
     }
 
+    /// True for a Kerberos pattern whose host (instance) is written out:
+    /// `service/host@R` or `*/host@R`.
+    pub(crate) fn has_literal_host(&self) -> bool {
+        match self {
+            Pattern::Exact(Principal::Kerberos { instance, .. }) => instance.is_some(),
+            Pattern::Kerberos { instance, .. } => matches!(instance, Some(Part::Is(_))),
+            _ => false,
+        }
+    }
+
+    /// [`Pattern::matches`], with the host part compared in any ASCII case
+    /// (a rule's explicit `host_case = "insensitive"`). Name and realm stay
+    /// exact.
+    pub fn matches_any_host_case(&self, p: &Principal) -> bool {
+        let Principal::Kerberos {
+            name: n,
+            instance: Some(i),
+            realm: r,
+        } = p
+        else {
+            return self.matches(p);
+        };
+        let (name, host, realm) = match self {
+            Pattern::Exact(Principal::Kerberos {
+                name,
+                instance: Some(h),
+                realm,
+            }) => (Part::Is(name.clone()), h.as_str(), realm),
+            Pattern::Kerberos {
+                name,
+                instance: Some(Part::Is(h)),
+                realm,
+            } => (name.clone(), h.as_str(), realm),
+            _ => return self.matches(p),
+        };
+        realm == r && name.matches(n) && host.eq_ignore_ascii_case(i)
+    }
+
     /// The principal kinds this pattern can match (`None`: all).
     pub(crate) fn kinds(&self) -> Option<Vec<Kind>> {
         match self {
