@@ -8,6 +8,8 @@ CANOPY_PACKAGES=(libzmq3-dev pkg-config gcc passwd util-linux procps iproute2 mp
 # The Debian package (scripts/deb.sh, t/tests/package.rs): dpkg-shlibdeps
 # for its dependencies, adduser for its maintainer scripts.
 CANOPY_PACKAGES+=(dpkg-dev adduser)
+# systemd-analyze checks the shipped unit (t/tests/package.rs).
+CANOPY_PACKAGES+=(systemd)
 
 canopy_install_deps() {
     local missing=()

@@ -5,12 +5,14 @@
 //! Each line is a JSON object with the fields, in this order:
 //!
 //! ```text
-//! {"seq":1,"ts":"2026-05-01T12:00:00.000Z","event":"admit","principal":"alice@R",
+//! {"seq":1,"ts":"2026-05-01T12:00:00.000Z","rank":3,"host":"node3","event":"admit","principal":"alice@R",
 //!  "address":"10.0.0.1","mechanism":"gssapi","roles":["user"],
 //!  "rule":"/etc/canopy/policy.toml:12 users","reason":"...","prev":"000...0","hash":"<hex>"}
 //! ```
 //!
 //! (one line in the file). `seq` counts from 1 and equals the line number;
+//! `rank` and `host` name the broker that wrote the entry (absent from logs
+//! written without them, [`AuditLog::set_origin`]);
 //! `event` is `admit`, `deny`, `role-refusal` or `reload`; `principal`,
 //! `address`, `mechanism` and `rule` may be `null`; `prev` is the previous
 //! line's `hash` (64 zeros on the first line).
@@ -149,6 +151,10 @@ impl AuditEvent {
 struct Body {
     seq: u64,
     ts: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
     event: String,
     principal: Option<String>,
     address: Option<String>,
@@ -175,6 +181,8 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+    #[error("audit log {path} is in use by another process (another broker?); give each broker its own log, e.g. with %h (host) or %r (rank) in the path")]
+    InUse { path: PathBuf },
     #[error("the last entry of audit log {path} is damaged ({reason}); run `verify` on it, move it aside and start a new log")]
     Damaged { path: PathBuf, reason: String },
     /// The log or its directory is not trusted (owned by someone else,
@@ -283,6 +291,7 @@ pub struct AuditLog {
     seq: u64,
     prev: String,
     sync: bool,
+    origin: Option<(u32, String)>,
 }
 
 /// The last line of a file that ends with a newline (without it), or
@@ -340,6 +349,23 @@ impl AuditLog {
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(open_err)?;
+        // One writer per log: two brokers appending to one file would break
+        // its chain. The lock goes with the file descriptor.
+        if file.metadata().map_err(open_err)?.is_file() {
+            use std::os::fd::AsRawFd;
+            // flock(2) on our own descriptor; released when it closes.
+            #[allow(deprecated)]
+            match nix::fcntl::flock(
+                file.as_raw_fd(),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            ) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EWOULDBLOCK) => {
+                    return Err(AuditError::InUse { path: path.clone() })
+                }
+                Err(e) => return Err(open_err(e.into())),
+            }
+        }
         let meta = file.metadata().map_err(open_err)?;
         // A device or pipe (a log shipper) has no contents to replace.
         if meta.is_file() && !check_trusted(&path, TrustKind::File, service_uid())?.same_file(&meta)
@@ -367,7 +393,13 @@ impl AuditLog {
             seq,
             prev,
             sync: false,
+            origin: None,
         })
+    }
+
+    /// Name the broker (rank and host) in every entry from now on.
+    pub fn set_origin(&mut self, rank: u32, host: &str) {
+        self.origin = Some((rank, host.to_string()));
     }
 
     /// Also `fdatasync` after every entry (off by default; each entry is
@@ -387,6 +419,8 @@ impl AuditLog {
         let body = Body {
             seq,
             ts: crate::time::rfc3339(ts),
+            rank: self.origin.as_ref().map(|o| o.0),
+            host: self.origin.as_ref().map(|o| o.1.clone()),
             event: ev.kind.as_str().to_owned(),
             principal: ev.principal.clone(),
             address: ev.address.clone(),

@@ -281,3 +281,28 @@ fn kinds_have_their_names() {
     .collect();
     assert_eq!(names, ["admit", "deny", "role-refusal", "reload"]);
 }
+
+/// Issue 15 #10: every entry names the broker that wrote it, and a second
+/// writer of the same log is refused rather than breaking the chain.
+#[test]
+fn entries_carry_rank_and_host_and_a_log_has_one_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let mut log = AuditLog::open(&path).unwrap();
+    log.set_origin(3, "node3");
+    log.append(&events()[0]).unwrap();
+    let line = lines(&path).pop().unwrap();
+    assert!(
+        line.contains(r#""rank":3,"host":"node3","event":"#),
+        "{line}"
+    );
+    let e = AuditLog::open(&path).unwrap_err();
+    assert!(matches!(e, canopy_acl::AuditError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("%h"), "{e}");
+    drop(log);
+    // Once the writer is gone the log is continued, old and new entries
+    // (with and without an origin) in one chain.
+    let mut log = AuditLog::open(&path).unwrap();
+    log.append(&events()[1]).unwrap();
+    assert_eq!(verify(&path), Ok(2));
+}

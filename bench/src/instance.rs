@@ -452,8 +452,20 @@ impl Instance {
         timeout: Duration,
         parent: Option<&Path>,
     ) -> Result<Instance> {
+        Instance::start_with(canopy, size, fanout, timeout, parent, &[])
+    }
+
+    /// [`Instance::start`] with further `canopy start` arguments.
+    pub fn start_with(
+        canopy: &Path,
+        size: u32,
+        fanout: u32,
+        timeout: Duration,
+        parent: Option<&Path>,
+        extra: &[String],
+    ) -> Result<Instance> {
         let scratch = Scratch::new(parent)?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--size".into(),
             size.to_string(),
             "--fanout".into(),
@@ -461,6 +473,7 @@ impl Instance {
             "--timeout".into(),
             timeout.as_secs_f64().to_string(),
         ];
+        args.extend_from_slice(extra);
         let t0 = Instant::now();
         // Dropping `launcher` on an early return tears the instance down.
         let mut launcher = Launcher::spawn(canopy, &args, true, scratch)?;

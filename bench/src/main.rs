@@ -4,7 +4,9 @@
 //! (`broker.ping` latency and throughput to chosen ranks of one instance),
 //! `event` (publish rate and one-way delivery latency on every rank),
 //! `link` (one CURVE link against a raw libzmq pair), `memory` (broker
-//! RSS idle and after routing), `acl` (policy decisions) and `smoke`
+//! RSS idle and after routing), `acl` (policy decisions), `hostile`
+//! (RSS and owner ping latency while hostile clients push at their
+//! budgets) and `smoke`
 //! (all of them, tiny, for CI). Each prints the machine and a table on
 //! stdout, progress on stderr, and with `--json FILE` writes the results.
 //! `report` turns the JSON in docs/bench into the table in
@@ -15,6 +17,7 @@ mod acl;
 mod event;
 mod gss;
 mod gssbind;
+mod hostile;
 mod instance;
 mod link;
 mod machine;
@@ -73,6 +76,10 @@ enum Cmd {
     Link(LinkArgs),
     /// Broker RSS when idle and after rounds of routed messages.
     Memory(MemoryArgs),
+    /// Rank 0's RSS while hostile local clients (a uid each, needs root)
+    /// push at their budgets, and the owner's ping p50/p99 during the
+    /// attack against without it.
+    Hostile(HostileArgs),
     /// Every scenario with tiny parameters; non-zero exit if anything
     /// fails. No timing assertions.
     Smoke,
@@ -150,6 +157,40 @@ struct MemoryArgs {
     settle: f64,
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     reply_timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct HostileArgs {
+    /// Hostile clients, each a uid of its own.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    clients: u32,
+    /// Pings each sends without reading the replies.
+    #[arg(long, default_value_t = 40)]
+    pings: u32,
+    /// Payload bytes of each ping.
+    #[arg(long, default_value_t = 1 << 20)]
+    pad: usize,
+    /// Owner pings timed with and without the attack.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    owner_pings: u32,
+    /// Seconds the hostile clients hold their connections unread.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    hold: f64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+}
+
+fn hostile_params(cli: &Cli, a: &HostileArgs) -> Result<hostile::HostileParams> {
+    Ok(hostile::HostileParams {
+        clients: a.clients,
+        pings: a.pings,
+        pad: a.pad,
+        owner_pings: a.owner_pings,
+        hold: secs(a.hold, "--hold")?,
+        runs: a.runs,
+        start_timeout: secs(cli.timeout, "--timeout")?,
+        rundir: cli.rundir.clone(),
+    })
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +392,7 @@ struct SmokeParams {
     event: event::EventParams,
     link: link::LinkParams,
     memory: memory::MemoryParams,
+    hostile: hostile::HostileParams,
 }
 
 fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
@@ -415,6 +457,17 @@ fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
                 batch: 64,
                 settle: 0.1,
                 reply_timeout: 10.0,
+            },
+        )?,
+        hostile: hostile_params(
+            cli,
+            &HostileArgs {
+                clients: 4,
+                pings: 40,
+                pad: 1 << 20,
+                owner_pings: 50,
+                hold: 1.0,
+                runs: 1,
             },
         )?,
     })
@@ -532,9 +585,7 @@ fn loadavg() -> String {
 type Body<'a> = Box<dyn FnOnce(&mut Report, &Path) -> Result<()> + 'a>;
 
 /// For [`scenario`]'s `put`: keep a result that has no field of its own in
-/// [`Report`] (a scenario added later) in the JSON under `name`. Unused
-/// until such a scenario exists.
-#[cfg_attr(not(test), allow(dead_code))]
+/// [`Report`] (a scenario added later) in the JSON under `name`.
 fn extra<T: Serialize>(name: &'static str) -> impl FnOnce(&mut Report, T) {
     move |r, x| match serde_json::to_value(x) {
         Ok(v) => {
@@ -660,6 +711,23 @@ fn run(cli: &Cli) -> Result<()> {
                 }),
             )
         }
+        Cmd::Hostile(a) => {
+            let p = hostile_params(cli, a)?;
+            (
+                "hostile",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "hostile",
+                        false,
+                        || hostile::run(c, &p),
+                        hostile::table,
+                        extra("hostile"),
+                    )
+                }),
+            )
+        }
         Cmd::Smoke => {
             let sp = smoke_params(cli)?;
             ("smoke", true, Box::new(move |r, c| smoke(r, c, &sp)))
@@ -723,6 +791,19 @@ fn smoke(r: &mut Report, c: &Path, sp: &SmokeParams) -> Result<()> {
         memory::table,
         |r, x| r.memory = Some(x),
     )?;
+    // Other uids need root: elsewhere the scenario is skipped, not failed.
+    if nix::unistd::geteuid().is_root() {
+        scenario(
+            r,
+            "hostile",
+            true,
+            || hostile::run(c, &sp.hostile),
+            hostile::table,
+            extra("hostile"),
+        )?;
+    } else {
+        eprintln!("canopy-bench: smoke: hostile skipped: needs root to run clients as other uids");
+    }
     if let Err(e) = check_smoke(r) {
         r.errors.push(format!("{e:#}"));
     }

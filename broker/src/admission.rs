@@ -151,6 +151,16 @@ fn run(authz: &dyn ClientAuthz, job: Job) -> Option<Done> {
             req,
             result: explain(authz, &query),
         },
+        Job::Whoami {
+            req,
+            principal,
+            mech,
+            address,
+            roles,
+        } => Done::Explained {
+            req,
+            result: Ok(whoami(authz, &principal, mech, &address, roles)),
+        },
         Job::ReloadPolicy { req } => Done::PolicyReloaded {
             req,
             result: authz.reload(),
@@ -182,6 +192,29 @@ fn admit(
 }
 
 /// `acl.check` (admin): payload `{"principal","mechanism","address"}`.
+/// How the broker sees a connection, for `broker.whoami`: the principal,
+/// the mechanism that authenticated it, the roles it was admitted with,
+/// and the policy's deciding rule (none: the instance owner, with no
+/// policy file).
+fn whoami(
+    authz: &dyn ClientAuthz,
+    principal: &str,
+    mech: Mech,
+    address: &str,
+    roles: canopy_proto::Roles,
+) -> Vec<u8> {
+    let x = authz.explain(principal, mech, address);
+    let body = serde_json::json!({
+        "principal": principal,
+        "mechanism": mech.as_str(),
+        "roles": roles.to_string(),
+        "address": address,
+        "rule": x.as_ref().and_then(|x| x.rule.clone()),
+        "reason": x.map(|x| x.reason).unwrap_or_else(|| "the instance owner (this instance has no policy file: only its owner may connect)".into()),
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 fn explain(authz: &dyn ClientAuthz, query: &[u8]) -> Result<Vec<u8>, (u32, String)> {
     #[derive(serde::Deserialize)]
     struct Q {

@@ -232,15 +232,18 @@ pub struct AclAuthz {
 
 impl AclAuthz {
     /// Load the policy at `path` (refusing one that others can write), and
-    /// open the audit log if one is given.
+    /// open the audit log if one is given; its entries name `origin`
+    /// (rank, host).
     pub fn load(
         path: &std::path::Path,
         audit: Option<&std::path::Path>,
+        origin: (u32, &str),
     ) -> Result<AclAuthz, crate::error::BrokerError> {
         let acl = canopy_acl::Acl::load(path)?;
         let policy = match audit {
             Some(a) => {
-                let log = canopy_acl::audit::AuditLog::open(a)?;
+                let mut log = canopy_acl::audit::AuditLog::open(a)?;
+                log.set_origin(origin.0, origin.1);
                 canopy_acl::AclPolicy::with_audit(acl, log)?
             }
             None => canopy_acl::AclPolicy::new(acl),
@@ -250,6 +253,20 @@ impl AclAuthz {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// An audit log path with `%h` (this host's name) and `%r` (this broker's
+/// rank) filled in, so that brokers sharing a config or a file system each
+/// write their own log.
+pub fn audit_path(template: &std::path::Path, rank: u32, host: &str) -> std::path::PathBuf {
+    let t = template.to_string_lossy();
+    std::path::PathBuf::from(canopy_config::substitute_host_rank(&t, host, rank))
+}
+
+/// Whether `template` names its broker (`%h` or `%r`).
+pub fn audit_path_is_template(template: &std::path::Path) -> bool {
+    let t = template.to_string_lossy();
+    t.contains("%h") || t.contains("%r")
 }
 
 /// A decision explained, for `acl.check`.

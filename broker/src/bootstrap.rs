@@ -14,7 +14,6 @@ use canopy_pmi::Pmi;
 use canopy_security::{curve_principal, CurveKeypair};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,30 +44,25 @@ pub struct BrokerOpts {
     /// Listen on TCP at the address this hint picks (and on ipc for the
     /// brokers of this host, which use it); `None`: `transport`.
     pub interface: Option<crate::iface::Hint>,
+    /// What clients can make this broker hold (`--max-message` etc.).
+    pub budgets: crate::core::Budgets,
 }
 
-/// Create (or reuse, if it is ours and private) a runtime directory.
+/// Create (or reuse, if it is ours and private) a runtime directory: its
+/// parent must be trusted (ours or root's, not writable by others unless
+/// sticky, not a symlink); the directory is created with mode 0700, or an
+/// existing one opened with `O_NOFOLLOW | O_DIRECTORY`, and what was
+/// created or opened is checked through its descriptor (a directory owned
+/// by this user, mode 0700): a symlink or someone else's directory planted
+/// at its name is refused (`canopy_security::trust::ensure_private_dir`).
 pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
-    let io = |what, source| BrokerError::Io {
-        what,
-        path: dir.to_path_buf(),
-        source,
-    };
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let md = std::fs::metadata(dir).map_err(|e| io("inspect the runtime directory", e))?;
-            if md.uid() != nix::unistd::getuid().as_raw() || md.permissions().mode() & 0o077 != 0 {
-                return Err(BrokerError::RundirNotPrivate {
-                    path: dir.to_path_buf(),
-                    uid: md.uid(),
-                    mode: md.permissions().mode() & 0o777,
-                });
-            }
-            Ok(())
-        }
-        Err(e) => Err(io("create the runtime directory", e)),
-    }
+    use canopy_security::trust;
+    trust::ensure_private_dir(dir, trust::service_uid())
+        .map(|_| ())
+        .map_err(|source| BrokerError::Untrusted {
+            what: "runtime directory",
+            source,
+        })
 }
 
 /// Bootstrap through PMI (or as a singleton) and run until told to stop.
@@ -187,8 +181,11 @@ impl crate::boot::Bootstrap for PmiBootstrap {
         let authz: Arc<dyn ClientAuthz> = match (&opts.client_authz, &opts.policy) {
             (Some(a), _) => a.clone(),
             (None, Some(policy)) => {
+                let host = crate::iface::hostname();
                 let audit = opts.audit.as_ref().map(|a| {
-                    if rank == 0 {
+                    if crate::authz::audit_path_is_template(a) {
+                        crate::authz::audit_path(a, rank, &host)
+                    } else if rank == 0 {
                         a.clone()
                     } else {
                         let mut p = a.clone().into_os_string();
@@ -196,7 +193,11 @@ impl crate::boot::Bootstrap for PmiBootstrap {
                         PathBuf::from(p)
                     }
                 });
-                Arc::new(crate::authz::AclAuthz::load(policy, audit.as_deref())?)
+                Arc::new(crate::authz::AclAuthz::load(
+                    policy,
+                    audit.as_deref(),
+                    (rank, &host),
+                )?)
             }
             (None, None) => Arc::new(OwnerOnly {
                 owner: crate::node::unix_principal(owner_uid),
@@ -223,6 +224,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             authz,
             opts.client_listen.as_deref().filter(|_| rank == 0),
             &opts.timing,
+            opts.budgets.max_message,
         )?;
         let card = Card {
             public_key: *keys.public(),
@@ -337,6 +339,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             timing: opts.timing,
             host: Some(host),
             hosts,
+            budgets: opts.budgets,
         };
         Ok(crate::boot::Planned {
             plan,

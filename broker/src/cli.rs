@@ -112,6 +112,8 @@ pub(crate) enum Cmd {
         timing: TimingArgs,
         #[command(flatten)]
         gss: GssArgs,
+        #[command(flatten)]
+        budgets: BudgetArgs,
         /// Command to run inside the instance; CANOPY_URI is set for it.
         #[arg(last = true)]
         command: Vec<String>,
@@ -164,6 +166,9 @@ pub(crate) enum Cmd {
         timing: TimingArgs,
         #[command(flatten)]
         gss: GssArgs,
+        /// With --config these override its [budgets].
+        #[command(flatten)]
+        budgets: BudgetArgs,
     },
     /// Send broker.ping requests and print each round-trip time.
     Ping {
@@ -181,6 +186,15 @@ pub(crate) enum Cmd {
         /// Seconds to wait for each reply.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Show how the broker sees you: your principal, the mechanism that
+    /// authenticated you, your roles, and the policy rule that decided.
+    Whoami {
+        /// Print the broker's answer as JSON.
+        #[arg(long)]
+        json: bool,
         #[arg(long)]
         uri: Option<String>,
     },
@@ -259,6 +273,38 @@ pub(crate) struct GssArgs {
     /// key exchange (default 1000).
     #[arg(long, value_name = "N")]
     pub(crate) gss_max_bindings: Option<usize>,
+}
+
+/// Budgets: what clients can make a broker hold (docs/security.md,
+/// "Budgets"). Sizes are bytes, or with a binary unit: 1024, 64KiB, 16MiB.
+/// Unset: the default (or, with --config, the config's [budgets]).
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct BudgetArgs {
+    /// Largest message payload on any endpoint (default 16MiB); larger
+    /// ones are refused before they are buffered.
+    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
+    pub(crate) max_message: Option<u64>,
+    /// Bytes queued or in flight per client connection (default 32MiB).
+    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
+    pub(crate) client_bytes: Option<u64>,
+    /// Bytes queued or in flight per principal or local uid (default
+    /// 32MiB).
+    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
+    pub(crate) principal_bytes: Option<u64>,
+    /// Bytes queued or in flight for all clients of a broker (default
+    /// 256MiB).
+    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
+    pub(crate) total_bytes: Option<u64>,
+    /// Connections per local uid or remote principal (default 64).
+    #[arg(long, value_name = "N")]
+    pub(crate) connections: Option<u64>,
+    /// Requests in flight per client connection (default 1024).
+    #[arg(long, value_name = "N")]
+    pub(crate) in_flight: Option<u64>,
+    /// Bytes of requests in flight toward one neighbour broker (default
+    /// 32MiB).
+    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
+    pub(crate) neighbour_bytes: Option<u64>,
 }
 
 /// Liveness timings, in seconds.

@@ -101,6 +101,14 @@ pub enum BrokerError {
         path: PathBuf,
         mode: u32,
     },
+    #[error("{what} refused: {source}")]
+    Untrusted {
+        what: &'static str,
+        #[source]
+        source: canopy_security::trust::TrustError,
+    },
+    #[error("config: {from}: {message}")]
+    Budget { from: String, message: String },
     #[error("gssapi: {0}")]
     Gss(#[from] canopy_gss::GssError),
     #[error("gssapi: the gssapi gate was installed twice")]

@@ -466,6 +466,7 @@ fn gss_err(e: canopy_gss::GssError) -> BrokerError {
 /// Our canonical principal: acquires initiator credentials, so a missing
 /// or expired credential fails here, at once.
 pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
+    check_keytabs()?;
     let principal = opts.principal.clone();
     let who = principal
         .clone()
@@ -662,6 +663,58 @@ fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
     Some((h.to_string(), p.parse().ok()?))
 }
 
+/// Refuse the keytabs named by `KRB5_KTNAME` and `KRB5_CLIENT_KTNAME`
+/// unless they are trusted secrets for this user (owned by root or us,
+/// neither readable nor writable by group or other, on a path nobody else
+/// can change), as a CURVE secret certificate is.
+pub fn check_keytabs() -> Result<(), BrokerError> {
+    for var in ["KRB5_KTNAME", "KRB5_CLIENT_KTNAME"] {
+        if let Some(v) = std::env::var_os(var) {
+            check_keytab(&v.to_string_lossy())?;
+        }
+    }
+    Ok(())
+}
+
+/// [`canopy_gss::krb::check_keytab`], for a keytab that exists: a missing
+/// one is left to Kerberos, whose error names the principal and the
+/// variable to check.
+fn check_keytab(ktname: &str) -> Result<(), BrokerError> {
+    let missing = canopy_gss::krb::keytab_file(ktname).is_some_and(|p| {
+        std::fs::symlink_metadata(&p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    });
+    if missing {
+        return Ok(());
+    }
+    canopy_gss::krb::check_keytab(ktname).map_err(gss_err)
+}
+
+/// Where the key exchange listens, from the overlay's bind endpoint's
+/// `HOST:PORT`: `*` is every address, and an interface name (`eth0`, as
+/// `tcp://eth0:%p` binds the overlay) is that interface's address, which
+/// the socket API cannot look up by itself.
+fn kex_listen_addr(hostport: &str, rank: u32) -> Result<String, BrokerError> {
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Ok(hostport.to_string());
+    };
+    if host == "*" {
+        return Ok(format!("0.0.0.0:{port}"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(hostport.to_string());
+    }
+    let is_interface = nix::net::if_::if_nametoindex(bare).is_ok();
+    if !is_interface {
+        return Ok(hostport.to_string()); // a host name
+    }
+    let ip = crate::iface::resolve(&crate::iface::Hint::Name(bare.to_string()), rank)?;
+    Ok(match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    })
+}
+
 impl SystemGss {
     /// Work out the principals and addresses, and check our credentials.
     /// Call while the process is still single-threaded: a configured
@@ -675,9 +728,16 @@ impl SystemGss {
         let g = config.gssapi().ok_or(BrokerError::NoGssapiTable)?;
         if let Some(kt) = &g.keytab {
             let v = format!("FILE:{}", kt.display());
+            // Refused before the Kerberos library sees it.
+            check_keytab(&v)?;
             std::env::set_var("KRB5_KTNAME", &v);
             std::env::set_var("KRB5_CLIENT_KTNAME", &v);
+            // A credential cache of this broker's own: the service user's
+            // default one is shared by every broker (and tool) of that user
+            // on the host, and holds one principal at a time.
+            std::env::set_var("KRB5CCNAME", format!("MEMORY:canopy-broker-{rank}"));
         }
+        check_keytabs()?;
         let principal_of = |r: u32| -> Result<String, BrokerError> {
             let host = config.host(r).ok_or(BrokerError::RankLacks {
                 rank: r,
@@ -718,7 +778,10 @@ impl SystemGss {
         let listen = if children.is_empty() {
             None
         } else {
-            Some(kex_addr(rank, config.bind_endpoint(rank))?)
+            Some(kex_listen_addr(
+                &kex_addr(rank, config.bind_endpoint(rank))?,
+                rank,
+            )?)
         };
         let opts = GssOpts {
             principal: Some(me.clone()),

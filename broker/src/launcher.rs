@@ -18,7 +18,6 @@ use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +61,8 @@ pub enum StartError {
         online: usize,
         size: u32,
     },
+    #[error("runtime directory refused: {0}")]
+    Untrusted(#[from] canopy_security::trust::TrustError),
     #[error("interrupted during start")]
     Interrupted,
     #[error("system error: {0}")]
@@ -90,6 +91,10 @@ pub struct StartOpts {
     pub policy_text: Option<String>,
     /// Extra arguments for every `canopy broker` (e.g. timings).
     pub broker_args: Vec<String>,
+    /// A policy may admit other local users (`--allow`, `--policy`): once
+    /// every broker is up, open the runtime directory to them (traverse
+    /// only) and the local connectors (the policy decides who gets in).
+    pub open_to_others: bool,
     pub command: Vec<String>,
 }
 
@@ -113,14 +118,51 @@ fn make_rundir(parent: Option<&Path>) -> Result<Rundir, StartError> {
     getrandom::getrandom(&mut rnd).map_err(|e| StartError::Sys(e.to_string()))?;
     let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
     let dir = parent.join(format!("canopy-{name}"));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| StartError::Rundir {
-            dir: parent.clone(),
-            source,
-        })?;
+    // The parent must be ours or root's and nobody else's to change (or
+    // sticky, as /tmp): else its owner could move our directory aside and
+    // plant a fake socket. The directory is checked once created.
+    use canopy_security::trust;
+    match trust::create_private_dir(&dir, trust::service_uid()) {
+        Ok(_) => {}
+        // The directory could not be made (or the parent is missing).
+        Err(trust::TrustError::Io { path, source }) if path == dir || !parent.is_dir() => {
+            return Err(StartError::Rundir {
+                dir: parent.clone(),
+                source,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(Rundir(dir))
+}
+
+/// Let other local users reach the brokers' local connectors: the runtime
+/// directory becomes 0711 (they may traverse it, not list it or add to
+/// it) and each `local-R` socket 0666; the policy decides who gets in.
+/// Done once every broker is up, so each broker's own check of its
+/// private directory has passed. A parent directory they cannot traverse
+/// is reported, with the fix.
+fn open_local_connectors(dir: &Path, size: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, mode: u32| {
+        if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)) {
+            say(&format!("cannot open {} to other users: {e}", p.display()));
+        }
+    };
+    chmod(dir, 0o711);
+    for r in 0..size {
+        chmod(&dir.join(format!("local-{r}")), 0o666);
+    }
+    if let Some(parent) = dir.parent() {
+        let closed = std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o001 == 0);
+        if closed {
+            say(&format!(
+                "other users cannot reach this instance's sockets: {} is closed to them (mode {:o}); start with --rundir /tmp (or another directory they can traverse)",
+                parent.display(),
+                std::fs::metadata(parent).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0)
+            ));
+        }
+    }
 }
 
 fn describe(status: WaitStatus) -> Option<(String, i32)> {
@@ -397,6 +439,9 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
         signals.wait(Duration::from_millis(if online > 0 { 2 } else { 1 }));
     }
     drop(client);
+    if opts.open_to_others {
+        open_local_connectors(&rundir.0, opts.size);
+    }
     // gssapi: rank 0's key exchange, for remote clients.
     let kex: Vec<(&str, String)> = std::fs::read_to_string(rundir.0.join("kex-0"))
         .ok()

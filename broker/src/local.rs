@@ -12,7 +12,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use tracing::warn;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
 
 struct Stream {
     stream: UnixStream,
@@ -23,7 +24,15 @@ struct Stream {
     /// Close once `out` is written.
     closing: bool,
     dead: bool,
+    /// Since when it has not been read because of its budgets.
+    paused_since: Option<Instant>,
 }
+
+/// A connection that has not been read for this long because it (or its
+/// uid) is at its budget, and that still holds replies it has not read or
+/// a frame it has not finished sending, is cut: it will not read (or its
+/// uid's other connections hold the budget and will not read).
+const STALL_CUT: Duration = Duration::from_secs(5);
 
 pub struct Local {
     listener: UnixListener,
@@ -64,10 +73,53 @@ impl Local {
     }
 
     /// Each client's id and fd, and whether it has output pending.
-    pub fn fds(&self) -> Vec<(u32, RawFd, bool)> {
+    /// Each client's id and fd, whether to read from it, and whether it
+    /// has output pending. A connection whose unsent replies plus partly
+    /// read frame reach its budget, or whose uid's reach the per-uid
+    /// budget, is not read until it reads its replies: the kernel's socket
+    /// buffer holds what it sends meanwhile, and it holds no more of the
+    /// broker's memory than its budgets.
+    ///
+    /// A connection paused so for [`STALL_CUT`] with replies still unread,
+    /// or a frame half sent, is cut (logged once with the figures; `flush` reports it closed).
+    pub fn fds(&mut self) -> Vec<(u32, RawFd, bool, bool)> {
+        let b = self.budgets;
+        let mut decoding: IdMap<u32, usize> = IdMap::default();
+        for s in self.streams.values() {
+            *decoding.entry(s.uid).or_default() += s.dec.pending();
+        }
+        let now = Instant::now();
+        let by_uid = &self.by_uid;
         self.streams
-            .iter()
-            .map(|(id, s)| (*id, s.stream.as_raw_fd(), s.out_pos < s.out.len()))
+            .iter_mut()
+            .map(|(id, s)| {
+                let unsent = s.out.len() - s.out_pos;
+                let conn = unsent + s.dec.pending();
+                let uid = by_uid.get(&s.uid).copied().unwrap_or(0)
+                    + decoding.get(&s.uid).copied().unwrap_or(0);
+                let read = conn < b.client_bytes && uid < b.principal_bytes;
+                if read {
+                    s.paused_since = None;
+                } else if (unsent > 0 || s.dec.pending() > 0)
+                    && !s.dead
+                    && now.duration_since(*s.paused_since.get_or_insert(now)) >= STALL_CUT
+                {
+                    warn!(
+                        verdict = %"deny",
+                        client = *id,
+                        uid = s.uid,
+                        unsent,
+                        partial_frame = s.dec.pending(),
+                        uid_held = uid,
+                        client_budget = b.client_bytes,
+                        uid_budget = b.principal_bytes,
+                        "budget: local client has not read its replies for {}s while at its budget (or holds a frame its uid's budget does not let it finish); disconnecting it",
+                        STALL_CUT.as_secs()
+                    );
+                    s.dead = true;
+                }
+                (*id, s.stream.as_raw_fd(), read && !s.dead, unsent > 0)
+            })
             .collect()
     }
 
@@ -104,71 +156,95 @@ impl Local {
                 Stream {
                     stream,
                     uid,
-                    dec: FrameDecoder::new(),
+                    dec: FrameDecoder::with_max_payload(self.budgets.max_message),
                     out: Vec::new(),
                     out_pos: 0,
                     closing: false,
                     dead: false,
+                    paused_since: None,
                 },
             );
             out.push(Input::LocalConnected { id, uid });
         }
     }
 
-    /// What client `id` sent.
+    /// What client `id` sent. Frames are decoded after every read, so a
+    /// frame whose length prefix is over the max message is refused (and
+    /// the client cut, logged once) before its payload is buffered: at
+    /// most one read buffer past the prefix is ever held.
     pub fn read(&mut self, id: u32) -> Vec<Input<Frame>> {
         let buf = &mut self.rbuf;
         let mut out = Vec::new();
         let Some(s) = self.streams.get_mut(&id) else {
             return out;
         };
-        loop {
-            match s.stream.read(buf) {
-                Ok(0) => {
-                    s.dead = true;
-                    break;
-                }
-                Ok(n) => {
-                    s.dec.push(&buf[..n]);
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    s.dead = true;
-                    break;
-                }
-            }
-        }
         let queued = Queued {
             conn: s.out.len() - s.out_pos,
             uid: self.by_uid.get(&s.uid).copied().unwrap_or(0),
             total: self.total,
         };
-        loop {
-            match s.dec.next_frame() {
-                Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
-                    id,
-                    header,
-                    payload: Frame::Bytes(p),
-                    queued,
-                }),
-                // A refused or revoked client: nothing it sends counts.
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(
-                        client = id,
-                        "local: bad frame ({e}); disconnecting the client"
-                    );
+        while !s.dead {
+            let more = match s.stream.read(buf) {
+                Ok(0) => {
+                    if s.dec.pending() > 0 {
+                        info!(
+                            client = id,
+                            uid = s.uid,
+                            discarded = s.dec.pending(),
+                            "local: client closed the connection in the middle of a frame; the partial frame is discarded"
+                        );
+                    }
                     s.dead = true;
-                    break;
+                    false
                 }
+                Ok(n) => {
+                    s.dec.push(&buf[..n]);
+                    n == buf.len()
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => true,
+                Err(_) => {
+                    s.dead = true;
+                    false
+                }
+            };
+            loop {
+                match s.dec.next_frame() {
+                    Ok(Some((header, p))) if !s.closing => out.push(Input::Local {
+                        id,
+                        header,
+                        payload: Frame::Bytes(p),
+                        queued,
+                    }),
+                    // A refused or revoked client: nothing it sends counts.
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(
+                            verdict = %"deny",
+                            client = id,
+                            uid = s.uid,
+                            max_message = self.budgets.max_message,
+                            "local: bad frame ({e}); disconnecting the client"
+                        );
+                        s.dead = true;
+                        break;
+                    }
+                }
+            }
+            // Read on only while this connection is within its budget
+            // (what it left unread, and what it has sent that is not yet a
+            // whole frame); the next poll decides again.
+            if !more || s.out.len() - s.out_pos + s.dec.pending() >= self.budgets.client_bytes {
+                break;
             }
         }
         out
+    }
+
+    /// The budgets this connector enforces.
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
     }
 
     pub fn queue(&mut self, id: u32, h: &Header, payload: &[u8]) {
@@ -272,6 +348,9 @@ impl Local {
             if s.out_pos == s.out.len() {
                 s.out.clear();
                 s.out_pos = 0;
+                if s.out.capacity() > canopy_proto::frame::KEEP_CAPACITY {
+                    s.out = Vec::new();
+                }
             }
             let mut gone = before - (s.out.len() - s.out_pos);
             if s.dead || (s.closing && s.out.is_empty()) {

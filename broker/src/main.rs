@@ -11,9 +11,10 @@ use canopy_broker::bootstrap::{run_broker, BrokerOpts};
 use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
-use clap::Parser;
+use canopy_config::{BudgetKey, BudgetSettings};
 use cli::{
-    AclCmd, AuditCmd, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd, TimingArgs,
+    AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
+    TimingArgs,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -93,6 +94,46 @@ impl TimingArgs {
     }
 }
 
+impl BudgetArgs {
+    /// The budgets given, as (key, value).
+    fn flags(&self) -> Vec<(BudgetKey, u64)> {
+        let given = [
+            self.max_message,
+            self.client_bytes,
+            self.principal_bytes,
+            self.total_bytes,
+            self.connections,
+            self.in_flight,
+            self.neighbour_bytes,
+        ];
+        BudgetKey::ALL
+            .into_iter()
+            .zip(given)
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+
+    /// The defaults with the flags applied, checked.
+    fn to_budgets(&self) -> Result<canopy_broker::core::Budgets> {
+        let flags = self.flags();
+        let mut b = BudgetSettings::default();
+        for (k, v) in &flags {
+            b.set(*k, *v);
+        }
+        b.check(|k| flags.iter().any(|(f, _)| *f == k))
+            .map_err(|p| anyhow::anyhow!("{}: {}", p.key.flag(), p.message))?;
+        Ok(canopy_broker::sockets::budgets_from(&b))
+    }
+
+    /// The same flags, for the brokers `canopy start` launches.
+    fn to_args(&self) -> Vec<String> {
+        self.flags()
+            .into_iter()
+            .flat_map(|(k, v)| [k.flag(), v.to_string()])
+            .collect()
+    }
+}
+
 fn secs(s: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(s)
         .with_context(|| format!("{what} must be a non-negative number of seconds"))
@@ -122,9 +163,59 @@ fn init_logging() {
         .init();
 }
 
+/// Flags of `canopy broker` that a system-instance config sets instead,
+/// with the config key that does: given with `--config`, they are refused,
+/// never silently ignored.
+const CONFIG_SETS: &[(&str, &str)] = &[
+    ("fanout", "bootstrap.fanout"),
+    ("instance", "nothing: the instance id comes from the config"),
+    ("tcp", "bootstrap.default_bind / hosts[].bind"),
+    ("host", "bootstrap.default_bind / hosts[].bind"),
+    ("port", "bootstrap.default_port"),
+    (
+        "interface",
+        "bootstrap.default_bind (an interface name, tcp://eth0:%p)",
+    ),
+    ("listen_clients", "[clients] bind"),
+    ("policy", "policy.file"),
+    ("audit", "policy.audit_log"),
+    ("heartbeat", "timing.heartbeat"),
+    ("torpid", "timing.torpid"),
+    ("lost", "timing.lost"),
+    ("mechanism", "bootstrap.mechanism"),
+    ("principal", "gssapi.service"),
+    ("kex_listen", "gssapi.kex_port"),
+    ("gss_max_lifetime", "nothing (a test option)"),
+];
+
+/// Parse the command line; `canopy broker --config` with a flag its config
+/// sets is an error naming the config key.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    if let Some(("broker", sub)) = matches.subcommand() {
+        if sub.contains_id("config") && sub.get_one::<std::path::PathBuf>("config").is_some() {
+            for (id, key) in CONFIG_SETS {
+                if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::ArgumentConflict,
+                            format!(
+                                "--{} is not used with --config: the config sets it ({key}); set it there, or drop the flag",
+                                id.replace('_', "-")
+                            ),
+                        )
+                        .exit();
+                }
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
     init_logging();
-    match run(Cli::parse()) {
+    match run(parse_cli()) {
         Ok(code) => std::process::exit(code),
         // `| head -1`: the reader has what it wanted; nothing to report.
         Err(e) if out::reader_gone(&e) => std::process::exit(out::READER_GONE_STATUS),
@@ -176,12 +267,15 @@ fn run(cli: Cli) -> Result<i32> {
             audit,
             timing,
             gss,
+            budgets,
             command,
         } => {
             timing.to_timing()?;
             gss.to_opts()?;
+            let budget_values = budgets.to_budgets()?;
             let mut broker_args = timing.to_args();
             broker_args.extend(gss.to_args());
+            broker_args.extend(budgets.to_args());
             let listen_clients_opt = listen_clients.clone();
             if let Some(ep) = listen_clients {
                 broker_args.push("--listen-clients".into());
@@ -230,6 +324,7 @@ fn run(cli: Cli) -> Result<i32> {
                             audit: audit.as_ref().map(std::path::absolute).transpose()?,
                             gss: gss.to_opts()?,
                             interface: Some(interface),
+                            budgets: budget_values,
                         },
                         size,
                         timeout: secs(timeout, "--timeout")?,
@@ -238,7 +333,9 @@ fn run(cli: Cli) -> Result<i32> {
                     },
                 ));
             }
+            let open_to_others = policy_text.is_some() || policy.is_some();
             Ok(start(StartOpts {
+                open_to_others,
                 size: size.unwrap_or(1),
                 fanout,
                 tcp,
@@ -264,6 +361,7 @@ fn run(cli: Cli) -> Result<i32> {
             hostname,
             force_root,
             rundir,
+            budgets,
             ..
         } => {
             canopy_broker::system::run_system_broker(canopy_broker::system::SystemOpts {
@@ -271,6 +369,7 @@ fn run(cli: Cli) -> Result<i32> {
                 hostname,
                 rundir,
                 force_root,
+                budget_flags: budgets.flags(),
             })?;
             Ok(0)
         }
@@ -287,6 +386,7 @@ fn run(cli: Cli) -> Result<i32> {
             audit,
             timing,
             gss,
+            budgets,
             ..
         } => {
             let transport = if tcp {
@@ -306,12 +406,31 @@ fn run(cli: Cli) -> Result<i32> {
                 audit,
                 gss: gss.to_opts()?,
                 interface,
+                budgets: budgets.to_budgets()?,
             })?;
             Ok(0)
         }
         Cmd::GenerateManual { dir } => {
             for p in manual::generate(&dir)? {
                 outln!("wrote {}", p.display());
+            }
+            Ok(0)
+        }
+        Cmd::Whoami { json, uri } => {
+            let v = tools::whoami(uri.as_deref(), Duration::from_secs(10))?;
+            if json {
+                outln!("{v}");
+            } else {
+                let field = |k: &str| match &v[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "(none)".to_string(),
+                    other => other.to_string(),
+                };
+                outln!("principal: {}", field("principal"));
+                outln!("mechanism: {}", field("mechanism"));
+                outln!("roles:     {}", field("roles"));
+                outln!("rule:      {}", field("rule"));
+                outln!("reason:    {}", field("reason"));
             }
             Ok(0)
         }

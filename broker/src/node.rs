@@ -12,7 +12,7 @@
 
 use crate::admission::Worker;
 use crate::authz::{BrokerPolicy, Mech};
-use crate::core::{BrokerCore, Budgets, CoreConfig, Event, Exit, Input, Transmit};
+use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
 use crate::error::BrokerError;
 use crate::local::Local;
 use crate::rotate::KeyFiles;
@@ -35,7 +35,8 @@ pub use crate::admission::unix_principal;
 pub use crate::core::Card;
 pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
 use crate::sockets::{
-    disconnect_monitor, drain_monitor, parent_dealer, recv_parts, send, send_slice, split, zerr, zs,
+    disconnect_monitor, drain_monitor, drain_parent_monitor, parent_dealer, recv_parts, send,
+    send_slice, split, zerr, zs,
 };
 
 /// Messages taken from one socket before the others get a turn.
@@ -63,6 +64,9 @@ pub struct Broker {
     /// DISCONNECTED events of the router and the dealer.
     router_monitor: Option<zmq::Socket>,
     dealer_monitor: Option<zmq::Socket>,
+    /// Failed handshakes on the remote client endpoint (logged only; drained
+    /// on every turn of the loop, so it needs no poll item).
+    client_monitor: Option<zmq::Socket>,
     local: Local,
     ipc_path: Option<PathBuf>,
     endpoint: Option<String>,
@@ -102,7 +106,7 @@ impl Broker {
         } = bound;
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).map_err(BrokerError::Random)?;
-        let budgets = Budgets::default();
+        let budgets = plan.budgets;
         let local = Local::bind(&plan.rundir.join(format!("local-{}", plan.rank)), budgets)?;
         let ipc_path = endpoint
             .as_deref()
@@ -148,6 +152,10 @@ impl Broker {
             Some(r) => Some(disconnect_monitor(&ctx, r)?),
             None => None,
         };
+        let client_monitor = match &client_router {
+            Some(r) => Some(disconnect_monitor(&ctx, r)?),
+            None => None,
+        };
         let mut b = Broker {
             core,
             start: Instant::now(),
@@ -160,6 +168,7 @@ impl Broker {
             dealer: None,
             router_monitor,
             dealer_monitor: None,
+            client_monitor,
             local,
             ipc_path,
             endpoint,
@@ -232,6 +241,7 @@ impl Broker {
         }
         self.router_monitor = None;
         self.dealer_monitor = None;
+        self.client_monitor = None;
         self.router = None;
         self.client_router = None;
         self.dealer = None;
@@ -284,12 +294,14 @@ impl Broker {
                     zs(&self.router_monitor),
                     zs(&self.dealer_monitor),
                 ];
-                for (_, fd, write) in &clients {
-                    let ev = if *write {
-                        zmq::POLLIN | zmq::POLLOUT
-                    } else {
-                        zmq::POLLIN
-                    };
+                for (_, fd, read, write) in &clients {
+                    let mut ev = zmq::PollEvents::empty();
+                    if *read {
+                        ev |= zmq::POLLIN;
+                    }
+                    if *write {
+                        ev |= zmq::POLLOUT;
+                    }
                     items.push(zmq::PollItem::from_fd(*fd, ev));
                 }
                 match zmq::poll(&mut items, timeout) {
@@ -306,6 +318,13 @@ impl Broker {
             }
             if self.signals.term.load(Ordering::SeqCst) {
                 info!("received a termination signal; shutting down");
+                // Tell the parent this is a clean stop (offline, not lost),
+                // and give libzmq a moment to send it.
+                self.input(Input::Stopping);
+                self.pump()?;
+                if let Some(d) = &self.dealer {
+                    let _ = d.set_linger(200);
+                }
                 return Ok(());
             }
             if self.signals.hup.swap(false, Ordering::SeqCst) {
@@ -338,15 +357,32 @@ impl Broker {
             if readable(6) {
                 self.drain_client_router()?;
             }
-            if readable(7) && self.router_monitor.as_ref().is_some_and(drain_monitor) {
+            if let Some(m) = &self.client_monitor {
+                drain_monitor(m, "client");
+            }
+            if readable(7)
+                && self
+                    .router_monitor
+                    .as_ref()
+                    .is_some_and(|m| drain_monitor(m, "overlay"))
+            {
                 self.input(Input::ChildClosed);
             }
-            if readable(8) && self.dealer_monitor.as_ref().is_some_and(drain_monitor) {
-                self.input(Input::ParentGone {
-                    reason: "the connection to the parent closed".into(),
-                });
+            if readable(8) {
+                let seen = self
+                    .dealer_monitor
+                    .as_ref()
+                    .map(drain_parent_monitor)
+                    .unwrap_or_default();
+                if let Some(why) = seen.refused {
+                    self.input(Input::ParentRefused { reason: why.into() });
+                } else if seen.closed {
+                    self.input(Input::ParentGone {
+                        reason: "the connection to the parent closed".into(),
+                    });
+                }
             }
-            for (i, (id, _, _)) in clients.iter().enumerate() {
+            for (i, (id, _, _, _)) in clients.iter().enumerate() {
                 if revents[9 + i].intersects(zmq::POLLIN | zmq::POLLERR) {
                     for input in self.local.read(*id) {
                         self.input(input);
@@ -560,7 +596,17 @@ impl Broker {
         };
         self.dealer = None;
         self.dealer_monitor = None;
-        let (s, m) = parent_dealer(&self.ctx, ep, &key, &self.keys, id, relink, &self.timing)?;
+        let max = self.local.budgets().max_message;
+        let (s, m) = parent_dealer(
+            &self.ctx,
+            ep,
+            &key,
+            &self.keys,
+            id,
+            relink,
+            &self.timing,
+            max,
+        )?;
         self.dealer = Some(s);
         self.dealer_monitor = Some(m);
         Ok(())
@@ -621,7 +667,7 @@ impl Broker {
                 return Ok(());
             };
             let Some((mut hframe, payload)) = split(parts) else {
-                debug!("remote: dropped a message with the wrong number of frames");
+                warn!(verdict = %"deny", "remote: dropped a message with the wrong number of frames; expected 1 or 2");
                 continue;
             };
             let user_id = hframe.gets("User-Id").unwrap_or("").to_string();

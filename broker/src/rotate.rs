@@ -208,7 +208,40 @@ pub fn write_next(
     let kp = CurveKeypair::generate().map_err(ferr)?;
     let name = config.host(rank).unwrap_or(host).to_string();
     cert::write_pair(&kp, &name, &sn, &pn).map_err(ferr)?;
+    // Run as root for a broker's service user, the new files must stay
+    // that user's, as the ones they will replace are.
+    let owned = keep_owner(&sn, &secret).and_then(|()| keep_owner(&pn, &public));
+    if let Err(e) = owned {
+        let _ = std::fs::remove_file(&sn);
+        let _ = std::fs::remove_file(&pn);
+        return Err(e);
+    }
     Ok((rank, sn, pn, kp.public_z85()))
+}
+
+/// Give `new` the owner and group of `like` (the file it will replace),
+/// if `like` exists and they differ from ours.
+fn keep_owner(new: &Path, like: &Path) -> Result<(), RotateError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(like) else {
+        return Ok(());
+    };
+    let (uid, gid) = (md.uid(), md.gid());
+    if uid == nix::unistd::geteuid().as_raw() && gid == nix::unistd::getegid().as_raw() {
+        return Ok(());
+    }
+    nix::unistd::chown(
+        new,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| {
+        ferr(format!(
+            "cannot give {} the owner of {} (uid {uid}, gid {gid}): {e}; run `canopy key new` as that user or as root",
+            new.display(),
+            like.display()
+        ))
+    })
 }
 
 /// `canopy key retire HOST`, on disk: the `.next` certificates replace the
@@ -296,6 +329,40 @@ mod tests {
         // Nothing left to retire.
         let e = promote_next(&config, "n1").unwrap_err().to_string();
         assert!(e.contains("canopy key new n1"), "{e}");
+    }
+
+    /// `key new` run as root keeps the owner of the files it will replace
+    /// (issue 15 #6), so `key switch` works for the broker's user.
+    #[test]
+    fn new_keys_keep_the_owner_of_the_current_ones() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED new_keys_keep_the_owner_of_the_current_ones: needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("pub")).unwrap();
+        let text = format!(
+            "[bootstrap]\ncurve_cert = \"{0}/%h.key_secret\"\ncurve_public_certs = \"{0}/pub\"\nhosts = [ {{ host = \"n[0-1]\" }} ]\n",
+            d.path().display()
+        );
+        let config = Config::parse(&text, "t.toml").unwrap();
+        let kp = CurveKeypair::generate().unwrap();
+        let (secret, public) = (d.path().join("n1.key_secret"), d.path().join("pub/n1.key"));
+        cert::write_pair(&kp, "n1", &secret, &public).unwrap();
+        let (service, group) = (
+            nix::unistd::Uid::from_raw(65534),
+            nix::unistd::Gid::from_raw(65534),
+        );
+        for f in [&secret, &public] {
+            nix::unistd::chown(f.as_path(), Some(service), Some(group)).unwrap();
+        }
+        let (_, sn, pn, _) = write_next(&config, "n1").unwrap();
+        for f in [&sn, &pn] {
+            let md = std::fs::metadata(f).unwrap();
+            assert_eq!((md.uid(), md.gid()), (65534, 65534), "{}", f.display());
+        }
+        assert_eq!(std::fs::metadata(&sn).unwrap().mode() & 0o077, 0);
     }
 
     #[test]

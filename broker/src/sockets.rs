@@ -21,11 +21,35 @@ use std::sync::Arc;
 pub const OVERLAY_HWM: i32 = 100_000;
 /// Messages libzmq may queue toward one remote client.
 pub const CLIENT_HWM: i32 = 1_000;
-/// Largest frame any ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`): the
-/// largest payload plus the largest header. libzmq closes the connection
-/// of a peer that sends more, before buffering it.
-pub const MAX_FRAME: i64 =
-    (crate::core::DEFAULT_MAX_MESSAGE + canopy_proto::frame::MAX_HEADER) as i64;
+/// Messages libzmq may queue from one remote client before the broker
+/// reads them; past it, TCP pushes back on the client. Kept small: what
+/// libzmq holds here is not counted by the budgets (with libzmq's default
+/// of 1,000, ten connections flooding 8 KiB pings held up to 80 MB).
+pub const CLIENT_RCVHWM: i32 = 64;
+/// Largest frame a ZeroMQ endpoint accepts (`ZMQ_MAXMSGSIZE`) for a
+/// broker whose largest payload is `max_message` (`budgets.max_message`,
+/// `--max-message`): that payload plus the largest header, which also
+/// covers CURVE's per-frame overhead. libzmq checks each frame's length
+/// prefix and closes the connection of a peer that sends more, before
+/// buffering it; a payload between `max_message` and this is refused by
+/// the core with EMSGSIZE.
+pub fn max_frame(max_message: usize) -> i64 {
+    i64::try_from(max_message.saturating_add(canopy_proto::frame::MAX_HEADER)).unwrap_or(i64::MAX)
+}
+
+/// The core's budgets from the configured ones (`[budgets]`, flags).
+pub fn budgets_from(s: &canopy_config::BudgetSettings) -> crate::core::Budgets {
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    crate::core::Budgets {
+        max_message: n(s.max_message),
+        client_bytes: n(s.client_bytes),
+        principal_bytes: n(s.principal_bytes),
+        total_bytes: n(s.total_bytes),
+        connections: n(s.connections),
+        in_flight: n(s.in_flight),
+        neighbour_bytes: n(s.neighbour_bytes),
+    }
+}
 /// Everything a broker needs to run, gathered by a bootstrap
 /// ([`crate::boot::Bootstrap`]: PMI or a config file).
 /// The bootstrap must have called [`Bound::admit_children`] on every
@@ -50,6 +74,8 @@ pub struct Plan {
     /// Host names of the ranks of this broker's subtree that the bootstrap
     /// learned (for `overlay.status`).
     pub hosts: std::collections::BTreeMap<u32, String>,
+    /// What clients can make this broker hold (`[budgets]`, flags).
+    pub budgets: crate::core::Budgets,
 }
 
 /// ZeroMQ heartbeat interval on remote client connections, both ways.
@@ -98,17 +124,48 @@ pub enum Transport {
 
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Watch `sock` for closed connections: returns a PAIR socket that
-/// receives libzmq's DISCONNECTED events.
+/// Watch `sock` for closed connections and failed handshakes: returns a
+/// PAIR socket that receives libzmq's DISCONNECTED and HANDSHAKE_FAILED
+/// events (the latter are logged by [`drain_monitor`]); the parent link's also
+/// reports a key its parent refused ([`parent_monitor`]).
 pub(crate) fn disconnect_monitor(
     ctx: &zmq::Context,
     sock: &zmq::Socket,
+) -> Result<zmq::Socket, BrokerError> {
+    monitor(
+        ctx,
+        sock,
+        zmq::SocketEvent::DISCONNECTED as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32,
+    )
+}
+
+/// The parent link's monitor: closed connections and failed handshakes.
+pub(crate) fn parent_monitor(
+    ctx: &zmq::Context,
+    sock: &zmq::Socket,
+) -> Result<zmq::Socket, BrokerError> {
+    monitor(
+        ctx,
+        sock,
+        zmq::SocketEvent::DISCONNECTED as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32,
+    )
+}
+
+fn monitor(
+    ctx: &zmq::Context,
+    sock: &zmq::Socket,
+    events: i32,
 ) -> Result<zmq::Socket, BrokerError> {
     let ep = format!(
         "inproc://canopy-monitor-{}",
         MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    sock.monitor(&ep, zmq::SocketEvent::DISCONNECTED as i32)
+    sock.monitor(&ep, events)
         .map_err(zerr("monitor a socket"))?;
     let m = ctx
         .socket(zmq::PAIR)
@@ -118,18 +175,132 @@ pub(crate) fn disconnect_monitor(
     Ok(m)
 }
 
-/// Drain a monitor socket; true if any DISCONNECTED event was seen.
-pub(crate) fn drain_monitor(m: &zmq::Socket) -> bool {
-    let mut seen = false;
+/// Connection events (failed handshakes, closed connections) logged per
+/// second and endpoint; more go to debug, so a flood of bad connections
+/// cannot flood the log, nor silence another endpoint's.
+const HANDSHAKE_LOGS_PER_SECOND: u64 = 20;
+static LOG_SECOND: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+static LOG_COUNT: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+
+/// Whether another connection event on endpoint `what` may be logged this
+/// second (at most [`HANDSHAKE_LOGS_PER_SECOND`]; the first one over says
+/// so).
+fn under_log_rate(what: &str) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let i = match what {
+        "overlay" => 0,
+        "client" => 1,
+        _ => 2,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if LOG_SECOND[i].swap(now, Relaxed) != now {
+        LOG_COUNT[i].store(0, Relaxed);
+    }
+    match LOG_COUNT[i].fetch_add(1, Relaxed) {
+        n if n < HANDSHAKE_LOGS_PER_SECOND => true,
+        HANDSHAKE_LOGS_PER_SECOND => {
+            tracing::warn!(endpoint = %what, "zmq: more connection events this second; not logging each");
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Log a failed handshake on the endpoint `what` (`overlay`, `client`,
+/// `parent`): the peer spoke another protocol or mechanism (`protocol`,
+/// with libzmq's error code), or did not finish in time (`no_detail`).
+fn log_handshake_failure(what: &str, event: zmq::SocketEvent, value: u32, peer: &str) {
+    let kind = if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL {
+        "protocol"
+    } else {
+        "no_detail"
+    };
+    if under_log_rate(what) {
+        tracing::warn!(
+            verdict = %"deny",
+            endpoint = %what,
+            failure = %kind,
+            code = format_args!("{value:#x}"),
+            peer = %peer,
+            "zmq: handshake failed; connection closed (a peer speaking another protocol or mechanism, or one that did not finish the handshake in time)"
+        );
+    } else {
+        tracing::debug!(endpoint = %what, failure = %kind, peer = %peer, "zmq: handshake failed");
+    }
+}
+
+/// What a monitor saw: a connection closed; the parent refused this
+/// broker (why).
+#[derive(Default)]
+pub(crate) struct Monitored {
+    pub closed: bool,
+    pub refused: Option<&'static str>,
+}
+
+/// Drain a monitor socket of endpoint `what`, logging failed handshakes
+/// (and closed connections of children and remote clients, at info);
+/// true if any DISCONNECTED event was seen.
+pub(crate) fn drain_monitor(m: &zmq::Socket, what: &str) -> bool {
+    drain(m, what).closed
+}
+
+/// The parent link's monitor: also a refusal by the parent.
+pub(crate) fn drain_parent_monitor(m: &zmq::Socket) -> Monitored {
+    drain(m, "parent")
+}
+
+fn drain(m: &zmq::Socket, what: &str) -> Monitored {
+    let mut seen = Monitored::default();
     while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-        if frames.first().is_some_and(|f| {
-            f.len() >= 2
-                && u16::from_le_bytes([f[0], f[1]]) == zmq::SocketEvent::DISCONNECTED as u16
-        }) {
-            seen = true;
+        let Some(f) = frames.first().filter(|f| f.len() >= 6) else {
+            continue;
+        };
+        let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([f[0], f[1]]));
+        let value = u32::from_le_bytes([f[2], f[3], f[4], f[5]]);
+        match event {
+            zmq::SocketEvent::DISCONNECTED => {
+                seen.closed = true;
+                if what != "parent" && under_log_rate(what) {
+                    // libzmq cuts a peer without telling the application
+                    // why: a frame over ZMQ_MAXMSGSIZE, a protocol error
+                    // (bytes that are not ZMTP), or the peer simply left.
+                    let peer = frames
+                        .get(1)
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .unwrap_or_default();
+                    tracing::info!(endpoint = %what, peer = %peer, "zmq: a connection closed (the peer left, or libzmq cut it for a frame over the maximum message size or bytes that are not ZMTP)");
+                }
+            }
+            zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => {
+                seen.refused = Some("the parent's ZAP handler refused this broker's key (is this node's public certificate the one the parent has for this rank?)");
+            }
+            zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL if what == "parent" => {
+                seen.refused = Some("the CURVE handshake with the parent failed (is the parent's public key in this node's configuration the parent's current key?)");
+            }
+            zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => {
+                let peer = frames
+                    .get(1)
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default();
+                log_handshake_failure(what, event, value, &peer);
+            }
+            _ => {}
         }
     }
     seen
+}
+
+/// A peer that has not finished its handshake within `timing.lost` (at
+/// most libzmq's default of 30 s) is cut, so half-open connections do not
+/// pile up.
+fn handshake_ivl(timing: &Timing) -> i32 {
+    timing.lost_ms.clamp(1, 30_000) as i32
 }
 
 pub(crate) fn zerr(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> BrokerError {
@@ -173,6 +344,7 @@ pub fn bind(
     clients: Arc<dyn ClientAuthz>,
     client_listen: Option<&str>,
     timing: &Timing,
+    max_message: usize,
 ) -> Result<Bound, BrokerError> {
     let ctx = zmq::Context::new();
     let policy = Arc::new(BrokerPolicy::new(clients));
@@ -188,8 +360,10 @@ pub fn bind(
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
         s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
-        s.set_maxmsgsize(MAX_FRAME)
+        s.set_maxmsgsize(max_frame(max_message))
             .map_err(zerr("set maxmsgsize"))?;
+        s.set_handshake_ivl(handshake_ivl(timing))
+            .map_err(zerr("set handshake_ivl"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
@@ -242,8 +416,11 @@ pub fn bind(
             .map_err(zerr("create client router"))?;
         s.set_linger(0).map_err(zerr("set linger"))?;
         s.set_sndhwm(CLIENT_HWM).map_err(zerr("set sndhwm"))?;
-        s.set_maxmsgsize(MAX_FRAME)
+        s.set_rcvhwm(CLIENT_RCVHWM).map_err(zerr("set rcvhwm"))?;
+        s.set_maxmsgsize(max_frame(max_message))
             .map_err(zerr("set maxmsgsize"))?;
+        s.set_handshake_ivl(handshake_ivl(timing))
+            .map_err(zerr("set handshake_ivl"))?;
         s.set_router_mandatory(true)
             .map_err(zerr("set router_mandatory"))?;
         s.set_curve_server(true).map_err(zerr("set curve_server"))?;
@@ -392,6 +569,7 @@ pub(crate) fn split(mut parts: Vec<zmq::Message>) -> Option<(zmq::Message, Frame
 /// `server_key`, with routing id `identity`; and its disconnect monitor.
 /// `relink`: a rotation's new connection, which retries fast (it may first
 /// meet the parent's old listener).
+#[allow(clippy::too_many_arguments)] // the one call site, in node.rs
 pub(crate) fn parent_dealer(
     ctx: &zmq::Context,
     ep: &str,
@@ -400,6 +578,7 @@ pub(crate) fn parent_dealer(
     identity: &[u8],
     relink: bool,
     timing: &Timing,
+    max_message: usize,
 ) -> Result<(zmq::Socket, zmq::Socket), BrokerError> {
     let mut s = ctx.socket(zmq::DEALER).map_err(zerr("create dealer"))?;
     if relink {
@@ -412,7 +591,7 @@ pub(crate) fn parent_dealer(
     s.set_linger(0).map_err(zerr("set linger"))?;
     s.set_sndhwm(OVERLAY_HWM).map_err(zerr("set sndhwm"))?;
     s.set_rcvhwm(OVERLAY_HWM).map_err(zerr("set rcvhwm"))?;
-    s.set_maxmsgsize(MAX_FRAME)
+    s.set_maxmsgsize(max_frame(max_message))
         .map_err(zerr("set maxmsgsize"))?;
     s.set_identity(identity).map_err(zerr("set identity"))?;
     s.set_curve_serverkey(server_key)
@@ -425,6 +604,25 @@ pub(crate) fn parent_dealer(
         endpoint: ep.to_string(),
         reason: format!("connect: {}", e.message()),
     })?;
-    let m = disconnect_monitor(ctx, &s)?;
+    let m = parent_monitor(ctx, &s)?;
     Ok((s, m))
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn configured_defaults_are_the_core_defaults() {
+        let b = budgets_from(&canopy_config::BudgetSettings::default());
+        assert_eq!(b, crate::core::Budgets::default());
+        assert_eq!(
+            max_frame(b.max_message),
+            (crate::core::DEFAULT_MAX_MESSAGE + canopy_proto::frame::MAX_HEADER) as i64
+        );
+        assert_eq!(
+            max_frame(1024),
+            1024 + canopy_proto::frame::MAX_HEADER as i64
+        );
+    }
 }

@@ -8,6 +8,7 @@ use crate::authz::{AclAuthz, ClientAuthz, OwnerOnly};
 use crate::error::BrokerError;
 use crate::node::{bind, unix_principal, Broker, Card, Plan, Transport};
 use canopy_config::{Config, Mechanism};
+use canopy_security::trust::{check_trusted, service_uid, TrustKind};
 use canopy_security::{cert, curve_principal};
 use std::collections::HashMap;
 use std::net::ToSocketAddrs;
@@ -24,6 +25,43 @@ pub struct SystemOpts {
     /// per-instance directory under the temp dir).
     pub rundir: Option<PathBuf>,
     pub force_root: bool,
+    /// Budgets given as flags (`--max-message` etc.): they override the
+    /// config's `[budgets]`.
+    pub budget_flags: Vec<(canopy_config::BudgetKey, u64)>,
+}
+
+/// The config's `[budgets]` with the flags applied, checked again (a flag
+/// may break the order the config kept).
+pub fn effective_budgets(
+    config: &Config,
+    flags: &[(canopy_config::BudgetKey, u64)],
+) -> Result<crate::core::Budgets, BrokerError> {
+    let mut b = *config.budgets();
+    for (k, v) in flags {
+        b.set(*k, *v);
+    }
+    b.check(|k| flags.iter().any(|(f, _)| *f == k))
+        .map_err(|p| {
+            let from = if flags.iter().any(|(f, _)| *f == p.key) {
+                p.key.flag()
+            } else {
+                format!(
+                    "budgets.{} in {}",
+                    p.key.name(),
+                    config
+                        .files()
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            BrokerError::Budget {
+                from,
+                message: p.message,
+            }
+        })?;
+    Ok(crate::sockets::budgets_from(&b))
 }
 
 /// Refuse files that group or other can write.
@@ -42,6 +80,13 @@ fn check_not_writable(path: &Path, what: &'static str) -> Result<(), BrokerError
         });
     }
     Ok(())
+}
+
+/// Refuse `path` unless [`check_trusted`] accepts it for this user.
+fn trusted(path: &Path, kind: TrustKind, what: &'static str) -> Result<(), BrokerError> {
+    check_trusted(path, kind, service_uid())
+        .map(|_| ())
+        .map_err(|source| BrokerError::Untrusted { what, source })
 }
 
 fn public_key(config: &Config, rank: u32) -> Result<[u8; 32], BrokerError> {
@@ -106,6 +151,16 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
     fn plan(&mut self) -> Result<crate::boot::Planned, BrokerError> {
         let opts = &self.opts;
         let config = Config::load(&opts.config)?;
+        let budgets = effective_budgets(&config, &opts.budget_flags)?;
+        // Anyone who can add a file to the public certificate directory can
+        // join as any rank: it must be trusted as a whole.
+        if let Some(canopy_config::PublicCerts::Directory(dir)) =
+            &config.bootstrap().curve_public_certs
+        {
+            if config.mechanism() == Mechanism::Curve {
+                trusted(dir, TrustKind::Directory, "certificate directory")?;
+            }
+        }
         let hostname = match &opts.hostname {
             Some(h) => h.clone(),
             None => nix::unistd::gethostname()
@@ -182,11 +237,20 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
                 })
             }
         }
-        check_not_writable(&rundir, "runtime directory")?;
+        // Not a symlink, ours or root's, and nobody else can add to it.
+        trusted(&rundir, TrustKind::RuntimeDir, "runtime directory")?;
+        trusted(&rundir, TrustKind::Directory, "runtime directory")?;
 
         let owner_uid = nix::unistd::getuid().as_raw();
         let authz: Arc<dyn ClientAuthz> = match &config.policy().file {
-            Some(p) => Arc::new(AclAuthz::load(p, config.policy().audit_log.as_deref())?),
+            Some(p) => {
+                let audit = config
+                    .policy()
+                    .audit_log
+                    .as_deref()
+                    .map(|a| crate::authz::audit_path(a, rank, &hostname));
+                Arc::new(AclAuthz::load(p, audit.as_deref(), (rank, &hostname))?)
+            }
             None => Arc::new(OwnerOnly {
                 owner: unix_principal(owner_uid),
             }),
@@ -196,8 +260,17 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             None => Transport::Ipc,
         };
         let timing = config.timing().to_liveness();
+        let client_listen = config.client_endpoint(rank);
         let bound = bind(
-            rank, &topo, &keys, &rundir, &transport, authz, None, &timing,
+            rank,
+            &topo,
+            &keys,
+            &rundir,
+            &transport,
+            authz,
+            client_listen.as_deref(),
+            &timing,
+            budgets.max_message,
         )?;
         let kex = match &gss {
             Some(g) => {
@@ -231,6 +304,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             timing,
             host: Some(hostname.clone()),
             hosts,
+            budgets,
         };
         self.state = Some(Started {
             config,
@@ -268,6 +342,20 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             let mut perm = p.permissions();
             perm.set_mode(0o666);
             let _ = std::fs::set_permissions(&local, perm);
+        }
+        // `RUNDIR/local`, the name tools find without CANOPY_URI when the
+        // runtime directory is /run/canopy (the unit's): a symlink to this
+        // broker's socket, replaced atomically.
+        let link = st.rundir.join("local");
+        let tmp = st.rundir.join(format!(".local-{rank}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let linked = std::os::unix::fs::symlink(format!("local-{rank}"), &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link));
+        if let Err(e) = linked {
+            tracing::warn!(
+                "cannot link {} to this broker's socket: {e}; tools need CANOPY_URI",
+                link.display()
+            );
         }
         sd_notify_ready();
         tracing::info!("system instance broker rank {rank} ({}) up", st.hostname);

@@ -302,6 +302,14 @@ pub fn acl_check_offline(
     Ok(acl.decide(&q).into())
 }
 
+/// `canopy whoami`: how the broker this tool connects to sees it.
+pub fn whoami(uri: Option<&str>, timeout: Duration) -> Result<serde_json::Value, ToolError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc("broker.whoami", canopy_proto::NODEID_ANY, b"", timeout)?;
+    serde_json::from_slice(&m.payload)
+        .map_err(|e| ToolError::Reply(format!("the broker sent an unreadable answer: {e}")))
+}
+
 /// `canopy acl check` against the running instance (rank 0).
 pub fn acl_check_online(
     uri: Option<&str>,

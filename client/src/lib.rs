@@ -14,13 +14,16 @@ use canopy_proto::{errno, Header, MsgType};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use canopy_proto::NODEID_ANY;
 
 /// Environment variable naming the broker to talk to.
 pub const URI_ENV: &str = "CANOPY_URI";
+/// The local connector of this host's system-instance broker, which tools
+/// use when neither `--uri` nor `CANOPY_URI` says otherwise.
+pub const SYSTEM_LOCAL: &str = "/run/canopy/local";
 /// Environment variable naming the client's secret certificate (tcp only).
 pub const KEY_ENV: &str = "CANOPY_KEY";
 /// Environment variable with the broker's public key (tcp only).
@@ -38,7 +41,7 @@ pub const GSS_PRINCIPAL_ENV: &str = "CANOPY_GSS_PRINCIPAL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no broker given: pass --uri or set CANOPY_URI (canopy start sets it for the command it runs)")]
+    #[error("no broker given: pass --uri or set CANOPY_URI (canopy start sets it for the command it runs); no system instance runs on this host (/run/canopy/local)")]
     NoUri,
     #[error("unsupported uri '{0}': use local://PATH or tcp://HOST:PORT")]
     BadUri(String),
@@ -136,7 +139,13 @@ pub enum Target {
 pub fn resolve_uri(explicit: Option<&str>) -> Result<Target, ClientError> {
     let uri = match explicit {
         Some(u) => u.to_string(),
-        None => std::env::var(URI_ENV).map_err(|_| ClientError::NoUri)?,
+        None => match std::env::var(URI_ENV) {
+            Ok(u) => u,
+            // A system instance's broker on this host (the unit's
+            // `--rundir /run/canopy` links `local` to its socket).
+            Err(_) if Path::new(SYSTEM_LOCAL).exists() => format!("local://{SYSTEM_LOCAL}"),
+            Err(_) => return Err(ClientError::NoUri),
+        },
     };
     if let Some(p) = uri.strip_prefix("local://") {
         Ok(Target::Local(PathBuf::from(p)))

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::budgets::{self, BudgetKey, BudgetSettings};
 use crate::error::{ConfigError, Location};
 use crate::hostlist::{self, HostlistError, MAX_HOSTS};
 use crate::raw::{self, Ctx, Pos, RawPublicCerts, Source, Val};
@@ -165,6 +166,18 @@ pub struct PolicyConfig {
     pub audit_log: Option<PathBuf>,
 }
 
+/// The `[clients]` table: the remote client endpoint (users on
+/// workstations): which hosts' brokers listen, and where. Clients
+/// authenticate with the instance's mechanism (CURVE: the broker's public
+/// key; gssapi: its key exchange) and the policy decides who gets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientsConfig {
+    /// `tcp://ADDR:PORT`; `%h` is the listening host.
+    pub bind: String,
+    /// The hosts whose brokers listen (default: rank 0's).
+    pub hosts: Vec<String>,
+}
+
 /// A validated system-instance configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -173,6 +186,8 @@ pub struct Config {
     gssapi: Option<GssapiConfig>,
     timing: Timing,
     policy: PolicyConfig,
+    clients: Option<ClientsConfig>,
+    budgets: BudgetSettings,
     /// expanded host names, in rank order
     hosts: Vec<String>,
     /// rank -> index into `bootstrap.hosts`
@@ -298,6 +313,26 @@ impl Config {
 
     pub fn policy(&self) -> &PolicyConfig {
         &self.policy
+    }
+
+    /// `[clients]`, if present.
+    pub fn clients(&self) -> Option<&ClientsConfig> {
+        self.clients.as_ref()
+    }
+
+    /// Where `rank`'s broker listens for remote clients, if it does.
+    pub fn client_endpoint(&self, rank: u32) -> Option<String> {
+        let c = self.clients.as_ref()?;
+        let host = self.host(rank)?;
+        c.hosts
+            .iter()
+            .any(|h| self.rank_of(h) == Some(rank))
+            .then(|| template::substitute(&c.bind, host, self.bootstrap.default_port))
+    }
+
+    /// `[budgets]`, with defaults for the keys not set.
+    pub fn budgets(&self) -> &BudgetSettings {
+        &self.budgets
     }
 
     /// Number of brokers (hosts).
@@ -751,15 +786,74 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
     }
     let gssapi = build_gssapi(ctx, &m, mechanism)?;
     let timing = build_timing(ctx, &m)?;
+    let budgets = build_budgets(ctx, &m)?;
     let mut policy = PolicyConfig::default();
     if let Some(v) = &m.policy_file {
         absolute(v, "policy.file", Tokens::None)?;
         policy.file = Some(PathBuf::from(&v.value));
     }
     if let Some(v) = &m.audit_log {
-        absolute(v, "policy.audit_log", Tokens::None)?;
+        absolute(v, "policy.audit_log", Tokens::HostRank)?;
         policy.audit_log = Some(PathBuf::from(&v.value));
     }
+
+    let clients = match (&m.clients_bind, &m.clients_hosts) {
+        (None, None) => None,
+        (None, Some(v)) => {
+            return Err(ConfigError::Invalid {
+                at: ctx.loc(&v.pos),
+                key: "clients.bind".to_string(),
+                message: "[clients] needs bind, the endpoint remote clients connect to, e.g. bind = \"tcp://*:7700\"".to_string(),
+            })
+        }
+        (Some(b), listed) => {
+            check_tokens(ctx, b, "clients.bind", Tokens::Host)?;
+            let invalid = |pos: &Pos, key: &str, message: String| ConfigError::Invalid {
+                at: ctx.loc(pos),
+                key: key.to_string(),
+                message,
+            };
+            if !b.value.starts_with("tcp://") {
+                return Err(invalid(
+                    &b.pos,
+                    "clients.bind",
+                    format!("'{}' is not a tcp:// endpoint; remote clients connect over TCP, e.g. tcp://*:7700", b.value),
+                ));
+            }
+            endpoint_ok(&template::substitute(&b.value, &hosts[0], default_port)).map_err(
+                |p| match p {
+                    EndpointProblem::Port(port) => ConfigError::BadPort {
+                        at: ctx.loc(&b.pos),
+                        key: "clients.bind".to_string(),
+                        port,
+                    },
+                    EndpointProblem::Form(message) => invalid(&b.pos, "clients.bind", message),
+                },
+            )?;
+            let hosts_of = match listed {
+                None => vec![hosts[0].clone()],
+                Some(v) => {
+                    if v.value.is_empty() {
+                        return Err(invalid(&v.pos, "clients.hosts", "the list is empty; name the hosts whose brokers accept remote clients, or leave it out for rank 0's".to_string()));
+                    }
+                    for h in &v.value {
+                        if lookup(&by_short, &hosts, h).is_none() {
+                            return Err(invalid(
+                                &v.pos,
+                                "clients.hosts",
+                                format!("{h} is not in bootstrap.hosts; name hosts of this instance"),
+                            ));
+                        }
+                    }
+                    v.value.clone()
+                }
+            };
+            Some(ClientsConfig {
+                bind: b.value.clone(),
+                hosts: hosts_of,
+            })
+        }
+    };
 
     let fingerprint = fingerprint(&hosts, &tree, mechanism);
     Ok(Config {
@@ -777,6 +871,8 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         gssapi,
         timing,
         policy,
+        clients,
+        budgets,
         hosts,
         entry_of,
         by_short,
@@ -1020,6 +1116,51 @@ fn build_gssapi(
         kex_port,
         max_bindings_per_principal,
     }))
+}
+
+/// `[budgets]`: each key a positive size (integer bytes or `"16MiB"`) or
+/// count, within range and in order (see [`BudgetSettings::check`]).
+fn build_budgets(ctx: &Ctx<'_>, m: &raw::Merged) -> Result<BudgetSettings, ConfigError> {
+    let mut b = BudgetSettings::default();
+    for (k, v) in BudgetKey::ALL.into_iter().zip(&m.budgets) {
+        let Some(v) = v else { continue };
+        let key = format!("budgets.{}", k.name());
+        let invalid = |message: String| ConfigError::Invalid {
+            at: ctx.loc(&v.pos),
+            key: key.clone(),
+            message,
+        };
+        let n = match &v.value {
+            raw::RawSize::Int(n) => u64::try_from(*n).map_err(|_| {
+                invalid(format!(
+                    "{n} is negative; give a positive {} (default {})",
+                    if k.is_size() {
+                        "number of bytes"
+                    } else {
+                        "number"
+                    },
+                    BudgetSettings::default().get(k)
+                ))
+            })?,
+            raw::RawSize::Str(s) if k.is_size() => budgets::parse_size(s).map_err(invalid)?,
+            raw::RawSize::Str(s) => {
+                return Err(invalid(format!(
+                    "{s:?} is a string; give a plain integer, e.g. {}",
+                    BudgetSettings::default().get(k)
+                )))
+            }
+        };
+        b.set(k, n);
+    }
+    b.check(|k| m.budgets[k as usize].is_some()).map_err(|p| {
+        let v = m.budgets[p.key as usize].as_ref();
+        ConfigError::Invalid {
+            at: ctx.loc(&v.map_or_else(|| ctx.start(), |v| v.pos.clone())),
+            key: format!("budgets.{}", p.key.name()),
+            message: p.message,
+        }
+    })?;
+    Ok(b)
 }
 
 fn build_timing(ctx: &Ctx<'_>, m: &raw::Merged) -> Result<Timing, ConfigError> {

@@ -29,6 +29,7 @@
 //! The crate does no network I/O; it reads only the configuration files.
 #![forbid(unsafe_code)]
 
+pub mod budgets;
 mod config;
 mod error;
 pub mod fuzz;
@@ -37,10 +38,12 @@ mod raw;
 mod template;
 mod tree;
 
+pub use budgets::{parse_size, BudgetKey, BudgetSettings};
 pub use config::{
-    Bootstrap, Config, GssapiConfig, HostEntry, Mechanism, PolicyConfig, PublicCerts, Timing,
-    DEFAULT_BIND, DEFAULT_CONNECT, DEFAULT_PORT,
+    Bootstrap, ClientsConfig, Config, GssapiConfig, HostEntry, Mechanism, PolicyConfig,
+    PublicCerts, Timing, DEFAULT_BIND, DEFAULT_CONNECT, DEFAULT_PORT,
 };
 pub use error::{ConfigError, Location};
 pub use hostlist::HostlistError;
+pub use template::substitute_host_rank;
 pub use tree::Tree;

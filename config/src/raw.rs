@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
+use crate::budgets::BudgetKey;
 use crate::error::{ConfigError, Location};
 use crate::Mechanism;
 
@@ -42,6 +43,15 @@ pub(crate) struct RawFile {
     gssapi: Option<RawGssapi>,
     timing: Option<RawTiming>,
     policy: Option<RawPolicy>,
+    budgets: Option<RawBudgets>,
+    clients: Option<RawClients>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClients {
+    bind: Option<Spanned<String>>,
+    hosts: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +99,47 @@ struct RawTiming {
 struct RawPolicy {
     file: Option<Spanned<String>>,
     audit_log: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudgets {
+    max_message: Option<Spanned<RawSize>>,
+    client_bytes: Option<Spanned<RawSize>>,
+    principal_bytes: Option<Spanned<RawSize>>,
+    total_bytes: Option<Spanned<RawSize>>,
+    connections: Option<Spanned<RawSize>>,
+    in_flight: Option<Spanned<RawSize>>,
+    neighbour_bytes: Option<Spanned<RawSize>>,
+}
+
+/// A budget as written: an integer, or a string with a unit (`"16MiB"`).
+#[derive(Debug, Clone)]
+pub(crate) enum RawSize {
+    Int(i64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer, or a size string such as \"16MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(RawSize::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(RawSize::Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawSize::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `curve_public_certs`: a directory, or one path per host in rank order.
@@ -145,6 +196,10 @@ pub(crate) struct Merged {
     pub lost: Option<Val<f64>>,
     pub policy_file: Option<Val<String>>,
     pub audit_log: Option<Val<String>>,
+    pub clients_bind: Option<Val<String>>,
+    pub clients_hosts: Option<Val<Vec<String>>>,
+    /// `[budgets]`, key by key (`BudgetKey::ALL` order).
+    pub budgets: [Option<Val<RawSize>>; 7],
 }
 
 /// Locations for the sources.
@@ -282,9 +337,27 @@ pub(crate) fn parse_and_merge(ctx: &Ctx<'_>) -> Result<Merged, ConfigError> {
             put(ctx, &mut m.torpid, t.torpid, file, "timing.torpid")?;
             put(ctx, &mut m.lost, t.lost, file, "timing.lost")?;
         }
+        if let Some(c) = raw.clients {
+            put(ctx, &mut m.clients_bind, c.bind, file, "clients.bind")?;
+            put(ctx, &mut m.clients_hosts, c.hosts, file, "clients.hosts")?;
+        }
         if let Some(p) = raw.policy {
             put(ctx, &mut m.policy_file, p.file, file, "policy.file")?;
             put(ctx, &mut m.audit_log, p.audit_log, file, "policy.audit_log")?;
+        }
+        if let Some(b) = raw.budgets {
+            let given = [
+                b.max_message,
+                b.client_bytes,
+                b.principal_bytes,
+                b.total_bytes,
+                b.connections,
+                b.in_flight,
+                b.neighbour_bytes,
+            ];
+            for ((slot, v), k) in m.budgets.iter_mut().zip(given).zip(BudgetKey::ALL) {
+                put(ctx, slot, v, file, &format!("budgets.{}", k.name()))?;
+            }
         }
     }
     Ok(m)

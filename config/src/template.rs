@@ -8,6 +8,8 @@ pub(crate) enum Tokens {
     HostPort,
     /// `%h` only (certificate paths).
     Host,
+    /// `%h` and `%r`, the broker's rank (per-broker files: the audit log).
+    HostRank,
     /// none (plain paths).
     None,
 }
@@ -17,6 +19,7 @@ impl Tokens {
         match self {
             Tokens::HostPort => c == 'h' || c == 'p',
             Tokens::Host => c == 'h',
+            Tokens::HostRank => c == 'h' || c == 'r',
             Tokens::None => false,
         }
     }
@@ -25,6 +28,7 @@ impl Tokens {
         match self {
             Tokens::HostPort => "`%h` (host) and `%p` (default_port)",
             Tokens::Host => "`%h` (host)",
+            Tokens::HostRank => "`%h` (host) and `%r` (rank)",
             Tokens::None => "no tokens",
         }
     }
@@ -75,9 +79,50 @@ pub(crate) fn substitute(template: &str, host: &str, port: u16) -> String {
     out
 }
 
+/// Substitute `%h` (the broker's host), `%r` (its rank) and `%%` in a
+/// per-broker path such as `policy.audit_log` (or `canopy start --audit`).
+pub fn substitute_host_rank(template: &str, host: &str, rank: u32) -> String {
+    let mut out = String::with_capacity(template.len() + host.len());
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek() {
+            Some('h') => out.push_str(host),
+            Some('r') => out.push_str(&rank.to_string()),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(*other);
+            }
+            None => {
+                out.push('%');
+                continue;
+            }
+        }
+        chars.next();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_rank_are_substituted() {
+        assert_eq!(
+            substitute_host_rank("/var/log/canopy/%h-%r-100%%.log", "node3", 3),
+            "/var/log/canopy/node3-3-100%.log"
+        );
+        assert_eq!(bad_token("/a/%h-%r.log", Tokens::HostRank), None);
+        assert_eq!(
+            bad_token("/a/%p.log", Tokens::HostRank).map(|t| t.1),
+            Some("%p".to_string())
+        );
+    }
 
     #[test]
     fn substitutes_tokens() {

@@ -5,7 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use canopy_config::{Config, ConfigError, HostlistError, Mechanism, PublicCerts, Timing};
+use canopy_config::{
+    BudgetSettings, Config, ConfigError, HostlistError, Mechanism, PublicCerts, Timing,
+};
 
 const CERTS: &str = "curve_cert = \"/etc/canopy/curve/%h.key_secret\"\ncurve_public_certs = \"/etc/canopy/curve/public\"\n";
 
@@ -795,6 +797,8 @@ fn every_example_under_etc_system_parses() {
         if p.is_dir() || p.extension().is_some_and(|e| e == "toml") {
             let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
             assert!(c.size() >= 1);
+            // the example [budgets] spells out the defaults
+            assert_eq!(c.budgets(), &BudgetSettings::default());
             assert_eq!(c.fingerprint().len(), 64);
             fingerprints.push((
                 p.file_name().unwrap().to_owned(),
@@ -859,4 +863,137 @@ fn nix_is_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------- budgets
+
+fn with_budgets(budgets: &str) -> String {
+    format!("[bootstrap]\nhosts = [ {{ host = \"a\" }} ]\n[budgets]\n{budgets}")
+}
+
+#[test]
+fn budgets_default_when_absent() {
+    let c = parse("[bootstrap]\nhosts = [ { host = \"a\" } ]\n");
+    assert_eq!(c.budgets(), &BudgetSettings::default());
+    assert_eq!(c.budgets().max_message, 16 << 20);
+    assert_eq!(c.budgets().connections, 64);
+}
+
+#[test]
+fn budgets_parse_integers_and_sizes() {
+    let c = parse(&with_budgets(
+        "max_message = 1024\nclient_bytes = \"64KiB\"\nprincipal_bytes = \"1 MiB\"\ntotal_bytes = \"1GiB\"\nconnections = 8\nin_flight = 16\nneighbour_bytes = \"2M\"\n",
+    ));
+    let b = c.budgets();
+    assert_eq!(b.max_message, 1024);
+    assert_eq!(b.client_bytes, 64 << 10);
+    assert_eq!(b.principal_bytes, 1 << 20);
+    assert_eq!(b.total_bytes, 1 << 30);
+    assert_eq!(b.connections, 8);
+    assert_eq!(b.in_flight, 16);
+    assert_eq!(b.neighbour_bytes, 2 << 20);
+    // one key set: the others keep their defaults
+    let c = parse(&with_budgets("connections = 3\n"));
+    assert_eq!(c.budgets().connections, 3);
+    assert_eq!(c.budgets().max_message, 16 << 20);
+}
+
+#[test]
+fn budgets_errors_name_file_line_and_key() {
+    // line 4 is the first line under [budgets]
+    let e = refuse(&with_budgets("max_mesage = 10\n"));
+    assert!(matches!(e, ConfigError::UnknownKey { .. }), "{e}");
+    assert_at(&e, "t.toml", 4, "budgets.max_mesage");
+    assert!(e.to_string().contains("max_message"), "{e}");
+
+    let e = refuse(&with_budgets("connections = 0\n"));
+    assert_at(&e, "t.toml", 4, "budgets.connections");
+    assert!(e.to_string().contains("out of range"), "{e}");
+
+    let e = refuse(&with_budgets("in_flight = 1\ntotal_bytes = -5\n"));
+    assert_at(&e, "t.toml", 5, "budgets.total_bytes");
+    assert!(e.to_string().contains("negative"), "{e}");
+
+    let e = refuse(&with_budgets("client_bytes = \"16MB\"\n"));
+    assert_at(&e, "t.toml", 4, "budgets.client_bytes");
+    assert!(e.to_string().contains("binary unit"), "{e}");
+
+    let e = refuse(&with_budgets("connections = \"8\"\n"));
+    assert_at(&e, "t.toml", 4, "budgets.connections");
+    assert!(e.to_string().contains("plain integer"), "{e}");
+
+    let e = refuse(&with_budgets("max_message = 1.5\n"));
+    assert_at(&e, "t.toml", 4, "budgets.max_message");
+
+    // over the local connector's frame limit
+    let e = refuse(&with_budgets("max_message = \"65MiB\"\n"));
+    assert_at(&e, "t.toml", 4, "budgets.max_message");
+}
+
+#[test]
+fn budgets_must_nest() {
+    // a connection must be able to hold one largest message
+    let e = refuse(&with_budgets("client_bytes = 1000\nmax_message = 2000\n"));
+    assert_at(&e, "t.toml", 4, "budgets.client_bytes");
+    assert!(
+        e.to_string()
+            .contains("raise client_bytes or lower max_message"),
+        "{e}"
+    );
+    // only max_message set: it is the one to blame
+    let e = refuse(&with_budgets("max_message = \"64MiB\"\n"));
+    assert_at(&e, "t.toml", 4, "budgets.max_message");
+    let e = refuse(&with_budgets("principal_bytes = \"1GiB\"\n"));
+    assert_at(&e, "t.toml", 4, "budgets.principal_bytes");
+    assert!(e.to_string().contains("total_bytes"), "{e}");
+    let e = refuse(&with_budgets("neighbour_bytes = 4096\n"));
+    assert_at(&e, "t.toml", 4, "budgets.neighbour_bytes");
+}
+
+#[test]
+fn budgets_set_twice_across_files_are_refused() {
+    let d = tempdir();
+    write(
+        d.path(),
+        "a.toml",
+        "[bootstrap]\nhosts = [ { host = \"a\" } ]\n[budgets]\nconnections = 4\n",
+    );
+    write(d.path(), "b.toml", "[budgets]\nconnections = 5\n");
+    let e = Config::load(d.path()).unwrap_err();
+    assert!(matches!(e, ConfigError::DuplicateKey { .. }), "{e}");
+    assert_eq!(e.key(), Some("budgets.connections"));
+}
+
+#[test]
+fn clients_table_names_the_listening_hosts_and_refuses_bad_values() {
+    let base = bootstrap("{ host = \"n[0-3]\" }");
+    // Default: rank 0 listens.
+    let c = parse(&format!("{base}\n[clients]\nbind = \"tcp://*:7700\"\n"));
+    assert_eq!(c.client_endpoint(0).as_deref(), Some("tcp://*:7700"));
+    assert_eq!(c.client_endpoint(1), None);
+    // Named hosts, with %h.
+    let c = parse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://%h:7700\"\nhosts = [\"n2\", \"n3\"]\n"
+    ));
+    assert_eq!(c.client_endpoint(0), None);
+    assert_eq!(c.client_endpoint(3).as_deref(), Some("tcp://n3:7700"));
+    assert_eq!(parse(&base).client_endpoint(0), None);
+    // Bad values name the file, line and key.
+    let lines = base.lines().count() as u32;
+    let e = refuse(&format!("{base}\n[clients]\nbind = \"ipc:///tmp/x\"\n"));
+    assert_at(&e, "t.toml", lines + 3, "clients.bind");
+    let e = refuse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://*:7700\"\nhosts = [\"n9\"]\n"
+    ));
+    assert_at(&e, "t.toml", lines + 4, "clients.hosts");
+    assert!(
+        e.to_string().contains("n9 is not in bootstrap.hosts"),
+        "{e}"
+    );
+    let e = refuse(&format!("{base}\n[clients]\nhosts = [\"n1\"]\n"));
+    assert_eq!(e.key(), Some("clients.bind"), "{e}");
+    let e = refuse(&format!(
+        "{base}\n[clients]\nbind = \"tcp://*:7700\"\nport = 1\n"
+    ));
+    assert!(e.to_string().contains("port"), "{e}");
 }

@@ -215,6 +215,13 @@ pub enum TrustError {
         service: Uid,
         mode: u32,
     },
+    #[error("private directory {path} is owned by {owner} (uid {}) with mode {mode:04o}, not by {service} with mode 0700; if it is yours run `chmod 700 {path}`, else remove it (`rm -r {path}` as root) or choose another directory", owner.0)]
+    ExistingNotPrivate {
+        path: PathBuf,
+        owner: Uid,
+        service: Uid,
+        mode: u32,
+    },
 }
 
 /// The effective uid of this process: the "service user" of a broker.
@@ -476,7 +483,20 @@ pub fn open_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, Tru
         Ok(d) => d,
         Err(source) => {
             // ELOOP (or ENOTDIR for a symlink to a file): say what it is.
+            let owner = fs::symlink_metadata(path).map(|m| m.uid());
             return Err(match fs::read_link(path) {
+                // Planted by someone else: never suggest following it.
+                Ok(_)
+                    if owner
+                        .as_ref()
+                        .is_ok_and(|u| !trusted_owner(*u, service_uid)) =>
+                {
+                    TrustError::SymlinkOwner {
+                        path: path.to_owned(),
+                        target: path.to_owned(),
+                        owner: Uid(owner.unwrap_or_default()),
+                    }
+                }
                 Ok(dest) => TrustError::Symlink {
                     what: "private directory",
                     path: path.to_owned(),
@@ -492,7 +512,7 @@ pub fn open_private_dir(path: &Path, service_uid: u32) -> Result<PrivateDir, Tru
     let meta = dir.metadata().map_err(io(path))?;
     let mode = meta.mode() & 0o7777;
     if !meta.is_dir() || meta.uid() != service_uid || mode & 0o077 != 0 {
-        return Err(TrustError::NotPrivate {
+        return Err(TrustError::ExistingNotPrivate {
             path: path.to_owned(),
             owner: Uid(meta.uid()),
             service: Uid(service_uid),
@@ -850,7 +870,7 @@ mod tests {
         chmod(&p, 0o750);
         let e = open_private_dir(&p, me()).unwrap_err();
         assert!(
-            matches!(e, TrustError::NotPrivate { mode: 0o750, .. }),
+            matches!(e, TrustError::ExistingNotPrivate { mode: 0o750, .. }),
             "{e}"
         );
         chmod(&p, 0o700);
@@ -869,7 +889,7 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    TrustError::NotPrivate {
+                    TrustError::ExistingNotPrivate {
                         owner: Uid(OTHER),
                         ..
                     }
@@ -883,5 +903,25 @@ mod tests {
             assert!(matches!(e, TrustError::Owner { .. }), "{e}");
             assert!(!theirs.join("canopy-2").exists());
         }
+    }
+
+    #[test]
+    fn a_private_dir_planted_as_someone_elses_symlink_is_not_followed() {
+        if !root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let theirs = dir(&t.path().join("theirs"), 0o700);
+        std::os::unix::fs::chown(&theirs, Some(OTHER), None).unwrap();
+        let planted = t.path().join("canopy-1");
+        symlink(&theirs, &planted).unwrap();
+        lchown(&planted, Some(OTHER), None).unwrap();
+        let e = ensure_private_dir(&planted, 0).unwrap_err();
+        assert!(
+            matches!(&e, TrustError::SymlinkOwner { path, owner: Uid(OTHER), .. } if path == &planted),
+            "{e}"
+        );
+        // The message does not suggest using their directory.
+        assert!(!e.to_string().contains("e.g."), "{e}");
     }
 }

@@ -13,14 +13,17 @@ pub const HEALTH_TOPIC: &str = "overlay.health";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RankState {
-    /// Has not joined yet.
+    /// Has not joined yet, or stopped cleanly (announced to its parent).
     Offline,
     /// Joined and reachable.
     Online,
     /// Online, but silent for longer than the torpid timeout.
     Torpid,
-    /// Was online; its link (or an ancestor's) was lost.
+    /// Was online; its link (or an ancestor's) was lost: a crash, a
+    /// partition, a hang.
     Lost,
+    /// Its parent refused it (the reason says why); it keeps retrying.
+    Refused,
 }
 
 /// Health of a subtree.
@@ -170,6 +173,19 @@ impl Health {
         ignored
     }
 
+    /// `child` stopped cleanly (it said so): every rank below it that was
+    /// online is offline, not lost.
+    pub fn child_left(&mut self, child: u32, reason: &str, now_ms: u64) {
+        for r in self.topo.subtree(child) {
+            if matches!(
+                self.entries.get(&r).map(|e| e.state),
+                Some(RankState::Online) | Some(RankState::Torpid)
+            ) {
+                self.set(r, RankState::Offline, reason, now_ms);
+            }
+        }
+    }
+
     /// The link to `child` is gone: every online rank below it is lost.
     pub fn child_lost(&mut self, child: u32, reason: &str, now_ms: u64) {
         for r in self.topo.subtree(child) {
@@ -226,7 +242,9 @@ impl Health {
     /// Health of the subtree rooted at `rank` (which must be in this view).
     pub fn subtree_health(&self, rank: u32) -> SubtreeHealth {
         match self.entries.get(&rank).map(|e| e.state) {
-            None | Some(RankState::Offline) => return SubtreeHealth::Offline,
+            None | Some(RankState::Offline) | Some(RankState::Refused) => {
+                return SubtreeHealth::Offline
+            }
             Some(RankState::Lost) => return SubtreeHealth::Lost,
             Some(RankState::Online) | Some(RankState::Torpid) => {}
         }
@@ -234,7 +252,7 @@ impl Health {
         for r in self.topo.subtree(rank) {
             match self.entries.get(&r).map(|e| e.state) {
                 Some(RankState::Lost) | Some(RankState::Torpid) => return SubtreeHealth::Degraded,
-                Some(RankState::Offline) | None => partial = true,
+                Some(RankState::Offline) | Some(RankState::Refused) | None => partial = true,
                 Some(RankState::Online) => {}
             }
         }
@@ -252,6 +270,25 @@ mod tests {
 
     fn t8() -> Topology {
         Topology::new(8, 2).unwrap()
+    }
+
+    #[test]
+    fn a_clean_stop_is_offline_and_a_refusal_is_not_online() {
+        let mut h = Health::new(t8(), 0, 0);
+        for r in 1..8 {
+            h.set(r, RankState::Online, "joined", 1);
+        }
+        h.child_left(1, "stopped cleanly", 2);
+        for r in [1, 3, 4, 7] {
+            assert_eq!(h.get(r).unwrap().state, RankState::Offline, "rank {r}");
+        }
+        assert_eq!(h.get(2).unwrap().state, RankState::Online);
+        assert_eq!(h.subtree_health(1), SubtreeHealth::Offline);
+        assert_eq!(h.subtree_health(0), SubtreeHealth::Partial);
+        h.set(1, RankState::Refused, "wrong key", 3);
+        assert_eq!(h.subtree_health(1), SubtreeHealth::Offline);
+        assert_eq!(h.subtree_health(0), SubtreeHealth::Partial);
+        assert!(!h.is_full());
     }
 
     #[test]

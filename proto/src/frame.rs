@@ -22,6 +22,8 @@ pub enum FrameError {
     HeaderTooLong(usize),
     #[error("frame payload length {0} exceeds {MAX_PAYLOAD}; send smaller payloads")]
     PayloadTooLong(usize),
+    #[error("frame payload length {len} exceeds this broker's max message of {max} bytes; send smaller payloads")]
+    PayloadOverLimit { len: usize, max: usize },
     #[error(transparent)]
     Header(#[from] ProtoError),
 }
@@ -49,11 +51,26 @@ pub fn encode_raw_frame(header: &[u8], payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// A buffer emptied with more capacity than this gives it back, so a
+/// connection that once sent (or was sent) a large frame does not keep
+/// holding its memory.
+pub const KEEP_CAPACITY: usize = 1 << 20;
+
 /// Incremental frame reassembly.
-#[derive(Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    max_payload: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max_payload: MAX_PAYLOAD,
+        }
+    }
 }
 
 impl FrameDecoder {
@@ -61,11 +78,36 @@ impl FrameDecoder {
         Self::default()
     }
 
+    /// A decoder that refuses, from its length prefix alone, a frame whose
+    /// payload exceeds `max` bytes (at most [`MAX_PAYLOAD`]).
+    pub fn with_max_payload(max: usize) -> Self {
+        FrameDecoder {
+            max_payload: max.min(MAX_PAYLOAD),
+            ..Self::default()
+        }
+    }
+
+    /// The lengths of the next frame's header and payload, once its 8-byte
+    /// prefix has arrived: a caller can refuse the frame before buffering
+    /// it.
+    pub fn next_lengths(&self) -> Option<(usize, usize)> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 8 {
+            return None;
+        }
+        let hlen = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        let plen = u32::from_be_bytes([avail[4], avail[5], avail[6], avail[7]]) as usize;
+        Some((hlen, plen))
+    }
+
     /// Add bytes read from the stream.
     pub fn push(&mut self, data: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf = Vec::new();
+            }
         }
         self.buf.extend_from_slice(data);
     }
@@ -91,13 +133,28 @@ impl FrameDecoder {
         if plen > MAX_PAYLOAD {
             return Err(FrameError::PayloadTooLong(plen));
         }
+        if plen > self.max_payload {
+            return Err(FrameError::PayloadOverLimit {
+                len: plen,
+                max: self.max_payload,
+            });
+        }
         if avail.len() < 8 + hlen + plen {
             self.compact();
             return Ok(None);
         }
         let header = decode_header(&avail[8..8 + hlen])?;
-        let payload = avail[8 + hlen..8 + hlen + plen].to_vec();
-        self.start += 8 + hlen + plen;
+        let end = self.start + 8 + hlen + plen;
+        if self.start == 0 && end == self.buf.len() && plen > KEEP_CAPACITY {
+            // A large frame that is all the buffer holds: hand over the
+            // buffer itself rather than a copy (no second allocation of
+            // the payload's size).
+            let mut b = std::mem::take(&mut self.buf);
+            b.drain(..8 + hlen);
+            return Ok(Some((header, b)));
+        }
+        let payload = self.buf[self.start + 8 + hlen..end].to_vec();
+        self.start = end;
         Ok(Some((header, payload)))
     }
 
@@ -112,6 +169,58 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configured_limit_is_enforced_from_the_prefix() {
+        let h = Header::request("broker.ping", 7, 42);
+        let mut stream = Vec::new();
+        encode_frame(&h, &[1u8; 1024], &mut stream).unwrap();
+        let first = stream.len();
+        encode_frame(&h, &[2u8; 1025], &mut stream).unwrap();
+        let mut d = FrameDecoder::with_max_payload(1024);
+        d.push(&stream);
+        assert_eq!(d.next_frame().unwrap().unwrap().1.len(), 1024);
+        // Only the prefix of the second frame has to be there.
+        let mut d2 = FrameDecoder::with_max_payload(1024);
+        d2.push(&stream[first..first + 8]);
+        assert_eq!(d2.next_lengths().map(|l| l.1), Some(1025));
+        assert_eq!(
+            d2.next_frame(),
+            Err(FrameError::PayloadOverLimit {
+                len: 1025,
+                max: 1024
+            })
+        );
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::PayloadOverLimit { len: 1025, .. })
+        ));
+        assert_eq!(FrameDecoder::new().next_lengths(), None);
+    }
+
+    #[test]
+    fn a_large_frame_alone_is_handed_over_intact() {
+        let h = Header::request("broker.ping", 7, 42);
+        let big: Vec<u8> = (0..(3 << 20) as u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = Vec::new();
+        encode_frame(&h, &big, &mut stream).unwrap();
+        let mut d = FrameDecoder::new();
+        for c in stream.chunks(65536) {
+            d.push(c);
+        }
+        let (hh, p) = d.next_frame().unwrap().unwrap();
+        assert_eq!(hh, h);
+        assert_eq!(p, big);
+        assert_eq!(d.pending(), 0);
+        // The decoder goes on with the next frames.
+        let mut more = Vec::new();
+        encode_frame(&h, b"after", &mut more).unwrap();
+        encode_frame(&h, &big, &mut more).unwrap();
+        d.push(&more);
+        assert_eq!(d.next_frame().unwrap().unwrap().1, b"after");
+        assert_eq!(d.next_frame().unwrap().unwrap().1, big);
+        assert!(d.next_frame().unwrap().is_none());
+    }
 
     #[test]
     fn reassembles_across_chunks() {

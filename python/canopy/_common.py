@@ -37,6 +37,11 @@ class Target:
         return f"local://{self.address}" if self.kind == "local" else self.address
 
 
+#: The local connector of this host's system-instance broker, used when
+#: neither a uri nor ``CANOPY_URI`` is given.
+SYSTEM_LOCAL = "/run/canopy/local"
+
+
 def resolve_uri(uri: str | os.PathLike[str] | None = None) -> Target:
     """Resolve a URI, or ``CANOPY_URI`` when none is given.
 
@@ -46,6 +51,9 @@ def resolve_uri(uri: str | os.PathLike[str] | None = None) -> Target:
     """
     if uri is None:
         uri = os.environ.get(URI_ENV)
+        if not uri and os.path.exists(SYSTEM_LOCAL):
+            # This host's system-instance broker (run with --rundir /run/canopy).
+            uri = "local://" + SYSTEM_LOCAL
         if not uri:
             raise InvalidArgument(
                 "no broker given: pass a uri or set CANOPY_URI "

@@ -37,6 +37,9 @@ pub struct Cluster {
     ports: Vec<u16>,
     nodes: Vec<Option<Child>>,
     watch: u64,
+    /// A command every broker is started under (`PROGRAM ARGS... canopy
+    /// broker ...`), e.g. a sandbox.
+    wrapper: Vec<std::ffi::OsString>,
 }
 
 impl Cluster {
@@ -67,6 +70,7 @@ impl Cluster {
             ports: free_ports(size as usize),
             nodes: (0..size).map(|_| None).collect(),
             watch,
+            wrapper: Vec::new(),
         };
         for r in 0..size {
             c.keygen(&format!("n{r}"));
@@ -165,7 +169,15 @@ impl Cluster {
             .append(true)
             .open(self.path(&format!("n{rank}.log")))
             .expect("open a log");
-        let child = Command::new(canopy_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(canopy_bin());
+                c
+            }
+            None => Command::new(canopy_bin()),
+        };
+        let child = cmd
             .args(["broker", "--config"])
             .arg(self.path(config))
             .args(["--hostname", host, "--force-root", "--rundir"])
@@ -178,6 +190,26 @@ impl Cluster {
             .expect("spawn canopy broker");
         track_pids(self.watch, &[child.id() as i32]);
         self.nodes[rank as usize] = Some(child);
+    }
+
+    /// Start every broker from now on under `wrapper` (its program and
+    /// arguments; the broker's command line follows them).
+    pub fn set_wrapper(&mut self, wrapper: Vec<std::ffi::OsString>) {
+        self.wrapper = wrapper;
+    }
+
+    /// The `hosts` entries of the first `n` nodes, each binding `bind`
+    /// (`%p`: its port), connecting over 127.0.0.1.
+    pub fn hosts_binding(&self, n: u32, bind: &str) -> String {
+        (0..n)
+            .map(|r| {
+                let p = self.ports[r as usize];
+                let b = bind.replace("%p", &p.to_string());
+                format!(
+                    "  {{ host = \"n{r}\", bind = \"{b}\", connect = \"tcp://127.0.0.1:{p}\" }},\n"
+                )
+            })
+            .collect()
     }
 
     /// Start every rank.

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod hostile;
 pub mod krb;
 pub mod netns;
 pub mod slurm;

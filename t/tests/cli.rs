@@ -359,3 +359,125 @@ fn log_lines_carry_journald_priorities_when_stderr_is_the_journal() {
         assert!(!line.starts_with('<'), "{line:?}");
     });
 }
+
+/// `canopy whoami` (issue 15): the principal, mechanism, roles and
+/// deciding rule as the broker sees this connection, for a local client
+/// and for a remote CURVE client.
+#[test]
+fn whoami_shows_how_the_broker_sees_a_local_and_a_remote_client() {
+    use canopy_t::hostile::{client_endpoint, remote_key, rule, write_policy};
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, principal) = remote_key(dir.path(), "alice");
+        let policy = dir.path().join("policy.toml");
+        write_policy(&policy, &rule("workstations", &principal, "\"user\""));
+        let inst = Instance::start(
+            2,
+            2,
+            &[
+                "--policy",
+                policy.to_str().unwrap(),
+                "--listen-clients",
+                "tcp://127.0.0.1:*",
+            ],
+        );
+        // Local, the owner.
+        let out = run_canopy(&["whoami", "--uri", inst.uri()], &[], RUN);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let local = text(&out.stdout);
+        assert!(local.contains("mechanism: local"), "{local}");
+        assert!(local.contains("roles:     owner"), "{local}");
+        // Remote, over CURVE, as the policy's `workstations` rule admits it.
+        let (ep, server) = client_endpoint(&inst);
+        let out = run_canopy(
+            &[
+                "whoami",
+                "--json",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                &server,
+            ],
+            &[],
+            RUN,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["principal"], principal.as_str(), "{v}");
+        assert_eq!(v["mechanism"], "curve", "{v}");
+        assert_eq!(v["roles"], "user", "{v}");
+        let rule = v["rule"].as_str().unwrap_or_default();
+        assert!(
+            rule.contains("policy.toml") && rule.contains("workstations"),
+            "{v}"
+        );
+    });
+}
+
+/// Issue 15 #13: `canopy start --allow unix:USER=user` lets USER in with no
+/// hand work on the runtime directory: once the brokers are up it is
+/// opened to others (traverse only) and the sockets too; a parent
+/// directory closed to them is reported with the fix.
+#[test]
+fn start_allow_lets_another_local_user_in_without_hand_work() {
+    use canopy_t::users::{as_other_user, other_user, OTHER_USER};
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED start_allow_lets_another_local_user_in_without_hand_work: needs root");
+        return;
+    }
+    run_test(LIMIT, || {
+        other_user();
+        // A parent directory closed to others is reported, with the fix.
+        let closed = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let allow = format!("unix:{OTHER_USER}=user");
+        let out = run_canopy(
+            &[
+                "start",
+                "--rundir",
+                closed.path().to_str().unwrap(),
+                "--allow",
+                &allow,
+                "--",
+                "true",
+            ],
+            &[],
+            RUN,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("other users cannot reach this instance's sockets")
+                && text(&out.stderr).contains("--rundir /tmp"),
+            "{}",
+            text(&out.stderr)
+        );
+        let inst = Instance::start(2, 2, &["--allow", &allow]);
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(inst.rundir()), 0o711);
+        // The parent (the test's temp dir, as /tmp would be) is open to
+        // others: the other user gets in, with no hand work.
+        let canopy = inst.tempdir().join("canopy");
+        std::fs::copy(canopy_bin(), &canopy).unwrap();
+        std::fs::set_permissions(&canopy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let uri = format!("local://{}", inst.local_path(1).display());
+        let out = as_other_user(
+            &canopy,
+            &["ping", "--count", "1", "--rank", "0", "--uri", &uri],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = as_other_user(&canopy, &["whoami", "--uri", &uri]);
+        assert!(
+            text(&out.stdout).contains(&format!("unix:{OTHER_USER}")),
+            "{}",
+            text(&out.stdout)
+        );
+        assert!(
+            text(&out.stdout).contains("roles:     user"),
+            "{}",
+            text(&out.stdout)
+        );
+    });
+}

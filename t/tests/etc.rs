@@ -93,3 +93,112 @@ fn no_file_in_etc_goes_unparsed() {
         "files in etc/ that no test parses: {unparsed:?}"
     );
 }
+
+/// A sandbox like the unit's `RestrictAddressFamilies=`: a seccomp filter
+/// that fails `socket(2)` with EAFNOSUPPORT (as systemd does) for any
+/// family not listed, then runs the command. Built with the system's C
+/// compiler into `dir`.
+fn family_filter(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("famfilter.c");
+    std::fs::write(
+        &src,
+        r#"#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: famfilter FAMILY,... COMMAND...\n"); return 64; }
+    struct sock_filter f[80]; int i = 0, n = 0;
+    f[i++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    f[i++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_socket, 1, 0);
+    f[i++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[i++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]));
+    for (char *t = strtok(argv[1], ","); t && n < 32; t = strtok(NULL, ","), n++) {
+        f[i++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)atoi(t), 0, 1);
+        f[i++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    }
+    f[i++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EAFNOSUPPORT & SECCOMP_RET_DATA));
+    struct sock_fprog prog = { .len = (unsigned short)i, .filter = f };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("famfilter: seccomp"); return 1;
+    }
+    execvp(argv[2], argv + 2);
+    perror("famfilter: exec"); return 127;
+}
+"#,
+    )
+    .unwrap();
+    let bin = dir.join("famfilter");
+    let out = std::process::Command::new("cc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("run cc (scripts/deps.sh installs build-essential)");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+/// Issue 15 #2: the shipped unit's `RestrictAddressFamilies=` must let
+/// libzmq resolve interface names (`tcp://eth0:%p`, as the shipped example
+/// config binds), which takes a netlink socket. Brokers binding an
+/// interface name come up under exactly the unit's families, and do not
+/// without AF_NETLINK (so the filter is real and the test can fail).
+#[test]
+fn the_units_address_families_let_brokers_bind_interface_names() {
+    use canopy_t::cluster::Cluster;
+    use std::time::Duration;
+    canopy_t::run_test(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(etc().join("canopy.service")).unwrap();
+        let unit = parse_unit(&text).unwrap();
+        let fams = unit["Service"]["RestrictAddressFamilies"]
+            .last()
+            .expect("the unit restricts address families")
+            .clone();
+        let number = |f: &str| match f {
+            "AF_UNIX" => 1,
+            "AF_INET" => 2,
+            "AF_INET6" => 10,
+            "AF_NETLINK" => 16,
+            other => panic!("the test does not know address family {other}"),
+        };
+        let shipped: Vec<u32> = fams.split_whitespace().map(number).collect();
+        assert!(
+            shipped.contains(&16),
+            "the unit must allow AF_NETLINK: {fams}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let filter = family_filter(dir.path());
+        let run = |families: &[u32]| -> Cluster {
+            let mut c = Cluster::new(3);
+            let hosts = c.hosts_binding(3, "tcp://lo:%p");
+            c.write("canopy.toml", &c.config_text(&hosts));
+            let list: Vec<String> = families.iter().map(u32::to_string).collect();
+            c.set_wrapper(vec![filter.clone().into(), list.join(",").into()]);
+            c.start_all();
+            c
+        };
+        let c = run(&shipped);
+        c.wait_full(Duration::from_secs(15));
+        c.assert_all_answer();
+        drop(c);
+        let without: Vec<u32> = shipped.iter().copied().filter(|f| *f != 16).collect();
+        let c = run(&without);
+        assert!(
+            !canopy_t::wait_until(Duration::from_secs(4), || c
+                .status(0)
+                .is_some_and(|s| s["health"] == "full")),
+            "brokers binding an interface name came up without AF_NETLINK: the filter was not applied"
+        );
+    });
+}

@@ -235,6 +235,42 @@ fn the_deb_installs_runs_and_purges() {
         );
         // The hidden packaging subcommand is not offered.
         assert!(!bash.contains("generate-manual"));
+        // The installed unit is valid, and its sandbox is not weak.
+        {
+            let v = run_command(
+                Command::new("systemd-analyze").args([
+                    "verify",
+                    "--man=no",
+                    "/lib/systemd/system/canopy.service",
+                ]),
+                STEP,
+            );
+            assert!(
+                v.status.success() && !text(&v.stderr).contains("canopy.service"),
+                "systemd-analyze verify: {}{}",
+                text(&v.stdout),
+                text(&v.stderr)
+            );
+            let sec = run_command(
+                Command::new("systemd-analyze").args([
+                    "security",
+                    "--offline=true",
+                    "/lib/systemd/system/canopy.service",
+                ]),
+                STEP,
+            );
+            let out = text(&sec.stdout);
+            let level = out
+                .lines()
+                .find_map(|l| {
+                    l.split("Overall exposure level for canopy.service: ")
+                        .nth(1)
+                })
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("systemd-analyze security: {out}{}", text(&sec.stderr)));
+            assert!(level <= 4.0, "exposure {level} (at most 4.0, OK): {out}");
+        }
         let listed = run_command(Command::new("dpkg").args(["-L", "canopy"]), STEP);
         assert!(text(&listed.stdout).contains("/usr/bin/canopy"));
 

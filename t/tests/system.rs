@@ -134,6 +134,106 @@ fn impostor_keys_cannot_join() {
             "the impostor did not report the refusal:\n{}",
             c.log(3)
         );
+        // Status says refused, and why, not merely offline.
+        let refused = wait_until(Duration::from_secs(5), || {
+            c.status(0).is_some_and(|s| {
+                let r3 = &s["ranks"][3];
+                r3["state"] == "refused"
+                    && r3["reason"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("may only join as its own rank"))
+            })
+        });
+        assert!(refused, "{:?}", c.status(0));
+        assert!(
+            c.exited(3).is_none(),
+            "a refused system broker keeps retrying"
+        );
+    });
+}
+
+/// A node whose new key its parent does not know yet is refused by the
+/// parent's ZAP handler: it says so once (not once per retry), keeps
+/// retrying, and joins as soon as the parent has the key (SIGHUP reloads
+/// certificates), with no restart.
+#[test]
+fn a_wrongly_keyed_node_joins_once_its_parent_has_the_key() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        // n3 gets a new key pair, but its parent keeps the old public one.
+        let public = c.path("pub/n3.key");
+        let old_public = std::fs::read(&public).unwrap();
+        c.keygen("n3");
+        let new_public = std::fs::read(&public).unwrap();
+        std::fs::write(&public, &old_public).unwrap();
+        c.start_all();
+        assert!(
+            wait_until(Duration::from_secs(5), || c
+                .log(3)
+                .contains("refused this broker")),
+            "rank 3 did not report the refusal:\n{}",
+            c.log(3)
+        );
+        // Several retries (0.5 s, 1 s, 2 s apart), one warning.
+        std::thread::sleep(Duration::from_millis(3000));
+        assert_eq!(
+            c.log(3).matches("the parent refused this broker").count(),
+            1,
+            "{}",
+            c.log(3)
+        );
+        assert!(c.exited(3).is_none());
+        // The admin installs the new public key on the parent and reloads.
+        std::fs::write(&public, &new_public).unwrap();
+        c.signal(1, Signal::SIGHUP);
+        let t = Instant::now();
+        c.wait_full(Duration::from_secs(8));
+        eprintln!("rank 3 joined {:?} after the reload", t.elapsed());
+        assert!(
+            c.log(3).contains("which had refused this broker"),
+            "{}",
+            c.log(3)
+        );
+        c.assert_all_answer();
+    });
+}
+
+/// `overlay status` tells a clean stop (offline) from a crash (lost).
+#[test]
+fn a_clean_stop_is_offline_and_a_crash_is_lost() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(4);
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        c.signal(2, Signal::SIGTERM);
+        let state = |c: &Cluster, r: usize| {
+            c.status(0).map(|s| {
+                (
+                    s["ranks"][r]["state"].clone(),
+                    s["ranks"][r]["reason"].clone(),
+                )
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || state(&c, 2).is_some_and(
+                |(st, why)| st == "offline" && why == "stopped cleanly"
+            )),
+            "{:?}\n{}",
+            state(&c, 2),
+            c.logs()
+        );
+        c.kill(3);
+        assert!(
+            wait_until(Duration::from_secs(5), || state(&c, 3)
+                .is_some_and(|(st, _)| st == "lost")),
+            "{:?}",
+            state(&c, 3)
+        );
+        assert_eq!(
+            state(&c, 2).unwrap().0,
+            "offline",
+            "still offline, not lost"
+        );
     });
 }
 
@@ -406,6 +506,218 @@ fn parent_overrides_shape_the_tree() {
         for r in 0..5 {
             let m = leaf.rpc("broker.ping", r, b"x", RPC_TIMEOUT).unwrap();
             assert_eq!(m.header.nodeid, r);
+        }
+    });
+}
+
+/// Issue 15 #10: `%h` and `%r` in `policy.audit_log` give each broker its
+/// own log, and every entry names its rank and host; brokers that share
+/// one log path are refused (the second writer would break the chain).
+#[test]
+fn audit_logs_name_their_broker_and_are_not_shared() {
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        let logs = c.path("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700)).unwrap();
+        c.write(
+            "policy.toml",
+            "[[rule]]\nname = \"ops\"\nprincipal = \"unix:root\"\nroles = [\"admin\"]\n",
+        );
+        let policy = c.path("policy.toml");
+        let base = c.config_text(&c.hosts_text(2));
+        let with_audit = |log: &str| {
+            format!(
+                "{base}\n[policy]\nfile = \"{}\"\naudit_log = \"{}/{log}\"\n",
+                policy.display(),
+                logs.display()
+            )
+        };
+        c.write("canopy.toml", &with_audit("audit-%h-r%r.log"));
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        for (r, host) in [(0, "n0"), (1, "n1")] {
+            let f = logs.join(format!("audit-{host}-r{r}.log"));
+            let log = std::fs::read_to_string(&f)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", f.display(), c.logs()));
+            let first = log.lines().next().unwrap();
+            assert!(
+                first.contains(&format!("\"rank\":{r},\"host\":\"{host}\"")),
+                "{first}"
+            );
+            let v = run_canopy(&["audit", "verify", f.to_str().unwrap()], &[], RPC_TIMEOUT);
+            assert!(v.status.success(), "{}", text(&v.stderr));
+        }
+        c.kill(0);
+        c.kill(1);
+
+        // One path for both: the second broker is refused, naming the fix.
+        c.write("canopy.toml", &with_audit("shared.log"));
+        c.start(0);
+        assert!(
+            wait_until(Duration::from_secs(5), || c.status(0).is_some()),
+            "rank 0 did not come up:\n{}",
+            c.log(0)
+        );
+        c.start(1);
+        assert!(
+            wait_until(Duration::from_secs(5), || c.exited(1).is_some()),
+            "a second broker writing the same audit log kept running:\n{}",
+            c.log(1)
+        );
+        assert!(
+            c.log(1).contains("in use by another process"),
+            "{}",
+            c.log(1)
+        );
+        assert!(c.log(1).contains("%h"), "{}", c.log(1));
+    });
+}
+
+/// Issue 15: tools find this host's system-instance broker without
+/// CANOPY_URI: a broker whose runtime directory is /run/canopy (the unit's)
+/// links /run/canopy/local to its socket, and tools try that name.
+#[test]
+fn tools_find_the_system_broker_without_canopy_uri() {
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED tools_find_the_system_broker_without_canopy_uri: needs root for /run/canopy"
+        );
+        return;
+    }
+    run_test(LIMIT, || {
+        let run = std::path::PathBuf::from("/run/canopy");
+        assert!(
+            !run.exists(),
+            "/run/canopy exists: a system instance runs on this host; stop it to run this test"
+        );
+        // Without a broker, the tools say what to do.
+        let out = run_canopy(&["ping", "--count", "1"], &[], RPC_TIMEOUT);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("CANOPY_URI"),
+            "{}",
+            text(&out.stderr)
+        );
+        std::fs::create_dir(&run).unwrap();
+        let _cleanup = Cleanup(run.clone());
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = Cluster::new(1);
+        let mut broker = std::process::Command::new(canopy_t::canopy_bin())
+            .args(["broker", "--config"])
+            .arg(c.path("canopy.toml"))
+            .args([
+                "--hostname",
+                "n0",
+                "--force-root",
+                "--rundir",
+                "/run/canopy",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = wait_until(Duration::from_secs(10), || run.join("local").exists());
+        let out = run_canopy(&["ping", "--count", "1"], &[], RPC_TIMEOUT);
+        let _ = kill(Pid::from_raw(broker.id() as i32), Signal::SIGKILL);
+        let _ = broker.wait();
+        assert!(up, "no /run/canopy/local");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("rank=0"),
+            "{}",
+            text(&out.stdout)
+        );
+    });
+}
+
+/// Issue 15 #1: a system instance takes remote clients from its config
+/// (`[clients]`), and `canopy broker --config` refuses the flags its
+/// config sets rather than ignoring them.
+#[test]
+fn remote_clients_come_from_the_config_and_config_flags_are_refused() {
+    use canopy_t::hostile::{remote_key, rule, write_policy};
+    run_test(LIMIT, || {
+        let mut c = Cluster::new(2);
+        let (key, principal) = remote_key(&c.path(""), "alice");
+        let policy = c.path("policy.toml");
+        write_policy(&policy, &rule("workstations", &principal, "\"user\""));
+        let port = canopy_t::cluster::free_ports(1)[0];
+        let cfg = format!(
+            "{}\n[policy]\nfile = \"{}\"\n\n[clients]\nbind = \"tcp://127.0.0.1:{port}\"\n",
+            c.config_text(&c.hosts_text(2)),
+            policy.display()
+        );
+        c.write("canopy.toml", &cfg);
+        c.start_all();
+        c.wait_full(Duration::from_secs(10));
+        let ep = format!("tcp://127.0.0.1:{port}");
+        let server = c.path("pub/n0.key");
+        let out = run_canopy(
+            &[
+                "whoami",
+                "--json",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                server.to_str().unwrap(),
+            ],
+            &[],
+            RPC_TIMEOUT,
+        );
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.logs());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["principal"], principal.as_str(), "{v}");
+        assert_eq!(v["roles"], "user", "{v}");
+        let out = run_canopy(
+            &[
+                "ping",
+                "--rank",
+                "1",
+                "--count",
+                "1",
+                "--uri",
+                &ep,
+                "--key",
+                key.to_str().unwrap(),
+                "--server-key",
+                server.to_str().unwrap(),
+            ],
+            &[],
+            RPC_TIMEOUT,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+
+        // A flag the config sets is refused, naming the key.
+        for (flag, value, key) in [
+            (
+                "--listen-clients",
+                Some("tcp://127.0.0.1:1"),
+                "[clients] bind",
+            ),
+            ("--policy", Some("/etc/canopy/policy.toml"), "policy.file"),
+            ("--lost", Some("3"), "timing.lost"),
+            ("--tcp", None, "bootstrap"),
+        ] {
+            let cfg = c.path("canopy.toml");
+            let mut args = vec!["broker", "--config", cfg.to_str().unwrap(), flag];
+            args.extend(value);
+            let out = run_canopy(&args, &[], RPC_TIMEOUT);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+            assert!(
+                err.contains(&format!("{flag} is not used with --config")) && err.contains(key),
+                "{flag}: {err}"
+            );
         }
     });
 }

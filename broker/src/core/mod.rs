@@ -53,6 +53,13 @@ pub const DISCONNECT_TOPIC: &str = "overlay.disconnect";
 pub const HEARTBEAT_TOPIC: &str = "overlay.heartbeat";
 /// Control, parent to child: "I do not know your session; rejoin".
 pub const REJOIN_TOPIC: &str = "overlay.rejoin";
+/// Control, child to parent: this broker is stopping cleanly.
+pub const GOODBYE_TOPIC: &str = "overlay.goodbye";
+/// A broker its parent refused retries after this long, doubling up to
+/// [`REFUSED_RETRY_MAX_MS`]: it joins within that bound once the cause is
+/// fixed, with no restart.
+const REFUSED_RETRY_MIN_MS: u64 = 500;
+const REFUSED_RETRY_MAX_MS: u64 = 5000;
 /// Topic of the one EPERM a client gets when its access is revoked.
 pub const REVOKED_TOPIC: &str = "access.revoked";
 /// Event that ends an instance started by a launcher (payload: the exit
@@ -217,6 +224,15 @@ pub enum Job {
     },
     /// `acl.check`: explain a decision; answer `req`.
     Explain { req: Header, query: Vec<u8> },
+    /// `broker.whoami`: how this broker sees the caller (`roles` as
+    /// admitted), with the policy's deciding rule; answer `req`.
+    Whoami {
+        req: Header,
+        principal: String,
+        mech: Mech,
+        address: String,
+        roles: Roles,
+    },
     /// Re-read the policy file; answer `req` if an admin asked.
     ReloadPolicy { req: Option<Header> },
     /// Record that a caller lacked a role (audit log).
@@ -271,6 +287,13 @@ pub enum Input<P> {
         payload: P,
     },
     /// The parent connection closed, or a send to it failed.
+    /// The parent refused this broker: its ZAP handler refused the key,
+    /// or the CURVE handshake failed.
+    ParentRefused {
+        reason: String,
+    },
+    /// This broker is stopping cleanly (SIGTERM): tell the parent.
+    Stopping,
     ParentGone {
         reason: String,
     },
@@ -463,7 +486,20 @@ struct Client<P> {
     /// Requests in flight: matchtag -> payload bytes.
     in_flight: IdMap<u32, usize>,
     in_flight_bytes: usize,
+    /// Kinds of refusal ([`REFUSED_BUDGET`], ...) already logged at warn
+    /// for this client: each is logged once, then at debug, so a hostile
+    /// client cannot flood the log.
+    warned: u8,
 }
+
+/// A request refused by a budget (EAGAIN, EMSGSIZE).
+const REFUSED_BUDGET: u8 = 1;
+/// A message that is not a request.
+const REFUSED_NOT_REQUEST: u8 = 2;
+/// A request that cannot be routed (no such rank or service).
+const REFUSED_UNROUTABLE: u8 = 4;
+/// An event topic the sender may not publish.
+const REFUSED_TOPIC: u8 = 8;
 
 /// The broker's decisions. See the module documentation.
 pub struct BrokerCore<P> {
@@ -483,6 +519,10 @@ pub struct BrokerCore<P> {
     parent_card: Option<Card>,
     parent_peer: Option<Peer>,
     rejoin_at: Option<u64>,
+    /// Why the parent last refused this broker (logged once per cause),
+    /// and the current retry interval.
+    refused: Option<String>,
+    refused_backoff: u64,
     next_heartbeat: u64,
 
     expected: HashMap<u32, String>,
@@ -585,6 +625,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             parent_card: cfg.parent,
             parent_peer: None,
             rejoin_at: None,
+            refused: None,
+            refused_backoff: 0,
             next_heartbeat: now,
             expected: cfg.expected,
             children: IdMap::default(),
@@ -815,6 +857,16 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             Input::ParentKeyChanged => self.connect_parent(),
+            Input::ParentRefused { reason } => {
+                if self.parent_state != ParentState::None && !self.rot.up.active() {
+                    self.parent_refused(reason);
+                }
+            }
+            Input::Stopping => {
+                if self.parent_state == ParentState::Online {
+                    self.send_parent(Header::control(GOODBYE_TOPIC), P::from(Vec::new()));
+                }
+            }
             Input::LocalConnected { id, uid } => self.local_connected(id, uid),
             Input::Local {
                 id,
@@ -923,12 +975,19 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         }
         warn!(reason = %reason, "overlay: lost the parent link; rejoining");
+        self.abandon_parent("the parent link was lost");
+        self.rejoin_at = Some(self.now + self.timing.heartbeat_ms.min(1000));
+    }
+
+    /// Drop the parent connection and everything in flight on it; the
+    /// caller sets when to rejoin.
+    fn abandon_parent(&mut self, why: &str) {
         for (h, _) in self.rot.up.abandon() {
             debug!(topic = %h.topic, "overlay: a message queued for a relink was dropped");
         }
         self.events.push_back(Event::ParentLost);
         for r in self.pending.fail_link(Link::Parent) {
-            self.fail_in_flight(r, "the parent link was lost");
+            self.fail_in_flight(r, why);
         }
         // Requests the old parent session sent down: their responses would
         // reach a session the parent no longer knows.
@@ -937,7 +996,6 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             .retain(|t| !matches!(t, Transmit::Parent(..)));
         self.parent_state = ParentState::Joining;
         self.parent_peer = None;
-        self.rejoin_at = Some(self.now + self.timing.heartbeat_ms.min(1000));
     }
 
     fn parent_ingress(&mut self, mut h: Header, payload: P) {
@@ -966,13 +1024,23 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                         self.rejoin_at = Some(now + self.timing.heartbeat_ms.min(1000));
                         return;
                     }
-                    self.events.push_back(Event::Exit(Exit::HelloRefused {
-                        parent: h.nodeid,
-                        reason: why,
-                    }));
+                    if h.errnum == errno::EPERM {
+                        self.parent_refused(why);
+                    } else {
+                        self.events.push_back(Event::Exit(Exit::HelloRefused {
+                            parent: h.nodeid,
+                            reason: why,
+                        }));
+                    }
                     return;
                 }
-                info!(parent = h.nodeid, "overlay: joined the parent");
+                match self.refused.take() {
+                    Some(was) => {
+                        info!(parent = h.nodeid, was = %was, "overlay: joined the parent, which had refused this broker")
+                    }
+                    None => info!(parent = h.nodeid, "overlay: joined the parent"),
+                }
+                self.refused_backoff = 0;
                 self.parent_state = ParentState::Online;
                 // The parent may have marked our subtree lost: resend it all.
                 self.health.requeue_all();
@@ -1057,18 +1125,61 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     /// The child's link is gone: mark its subtree lost and answer what was
     /// in flight over it.
+    /// The parent refused this broker. Under a launcher that ends it (no
+    /// one would fix the cause); otherwise it retries with backoff,
+    /// warning once per cause, and joins once the cause is fixed.
+    fn parent_refused(&mut self, reason: String) {
+        let parent = self.topo.parent(self.rank).unwrap_or(0);
+        if self.launched {
+            self.events
+                .push_back(Event::Exit(Exit::HelloRefused { parent, reason }));
+            return;
+        }
+        self.refused_backoff = match self.refused_backoff {
+            0 => REFUSED_RETRY_MIN_MS,
+            b => (b * 2).min(REFUSED_RETRY_MAX_MS),
+        };
+        if self.refused.as_deref() != Some(reason.as_str()) {
+            warn!(
+                parent,
+                reason = %reason,
+                retry_ms = self.refused_backoff,
+                "overlay: the parent refused this broker; retrying (at most every {:.1}s) until the cause is fixed",
+                REFUSED_RETRY_MAX_MS as f64 / 1e3
+            );
+            self.refused = Some(reason);
+        }
+        self.abandon_parent("the parent refused this broker");
+        self.rejoin_at = Some(self.now + self.refused_backoff);
+    }
+
     fn lose_child(&mut self, rank: u32, reason: &str) {
+        self.drop_child(rank, reason, false)
+    }
+
+    /// A child stopped cleanly: its subtree is offline, not lost.
+    fn child_left(&mut self, rank: u32) {
+        self.drop_child(rank, "stopped cleanly", true)
+    }
+
+    fn drop_child(&mut self, rank: u32, reason: &str, clean: bool) {
         self.rot.held.remove(&rank);
         if let Some(link) = self.children.remove(&rank) {
             self.by_rid.remove(&link.rid);
         }
+        let now = self.now;
         if self.shutdown.is_some() {
             debug!(rank, "overlay: rank {rank} left: {reason}");
+        } else if clean {
+            info!(rank, "overlay: rank {rank} stopped cleanly");
         } else {
             warn!(rank, "overlay: lost rank {rank}: {reason}");
         }
-        let now = self.now;
-        self.health.child_lost(rank, reason, now);
+        if clean {
+            self.health.child_left(rank, reason, now);
+        } else {
+            self.health.child_lost(rank, reason, now);
+        }
         let failed = self.pending.fail_link(Link::Child(rank));
         // Requests that came up from the lost incarnation: their responses
         // must not reach whatever rejoins as this rank.
@@ -1079,7 +1190,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 orphaned, "overlay: requests from a lost rank forgotten"
             );
         }
-        let msg = format!("rank {rank} was lost ({reason})");
+        let msg = if clean {
+            format!("rank {rank} stopped")
+        } else {
+            format!("rank {rank} was lost ({reason})")
+        };
         for r in failed {
             self.fail_in_flight(r, &msg);
         }
@@ -1173,6 +1288,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == GOODBYE_TOPIC => self.child_left(rank),
             MsgType::Control if h.topic == keys::RELINK_TOPIC => {
                 self.child_relink(rank, rid);
             }
@@ -1271,12 +1387,27 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             Err(e) => {
                 warn!(verdict = %"deny", principal = %user_id, address = %address, reason = %e, "overlay: hello refused");
+                // A child of ours that is not online: show why in status.
+                if let Ok(hello) = Hello::decode(payload) {
+                    if self.topo.parent(hello.rank) == Some(self.rank)
+                        && !self.children.contains_key(&hello.rank)
+                        && !matches!(e, HelloError::AlreadyOnline { .. })
+                    {
+                        let now = self.now;
+                        let why = format!("refused by rank {}: {e}", self.rank);
+                        self.health.set(hello.rank, RankState::Refused, &why, now);
+                    }
+                }
                 // A restarted broker may say hello before we noticed its old
                 // session die: let it retry rather than exit.
-                let code = if matches!(e, HelloError::AlreadyOnline { .. }) {
-                    errno::EAGAIN
-                } else {
-                    errno::EPERM
+                // EPERM: a key the parent does not admit for that rank,
+                // which the parent's admin can fix (the child retries);
+                // EINVAL: a mismatch in the child's own config or version,
+                // which only restarting it fixed can cure (it exits).
+                let code = match e {
+                    HelloError::AlreadyOnline { .. } => errno::EAGAIN,
+                    HelloError::WrongKey { .. } => errno::EPERM,
+                    _ => errno::EINVAL,
                 };
                 let resp = h.response(self.rank, code);
                 self.transmits.push_back(Transmit::Child(
@@ -1518,7 +1649,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         };
         if h.msg_type != MsgType::Request {
-            debug!(principal = %c.principal, "client sent a non-request; ignored");
+            let first = c.warned & REFUSED_NOT_REQUEST == 0;
+            c.warned |= REFUSED_NOT_REQUEST;
+            if first {
+                warn!(verdict = %"deny", principal = %c.principal, msg_type = ?h.msg_type, topic = %h.topic, "client: sent a message that is not a request; dropped (logged once per connection)");
+            } else {
+                debug!(principal = %c.principal, msg_type = ?h.msg_type, "client: sent a non-request; dropped");
+            }
             return;
         }
         if let Access::Deciding { .. } = c.access {
@@ -1647,11 +1784,26 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some((e, msg)) = refusal else {
             return false;
         };
-        debug!(principal = %c.principal, topic = %h.topic, reason = %msg, "budget: request refused");
+        let principal = c.principal.clone();
+        if self.first_refusal(id, REFUSED_BUDGET) {
+            warn!(verdict = %"deny", principal = %principal, topic = %h.topic, errnum = e, reason = %msg, "budget: request refused (logged once per connection)");
+        } else {
+            debug!(principal = %principal, topic = %h.topic, reason = %msg, "budget: request refused");
+        }
         let mut r = h.response(self.rank, e);
         r.route = vec![Hop::Local(id)];
         self.deliver(id, r, P::from(msg.into_bytes()), true);
         true
+    }
+
+    /// Whether this is the first refusal of `kind` for client `id` (to be
+    /// logged at warn); later ones are logged at debug.
+    fn first_refusal(&mut self, id: u32, kind: u8) -> bool {
+        self.clients.get_mut(&id).is_some_and(|c| {
+            let first = c.warned & kind == 0;
+            c.warned |= kind;
+            first
+        })
     }
 
     /// A message could not be queued toward a neighbour. A request is
@@ -1689,7 +1841,15 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Link::Parent => "the parent broker".to_string(),
             Link::Child(r) => format!("rank {r}"),
         };
-        debug!(link = %who, held, "budget: neighbour queue full");
+        let first = match h.route.last() {
+            Some(&Hop::Local(id)) => self.first_refusal(id, REFUSED_BUDGET),
+            _ => false,
+        };
+        if first {
+            warn!(verdict = %"deny", principal = %h.userid, link = %who, held, budget = self.budgets.neighbour_bytes, "budget: neighbour queue full; request refused (logged once per connection)");
+        } else {
+            debug!(link = %who, held, "budget: neighbour queue full");
+        }
         let msg = format!(
             "{who} is not keeping up: {held} bytes of requests are in flight toward it (budget {}); retry later",
             self.budgets.neighbour_bytes
@@ -1966,6 +2126,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     ),
                     _ => "cannot route this request".to_string(),
                 };
+                if let Some(&Hop::Local(id)) = h.route.last() {
+                    if self.first_refusal(id, REFUSED_UNROUTABLE) {
+                        warn!(verdict = %"deny", principal = %h.userid, topic = %h.topic, nodeid = h.nodeid, errnum = e, reason = %msg, "route: request refused (logged once per connection)");
+                    }
+                }
                 self.respond_err(&h, e, &msg);
             }
         }
@@ -2012,6 +2177,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Err((e, msg)) => return self.respond_err(&h, e, msg),
         };
         if self.launched && topic == SHUTDOWN_TOPIC && !h.roles.contains(Roles::OWNER) {
+            if let Some(&Hop::Local(id)) = h.route.last() {
+                if self.first_refusal(id, REFUSED_TOPIC) {
+                    warn!(verdict = %"deny", principal = %h.userid, topic = %topic, "events: only the owner may publish this topic; refused (logged once per connection)");
+                }
+            }
             return self.respond_err(
                 &h,
                 errno::EPERM,
@@ -2197,6 +2367,7 @@ impl<P> Client<P> {
             held_out: VecDeque::new(),
             in_flight: IdMap::default(),
             in_flight_bytes: 0,
+            warned: 0,
         }
     }
 }

@@ -20,6 +20,7 @@ pub enum Builtin {
     KeySwitch,
     KeyReload,
     KeyStatus,
+    Whoami,
 }
 
 /// One row of the table.
@@ -45,6 +46,7 @@ const fn row(topic: &'static str, role: Roles, rank0_only: bool, builtin: Builti
 pub const SERVICES: &[Service] = &[
     row("broker.ping", Roles::USER, false, Builtin::Module),
     row("overlay.status", Roles::USER, false, Builtin::Module),
+    row("broker.whoami", Roles::USER, false, Builtin::Whoami),
     row("event.pub", Roles::OPERATOR, true, Builtin::EventPub),
     row("event.subscribe", Roles::USER, false, Builtin::Subscription),
     row(
@@ -141,6 +143,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             Builtin::KeyStatus => self.key_status(h),
+            Builtin::Whoami => self.whoami(h),
             Builtin::Module => {
                 let ctx = Ctx {
                     rank: self.rank,
@@ -157,6 +160,32 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
         }
+    }
+}
+
+impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
+    /// `broker.whoami`: answered by the caller's own broker, which knows
+    /// how it authenticated the connection.
+    fn whoami(&mut self, h: Header) {
+        let client = match h.route.as_slice() {
+            [canopy_proto::Hop::Local(id)] => self.clients.get(id),
+            _ => None,
+        };
+        let Some(c) = client else {
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "broker.whoami is answered by the broker you are connected to: send it to rank ANY or to that broker's rank",
+            );
+        };
+        let job = Job::Whoami {
+            principal: c.principal.clone(),
+            mech: c.mech,
+            address: c.address.clone(),
+            roles: c.roles,
+            req: h,
+        };
+        self.events.push_back(Event::Job(job));
     }
 }
 

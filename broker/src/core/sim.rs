@@ -286,6 +286,10 @@ impl Sim {
                         req,
                         result: Ok(b"{}".to_vec()),
                     }),
+                    Job::Whoami { req, principal, .. } => Some(Done::Explained {
+                        req,
+                        result: Ok(format!("{{\"principal\":\"{principal}\"}}").into_bytes()),
+                    }),
                     Job::RoleRefused { .. } => None,
                 };
                 if let Some(d) = done {

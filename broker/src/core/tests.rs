@@ -695,3 +695,89 @@ fn a_principal_reconnecting_past_its_connection_budget_is_not_locked_out() {
         errno::EAGAIN
     );
 }
+
+#[test]
+fn a_refused_child_retries_and_joins_once_the_cause_is_fixed() {
+    let mut s = Sim::new(4, 2);
+    assert!(s.full());
+    // Rank 1 comes back with a key rank 0 does not admit for it.
+    let good = s.nodes[1].key;
+    s.nodes[1].key = [0x77; 32];
+    let now = s.now;
+    s.nodes[1].core.handle(now, Input::ParentKeyChanged);
+    s.run_for(4000);
+    assert!(
+        s.nodes[1].exit.is_none(),
+        "a broker outside a launcher does not exit when refused"
+    );
+    let e = s.nodes[0].core.health().get(1).unwrap();
+    assert_eq!(e.state, RankState::Refused, "{e:?}");
+    assert!(e.reason.contains("refused by rank 0"), "{e:?}");
+    assert!(!s.full());
+    // Fixed (the admin installs the right key): it joins within the retry
+    // bound, with no restart.
+    s.nodes[1].key = good;
+    s.run_for(REFUSED_RETRY_MAX_MS + 1000);
+    assert!(s.full(), "{:?}", s.nodes[0].core.health().get(1));
+    assert!(s.nodes[1].exit.is_none());
+}
+
+#[test]
+fn a_key_refused_by_the_parents_zap_handler_is_retried_except_under_a_launcher() {
+    // The shell reports a failed CURVE handshake as ParentRefused.
+    let refuse = |s: &mut Sim, r: u32| {
+        let now = s.now;
+        s.nodes[r as usize].core.handle(
+            now,
+            Input::ParentRefused {
+                reason: "the parent's ZAP handler refused this broker's key".into(),
+            },
+        );
+    };
+    let mut s = Sim::new(3, 2);
+    refuse(&mut s, 1);
+    s.settle();
+    assert!(s.nodes[1].exit.is_none());
+    assert!(
+        !s.nodes[1].core.joined(),
+        "the refused connection is dropped"
+    );
+    s.run_for(REFUSED_RETRY_MIN_MS + 500);
+    assert!(s.nodes[1].core.joined(), "retried after the backoff");
+    assert!(s.full());
+
+    s.nodes[2].core.enable_launcher_mode();
+    refuse(&mut s, 2);
+    s.settle();
+    assert!(
+        matches!(s.nodes[2].exit, Some(Exit::HelloRefused { parent: 0, ref reason }) if reason.contains("ZAP")),
+        "{:?}",
+        s.nodes[2].exit
+    );
+}
+
+#[test]
+fn a_clean_stop_is_offline_not_lost() {
+    let mut s = Sim::new(4, 2);
+    assert!(s.full());
+    let now = s.now;
+    s.nodes[1].core.handle(now, Input::Stopping);
+    s.settle();
+    s.stalled.insert(1); // the process is gone
+    for r in [1, 3] {
+        let e = s.nodes[0].core.health().get(r).unwrap();
+        assert_eq!(e.state, RankState::Offline, "rank {r}: {e:?}");
+        assert_eq!(e.reason, "stopped cleanly");
+    }
+    assert_eq!(
+        s.nodes[0].core.health().get(2).unwrap().state,
+        RankState::Online
+    );
+    // A crash, by contrast, is lost.
+    s.cut.insert(2);
+    s.run_for(3000);
+    assert_eq!(
+        s.nodes[0].core.health().get(2).unwrap().state,
+        RankState::Lost
+    );
+}
