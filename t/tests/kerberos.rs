@@ -1235,17 +1235,21 @@ fn an_expired_subscriber_gets_no_more_events() {
         let _ = sub.wait();
         let got = std::fs::read_to_string(&out_path).unwrap_or_default();
         let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-        let last: Option<u32> = got
+        let seen: Vec<u32> = got
             .lines()
             .filter_map(|l| l.split(' ').nth(2)?.parse().ok())
-            .max();
-        let last = last.unwrap_or_else(|| panic!("the subscriber got no event at all: {err}"));
-        // The binding was made before the first event and lasts 3 s: no
-        // event published after 3.3 s of the subscriber's start arrives.
+            .collect();
+        let (Some(&first), Some(&last)) = (seen.iter().min(), seen.iter().max()) else {
+            panic!("the subscriber got no event at all: {err}")
+        };
+        // The key was bound before the subscription, so before the first
+        // event it got was published, and the binding lasts 3 s: no event
+        // published more than 3.3 s after that one arrives.
+        let (_, first_at) = published[first as usize];
         let (_, at) = published[last as usize];
         assert!(
-            at < Duration::from_millis(3300),
-            "event {last}, published at {at:?}, reached an expired subscriber:\n{got}\n{}",
+            at < first_at + Duration::from_millis(3300),
+            "event {last}, published at {at:?} (the first received at {first_at:?}), reached an expired subscriber:\n{got}\n{}",
             inst.stderr_text()
         );
         let (st, when) = exited.unwrap_or_else(|| {
