@@ -1324,6 +1324,15 @@ fn remote_tools(
         "the remote subscriber got no event:\n{}",
         inst.stderr_text()
     );
+    // And the pinger is connected (past its key exchange) and answered.
+    let pinging = canopy_t::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("ping.out")).is_ok_and(|s| s.contains("broker.ping"))
+    });
+    assert!(
+        pinging,
+        "the remote ping got no answer:\n{}",
+        inst.stderr_text()
+    );
     (sub, ping, dir)
 }
 
