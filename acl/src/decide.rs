@@ -145,7 +145,11 @@ impl Rule {
                 _ => return false,
             }
         }
-        self.pattern.matches(p)
+        if self.fold_host {
+            self.pattern.matches_any_host_case(p)
+        } else {
+            self.pattern.matches(p)
+        }
     }
 }
 

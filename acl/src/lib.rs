@@ -14,7 +14,7 @@
 //! | form | example | canonicalization |
 //! |---|---|---|
 //! | Kerberos user | `alice@HPC.EXAMPLE` | none: name and realm are case-sensitive |
-//! | Kerberos service | `canopy/node1.hpc.example@HPC.EXAMPLE` | the host (second component) is lower-cased (ASCII); service name and realm keep their case |
+//! | Kerberos service | `canopy/node1.hpc.example@HPC.EXAMPLE` | none: service, host and realm are case-sensitive, exactly as the KDC authenticated them |
 //! | CURVE key | `curve:rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7` | none: Z85 is case-sensitive; must decode to 32 bytes |
 //! | local user | `unix:alice` | none: user names are case-sensitive |
 //!
@@ -28,10 +28,12 @@
 //!   realms. No realm is implied: a Kerberos principal must carry `@REALM`.
 //! * **Names are case-sensitive** (`Alice@R` is not `alice@R`), as Kerberos
 //!   compares them.
-//! * **Host parts are case-insensitive**, because host names are: the
-//!   instance of a two-component name is lower-cased on both sides (in
-//!   policy patterns and in incoming principals). No trailing-dot or DNS
-//!   canonicalization is done.
+//! * **Host parts are case-sensitive too.** A principal is compared exactly
+//!   as the KDC authenticated it: `svc/NODE1@R` and `svc/node1@R` are two
+//!   principals with two keys in the KDC, and a rule for one never grants
+//!   the other (folding the host once let a keytab for `canopy/N1@R` join
+//!   as `canopy/n1@R`'s rank). Write host parts as the KDC spells them
+//!   (usually lower case). No trailing-dot or DNS canonicalization is done.
 //! * **Refused**: empty parts, more than one `@`, more than two components
 //!   (`a/b/c@R`), control characters, whitespace, `\` (escapes are not
 //!   supported), `:` and `*` in Kerberos names (so no GSSAPI name can look

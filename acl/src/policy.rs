@@ -91,6 +91,9 @@ pub struct Rule {
     pub(crate) network: Option<Vec<Cidr>>,
     pub(crate) expires: Option<SystemTime>,
     pub(crate) action: Action,
+    /// `host_case = "insensitive"`: the host part of a `service/host@REALM`
+    /// pattern matches in any ASCII case. Never the default.
+    pub(crate) fold_host: bool,
 }
 
 impl Rule {
@@ -120,6 +123,10 @@ impl Rule {
     pub fn action(&self) -> &Action {
         &self.action
     }
+    /// True if the rule was written with `host_case = "insensitive"`.
+    pub fn host_case_insensitive(&self) -> bool {
+        self.fold_host
+    }
 }
 
 /// A parsed, validated policy. Immutable: reload by parsing a new one.
@@ -147,6 +154,8 @@ impl RuleIndex {
         let mut ix = RuleIndex::default();
         for (i, r) in rules.iter().enumerate() {
             match &r.pattern {
+                // Matched in any case: not found by exact hash.
+                _ if r.fold_host => ix.general.push(i),
                 Pattern::Exact(p) => ix.exact.entry(p.clone()).or_default().push(i),
                 Pattern::Group { members, .. } => {
                     for m in members.iter() {
@@ -222,6 +231,8 @@ struct RawRule {
     deny: Option<Spanned<bool>>,
     #[serde(default)]
     delegate: Option<Spanned<RawDelegate>>,
+    #[serde(default)]
+    host_case: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +416,32 @@ impl Acl {
                 },
             };
 
+            let fold_host = match &r.host_case {
+                None => false,
+                Some(v) => {
+                    let fold = match v.get_ref().as_str() {
+                        "exact" => false,
+                        "insensitive" => true,
+                        other => {
+                            return Err(ctx.err(
+                                v.span(),
+                                format!("host_case {other:?} is not known; write \"exact\" (the default) or \"insensitive\""),
+                            ))
+                        }
+                    };
+                    if fold && !pattern.has_literal_host() {
+                        return Err(ctx.err(
+                            v.span(),
+                            format!(
+                                "host_case = \"insensitive\" applies only to a service/host@REALM pattern with a host written out; principal {:?} has none, so remove host_case",
+                                r.principal.get_ref()
+                            ),
+                        ));
+                    }
+                    fold
+                }
+            };
+
             let mechanism = match &r.mechanism {
                 None => None,
                 Some(m) => Some(m.get_ref().parse::<Mech>().map_err(|_| {
@@ -513,6 +550,7 @@ impl Acl {
                 network,
                 expires,
                 action,
+                fold_host,
             });
         }
 

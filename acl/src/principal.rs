@@ -59,7 +59,8 @@ pub enum PrincipalError {
 /// A canonical principal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Principal {
-    /// `name@REALM` or `service/host@REALM` (host lower-cased).
+    /// `name@REALM` or `service/host@REALM`, every part exactly as the KDC
+    /// spells it (case-sensitive; nothing is folded).
     Kerberos {
         name: String,
         instance: Option<String>,
@@ -128,8 +129,10 @@ impl fmt::Display for Part {
     }
 }
 
-/// Split a Kerberos name into (name, instance, realm), canonicalizing the
-/// instance (lower case). With `wild`, a whole component may be `*`.
+/// Split a Kerberos name into (name, instance, realm), each kept exactly as
+/// written: a principal is compared as the KDC authenticated it, so
+/// `svc/NODE1@R` and `svc/node1@R` are two principals (the KDC holds a key
+/// for each). With `wild`, a whole component may be `*`.
 fn split_kerberos(text: &str, wild: bool) -> Result<(Part, Option<Part>, String), PrincipalError> {
     let owned = || text.to_owned();
     let mut at = text.split('@');
@@ -182,13 +185,7 @@ fn split_kerberos(text: &str, wild: bool) -> Result<(Part, Option<Part>, String)
                 found,
             });
         }
-        // Host names are case-insensitive: fold the instance (ASCII only).
-        let value = if i == 1 {
-            c.to_ascii_lowercase()
-        } else {
-            (*c).to_owned()
-        };
-        parts.push(Part::Is(value));
+        parts.push(Part::Is((*c).to_owned()));
     }
     let mut parts = parts.into_iter();
     let name = parts.next().unwrap_or(Part::Any);
@@ -416,6 +413,44 @@ impl Pattern {
         }
     }
 
+    /// True for a Kerberos pattern whose host (instance) is written out:
+    /// `service/host@R` or `*/host@R`.
+    pub(crate) fn has_literal_host(&self) -> bool {
+        match self {
+            Pattern::Exact(Principal::Kerberos { instance, .. }) => instance.is_some(),
+            Pattern::Kerberos { instance, .. } => matches!(instance, Some(Part::Is(_))),
+            _ => false,
+        }
+    }
+
+    /// [`Pattern::matches`], with the host part compared in any ASCII case
+    /// (a rule's explicit `host_case = "insensitive"`). Name and realm stay
+    /// exact.
+    pub fn matches_any_host_case(&self, p: &Principal) -> bool {
+        let Principal::Kerberos {
+            name: n,
+            instance: Some(i),
+            realm: r,
+        } = p
+        else {
+            return self.matches(p);
+        };
+        let (name, host, realm) = match self {
+            Pattern::Exact(Principal::Kerberos {
+                name,
+                instance: Some(h),
+                realm,
+            }) => (Part::Is(name.clone()), h.as_str(), realm),
+            Pattern::Kerberos {
+                name,
+                instance: Some(Part::Is(h)),
+                realm,
+            } => (name.clone(), h.as_str(), realm),
+            _ => return self.matches(p),
+        };
+        realm == r && name.matches(n) && host.eq_ignore_ascii_case(i)
+    }
+
     /// The principal kinds this pattern can match (`None`: all).
     pub(crate) fn kinds(&self) -> Option<Vec<Kind>> {
         match self {
@@ -475,11 +510,13 @@ mod tests {
     #[test]
     fn kerberos_canonical_form() {
         assert_eq!(canon("alice@HPC.EXAMPLE"), "alice@HPC.EXAMPLE");
-        // The instance is kept, and the host part is lower-cased.
+        // The instance is kept exactly: no part is case-folded, because
+        // the KDC holds distinct keys for principals that differ in case.
         assert_eq!(
             canon("canopy/Node1.HPC.Example@HPC.EXAMPLE"),
-            "canopy/node1.hpc.example@HPC.EXAMPLE"
+            "canopy/Node1.HPC.Example@HPC.EXAMPLE"
         );
+        assert_ne!(canon("svc/NODE1@R"), canon("svc/node1@R"));
         // Name and realm keep their case: these are three principals.
         assert_ne!(canon("Alice@HPC.EXAMPLE"), canon("alice@HPC.EXAMPLE"));
         assert_ne!(canon("alice@hpc.example"), canon("alice@HPC.EXAMPLE"));
@@ -564,14 +601,16 @@ mod tests {
         assert!(pat("canopy/*@R").matches(&svc));
         assert!(!pat("canopy/*@R").matches(&alice));
         assert!(pat("*/*@R").matches(&svc));
+        assert!(pat("*/n1.example@R").matches(&svc));
         assert!(
-            pat("*/N1.Example@R").matches(&svc),
-            "pattern hosts fold too"
+            !pat("*/N1.Example@R").matches(&svc),
+            "pattern hosts are exact too"
         );
-        assert!(pat("canopy/N1.EXAMPLE@R").matches(&svc));
+        assert!(!pat("canopy/N1.EXAMPLE@R").matches(&svc));
+        assert!(!pat("svc/node1@R").matches(&Principal::parse("svc/NODE1@R").unwrap()));
         assert_eq!(
             pat("canopy/N1.EXAMPLE@R").to_string(),
-            "canopy/n1.example@R"
+            "canopy/N1.EXAMPLE@R"
         );
         assert!(pat("curve:*").matches(&key) && !pat("curve:*").matches(&bob));
         assert!(pat("unix:*").matches(&bob) && !pat("unix:*").matches(&alice));

@@ -58,7 +58,8 @@ fn a_yes_adds_the_rules_roles_and_the_request_is_complete() {
             reason: None,
         })
     };
-    let v = acl().decide_with(&q("svc/Host.Example@R"), &yes);
+    // The principal reaches the delegate exactly as authenticated.
+    let v = acl().decide_with(&q("svc/host.example@R"), &yes);
     assert!(v.allow);
     assert_eq!(v.roles, Roles::PEER);
     assert_eq!(v.rule.as_ref().unwrap().name, "svc-check");

@@ -219,6 +219,25 @@ fn roles_and_deny_both_or_neither() {
         8,
         "deny = false has no meaning",
     );
+    // Case-insensitive hosts are an explicit option, for hosts only.
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"alice@R\"\nhost_case = \"insensitive\"\nroles = [\"user\"]\n",
+        4,
+        13,
+        "applies only to a service/host@REALM pattern",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"svc/*@R\"\nhost_case = \"insensitive\"\nroles = [\"user\"]\n",
+        4,
+        13,
+        "has none, so remove host_case",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"svc/h@R\"\nhost_case = \"lower\"\nroles = [\"user\"]\n",
+        4,
+        13,
+        "write \"exact\" (the default) or \"insensitive\"",
+    );
 }
 
 #[test]

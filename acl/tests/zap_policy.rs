@@ -40,7 +40,7 @@ fn zap_decisions() {
     let p =
         AclPolicy::new(Acl::parse(&policy_v1(), "v1.toml").unwrap()).with_delegator(NoDelegates);
 
-    // The user id is the canonical principal (host lower-cased).
+    // The user id is the principal exactly as authenticated (nothing folded).
     match p.decide(&ask(
         Mechanism::Gssapi,
         "canopy/Node7.HPC.example@HPC.EXAMPLE",
@@ -51,7 +51,7 @@ fn zap_decisions() {
             roles,
             reason,
         } => {
-            assert_eq!(user_id, "canopy/node7.hpc.example@HPC.EXAMPLE");
+            assert_eq!(user_id, "canopy/Node7.HPC.example@HPC.EXAMPLE");
             assert_eq!(roles, Roles::PEER);
             assert!(reason.contains("\"brokers\" (v1.toml:2)"), "{reason}");
         }

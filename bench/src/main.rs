@@ -16,6 +16,7 @@
 mod acl;
 mod event;
 mod gss;
+mod gssbind;
 mod hostile;
 mod instance;
 mod link;
@@ -531,6 +532,9 @@ fn check_smoke(r: &Report) -> Result<()> {
 
 fn main() {
     if let Some(code) = gss::run_if_requested() {
+        std::process::exit(code);
+    }
+    if let Some(code) = gssbind::run_if_requested() {
         std::process::exit(code);
     }
     let cli = Cli::parse();

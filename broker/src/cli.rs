@@ -269,6 +269,10 @@ pub(crate) struct GssArgs {
     /// gssapi, for tests: cap each key binding's lifetime, in seconds.
     #[arg(long, hide = true)]
     pub(crate) gss_max_lifetime: Option<f64>,
+    /// gssapi: most live key bindings one principal may hold at rank 0's
+    /// key exchange (default 1000).
+    #[arg(long, value_name = "N")]
+    pub(crate) gss_max_bindings: Option<usize>,
 }
 
 /// Budgets: what clients can make a broker hold (docs/security.md,

@@ -42,6 +42,20 @@ pub struct GssOpts {
     pub kex_listen: Option<String>,
     /// Cap on a binding's lifetime (tests; default: the ticket's).
     pub max_lifetime: Option<Duration>,
+    /// Cap on one principal's live key bindings (default
+    /// [`canopy_gss::bindings::DEFAULT_PER_PRINCIPAL`]).
+    pub max_bindings_per_principal: Option<usize>,
+}
+
+impl GssOpts {
+    /// The binding table with this broker's caps.
+    pub fn bindings(&self) -> Bindings {
+        Bindings::with_caps(
+            self.max_bindings_per_principal
+                .unwrap_or(canopy_gss::bindings::DEFAULT_PER_PRINCIPAL),
+            canopy_gss::bindings::DEFAULT_TOTAL,
+        )
+    }
 }
 
 /// The ZAP side of a gssapi instance.
@@ -52,6 +66,21 @@ pub struct GssGate {
     warned: Mutex<HashSet<String>>,
     /// This broker's link to its parent, shared with the renewal thread.
     pub parent: Arc<ParentLink>,
+    /// Remote client connections by link key, so that each is cut the
+    /// moment its binding ends (expiry is revocation).
+    remote: Mutex<RemoteLinks>,
+}
+
+/// Most remote client connections tracked for expiry (past it, an expired
+/// connection's messages are still dropped, but it is not cut at once).
+const MAX_TRACKED_REMOTE: usize = 65_536;
+
+#[derive(Default)]
+struct RemoteLinks {
+    /// key → (routing id, binding's expiry).
+    by_key: std::collections::HashMap<String, (Vec<u8>, Instant)>,
+    /// The earliest expiry in `by_key`.
+    next: Option<Instant>,
 }
 
 /// Between the broker loop and the renewal thread: the loop says when the
@@ -86,6 +115,14 @@ impl ParentLink {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .key
+    }
+
+    /// Ask the loop to reconnect to the parent (with the key it has): a
+    /// renewal succeeded after the binding had expired, so the parent
+    /// refused the old connection and libzmq will not retry it by itself.
+    fn reconnect(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.changed = true;
     }
 
     fn set_key(&self, k: [u8; 32]) -> bool {
@@ -164,7 +201,64 @@ impl GssGate {
             peers: peers.into_iter().collect(),
             warned: Mutex::new(HashSet::new()),
             parent: Arc::new(ParentLink::default()),
+            remote: Mutex::new(RemoteLinks::default()),
         }
+    }
+
+    /// Remember that the remote connection `rid` uses `key`, to cut it when
+    /// the key's binding ends.
+    pub fn remote_seen(&self, key: &str, rid: &[u8]) {
+        let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.by_key.get(key).is_some_and(|(old, _)| old == rid) {
+            return;
+        }
+        let Some(b) = self.bindings.get(key, Instant::now()) else {
+            return;
+        };
+        if r.by_key.len() >= MAX_TRACKED_REMOTE && !r.by_key.contains_key(key) {
+            return;
+        }
+        r.by_key.insert(key.to_string(), (rid.to_vec(), b.expires));
+        r.next = Some(r.next.map_or(b.expires, |n| n.min(b.expires)));
+    }
+
+    /// The remote connections whose binding has ended by `now` (each
+    /// returned once), with their principal's reason. Costs one comparison
+    /// unless the earliest expiry has passed.
+    pub fn expired_remote(&self, now: Instant) -> Vec<(Vec<u8>, String)> {
+        let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.next.is_none_or(|n| n > now) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut next: Option<Instant> = None;
+        let bindings = &self.bindings;
+        r.by_key.retain(|key, (rid, expires)| {
+            match bindings.get(key, now) {
+                // Renewed (or still live): track its new expiry.
+                Some(b) => {
+                    *expires = b.expires;
+                    next = Some(next.map_or(b.expires, |n| n.min(b.expires)));
+                    true
+                }
+                None => {
+                    out.push((
+                        std::mem::take(rid),
+                        "its kerberos binding expired; authenticate again (kinit) and reconnect"
+                            .to_string(),
+                    ));
+                    false
+                }
+            }
+        });
+        r.next = next;
+        out
+    }
+
+    /// How long until the earliest tracked remote binding ends.
+    pub fn next_remote_expiry(&self, now: Instant) -> Option<Duration> {
+        let r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        r.next.map(|n| n.saturating_duration_since(now))
     }
 
     /// The ZAP decision for a connecting CURVE key.
@@ -275,6 +369,38 @@ pub fn message_allowed(
     g.link_live(key, user_id)
 }
 
+/// The per-message check of a remote client connection under gssapi (a
+/// no-op otherwise): as [`message_allowed`], and the connection is
+/// remembered so that it is cut when its binding ends.
+pub fn client_message_allowed(
+    policy: &crate::authz::BrokerPolicy,
+    first: &mut zmq::Message,
+    user_id: &str,
+    rid: &[u8],
+) -> bool {
+    let Some(g) = gate(policy) else {
+        return true;
+    };
+    let key = first.gets(LINK_KEY_PROPERTY).unwrap_or("");
+    if !g.link_live(key, user_id) {
+        return false;
+    }
+    g.remote_seen(key, rid);
+    true
+}
+
+/// Loop hook: remote client connections whose binding ended (routing id,
+/// reason), to be revoked now; and how long until the next one may end.
+pub fn expired_remote(
+    policy: &crate::authz::BrokerPolicy,
+) -> (Vec<(Vec<u8>, String)>, Option<Duration>) {
+    let Some(g) = gate(policy) else {
+        return (Vec::new(), None);
+    };
+    let now = Instant::now();
+    (g.expired_remote(now), g.next_remote_expiry(now))
+}
+
 /// A user instance's client policy under gssapi: the owner, as a local
 /// user or as the instance's Kerberos principal, is always the owner; every
 /// other principal is decided by `inner` (a policy file), or refused.
@@ -341,31 +467,49 @@ fn gss_err(e: canopy_gss::GssError) -> BrokerError {
 /// or expired credential fails here, at once.
 pub fn own_principal(opts: &GssOpts) -> Result<String, BrokerError> {
     check_keytabs()?;
-    let (_, p) = canopy_gss::krb::initiator_cred(opts.principal.as_deref()).map_err(gss_err)?;
-    Ok(p)
+    let principal = opts.principal.clone();
+    let who = principal
+        .clone()
+        .unwrap_or_else(|| "the default principal".into());
+    canopy_gss::krb::with_kdc_deadline(canopy_gss::krb::kdc_timeout(), who, move || {
+        canopy_gss::krb::initiator_cred(principal.as_deref()).map(|(_, p)| p)
+    })
+    .map_err(gss_err)
 }
 
 /// Start the key-exchange acceptor on `listen` (`HOST:PORT`, port 0 for
-/// any) as `principal`, vouching for `server_key`.
+/// any) as `principal`, vouching for `server_key`. A principal is admitted
+/// to bind a key only if it would be admitted on that key: an overlay key
+/// only for an expected peer no deny rule names, a client key only for a
+/// principal the client policy grants a role (so a principal the policy
+/// refuses gets no binding at all).
 pub fn start_server(
     listen: &str,
     principal: &str,
     keys: &canopy_security::CurveKeypair,
     bindings: Arc<Bindings>,
     peers: HashSet<String>,
+    clients: Arc<dyn ClientAuthz>,
     max_lifetime: Option<Duration>,
 ) -> Result<KexServer, BrokerError> {
     let listener = TcpListener::bind(listen).map_err(|e| BrokerError::Bind {
         endpoint: listen.to_string(),
         reason: format!("key exchange listener: {e}"),
     })?;
-    let admit = move |purpose: Purpose, who: &str| match purpose {
-        Purpose::Overlay if peers.contains(who) => Ok(()),
+    let admit = move |purpose: Purpose, who: &str, address: &str| match purpose {
+        Purpose::Overlay if peers.contains(who) => match clients.vetoes(who, Mech::Gssapi, address)
+        {
+            Some(why) => Err(why),
+            None => Ok(()),
+        },
         Purpose::Overlay => Err(format!(
             "{who} is not an expected peer principal of this instance"
         )),
-        // The ACL decides for clients when they connect (ZAP).
-        Purpose::Client => Ok(()),
+        Purpose::Client => match clients.decide(who, Mech::Gssapi, address) {
+            Ok(roles) if !roles.is_empty() => Ok(()),
+            Ok(_) => Err(format!("the policy grants {who} no role; no key is bound")),
+            Err(why) => Err(why),
+        },
     };
     let s = KexServer::start(
         listener,
@@ -376,7 +520,7 @@ pub fn start_server(
             bindings,
             admit: Arc::new(admit),
             max_lifetime,
-            timeout: KEX_TIMEOUT,
+            limits: canopy_gss::Limits::default(),
         },
     )
     .map_err(gss_err)?;
@@ -394,7 +538,8 @@ pub fn join_parent(
     cfg: &ClientConfig,
     link: &canopy_security::CurveKeypair,
 ) -> Result<canopy_gss::Bound, BrokerError> {
-    let b = canopy_gss::handshake(addr, cfg, link).map_err(gss_err)?;
+    // Many children joining at once may find the parent's exchange busy.
+    let b = canopy_gss::client::handshake_retrying_busy(addr, cfg, link, 20).map_err(gss_err)?;
     info!(
         "gss: authenticated to {} at {addr} as {}; link key bound for {}s (took {:.1} ms)",
         b.acceptor,
@@ -421,7 +566,7 @@ pub fn setup_user_instance(
     transport: &crate::sockets::Transport,
     clients: bool,
 ) -> Result<Option<KexServer>, BrokerError> {
-    let bindings = Arc::new(Bindings::new());
+    let bindings = Arc::new(g.bindings());
     let peers: HashSet<String> = [me.to_string()].into_iter().collect();
     if bound
         .policy
@@ -446,7 +591,15 @@ pub fn setup_user_instance(
         (Some(l), 0) => l.clone(),
         _ => format!("{host}:0"),
     };
-    let s = start_server(&listen, me, keys, bindings, peers, g.max_lifetime)?;
+    let s = start_server(
+        &listen,
+        me,
+        keys,
+        bindings,
+        peers,
+        bound.policy.clients.clone(),
+        g.max_lifetime,
+    )?;
     if rank == 0 {
         let path = rundir.join("kex-0");
         std::fs::write(&path, format!("{} {me}\n", s.addr())).map_err(|source| {
@@ -479,6 +632,7 @@ pub fn join_and_renew(
         purpose: Purpose::Overlay,
         expect_server_key: Some(parent_key),
         timeout: KEX_TIMEOUT,
+        kdc_timeout: canopy_gss::krb::kdc_timeout(),
     };
     let b = join_parent(addr, &cfg, link)?;
     let parent = parent_link(policy)?;
@@ -631,6 +785,7 @@ impl SystemGss {
         };
         let opts = GssOpts {
             principal: Some(me.clone()),
+            max_bindings_per_principal: g.max_bindings_per_principal,
             ..GssOpts::default()
         };
         if parent.is_some() {
@@ -651,7 +806,7 @@ impl SystemGss {
         bound: &crate::sockets::Bound,
         keys: &canopy_security::CurveKeypair,
     ) -> Result<Option<KexServer>, BrokerError> {
-        let bindings = Arc::new(Bindings::new());
+        let bindings = Arc::new(self.opts.bindings());
         let peers: HashSet<String> = self.children.values().cloned().collect();
         if bound
             .policy
@@ -663,7 +818,13 @@ impl SystemGss {
         }
         match &self.listen {
             Some(l) => Ok(Some(start_server(
-                l, &self.me, keys, bindings, peers, None,
+                l,
+                &self.me,
+                keys,
+                bindings,
+                peers,
+                bound.policy.clients.clone(),
+                None,
             )?)),
             None => Ok(None),
         }
@@ -687,10 +848,11 @@ impl SystemGss {
             purpose: Purpose::Overlay,
             expect_server_key: None,
             timeout: KEX_TIMEOUT,
+            kdc_timeout: canopy_gss::krb::kdc_timeout(),
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            match canopy_gss::handshake(addr, &cfg, link) {
+            match canopy_gss::client::handshake_retrying_busy(addr, &cfg, link, 20) {
                 Ok(b) => {
                     info!(
                         "gss: authenticated to rank {p} ({}) at {addr}; link key bound for {}s (took {:.1} ms)",
@@ -765,6 +927,13 @@ pub fn spawn_renewal(
                         );
                         if link.set_key(b.server_key) {
                             warn!("gss: {} has a new CURVE key (it restarted); rejoining with it", b.acceptor);
+                        } else if Instant::now() >= expires {
+                            // The parent dropped this link while the
+                            // binding was expired (and ZAP refused any
+                            // reconnection): rejoin now, not at the next
+                            // liveness timeout.
+                            warn!("gss: the link key binding with {} had expired and is renewed; rejoining the parent", b.acceptor);
+                            link.reconnect();
                         }
                         expires = Instant::now() + b.lifetime;
                         next = Instant::now() + renew_after(b.lifetime);
@@ -778,7 +947,15 @@ pub fn spawn_renewal(
                             backoff.as_secs_f64()
                         );
                         next = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        // Once the binding has expired the link is down:
+                        // retry often, so it comes back within seconds of
+                        // the KDC (or the parent) returning.
+                        let cap = if left.is_zero() {
+                            Duration::from_secs(2)
+                        } else {
+                            Duration::from_secs(10)
+                        };
+                        backoff = (backoff * 2).min(cap);
                     }
                 }
             }
@@ -860,6 +1037,31 @@ mod tests {
         assert!(matches!(g.decide(&null, &acl), Decision::Deny { .. }));
         assert!(g.link_live("curve:peer", "x"));
         assert!(!g.link_live("curve:old", "x"));
+    }
+
+    #[test]
+    fn a_remote_connection_is_reported_once_when_its_binding_ends() {
+        let b = Arc::new(Bindings::new());
+        let g = GssGate::new(b.clone(), []);
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        b.bind("curve:a", "alice@R", Purpose::Client, now + 2 * s, now)
+            .unwrap();
+        b.bind("curve:b", "bob@R", Purpose::Client, now + 60 * s, now)
+            .unwrap();
+        g.remote_seen("curve:a", b"rid-a");
+        g.remote_seen("curve:b", b"rid-b");
+        g.remote_seen("curve:unbound", b"rid-x");
+        assert!(g.expired_remote(now + s).is_empty());
+        let d = g.next_remote_expiry(now).unwrap();
+        assert!(d <= 2 * s && d > s, "{d:?}");
+        let gone = g.expired_remote(now + 3 * s);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, b"rid-a");
+        assert!(gone[0].1.contains("binding expired"), "{}", gone[0].1);
+        assert!(g.expired_remote(now + 4 * s).is_empty(), "reported once");
+        assert_eq!(g.expired_remote(now + 61 * s)[0].0, b"rid-b");
+        assert_eq!(g.next_remote_expiry(now), None);
     }
 
     #[test]

@@ -25,8 +25,9 @@ impl GssArgs {
             anyhow::ensure!(
                 self.principal.is_none()
                     && self.kex_listen.is_none()
-                    && self.gss_max_lifetime.is_none(),
-                "--principal, --kex-listen and --gss-max-lifetime need --mechanism gssapi"
+                    && self.gss_max_lifetime.is_none()
+                    && self.gss_max_bindings.is_none(),
+                "--principal, --kex-listen, --gss-max-lifetime and --gss-max-bindings need --mechanism gssapi"
             );
             return Ok(None);
         }
@@ -37,6 +38,7 @@ impl GssArgs {
                 .gss_max_lifetime
                 .map(|s| secs(s, "--gss-max-lifetime"))
                 .transpose()?,
+            max_bindings_per_principal: self.gss_max_bindings,
         }))
     }
 
@@ -48,6 +50,10 @@ impl GssArgs {
             (
                 "--gss-max-lifetime",
                 self.gss_max_lifetime.map(|s| s.to_string()),
+            ),
+            (
+                "--gss-max-bindings",
+                self.gss_max_bindings.map(|n| n.to_string()),
             ),
         ] {
             if let Some(v) = v {

@@ -257,6 +257,12 @@ impl Broker {
             if crate::gss::parent_key_changed(&self.policy) {
                 self.input(Input::ParentKeyChanged);
             }
+            // Expiry is revocation: a remote client whose binding ended is
+            // cut before anything more is delivered to it.
+            let (expired, next_expiry) = crate::gss::expired_remote(&self.policy);
+            for (rid, reason) in expired {
+                self.input(Input::RemoteExpired { rid, reason });
+            }
             let now = self.now_ms();
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now);
@@ -268,6 +274,9 @@ impl Broker {
                 .poll_timeout()
                 .saturating_sub(self.now_ms())
                 .clamp(1, 1000) as i64;
+            if let Some(d) = next_expiry {
+                timeout = timeout.min(d.as_millis() as i64 + 1);
+            }
             if self.rebinding.is_some() {
                 timeout = 2;
             }
@@ -673,7 +682,7 @@ impl Broker {
                 warn!(verdict = %"deny", address = %address, reason = %"no authenticated User-Id or roles on the message", "remote: message dropped");
                 continue;
             }
-            if !crate::gss::message_allowed(&self.policy, Some(&mut hframe), &user_id) {
+            if !crate::gss::client_message_allowed(&self.policy, &mut hframe, &user_id, &rid) {
                 continue;
             }
             match decode_header(&hframe) {

@@ -78,6 +78,11 @@ pub struct Plan {
     pub budgets: crate::core::Budgets,
 }
 
+/// ZeroMQ heartbeat interval on remote client connections, both ways.
+pub const CLIENT_HEARTBEAT_IVL_MS: i32 = 1_000;
+/// Silence after which a remote client connection is dropped.
+pub const CLIENT_HEARTBEAT_TIMEOUT_MS: i32 = 3_000;
+
 /// The sockets a broker binds before the key exchange: they must exist so
 /// their endpoints can go on the business card.
 pub struct Bound {
@@ -423,6 +428,15 @@ pub fn bind(
             .map_err(zerr("set curve secret key"))?;
         s.set_zap_domain(CLIENT_DOMAIN)
             .map_err(zerr("set zap domain"))?;
+        // ZeroMQ heartbeats on every remote client connection: a client
+        // that stops answering for CLIENT_HEARTBEAT_TIMEOUT_MS is dropped
+        // (and the client library does the same for this broker).
+        s.set_heartbeat_ivl(CLIENT_HEARTBEAT_IVL_MS)
+            .map_err(zerr("set heartbeat ivl"))?;
+        s.set_heartbeat_timeout(CLIENT_HEARTBEAT_TIMEOUT_MS)
+            .map_err(zerr("set heartbeat timeout"))?;
+        s.set_heartbeat_ttl(CLIENT_HEARTBEAT_TIMEOUT_MS)
+            .map_err(zerr("set heartbeat ttl"))?;
         s.bind(ep).map_err(|e| BrokerError::Bind {
             endpoint: ep.to_string(),
             reason: e.message().to_string(),

@@ -62,6 +62,8 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("broker closed the connection; the instance may have shut down")]
     Closed,
+    #[error("lost the connection to the broker at {0}: it went away or stopped answering heartbeats for {HEARTBEAT_TIMEOUT_MS} ms; the instance may have shut down (check it, then retry)")]
+    Lost(String),
     #[error("no response within {0:?}; the target may be down or overloaded")]
     Timeout(Duration),
     #[error("broker sent a malformed frame: {0}")]
@@ -103,9 +105,20 @@ enum Conn {
     Tcp {
         sock: zmq::Socket,
         monitor: zmq::Socket,
+        endpoint: String,
+        /// The connection was lost (monitor said so): every further call
+        /// fails at once.
+        lost: bool,
         _ctx: zmq::Context,
     },
 }
+
+/// ZeroMQ heartbeat interval on a tcp connection to a broker.
+pub const HEARTBEAT_IVL_MS: i32 = 1_000;
+/// Silence after which the connection counts as lost.
+pub const HEARTBEAT_TIMEOUT_MS: i32 = 3_000;
+/// Longest a send may block (a send never waits for a lost broker).
+const SEND_TIMEOUT_MS: i32 = 5_000;
 
 pub struct Client {
     conn: Conn,
@@ -183,8 +196,9 @@ impl TcpKeys {
             purpose: canopy_gss::Purpose::Client,
             expect_server_key: None,
             timeout: Duration::from_secs(5),
+            kdc_timeout: canopy_gss::krb::kdc_timeout(),
         };
-        let b = canopy_gss::handshake(kex, &cfg, &client)
+        let b = canopy_gss::client::handshake_retrying_busy(kex, &cfg, &client, 5)
             .map_err(|e| ClientError::Keys(format!("gssapi: {e}")))?;
         Ok(TcpKeys {
             client,
@@ -259,6 +273,12 @@ impl Client {
         sock.set_curve_serverkey(&keys.server_public)?;
         sock.set_curve_publickey(keys.client.public())?;
         sock.set_curve_secretkey(keys.client.secret())?;
+        // Heartbeats both ways: a broker that dies or hangs is noticed
+        // within HEARTBEAT_TIMEOUT_MS, not at the next request's timeout.
+        sock.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
+        sock.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
+        sock.set_heartbeat_ttl(HEARTBEAT_TIMEOUT_MS)?;
+        sock.set_sndtimeo(SEND_TIMEOUT_MS)?;
         let mon_ep = format!(
             "inproc://canopy-client-monitor-{}",
             MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -274,6 +294,8 @@ impl Client {
         Ok(Client::with_conn(Conn::Tcp {
             sock,
             monitor,
+            endpoint: endpoint.to_string(),
+            lost: false,
             _ctx: ctx,
         }))
     }
@@ -316,10 +338,24 @@ impl Client {
                     return Err(e.into());
                 }
             }
-            Conn::Tcp { sock, .. } => {
+            Conn::Tcp {
+                sock,
+                lost,
+                endpoint,
+                ..
+            } => {
+                if *lost {
+                    return Err(ClientError::Lost(endpoint.clone()));
+                }
                 let hb = h.encode().map_err(FrameError::from)?;
-                sock.send(hb, zmq::SNDMORE)?;
-                sock.send(payload, 0)?;
+                let sent = sock
+                    .send(hb, zmq::SNDMORE)
+                    .and_then(|_| sock.send(payload, 0));
+                match sent {
+                    Ok(()) => {}
+                    Err(zmq::Error::EAGAIN) => return Err(ClientError::Lost(endpoint.clone())),
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         Ok(tag)
@@ -340,7 +376,13 @@ impl Client {
                 decoder,
                 rbuf,
             } => recv_unix(stream, decoder, rbuf, timeout),
-            Conn::Tcp { sock, monitor, .. } => recv_tcp(sock, monitor, timeout),
+            Conn::Tcp {
+                sock,
+                monitor,
+                endpoint,
+                lost,
+                ..
+            } => recv_tcp(sock, monitor, endpoint, lost, timeout),
         }
     }
 
@@ -472,14 +514,25 @@ const EVENT_HANDSHAKE_FAILED_NO_DETAIL: u16 = 0x0800;
 const EVENT_HANDSHAKE_FAILED_PROTOCOL: u16 = 0x2000;
 const EVENT_HANDSHAKE_FAILED_AUTH: u16 = 0x4000;
 
+/// libzmq's ZMQ_EVENT_DISCONNECTED: an established connection ended (the
+/// broker closed it, died, or missed its heartbeats).
+const EVENT_DISCONNECTED: u16 = 0x0200;
+
 fn recv_tcp(
     sock: &zmq::Socket,
     monitor: &zmq::Socket,
+    endpoint: &str,
+    lost: &mut bool,
     timeout: Duration,
 ) -> Result<Msg, ClientError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // What arrived before the connection was lost is still delivered.
+        let left = if *lost {
+            Duration::ZERO
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
         let (sock_ready, mon_ready) = {
             let mut items = [
                 sock.as_poll_item(zmq::POLLIN),
@@ -502,6 +555,7 @@ fn recv_tcp(
                             "the CURVE handshake failed; check that CANOPY_SERVER_KEY is this broker's public key".into(),
                         ))
                     }
+                    EVENT_DISCONNECTED => *lost = true,
                     _ => {}
                 }
             }
@@ -518,6 +572,9 @@ fn recv_tcp(
             };
             let header = canopy_proto::decode_header(&parts[0]).map_err(FrameError::from)?;
             return refusal_or_msg(header, payload);
+        }
+        if *lost && !mon_ready {
+            return Err(ClientError::Lost(endpoint.to_string()));
         }
         if Instant::now() >= deadline {
             return Err(ClientError::Timeout(timeout));

@@ -99,13 +99,18 @@ pub struct GssapiConfig {
     /// TCP port of every broker's Kerberos key exchange, on the host of its
     /// connect endpoint; `None`: one more than the port of that endpoint.
     pub kex_port: Option<u16>,
+    /// Most live key bindings one principal may hold at a broker's key
+    /// exchange; `None`: the default (1,000).
+    pub max_bindings_per_principal: Option<usize>,
 }
 
 impl GssapiConfig {
-    /// The principal of the broker on `host`: `service/host@REALM` (host
-    /// lower-cased), or `service/host` when the realm is the default one.
+    /// The principal of the broker on `host`: `service/host@REALM`, or
+    /// `service/host` when the realm is the default one. The host is used
+    /// exactly as written in `bootstrap.hosts` (no case folding): principals
+    /// are compared exactly, so write hosts as the KDC spells the
+    /// principals' instances.
     pub fn principal(&self, host: &str) -> String {
-        let host = host.to_ascii_lowercase();
         match &self.realm {
             Some(r) => format!("{}/{host}@{r}", self.service),
             None => format!("{}/{host}", self.service),
@@ -1088,11 +1093,28 @@ fn build_gssapi(
                 })?,
         ),
     };
+    let max_bindings_per_principal = match &m.max_bindings_per_principal {
+        None => None,
+        Some(v) => Some(
+            usize::try_from(v.value)
+                .ok()
+                .filter(|n| (1..=65_536).contains(n))
+                .ok_or_else(|| ConfigError::Invalid {
+                    at: ctx.loc(&v.pos),
+                    key: "gssapi.max_bindings_per_principal".to_string(),
+                    message: format!(
+                        "{} is out of range; use a number of live key bindings per principal from 1 to 65536 (default 1000)",
+                        v.value
+                    ),
+                })?,
+        ),
+    };
     Ok(Some(GssapiConfig {
         service,
         keytab,
         realm,
         kex_port,
+        max_bindings_per_principal,
     }))
 }
 

@@ -83,6 +83,7 @@ struct RawGssapi {
     keytab: Option<Spanned<String>>,
     realm: Option<Spanned<String>>,
     kex_port: Option<Spanned<i64>>,
+    max_bindings_per_principal: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +190,7 @@ pub(crate) struct Merged {
     pub keytab: Option<Val<String>>,
     pub realm: Option<Val<String>>,
     pub kex_port: Option<Val<i64>>,
+    pub max_bindings_per_principal: Option<Val<i64>>,
     pub heartbeat: Option<Val<f64>>,
     pub torpid: Option<Val<f64>>,
     pub lost: Option<Val<f64>>,
@@ -322,6 +324,13 @@ pub(crate) fn parse_and_merge(ctx: &Ctx<'_>) -> Result<Merged, ConfigError> {
             put(ctx, &mut m.keytab, g.keytab, file, "gssapi.keytab")?;
             put(ctx, &mut m.realm, g.realm, file, "gssapi.realm")?;
             put(ctx, &mut m.kex_port, g.kex_port, file, "gssapi.kex_port")?;
+            put(
+                ctx,
+                &mut m.max_bindings_per_principal,
+                g.max_bindings_per_principal,
+                file,
+                "gssapi.max_bindings_per_principal",
+            )?;
         }
         if let Some(t) = raw.timing {
             put(ctx, &mut m.heartbeat, t.heartbeat, file, "timing.heartbeat")?;

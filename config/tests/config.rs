@@ -355,12 +355,22 @@ fn gssapi_needs_its_table() {
     assert_eq!(g.service, "canopy");
     assert_eq!(g.keytab, None);
     assert_eq!(g.kex_port, None, "default: the connect endpoint's port + 1");
-    assert_eq!(g.principal("Cn001"), "canopy/cn001");
+    assert_eq!(g.principal("Cn001"), "canopy/Cn001");
+    assert_eq!(g.principal("cn001"), "canopy/cn001");
     let c = parse(
         "[bootstrap]\nhosts = [ { host = \"a\" } ]\nmechanism = \"gssapi\"\n[gssapi]\nrealm = \"HPC.EXAMPLE\"\nkex_port = 9000\n",
     );
     let g = c.gssapi().unwrap();
     assert_eq!(g.kex_port, Some(9000));
+    assert_eq!(g.max_bindings_per_principal, None, "default: 1000");
+    let c = parse(
+        "[bootstrap]\nhosts = [ { host = \"a\" } ]\nmechanism = \"gssapi\"\n[gssapi]\nmax_bindings_per_principal = 50\n",
+    );
+    assert_eq!(c.gssapi().unwrap().max_bindings_per_principal, Some(50));
+    let e = refuse(
+        "[bootstrap]\nhosts = [ { host = \"a\" } ]\n[gssapi]\nmax_bindings_per_principal = 0\n",
+    );
+    assert_at(&e, "t.toml", 4, "gssapi.max_bindings_per_principal");
     assert_eq!(g.principal("a"), "canopy/a@HPC.EXAMPLE");
     let e = refuse("[bootstrap]\nhosts = [ { host = \"a\" } ]\n[gssapi]\nkex_port = 0\n");
     assert_at(&e, "t.toml", 4, "gssapi.kex_port");

@@ -24,6 +24,9 @@ pub struct ClientConfig {
     pub expect_server_key: Option<[u8; 32]>,
     /// Connect, read and write timeout.
     pub timeout: Duration,
+    /// Longest wait for the KDC (getting tickets), see
+    /// [`crate::krb::kdc_timeout`].
+    pub kdc_timeout: Duration,
 }
 
 /// The outcome of a successful exchange.
@@ -119,6 +122,28 @@ fn refused(peer: &str, m: Msg, expected: &str) -> GssError {
     }
 }
 
+/// [`handshake`], retried with a short, growing pause while the acceptor
+/// answers that it is busy (at most `tries` attempts).
+pub fn handshake_retrying_busy(
+    addr: &str,
+    cfg: &ClientConfig,
+    link: &canopy_security::CurveKeypair,
+    tries: u32,
+) -> Result<Bound, GssError> {
+    let mut pause = Duration::from_millis(20);
+    let mut left = tries.max(1);
+    loop {
+        left -= 1;
+        match handshake(addr, cfg, link) {
+            Err(e) if e.is_busy() && left > 0 => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Run the exchange with the acceptor at `addr`, binding `link`'s public
 /// key (proving we hold its secret; our
 /// fresh CURVE public key) to our principal. Credentials are acquired
@@ -130,14 +155,25 @@ pub fn handshake(
 ) -> Result<Bound, GssError> {
     let link_key = link.public();
     let start = Instant::now();
-    let (cred, me) = initiator_cred(cfg.principal.as_deref())?;
     let acceptor = canonical_principal(&cfg.target)?;
-    let mut ctx = Initiator::new(cred, &cfg.target)?;
-    let first = ctx.step(None).map_err(|e| match e {
-        GssError::Gss { detail, .. } => GssError::Credentials(format!(
-            "cannot get a Kerberos ticket for {acceptor} as {me}: {detail}; check that the KDC is reachable (KRB5_CONFIG) and that {acceptor} exists"
-        )),
-        e => e,
+    // Both steps may reach the KDC (a ticket-granting ticket from the
+    // client keytab, then a service ticket): bounded, so a hung KDC fails
+    // this exchange in `kdc_timeout`.
+    let (principal, target, acc) = (cfg.principal.clone(), cfg.target.clone(), acceptor.clone());
+    let who = cfg
+        .principal
+        .clone()
+        .unwrap_or_else(|| "the default principal".into());
+    let (mut ctx, me, first) = crate::krb::with_kdc_deadline(cfg.kdc_timeout, who, move || {
+        let (cred, me) = initiator_cred(principal.as_deref())?;
+        let mut ctx = Initiator::new(cred, &target)?;
+        let first = ctx.step(None).map_err(|e| match e {
+            GssError::Gss { detail, .. } => GssError::Credentials(format!(
+                "cannot get a Kerberos ticket for {acc} as {me}: {detail}; check that the KDC is reachable (KRB5_CONFIG) and that {acc} exists"
+            )),
+            e => e,
+        })?;
+        Ok((ctx, me, first))
     })?;
     let first = first.ok_or_else(|| GssError::Protocol("gss produced no initial token".into()))?;
 

@@ -132,10 +132,131 @@ pub fn acceptor_cred(principal: &str) -> Result<Cred, GssError> {
     })
 }
 
+/// How long to wait for the KDC when getting a ticket, unless
+/// `CANOPY_KDC_TIMEOUT` (seconds) says otherwise.
+pub const DEFAULT_KDC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bounded wait for the KDC: `CANOPY_KDC_TIMEOUT` in seconds (0.1 to
+/// 300), else [`DEFAULT_KDC_TIMEOUT`]. MIT's own wait for a KDC that
+/// accepts connections but never answers is much longer.
+pub fn kdc_timeout() -> Duration {
+    std::env::var("CANOPY_KDC_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && (0.1..=300.0).contains(s))
+        .map_or(DEFAULT_KDC_TIMEOUT, Duration::from_secs_f64)
+}
+
+/// Run `f` (which may talk to the KDC) on its own thread, waiting at most
+/// `wait`. A hung KDC then costs this caller `wait`, not MIT's timeouts;
+/// the thread finishes on its own when the library gives up.
+pub fn with_kdc_deadline<T: Send + 'static>(
+    wait: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T, GssError> + Send + 'static,
+) -> Result<T, GssError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("canopy-gss-kdc".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| {
+            GssError::Credentials(format!("cannot start a thread to reach the KDC: {e}"))
+        })?;
+    match rx.recv_timeout(wait) {
+        Ok(r) => r,
+        Err(_) => Err(GssError::Credentials(format!(
+            "cannot get Kerberos credentials for {what}: the KDC did not answer within {:.1}s (it is hung or unreachable); links already up keep working; check the KDC, or set CANOPY_KDC_TIMEOUT (seconds) to wait longer",
+            wait.as_secs_f64()
+        ))),
+    }
+}
+
+/// The client keytab this process uses (`KRB5_CLIENT_KTNAME`, else MIT's
+/// default), as a file.
+fn client_keytab_file() -> Option<std::path::PathBuf> {
+    match std::env::var("KRB5_CLIENT_KTNAME") {
+        Ok(v) => keytab_file(&v),
+        Err(_) => Some(std::path::PathBuf::from(format!(
+            "/var/lib/krb5/user/{}/client.keytab",
+            nix::unistd::geteuid()
+        ))),
+    }
+}
+
+/// The principal of the first entry of an MIT keytab file (the one the
+/// library takes as the default principal of a client keytab). `None` if
+/// the file is absent, empty or not a version 2 keytab.
+pub fn keytab_first_principal(path: &std::path::Path) -> Option<String> {
+    let b = std::fs::read(path).ok()?;
+    if b.get(..2)? != [5, 2] {
+        return None;
+    }
+    let mut at = 2;
+    let u16_at = |i: usize| Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as usize);
+    let string_at = |i: usize| -> Option<(String, usize)> {
+        let n = u16_at(i)?;
+        let s = std::str::from_utf8(b.get(i + 2..i + 2 + n)?).ok()?;
+        Some((s.to_string(), i + 2 + n))
+    };
+    while at + 4 <= b.len() {
+        let size = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if size < 0 {
+            // A deleted entry: skip its hole.
+            at += size.unsigned_abs() as usize;
+            continue;
+        }
+        if size == 0 {
+            return None;
+        }
+        let comps = u16_at(at)?;
+        let (realm, mut i) = string_at(at + 2)?;
+        let mut names = Vec::with_capacity(comps);
+        for _ in 0..comps {
+            let (c, next) = string_at(i)?;
+            names.push(c);
+            i = next;
+        }
+        return Some(format!("{}@{realm}", names.join("/")));
+    }
+    None
+}
+
 /// Initiator credentials for `principal` (or the default principal), from
 /// the credential cache or the client keytab. Returns the credential and
-/// its canonical principal.
+/// its canonical principal. A KDC that cannot be reached is named as such
+/// whichever way the principal was chosen.
 pub fn initiator_cred(principal: Option<&str>) -> Result<(Cred, String), GssError> {
+    match acquire_initiator(principal) {
+        Err(e) if principal.is_none() => {
+            // MIT reports only "no credentials" for the default principal
+            // when it cannot get a ticket for it from the client keytab;
+            // ask again by name to learn why (e.g. the KDC is down).
+            let Some(first) = client_keytab_file()
+                .as_deref()
+                .and_then(keytab_first_principal)
+            else {
+                return Err(e);
+            };
+            match acquire_initiator(Some(&first)) {
+                Ok(c) => Ok(c),
+                Err(GssError::Credentials(m)) if m.contains("the KDC is unreachable") => {
+                    Err(GssError::Credentials(m.replacen(
+                        &format!("for {first}:"),
+                        &format!("for the default principal {first} (of the client keytab):"),
+                        1,
+                    )))
+                }
+                Err(_) => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
+fn acquire_initiator(principal: Option<&str>) -> Result<(Cred, String), GssError> {
     let name = principal.map(principal_name).transpose()?;
     let mechs = krb5_mechs()?;
     let who = principal.unwrap_or("the default principal");
@@ -269,5 +390,45 @@ pub fn check_flags(flags: CtxFlags) -> Result<(), GssError> {
         Err(GssError::Auth(format!(
             "the kerberos context lacks {missing:?}; canopy requires mutual authentication, replay detection and integrity"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(comps: &[&str], realm: &str) -> Vec<u8> {
+        let s = |b: &mut Vec<u8>, t: &str| {
+            b.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            b.extend_from_slice(t.as_bytes());
+        };
+        let mut e = (comps.len() as u16).to_be_bytes().to_vec();
+        s(&mut e, realm);
+        for c in comps {
+            s(&mut e, c);
+        }
+        e.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 18, 0, 2, 0xaa, 0xbb]);
+        let mut out = (e.len() as i32).to_be_bytes().to_vec();
+        out.extend(e);
+        out
+    }
+
+    #[test]
+    fn the_first_live_entry_of_a_keytab_is_its_default_principal() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kt");
+        let mut kt = vec![5, 2];
+        // A deleted entry (negative size) is skipped.
+        kt.extend_from_slice(&(-6i32).to_be_bytes());
+        kt.extend_from_slice(&[0; 6]);
+        kt.extend(entry(&["canopy", "N1"], "R.X"));
+        kt.extend(entry(&["alice"], "R.X"));
+        std::fs::write(&p, &kt).unwrap();
+        assert_eq!(keytab_first_principal(&p).as_deref(), Some("canopy/N1@R.X"));
+        std::fs::write(&p, [5, 1, 0, 0]).unwrap();
+        assert_eq!(keytab_first_principal(&p), None, "version 1 is not read");
+        std::fs::write(&p, &kt[..20]).unwrap();
+        assert_eq!(keytab_first_principal(&p), None, "truncated");
+        assert_eq!(keytab_first_principal(&d.path().join("none")), None);
     }
 }

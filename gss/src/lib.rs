@@ -26,12 +26,13 @@ pub mod client;
 pub mod fuzz;
 pub mod krb;
 pub mod pop;
+pub mod ratelog;
 pub mod server;
 pub mod wire;
 
 pub use bindings::{BindError, Binding, Bindings};
 pub use client::{handshake, Bound, ClientConfig};
-pub use server::{KexServer, ServerConfig};
+pub use server::{KexServer, Limits, ServerConfig};
 pub use wire::{Msg, Purpose, Transcript};
 
 /// Errors of this crate. Messages are lower-case and say what to do.
@@ -59,11 +60,44 @@ pub enum GssError {
     },
     #[error("invalid principal {name:?}: {reason}")]
     Name { name: String, reason: String },
+    /// The acceptor is at one of its limits; the initiator may retry.
+    #[error("the key exchange is busy ({0}); retry shortly")]
+    Busy(String),
+}
+
+/// How a refusal for being busy starts (see [`GssError::Busy`]).
+const BUSY_PREFIX: &str = "the key exchange is busy";
+
+impl GssError {
+    /// The acceptor refused only because it was at a limit: retrying
+    /// shortly may succeed.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            GssError::Busy(_) => true,
+            GssError::Refused { reason, .. } => reason.starts_with(BUSY_PREFIX),
+            _ => false,
+        }
+    }
+
+    /// A short name of the kind of error, for rate-limited logging.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            GssError::Credentials(_) => "credentials",
+            GssError::Gss { .. } => "gss",
+            GssError::Protocol(_) => "protocol",
+            GssError::Refused { .. } => "refused",
+            GssError::Auth(_) => "auth",
+            GssError::Io { .. } => "io",
+            GssError::Name { .. } => "name",
+            GssError::Busy(_) => "busy",
+        }
+    }
 }
 
 /// Canonical form of a Kerberos principal for the ACL and the logs:
-/// `name@REALM` or `service/host@REALM`, names and realm case-sensitive,
-/// the host part lower-cased (see `canopy_acl::Principal`).
+/// `name@REALM` or `service/host@REALM`, exactly as the KDC authenticated
+/// it: every part case-sensitive, nothing folded (see
+/// `canopy_acl::Principal`).
 pub fn canonical_principal(display: &str) -> Result<String, GssError> {
     let p = canopy_acl::principal::Principal::parse(display).map_err(|e| GssError::Name {
         name: display.to_string(),
@@ -75,5 +109,27 @@ pub fn canonical_principal(display: &str) -> Result<String, GssError> {
             name: display.to_string(),
             reason: "not a kerberos principal; write name@REALM or service/host@REALM".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_refusal_is_recognised_on_the_other_side() {
+        let busy = GssError::Busy("4 client exchanges are waiting".into());
+        assert!(busy.is_busy());
+        // What the initiator gets back: the acceptor's message as a reason.
+        let seen = GssError::Refused {
+            peer: "127.0.0.1:1".into(),
+            reason: busy.to_string(),
+        };
+        assert!(seen.is_busy(), "{seen}");
+        let other = GssError::Refused {
+            peer: "127.0.0.1:1".into(),
+            reason: "carol@R is not an expected peer principal".into(),
+        };
+        assert!(!other.is_busy());
     }
 }

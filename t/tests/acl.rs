@@ -379,3 +379,58 @@ fn bad_policies_are_refused_at_start() {
         );
     });
 }
+
+#[test]
+fn a_remote_curve_subscriber_notices_a_hung_or_dead_rank_0_within_5_s() {
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let user = ident(dir.path(), "user");
+        let allow = format!("{}=user", user.principal);
+        for sig in [
+            nix::sys::signal::Signal::SIGSTOP,
+            nix::sys::signal::Signal::SIGKILL,
+        ] {
+            let inst = start_with(&["--allow", &allow]);
+            let mut sub = remote(&inst, &user);
+            sub.subscribe("x.*", RPC_TIMEOUT).unwrap();
+            let mut c = inst.client(0);
+            let got = wait_until(Duration::from_secs(5), || {
+                c.publish("x.y", b"hello", RPC_TIMEOUT).unwrap();
+                sub.next_event(Duration::from_millis(200)).is_ok()
+            });
+            assert!(got, "the remote subscriber got no event");
+            let rank0 = inst
+                .broker_pids()
+                .into_iter()
+                .find(|(_, r)| *r == 0)
+                .expect("rank 0")
+                .0;
+            let pid = nix::unistd::Pid::from_raw(rank0);
+            nix::sys::signal::kill(pid, sig).unwrap();
+            let t0 = Instant::now();
+            // Drain what was already on its way, then the loss is reported.
+            let err = loop {
+                match sub.next_event(Duration::from_secs(30)) {
+                    Ok(_) => continue,
+                    Err(e) => break e,
+                }
+            };
+            let took = t0.elapsed();
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            assert!(matches!(err, ClientError::Lost(_)), "{sig}: {err}");
+            assert!(
+                took < Duration::from_secs(5),
+                "{sig}: noticed after {took:?}"
+            );
+            // Every later call fails at once, without blocking.
+            let t1 = Instant::now();
+            assert!(matches!(
+                sub.rpc("broker.ping", 0, b"", RPC_TIMEOUT),
+                Err(ClientError::Lost(_))
+            ));
+            assert!(t1.elapsed() < Duration::from_millis(100));
+            println!("{sig}: the remote subscriber noticed in {took:?}: {err}");
+        }
+    });
+}

@@ -461,7 +461,7 @@ fn tampered_replayed_truncated_garbage_and_misdirected_handshakes_are_refused() 
             );
         }
         // A peer that trickles a byte now and then is cut off when the
-        // exchange's overall deadline (3 x 5 s) passes.
+        // deadline of its first message (1 s) passes.
         let mut slow = TcpStream::connect(&kex).unwrap();
         slow.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
@@ -493,25 +493,30 @@ fn tampered_replayed_truncated_garbage_and_misdirected_handshakes_are_refused() 
             "a trickling peer still held its connection after {took:?}"
         );
         assert!(
-            took >= Duration::from_secs(14) && took < Duration::from_secs(20),
+            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
             "{took:?}"
         );
-        inst.wait_log_line(&["verdict=deny", "took too long"], Duration::from_secs(5))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no log line for the trickling peer:\n{}",
-                    inst.stderr_text()
-                )
-            });
+        inst.wait_log_line(
+            &["verdict=deny", "no complete hello within 1.0s"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no log line for the trickling peer:\n{}",
+                inst.stderr_text()
+            )
+        });
 
         let log = inst.stderr_text();
         let denials = log
             .lines()
             .filter(|l| l.contains("gss: verdict=deny"))
             .count();
+        // One line per cause (and principal) per interval: the replay and
+        // the tamper, garbage and the trickle each have theirs.
         assert!(
-            denials >= 8,
-            "expected a denial line per bad exchange, got {denials}:\n{log}"
+            denials >= 4,
+            "expected a denial line per kind of bad exchange, got {denials}:\n{log}"
         );
         assert!(!log.contains("panicked"), "{log}");
         // The broker is still fine, and the owner still gets in.
@@ -575,6 +580,34 @@ fn with_the_kdc_down_existing_links_live_and_new_ones_fail_clearly_then_recover(
         );
         assert!(took < Duration::from_secs(10), "took {took:?} to fail");
         println!("KDC down, new link: {} ({took:?})", err.trim());
+        // The same with the default principal (of the client keytab): the
+        // KDC is named, not "run kinit".
+        let (out, took) = ping_as(&realm.env("bob"));
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "got in without a KDC");
+        assert!(
+            err.contains("the KDC is unreachable") && !err.contains("run kinit"),
+            "error with the default principal does not name the KDC: {err}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?} to fail");
+        println!("KDC down, default principal: {} ({took:?})", err.trim());
+        // A hung KDC (it accepts connections and never answers) gets a
+        // bounded wait, CANOPY_KDC_TIMEOUT, then an error that says so.
+        {
+            let _hung = std::net::TcpListener::bind(("127.0.0.1", realm.port()))
+                .expect("cannot take the KDC's port");
+            let mut env = realm.env("bob");
+            env.push(("CANOPY_KDC_TIMEOUT".into(), "1".into()));
+            let (out, took) = ping_as(&env);
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "got in with a hung KDC");
+            assert!(
+                err.contains("the KDC did not answer within 1.0s"),
+                "error does not say the KDC hung: {err}"
+            );
+            assert!(took < Duration::from_secs(3), "took {took:?} to fail");
+            println!("KDC hung: {} ({took:?})", err.trim());
+        }
 
         // The KDC returns: the same kind of new link now succeeds.
         realm.start_kdc();
@@ -807,23 +840,35 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
     if skip() {
         return;
     }
-    run_test(Duration::from_secs(150), || {
+    run_test(Duration::from_secs(120), || {
+        // 6 s tickets; a link silent for 12 s is lost.
         let mut realm = Realm::start_with(
             &["alice"],
             RealmOpts {
-                max_life: Some(Duration::from_secs(20)),
+                max_life: Some(Duration::from_secs(6)),
             },
         );
         let mut env = realm.env("alice");
         env.push(("RUST_LOG".into(), "warn,canopy_broker::gss=info".into()));
-        let inst = Instance::start_with_env(2, 2, &["--mechanism", "gssapi"], &env_ref(&env));
+        let args = [
+            "--mechanism",
+            "gssapi",
+            "--heartbeat",
+            "1",
+            "--torpid",
+            "4",
+            "--lost",
+            "12",
+        ];
+        let inst = Instance::start_with_env(4, 2, &args, &env_ref(&env));
         let t0 = Instant::now();
         let mut c = inst.client(0);
         Instance::ping(&mut c, 1, b"before").expect("ping before");
-        // Without a KDC, no ticket outlives its 20 s: renewal fails, and
+        Instance::ping(&mut c, 3, b"before").expect("ping before");
+        // Without a KDC, no ticket outlives its 6 s: renewal fails, and
         // the parent drops the link's traffic once the binding ends.
         realm.stop_kdc();
-        inst.wait_log_line(&["binding expired"], Duration::from_secs(40))
+        inst.wait_log_line(&["binding expired"], Duration::from_secs(20))
             .unwrap_or_else(|| {
                 panic!(
                     "the parent never refused the expired key:\n{}",
@@ -831,12 +876,12 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
                 )
             });
         assert!(
-            t0.elapsed() >= Duration::from_secs(15),
+            t0.elapsed() >= Duration::from_secs(3),
             "binding ended early: {:?}",
             t0.elapsed()
         );
         let mut c = inst.client(0);
-        let r = c.rpc("broker.ping", 1, b"during", Duration::from_secs(3));
+        let r = c.rpc("broker.ping", 1, b"during", Duration::from_secs(2));
         assert!(
             r.is_err(),
             "a ping crossed a link whose binding expired: {r:?}"
@@ -847,18 +892,513 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
             "no renewal failure logged:\n{}",
             inst.stderr_text()
         );
-        // The KDC returns: the child re-authenticates and the link works.
+        // Keep the KDC down until the parent has dropped a child and the
+        // child has reconnected, which ZAP refused (libzmq never retries a
+        // refused connection by itself).
+        inst.wait_log_line(&["lost the parent link"], Duration::from_secs(40))
+            .unwrap_or_else(|| panic!("no child lost its parent:\n{}", inst.stderr_text()));
+        std::thread::sleep(Duration::from_secs(1));
+        // The KDC returns: every child re-authenticates and rejoins at
+        // once (not at its next liveness timeout, 12 s), with no restart.
         realm.start_kdc();
-        let back = canopy_t::wait_until(Duration::from_secs(40), || {
-            inst.client(0)
-                .rpc("broker.ping", 1, b"after", Duration::from_secs(2))
-                .is_ok_and(|m| m.payload == b"after")
+        let back_at = Instant::now();
+        let back = canopy_t::wait_until(Duration::from_secs(6), || {
+            let mut c = inst.client(0);
+            (1..4).all(|r| {
+                c.rpc("broker.ping", r, b"after", Duration::from_secs(1))
+                    .is_ok_and(|m| m.payload == b"after")
+            })
         });
         assert!(
             back,
-            "the link did not recover after the KDC returned:\n{}",
+            "the links did not recover within 6 s of the KDC's return:\n{}",
             inst.stderr_text()
         );
-        println!("expired and recovered in {:?}", t0.elapsed());
+        println!(
+            "KDC down {:?}; every rank back {:?} after it returned",
+            back_at.duration_since(t0),
+            back_at.elapsed()
+        );
+        inst.assert_all_ranks_answer();
+    });
+}
+
+/// `canopy-t-kex`: bind COUNT fresh keys at `kex` as the default principal
+/// of `env`. Returns each bind's latency or error, in order.
+fn bind_keys(
+    env: &[(String, String)],
+    kex: &str,
+    target: &str,
+    purpose: &str,
+    count: u32,
+    pause_ms: u32,
+) -> Vec<Result<Duration, String>> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_canopy-t-kex"));
+    cmd.args([
+        kex,
+        target,
+        purpose,
+        &count.to_string(),
+        &pause_ms.to_string(),
+    ])
+    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let out = canopy_t::run_command(&mut cmd, Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("done ")),
+        "canopy-t-kex did not finish: {stdout}\n{}",
+        text(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            let (kind, us) = (w.next()?, w.next()?.parse::<u64>().ok()?);
+            match kind {
+                "ok" => Some(Ok(Duration::from_micros(us))),
+                "error" => Some(Err(w.next().unwrap_or("").to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_principal_differing_only_in_case_is_another_principal() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        // Two principals of the realm, with two keys, that differ only in
+        // the case of their instance.
+        let realm = Realm::start(&["canopy/n1", "canopy/N1"]);
+        let env = realm.env("canopy/n1");
+        let ep = format!("tcp://127.0.0.1:{}", free_port());
+        let inst = Instance::start_with_env(
+            1,
+            2,
+            &["--mechanism", "gssapi", "--listen-clients", &ep],
+            &env_ref(&env),
+        );
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        assert_eq!(target, "canopy/n1@CANOPY.TEST");
+        // The instance's own principal may bind an overlay key (a rank).
+        let own = bind_keys(&env, &kex, &target, "overlay", 1, 0);
+        assert!(matches!(own[..], [Ok(_)]), "{own:?}");
+        // canopy/N1 may not: not as a rank, not as the owner.
+        let upper = realm.env("canopy/N1");
+        for purpose in ["overlay", "client"] {
+            let r = bind_keys(&upper, &kex, &target, purpose, 1, 0);
+            match &r[..] {
+                [Err(e)] => assert!(
+                    e.contains("canopy/N1@CANOPY.TEST"),
+                    "{purpose}: the refusal does not name the exact principal: {e}"
+                ),
+                other => panic!("canopy/N1 bound a {purpose} key as canopy/n1: {other:?}"),
+            }
+        }
+        let log = inst.stderr_text();
+        assert!(
+            log.contains("principal=canopy/N1@CANOPY.TEST") && log.contains("verdict=deny"),
+            "{log}"
+        );
+        assert!(!log.contains("verdict=allow principal=canopy/N1"), "{log}");
+    });
+}
+
+#[test]
+fn a_principal_without_a_rule_gets_no_binding_and_the_1001st_binding_is_refused() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice", "bob", "carol"]);
+        let allow = format!("{}=user", realm.principal("bob"));
+        let (inst, _ep) = alice_instance(&realm, 1, &["--allow", &allow]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        // carol has no rule: refused before any key is bound.
+        let r = bind_keys(&realm.env("carol"), &kex, &target, "client", 1, 0);
+        match &r[..] {
+            [Err(e)] => assert!(e.contains("carol@CANOPY.TEST"), "{e}"),
+            other => panic!("carol bound a key without a rule: {other:?}"),
+        }
+        inst.wait_log_line(
+            &["verdict=deny", "principal=carol@CANOPY.TEST"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no denial logged for carol:\n{}", inst.stderr_text()));
+        // bob may bind, up to the default cap of 1,000 live bindings.
+        let t0 = Instant::now();
+        let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 1001, 0);
+        assert_eq!(r.len(), 1001);
+        let ok = r.iter().filter(|x| x.is_ok()).count();
+        assert_eq!(ok, 1000, "{:?}", r.iter().find(|x| x.is_err()));
+        match &r[1000] {
+            Err(e) => assert!(
+                e.contains("1000 live key bindings") && e.contains("bob@CANOPY.TEST"),
+                "{e}"
+            ),
+            Ok(_) => panic!("the 1,001st binding was accepted"),
+        }
+        println!("1,001 binds in {:?}", t0.elapsed());
+        // Binding in a loop past the cap costs rank 0 nothing more.
+        let rank0 = inst
+            .broker_pids()
+            .into_iter()
+            .find(|(_, r)| *r == 0)
+            .expect("rank 0")
+            .0;
+        let rss = || {
+            std::fs::read_to_string(format!("/proc/{rank0}/status"))
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap()
+        };
+        let before = rss();
+        let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 1000, 0);
+        assert!(
+            r.iter().all(|x| x.is_err()),
+            "a bind past the cap succeeded"
+        );
+        let after = rss();
+        println!("rank 0 RSS {before} KiB at the cap, {after} KiB after 1,000 more refused binds");
+        assert!(
+            after <= before + before / 20,
+            "rank 0 grew from {before} to {after} KiB on refused binds"
+        );
+        // alice (another principal) is not held back by bob's cap.
+        let r = bind_keys(&realm.env("alice"), &kex, &target, "client", 1, 0);
+        assert!(matches!(r[..], [Ok(_)]), "{r:?}");
+    });
+}
+
+/// Keeps `n` connections to `addr` open, each trickling one byte a second
+/// (the start of a large frame that never completes), reconnecting each
+/// one the server closes. Returns how many reconnects it made.
+fn slow_loris(addr: &str, n: usize, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let open = || {
+        let s = TcpStream::connect(addr).ok()?;
+        s.set_nonblocking(true).ok()?;
+        Some((s, 0usize))
+    };
+    let header = [0u8, 0, 0x80, 0];
+    let mut conns: Vec<Option<(TcpStream, usize)>> = (0..n).map(|_| open()).collect();
+    let mut reconnects = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for c in conns.iter_mut() {
+            let alive = match c {
+                Some((s, sent)) => {
+                    let b = header.get(*sent).copied().unwrap_or(1);
+                    match s.write(&[b]) {
+                        Ok(1) => {
+                            *sent += 1;
+                            // Closed by the server: reading gives EOF.
+                            let mut x = [0u8; 64];
+                            s.read(&mut x).is_err()
+                        }
+                        _ => false,
+                    }
+                }
+                None => false,
+            };
+            if !alive {
+                *c = open();
+                reconnects += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    reconnects
+}
+
+#[test]
+fn two_hundred_slow_loris_connections_starve_neither_clients_nor_renewals() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        // Bindings last 3 s: each child renews every 2 s, so a listener
+        // starved for a second or more loses overlay links.
+        let (inst, _ep) = alice_instance(&realm, 4, &["--gss-max-lifetime", "3"]);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        let env = realm.env("alice");
+        let quiet = bind_keys(&env, &kex, &target, "client", 50, 20);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, kex2) = (stop.clone(), kex.clone());
+        let attack = std::thread::spawn(move || slow_loris(&kex2, 200, &stop2));
+        std::thread::sleep(Duration::from_millis(1500));
+        let t0 = Instant::now();
+        let attacked = bind_keys(&env, &kex, &target, "client", 100, 30);
+        // Messages keep crossing both levels of the tree while attacked.
+        let mut c = inst.client(0);
+        while t0.elapsed() < Duration::from_secs(7) {
+            for r in 1..4 {
+                Instance::ping(&mut c, r, b"under attack").unwrap_or_else(|e| {
+                    panic!(
+                        "rank {r} lost under attack after {:?}: {e}\n{}",
+                        t0.elapsed(),
+                        inst.stderr_text()
+                    )
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let reconnects = attack.join().unwrap();
+        let lat = |r: &[Result<Duration, String>]| {
+            let mut v: Vec<Duration> = r
+                .iter()
+                .map(|x| *x.as_ref().unwrap_or_else(|e| panic!("a bind failed: {e}")))
+                .collect();
+            v.sort();
+            let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+            (q(0.5), q(0.99))
+        };
+        let (qp50, qp99) = lat(&quiet);
+        let (ap50, ap99) = lat(&attacked);
+        println!(
+            "bind latency: quiet p50 {qp50:?} p99 {qp99:?}; with 200 slow-loris connections p50 {ap50:?} p99 {ap99:?} ({reconnects} attacker reconnects)"
+        );
+        assert!(
+            ap99 < Duration::from_millis(200),
+            "p99 {ap99:?} under attack"
+        );
+        let log = inst.stderr_text();
+        assert!(
+            !log.contains("binding expired"),
+            "an overlay link was lost:\n{log}"
+        );
+        // The closures are logged, one line per cause per interval.
+        let slow = log
+            .lines()
+            .filter(|l| l.contains("no complete hello"))
+            .count();
+        assert!(slow >= 1, "the slow connections were not noticed:\n{log}");
+        assert!(
+            slow <= 4,
+            "{slow} lines about slow hellos: not rate-limited:\n{log}"
+        );
+        inst.assert_all_ranks_answer();
+    });
+}
+
+#[test]
+fn an_expired_subscriber_gets_no_more_events() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        // Every binding lasts 3 s; remote clients do not renew.
+        let (inst, ep) = alice_instance(&realm, 1, &["--gss-max-lifetime", "3"]);
+        let env = realm.env("alice");
+        let mut e = env_ref(&env);
+        let kex = exported(&inst, "CANOPY_KEX");
+        let target = exported(&inst, "CANOPY_GSS_TARGET");
+        e.push(("CANOPY_KEX", &kex));
+        e.push(("CANOPY_GSS_TARGET", &target));
+        let out_path = inst.tempdir().join("sub.out");
+        let err_path = inst.tempdir().join("sub.err");
+        let t0 = Instant::now();
+        let mut sub = std::process::Command::new(canopy_t::canopy_bin())
+            .args(["event", "sub", "tick.*", "--uri", &ep, "--timeout", "20"])
+            .envs(e.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap();
+        // Publish a numbered event every 100 ms for 6 s.
+        let mut c = inst.client(0);
+        let mut published = Vec::new();
+        let mut exited = None;
+        let mut n = 0u32;
+        while t0.elapsed() < Duration::from_secs(6) {
+            c.publish("tick.n", n.to_string().as_bytes(), Duration::from_secs(5))
+                .unwrap();
+            published.push((n, t0.elapsed()));
+            n += 1;
+            if exited.is_none() {
+                if let Ok(Some(st)) = sub.try_wait() {
+                    exited = Some((st, t0.elapsed()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = sub.kill();
+        let _ = sub.wait();
+        let got = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let seen: Vec<u32> = got
+            .lines()
+            .filter_map(|l| l.split(' ').nth(2)?.parse().ok())
+            .collect();
+        let (Some(&first), Some(&last)) = (seen.iter().min(), seen.iter().max()) else {
+            panic!("the subscriber got no event at all: {err}")
+        };
+        // The key was bound before the subscription, so before the first
+        // event it got was published, and the binding lasts 3 s: no event
+        // published more than 3.3 s after that one arrives.
+        let (_, first_at) = published[first as usize];
+        let (_, at) = published[last as usize];
+        assert!(
+            at < first_at + Duration::from_millis(3300),
+            "event {last}, published at {at:?} (the first received at {first_at:?}), reached an expired subscriber:\n{got}\n{}",
+            inst.stderr_text()
+        );
+        let (st, when) = exited.unwrap_or_else(|| {
+            panic!(
+                "the expired subscriber is still connected after 6 s:\n{err}\n{}",
+                inst.stderr_text()
+            )
+        });
+        assert!(!st.success(), "the subscriber exited successfully");
+        assert!(
+            err.contains("access revoked") && err.contains("binding expired"),
+            "{err}"
+        );
+        println!(
+            "subscriber cut at {when:?}, last event published at {at:?}: {}",
+            err.trim()
+        );
+        inst.wait_log_line(
+            &["access revoked", "binding expired"],
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|| panic!("no revocation logged:\n{}", inst.stderr_text()));
+    });
+}
+
+/// Remote `canopy event sub` and `canopy ping` (one every 200 ms) against
+/// `inst` as alice; waits until the subscriber has an event.
+fn remote_tools(
+    realm: &Realm,
+    inst: &Instance,
+    ep: &str,
+) -> (std::process::Child, std::process::Child, std::path::PathBuf) {
+    let env = realm.env("alice");
+    let mut e = env_ref(&env);
+    let kex = exported(inst, "CANOPY_KEX");
+    let target = exported(inst, "CANOPY_GSS_TARGET");
+    e.push(("CANOPY_KEX", &kex));
+    e.push(("CANOPY_GSS_TARGET", &target));
+    let dir = inst.tempdir().to_path_buf();
+    let spawn = |args: &[&str], name: &str| {
+        std::process::Command::new(canopy_t::canopy_bin())
+            .args(args)
+            .envs(e.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let sub = spawn(&["event", "sub", "x.*", "--uri", ep], "sub");
+    let ping = spawn(
+        &[
+            "ping",
+            "--uri",
+            ep,
+            "--rank",
+            "1",
+            "--count",
+            "100000",
+            "--interval",
+            "0.2",
+        ],
+        "ping",
+    );
+    let mut c = inst.client(0);
+    let subscribed = canopy_t::wait_until(Duration::from_secs(10), || {
+        c.publish("x.y", b"hello", Duration::from_secs(5)).unwrap();
+        std::fs::read_to_string(dir.join("sub.out")).is_ok_and(|s| s.contains("hello"))
+    });
+    assert!(
+        subscribed,
+        "the remote subscriber got no event:\n{}",
+        inst.stderr_text()
+    );
+    // And the pinger is connected (past its key exchange) and answered.
+    let pinging = canopy_t::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("ping.out")).is_ok_and(|s| s.contains("broker.ping"))
+    });
+    assert!(
+        pinging,
+        "the remote ping got no answer:\n{}",
+        inst.stderr_text()
+    );
+    (sub, ping, dir)
+}
+
+/// Wait up to `limit` for `c` to exit; its exit time.
+fn exits_within(c: &mut std::process::Child, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Ok(Some(st)) = c.try_wait() {
+            assert!(!st.success(), "exited successfully");
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    None
+}
+
+#[test]
+fn remote_tools_exit_within_5_s_of_rank_0_dying_or_hanging() {
+    if skip() {
+        return;
+    }
+    run_test(LIMIT, || {
+        let realm = Realm::start(&["alice"]);
+        for how in ["killed", "stopped"] {
+            let (inst, ep) = alice_instance(&realm, 2, &[]);
+            let (mut sub, mut ping, dir) = remote_tools(&realm, &inst, &ep);
+            let rank0 = inst
+                .broker_pids()
+                .into_iter()
+                .find(|(_, r)| *r == 0)
+                .expect("rank 0's pid")
+                .0;
+            let pid = nix::unistd::Pid::from_raw(rank0);
+            let sig = if how == "killed" {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                // Alive but silent: only heartbeats can tell.
+                nix::sys::signal::Signal::SIGSTOP
+            };
+            nix::sys::signal::kill(pid, sig).unwrap();
+            let t_sub = exits_within(&mut sub, Duration::from_secs(5));
+            let t_ping = exits_within(&mut ping, Duration::from_secs(5));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            for (name, t) in [("event sub", t_sub), ("ping", t_ping)] {
+                let file = if name == "ping" {
+                    "ping.err"
+                } else {
+                    "sub.err"
+                };
+                let err = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                let t = t.unwrap_or_else(|| {
+                    panic!("remote {name} still ran 5 s after rank 0 was {how}: {err}")
+                });
+                assert!(
+                    err.contains("lost the connection to the broker"),
+                    "{name} ({how}): {err}"
+                );
+                println!(
+                    "rank 0 {how}: remote {name} exited after {t:?}: {}",
+                    err.trim()
+                );
+            }
+            drop(inst);
+        }
     });
 }

@@ -334,6 +334,12 @@ pub enum Input<P> {
     RemoteGone {
         rid: Vec<u8>,
     },
+    /// This remote client's credentials ended (its Kerberos binding
+    /// expired): revoked as if the policy had denied it.
+    RemoteExpired {
+        rid: Vec<u8>,
+        reason: String,
+    },
     /// The admission worker finished a job.
     Done(Done),
     /// SIGHUP: reload the policy and (system instances) the keys.
@@ -886,6 +892,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Input::RemoteGone { rid } => {
                 if let Some(id) = self.remote_ids.get(&rid).copied() {
                     self.remove_client(id);
+                }
+            }
+            Input::RemoteExpired { rid, reason } => {
+                if let Some(id) = self.remote_ids.get(&rid).copied() {
+                    self.revoke(id, &reason);
                 }
             }
             Input::Done(d) => self.job_done(d),
