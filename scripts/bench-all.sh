@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 cargo build --release -q -p canopy-broker -p canopy-bench
+cargo build --release -q -p canopy-t --bin canopy-t-peer
 bench=target/release/canopy-bench
 rundir=${CANOPY_BENCH_RUNDIR:-${XDG_RUNTIME_DIR:-/dev/shm}}
 out=docs/bench

@@ -14,5 +14,7 @@ cargo test --workspace --no-fail-fast
 scripts/test-python.sh
 if [ -d bench ]; then
     cargo build --release -q -p canopy-broker -p canopy-bench
+    # The hostile scenario (root only) runs canopy-t-peer beside canopy.
+    cargo build --release -q -p canopy-t --bin canopy-t-peer
     target/release/canopy-bench smoke
 fi
