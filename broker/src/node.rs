@@ -717,6 +717,7 @@ impl Broker {
                 .and_then(|m| m.gets("User-Id").map(str::to_string))
                 .unwrap_or_default();
             if !crate::gss::message_allowed(&self.policy, parts.first_mut(), &user_id) {
+                self.input(Input::ChildUnbound { rid: rid.to_vec() });
                 continue;
             }
             let Some((mut hframe, payload)) = split(parts) else {

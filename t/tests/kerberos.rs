@@ -840,12 +840,13 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
     if skip() {
         return;
     }
-    run_test(Duration::from_secs(120), || {
-        // 6 s tickets; a link silent for 12 s is lost.
+    run_test(Duration::from_secs(150), || {
+        // Issue 17's outage: 20 s tickets, the KDC down for 60 s; a link
+        // silent for 12 s is lost.
         let mut realm = Realm::start_with(
             &["alice"],
             RealmOpts {
-                max_life: Some(Duration::from_secs(6)),
+                max_life: Some(Duration::from_secs(20)),
             },
         );
         let mut env = realm.env("alice");
@@ -865,10 +866,10 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
         let mut c = inst.client(0);
         Instance::ping(&mut c, 1, b"before").expect("ping before");
         Instance::ping(&mut c, 3, b"before").expect("ping before");
-        // Without a KDC, no ticket outlives its 6 s: renewal fails, and
+        // Without a KDC, no ticket outlives its 20 s: renewal fails, and
         // the parent drops the link's traffic once the binding ends.
         realm.stop_kdc();
-        inst.wait_log_line(&["binding expired"], Duration::from_secs(20))
+        inst.wait_log_line(&["binding expired"], Duration::from_secs(40))
             .unwrap_or_else(|| {
                 panic!(
                     "the parent never refused the expired key:\n{}",
@@ -895,14 +896,16 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
         // Keep the KDC down until the parent has dropped a child and the
         // child has reconnected, which ZAP refused (libzmq never retries a
         // refused connection by itself).
-        inst.wait_log_line(&["lost the parent link"], Duration::from_secs(40))
+        inst.wait_log_line(&["lost the parent link"], Duration::from_secs(55))
             .unwrap_or_else(|| panic!("no child lost its parent:\n{}", inst.stderr_text()));
-        std::thread::sleep(Duration::from_secs(1));
+        // The KDC stays down for 60 s in all.
+        std::thread::sleep(Duration::from_secs(60).saturating_sub(t0.elapsed()));
         // The KDC returns: every child re-authenticates and rejoins at
-        // once (not at its next liveness timeout, 12 s), with no restart.
+        // once (not at its next liveness timeout, 12 s), with no restart:
+        // within 10 s, RPCs flow to every rank.
         realm.start_kdc();
         let back_at = Instant::now();
-        let back = canopy_t::wait_until(Duration::from_secs(6), || {
+        let back = canopy_t::wait_until(Duration::from_secs(10), || {
             let mut c = inst.client(0);
             (1..4).all(|r| {
                 c.rpc("broker.ping", r, b"after", Duration::from_secs(1))
@@ -911,7 +914,7 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
         });
         assert!(
             back,
-            "the links did not recover within 6 s of the KDC's return:\n{}",
+            "the links did not recover within 10 s of the KDC's return:\n{}",
             inst.stderr_text()
         );
         println!(
@@ -1012,7 +1015,7 @@ fn a_principal_without_a_rule_gets_no_binding_and_the_1001st_binding_is_refused(
     if skip() {
         return;
     }
-    run_test(LIMIT, || {
+    run_test(Duration::from_secs(150), || {
         let realm = Realm::start(&["alice", "bob", "carol"]);
         let allow = format!("{}=user", realm.principal("bob"));
         let (inst, _ep) = alice_instance(&realm, 1, &["--allow", &allow]);
@@ -1058,17 +1061,25 @@ fn a_principal_without_a_rule_gets_no_binding_and_the_1001st_binding_is_refused(
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 .unwrap()
         };
+        // Issue 17: one client binds keys in a loop for 60 s; rank 0's
+        // memory stays flat.
         let before = rss();
-        let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 1000, 0);
-        assert!(
-            r.iter().all(|x| x.is_err()),
-            "a bind past the cap succeeded"
-        );
+        let (mut tries, mut peak) = (0usize, before);
+        let looped = Instant::now();
+        while looped.elapsed() < Duration::from_secs(60) {
+            let r = bind_keys(&realm.env("bob"), &kex, &target, "client", 100, 0);
+            assert!(
+                r.iter().all(|x| x.is_err()),
+                "a bind past the cap succeeded"
+            );
+            tries += r.len();
+            peak = peak.max(rss());
+        }
         let after = rss();
-        println!("rank 0 RSS {before} KiB at the cap, {after} KiB after 1,000 more refused binds");
+        println!("rank 0 RSS {before} KiB at the cap, {after} KiB (peak {peak}) after {tries} refused binds in 60 s");
         assert!(
-            after <= before + before / 20,
-            "rank 0 grew from {before} to {after} KiB on refused binds"
+            peak <= before + before / 10,
+            "rank 0 grew from {before} to {peak} KiB on refused binds"
         );
         // alice (another principal) is not held back by bob's cap.
         let r = bind_keys(&realm.env("alice"), &kex, &target, "client", 1, 0);

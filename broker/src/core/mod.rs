@@ -289,6 +289,11 @@ pub enum Input<P> {
     /// The parent connection closed, or a send to it failed.
     /// The parent refused this broker: its ZAP handler refused the key,
     /// or the CURVE handshake failed.
+    /// gssapi: a child's link key binding expired (it was not renewed):
+    /// its messages are dropped until it authenticates again.
+    ChildUnbound {
+        rid: Vec<u8>,
+    },
     ParentRefused {
         reason: String,
     },
@@ -850,6 +855,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             } => self.child_ingress(rid, &user_id, &address, header, payload),
             Input::ChildGone { rid } => self.child_gone(&rid),
             Input::ChildClosed => self.probe_children(),
+            Input::ChildUnbound { rid } => {
+                if let Some(&rank) = self.by_rid.get(&rid) {
+                    self.lose_child(
+                        rank,
+                        "its kerberos key binding expired and was not renewed (is the KDC reachable?); it rejoins once it authenticates again",
+                    );
+                }
+            }
             Input::Parent { header, payload } => self.parent_ingress(header, payload),
             Input::ParentGone { reason } => {
                 if self.parent_state == ParentState::Online && !self.rot.up.active() {
