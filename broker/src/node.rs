@@ -63,6 +63,8 @@ pub struct Broker {
     dealer: Option<zmq::Socket>,
     /// DISCONNECTED events of the router and the dealer.
     router_monitor: Option<zmq::Socket>,
+    /// Announce a clean stop to the parent ([`Broker::with_clean_stop`]).
+    clean_stop: bool,
     dealer_monitor: Option<zmq::Socket>,
     /// Failed handshakes on the remote client endpoint (logged only; drained
     /// on every turn of the loop, so it needs no poll item).
@@ -168,6 +170,7 @@ impl Broker {
             client_router,
             dealer: None,
             router_monitor,
+            clean_stop: false,
             dealer_monitor: None,
             client_monitor,
             local,
@@ -210,6 +213,15 @@ impl Broker {
     /// [`BrokerCore::enable_launcher_mode`].
     pub fn with_launcher_mode(mut self) -> Broker {
         self.core.enable_launcher_mode();
+        self
+    }
+
+    /// A system instance's broker: on SIGTERM it tells its parent it is
+    /// stopping (so the node shows `offline`, not `lost`) and gives libzmq
+    /// a moment to send that. A personal instance's brokers all stop
+    /// together, and stop at once.
+    pub fn with_clean_stop(mut self) -> Broker {
+        self.clean_stop = true;
         self
     }
 
@@ -321,10 +333,12 @@ impl Broker {
                 info!("received a termination signal; shutting down");
                 // Tell the parent this is a clean stop (offline, not lost),
                 // and give libzmq a moment to send it.
-                self.input(Input::Stopping);
-                self.pump()?;
-                if let Some(d) = &self.dealer {
-                    let _ = d.set_linger(200);
+                if self.clean_stop {
+                    self.input(Input::Stopping);
+                    self.pump()?;
+                    if let Some(d) = &self.dealer {
+                        let _ = d.set_linger(200);
+                    }
                 }
                 return Ok(());
             }

@@ -337,6 +337,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             )?;
             broker = broker.with_key_files(files)?;
         }
+        broker = broker.with_clean_stop();
         let local = st.rundir.join(format!("local-{rank}"));
         if let Ok(p) = std::fs::metadata(&local) {
             let mut perm = p.permissions();
