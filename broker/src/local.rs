@@ -91,8 +91,11 @@ impl Local {
         let mut decoding: IdMap<u32, usize> = IdMap::default();
         let mut all = self.total;
         for s in self.streams.values() {
-            *decoding.entry(s.uid).or_default() += s.dec.pending();
-            all += s.dec.pending();
+            let pending = s.dec.pending();
+            if pending > 0 {
+                *decoding.entry(s.uid).or_default() += pending;
+                all += pending;
+            }
         }
         let now = Instant::now();
         let by_uid = &self.by_uid;
