@@ -881,6 +881,23 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
             "binding ended early: {:?}",
             t0.elapsed()
         );
+        // Status says why the rank is not online.
+        let why = canopy_t::wait_until(Duration::from_secs(10), || {
+            let s = inst.status(0);
+            s["ranks"].as_array().is_some_and(|ranks| {
+                ranks.iter().any(|r| {
+                    r["state"] == "lost"
+                        && r["reason"].as_str().is_some_and(|w| {
+                            w.contains("kerberos key binding expired") && w.contains("KDC")
+                        })
+                })
+            })
+        });
+        assert!(
+            why,
+            "no rank shown lost for an expired binding: {}",
+            inst.status(0)
+        );
         let mut c = inst.client(0);
         let r = c.rpc("broker.ping", 1, b"during", Duration::from_secs(2));
         assert!(
