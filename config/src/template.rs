@@ -54,49 +54,41 @@ pub(crate) fn bad_token(template: &str, allowed: Tokens) -> Option<(usize, Strin
 /// Substitute `%h`, `%p` and `%%`. Tokens were checked at load time; any
 /// other `%x` is copied as it is.
 pub(crate) fn substitute(template: &str, host: &str, port: u16) -> String {
-    let mut out = String::with_capacity(template.len() + host.len());
-    let mut chars = template.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek() {
-            Some('h') => out.push_str(host),
-            Some('p') => out.push_str(&port.to_string()),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(*other);
-            }
-            None => {
-                out.push('%');
-                continue;
-            }
-        }
-        chars.next();
-    }
-    out
+    expand(template, |t| match t {
+        'h' => Some(host.to_string()),
+        'p' => Some(port.to_string()),
+        _ => None,
+    })
 }
 
 /// Substitute `%h` (the broker's host), `%r` (its rank) and `%%` in a
 /// per-broker path such as `policy.audit_log` (or `canopy start --audit`).
 pub fn substitute_host_rank(template: &str, host: &str, rank: u32) -> String {
-    let mut out = String::with_capacity(template.len() + host.len());
+    expand(template, |t| match t {
+        'h' => Some(host.to_string()),
+        'r' => Some(rank.to_string()),
+        _ => None,
+    })
+}
+
+/// `%%` is `%`; `%x` is `value(x)`, or copied as it is when that is None.
+fn expand(template: &str, value: impl Fn(char) -> Option<String>) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
     let mut chars = template.chars().peekable();
     while let Some(c) = chars.next() {
         if c != '%' {
             out.push(c);
             continue;
         }
-        match chars.peek() {
-            Some('h') => out.push_str(host),
-            Some('r') => out.push_str(&rank.to_string()),
+        match chars.peek().copied() {
             Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(*other);
-            }
+            Some(t) => match value(t) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    out.push('%');
+                    out.push(t);
+                }
+            },
             None => {
                 out.push('%');
                 continue;
