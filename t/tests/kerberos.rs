@@ -110,6 +110,26 @@ fn an_8_broker_user_instance_comes_up_and_allowed_clients_ping() {
                 text(&out.stderr)
             );
         }
+        // `canopy whoami` over Kerberos: bob, as the broker sees him.
+        {
+            let env = realm.env("bob");
+            let mut e = env_ref(&env);
+            let kex = exported(&inst, "CANOPY_KEX");
+            let target = exported(&inst, "CANOPY_GSS_TARGET");
+            e.push(("CANOPY_KEX", &kex));
+            e.push(("CANOPY_GSS_TARGET", &target));
+            let out = run_canopy(
+                &["whoami", "--json", "--uri", &ep],
+                &e,
+                Duration::from_secs(30),
+            );
+            assert!(out.status.success(), "whoami: {}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["principal"], bob.as_str(), "{v}");
+            assert_eq!(v["mechanism"], "gssapi", "{v}");
+            assert_eq!(v["roles"], "user", "{v}");
+            assert!(v["rule"].as_str().is_some(), "no deciding rule: {v}");
+        }
         // A principal the ACL does not name gets nothing.
         let out = remote_ping(&realm, &inst, &ep, "carol", 0);
         assert!(!out.status.success(), "carol got in: {}", text(&out.stdout));
