@@ -19,6 +19,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
+
+/// The attacks run one at a time: each measures rank 0's memory and the
+/// owner's latency, which another attack running beside it would distort.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 /// The acceptance bound on a broker's growth: 64 MB, in KiB.
 const MAX_GROWTH_KIB: u64 = 64_000_000 / 1024;
 /// The acceptance bound on the owner's ping p99.
@@ -66,6 +76,7 @@ fn check_bounds(what: &str, base_kib: u64, peak_kib: u64, lat: &Latency, log: &s
 /// and partly read frames reach its budget.
 #[test]
 fn slow_readers_on_three_connections_of_one_user() {
+    let _alone = alone();
     run_test(LIMIT, || {
         if !is_root() {
             eprintln!("SKIPPED slow_readers_on_three_connections_of_one_user: needs root");
@@ -151,6 +162,7 @@ fn slow_readers_on_three_connections_of_one_user() {
 /// (b) A remote CURVE client with a `user` key sends a 100 MB ping.
 #[test]
 fn a_100_mb_ping_from_a_remote_user_key() {
+    let _alone = alone();
     run_test(LIMIT, || {
         let dir = tempfile::tempdir().unwrap();
         let (key, principal) = remote_key(dir.path(), "attacker");
@@ -230,6 +242,7 @@ fn a_100_mb_ping_from_a_remote_user_key() {
 /// 0, from 10 connections of two remote user keys.
 #[test]
 fn twenty_thousand_pings_toward_a_stopped_rank() {
+    let _alone = alone();
     run_test(LIMIT, || {
         let dir = tempfile::tempdir().unwrap();
         let (ka, pa) = remote_key(dir.path(), "a");
