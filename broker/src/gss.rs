@@ -655,7 +655,8 @@ pub struct SystemGss {
     opts: GssOpts,
 }
 
-fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
+/// `tcp://HOST:PORT` as (HOST, PORT), brackets off, `*` as `0.0.0.0`.
+pub(crate) fn endpoint_host_port(ep: &str) -> Option<(String, u16)> {
     let hp = ep.strip_prefix("tcp://")?;
     let (h, p) = hp.rsplit_once(':')?;
     let h = h.trim_start_matches('[').trim_end_matches(']');
@@ -690,16 +691,13 @@ fn check_keytab(ktname: &str) -> Result<(), BrokerError> {
 }
 
 /// Where the key exchange listens, from the overlay's bind endpoint's
-/// `HOST:PORT`: `*` is every address, and an interface name (`eth0`, as
+/// `HOST:PORT` ([`endpoint_host_port`] has made `*` `0.0.0.0`): an interface name (`eth0`, as
 /// `tcp://eth0:%p` binds the overlay) is that interface's address, which
 /// the socket API cannot look up by itself.
 fn kex_listen_addr(hostport: &str, rank: u32) -> Result<String, BrokerError> {
     let Some((host, port)) = hostport.rsplit_once(':') else {
         return Ok(hostport.to_string());
     };
-    if host == "*" {
-        return Ok(format!("0.0.0.0:{port}"));
-    }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if bare.parse::<std::net::IpAddr>().is_ok() {
         return Ok(hostport.to_string());

@@ -162,28 +162,17 @@ pub fn check(config: &Config, host: &str, user: (&str, u32)) -> Result<Vec<Findi
     Ok(out)
 }
 
-/// The host part of `tcp://HOST:PORT`, unless it is `*`.
+/// The host part of `tcp://HOST:PORT`, unless it binds every address.
 fn bind_host(ep: &str) -> Option<String> {
-    let hp = ep.strip_prefix("tcp://")?;
-    let (h, _) = hp.rsplit_once(':')?;
-    let h = h.trim_start_matches('[').trim_end_matches(']');
-    (h != "*").then(|| h.to_string())
+    crate::gss::endpoint_host_port(ep)
+        .map(|(h, _)| h)
+        .filter(|h| h != "0.0.0.0" && h != "::")
 }
 
 /// Whether `h` (an interface name, an address or a host name) is on this
 /// host: say what it is, or why not.
 fn local_address(h: &str) -> Result<String, String> {
-    let addrs: Vec<(String, std::net::IpAddr)> = nix::ifaddrs::getifaddrs()
-        .map_err(|e| format!("cannot list this host's interfaces: {e}"))?
-        .filter_map(|a| {
-            let sa = a.address?;
-            let ip = sa
-                .as_sockaddr_in()
-                .map(|v| std::net::IpAddr::V4(v.ip()))
-                .or_else(|| sa.as_sockaddr_in6().map(|v| std::net::IpAddr::V6(v.ip())))?;
-            Some((a.interface_name, ip))
-        })
-        .collect();
+    let addrs = crate::iface::addresses().map_err(|e| e.to_string())?;
     if let Some((_, ip)) = addrs.iter().find(|(n, _)| n == h) {
         return Ok(format!("interface {h}, {ip}"));
     }

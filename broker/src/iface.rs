@@ -97,7 +97,7 @@ pub fn default_route_interface(route_table: &str) -> Option<String> {
 }
 
 /// This host's interface addresses: (interface, address).
-fn addresses() -> Result<Vec<(String, IpAddr)>, BrokerError> {
+pub fn addresses() -> Result<Vec<(String, IpAddr)>, BrokerError> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(BrokerError::Interfaces)?;
     let mut out = Vec::new();
     for a in addrs {

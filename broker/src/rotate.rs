@@ -247,24 +247,41 @@ pub fn init_keys(
                 .map_err(|e| ferr(format!("cannot create {}: {e}", dir.display())))?;
         }
     }
-    for (host, secret, public) in &plan {
+    let write = |host: &str, secret: &Path, public: &Path| -> Result<(), RotateError> {
         let kp = CurveKeypair::generate().map_err(ferr)?;
         cert::write_pair(&kp, host, secret, public).map_err(ferr)?;
-        if let Some((uid, gid)) = owner {
-            nix::unistd::chown(
-                secret.as_path(),
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            )
-            .map_err(|e| {
-                ferr(format!(
-                    "cannot give {} to uid {uid}: {e}; run key init as root",
-                    secret.display()
-                ))
-            })?;
+        match owner {
+            Some((uid, gid)) => chown_to(secret, uid, gid, "run key init as root"),
+            None => Ok(()),
+        }
+    };
+    for (i, (host, secret, public)) in plan.iter().enumerate() {
+        if let Err(e) = write(host, secret, public) {
+            // All or nothing: a half-written layout would make the next
+            // attempt refuse with "already exists".
+            for (_, s, p) in &plan[..=i] {
+                let _ = std::fs::remove_file(s);
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
         }
     }
     Ok(plan)
+}
+
+/// Give `path` to `uid`:`gid`; `fix` says how to get the right to.
+fn chown_to(path: &Path, uid: u32, gid: u32, fix: &str) -> Result<(), RotateError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| {
+        ferr(format!(
+            "cannot give {} to uid {uid}, gid {gid}: {e}; {fix}",
+            path.display()
+        ))
+    })
 }
 
 /// Give `new` the owner and group of `like` (the file it will replace),
@@ -278,18 +295,15 @@ fn keep_owner(new: &Path, like: &Path) -> Result<(), RotateError> {
     if uid == nix::unistd::geteuid().as_raw() && gid == nix::unistd::getegid().as_raw() {
         return Ok(());
     }
-    nix::unistd::chown(
+    chown_to(
         new,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    )
-    .map_err(|e| {
-        ferr(format!(
-            "cannot give {} the owner of {} (uid {uid}, gid {gid}): {e}; run `canopy key new` as that user or as root",
-            new.display(),
+        uid,
+        gid,
+        &format!(
+            "it would replace {}, which they own; run `canopy key new` as that user or as root",
             like.display()
-        ))
-    })
+        ),
+    )
 }
 
 /// `canopy key retire HOST`, on disk: the `.next` certificates replace the

@@ -124,24 +124,22 @@ pub enum Transport {
 
 static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Watch `sock` for closed connections and failed handshakes: returns a
-/// PAIR socket that receives libzmq's DISCONNECTED and HANDSHAKE_FAILED
-/// events (the latter are logged by [`drain_monitor`]); the parent link's also
-/// reports a key its parent refused ([`parent_monitor`]).
+/// The events every monitor watches: closed connections and failed
+/// handshakes (the latter are logged by [`drain_monitor`]).
+const WATCHED: i32 = zmq::SocketEvent::DISCONNECTED as i32
+    | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+    | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32;
+
+/// Watch `sock` ([`WATCHED`]): returns a PAIR socket that receives
+/// libzmq's events.
 pub(crate) fn disconnect_monitor(
     ctx: &zmq::Context,
     sock: &zmq::Socket,
 ) -> Result<zmq::Socket, BrokerError> {
-    monitor(
-        ctx,
-        sock,
-        zmq::SocketEvent::DISCONNECTED as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32,
-    )
+    monitor(ctx, sock, WATCHED)
 }
 
-/// The parent link's monitor: closed connections and failed handshakes.
+/// The parent link's monitor: also a key its parent refused.
 pub(crate) fn parent_monitor(
     ctx: &zmq::Context,
     sock: &zmq::Socket,
@@ -149,10 +147,7 @@ pub(crate) fn parent_monitor(
     monitor(
         ctx,
         sock,
-        zmq::SocketEvent::DISCONNECTED as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32,
+        WATCHED | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32,
     )
 }
 

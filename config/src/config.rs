@@ -820,16 +820,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
                     format!("'{}' is not a tcp:// endpoint; remote clients connect over TCP, e.g. tcp://*:7700", b.value),
                 ));
             }
-            endpoint_ok(&template::substitute(&b.value, &hosts[0], default_port)).map_err(
-                |p| match p {
-                    EndpointProblem::Port(port) => ConfigError::BadPort {
-                        at: ctx.loc(&b.pos),
-                        key: "clients.bind".to_string(),
-                        port,
-                    },
-                    EndpointProblem::Form(message) => invalid(&b.pos, "clients.bind", message),
-                },
-            )?;
+            check_endpoint(&b.value, &hosts[0], &b.pos, "clients.bind")?;
             let hosts_of = match listed {
                 None => vec![hosts[0].clone()],
                 Some(v) => {

@@ -2252,32 +2252,33 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// An event to every child and to every matching subscriber.
     /// `for_children` is the payload to send the children if the caller
     /// has one to give up (else `data` is copied once).
-    fn distribute_event(&mut self, ev: &Header, data: &[u8], for_children: Option<P>) {
-        let mut children = self.child_rids.clone();
-        if !self.children.is_empty() {
-            if self.rot.held.is_empty() {
-                let same = self.child_rids.len() == self.children.len()
-                    && self
-                        .child_rids
-                        .iter()
-                        .zip(self.children.values())
-                        .all(|(a, c)| *a == c.rid);
-                if !same {
-                    self.child_rids = self.children.values().map(|c| c.rid.clone()).collect();
-                }
-                children = self.child_rids.clone();
-            } else {
-                // A child is being rebound: what goes to it is held.
-                children = Arc::from(Vec::new());
-                let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
-                for rid in rids {
-                    self.send_rid_owned(rid, ev.clone(), P::from(data.to_vec()));
-                }
-            }
-        } else if !children.is_empty() {
-            children = Arc::from(Vec::new());
-            self.child_rids = children.clone();
+    /// The children's routing ids, from the cache unless the children
+    /// changed since it was made.
+    fn child_rid_list(&mut self) -> Arc<[Vec<u8>]> {
+        let same = self.child_rids.len() == self.children.len()
+            && self
+                .child_rids
+                .iter()
+                .zip(self.children.values())
+                .all(|(a, c)| *a == c.rid);
+        if !same {
+            self.child_rids = self.children.values().map(|c| c.rid.clone()).collect();
         }
+        self.child_rids.clone()
+    }
+
+    fn distribute_event(&mut self, ev: &Header, data: &[u8], for_children: Option<P>) {
+        let children = if self.rot.held.is_empty() {
+            self.child_rid_list()
+        } else {
+            // A child is being rebound: what goes to it is held, so each
+            // child takes the general path.
+            let rids: Vec<Vec<u8>> = self.children.values().map(|c| c.rid.clone()).collect();
+            for rid in rids {
+                self.send_rid_owned(rid, ev.clone(), P::from(data.to_vec()));
+            }
+            Arc::from(Vec::new())
+        };
         // Local subscribers whose access is settled share the one
         // transmit; the others take the general path.
         let mut locals = Vec::new();
