@@ -781,3 +781,46 @@ fn a_clean_stop_is_offline_not_lost() {
         RankState::Lost
     );
 }
+
+/// One event goes out as one `Transmit::Event` to settled subscribers; a
+/// subscriber whose access is being decided again gets it only once the
+/// decision allows it, and exactly once.
+#[test]
+fn an_event_waits_for_a_subscriber_being_decided_again() {
+    let mut s = Sim::new(2, 1);
+    s.policy = allow(&[("unix:u2000", Roles::USER)]);
+    s.run_for(50);
+    let owner = s.connect(0, OWNER_UID);
+    let settled = s.connect(1, OWNER_UID);
+    let pending = s.connect(1, 2000);
+    s.run_for(5);
+    for id in [settled, pending] {
+        let t = s.request(1, id, "event.subscribe", NODEID_ANY, b"*");
+        s.settle();
+        ok_once(&s, 1, id, t);
+    }
+    // A slow re-decision on rank 1 (the owner, known by uid, is not
+    // re-decided).
+    s.decide_ms = 1000;
+    s.nodes[1].core.handle(s.now, Input::Hangup);
+    // The new policy is read (1 s), then each client is decided under it
+    // (1 s more): publish in between.
+    s.run_for(1005);
+    s.publish(0, owner, "a.b", b"1");
+    s.run_for(5);
+    assert_eq!(
+        s.events(1, settled).len(),
+        1,
+        "the settled subscriber waits for nobody"
+    );
+    assert!(
+        s.events(1, pending).is_empty(),
+        "delivered before the decision"
+    );
+    s.run_for(1100);
+    for id in [settled, pending] {
+        let ev = s.events(1, id);
+        assert_eq!(ev.len(), 1, "client {id}: {ev:?}");
+        assert_eq!(ev[0].payload, b"1");
+    }
+}
