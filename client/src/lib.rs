@@ -1,4 +1,6 @@
-//! A synchronous client for a canopy broker.
+//! Clients for a canopy broker: [`Client`], synchronous, for tools; and
+//! [`aio::AsyncClient`] (tokio), for programs with many requests in
+//! flight and for services offered by clients (docs/protocol.md §6.1).
 //!
 //! Tools find the broker through `--uri` or the `CANOPY_URI` environment
 //! variable, which `canopy start` sets for the command it runs. A URI is
@@ -8,6 +10,8 @@
 //! `CANOPY_KEY` (a file) and the broker's public key from
 //! `CANOPY_SERVER_KEY` (40 Z85 characters, or a certificate file).
 #![forbid(unsafe_code)]
+
+pub mod aio;
 
 use canopy_proto::frame::{encode_frame, FrameDecoder, FrameError};
 use canopy_proto::{errno, Header, MsgType};
@@ -118,7 +122,7 @@ pub const HEARTBEAT_IVL_MS: i32 = 1_000;
 /// Silence after which the connection counts as lost.
 pub const HEARTBEAT_TIMEOUT_MS: i32 = 3_000;
 /// Longest a send may block (a send never waits for a lost broker).
-const SEND_TIMEOUT_MS: i32 = 5_000;
+pub(crate) const SEND_TIMEOUT_MS: i32 = 5_000;
 
 pub struct Client {
     conn: Conn,
@@ -228,7 +232,7 @@ impl TcpKeys {
     }
 }
 
-static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Client {
     /// Connect to `--uri` if given, else to `CANOPY_URI`.
@@ -582,7 +586,7 @@ fn recv_tcp(
     }
 }
 
-fn check(m: Msg) -> Result<Msg, ClientError> {
+pub(crate) fn check(m: Msg) -> Result<Msg, ClientError> {
     if m.header.errnum == 0 {
         return Ok(m);
     }
