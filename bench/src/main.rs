@@ -2,6 +2,8 @@
 //!
 //! Scenarios: `start` (launch-to-exit wall time per instance size), `rpc`
 //! (`broker.ping` latency and throughput to chosen ranks of one instance),
+//! `service` (the same for a service offered by an async Rust client,
+//! next to `broker.ping`),
 //! `event` (publish rate and one-way delivery latency on every rank),
 //! `link` (one CURVE link against a raw libzmq pair), `memory` (broker
 //! RSS idle and after routing), `acl` (policy decisions), `hostile`
@@ -24,6 +26,7 @@ mod machine;
 mod memory;
 mod report;
 mod rpc;
+mod service;
 mod start;
 mod stats;
 mod wire;
@@ -65,6 +68,10 @@ enum Cmd {
     /// broker.ping latency (window 1: p50, p99) and throughput (a window
     /// in flight) from rank 0's local connector to each target rank.
     Rpc(RpcArgs),
+    /// Latency and throughput of a service offered by an async Rust client
+    /// (echo.echo) at each target rank, next to broker.ping in the same
+    /// runs; reports the targets (p50 <= ping + 25 us, throughput >= 70%).
+    Service(ServiceArgs),
     /// ACL decisions per second for a synthetic policy of N rules (the
     /// engine behind the ZAP handler; no broker needed).
     Acl(AclArgs),
@@ -250,6 +257,15 @@ struct RpcArgs {
     reply_timeout: f64,
 }
 
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    #[command(flatten)]
+    rpc: RpcArgs,
+    /// Worker threads of the echo providers' tokio runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    provider_threads: u32,
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     tool: &'static str,
@@ -262,6 +278,8 @@ struct Report<'a> {
     start: Option<start::StartReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rpc: Option<rpc::RpcReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<service::ServiceReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acl: Option<acl::AclReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -337,6 +355,13 @@ fn rpc_params(cli: &Cli, a: &RpcArgs) -> Result<rpc::RpcParams> {
     Ok(p)
 }
 
+fn service_params(cli: &Cli, a: &ServiceArgs) -> Result<service::ServiceParams> {
+    Ok(service::ServiceParams {
+        rpc: rpc_params(cli, &a.rpc)?,
+        provider_threads: a.provider_threads as usize,
+    })
+}
+
 fn event_params(cli: &Cli, a: &EventArgs) -> Result<event::EventParams> {
     Ok(event::EventParams {
         size: a.size,
@@ -389,6 +414,7 @@ fn memory_params(cli: &Cli, a: &MemoryArgs) -> Result<memory::MemoryParams> {
 struct SmokeParams {
     start: start::StartParams,
     rpc: rpc::RpcParams,
+    service: service::ServiceParams,
     event: event::EventParams,
     link: link::LinkParams,
     memory: memory::MemoryParams,
@@ -418,6 +444,23 @@ fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
                 pad: List(vec![0, 1024]),
                 runs: 1,
                 reply_timeout: 10.0,
+            },
+        )?,
+        service: service_params(
+            cli,
+            &ServiceArgs {
+                rpc: RpcArgs {
+                    size: 2,
+                    fanout: 2,
+                    ranks: List(vec![0, 1]),
+                    count: 50,
+                    warmup: 10,
+                    window: 8,
+                    pad: List(vec![0]),
+                    runs: 1,
+                    reply_timeout: 10.0,
+                },
+                provider_threads: 1,
             },
         )?,
         event: event_params(
@@ -491,6 +534,19 @@ fn check_smoke(r: &Report) -> Result<()> {
             bail!("rpc: missing or invalid results");
         }
     }
+    if let Some(r) = &r.service {
+        let side_ok = |x: &service::Side| {
+            ok(&x.latency_p50_us) && ok(&x.latency_p99_us) && ok(&x.throughput_rps)
+        };
+        if r.results.len() != r.params.rpc.ranks.len() * r.params.rpc.pads.len()
+            || !r
+                .results
+                .iter()
+                .all(|x| side_ok(&x.ping) && side_ok(&x.service))
+        {
+            bail!("service: missing or invalid results");
+        }
+    }
     if let Some(e) = &r.event {
         if !e.all_received
             || e.ranks.len() != e.params.size as usize
@@ -518,6 +574,7 @@ fn check_smoke(r: &Report) -> Result<()> {
     }
     let teardowns = [
         ("rpc", r.rpc.as_ref().map(|x| &x.teardown)),
+        ("service", r.service.as_ref().map(|x| &x.teardown)),
         ("event", r.event.as_ref().map(|x| &x.teardown)),
         ("link", r.link.as_ref().map(|x| &x.teardown)),
         ("memory", r.memory.as_ref().map(|x| &x.teardown)),
@@ -635,6 +692,23 @@ fn run(cli: &Cli) -> Result<()> {
                         || rpc::run(c, &p),
                         rpc::table,
                         |r, x| r.rpc = Some(x),
+                    )
+                }),
+            )
+        }
+        Cmd::Service(a) => {
+            let p = service_params(cli, a)?;
+            (
+                "service",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "service",
+                        false,
+                        || service::run(c, &p),
+                        service::table,
+                        |r, x| r.service = Some(x),
                     )
                 }),
             )
@@ -769,6 +843,14 @@ fn smoke(r: &mut Report, c: &Path, sp: &SmokeParams) -> Result<()> {
     )?;
     scenario(
         r,
+        "service",
+        true,
+        || service::run(c, &sp.service),
+        service::table,
+        |r, x| r.service = Some(x),
+    )?;
+    scenario(
+        r,
         "event",
         true,
         || event::run(c, &sp.event),
@@ -846,6 +928,7 @@ fn measure(cli: &Cli, name: &'static str, needs_canopy: bool, body: Body) -> Res
         machine: &machine,
         start: None,
         rpc: None,
+        service: None,
         acl: None,
         event: None,
         link: None,
@@ -936,11 +1019,24 @@ mod tests {
     }
 
     #[test]
+    fn service_defaults_match_rpc() {
+        let c = parse(&["service"]).unwrap();
+        let Cmd::Service(a) = &c.cmd else { panic!() };
+        let p = service_params(&c, a).unwrap();
+        assert_eq!(p.rpc.ranks, vec![0, 1, 7]);
+        assert_eq!((p.rpc.size, p.rpc.window, p.provider_threads), (8, 64, 1));
+        let c = parse(&["service", "--size", "4", "--ranks", "0,9"]).unwrap();
+        let Cmd::Service(a) = &c.cmd else { panic!() };
+        assert!(service_params(&c, a).is_err());
+    }
+
+    #[test]
     fn smoke_is_tiny() {
         let c = parse(&["smoke"]).unwrap();
         let p = smoke_params(&c).unwrap();
         assert_eq!((p.start.sizes.clone(), p.start.runs), (vec![1, 2], 1));
         assert_eq!((p.rpc.count, p.rpc.runs), (50, 1));
+        assert_eq!((p.service.rpc.count, p.service.rpc.runs), (50, 1));
         assert_eq!(p.event.runs, 1);
         assert!(p.link.messages(0) <= 2000 && p.memory.messages <= 2000);
     }
@@ -957,6 +1053,7 @@ mod tests {
             machine: &m,
             start: None,
             rpc: None,
+            service: None,
             acl: None,
             event: None,
             link: None,

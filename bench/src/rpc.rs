@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const PING: &str = "broker.ping";
+pub(crate) const PING: &str = "broker.ping";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RpcParams {
@@ -73,10 +73,10 @@ pub struct RpcReport {
 
 /// One run's statistics for one (rank, pad).
 #[derive(Clone, Copy, Debug)]
-struct Sample {
-    p50_us: f64,
-    p99_us: f64,
-    rps: f64,
+pub(crate) struct Sample {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub rps: f64,
 }
 
 pub fn validate(p: &RpcParams) -> Result<()> {
@@ -146,7 +146,7 @@ fn measure(uri: &str, p: &RpcParams, ticks: &Progress) -> Result<Vec<Vec<Sample>
         let mut this = Vec::new();
         for &rank in &p.ranks {
             for &pad in &p.pads {
-                let s = measure_one(uri, rank, pad, p, ticks)
+                let s = measure_one(uri, PING, rank, pad, p, ticks)
                     .with_context(|| format!("run {run}, rank {rank}, pad {pad}"))?;
                 eprintln!(
                     "rpc: run {run}/{} rank {rank} pad {pad}: p50 {:.1} us, p99 {:.1} us, {:.0} req/s",
@@ -160,8 +160,11 @@ fn measure(uri: &str, p: &RpcParams, ticks: &Progress) -> Result<Vec<Vec<Sample>
     Ok(all)
 }
 
-fn measure_one(
+/// Latency (window 1) and throughput (`p.window` in flight) of `topic`,
+/// an echo, at `rank`, over a fresh connection to `uri`.
+pub(crate) fn measure_one(
     uri: &str,
+    topic: &str,
     rank: u32,
     pad: usize,
     p: &RpcParams,
@@ -174,14 +177,14 @@ fn measure_one(
     let t = p.reply_timeout;
 
     for _ in 0..p.warmup {
-        let m = c.rpc(PING, rank, &payload, t)?;
+        let m = c.rpc(topic, rank, &payload, t)?;
         check_echo(&m, rank, &payload)?;
         tick();
     }
     let mut lat = Vec::with_capacity(p.count as usize);
     for _ in 0..p.count {
         let t0 = Instant::now();
-        let m = c.rpc(PING, rank, &payload, t)?;
+        let m = c.rpc(topic, rank, &payload, t)?;
         let dt = t0.elapsed();
         check_echo(&m, rank, &payload)?;
         lat.push(dt.as_secs_f64() * 1e6);
@@ -195,7 +198,7 @@ fn measure_one(
     let t0 = Instant::now();
     while done < total {
         while sent < total && inflight.len() < window {
-            inflight.insert(c.send(PING, rank, &payload)?);
+            inflight.insert(c.send(topic, rank, &payload)?);
             sent += 1;
         }
         let m = c.recv(t)?;
@@ -204,7 +207,7 @@ fn measure_one(
         }
         if m.header.errnum != 0 {
             bail!(
-                "{PING} failed on rank {}: {}: {}",
+                "{topic} failed on rank {}: {}: {}",
                 m.header.nodeid,
                 errno::name(m.header.errnum),
                 String::from_utf8_lossy(&m.payload)
@@ -212,7 +215,7 @@ fn measure_one(
         }
         if m.payload.len() != pad {
             bail!(
-                "rank {} echoed {} bytes for a {pad}-byte ping",
+                "rank {} echoed {} bytes for a {pad}-byte {topic}",
                 m.header.nodeid,
                 m.payload.len()
             );
