@@ -111,7 +111,8 @@ pub fn run(canopy: &Path, p: &ServiceParams) -> Result<ServiceReport> {
     for (i, &rank) in rp.ranks.iter().enumerate() {
         for (j, &pad) in rp.pads.iter().enumerate() {
             let side = |k: usize| -> Result<Side> {
-                let runs: Vec<Sample> = samples.iter().map(|run| run[(i * n + j) * 2 + k]).collect();
+                let runs: Vec<Sample> =
+                    samples.iter().map(|run| run[(i * n + j) * 2 + k]).collect();
                 let sum = |f: fn(&Sample) -> f64| {
                     Summary::of(runs.iter().map(f).collect()).ok_or_else(|| anyhow!("no runs"))
                 };

@@ -647,9 +647,10 @@ impl AsyncClient {
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(payload);
         let m = self.rpc("event.pub", 0, body).await?;
-        let seq: [u8; 8] = m.payload.as_slice().try_into().map_err(|_| {
-            FrameError::Header(canopy_proto::ProtoError::TooShort(m.payload.len()))
-        })?;
+        let seq: [u8; 8] =
+            m.payload.as_slice().try_into().map_err(|_| {
+                FrameError::Header(canopy_proto::ProtoError::TooShort(m.payload.len()))
+            })?;
         Ok(u64::from_be_bytes(seq))
     }
 

@@ -169,7 +169,10 @@ async fn service_error_is_a_notice_not_the_answer_to_a_request() {
             message: "token was never delivered to this connection".into()
         }
     );
-    assert!(!call.is_finished(), "a service.error must not answer our rpc");
+    assert!(
+        !call.is_finished(),
+        "a service.error must not answer our rpc"
+    );
     // A stray token 0 is not a refusal either.
     se.matchtag = 0;
     b.send(&se, b"token 0").await;
@@ -283,7 +286,10 @@ async fn events_go_to_matching_subscriptions() {
         async move { c.subscribe("kvs.*").await }
     });
     let (h, p) = b.recv().await;
-    assert_eq!((h.topic.as_str(), p.as_slice()), ("event.subscribe", &b"kvs.*"[..]));
+    assert_eq!(
+        (h.topic.as_str(), p.as_slice()),
+        ("event.subscribe", &b"kvs.*"[..])
+    );
     b.answer(&h, 0, b"").await;
     let mut s1 = s1.await.unwrap().unwrap();
     let s2 = tokio::spawn({
@@ -330,7 +336,11 @@ async fn the_end_of_the_connection_fails_what_waits() {
     });
     b.recv().await;
     drop(b);
-    let e = tokio::time::timeout(T, call).await.unwrap().unwrap().unwrap_err();
+    let e = tokio::time::timeout(T, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(e, ClientError::Closed), "{e}");
     assert!(matches!(c.closed().await, ClientError::Closed));
     assert!(matches!(
@@ -351,7 +361,11 @@ async fn a_refusal_frame_is_reported_as_refused() {
     h.msg_type = MsgType::Response;
     h.errnum = errno::EPERM;
     b.send(&h, b"permission denied: not the owner").await;
-    let e = tokio::time::timeout(T, call).await.unwrap().unwrap().unwrap_err();
+    let e = tokio::time::timeout(T, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert!(
         matches!(&e, ClientError::Refused(m) if m.contains("not the owner")),
         "{e}"

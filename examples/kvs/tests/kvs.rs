@@ -35,10 +35,17 @@ impl Kvs {
     /// Start `canopy-kvs` on rank `rank`'s local connector and wait for it
     /// to say it serves.
     fn start(inst: &Instance, rank: u32) -> Kvs {
+        Kvs::start_with(inst, &inst.local_uri(rank), &[], rank)
+    }
+
+    /// Start it on `uri`, with extra environment; it must say it serves
+    /// on rank `rank`.
+    fn start_with(inst: &Instance, uri: &str, env: &[(&str, &str)], rank: u32) -> Kvs {
         let mut child = Command::new(env!("CARGO_BIN_EXE_canopy-kvs"))
             .arg("--uri")
-            .arg(inst.local_uri(rank))
+            .arg(uri)
             .env_remove("CANOPY_URI")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .process_group(inst.pid())
@@ -65,11 +72,13 @@ impl Kvs {
 }
 
 fn rpc(c: &mut Client, topic: &str, nodeid: u32, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
-    c.rpc(topic, nodeid, payload, RPC_TIMEOUT).map(|m| m.payload)
+    c.rpc(topic, nodeid, payload, RPC_TIMEOUT)
+        .map(|m| m.payload)
 }
 
 fn json(b: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(b).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
+    serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -92,12 +101,20 @@ fn kvs_serves_callers_across_the_tree() {
         let mut c3 = inst.client(3);
         c2.subscribe("kvs.changed", RPC_TIMEOUT).unwrap();
 
-        let put = rpc(&mut c3, "kvs.put", NODEID_ANY, br#"{"key":"a","value":"1"}"#)
-            .expect("kvs.put from rank 3 with nodeid ANY");
+        let put = rpc(
+            &mut c3,
+            "kvs.put",
+            NODEID_ANY,
+            br#"{"key":"a","value":"1"}"#,
+        )
+        .expect("kvs.put from rank 3 with nodeid ANY");
         let put = json(&put);
         assert_eq!(put["key"], "a");
         assert_eq!(put["version"], 1);
-        assert!(put["seq"].as_u64().is_some(), "put published no event: {put}");
+        assert!(
+            put["seq"].as_u64().is_some(),
+            "put published no event: {put}"
+        );
         assert_eq!(rpc(&mut c0, "kvs.get", 1, b"a").unwrap(), b"1");
         let m = c3.rpc("kvs.get", NODEID_ANY, b"a", RPC_TIMEOUT).unwrap();
         assert_eq!(m.header.nodeid, 1, "the answer names the provider's rank");
@@ -107,8 +124,14 @@ fn kvs_serves_callers_across_the_tree() {
         assert_eq!(ev.header.topic, "kvs.changed");
         assert_eq!(Some(ev.header.seq), put["seq"].as_u64());
         let body = json(&ev.payload);
-        assert_eq!((body["key"].as_str(), body["op"].as_str()), (Some("a"), Some("put")));
-        assert!(body["by"].as_str().is_some_and(|p| p.starts_with("unix:")), "{body}");
+        assert_eq!(
+            (body["key"].as_str(), body["op"].as_str()),
+            (Some("a"), Some("put"))
+        );
+        assert!(
+            body["by"].as_str().is_some_and(|p| p.starts_with("unix:")),
+            "{body}"
+        );
 
         // Errors are the service's own.
         let e = rpc(&mut c0, "kvs.get", 1, b"nope").unwrap_err();
@@ -124,11 +147,17 @@ fn kvs_serves_callers_across_the_tree() {
         assert_eq!(e.errnum(), Some(errno::ENOSYS), "{e}");
 
         rpc(&mut c0, "kvs.put", 1, br#"{"key":"b","value":"2"}"#).unwrap();
-        assert_eq!(json(&rpc(&mut c0, "kvs.keys", 1, b"").unwrap()), serde_json::json!(["a", "b"]));
+        assert_eq!(
+            json(&rpc(&mut c0, "kvs.keys", 1, b"").unwrap()),
+            serde_json::json!(["a", "b"])
+        );
         assert_eq!(rpc(&mut c3, "kvs.del", NODEID_ANY, b"a").unwrap(), b"");
         let e = rpc(&mut c0, "kvs.get", 1, b"a").unwrap_err();
         assert_eq!(e.errnum(), Some(errno::ENOENT), "{e}");
-        assert_eq!(json(&rpc(&mut c0, "kvs.keys", 1, b"").unwrap()), serde_json::json!(["b"]));
+        assert_eq!(
+            json(&rpc(&mut c0, "kvs.keys", 1, b"").unwrap()),
+            serde_json::json!(["b"])
+        );
 
         // service.list on rank 1 shows it, with its methods and roles.
         let list = json(&rpc(&mut c0, "service.list", 1, b"").unwrap());
@@ -144,9 +173,10 @@ fn kvs_serves_callers_across_the_tree() {
 
         // When the provider goes, so does the service.
         drop(kvs);
-        let gone = canopy_t::wait_until(Duration::from_secs(10), || {
-            matches!(rpc(&mut c0, "kvs.get", 1, b"b"), Err(e) if e.errnum() == Some(errno::ENOSYS))
-        });
+        let gone = canopy_t::wait_until(
+            Duration::from_secs(10),
+            || matches!(rpc(&mut c0, "kvs.get", 1, b"b"), Err(e) if e.errnum() == Some(errno::ENOSYS)),
+        );
         assert!(gone, "kvs.get still answered after canopy-kvs was killed");
     });
 }
@@ -170,7 +200,11 @@ fn an_async_rust_service_handles_64_concurrent_callers() {
             for i in 0..64usize {
                 let rank = i % 4;
                 let c = AsyncClient::connect(Some(&uris[rank])).await.unwrap();
-                let target = if rank == 1 || rank == 3 { NODEID_ANY } else { 1 };
+                let target = if rank == 1 || rank == 3 {
+                    NODEID_ANY
+                } else {
+                    1
+                };
                 callers.push((c, target));
             }
             let t = Duration::from_secs(20);
@@ -192,7 +226,11 @@ fn an_async_rust_service_handles_64_concurrent_callers() {
                 assert_eq!(m.payload, format!("v{i}").into_bytes(), "get {i}");
                 assert_eq!(m.header.nodeid, 1);
             }
-            let keys = callers[0].0.rpc_timeout("kvs.keys", 1, "k", t).await.unwrap();
+            let keys = callers[0]
+                .0
+                .rpc_timeout("kvs.keys", 1, "k", t)
+                .await
+                .unwrap();
             assert_eq!(json(&keys.payload).as_array().map(Vec::len), Some(64));
 
             // An in-process provider on rank 2 whose handler waits for all.
@@ -223,7 +261,11 @@ fn an_async_rust_service_handles_64_concurrent_callers() {
                 assert_eq!(m.payload, format!("met {i}").into_bytes());
             }
             assert_eq!(provider.unserve("meet").await.unwrap(), 0);
-            let e = callers[0].0.rpc_timeout("meet.all", 2, "1", t).await.unwrap_err();
+            let e = callers[0]
+                .0
+                .rpc_timeout("meet.all", 2, "1", t)
+                .await
+                .unwrap_err();
             assert_eq!(e.errnum(), Some(errno::ENOSYS), "{e}");
         });
     });
@@ -242,4 +284,119 @@ where
         out.push(h.await.expect("a caller task panicked"));
     }
     out
+}
+
+/// A CURVE identity for a remote client: its secret key file and principal.
+fn remote_ident(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let kp = canopy_security::CurveKeypair::generate().unwrap();
+    let key = dir.join(name);
+    canopy_security::cert::write_pair(&kp, name, &key, &dir.join(format!("{name}.pub"))).unwrap();
+    (key, canopy_security::curve_principal(kp.public()))
+}
+
+/// Rank 0's remote client endpoint and public key.
+fn endpoint(inst: &Instance) -> (String, String) {
+    let s = inst.status(0);
+    (
+        s["broker"]["client_endpoint"]
+            .as_str()
+            .expect("rank 0 has a client endpoint")
+            .to_string(),
+        s["broker"]["public_key"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The tcp side (a zmq bridge thread): many requests in flight, events,
+/// and a refused key reported as a refusal.
+#[test]
+fn the_async_client_over_curve_keeps_requests_in_flight_and_follows_events() {
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, principal) = remote_ident(dir.path(), "op");
+        let (stranger, _) = remote_ident(dir.path(), "stranger");
+        let allow = format!("{principal}=operator");
+        let inst = Instance::start(
+            4,
+            2,
+            &["--listen-clients", "tcp://127.0.0.1:*", "--allow", &allow],
+        );
+        let (ep, server) = endpoint(&inst);
+        let rt = runtime();
+        rt.block_on(async {
+            let keys = canopy_client::TcpKeys::load(&key, &server).unwrap();
+            let c = AsyncClient::connect_tcp(&ep, &keys).unwrap();
+            let t = Duration::from_secs(20);
+            let calls = (0..64u32).map(|i| {
+                let c = c.clone();
+                async move { c.rpc_timeout("broker.ping", i % 4, i.to_string(), t).await }
+            });
+            for (i, r) in futures_join_all(calls).await.into_iter().enumerate() {
+                let m = r.unwrap_or_else(|e| panic!("ping {i}: {e}"));
+                assert_eq!(m.payload, i.to_string().into_bytes());
+                assert_eq!(m.header.nodeid, i as u32 % 4);
+            }
+            let mut sub = c.subscribe("test.*").await.unwrap();
+            let seq = c.publish("test.x", "hello").await.unwrap();
+            let ev = tokio::time::timeout(t, sub.next()).await.unwrap().unwrap();
+            assert_eq!(
+                (
+                    ev.header.topic.as_str(),
+                    ev.header.seq,
+                    ev.payload.as_slice()
+                ),
+                ("test.x", seq, &b"hello"[..])
+            );
+
+            let keys = canopy_client::TcpKeys::load(&stranger, &server).unwrap();
+            let s = AsyncClient::connect_tcp(&ep, &keys).unwrap();
+            let e = s.rpc_timeout("broker.ping", 0, "x", t).await.unwrap_err();
+            assert!(matches!(e, ClientError::Refused(_)), "{e}");
+        });
+    });
+}
+
+/// `canopy-kvs` as a remote provider over CURVE, allowed by a policy rule
+/// with `register = ["kvs"]`; a local caller reaches it through rank 0.
+#[test]
+fn kvs_serves_from_a_remote_client_over_curve() {
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, principal) = remote_ident(dir.path(), "provider");
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "[[rule]]\nname = \"provider\"\nprincipal = \"{principal}\"\nroles = [\"operator\"]\nregister = [\"kvs\"]\n"
+            ),
+        )
+        .unwrap();
+        let inst = Instance::start(
+            2,
+            2,
+            &[
+                "--listen-clients",
+                "tcp://127.0.0.1:*",
+                "--policy",
+                policy.to_str().unwrap(),
+            ],
+        );
+        let (ep, server) = endpoint(&inst);
+        let key = key.to_str().unwrap().to_string();
+        let _kvs = Kvs::start_with(
+            &inst,
+            &ep,
+            &[("CANOPY_KEY", &key), ("CANOPY_SERVER_KEY", &server)],
+            0,
+        );
+        let mut c1 = inst.client(1);
+        rpc(
+            &mut c1,
+            "kvs.put",
+            NODEID_ANY,
+            br#"{"key":"r","value":"remote"}"#,
+        )
+        .expect("kvs.put from rank 1 reaches the remote provider on rank 0");
+        let m = c1.rpc("kvs.get", 0, b"r", RPC_TIMEOUT).unwrap();
+        assert_eq!((m.payload.as_slice(), m.header.nodeid), (&b"remote"[..], 0));
+    });
 }
