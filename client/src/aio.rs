@@ -819,9 +819,11 @@ impl Drop for Subscription {
         };
         // The broker removes every identical subscription of this
         // connection: only when no other local one shares the pattern.
-        // Its answer (tag 0 is never pending) is ignored.
+        // Its answer finds no pending request and is ignored (not tag 0:
+        // an error answer with tag 0 would read as a refusal).
         if last && lock(&inner.state).ended.is_none() {
-            if let Ok(hb) = Header::request("event.unsubscribe", NODEID_ANY, 0).encode() {
+            let tag = inner.next_tag.fetch_add(1, Ordering::Relaxed).max(1);
+            if let Ok(hb) = Header::request("event.unsubscribe", NODEID_ANY, tag).encode() {
                 inner.out.send((hb, self.pattern.clone().into_bytes()));
             }
         }

@@ -322,6 +322,17 @@ async fn events_go_to_matching_subscriptions() {
         (h.topic.as_str(), p.as_slice()),
         ("event.unsubscribe", &b"kvs.*"[..])
     );
+    // Its answer, even an error, is not a refusal (matchtag 0).
+    assert_ne!(h.matchtag, 0);
+    b.answer(&h, errno::EPROTO, b"no such subscription").await;
+    let call = tokio::spawn({
+        let c = c.clone();
+        async move { c.rpc("broker.ping", 0, "after").await }
+    });
+    let (h, p) = b.recv().await;
+    b.answer(&h, 0, &p).await;
+    assert_eq!(call.await.unwrap().unwrap().payload, b"after");
+    assert!(!c.is_closed());
     // The end of the connection ends the stream.
     drop(b);
     assert!(tokio::time::timeout(T, s2.next()).await.unwrap().is_none());
