@@ -276,6 +276,19 @@ pub struct Explained {
     pub roles: String,
     pub rule: Option<String>,
     pub reason: String,
+    /// Roles held on some topics only: `{"topics": PATTERN, "roles": ...}`.
+    #[serde(default)]
+    pub scoped: Vec<ScopedRoles>,
+    /// Service namespaces it may register.
+    #[serde(default)]
+    pub register: Vec<String>,
+}
+
+/// Roles on the topics matching a pattern, in an [`Explained`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ScopedRoles {
+    pub topics: String,
+    pub roles: String,
 }
 
 impl From<canopy_acl::Verdict> for Explained {
@@ -286,7 +299,31 @@ impl From<canopy_acl::Verdict> for Explained {
             roles: v.roles.to_string(),
             rule: v.rule.map(|r| r.to_string()),
             reason: v.reason,
+            scoped: v
+                .scoped
+                .into_iter()
+                .map(|(topics, r)| ScopedRoles {
+                    topics,
+                    roles: r.to_string(),
+                })
+                .collect(),
+            register: v.register,
         }
+    }
+}
+
+impl Explained {
+    /// The roles per namespace, one line each: everywhere, then each
+    /// scoped pattern with what it adds there.
+    pub fn per_namespace(&self) -> Vec<String> {
+        let mut out = vec![format!("  {:<16} {}", "(everywhere)", self.roles)];
+        for s in &self.scoped {
+            out.push(format!("  {:<16} {}", s.topics, s.roles));
+        }
+        if !self.register.is_empty() {
+            out.push(format!("  may register: {}", self.register.join(", ")));
+        }
+        out
     }
 }
 

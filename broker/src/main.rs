@@ -576,6 +576,12 @@ fn run(cli: Cli) -> Result<i32> {
                 x.rule.as_deref().unwrap_or("default deny"),
                 x.reason
             );
+            if x.allow && (!x.scoped.is_empty() || !x.register.is_empty()) {
+                outln!("roles per namespace:");
+                for line in x.per_namespace() {
+                    outln!("{line}");
+                }
+            }
             Ok(if x.allow { 0 } else { 2 })
         }
         Cmd::Audit {

@@ -390,3 +390,39 @@ fn a_provider_killed_mid_request_fails_every_caller_within_a_second() {
         Instance::ping(&mut c, 3, b"ok").unwrap();
     });
 }
+
+#[test]
+fn acl_check_shows_roles_per_namespace() {
+    run_test(LIMIT, || {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        write_policy(
+            &policy,
+            "[[rule]]\nname = \"users\"\nprincipal = \"*@HPC.EXAMPLE\"\nroles = [\"user\"]\n\n\
+             [[rule]]\nname = \"alice-backup\"\nprincipal = \"alice@HPC.EXAMPLE\"\nroles = [\"operator\"]\ntopics = [\"backup.*\"]\n\n\
+             [[rule]]\nname = \"alice-registers\"\nprincipal = \"alice@HPC.EXAMPLE\"\nregister = [\"backup\"]\n",
+        );
+        let p = policy.to_str().unwrap();
+        let out = run_canopy(
+            &["acl", "check", "--policy", p, "alice@HPC.EXAMPLE"],
+            &[],
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let o = text(&out.stdout);
+        assert!(o.contains("roles per namespace:"), "{o}");
+        assert!(o.contains("(everywhere)     user"), "{o}");
+        assert!(o.contains("backup.*         operator"), "{o}");
+        assert!(o.contains("may register: backup"), "{o}");
+        let out = run_canopy(
+            &["acl", "check", "--policy", p, "bob@HPC.EXAMPLE"],
+            &[],
+            Duration::from_secs(10),
+        );
+        assert!(
+            !text(&out.stdout).contains("roles per namespace"),
+            "{}",
+            text(&out.stdout)
+        );
+    });
+}
