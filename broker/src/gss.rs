@@ -313,11 +313,11 @@ impl GssGate {
                     };
                 }
                 match clients.decide(&b.principal, Mech::Gssapi, req.address) {
-                    Ok(roles) if !roles.is_empty() => Decision::Allow {
-                        user_id: b.principal,
-                        roles,
-                        reason: "kerberos-bound key; client policy".into(),
-                    },
+                    Ok(grant) if !grant.is_empty() => Decision::allow(
+                        b.principal,
+                        grant,
+                        "kerberos-bound key; client policy".into(),
+                    ),
                     Ok(_) => Decision::Deny {
                         reason: "the policy grants no role".into(),
                     },
@@ -422,7 +422,7 @@ impl KrbOwner {
 impl ClientAuthz for KrbOwner {
     fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
         if self.is_owner(principal, mech) {
-            return Ok(Roles::OWNER);
+            return Ok(canopy_proto::Grant::plain(Roles::OWNER));
         }
         match &self.inner {
             Some(i) => i.decide(principal, mech, address),
@@ -506,7 +506,7 @@ pub fn start_server(
             "{who} is not an expected peer principal of this instance"
         )),
         Purpose::Client => match clients.decide(who, Mech::Gssapi, address) {
-            Ok(roles) if !roles.is_empty() => Ok(()),
+            Ok(grant) if !grant.is_empty() => Ok(()),
             Ok(_) => Err(format!("the policy grants {who} no role; no key is bound")),
             Err(why) => Err(why),
         },
