@@ -39,7 +39,7 @@ pub const EEXIST: u32 = 17;
 pub const EIO: u32 = 5;
 /// Topic of the broker's notice that a provider answered a token that was
 /// not an unanswered delivery to it.
-pub const SERVICE_ERROR_TOPIC: &str = "service.error";
+pub use crate::SERVICE_ERROR_TOPIC;
 /// How many [`ServiceNotice`]s are kept for [`AsyncClient::service_notices`]
 /// before newer ones are only logged.
 const NOTICE_BACKLOG: usize = 256;

@@ -357,16 +357,20 @@ fn the_async_client_over_curve_keeps_requests_in_flight_and_follows_events() {
 
 /// `canopy-kvs` as a remote provider over CURVE, allowed by a policy rule
 /// with `register = ["kvs"]`; a local caller reaches it through rank 0.
+/// Without the grant, the same provider is refused (EPERM).
 #[test]
 fn kvs_serves_from_a_remote_client_over_curve() {
     run_test(LIMIT, || {
         let dir = tempfile::tempdir().unwrap();
         let (key, principal) = remote_ident(dir.path(), "provider");
+        let (other_key, other) = remote_ident(dir.path(), "other");
         let policy = dir.path().join("policy.toml");
         std::fs::write(
             &policy,
             format!(
-                "[[rule]]\nname = \"provider\"\nprincipal = \"{principal}\"\nroles = [\"operator\"]\nregister = [\"kvs\"]\n"
+                "[[rule]]\nname = \"provider\"\nprincipal = \"{principal}\"\nroles = [\"operator\"]\n\n\
+                 [[rule]]\nname = \"provider-offers-kvs\"\nprincipal = \"{principal}\"\nregister = [\"kvs\"]\n\n\
+                 [[rule]]\nname = \"other\"\nprincipal = \"{other}\"\nroles = [\"operator\"]\n"
             ),
         )
         .unwrap();
@@ -381,6 +385,21 @@ fn kvs_serves_from_a_remote_client_over_curve() {
             ],
         );
         let (ep, server) = endpoint(&inst);
+        // Admitted, but not granted kvs: refused, and canopy-kvs says so.
+        let out = canopy_t::run_command(
+            Command::new(env!("CARGO_BIN_EXE_canopy-kvs"))
+                .arg("--uri")
+                .arg(&ep)
+                .env("CANOPY_KEY", &other_key)
+                .env("CANOPY_SERVER_KEY", &server),
+            Duration::from_secs(20),
+        );
+        let err = canopy_t::text(&out.stderr);
+        assert!(!out.status.success(), "canopy-kvs without a grant: {err}");
+        assert!(
+            err.contains("cannot offer namespace kvs") && err.contains("EPERM"),
+            "{err}"
+        );
         let key = key.to_str().unwrap().to_string();
         let _kvs = Kvs::start_with(
             &inst,
