@@ -261,8 +261,9 @@ struct RpcArgs {
 struct ServiceArgs {
     #[command(flatten)]
     rpc: RpcArgs,
-    /// Worker threads of the echo providers' tokio runtime.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Worker threads of the echo providers' tokio runtime; 0: a
+    /// current-thread runtime.
+    #[arg(long, default_value_t = 1)]
     provider_threads: u32,
 }
 

@@ -32,7 +32,8 @@ pub const TARGET_THROUGHPUT_RATIO: f64 = 0.70;
 pub struct ServiceParams {
     #[serde(flatten)]
     pub rpc: RpcParams,
-    /// Worker threads of the providers' tokio runtime.
+    /// Worker threads of the providers' tokio runtime; 0: a
+    /// current-thread runtime (everything on the providers' one thread).
     pub provider_threads: usize,
 }
 
@@ -90,19 +91,10 @@ pub fn run(canopy: &Path, p: &ServiceParams) -> Result<ServiceReport> {
     );
     let stall = rp.reply_timeout + Duration::from_secs(5);
     let (samples, teardown) = inst.run(stall, |prog| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(p.provider_threads.max(1))
-            .thread_name("echo-provider")
-            .enable_all()
-            .build()
-            .context("cannot start the providers' tokio runtime")?;
-        // The providers, one per target rank, connected until the end of
-        // the measurement (then dropped before the instance stops).
-        let providers = rt.block_on(start_providers(&uris, rp.reply_timeout))?;
+        let providers = Providers::start(&uris, p.provider_threads, rp.reply_timeout)?;
         prog.tick();
         let r = measure(&uri0, p, prog);
-        drop(providers);
-        rt.shutdown_timeout(Duration::from_secs(2));
+        providers.stop();
         r
     })?;
 
@@ -148,6 +140,63 @@ pub fn run(canopy: &Path, p: &ServiceParams) -> Result<ServiceReport> {
         target_throughput_ratio: TARGET_THROUGHPUT_RATIO,
         results,
     })
+}
+
+/// The echo providers, one per target rank, on a thread of their own
+/// that drives their tokio runtime until [`Providers::stop`].
+struct Providers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Providers {
+    fn start(uris: &[(u32, String)], threads: usize, timeout: Duration) -> Result<Providers> {
+        let rt = if threads == 0 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("echo-provider")
+                .enable_all()
+                .build()
+        }
+        .context("cannot start the providers' tokio runtime")?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let uris = uris.to_vec();
+        let thread = std::thread::Builder::new()
+            .name("echo-providers".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    match start_providers(&uris, timeout).await {
+                        Ok(clients) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let _ = stop_rx.await;
+                            // Dropped here: the connections close before
+                            // the instance stops.
+                            drop(clients);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .context("cannot start the providers' thread")?;
+        match ready_rx.recv_timeout(timeout + Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(Providers { stop, thread }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow!("the echo providers did not start within {timeout:?}")),
+        }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 /// An echo provider on each target rank's local connector.
@@ -218,7 +267,7 @@ pub fn table(r: &ServiceReport) -> String {
         "service: {TOPIC} served by an async Rust client on the target rank, next to broker.ping, \
          from rank 0's local connector; `canopy start --size {} --fanout {}` (up in {:.3} s)\n\
          \x20    latency: {} sequential RPCs after {} warm-up; throughput: {} RPCs, {} in flight; \
-         provider runtime: {} worker thread(s)\n\
+         provider runtime: {}\n\
          \x20    median over {} run(s) [min, max]; targets: p50 <= ping + {TARGET_P50_EXTRA_US} us, \
          throughput >= {:.0}% of ping\n",
         p.size,
@@ -228,7 +277,10 @@ pub fn table(r: &ServiceReport) -> String {
         p.warmup,
         r.requests_per_throughput_run,
         p.window,
-        r.params.provider_threads,
+        match r.params.provider_threads {
+            0 => "current-thread".to_string(),
+            n => format!("{n} worker thread(s)"),
+        },
         p.runs,
         TARGET_THROUGHPUT_RATIO * 100.0
     );

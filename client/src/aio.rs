@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// errno EEXIST: a namespace already offered.
@@ -43,8 +43,6 @@ pub use crate::SERVICE_ERROR_TOPIC;
 /// How many [`ServiceNotice`]s are kept for [`AsyncClient::service_notices`]
 /// before newer ones are only logged.
 const NOTICE_BACKLOG: usize = 256;
-/// Largest batch of frames the local writer gathers into one write.
-const WRITE_BATCH: usize = 256 << 10;
 /// How much one read from the local socket may take.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -179,23 +177,46 @@ type Frame = (Vec<u8>, Vec<u8>);
 
 /// The sending side of a connection.
 #[derive(Clone)]
-struct Outbox {
-    tx: mpsc::UnboundedSender<Frame>,
-    /// tcp: wakes the bridge thread.
-    wake: Option<Arc<Wake>>,
+enum Outbox {
+    /// Local: frames are written by whoever produces them (no writer
+    /// task to hop through), gathered while a batch is open.
+    Unix(Arc<UnixOut>),
+    /// tcp: to the bridge thread, woken through a socketpair.
+    Tcp {
+        tx: mpsc::UnboundedSender<Frame>,
+        wake: Arc<Wake>,
+    },
 }
 
 impl Outbox {
-    fn send(&self, frame: Frame) -> bool {
-        if self.tx.send(frame).is_err() {
-            return false;
+    /// Queue a frame without writing it yet (local); tcp sends it.
+    fn push(&self, (h, p): Frame) -> bool {
+        match self {
+            Outbox::Unix(u) => u.push(&h, &p),
+            Outbox::Tcp { tx, wake } => {
+                if tx.send((h, p)).is_err() {
+                    return false;
+                }
+                wake.wake();
+                true
+            }
         }
-        if let Some(w) = &self.wake {
-            w.wake();
-        }
-        true
     }
 
+    /// Write what is queued (local).
+    fn flush(&self) {
+        if let Outbox::Unix(u) = self {
+            u.flush();
+        }
+    }
+
+    fn send(&self, frame: Frame) -> bool {
+        let ok = self.push(frame);
+        self.flush();
+        ok
+    }
+
+    /// Queue an answer to the delivery `token`.
     fn respond(&self, topic: &str, token: u32, rank: u32, errnum: u32, payload: Vec<u8>) {
         let mut h = Header::request(topic, rank, token);
         h.msg_type = MsgType::Response;
@@ -207,7 +228,152 @@ impl Outbox {
                 return;
             }
         };
-        self.send((hb, payload));
+        self.push((hb, payload));
+    }
+}
+
+/// The write side of a local connection. Frames are encoded into `buf`
+/// and written at once with a non-blocking write; what the socket does not
+/// take is written by the flusher task when it becomes writable.
+struct UnixOut {
+    wr: tokio::net::unix::OwnedWriteHalf,
+    state: Mutex<OutState>,
+    /// Wakes the flusher task.
+    notify: Arc<tokio::sync::Notify>,
+    inner: Weak<Inner>,
+}
+
+#[derive(Default)]
+struct OutState {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written.
+    off: usize,
+    /// The socket was full: the flusher task writes the rest.
+    waiting: bool,
+    /// A write failed: nothing more is written.
+    failed: bool,
+}
+
+impl UnixOut {
+    fn push(&self, h: &[u8], p: &[u8]) -> bool {
+        let mut st = lock(&self.state);
+        if st.failed {
+            return false;
+        }
+        encode_raw_frame(h, p, &mut st.buf);
+        true
+    }
+
+    fn flush(&self) {
+        let err = {
+            let mut st = lock(&self.state);
+            if st.waiting || st.failed || st.off == st.buf.len() {
+                return;
+            }
+            self.write_locked(&mut st)
+        };
+        if let Some(e) = err {
+            self.fail(&e);
+        }
+    }
+
+    /// Write without blocking; an error is returned to be reported once
+    /// the lock is released.
+    fn write_locked(&self, st: &mut OutState) -> Option<std::io::Error> {
+        while st.off < st.buf.len() {
+            match self.wr.try_write(&st.buf[st.off..]) {
+                Ok(n) => st.off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    st.waiting = true;
+                    self.notify.notify_one();
+                    return None;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    st.failed = true;
+                    st.buf = Vec::new();
+                    st.off = 0;
+                    return Some(e);
+                }
+            }
+        }
+        st.buf.clear();
+        st.off = 0;
+        if st.buf.capacity() > canopy_proto::frame::KEEP_CAPACITY {
+            st.buf = Vec::new();
+        }
+        None
+    }
+
+    fn fail(&self, e: &std::io::Error) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.end(io_ended(e));
+        }
+    }
+}
+
+impl Drop for UnixOut {
+    fn drop(&mut self) {
+        // Lets the flusher task see that it is no longer needed.
+        self.notify.notify_one();
+    }
+}
+
+/// Writes what a full socket did not take, once it is writable again.
+async fn unix_flusher(out: Weak<UnixOut>, notify: Arc<tokio::sync::Notify>) {
+    loop {
+        notify.notified().await;
+        let Some(out) = out.upgrade() else {
+            return;
+        };
+        if let Err(e) = out.wr.writable().await {
+            out.fail(&e);
+            return;
+        }
+        let err = {
+            let mut st = lock(&out.state);
+            st.waiting = false;
+            out.write_locked(&mut st)
+        };
+        if let Some(e) = err {
+            out.fail(&e);
+            return;
+        }
+    }
+}
+
+/// The answers to the requests of one read, written together: the reader
+/// holds one token while it dispatches, each handler task holds one until
+/// its first poll ends (with its answer queued, or pending); the last token
+/// released writes the batch.
+struct Batch {
+    out: Outbox,
+    tokens: AtomicU32,
+}
+
+struct BatchToken(Arc<Batch>);
+
+impl Batch {
+    fn open(out: &Outbox) -> BatchToken {
+        BatchToken(Arc::new(Batch {
+            out: out.clone(),
+            tokens: AtomicU32::new(1),
+        }))
+    }
+}
+
+impl BatchToken {
+    fn another(&self) -> BatchToken {
+        self.0.tokens.fetch_add(1, Ordering::AcqRel);
+        BatchToken(self.0.clone())
+    }
+}
+
+impl Drop for BatchToken {
+    fn drop(&mut self) {
+        if self.0.tokens.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.out.flush();
+        }
     }
 }
 
@@ -265,7 +431,9 @@ impl Inner {
     }
 
     /// Route one message from the broker.
-    fn dispatch(&self, header: Header, payload: Vec<u8>) {
+    /// `batch`: the local reader's batch, which writes the answers of a
+    /// read's requests together.
+    fn dispatch(&self, header: Header, payload: Vec<u8>, batch: Option<&BatchToken>) {
         match header.msg_type {
             MsgType::Response => {
                 // Before matching: a service.error's matchtag is one of the
@@ -310,13 +478,13 @@ impl Inner {
                     let _ = last.send(msg);
                 }
             }
-            MsgType::Request => self.deliver(header, payload),
+            MsgType::Request => self.deliver(header, payload, batch),
             MsgType::Control => {}
         }
     }
 
     /// A request for a service of ours: handle it in a task of its own.
-    fn deliver(&self, h: Header, payload: Vec<u8>) {
+    fn deliver(&self, h: Header, payload: Vec<u8>, batch: Option<&BatchToken>) {
         let noresp = h.flags & FLAG_NORESPONSE != 0;
         let (ns, method) = match h.topic.split_once('.') {
             Some((ns, m)) => (ns.to_string(), m.to_string()),
@@ -332,6 +500,9 @@ impl Inner {
                     errno::ENOSYS,
                     format!("this client does not serve {ns} (any more); retry, another provider may offer it").into_bytes(),
                 );
+                if batch.is_none() {
+                    self.out.flush();
+                }
             }
             return;
         };
@@ -353,9 +524,25 @@ impl Inner {
             flags: h.flags,
             rank: h.nodeid,
         };
+        let mut token = batch.map(BatchToken::another);
         self.runtime.spawn(async move {
-            let r = handler(req).await;
+            let mut fut = handler(req);
+            // A handler that is not done at its first poll leaves the
+            // batch (so the others' answers do not wait for it) and is
+            // written alone when done.
+            let r = std::future::poll_fn(|cx| {
+                let p = fut.as_mut().poll(cx);
+                if p.is_pending() {
+                    token = None;
+                }
+                p
+            })
+            .await;
             answer.send(r);
+            match token {
+                Some(t) => drop(t),
+                None => answer.out.flush(),
+            }
         });
     }
 }
@@ -410,6 +597,7 @@ impl Drop for Answer {
                     self.topic
                 ),
             )));
+            self.out.flush();
         }
     }
 }
@@ -468,11 +656,21 @@ impl AsyncClient {
     /// A client on an already connected local-connector stream.
     pub fn from_unix(stream: tokio::net::UnixStream) -> AsyncClient {
         let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let inner = AsyncClient::new_inner(Outbox { tx, wake: None });
-        let weak = Arc::downgrade(&inner);
-        inner.runtime.spawn(unix_writer(wr, rx, weak.clone()));
-        inner.runtime.spawn(unix_reader(rd, weak));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let inner = AsyncClient::new_inner(|weak| {
+            Outbox::Unix(Arc::new(UnixOut {
+                wr,
+                state: Mutex::new(OutState::default()),
+                notify: notify.clone(),
+                inner: weak,
+            }))
+        });
+        if let Outbox::Unix(u) = &inner.out {
+            inner
+                .runtime
+                .spawn(unix_flusher(Arc::downgrade(u), notify));
+        }
+        inner.runtime.spawn(unix_reader(rd, Arc::downgrade(&inner)));
         AsyncClient { inner }
     }
 
@@ -510,9 +708,9 @@ impl AsyncClient {
             tx: wake_tx,
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let inner = AsyncClient::new_inner(Outbox {
+        let inner = AsyncClient::new_inner(|_| Outbox::Tcp {
             tx,
-            wake: Some(wake.clone()),
+            wake: wake.clone(),
         });
         let bridge = Bridge {
             _ctx: ctx,
@@ -530,10 +728,10 @@ impl AsyncClient {
         Ok(AsyncClient { inner })
     }
 
-    fn new_inner(out: Outbox) -> Arc<Inner> {
+    fn new_inner(out: impl FnOnce(Weak<Inner>) -> Outbox) -> Arc<Inner> {
         let (notices_tx, notices_rx) = mpsc::channel(NOTICE_BACKLOG);
-        Arc::new(Inner {
-            out,
+        Arc::new_cyclic(|weak| Inner {
+            out: out(weak.clone()),
             state: Mutex::new(State::default()),
             next_tag: AtomicU32::new(1),
             subs: Mutex::new(Vec::new()),
@@ -863,9 +1061,10 @@ async fn unix_reader(mut rd: tokio::net::unix::OwnedReadHalf, inner: Weak<Inner>
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        let batch = Batch::open(&inner.out);
         loop {
             match decoder.next_frame() {
-                Ok(Some((h, p))) => inner.dispatch(h, p),
+                Ok(Some((h, p))) => inner.dispatch(h, p, Some(&batch)),
                 Ok(None) => break,
                 Err(e) => {
                     break 'read Ended::Io(
@@ -879,36 +1078,6 @@ async fn unix_reader(mut rd: tokio::net::unix::OwnedReadHalf, inner: Weak<Inner>
     if let Some(inner) = inner.upgrade() {
         inner.end(why);
     }
-}
-
-async fn unix_writer(
-    mut wr: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-    inner: Weak<Inner>,
-) {
-    let mut buf = Vec::new();
-    while let Some((h, p)) = rx.recv().await {
-        buf.clear();
-        encode_raw_frame(&h, &p, &mut buf);
-        // Whatever else is queued goes in the same write.
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok((h, p)) => encode_raw_frame(&h, &p, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&buf).await {
-            if let Some(inner) = inner.upgrade() {
-                inner.end(io_ended(&e));
-            }
-            return;
-        }
-        if buf.capacity() > canopy_proto::frame::KEEP_CAPACITY {
-            buf = Vec::new();
-        }
-    }
-    // Every handle is gone: let the broker see the end.
-    let _ = wr.shutdown().await;
 }
 
 /// libzmq monitor events (see lib.rs).
@@ -1011,7 +1180,7 @@ impl Bridge {
                     let Some(inner) = self.inner.upgrade() else {
                         return Ok(None);
                     };
-                    inner.dispatch(header, payload);
+                    inner.dispatch(header, payload, None);
                 }
             }
             if mon_ready {
@@ -1036,7 +1205,7 @@ impl Bridge {
                                     parts.first().and_then(|h| canopy_proto::decode_header(h).ok()),
                                 ) {
                                     let p = if parts.len() == 2 { parts.pop().unwrap_or_default() } else { Vec::new() };
-                                    inner.dispatch(h, p);
+                                    inner.dispatch(h, p, None);
                                 }
                             }
                             return Ok(Some(Ended::Lost(self.endpoint.clone())));

@@ -4,6 +4,7 @@
 
 use super::*;
 use canopy_proto::frame::encode_frame;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 /// The broker's end of the socketpair.
@@ -381,4 +382,51 @@ async fn a_refusal_frame_is_reported_as_refused() {
         matches!(&e, ClientError::Refused(m) if m.contains("not the owner")),
         "{e}"
     );
+}
+
+/// Frames larger than the socket takes at once are finished by the
+/// flusher task, in order, from requests and from answers alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_frames_are_written_whole_when_the_socket_is_full() {
+    let (c, mut b) = pair();
+    let big: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let reg = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.serve("big", [("get", "user")], |r: Request| async move {
+                let n: usize = String::from_utf8(r.payload).unwrap().parse().unwrap();
+                Ok((0..n as u32).map(|i| (i % 251) as u8).collect())
+            })
+            .await
+        }
+    });
+    let (h, _) = b.recv().await;
+    b.answer(&h, 0, br#"{"namespace":"big","rank":3}"#).await;
+    reg.await.unwrap().unwrap();
+    // Two big answers and a big request, while the broker is not reading.
+    b.deliver("big.get", 1, 0, (8u32 << 20).to_string().as_bytes())
+        .await;
+    b.deliver("big.get", 2, 0, b"3").await;
+    let call = tokio::spawn({
+        let (c, big) = (c.clone(), big.clone());
+        async move { c.rpc("broker.ping", 3, big).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut got = HashMap::new();
+    for _ in 0..3 {
+        let (h, p) = b.recv().await;
+        match h.msg_type {
+            MsgType::Response => {
+                got.insert(h.matchtag, p);
+            }
+            MsgType::Request => {
+                assert_eq!(p, big, "the request's payload arrived intact");
+                b.answer(&h, 0, b"ok").await;
+            }
+            t => panic!("unexpected {t:?}"),
+        }
+    }
+    assert_eq!(got[&1], big);
+    assert_eq!(got[&2], vec![0, 1, 2]);
+    assert_eq!(call.await.unwrap().unwrap().payload, b"ok");
 }
