@@ -10,6 +10,11 @@
 //! path of a client service is broker -> provider connection -> handler
 //! task -> broker; the targets: p50 at most 25 us above `broker.ping` at
 //! every depth, and window throughput at least 70% of `broker.ping`'s.
+//!
+//! On a small VM, a wake-up that lands on an idle vCPU costs tens of
+//! microseconds, and the service path has two more of them than
+//! `broker.ping`: `taskset -c 1 canopy-bench service` (everything on one
+//! CPU) gives steadier, comparable figures.
 
 use crate::instance::{Instance, Progress, Teardown};
 use crate::rpc::{measure_one, RpcParams, Sample, PING};
@@ -189,7 +194,9 @@ impl Providers {
         match ready_rx.recv_timeout(timeout + Duration::from_secs(5)) {
             Ok(Ok(())) => Ok(Providers { stop, thread }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow!("the echo providers did not start within {timeout:?}")),
+            Err(_) => Err(anyhow!(
+                "the echo providers did not start within {timeout:?}"
+            )),
         }
     }
 

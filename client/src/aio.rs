@@ -666,9 +666,7 @@ impl AsyncClient {
             }))
         });
         if let Outbox::Unix(u) = &inner.out {
-            inner
-                .runtime
-                .spawn(unix_flusher(Arc::downgrade(u), notify));
+            inner.runtime.spawn(unix_flusher(Arc::downgrade(u), notify));
         }
         inner.runtime.spawn(unix_reader(rd, Arc::downgrade(&inner)));
         AsyncClient { inner }
