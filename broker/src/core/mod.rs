@@ -1638,8 +1638,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     // libzmq does not say when a remote client goes away, so
                     // its entry stays until a send to it fails. At the
                     // budget, forget an idle one of this principal (nothing
-                    // in flight, no subscription): if it is still there, its
-                    // next message makes a new entry. Otherwise refuse.
+                    // in flight, no subscription, no service offered): if it
+                    // is still there, its next message makes a new entry.
+                    // Otherwise refuse.
                     let idle = self
                         .clients
                         .iter()
@@ -1648,6 +1649,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                                 && c.principal == user_id
                                 && c.in_flight.is_empty()
                                 && c.subs.is_empty()
+                                && c.offers.is_empty()
+                                && c.delivered.is_empty()
                                 && c.access == Access::Admitted
                         })
                         .map(|(id, _)| *id)
