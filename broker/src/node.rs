@@ -376,8 +376,12 @@ impl Broker {
             if readable(6) {
                 self.drain_client_router()?;
             }
-            if let Some(m) = &self.client_monitor {
-                drain_monitor(m, "client");
+            if self
+                .client_monitor
+                .as_ref()
+                .is_some_and(|m| drain_monitor(m, "client"))
+            {
+                self.input(Input::RemoteClosed);
             }
             if readable(7)
                 && self

@@ -346,6 +346,9 @@ pub enum Input<P> {
         rid: Option<Vec<u8>>,
         header: Header,
     },
+    /// Some remote client connection closed (libzmq does not say which):
+    /// remote providers with requests waiting are probed now.
+    RemoteClosed,
     /// A send to this remote client failed: it is gone.
     RemoteGone {
         rid: Vec<u8>,
@@ -562,6 +565,9 @@ pub struct BrokerCore<P> {
     registry: HashMap<String, provided::Registration>,
     /// Where each child connects from, where known.
     child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
+    /// When to probe remote providers holding requests next (a send to a
+    /// closed connection fails, which ends its registrations).
+    provider_probe_at: Option<u64>,
 
     clients: IdMap<u32, Client<P>>,
     remote_ids: HashMap<Vec<u8>, u32>,
@@ -663,6 +669,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             modules: canopy_modules::Registry::standard(),
             registry: HashMap::new(),
             child_addresses: cfg.child_addresses,
+            provider_probe_at: None,
             clients: IdMap::default(),
             remote_ids: HashMap::new(),
             revoked_remote: HashMap::new(),
@@ -733,6 +740,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         if let Some((_, at)) = self.shutdown.filter(|_| !self.exiting) {
             next = next.min(at).min(self.shutdown_probe_at);
+        }
+        if let Some(at) = self.provider_probe_at {
+            next = next.min(at);
         }
         next
     }
@@ -819,6 +829,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             self.connect_parent();
         }
         self.rotation_tick();
+        if self.provider_probe_at.is_some_and(|at| now >= at) {
+            self.probe_providers();
+        }
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.timing.heartbeat_ms;
             self.heartbeats();
@@ -926,6 +939,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             } => self.remote_ingress(rid, user_id, grant, address, header, payload),
             Input::ClientClosed { id } => self.remove_client(id),
             Input::SendFull { rid, header } => self.send_full(rid, header),
+            Input::RemoteClosed => self.probe_providers(),
             Input::RemoteGone { rid } => {
                 if let Some(id) = self.remote_ids.get(&rid).copied() {
                     self.remove_client(id);
