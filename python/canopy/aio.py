@@ -427,6 +427,8 @@ class AsyncClient:
 
     def _on_request(self, h: Header, p: bytes) -> None:
         svc = self._services.get(h.topic.partition(".")[0])
+        if svc is not None and svc.removed:
+            return  # being removed: the broker answers it ENOSYS
         req = Request(h, p, self._send_response, svc)
         if svc is not None and svc.handler is not None:
             task = self._loop.create_task(self._run(svc, req))
@@ -666,10 +668,12 @@ class AsyncClient:
         """Stop offering ``namespace`` (``service.remove``); returns how many
         of its requests were unanswered (the broker answered them ENOSYS)."""
         check_namespace(namespace)
-        svc = self._services.pop(namespace, None)
+        svc = self._services.get(namespace)
         if svc is not None:
+            # Still known while the broker removes it: what it delivers
+            # meanwhile is dropped here (the broker answers it ENOSYS), and
+            # so is what is queued for it.
             svc.removed = True
-            # Requests queued for it: the broker answers them.
             kept = []
             while not self._requests.empty():
                 r = self._requests.get_nowait()
@@ -678,7 +682,11 @@ class AsyncClient:
             for r in kept:
                 self._requests.put_nowait(r)
         body = f'{{"namespace":"{namespace}"}}'.encode()
-        reply = parse_json("service.remove", await self.rpc("service.remove", body, ANY, timeout))
+        try:
+            reply = parse_json("service.remove", await self.rpc("service.remove", body, ANY, timeout))
+        finally:
+            if svc is not None and self._services.get(namespace) is svc:
+                del self._services[namespace]
         return int(reply.get("failed", 0)) if isinstance(reply, dict) else 0
 
     async def list_services(self, rank: int = ANY, timeout: float | None = DEFAULT_TIMEOUT) -> dict[str, Any]:

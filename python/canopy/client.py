@@ -586,13 +586,17 @@ class Client:
         of its requests were still unanswered: the broker answered them
         ENOSYS, and they are dropped here."""
         check_namespace(namespace)
-        svc = self._services.pop(namespace, None)
+        svc = self._services.get(namespace)
         if svc is not None:
+            # Still known while the broker removes it: what it delivers
+            # meanwhile is dropped here (the broker answers it ENOSYS).
             svc.removed = True
         try:
             reply = parse_json("service.remove", self.rpc("service.remove", json_body(namespace=namespace), ANY, timeout))
         finally:
             if svc is not None:
+                if self._services.get(namespace) is svc:
+                    del self._services[namespace]
                 self._requests = deque(r for r in self._requests if r._service is not svc)
         failed = reply.get("failed", 0) if isinstance(reply, dict) else 0
         return int(failed)
@@ -612,8 +616,10 @@ class Client:
         return dict(self._services)
 
     def _queue_request(self, h: Header, p: bytes) -> None:
-        ns = h.topic.partition(".")[0]
-        self._requests.append(Request(h, p, self._send_response, self._services.get(ns)))
+        svc = self._services.get(h.topic.partition(".")[0])
+        if svc is not None and svc.removed:
+            return  # being removed: the broker answers it ENOSYS
+        self._requests.append(Request(h, p, self._send_response, svc))
 
     def _send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
         link = self._live()

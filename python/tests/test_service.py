@@ -260,7 +260,7 @@ def test_noresponse_is_not_answered(instance: Instance, caplog: pytest.LogCaptur
     caplog.set_level(logging.WARNING, logger="canopy")
     with canopy.connect(instance.local_uri(2)) as p, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
-        p.add_service("pyquiet", {"tell": "user", "ask": "user"}, lambda r: b"answer to " + r.method)
+        p.add_service("pyquiet", {"tell": "user", "ask": "user"}, lambda r: "answer to " + r.method)
         raw.connect(instance.rundir + "/local-0")
         dec = FrameDecoder()
         _raw_request(raw, "pyquiet.tell", 7, b"fire and forget", 2, FLAG_NORESPONSE)

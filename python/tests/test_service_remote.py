@@ -88,8 +88,9 @@ def registrar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
     policy = os.path.join(d, "policy.toml")
     with open(policy, "w") as f:
         f.write(
-            '[[rule]]\nname = "pytest-provider"\n'
-            f'principal = "curve:{public}"\nroles = ["user"]\nregister = ["pyremote", "pyr-*"]\n'
+            f'[[rule]]\nname = "pytest-provider"\nprincipal = "curve:{public}"\nroles = ["user"]\n\n'
+            f'[[rule]]\nname = "pytest-provider-registers"\nprincipal = "curve:{public}"\n'
+            'register = ["pyremote", "pyr-*"]\n'
         )
     os.chmod(policy, 0o600)
     port = free_port()
@@ -127,7 +128,7 @@ def test_remote_curve_provider_async_closing(registrar: Remote) -> None:
         async with canopy.aio.connect(registrar.inst.local_uri(1)) as c:
             got = await asyncio.gather(*(c.rpc("pyr-async.fast", str(i), rank=0, timeout=10) for i in range(50)))
             assert got == [str(i)[::-1].encode() for i in range(50)]
-            call = asyncio.create_task(c.rpc("pyr-async.slow", rank=0, timeout=20))
+            call = asyncio.create_task(c.rpc("pyr-async.slow", rank=0, timeout=5))
             await asyncio.sleep(0.3)
             t0 = time.monotonic()
             await p.close()
