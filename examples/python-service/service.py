@@ -64,7 +64,8 @@ def serve(uri: str | None) -> None:
     with canopy.connect(uri) as client:
         svc = client.add_service(NAMESPACE, METHODS, Counter().handlers())  # type: ignore[arg-type]
         print(f"serving {NAMESPACE}.{{{','.join(METHODS)}}} on rank {svc.rank}; Ctrl-C to stop", flush=True)
-        client.serve()  # until Ctrl-C
+        client.serve()  # until Ctrl-C, which removes the namespace
+    print(f"stopped serving {NAMESPACE}", flush=True)
 
 
 async def demo(uri: str | None) -> int:

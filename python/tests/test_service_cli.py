@@ -91,3 +91,30 @@ def test_example_demo_runs_inside_canopy_start() -> None:
     assert "counter.get('') on rank 1: 10" in out
     assert "error EINVAL: counter.add takes an integer, not 'lots'" in out
     assert out.rstrip().endswith("demo ok"), out
+
+
+def test_example_serves_until_ctrl_c(instance: Instance) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANOPY_")}
+    env["CANOPY_URI"] = instance.local_uri(2)
+    env["PYTHONPATH"] = str(REPO / "python")
+    proc = subprocess.Popen(
+        [sys.executable, "examples/python-service/service.py"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded by the test's hard timeout
+        assert line.startswith("serving counter.{get,echo,add} on rank 2"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        with canopy.connect(instance.uri) as c:
+            assert c.rpc("counter.add", b"5", rank=2) == b"5"
+            assert c.rpc("counter.add", rank=2) == b"6"
+            assert c.rpc("counter.get", rank=2) == b"6"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+            assert proc.returncode == 0, err
+            assert "stopped serving counter" in out
+            assert not any(s["namespace"] == "counter" for s in c.list_services(rank=2)["services"])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
