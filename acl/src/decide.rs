@@ -54,6 +54,11 @@ pub struct Verdict {
     /// On allow, every rule that granted roles, in file order.
     pub matched: Vec<RuleRef>,
     pub reason: String,
+    /// On allow, roles held only on some topics (rules with `topics`), in
+    /// file order.
+    pub scoped: Vec<(String, Roles)>,
+    /// On allow, the namespaces it may register as services.
+    pub register: Vec<String>,
 }
 
 impl Verdict {
@@ -65,6 +70,20 @@ impl Verdict {
             rule,
             matched: Vec::new(),
             reason,
+            scoped: Vec::new(),
+            register: Vec::new(),
+        }
+    }
+
+    /// What this verdict grants (empty on deny).
+    pub fn grant(&self) -> canopy_proto::Grant {
+        if !self.allow {
+            return canopy_proto::Grant::default();
+        }
+        canopy_proto::Grant {
+            roles: self.roles,
+            scoped: self.scoped.clone(),
+            register: self.register.clone(),
         }
     }
 }
@@ -215,6 +234,8 @@ impl Acl {
 
         let mut grants: Vec<(usize, Roles)> = Vec::new();
         let mut delegates: Vec<(usize, &DelegateSpec)> = Vec::new();
+        let mut scoped: Vec<(usize, &Vec<String>, Roles)> = Vec::new();
+        let mut register: Vec<String> = Vec::new();
         for i in self.index.candidates(&principal) {
             let rule = &self.rules[i];
             if !rule.applies(&principal, q.mechanism, addr, q.now) {
@@ -226,8 +247,12 @@ impl Acl {
                     let reason = format!("denied by rule {:?} ({}:{})", r.name, r.origin, r.line);
                     return Verdict::deny(canonical, Some(r), reason);
                 }
-                Action::Allow(roles) => grants.push((i, *roles)),
+                Action::Allow(roles) => match &rule.topics {
+                    None => grants.push((i, *roles)),
+                    Some(topics) => scoped.push((i, topics, *roles)),
+                },
                 Action::Delegate(spec) => delegates.push((i, spec)),
+                Action::Register(list) => register.extend(list.iter().cloned()),
             }
         }
 
@@ -272,7 +297,7 @@ impl Acl {
 
         grants.sort_by_key(|(i, _)| *i);
         let roles = grants.iter().fold(Roles::NONE, |a, (_, r)| a.union(*r));
-        if roles.is_empty() {
+        if roles.is_empty() && scoped.is_empty() {
             let from = addr.map(|a| format!(" from {a}")).unwrap_or_default();
             let mut reason = format!(
                 "no rule grants {canonical} ({}{from}) a role; default deny",
@@ -284,9 +309,12 @@ impl Acl {
             }
             return Verdict::deny(canonical, None, reason);
         }
-        let matched: Vec<RuleRef> = grants
+        let mut granting: Vec<usize> = grants.iter().map(|(i, _)| *i).collect();
+        granting.extend(scoped.iter().map(|(i, _, _)| *i));
+        granting.sort_unstable();
+        let matched: Vec<RuleRef> = granting
             .iter()
-            .map(|(i, _)| self.rule_ref(&self.rules[*i]))
+            .map(|i| self.rule_ref(&self.rules[*i]))
             .collect();
         let list = matched
             .iter()
@@ -294,13 +322,27 @@ impl Acl {
             .collect::<Vec<_>>()
             .join(", ");
         let s = if matched.len() == 1 { "" } else { "s" };
+        let mut reason = format!("allowed by rule{s} {list}; roles {roles}");
+        let scoped: Vec<(String, Roles)> = scoped
+            .into_iter()
+            .flat_map(|(_, topics, r)| topics.iter().map(move |t| (t.clone(), r)))
+            .collect();
+        for (t, r) in &scoped {
+            reason.push_str(&format!(", {r} on {t}"));
+        }
+        register.dedup();
+        if !register.is_empty() {
+            reason.push_str(&format!("; may register {}", register.join(", ")));
+        }
         Verdict {
             allow: true,
             roles,
             principal: canonical,
             rule: matched.first().cloned(),
             matched,
-            reason: format!("allowed by rule{s} {list}; roles {roles}"),
+            reason,
+            scoped,
+            register,
         }
     }
 }

@@ -65,6 +65,9 @@ pub enum Action {
     Allow(Roles),
     Deny,
     Delegate(DelegateSpec),
+    /// `register = [...]`: the service namespaces (patterns) the principal
+    /// may offer with `service.add`. Grants no role by itself.
+    Register(Vec<String>),
 }
 
 /// A `delegate = { ... }` table.
@@ -91,6 +94,9 @@ pub struct Rule {
     pub(crate) network: Option<Vec<Cidr>>,
     pub(crate) expires: Option<SystemTime>,
     pub(crate) action: Action,
+    /// `topics = [...]` on a roles rule: its roles hold only on these topic
+    /// patterns (`backup.*`), not everywhere.
+    pub(crate) topics: Option<Vec<String>>,
     /// `host_case = "insensitive"`: the host part of a `service/host@REALM`
     /// pattern matches in any ASCII case. Never the default.
     pub(crate) fold_host: bool,
@@ -122,6 +128,10 @@ impl Rule {
     }
     pub fn action(&self) -> &Action {
         &self.action
+    }
+    /// The topic patterns a roles rule is scoped to (`None`: everywhere).
+    pub fn topics(&self) -> Option<&[String]> {
+        self.topics.as_deref()
     }
     /// True if the rule was written with `host_case = "insensitive"`.
     pub fn host_case_insensitive(&self) -> bool {
@@ -233,6 +243,10 @@ struct RawRule {
     delegate: Option<Spanned<RawDelegate>>,
     #[serde(default)]
     host_case: Option<Spanned<String>>,
+    #[serde(default)]
+    topics: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    register: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -323,6 +337,37 @@ fn parse_roles(ctx: &Ctx<'_>, list: &Spanned<Vec<Spanned<String>>>) -> Result<Ro
                 )
             })
     })
+}
+
+/// A non-empty list of topic or namespace patterns.
+fn patterns(
+    ctx: &Ctx<'_>,
+    list: &Spanned<Vec<Spanned<String>>>,
+    key: &str,
+    example: &str,
+) -> Result<Vec<String>, AclError> {
+    if list.get_ref().is_empty() {
+        return Err(ctx.err(
+            list.span(),
+            format!("empty {key} list matches nothing; list at least one pattern, e.g. {example}"),
+        ));
+    }
+    list.get_ref()
+        .iter()
+        .map(|p| {
+            if canopy_proto::grant::valid_topic_pattern(p.get_ref()) {
+                Ok(p.get_ref().clone())
+            } else {
+                Err(ctx.err(
+                    p.span(),
+                    format!(
+                        "bad {key} pattern {:?}: use letters, digits, '_', '.' or '-', optionally ending in '*'; e.g. {example}",
+                        p.get_ref()
+                    ),
+                ))
+            }
+        })
+        .collect()
 }
 
 fn check_name(ctx: &Ctx<'_>, name: &Spanned<String>) -> Result<(), AclError> {
@@ -505,15 +550,21 @@ impl Acl {
                     ));
                 }
             }
-            let action = match (&r.roles, &r.deny, &r.delegate) {
-                (Some(roles), None, None) => Action::Allow(parse_roles(&ctx, roles)?),
-                (None, Some(_), None) => Action::Deny,
-                (None, None, Some(d)) => Action::Delegate(delegate_spec(&ctx, d)?),
-                (None, None, None) => {
+            let action = match (&r.roles, &r.deny, &r.delegate, &r.register) {
+                (Some(roles), None, None, None) => Action::Allow(parse_roles(&ctx, roles)?),
+                (None, Some(_), None, None) => Action::Deny,
+                (None, None, Some(d), None) => Action::Delegate(delegate_spec(&ctx, d)?),
+                (None, None, None, Some(list)) => Action::Register(patterns(
+                    &ctx,
+                    list,
+                    "register",
+                    "a namespace such as \"kvs\", or a prefix such as \"backup*\"",
+                )?),
+                (None, None, None, None) => {
                     return Err(ctx.err(
                         rule_span,
                         format!(
-                        "rule {:?} says neither roles, deny nor delegate; add exactly one of them",
+                        "rule {:?} says neither roles, deny, delegate nor register; add exactly one of them",
                         r.name.get_ref()
                     ),
                     ))
@@ -530,14 +581,41 @@ impl Acl {
                     if let Some(x) = &r.delegate {
                         spans.push(x.span());
                     }
+                    if let Some(x) = &r.register {
+                        spans.push(x.span());
+                    }
                     spans.sort_by_key(|s| s.start);
                     return Err(ctx.err(
                         spans[1].clone(),
                         format!(
-                            "rule {:?} has more than one of roles, deny and delegate; keep exactly one (write a separate rule for the other)",
+                            "rule {:?} has more than one of roles, deny, delegate and register; keep exactly one (write a separate rule for the other)",
                             r.name.get_ref()
                         ),
                     ));
+                }
+            };
+
+            let topics = match (&r.topics, &action) {
+                (None, _) => None,
+                (Some(list), Action::Allow(roles)) => {
+                    if roles.contains(Roles::PEER) {
+                        return Err(ctx.err(
+                            list.span(),
+                            "topics scopes client roles to services; peer is not a client role, so write a separate rule for peer without topics",
+                        ));
+                    }
+                    Some(patterns(
+                        &ctx,
+                        list,
+                        "topics",
+                        "a topic such as \"backup.start\", or a prefix such as \"backup.*\"",
+                    )?)
+                }
+                (Some(list), _) => {
+                    return Err(ctx.err(
+                        list.span(),
+                        "topics applies only to a rule with roles; remove it, or move it to the rule that grants the roles",
+                    ))
                 }
             };
 
@@ -550,6 +628,7 @@ impl Acl {
                 network,
                 expires,
                 action,
+                topics,
                 fold_host,
             });
         }

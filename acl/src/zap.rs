@@ -130,6 +130,8 @@ impl AclPolicy {
             if v.allow {
                 v.allow = false;
                 v.roles = Roles::NONE;
+                v.scoped.clear();
+                v.register.clear();
                 v.reason = format!(
                     "{}; but the audit log cannot be written ({e}), so denied",
                     v.reason
@@ -192,11 +194,7 @@ impl Policy for AclPolicy {
         };
         let v = self.check(req.principal, mech, req.address);
         if v.allow {
-            Decision::Allow {
-                user_id: v.principal,
-                roles: v.roles,
-                reason: v.reason,
-            }
+            Decision::allow(v.principal.clone(), v.grant(), v.reason)
         } else {
             Decision::Deny { reason: v.reason }
         }

@@ -40,8 +40,8 @@ fn golden_decisions() {
         }
         let cols: Vec<&str> = line.split('\t').collect();
         assert!(
-            cols.len() == 6 || cols.len() == 7,
-            "decisions.tsv:{line_no}: expected 6 or 7 tab-separated columns, got {}",
+            (6..=8).contains(&cols.len()),
+            "decisions.tsv:{line_no}: expected 6 to 8 tab-separated columns, got {}",
             cols.len()
         );
         let mech: Mech = cols[0]
@@ -54,7 +54,11 @@ fn golden_decisions() {
                     .unwrap_or_else(|| panic!("decisions.tsv:{line_no}: bad address {a}")),
             ),
         };
-        let now = cols.get(6).map_or(default_now, |t| instant(t));
+        let now = match cols.get(6) {
+            None | Some(&"-") => default_now,
+            Some(t) => instant(t),
+        };
+        let want_scope = cols.get(7).copied();
         let want_allow = match cols[3] {
             "allow" => true,
             "deny" => false,
@@ -71,9 +75,14 @@ fn golden_decisions() {
         };
         let v = acl.decide_with(&q, &NoDelegates);
         let got_rule = v.rule.as_ref().map(|r| r.name.as_str());
-        if v.allow != want_allow || v.roles.to_string() != want_roles || got_rule != want_rule {
+        let got_scope = v.grant().encode_scope();
+        if v.allow != want_allow
+            || v.roles.to_string() != want_roles
+            || got_rule != want_rule
+            || want_scope.is_some_and(|w| w != got_scope)
+        {
             failures.push(format!(
-                "decisions.tsv:{line_no}: {line}\n    got {} roles={} rule={} ({})",
+                "decisions.tsv:{line_no}: {line}\n    got {} roles={} rule={} scope={got_scope} ({})",
                 if v.allow { "allow" } else { "deny" },
                 v.roles,
                 got_rule.unwrap_or("-"),
@@ -81,7 +90,8 @@ fn golden_decisions() {
             ));
         }
         // Invariants that hold for every row.
-        assert_eq!(v.allow, !v.roles.is_empty(), "decisions.tsv:{line_no}");
+        assert_eq!(v.allow, !v.grant().is_empty(), "decisions.tsv:{line_no}");
+        assert!(v.allow || v.grant().is_plain(), "decisions.tsv:{line_no}");
         if let Some(r) = &v.rule {
             assert!(r.origin.ends_with("policy-golden.toml"));
             assert!(r.line > 0);

@@ -193,12 +193,52 @@ fn duplicate_rule_name() {
 }
 
 #[test]
+fn scoped_roles_and_register_grants_are_checked() {
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\ndeny = true\ntopics = [\"a.*\"]\n",
+        5,
+        10,
+        "topics applies only to a rule with roles",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nroles = [\"user\"]\ntopics = [\"a b\"]\n",
+        5,
+        11,
+        "bad topics pattern \"a b\"",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nroles = [\"user\"]\ntopics = []\n",
+        5,
+        10,
+        "empty topics list",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nroles = [\"peer\"]\ntopics = [\"a.*\"]\n",
+        5,
+        10,
+        "peer is not a client role",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nregister = [\"kv*s\"]\n",
+        4,
+        13,
+        "bad register pattern",
+    );
+    refused(
+        "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nregister = [\"kvs\"]\nroles = [\"user\"]\n",
+        5,
+        9,
+        "more than one of",
+    );
+}
+
+#[test]
 fn roles_and_deny_both_or_neither() {
     let m = refused(
         "[[rule]]\nname = \"x\"\nprincipal = \"*\"\nroles = [\"user\"]\ndeny = true\n",
         5,
         8,
-        "more than one of roles, deny and delegate",
+        "more than one of roles, deny, delegate and register",
     );
     assert!(m.contains("keep exactly one"), "{m}");
     refused(
@@ -211,7 +251,7 @@ fn roles_and_deny_both_or_neither() {
         "[keys.a]\n\n[[rule]]\nname = \"x\"\nprincipal = \"*\"\n",
         3,
         1,
-        "neither roles, deny nor delegate",
+        "neither roles, deny, delegate nor register",
     );
     refused(
         "[[rule]]\nname = \"x\"\nprincipal = \"*\"\ndeny = false\n",

@@ -101,7 +101,8 @@ fn mutated_policies_never_panic() {
                     now: SystemTime::now(),
                 };
                 let v = acl.decide_with(&q, &NoDelegates);
-                assert_eq!(v.allow, !v.roles.is_empty());
+                assert_eq!(v.allow, !v.grant().is_empty());
+                assert!(v.allow || v.grant().is_plain());
             }
             Err(AclError::Parse {
                 line, col, message, ..

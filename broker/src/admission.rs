@@ -156,10 +156,10 @@ fn run(authz: &dyn ClientAuthz, job: Job) -> Option<Done> {
             principal,
             mech,
             address,
-            roles,
+            grant,
         } => Done::Explained {
             req,
-            result: Ok(whoami(authz, &principal, mech, &address, roles)),
+            result: Ok(whoami(authz, &principal, mech, &address, &grant)),
         },
         Job::ReloadPolicy { req } => Done::PolicyReloaded {
             req,
@@ -179,14 +179,14 @@ fn run(authz: &dyn ClientAuthz, job: Job) -> Option<Done> {
 fn admit(
     authz: &dyn ClientAuthz,
     s: &Subject,
-) -> Result<(String, canopy_proto::Roles), (String, String)> {
+) -> Result<(String, canopy_proto::Grant), (String, String)> {
     let principal = match (&s.principal, s.uid) {
         (Some(p), _) => p.clone(),
         (None, Some(uid)) => unix_principal(uid),
         (None, None) => return Err((String::new(), "no identity".into())),
     };
     match authz.decide(&principal, s.mech, &s.address) {
-        Ok(roles) => Ok((principal, roles)),
+        Ok(grant) => Ok((principal, grant)),
         Err(reason) => Err((principal, reason)),
     }
 }
@@ -201,13 +201,15 @@ fn whoami(
     principal: &str,
     mech: Mech,
     address: &str,
-    roles: canopy_proto::Roles,
+    grant: &canopy_proto::Grant,
 ) -> Vec<u8> {
     let x = authz.explain(principal, mech, address);
     let body = serde_json::json!({
         "principal": principal,
         "mechanism": mech.as_str(),
-        "roles": roles.to_string(),
+        "roles": grant.roles.to_string(),
+        "scoped": grant.scoped.iter().map(|(t, r)| serde_json::json!({"topics": t, "roles": r.to_string()})).collect::<Vec<_>>(),
+        "register": grant.register,
         "address": address,
         "rule": x.as_ref().and_then(|x| x.rule.clone()),
         "reason": x.map(|x| x.reason).unwrap_or_else(|| "the instance owner (this instance has no policy file: only its owner may connect)".into()),

@@ -9,7 +9,7 @@
 //!
 //! Anything else is denied: the default is no entry.
 
-use canopy_proto::Roles;
+use canopy_proto::{Grant, Roles};
 use canopy_zap::{AuthRequest, Decision, KeySetPolicy, Mechanism, Policy};
 use std::sync::Arc;
 
@@ -22,8 +22,9 @@ pub const CLIENT_DOMAIN: &str = "canopy-client";
 /// policy (`canopy_acl::Mech`).
 pub use canopy_acl::Mech;
 
-/// A client's verdict: roles, or why not.
-pub type ClientVerdict = Result<Roles, String>;
+/// A client's verdict: what it is granted (roles, roles scoped to topics,
+/// namespaces it may register), or why not.
+pub type ClientVerdict = Result<Grant, String>;
 
 /// Decides for clients (not overlay peers).
 pub trait ClientAuthz: Send + Sync {
@@ -60,7 +61,7 @@ pub struct OwnerOnly {
 impl ClientAuthz for OwnerOnly {
     fn decide(&self, principal: &str, _mech: Mech, _address: &str) -> ClientVerdict {
         if principal == self.owner {
-            Ok(Roles::OWNER)
+            Ok(Grant::plain(Roles::OWNER))
         } else {
             Err(format!(
                 "{principal} is not the owner of this instance ({}); only the owner may connect",
@@ -133,11 +134,9 @@ impl Policy for BrokerPolicy {
                     }
                 };
                 match self.clients.decide(req.principal, mech, req.address) {
-                    Ok(roles) if !roles.is_empty() => Decision::Allow {
-                        user_id: req.principal.to_string(),
-                        roles,
-                        reason: "client policy".into(),
-                    },
+                    Ok(grant) if !grant.is_empty() => {
+                        Decision::allow(req.principal.to_string(), grant, "client policy".into())
+                    }
                     Ok(_) => Decision::Deny {
                         reason: "the policy grants no role".into(),
                     },
@@ -277,6 +276,19 @@ pub struct Explained {
     pub roles: String,
     pub rule: Option<String>,
     pub reason: String,
+    /// Roles held on some topics only: `{"topics": PATTERN, "roles": ...}`.
+    #[serde(default)]
+    pub scoped: Vec<ScopedRoles>,
+    /// Service namespaces it may register.
+    #[serde(default)]
+    pub register: Vec<String>,
+}
+
+/// Roles on the topics matching a pattern, in an [`Explained`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ScopedRoles {
+    pub topics: String,
+    pub roles: String,
 }
 
 impl From<canopy_acl::Verdict> for Explained {
@@ -287,7 +299,31 @@ impl From<canopy_acl::Verdict> for Explained {
             roles: v.roles.to_string(),
             rule: v.rule.map(|r| r.to_string()),
             reason: v.reason,
+            scoped: v
+                .scoped
+                .into_iter()
+                .map(|(topics, r)| ScopedRoles {
+                    topics,
+                    roles: r.to_string(),
+                })
+                .collect(),
+            register: v.register,
         }
+    }
+}
+
+impl Explained {
+    /// The roles per namespace, one line each: everywhere, then each
+    /// scoped pattern with what it adds there.
+    pub fn per_namespace(&self) -> Vec<String> {
+        let mut out = vec![format!("  {:<16} {}", "(everywhere)", self.roles)];
+        for s in &self.scoped {
+            out.push(format!("  {:<16} {}", s.topics, s.roles));
+        }
+        if !self.register.is_empty() {
+            out.push(format!("  may register: {}", self.register.join(", ")));
+        }
+        out
     }
 }
 
@@ -295,7 +331,7 @@ impl ClientAuthz for AclAuthz {
     fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
         let v = self.policy.check(principal, mech, address);
         if v.allow {
-            Ok(v.roles)
+            Ok(v.grant())
         } else {
             Err(match v.rule {
                 Some(r) => format!("{} ({r})", v.reason),

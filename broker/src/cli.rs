@@ -189,6 +189,28 @@ pub(crate) enum Cmd {
         #[arg(long)]
         uri: Option<String>,
     },
+    /// Call any service method (built-in or offered by a client) and print
+    /// the response's payload; an error response prints its message and
+    /// exits non-zero.
+    Rpc {
+        /// The method, e.g. `kvs.get` or `broker.ping`.
+        topic: String,
+        /// The request's payload (default: empty; `-` reads standard input).
+        payload: Option<String>,
+        /// Target rank (default: the nearest broker offering the topic).
+        #[arg(long, short = 'r')]
+        rank: Option<u32>,
+        /// Seconds to wait for the response.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+    /// Services: what each rank offers, and who provides it.
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
     /// Show how the broker sees you: your principal, the mechanism that
     /// authenticated you, your roles, and the policy rule that decided.
     Whoami {
@@ -451,6 +473,22 @@ pub(crate) enum OverlayCmd {
         /// Seconds to wait with --wait (accepts a trailing "s": 10s).
         #[arg(long, default_value = "10")]
         timeout: String,
+        #[arg(long)]
+        uri: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ServiceCmd {
+    /// List the namespaces a rank serves (built-in and offered by clients)
+    /// with each method's role and the provider.
+    List {
+        /// A rank, or `all` (default: the local broker).
+        #[arg(long, short = 'r')]
+        rank: Option<String>,
+        /// Print the brokers' answers as JSON, one line per rank.
+        #[arg(long)]
+        json: bool,
         #[arg(long)]
         uri: Option<String>,
     },

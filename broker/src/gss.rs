@@ -313,11 +313,11 @@ impl GssGate {
                     };
                 }
                 match clients.decide(&b.principal, Mech::Gssapi, req.address) {
-                    Ok(roles) if !roles.is_empty() => Decision::Allow {
-                        user_id: b.principal,
-                        roles,
-                        reason: "kerberos-bound key; client policy".into(),
-                    },
+                    Ok(grant) if !grant.is_empty() => Decision::allow(
+                        b.principal,
+                        grant,
+                        "kerberos-bound key; client policy".into(),
+                    ),
                     Ok(_) => Decision::Deny {
                         reason: "the policy grants no role".into(),
                     },
@@ -422,7 +422,7 @@ impl KrbOwner {
 impl ClientAuthz for KrbOwner {
     fn decide(&self, principal: &str, mech: Mech, address: &str) -> ClientVerdict {
         if self.is_owner(principal, mech) {
-            return Ok(Roles::OWNER);
+            return Ok(canopy_proto::Grant::plain(Roles::OWNER));
         }
         match &self.inner {
             Some(i) => i.decide(principal, mech, address),
@@ -506,7 +506,7 @@ pub fn start_server(
             "{who} is not an expected peer principal of this instance"
         )),
         Purpose::Client => match clients.decide(who, Mech::Gssapi, address) {
-            Ok(roles) if !roles.is_empty() => Ok(()),
+            Ok(grant) if !grant.is_empty() => Ok(()),
             Ok(_) => Err(format!("the policy grants {who} no role; no key is bound")),
             Err(why) => Err(why),
         },
@@ -773,7 +773,9 @@ impl SystemGss {
             )),
             None => None,
         };
-        let listen = if children.is_empty() {
+        // The key exchange serves children, and remote Kerberos clients of
+        // a broker that [clients] makes listen for them.
+        let listen = if children.is_empty() && config.client_endpoint(rank).is_none() {
             None
         } else {
             Some(kex_listen_addr(

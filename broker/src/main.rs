@@ -14,7 +14,7 @@ use canopy_broker::tools;
 use canopy_config::{BudgetKey, BudgetSettings};
 use cli::{
     AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
-    TimingArgs,
+    ServiceCmd, TimingArgs,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -473,6 +473,19 @@ fn run(cli: Cli) -> Result<i32> {
                 outln!("principal: {}", field("principal"));
                 outln!("mechanism: {}", field("mechanism"));
                 outln!("roles:     {}", field("roles"));
+                if let Some(scoped) = v["scoped"].as_array().filter(|a| !a.is_empty()) {
+                    for x in scoped {
+                        outln!(
+                            "           {} on {}",
+                            x["roles"].as_str().unwrap_or("?"),
+                            x["topics"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+                if let Some(reg) = v["register"].as_array().filter(|a| !a.is_empty()) {
+                    let names: Vec<&str> = reg.iter().filter_map(|x| x.as_str()).collect();
+                    outln!("register:  {}", names.join(", "));
+                }
                 outln!("rule:      {}", field("rule"));
                 outln!("reason:    {}", field("reason"));
             }
@@ -563,6 +576,12 @@ fn run(cli: Cli) -> Result<i32> {
                 x.rule.as_deref().unwrap_or("default deny"),
                 x.reason
             );
+            if x.allow && (!x.scoped.is_empty() || !x.register.is_empty()) {
+                outln!("roles per namespace:");
+                for line in x.per_namespace() {
+                    outln!("{line}");
+                }
+            }
             Ok(if x.allow { 0 } else { 2 })
         }
         Cmd::Audit {
@@ -635,6 +654,76 @@ fn run(cli: Cli) -> Result<i32> {
                 Duration::from_secs(10),
             )?;
             outln!("published {topic} seq={seq}");
+            Ok(0)
+        }
+        Cmd::Rpc {
+            topic,
+            payload,
+            rank,
+            timeout,
+            uri,
+        } => {
+            let body = match payload.as_deref() {
+                Some("-") => {
+                    let mut b = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                        .context("reading the payload from standard input")?;
+                    b
+                }
+                Some(p) => p.as_bytes().to_vec(),
+                None => Vec::new(),
+            };
+            let t = secs(timeout, "--timeout")?;
+            let reply = tools::rpc(uri.as_deref(), &topic, rank, &body, t)?;
+            let mut out = std::io::stdout();
+            if let Err(e) = std::io::Write::write_all(&mut out, &reply)
+                .and_then(|()| {
+                    if reply.last() != Some(&b'\n') && !reply.is_empty() {
+                        std::io::Write::write_all(&mut out, b"\n")
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| std::io::Write::flush(&mut out))
+            {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e).context("writing the response");
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Service {
+            cmd: ServiceCmd::List { rank, json, uri },
+        } => {
+            let lists =
+                tools::service_list(uri.as_deref(), rank.as_deref(), Duration::from_secs(10))?;
+            for v in lists {
+                if json {
+                    outln!("{v}");
+                    continue;
+                }
+                outln!("rank {}:", v["rank"]);
+                for s in v["services"].as_array().into_iter().flatten() {
+                    let methods: Vec<String> = s["methods"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(m, r)| format!("{m}({})", r.as_str().unwrap_or("?")))
+                        .collect();
+                    let waiting = s["outstanding"].as_u64().unwrap_or(0);
+                    let waiting = if waiting > 0 {
+                        format!(" [{waiting} waiting]")
+                    } else {
+                        String::new()
+                    };
+                    outln!(
+                        "  {:<10} {:<24} {}{waiting}",
+                        s["namespace"].as_str().unwrap_or("?"),
+                        s["provider"].as_str().unwrap_or("?"),
+                        methods.join(" ")
+                    );
+                }
+            }
             Ok(0)
         }
         Cmd::Event {

@@ -19,7 +19,7 @@ use crate::rotate::KeyFiles;
 use canopy_modules::BrokerInfo;
 use canopy_overlay::hello::HELLO_TOPIC;
 use canopy_overlay::liveness::Timing;
-use canopy_proto::{decode_header, Roles};
+use canopy_proto::{decode_header, Grant, Roles};
 use canopy_security::CurveKeypair;
 use canopy_zap::ZapHandle;
 use std::io::Read;
@@ -691,7 +691,17 @@ impl Broker {
                 .and_then(|r| Roles::parse_list(r).ok())
                 .unwrap_or(Roles::NONE);
             let address = hframe.gets("Peer-Address").unwrap_or("").to_string();
-            if user_id.is_empty() || roles.is_empty() {
+            let grant = match hframe.gets(canopy_zap::SCOPE_PROPERTY) {
+                None => Grant::plain(roles),
+                Some(scope) => match Grant::decode_scope(roles, scope) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(verdict = %"deny", principal = %user_id, "remote: message dropped: {e}");
+                        continue;
+                    }
+                },
+            };
+            if user_id.is_empty() || grant.is_empty() {
                 // Defence in depth: ZAP must have authenticated this peer.
                 warn!(verdict = %"deny", address = %address, reason = %"no authenticated User-Id or roles on the message", "remote: message dropped");
                 continue;
@@ -703,7 +713,7 @@ impl Broker {
                 Ok(header) => self.input(Input::Remote {
                     rid: rid.to_vec(),
                     user_id,
-                    roles,
+                    grant,
                     address,
                     header,
                     payload,

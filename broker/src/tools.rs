@@ -504,6 +504,62 @@ fn startup_check(config: &canopy_config::Config, path: &std::path::Path) -> Resu
     Ok(())
 }
 
+/// `canopy rpc`: one request, its response's payload.
+pub fn rpc(
+    uri: Option<&str>,
+    topic: &str,
+    rank: Option<u32>,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ToolError> {
+    let mut c = Client::connect(uri)?;
+    let m = c.rpc(topic, rank.unwrap_or(NODEID_ANY), payload, timeout)?;
+    Ok(m.payload)
+}
+
+/// `canopy service list`: each selected rank's `service.list` answer.
+/// `rank`: a number, `all`, or `None` for the local broker.
+pub fn service_list(
+    uri: Option<&str>,
+    rank: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>, ToolError> {
+    let mut c = Client::connect(uri)?;
+    let ranks: Vec<u32> = match rank {
+        None => vec![NODEID_ANY],
+        Some("all") => {
+            let m = c.rpc("overlay.status", 0, br#"{"summary":true}"#, timeout)?;
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).map_err(|e| {
+                ToolError::Reply(format!("rank 0 sent an unreadable overlay status: {e}"))
+            })?;
+            let size = v["size"]
+                .as_u64()
+                .ok_or_else(|| ToolError::Reply("rank 0's overlay status has no size".into()))?;
+            (0..size as u32).collect()
+        }
+        Some(r) => vec![r.parse().map_err(|_| {
+            ToolError::Local(format!(
+                "--rank {r:?} is neither a rank number nor 'all'; e.g. -r 3 or -r all"
+            ))
+        })?],
+    };
+    let mut out = Vec::with_capacity(ranks.len());
+    for r in ranks {
+        let topic = "service.list";
+        let m = if r == NODEID_ANY {
+            // The local broker: service.list is served everywhere, so ANY
+            // stops at the first broker.
+            c.rpc(topic, NODEID_ANY, b"", timeout)?
+        } else {
+            c.rpc(topic, r, b"", timeout)?
+        };
+        out.push(serde_json::from_slice(&m.payload).map_err(|e| {
+            ToolError::Reply(format!("rank {r} sent an unreadable service list: {e}"))
+        })?);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,10 +314,46 @@ impl Client {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
         let h = Header::request(topic, nodeid, tag);
+        self.send_header(&h, payload)?;
+        Ok(tag)
+    }
+
+    /// As a service provider: answer the request delivered with `token`
+    /// (its matchtag) with `errnum` (0: success) and `payload` (on error,
+    /// a message for the caller). docs/protocol.md §6.1.
+    pub fn respond(&mut self, token: u32, errnum: u32, payload: &[u8]) -> Result<(), ClientError> {
+        let mut h = Header::request("", 0, token);
+        h.msg_type = MsgType::Response;
+        h.errnum = errnum;
+        self.send_header(&h, payload)
+    }
+
+    /// As a service provider: the next request delivered to this
+    /// connection, waiting up to `timeout`; other messages are kept.
+    pub fn next_request(&mut self, timeout: Duration) -> Result<Msg, ClientError> {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| m.header.msg_type == MsgType::Request)
+        {
+            return Ok(self.backlog.remove(i).expect("index valid"));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = self.recv_wire(left)?;
+            if m.header.msg_type == MsgType::Request {
+                return Ok(m);
+            }
+            self.backlog.push_back(m);
+        }
+    }
+
+    fn send_header(&mut self, h: &Header, payload: &[u8]) -> Result<(), ClientError> {
         match &mut self.conn {
             Conn::Unix { stream, .. } => {
                 self.wbuf.clear();
-                encode_frame(&h, payload, &mut self.wbuf)?;
+                encode_frame(h, payload, &mut self.wbuf)?;
                 if let Err(e) = stream.write_all(&self.wbuf) {
                     // A broker that refuses a connection writes one refusal
                     // frame and closes: report that, not the broken pipe.
@@ -358,10 +394,11 @@ impl Client {
                 }
             }
         }
-        Ok(tag)
+        Ok(())
     }
 
-    /// Receive the next message (response or event), waiting up to `timeout`.
+    /// Receive the next message (response, event, or a request delivered
+    /// to a service this connection offers), waiting up to `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Msg, ClientError> {
         if let Some(m) = self.backlog.pop_front() {
             return Ok(m);
@@ -388,11 +425,7 @@ impl Client {
 
     /// Wait for the response with `tag`; other messages are kept for later.
     pub fn wait(&mut self, tag: u32, timeout: Duration) -> Result<Msg, ClientError> {
-        if let Some(i) = self
-            .backlog
-            .iter()
-            .position(|m| m.header.msg_type == MsgType::Response && m.header.matchtag == tag)
-        {
+        if let Some(i) = self.backlog.iter().position(|m| is_response_to(m, tag)) {
             let m = self.backlog.remove(i).expect("index valid");
             return check(m);
         }
@@ -403,7 +436,7 @@ impl Client {
                 ClientError::Timeout(_) => ClientError::Timeout(timeout),
                 e => e,
             })?;
-            if m.header.msg_type == MsgType::Response && m.header.matchtag == tag {
+            if is_response_to(&m, tag) {
                 return check(m);
             }
             self.backlog.push_back(m);
@@ -593,6 +626,17 @@ fn check(m: Msg) -> Result<Msg, ClientError> {
         name: errno::name(m.header.errnum),
         message: String::from_utf8_lossy(&m.payload).into_owned(),
     })
+}
+
+/// Topic of the broker's note to a provider that answered a request it was
+/// not given (docs/protocol.md §6.1): its matchtag is the provider's token,
+/// not one of its own requests.
+pub const SERVICE_ERROR_TOPIC: &str = "service.error";
+
+fn is_response_to(m: &Msg, tag: u32) -> bool {
+    m.header.msg_type == MsgType::Response
+        && m.header.matchtag == tag
+        && m.header.topic != SERVICE_ERROR_TOPIC
 }
 
 #[cfg(test)]

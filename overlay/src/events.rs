@@ -116,12 +116,7 @@ impl<T: Clone> Ring<T> {
 
 /// Does `topic` match a subscription `pattern`? A pattern is an exact topic,
 /// `*` for everything, or a prefix ending in `*` (`job.*`).
-pub fn topic_matches(pattern: &str, topic: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => topic.starts_with(prefix),
-        None => pattern == topic,
-    }
-}
+pub use canopy_proto::grant::topic_matches;
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 
 pub const EPERM: u32 = 1;
 pub const ENOENT: u32 = 2;
+pub const EEXIST: u32 = 17;
 pub const EAGAIN: u32 = 11;
 pub const EINVAL: u32 = 22;
 pub const ENOSYS: u32 = 38;

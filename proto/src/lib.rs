@@ -12,9 +12,11 @@
 pub mod errno;
 pub mod frame;
 pub mod fuzz;
+pub mod grant;
 mod header;
 mod roles;
 
+pub use grant::Grant;
 pub use header::{decode_header, Header, Hop, MsgType, ProtoError, FLAG_NORESPONSE};
 pub use roles::{RoleParseError, Roles};
 

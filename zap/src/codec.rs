@@ -32,6 +32,10 @@ pub const CURVE_KEY_LEN: usize = 32;
 pub const CURVE_PREFIX: &str = "curve:";
 /// Metadata name under which the handler publishes a peer's roles.
 pub const ROLES_PROPERTY: &str = "Roles";
+/// Metadata property carrying roles scoped to topics and the namespaces a
+/// client may register (`canopy_proto::Grant::encode_scope`); absent when
+/// there are none.
+pub const SCOPE_PROPERTY: &str = "Scope";
 /// Metadata property holding an admitted CURVE peer's principal
 /// (`curve:<Z85>`), whatever `User-Id` the policy chose.
 pub const LINK_KEY_PROPERTY: &str = "Link-Key";

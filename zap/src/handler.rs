@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use canopy_proto::MAX_USERID;
 use tracing::{error, info, warn};
 
-use crate::codec::{parse_request, ZapReply, LINK_KEY_PROPERTY, ROLES_PROPERTY};
+use crate::codec::{parse_request, ZapReply, LINK_KEY_PROPERTY, ROLES_PROPERTY, SCOPE_PROPERTY};
 use crate::policy::{AuthRequest, Decision, Policy};
 use crate::ZapError;
 
@@ -336,6 +336,46 @@ fn answer(
         }
     };
 
+    let allow = |user_id: String, grant: canopy_proto::Grant, reason: String| {
+        let scope = if grant.is_plain() {
+            String::new()
+        } else {
+            grant.encode_scope()
+        };
+        // libzmq hands User-Id to applications as a C string: an empty,
+        // NUL-bearing or oversized id would be misread downstream.
+        if user_id.is_empty() || user_id.len() > MAX_USERID || user_id.chars().any(char::is_control)
+        {
+            return deny(500, "policy returned an unusable user id");
+        }
+        counters.allowed.fetch_add(1, Ordering::Relaxed);
+        info!(
+            verdict = %"allow",
+            principal = %shown,
+            address = %req.address,
+            mechanism = %req.mechanism,
+            reason = ?reason,
+            domain = %req.domain,
+            user_id = %user_id,
+            roles = %grant.roles,
+            scope = %scope,
+            "zap:"
+        );
+        let mut meta = vec![(
+            ROLES_PROPERTY.to_owned(),
+            grant.roles.to_string().into_bytes(),
+        )];
+        if !grant.is_plain() {
+            meta.push((SCOPE_PROPERTY.to_owned(), scope.into_bytes()));
+        }
+        // The CURVE key itself, so the application can re-check a
+        // key-based grant (e.g. a Kerberos binding) on every message.
+        if req.mechanism == crate::codec::Mechanism::Curve && !principal.is_empty() {
+            meta.push((LINK_KEY_PROPERTY.to_owned(), principal.clone().into_bytes()));
+        }
+        ZapReply::allow(req.request_id.clone(), user_id, meta)
+    };
+
     match decision {
         None => deny(500, "zap handler failed"),
         Some(Decision::Deny { reason }) => deny(400, &reason),
@@ -343,35 +383,12 @@ fn answer(
             user_id,
             roles,
             reason,
-        }) => {
-            // libzmq hands User-Id to applications as a C string: an empty,
-            // NUL-bearing or oversized id would be misread downstream.
-            if user_id.is_empty()
-                || user_id.len() > MAX_USERID
-                || user_id.chars().any(char::is_control)
-            {
-                return deny(500, "policy returned an unusable user id");
-            }
-            counters.allowed.fetch_add(1, Ordering::Relaxed);
-            info!(
-                verdict = %"allow",
-                principal = %shown,
-                address = %req.address,
-                mechanism = %req.mechanism,
-                reason = ?reason,
-                domain = %req.domain,
-                user_id = %user_id,
-                roles = %roles,
-                "zap:"
-            );
-            let mut meta = vec![(ROLES_PROPERTY.to_owned(), roles.to_string().into_bytes())];
-            // The CURVE key itself, so the application can re-check a
-            // key-based grant (e.g. a Kerberos binding) on every message.
-            if req.mechanism == crate::codec::Mechanism::Curve && !principal.is_empty() {
-                meta.push((LINK_KEY_PROPERTY.to_owned(), principal.clone().into_bytes()));
-            }
-            ZapReply::allow(req.request_id.clone(), user_id, meta)
-        }
+        }) => allow(user_id, canopy_proto::Grant::plain(roles), reason),
+        Some(Decision::AllowScoped {
+            user_id,
+            grant,
+            reason,
+        }) => allow(user_id, grant, reason),
     }
 }
 

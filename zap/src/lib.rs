@@ -62,7 +62,7 @@ pub mod fuzz;
 mod handler;
 mod policy;
 
-pub use codec::{Mechanism, ZapReply, ZapRequest};
+pub use codec::{Mechanism, ZapReply, ZapRequest, SCOPE_PROPERTY};
 pub use handler::{ZapHandle, ZapHandler, ZapStats, ZapWatch, ZAP_ENDPOINT};
 pub use policy::{AuthRequest, Decision, KeyEntry, KeySetPolicy, Policy};
 

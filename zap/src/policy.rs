@@ -31,9 +31,37 @@ pub enum Decision {
         roles: Roles,
         reason: String,
     },
+    /// Admit the peer with roles scoped to topics or a right to register
+    /// services: `grant.roles` is published as `Roles`, the rest as the
+    /// property `Scope` ([`canopy_proto::Grant::encode_scope`]).
+    AllowScoped {
+        user_id: String,
+        grant: canopy_proto::Grant,
+        reason: String,
+    },
     Deny {
         reason: String,
     },
+}
+
+impl Decision {
+    /// Admit `user_id` with `grant`: a plain [`Decision::Allow`] when it
+    /// has nothing but roles.
+    pub fn allow(user_id: String, grant: canopy_proto::Grant, reason: String) -> Decision {
+        if grant.is_plain() {
+            Decision::Allow {
+                user_id,
+                roles: grant.roles,
+                reason,
+            }
+        } else {
+            Decision::AllowScoped {
+                user_id,
+                grant,
+                reason,
+            }
+        }
+    }
 }
 
 /// Decides whether a peer may connect. Called on the handler thread, once

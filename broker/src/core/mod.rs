@@ -21,7 +21,10 @@
 
 pub mod idmap;
 pub mod keys;
+pub mod provided;
 mod relink;
+#[cfg(test)]
+mod service_tests;
 pub mod services;
 #[cfg(test)]
 mod sim;
@@ -37,7 +40,7 @@ use canopy_overlay::liveness::{Peer, Timing, Transition};
 use canopy_overlay::pending::{InFlight, Link, Pending};
 use canopy_overlay::route::{next_hop, Next};
 use canopy_overlay::Topology;
-use canopy_proto::{errno, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
+use canopy_proto::{errno, Grant, Header, Hop, MsgType, Roles, PROTOCOL_VERSION};
 use idmap::IdMap;
 use keys::KeyRing;
 use std::collections::{HashMap, VecDeque};
@@ -231,7 +234,7 @@ pub enum Job {
         principal: String,
         mech: Mech,
         address: String,
-        roles: Roles,
+        grant: Grant,
     },
     /// Re-read the policy file; answer `req` if an admin asked.
     ReloadPolicy { req: Option<Header> },
@@ -246,10 +249,10 @@ pub enum Job {
 /// A finished [`Job`].
 #[derive(Debug)]
 pub enum Done {
-    /// `Ok((principal, roles))`, or `Err((principal, reason))`.
+    /// `Ok((principal, grant))`, or `Err((principal, reason))`.
     Admitted {
         ticket: u64,
-        verdict: Result<(String, Roles), (String, String)>,
+        verdict: Result<(String, Grant), (String, String)>,
     },
     Vetoed {
         ticket: u64,
@@ -320,7 +323,7 @@ pub enum Input<P> {
     Remote {
         rid: Vec<u8>,
         user_id: String,
-        roles: Roles,
+        grant: Grant,
         address: String,
         header: Header,
         payload: P,
@@ -481,10 +484,16 @@ struct Client<P> {
     /// Remote clients: their routing id.
     rid: Vec<u8>,
     principal: String,
-    roles: Roles,
+    grant: Grant,
     mech: Mech,
     address: String,
     subs: Vec<String>,
+    /// Namespaces this connection offers (`service.add`).
+    offers: Vec<String>,
+    /// Requests delivered to it as a provider and not yet answered: the
+    /// token it was given -> the caller's request.
+    delivered: IdMap<u32, Header>,
+    next_token: u32,
     access: Access,
     held_in: VecDeque<(Header, P)>,
     held_out: VecDeque<(Header, P)>,
@@ -541,6 +550,8 @@ pub struct BrokerCore<P> {
     pending: Pending,
     health: Health,
     modules: canopy_modules::Registry,
+    /// Namespaces offered by clients of this broker.
+    registry: HashMap<String, provided::Registration>,
 
     clients: IdMap<u32, Client<P>>,
     remote_ids: HashMap<Vec<u8>, u32>,
@@ -640,6 +651,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             by_rid: HashMap::new(),
             pending: Pending::default(),
             modules: canopy_modules::Registry::standard(),
+            registry: HashMap::new(),
             clients: IdMap::default(),
             remote_ids: HashMap::new(),
             revoked_remote: HashMap::new(),
@@ -895,11 +907,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Input::Remote {
                 rid,
                 user_id,
-                roles,
+                grant,
                 address,
                 header,
                 payload,
-            } => self.remote_ingress(rid, user_id, roles, address, header, payload),
+            } => self.remote_ingress(rid, user_id, grant, address, header, payload),
             Input::ClientClosed { id } => self.remove_client(id),
             Input::SendFull { rid, header } => self.send_full(rid, header),
             Input::RemoteGone { rid } => {
@@ -1476,7 +1488,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     ClientKind::Local { uid },
                     Vec::new(),
                     principal,
-                    Roles::OWNER,
+                    Grant::plain(Roles::OWNER),
                     Mech::Local,
                     String::new(),
                     Access::Admitted,
@@ -1520,7 +1532,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 ClientKind::Local { uid },
                 Vec::new(),
                 format!("unix:#{uid}"),
-                Roles::NONE,
+                Grant::default(),
                 Mech::Local,
                 String::new(),
                 Access::Deciding {
@@ -1560,7 +1572,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         &mut self,
         rid: Vec<u8>,
         user_id: String,
-        roles: Roles,
+        grant: Grant,
         address: String,
         h: Header,
         payload: P,
@@ -1640,7 +1652,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                         ClientKind::Remote,
                         rid,
                         user_id,
-                        roles,
+                        grant,
                         mech,
                         address,
                         access,
@@ -1661,7 +1673,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if h.msg_type != MsgType::Request {
+        // Responses are a provider's answers (docs/protocol.md §6.1).
+        if !matches!(h.msg_type, MsgType::Request | MsgType::Response) {
             let first = c.warned & REFUSED_NOT_REQUEST == 0;
             c.warned |= REFUSED_NOT_REQUEST;
             if first {
@@ -1681,6 +1694,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             c.held_in.push_back((h, payload));
             return;
+        }
+        if h.msg_type == MsgType::Response {
+            return self.provider_answered(id, h, payload);
         }
         if !no_response(&h) {
             let n = payload.as_ref().len();
@@ -1702,7 +1718,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         // Identity is stamped here, at ingress; whatever the client claimed is discarded.
         h.userid.clone_from(&c.principal);
-        h.roles = c.roles;
+        h.roles = c.grant.roles_for(&h.topic);
+        if !c.offers.is_empty()
+            && h.topic == "event.pub"
+            && Self::publishes_own_namespace(&c.offers, payload.as_ref())
+        {
+            h.roles = h.roles.union(Roles::OPERATOR);
+        }
         h.route.clear();
         h.route.push(Hop::Local(id));
         self.route_request(h, payload);
@@ -1718,8 +1740,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     /// Forget a client and what it counted against the budgets.
     fn drop_client(&mut self, id: u32) -> Option<Client<P>> {
-        let c = self.clients.remove(&id)?;
+        let mut c = self.clients.remove(&id)?;
         self.release(&c.principal, c.in_flight_bytes);
+        if !c.offers.is_empty() || !c.delivered.is_empty() {
+            let offers = std::mem::take(&mut c.offers);
+            let delivered: Vec<Header> = c.delivered.drain().map(|(_, h)| h).collect();
+            self.provider_gone(offers, delivered);
+        }
         match c.kind {
             ClientKind::Local { uid } => {
                 if let Some(n) = self.per_uid.get_mut(&uid) {
@@ -1956,7 +1983,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
     }
 
-    fn admitted(&mut self, ticket: u64, verdict: Result<(String, Roles), (String, String)>) {
+    fn admitted(&mut self, ticket: u64, verdict: Result<(String, Grant), (String, String)>) {
         let Some((&id, c)) = self
             .clients
             .iter_mut()
@@ -1968,11 +1995,17 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         };
         match verdict {
-            Ok((principal, roles)) if !roles.is_empty() => {
-                info!(verdict = %"allow", principal = %principal, mechanism = %c.mech.as_str(), roles = %roles, "authz: client admitted");
+            Ok((principal, grant)) if !grant.is_empty() => {
+                info!(verdict = %"allow", principal = %principal, mechanism = %c.mech.as_str(), roles = %grant.roles, scope = %grant.encode_scope(), "authz: client admitted");
                 c.principal = principal;
-                c.roles = roles;
+                c.grant = grant;
                 c.access = Access::Admitted;
+                if !c.offers.is_empty() {
+                    self.recheck_offers(id);
+                }
+                let Some(c) = self.clients.get_mut(&id) else {
+                    return;
+                };
                 let held_in = std::mem::take(&mut c.held_in);
                 let held_out = std::mem::take(&mut c.held_out);
                 for (h, p) in held_out {
@@ -2076,14 +2109,20 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     // ----- routing -----
 
     fn route_request(&mut self, h: Header, payload: P) {
-        let svc = services::lookup(&h.topic, self.rank, &self.modules);
+        let svc = services::lookup(&h.topic, self.rank, &self.modules).or_else(|| {
+            self.provided_role(&h.topic)
+                .map(|r| (r, services::Builtin::Provided))
+        });
         match next_hop(&self.topo, self.rank, h.nodeid, svc.is_some()) {
             Next::Local => {
                 let (needed, svc) = svc.expect("local implies a service");
                 if !h.roles.satisfies(needed) {
                     let msg = format!(
-                        "{} requires role '{needed}'; principal {} has roles '{}'",
-                        h.topic, h.userid, h.roles
+                        "{} requires role '{needed}' in namespace '{}'; principal {} has roles '{}' there",
+                        h.topic,
+                        provided::namespace(&h.topic),
+                        h.userid,
+                        h.roles
                     );
                     warn!(verdict = %"deny", principal = %h.userid, topic = %h.topic, reason = %format!("missing role {needed}"), "authz: request refused");
                     self.events.push_back(Event::Job(Job::RoleRefused {
@@ -2363,7 +2402,7 @@ impl<P> Client<P> {
         kind: ClientKind,
         rid: Vec<u8>,
         principal: String,
-        roles: Roles,
+        grant: Grant,
         mech: Mech,
         address: String,
         access: Access,
@@ -2372,10 +2411,13 @@ impl<P> Client<P> {
             kind,
             rid,
             principal,
-            roles,
+            grant,
             mech,
             address,
             subs: Vec::new(),
+            offers: Vec::new(),
+            delivered: IdMap::default(),
+            next_token: 0,
             access,
             held_in: VecDeque::new(),
             held_out: VecDeque::new(),

@@ -21,6 +21,12 @@ pub enum Builtin {
     KeyReload,
     KeyStatus,
     Whoami,
+    ServiceAdd,
+    ServiceRemove,
+    ServiceList,
+    /// A namespace a client offers (`service.add`): not in [`SERVICES`],
+    /// found in the core's registry.
+    Provided,
 }
 
 /// One row of the table.
@@ -81,6 +87,11 @@ pub const SERVICES: &[Service] = &[
         false,
         Builtin::KeyStatus,
     ),
+    // Who may register is decided by the policy's `register` grants (or
+    // ownership), in `provided.rs`; the role here only admits the request.
+    row("service.add", Roles::USER, false, Builtin::ServiceAdd),
+    row("service.remove", Roles::USER, false, Builtin::ServiceRemove),
+    row("service.list", Roles::USER, false, Builtin::ServiceList),
 ];
 
 /// The role and handler for `topic` on `rank`, if this broker serves it.
@@ -144,6 +155,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             Builtin::KeyStatus => self.key_status(h),
             Builtin::Whoami => self.whoami(h),
+            Builtin::ServiceAdd => self.service_add(h, payload),
+            Builtin::ServiceRemove => self.service_remove(h, payload),
+            Builtin::ServiceList => self.service_list(h),
+            Builtin::Provided => self.deliver_to_provider(h, payload),
             Builtin::Module => {
                 let ctx = Ctx {
                     rank: self.rank,
@@ -182,7 +197,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             principal: c.principal.clone(),
             mech: c.mech,
             address: c.address.clone(),
-            roles: c.roles,
+            grant: c.grant.clone(),
             req: h,
         };
         self.events.push_back(Event::Job(job));

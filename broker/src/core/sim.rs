@@ -8,7 +8,7 @@ use super::*;
 use canopy_security::curve_principal;
 use std::collections::BTreeMap;
 
-pub type Policy = Box<dyn Fn(&Subject) -> Result<(String, Roles), (String, String)>>;
+pub type Policy = Box<dyn Fn(&Subject) -> Result<(String, Grant), (String, String)>>;
 
 pub const OWNER_UID: u32 = 1000;
 
@@ -424,6 +424,30 @@ impl Sim {
             },
         );
         self.tag
+    }
+
+    /// A client answers a request delivered to it (as a service provider).
+    pub fn answer(&mut self, rank: u32, id: u32, token: u32, errnum: u32, payload: &[u8]) {
+        let mut h = Header::request("ignored", 0, token);
+        h.msg_type = MsgType::Response;
+        h.errnum = errnum;
+        self.push(
+            rank,
+            Input::Local {
+                id,
+                header: h,
+                payload: payload.to_vec(),
+                queued: Queued::default(),
+            },
+        );
+    }
+
+    /// Requests delivered to a client (as a service provider).
+    pub fn requests(&self, rank: u32, id: u32) -> Vec<Got> {
+        self.got(rank, id)
+            .into_iter()
+            .filter(|g| g.header.msg_type == MsgType::Request)
+            .collect()
     }
 
     pub fn responses(&self, rank: u32, id: u32, tag: u32) -> Vec<Got> {

@@ -20,10 +20,10 @@ fn allow(rules: &'static [(&'static str, Roles)]) -> Policy {
     Box::new(move |s: &Subject| {
         let p = s.principal.clone().unwrap_or_default();
         if p.starts_with("curve:") {
-            return Ok((p, Roles::PEER));
+            return Ok((p, Grant::plain(Roles::PEER)));
         }
         match rules.iter().find(|(n, _)| *n == p) {
-            Some((_, r)) => Ok((p, *r)),
+            Some((_, r)) => Ok((p, Grant::plain(*r))),
             None => Err((p, "no rule grants a role".into())),
         }
     })
@@ -259,7 +259,7 @@ fn a_reload_disconnects_a_child_the_policy_now_denies() {
         if p == two {
             Err((p, "denied by rule \"stolen\"".into()))
         } else {
-            Ok((p, Roles::PEER))
+            Ok((p, Grant::plain(Roles::PEER)))
         }
     });
     s.nodes[0].core.handle(s.now, Input::Hangup);
@@ -636,7 +636,7 @@ fn remote(s: &mut Sim, rid: Vec<u8>, principal: &str, topic: &str) -> u32 {
         Input::Remote {
             rid,
             user_id: principal.into(),
-            roles: Roles::USER,
+            grant: Grant::plain(Roles::USER),
             address: "127.0.0.1".into(),
             header: Header::request(topic, 0, tag),
             payload: Vec::new(),
@@ -679,7 +679,7 @@ fn a_principal_reconnecting_past_its_connection_budget_is_not_locked_out() {
             Input::Remote {
                 rid: vec![rid, (i / 250) as u8],
                 user_id: "curve:bob".into(),
-                roles: Roles::USER,
+                grant: Grant::plain(Roles::USER),
                 address: String::new(),
                 header: Header::request("event.subscribe", NODEID_ANY, 1),
                 payload: b"*".to_vec(),

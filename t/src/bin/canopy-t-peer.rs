@@ -15,6 +15,11 @@
 //! It prints `conn N sent K of M` (and `conn N send error: ..`), then the
 //! frames as `conn N frame ..`, then `conn N closed` or `conn N open`.
 //!
+//! `canopy-t-peer hold-service PATH NAMESPACE` registers NAMESPACE with one
+//! method, `get` (role user), prints `registered`, then prints `request
+//! TOPIC` for each request delivered to it and never answers (a provider
+//! that hangs, to be killed).
+//!
 //! Each prints one line per frame (`frame type=.. errnum=.. matchtag=..
 //! topic=.. payload=..`), then `closed` when the broker closes the
 //! connection. Exit status: 0 closed, 2 cannot connect, 3 timed out, 4 bad
@@ -32,6 +37,11 @@ fn main() {
     if let [_, cmd, path, ms, conns, sizes, hold] = args.as_slice() {
         if cmd == "flood-local" {
             flood(path, ms, conns, sizes, hold);
+        }
+    }
+    if let [_, cmd, path, ns] = args.as_slice() {
+        if cmd == "hold-service" {
+            hold_service(path, ns);
         }
     }
     let (mode, path, ms, pattern) = match args.as_slice() {
@@ -217,4 +227,51 @@ fn flood(path: &str, ms: &str, conns: &str, sizes: &str, hold: &str) -> ! {
 fn usage() -> ! {
     eprintln!("usage: canopy-t-peer read-local PATH TIMEOUT_MS | sub-local|talk-local PATH TIMEOUT_MS PATTERN | flood-local PATH TIMEOUT_MS CONNS SIZES HOLD_MS");
     std::process::exit(64);
+}
+
+fn hold_service(path: &str, ns: &str) -> ! {
+    let mut s = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("connect error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let body = format!(r#"{{"namespace":"{ns}","methods":{{"get":"user"}}}}"#);
+    let mut out = Vec::new();
+    encode_frame(
+        &Header::request("service.add", canopy_proto::NODEID_ANY, 1),
+        body.as_bytes(),
+        &mut out,
+    )
+    .unwrap();
+    if s.write_all(&out).is_err() {
+        std::process::exit(4);
+    }
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => std::process::exit(0),
+            Ok(n) => n,
+        };
+        dec.push(&buf[..n]);
+        while let Ok(Some((h, p))) = dec.next_frame() {
+            match h.msg_type {
+                canopy_proto::MsgType::Response if h.matchtag == 1 && h.errnum == 0 => {
+                    println!("registered")
+                }
+                canopy_proto::MsgType::Response => {
+                    println!(
+                        "refused errnum={} {}",
+                        h.errnum,
+                        String::from_utf8_lossy(&p)
+                    );
+                    std::process::exit(4);
+                }
+                canopy_proto::MsgType::Request => println!("request {}", h.topic),
+                _ => {}
+            }
+        }
+    }
 }
