@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
 
 import canopy
 import canopy.aio
-from conftest import REPO, Instance, Provider, canopy_bin
+from conftest import REPO, Instance, Provider, canopy_bin, in_thread
 
 
 def cli(inst: Instance, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -67,6 +68,36 @@ def test_python_calls_a_python_service_across_ranks(instance: Instance) -> None:
 
         got = asyncio.run(asyncio.wait_for(main(), 30))
         assert got == [f"rank 3 echoes {i}".encode() for i in range(20)]
+
+
+def test_python_calls_a_rust_provider_on_rank_3(instance: Instance) -> None:
+    """`canopy-t-peer hold-service` (Rust, canopy-proto) offers a namespace on
+    rank 3 and never answers; Python on rank 0 calls it, the request reaches
+    the Rust provider, and killing it answers the caller ENOSYS at once."""
+    peer = os.path.join(os.path.dirname(canopy_bin()), "canopy-t-peer")
+    if not os.access(peer, os.X_OK):
+        pytest.skip(f"{peer} not built: cargo build -p canopy-t --bin canopy-t-peer")
+    proc = subprocess.Popen([peer, "hold-service", instance.rundir + "/local-3", "rustsvc"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "registered"
+        with canopy.connect(instance.uri) as c:
+            listed = c.list_services(rank=3)["services"]
+            assert any(s["namespace"] == "rustsvc" and s["methods"] == {"get": "user"} for s in listed), listed
+            t, out = in_thread(lambda: c.rpc("rustsvc.get", b"k", rank=3, timeout=20))
+            assert proc.stdout.readline().strip() == "request rustsvc.get"
+            killed = time.monotonic()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+            t.join(10)
+            e = out.get("error")
+            assert isinstance(e, canopy.CanopyError) and e.errnum == canopy.ENOSYS, out
+            assert out["at"] - killed < 1.0 and "went away" in e.message
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def test_example_demo_runs_inside_canopy_start() -> None:
