@@ -26,12 +26,14 @@ import json
 import os
 import sys
 
-try:
-    import canopy
-except ImportError:  # run from a checkout without `pip install ./python`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
-    import canopy
-import canopy.aio
+# In a checkout, use its own client (python/), installed or not: the example
+# and the client change together.
+_CHECKOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
+if os.path.isfile(os.path.join(_CHECKOUT, "canopy", "__init__.py")):
+    sys.path.insert(0, os.path.normpath(_CHECKOUT))
+
+import canopy  # noqa: E402
+import canopy.aio  # noqa: E402
 
 NAMESPACE = "counter"
 METHODS = {"get": "user", "echo": "user", "add": "operator"}

@@ -105,7 +105,6 @@ def test_example_demo_runs_inside_canopy_start() -> None:
     (with this interpreter as python3)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANOPY_")}
     env["RUST_LOG"] = "warn"
-    env["PYTHONPATH"] = str(REPO / "python")  # this checkout's canopy, installed or not
     proc = subprocess.Popen(
         [canopy_bin(), "start", "--size", "2", "--", sys.executable, "examples/python-service/service.py", "--demo"],
         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -127,7 +126,6 @@ def test_example_demo_runs_inside_canopy_start() -> None:
 def test_example_serves_until_ctrl_c(instance: Instance) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANOPY_")}
     env["CANOPY_URI"] = instance.local_uri(2)
-    env["PYTHONPATH"] = str(REPO / "python")
     proc = subprocess.Popen(
         [sys.executable, "examples/python-service/service.py"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
