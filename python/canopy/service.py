@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any, Callable, Mapping
 
-from .errors import EIO, CanopyError, InvalidArgument, ServiceError, errname
+from .errors import EIO, EPROTO, CanopyError, InvalidArgument, ServiceError, errname
 from .protocol import FLAG_NORESPONSE, MAX_TOPIC, Header, MsgType, Roles, to_bytes
 
 log = logging.getLogger("canopy")
@@ -146,14 +146,14 @@ class Request:
         try:
             return self.payload.decode("utf-8")
         except UnicodeDecodeError:
-            raise ServiceError(71, f"{self.topic} takes UTF-8 text; send valid UTF-8") from None
+            raise ServiceError(EPROTO, f"{self.topic} takes UTF-8 text; send valid UTF-8") from None
 
     def json(self) -> Any:
         """The payload as JSON (invalid JSON fails the request: EPROTO)."""
         try:
             return json.loads(self.payload) if self.payload else None
         except ValueError as e:
-            raise ServiceError(71, f"{self.topic} takes a JSON payload: {e}; send valid JSON") from None
+            raise ServiceError(EPROTO, f"{self.topic} takes a JSON payload: {e}; send valid JSON") from None
 
     def respond(self, result: Any = b"") -> None:
         """Answer with a result: bytes, str (UTF-8), None (empty), or anything
