@@ -148,6 +148,18 @@ def test_duplicate_registration_is_eexist(instance: Instance) -> None:
         assert ei.value.errnum == canopy.ENOENT, "not ours to remove"
 
 
+def test_sixteen_namespaces_per_connection(instance: Instance) -> None:
+    with canopy.connect(instance.local_uri(1)) as c:
+        for i in range(16):
+            c.add_service(f"pymany{i}", {"m": "user"})
+        with pytest.raises(canopy.CanopyError) as ei:
+            c.add_service("pymany16", {"m": "user"})
+        assert (ei.value.errnum, ei.value.topic) == (canopy.EAGAIN, "service.add")
+        assert len(c.services) == 16
+        c.remove_service("pymany0")
+        c.add_service("pymany16", {"m": "user"})
+
+
 @pytest.mark.parametrize("ns", ["broker", "overlay", "event", "acl", "key", "service", "instance",
                                 "access", "connect", "exec", "cert", "receipt"])
 def test_reserved_namespace_is_eperm(instance: Instance, ns: str) -> None:

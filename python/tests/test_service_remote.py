@@ -108,6 +108,18 @@ def test_remote_curve_provider_sync(registrar: Remote) -> None:
         m = caller.request("pyremote.echo", b"hi", rank=0, timeout=10)
         assert (m.payload, m.header.nodeid) == (b"curve: hi", 0)
         assert p.seen[-1].principal.startswith("unix:")
+    # A provider may publish in its own namespace though only a user;
+    # elsewhere it needs operator.
+    with registrar.connect() as prov, canopy.connect(registrar.inst.local_uri(1)) as sub_c:
+        with sub_c.subscribe("pyr-events.*", timeout=10) as sub:
+            with pytest.raises(canopy.PermissionDenied):
+                prov.publish("pyr-events.changed", b"before", timeout=10)
+            prov.add_service("pyr-events", {"m": "user"}, timeout=10)
+            seq = prov.publish("pyr-events.changed", b"after", timeout=10)
+            ev = sub.get(timeout=10)
+            assert (ev.topic, ev.seq, ev.data, ev.sender) == ("pyr-events.changed", seq, b"after", f"curve:{registrar.public}")
+            with pytest.raises(canopy.PermissionDenied):
+                prov.publish("elsewhere.changed", b"x", timeout=10)
     # Not granted: a namespace outside its register patterns.
     with registrar.connect() as other:
         with pytest.raises(canopy.PermissionDenied) as ei:
