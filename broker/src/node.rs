@@ -148,6 +148,7 @@ impl Broker {
                 },
                 seed: u64::from_be_bytes(seed),
                 budgets,
+                child_addresses: plan.child_addresses,
             },
             0,
         );
@@ -274,6 +275,9 @@ impl Broker {
             let (expired, next_expiry) = crate::gss::expired_remote(&self.policy);
             for (rid, reason) in expired {
                 self.input(Input::RemoteExpired { rid, reason });
+            }
+            for (address, reason) in self.policy.take_refused_peers() {
+                self.input(Input::PeerRefused { address, reason });
             }
             let now = self.now_ms();
             if now >= self.core.poll_timeout() {
