@@ -148,10 +148,33 @@ def test_remote_curve_provider_async(registrar: Remote) -> None:
     asyncio.run(asyncio.wait_for(main(), 40))
 
 
+def test_remote_curve_provider_death_is_noticed_at_the_next_delivery(registrar: Remote) -> None:
+    """docs/services.md: a remote provider's death is noticed when the broker
+    next sends to it; then every request waiting for it gets ENOSYS."""
+    async def main() -> None:
+        p = await canopy.aio.connect(registrar.uri, key=registrar.key, server_key=registrar.server_key)
+        await p.add_service("pyr-dies", {"slow": "user"}, timeout=10)  # no handler: never answered
+        async with canopy.aio.connect(registrar.inst.local_uri(1)) as c:
+            first = asyncio.create_task(c.rpc("pyr-dies.slow", b"1", rank=0, timeout=15))
+            assert (await p.next_request(timeout=10)).payload == b"1"
+            await p.close()
+            await asyncio.sleep(0.5)  # the disconnection reaches the broker's socket
+            t0 = time.monotonic()
+            with pytest.raises(canopy.CanopyError) as ei:
+                await c.rpc("pyr-dies.slow", b"2", rank=0, timeout=10)
+            assert ei.value.errnum == canopy.ENOSYS
+            with pytest.raises(canopy.CanopyError) as ei:
+                await asyncio.wait_for(first, 1.0)
+            assert ei.value.errnum == canopy.ENOSYS and "went away" in ei.value.message
+            assert time.monotonic() - t0 < 1.5
+
+    asyncio.run(asyncio.wait_for(main(), 40))
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "broker: a remote (CURVE) provider's disconnection is noticed only when a later send to it fails, "
-    "so a request already delivered to it waits for the caller's timeout instead of ENOSYS at once "
-    "(docs/protocol.md 6.1 'Ending'); remove this mark when the broker notices it"))
+    "broker: a remote (CURVE) provider's disconnection is noticed only when a later send to it fails "
+    "(docs/services.md), so a request already delivered to it waits for the next caller or its own timeout, "
+    "not ENOSYS at once as docs/protocol.md 6.1 'Ending' says; remove this mark if the broker notices it"))
 def test_remote_curve_provider_closing_mid_request_gives_enosys(registrar: Remote) -> None:
     async def main() -> None:
         async def slow(req: canopy.Request) -> bytes:
