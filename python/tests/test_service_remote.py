@@ -171,10 +171,6 @@ def test_remote_curve_provider_death_is_noticed_at_the_next_delivery(registrar: 
     asyncio.run(asyncio.wait_for(main(), 40))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker: a remote (CURVE) provider's disconnection is noticed only when a later send to it fails "
-    "(docs/services.md), so a request already delivered to it waits for the next caller or its own timeout, "
-    "not ENOSYS at once as docs/protocol.md 6.1 'Ending' says; remove this mark if the broker notices it"))
 def test_remote_curve_provider_closing_mid_request_gives_enosys(registrar: Remote) -> None:
     async def main() -> None:
         async def slow(req: canopy.Request) -> bytes:
