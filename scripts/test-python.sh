@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Python client's tests (python/tests) against real brokers: installs
 # the package (with pyzmq) and pytest, then runs them. The canopy binary is
-# CANOPY_BIN, default target/debug/canopy (build it first: scripts/test.sh
-# does). Run by scripts/test.sh after the cargo tests.
+# CANOPY_BIN, default $CARGO_TARGET_DIR/debug/canopy, else target/debug/canopy
+# (build it first: scripts/test.sh does). Run by scripts/test.sh after the cargo tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -19,7 +19,9 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install
     || { echo "canopy: $PY cannot import a pyzmq with CURVE after installing ./python" >&2; exit 1; }
 # pytest exits 5 when it collects no test, which fails this script (set -e);
 # a run where every test was skipped fails too.
-CANOPY_BIN="${CANOPY_BIN:-$PWD/target/debug/canopy}" "$PY" -m pytest -q -ra -p no:cacheprovider \
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$PWD/$TARGET_DIR" ;; esac
+CANOPY_BIN="${CANOPY_BIN:-$TARGET_DIR/debug/canopy}" "$PY" -m pytest -q -ra -p no:cacheprovider \
     --junitxml=target/pytest-python.xml python/tests
 "$PY" - target/pytest-python.xml <<'PYEOF'
 import sys, xml.etree.ElementTree as ET

@@ -87,7 +87,13 @@ pub struct BrokerPolicy {
     pub clients: Arc<dyn ClientAuthz>,
     /// Set in a gssapi instance: then it alone decides (see `crate::gss`).
     pub gss: std::sync::OnceLock<Arc<dyn Gate>>,
+    /// Overlay handshakes refused for an unknown key: (peer address,
+    /// reason), for the loop to show the child as `refused`. Bounded.
+    refused_peers: std::sync::Mutex<std::collections::VecDeque<(String, String)>>,
 }
+
+/// Refused overlay handshakes kept for the loop between two turns.
+const MAX_REFUSED_PEERS: usize = 16;
 
 impl BrokerPolicy {
     pub fn new(clients: Arc<dyn ClientAuthz>) -> BrokerPolicy {
@@ -95,7 +101,27 @@ impl BrokerPolicy {
             peers: KeySetPolicy::new(),
             clients,
             gss: std::sync::OnceLock::new(),
+            refused_peers: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    fn note_refused_peer(&self, address: &str, reason: &str) {
+        let mut q = self
+            .refused_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if q.len() < MAX_REFUSED_PEERS {
+            q.push_back((address.to_string(), reason.to_string()));
+        }
+    }
+
+    /// The overlay handshakes refused since the last call.
+    pub fn take_refused_peers(&self) -> Vec<(String, String)> {
+        let mut q = self
+            .refused_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.drain(..).collect()
     }
 }
 
@@ -121,7 +147,11 @@ impl Policy for BrokerPolicy {
                         reason,
                     },
                 },
-                deny => deny,
+                Decision::Deny { reason } => {
+                    self.note_refused_peer(req.address, &reason);
+                    Decision::Deny { reason }
+                }
+                other => other,
             },
             CLIENT_DOMAIN => {
                 let mech = match req.mechanism {

@@ -340,6 +340,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             host: Some(host),
             hosts,
             budgets: opts.budgets,
+            child_addresses: Default::default(),
         };
         Ok(crate::boot::Planned {
             plan,

@@ -773,7 +773,9 @@ impl SystemGss {
             )),
             None => None,
         };
-        let listen = if children.is_empty() {
+        // The key exchange serves children, and remote Kerberos clients of
+        // a broker that [clients] makes listen for them.
+        let listen = if children.is_empty() && config.client_endpoint(rank).is_none() {
             None
         } else {
             Some(kex_listen_addr(

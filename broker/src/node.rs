@@ -148,6 +148,7 @@ impl Broker {
                 },
                 seed: u64::from_be_bytes(seed),
                 budgets,
+                child_addresses: plan.child_addresses,
             },
             0,
         );
@@ -275,6 +276,9 @@ impl Broker {
             for (rid, reason) in expired {
                 self.input(Input::RemoteExpired { rid, reason });
             }
+            for (address, reason) in self.policy.take_refused_peers() {
+                self.input(Input::PeerRefused { address, reason });
+            }
             let now = self.now_ms();
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now);
@@ -372,8 +376,12 @@ impl Broker {
             if readable(6) {
                 self.drain_client_router()?;
             }
-            if let Some(m) = &self.client_monitor {
-                drain_monitor(m, "client");
+            if self
+                .client_monitor
+                .as_ref()
+                .is_some_and(|m| drain_monitor(m, "client"))
+            {
+                self.input(Input::RemoteClosed);
             }
             if readable(7)
                 && self

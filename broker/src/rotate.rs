@@ -320,8 +320,25 @@ pub fn promote_next(config: &Config, host: &str) -> Result<Vec<PathBuf>, RotateE
     let sn = next_path(&secret);
     let mut moved = Vec::new();
     if sn.exists() {
-        let kp = cert::load_secret(&sn)
-            .map_err(ferr)?
+        // Only compared with the public `.next`, never used: as root (the
+        // admin moving the service user's files) a secret owned by the
+        // service user is read as it is; anyone else loads it with the
+        // usual ownership checks. The mode is checked either way.
+        let cert = if nix::unistd::geteuid().is_root() {
+            let mode = std::fs::metadata(&sn).map_err(ferr)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ferr(format!(
+                    "{} is readable or writable by group or others (mode {mode:04o}); run `chmod 600 {}`",
+                    sn.display(),
+                    sn.display()
+                )));
+            }
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(&sn).map_err(ferr)?);
+            cert::parse(&text, &sn).map_err(ferr)?
+        } else {
+            cert::load_secret(&sn).map_err(ferr)?
+        };
+        let kp = cert
             .keypair()
             .ok_or_else(|| ferr(format!("{} has no secret key", sn.display())))?;
         if kp.public() != &new_pub {

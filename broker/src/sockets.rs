@@ -76,6 +76,10 @@ pub struct Plan {
     pub hosts: std::collections::BTreeMap<u32, String>,
     /// What clients can make this broker hold (`[budgets]`, flags).
     pub budgets: crate::core::Budgets,
+    /// The addresses each child connects from, where the bootstrap knows
+    /// them (a system instance's config): a refused key from one of them
+    /// shows that child as `refused`.
+    pub child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
 }
 
 /// ZeroMQ heartbeat interval on remote client connections, both ways.

@@ -292,6 +292,21 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             .into_iter()
             .filter_map(|r| config.host(r).map(|h| (r, h.to_string())))
             .collect();
+        // Where each child connects from: its connect endpoint's host,
+        // resolved now (a name that does not resolve just leaves it out).
+        let child_addresses = topo
+            .children(rank)
+            .filter_map(|c| {
+                let (h, _) = crate::gss::endpoint_host_port(&config.connect_endpoint(c)?)?;
+                let h = h.trim_start_matches('[').trim_end_matches(']').to_string();
+                let addrs: Vec<std::net::IpAddr> =
+                    std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 0))
+                        .ok()?
+                        .map(|a| a.ip())
+                        .collect();
+                Some((c, addrs))
+            })
+            .collect();
         let plan = Plan {
             rank,
             topo,
@@ -305,6 +320,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             host: Some(hostname.clone()),
             hosts,
             budgets,
+            child_addresses,
         };
         self.state = Some(Started {
             config,

@@ -410,20 +410,30 @@ impl Client {
         self.recv_wire(timeout)
     }
 
+    /// The next message that is not a control message: the broker's
+    /// control messages (a probe of a provider's connection) carry nothing
+    /// for a client, and are dropped.
     fn recv_wire(&mut self, timeout: Duration) -> Result<Msg, ClientError> {
-        match &mut self.conn {
-            Conn::Unix {
-                stream,
-                decoder,
-                rbuf,
-            } => recv_unix(stream, decoder, rbuf, timeout),
-            Conn::Tcp {
-                sock,
-                monitor,
-                endpoint,
-                lost,
-                ..
-            } => recv_tcp(sock, monitor, endpoint, lost, timeout),
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = match &mut self.conn {
+                Conn::Unix {
+                    stream,
+                    decoder,
+                    rbuf,
+                } => recv_unix(stream, decoder, rbuf, left),
+                Conn::Tcp {
+                    sock,
+                    monitor,
+                    endpoint,
+                    lost,
+                    ..
+                } => recv_tcp(sock, monitor, endpoint, lost, left),
+            }?;
+            if m.header.msg_type != MsgType::Control {
+                return Ok(m);
+            }
         }
     }
 

@@ -7,16 +7,23 @@ Synchronous::
         c.ping(rank=3)
         print(c.rpc("broker.ping", b"hi", rank=3))
 
+Offering a service (docs/protocol.md section 6.1)::
+
+    with canopy.connect() as c:
+        c.serve("kvs", {"get": "user", "put": "operator"}, lambda req: {"echo": req.text()})
+
 asyncio: :mod:`canopy.aio`. Errors: :class:`CanopyError` (``errnum``,
 ``errname``, ``message``) and its subclasses.
 """
 
 from ._common import DEFAULT_TIMEOUT, CurveKeys, Event, Message, Target, resolve_uri
 from .certs import Certificate, load_public_certificate, load_secret_certificate
-from .client import Client, Subscription, connect
+from .client import Client, Service, Subscription, connect
 from .errors import (
     EAGAIN,
+    EEXIST,
     EHOSTUNREACH,
+    EIO,
     EINVAL,
     ENOENT,
     ENOSYS,
@@ -29,10 +36,12 @@ from .errors import (
     InvalidArgument,
     PermissionDenied,
     ProtocolError,
+    ServiceError,
     Timeout,
     errname,
 )
-from .protocol import ANY, Header, Hop, HopKind, MsgType, Roles
+from .protocol import ANY, FLAG_NORESPONSE, Header, Hop, HopKind, MsgType, Roles
+from .service import Request
 
 __version__ = "0.1.0"
 
@@ -40,7 +49,9 @@ __all__ = [
     "ANY",
     "DEFAULT_TIMEOUT",
     "EAGAIN",
+    "EEXIST",
     "EHOSTUNREACH",
+    "EIO",
     "EINVAL",
     "ENOENT",
     "ENOSYS",
@@ -54,6 +65,7 @@ __all__ = [
     "CurveKeys",
     "Disconnected",
     "Event",
+    "FLAG_NORESPONSE",
     "Header",
     "Hop",
     "HopKind",
@@ -62,7 +74,10 @@ __all__ = [
     "MsgType",
     "PermissionDenied",
     "ProtocolError",
+    "Request",
     "Roles",
+    "Service",
+    "ServiceError",
     "Subscription",
     "Target",
     "Timeout",

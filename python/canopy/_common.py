@@ -19,12 +19,6 @@ KEX_ENV = "CANOPY_KEX"
 #: Seconds an RPC waits for its response unless told otherwise.
 DEFAULT_TIMEOUT = 30.0
 
-SERVICE_NOT_IMPLEMENTED = (
-    "serving a namespace needs the broker's service.add, which does not exist yet "
-    "(issue 13: user services on the overlay); until it lands, a Python client can "
-    "call services and use events, but not offer a service"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Target:

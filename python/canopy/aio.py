@@ -18,13 +18,13 @@ responses by matchtag, and any number of event subscriptions::
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Generator, Mapping, Union
 
 from ._common import (
     DEFAULT_TIMEOUT,
-    SERVICE_NOT_IMPLEMENTED,
     CurveKeys,
     CurveState,
     Event,
@@ -42,6 +42,7 @@ from .errors import (
     CanopyError,
     ConnectError,
     Disconnected,
+    InvalidArgument,
     ProtocolError,
     Timeout,
     from_response,
@@ -49,22 +50,39 @@ from .errors import (
 )
 from .protocol import (
     ANY,
+    FLAG_NORESPONSE,
     FrameDecoder,
     Header,
     MsgType,
     check_rank,
     check_topic,
     decode_header,
+    encode_frame,
     encode_request_frame,
     encode_request_header,
     to_bytes,
     topic_matches,
+)
+from .service import (
+    SERVICE_ERROR_TOPIC,
+    Request,
+    check_handler,
+    check_namespace,
+    failure,
+    log,
+    parse_json,
+    pick_handler,
+    response_header,
+    service_add_body,
+    stray_warning,
 )
 
 if TYPE_CHECKING:
     import zmq.asyncio
 
 Payload = bytes | bytearray | memoryview | str
+#: A handler takes a Request and returns (or, async, resolves to) the result.
+AsyncHandler = Callable[[Request], Union[Awaitable[Any], Any]]
 
 _END = object()
 #: Granularity of the shared timers of RPC timeouts of a second or more.
@@ -136,8 +154,16 @@ class _AsyncUnixLink:
         # Requests made in one turn of the event loop go out in one write.
         self._wbuf: list[bytes] = []
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False) -> None:
-        frame = encode_request_frame(topic, nodeid, tag, payload)
+    def send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        # Answers made in one turn of the loop go out in one write, too.
+        if not self._wbuf:
+            self._loop.call_soon(self._flush)
+        self._wbuf.append(encode_frame(response_header(token, errnum, topic), payload))
+
+    def send_request(
+        self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False, flags: int = 0
+    ) -> None:
+        frame = encode_request_frame(topic, nodeid, tag, payload, flags)
         if alone and not self._wbuf:
             # The only request in flight: no one to batch with, send now.
             self.transport.write(frame)
@@ -229,10 +255,16 @@ class _AsyncZmqLink:
         except Exception:
             return
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False) -> None:
-        fut: asyncio.Future[Any] = self.sock.send_multipart(  # type: ignore[assignment]
-            [encode_request_header(topic, nodeid, tag), payload], copy=False
-        )
+    def send_request(
+        self, topic: bytes, nodeid: int, tag: int, payload: bytes, alone: bool = False, flags: int = 0
+    ) -> None:
+        self._send_parts([encode_request_header(topic, nodeid, tag, flags), payload])
+
+    def send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        self._send_parts([response_header(token, errnum, topic), payload])
+
+    def _send_parts(self, parts: list[bytes]) -> None:
+        fut: asyncio.Future[Any] = self.sock.send_multipart(parts, copy=False)  # type: ignore[assignment]
         if not fut.done():
             fut.add_done_callback(self._sent)
         else:
@@ -351,6 +383,12 @@ class AsyncClient:
         self._subs: list[AsyncSubscription] = []
         self._error: CanopyError | None = None
         self._loop = asyncio.get_running_loop()
+        # Requests for namespaces offered without a handler, for next_request().
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
+        self._services: dict[str, AsyncService] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended = asyncio.Event()
+        self._closing = False
 
     @property
     def uri(self) -> str:
@@ -361,6 +399,11 @@ class AsyncClient:
     def _on_message(self, h: Header, p: bytes) -> None:
         t = h.type
         if t == MsgType.RESPONSE:
+            # service.error first: its matchtag is one of the broker's
+            # tokens, which may equal one of our own tags.
+            if h.topic == SERVICE_ERROR_TOPIC:
+                stray_warning(h, p)
+                return
             fut = self._pending.pop(h.matchtag, None)
             if fut is not None:
                 if not fut.done():
@@ -378,7 +421,47 @@ class AsyncClient:
                     if ev is None:
                         ev = event_from(h, p)
                     s._queue.put_nowait(ev)
-        # Requests and control messages are not for clients (yet).
+        elif t == MsgType.REQUEST:
+            self._on_request(h, p)
+        # Control messages are not for clients.
+
+    def _on_request(self, h: Header, p: bytes) -> None:
+        svc = self._services.get(h.topic.partition(".")[0])
+        if svc is not None and svc.removed:
+            return  # being removed: the broker answers it ENOSYS
+        req = Request(h, p, self._send_response, svc)
+        if svc is not None and svc.handler is not None:
+            task = self._loop.create_task(self._run(svc, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._requests.put_nowait(req)
+
+    async def _run(self, svc: AsyncService, req: Request) -> None:
+        """One request's handler, in a task of its own."""
+        handler = pick_handler(svc.handler, req.method)
+        try:
+            if handler is None:
+                req.fail(38, f"no handler for {req.topic} in this provider; give add_service() one")
+                return
+            result = handler(req)
+            if inspect.isawaitable(result):
+                result = await result
+            if not req.answered:
+                req.respond(result)
+        except asyncio.CancelledError:
+            if not req.answered and self._error is None:
+                req.fail(38, f"service {req.namespace} is shutting down; retry elsewhere")
+            raise
+        except Exception as e:
+            if req.answered or self._error is not None:
+                log.error("the handler of %s raised %s", req.topic, type(e).__name__, exc_info=e)
+                return
+            errnum, message = failure(req, e)
+            try:
+                req.fail(errnum, message)
+            except CanopyError:
+                pass
 
     def _on_error(self, e: CanopyError) -> None:
         """The connection is unusable: fail everything waiting on it."""
@@ -391,6 +474,7 @@ class AsyncClient:
                 fut.set_exception(e)
         for s in self._subs:
             s._queue.put_nowait(e)
+        self._end_services(e)
         link, self._link = self._link, None
         if link is not None:
             self._loop.create_task(link.aclose())
@@ -540,23 +624,156 @@ class AsyncClient:
             return
         await self.rpc("event.unsubscribe", sub.pattern, ANY)
 
-    # ----- services (not yet) -----
+    def notify(self, topic: str, payload: Payload = b"", rank: int = ANY) -> None:
+        """Send a request with NORESPONSE: no response comes back, not even
+        an error."""
+        t = check_topic(topic)
+        data = to_bytes(payload)
+        check_rank(rank)
+        self._live().send_request(t, rank, self._next_tag(), data, False, FLAG_NORESPONSE)
 
-    async def serve(self, namespace: str, methods: Mapping[str, str], handler: Any = None) -> NoReturn:
-        """NOT IMPLEMENTED: offer a service namespace (``service.add``).
+    # ----- services offered by this client -----
 
-        The broker has no ``service.add`` yet (issue 13); this raises
-        :class:`NotImplementedError` until it does.
-        """
-        raise NotImplementedError(SERVICE_NOT_IMPLEMENTED)
+    async def add_service(
+        self,
+        namespace: str,
+        methods: Mapping[str, str],
+        handler: AsyncHandler | Mapping[str, AsyncHandler] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> AsyncService:
+        """Offer ``namespace`` on this client's broker (``service.add``); as
+        :meth:`canopy.Client.add_service`. With a ``handler`` (a function or
+        coroutine function taking a :class:`~canopy.Request`, or a mapping
+        of method name to one), each request is handled in a task of its
+        own as soon as it arrives, concurrently with the others; without,
+        take requests with :meth:`next_request`."""
+        body = service_add_body(namespace, methods)
+        check_handler(namespace, methods, handler)
+        if namespace in self._services:
+            raise InvalidArgument(f"this client already offers {namespace!r}; remove_service() it first")
+        svc = AsyncService(self, namespace, dict(methods), handler)
+        # Known before the request: a delivery may follow the answer at once.
+        self._services[namespace] = svc
+        try:
+            reply = parse_json("service.add", await self.rpc("service.add", body, ANY, timeout))
+        except BaseException:
+            if self._services.get(namespace) is svc:
+                del self._services[namespace]
+            svc.removed = True
+            raise
+        svc.rank = reply.get("rank") if isinstance(reply, dict) else None
+        return svc
+
+    async def remove_service(self, namespace: str, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """Stop offering ``namespace`` (``service.remove``); returns how many
+        of its requests were unanswered (the broker answered them ENOSYS)."""
+        check_namespace(namespace)
+        svc = self._services.get(namespace)
+        if svc is not None:
+            # Still known while the broker removes it: what it delivers
+            # meanwhile is dropped here (the broker answers it ENOSYS), and
+            # so is what is queued for it.
+            svc.removed = True
+            kept = []
+            while not self._requests.empty():
+                r = self._requests.get_nowait()
+                if not (isinstance(r, Request) and r._service is svc):
+                    kept.append(r)
+            for r in kept:
+                self._requests.put_nowait(r)
+        body = f'{{"namespace":"{namespace}"}}'.encode()
+        try:
+            reply = parse_json("service.remove", await self.rpc("service.remove", body, ANY, timeout))
+        finally:
+            if svc is not None and self._services.get(namespace) is svc:
+                del self._services[namespace]
+        return int(reply.get("failed", 0)) if isinstance(reply, dict) else 0
+
+    async def list_services(self, rank: int = ANY, timeout: float | None = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """``service.list`` of ``rank`` (default: this client's broker)."""
+        reply = parse_json("service.list", await self.rpc("service.list", b"", rank, timeout))
+        if not isinstance(reply, dict):
+            raise ProtocolError("service.list answered JSON that is not an object; the broker does not speak this protocol version")
+        return reply
+
+    @property
+    def services(self) -> dict[str, AsyncService]:
+        """The namespaces this client offers, by name."""
+        return dict(self._services)
+
+    def _send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        self._live().send_response(token, errnum, payload, topic)
+
+    def send_response(self, token: int, payload: Payload = b"", errnum: int = 0, topic: str = "") -> None:
+        """Low level: a response with matchtag ``token``; see
+        :meth:`canopy.Client.send_response`."""
+        self._send_response(token, errnum, to_bytes(payload), topic)
+
+    async def next_request(self, timeout: float | None = None) -> Request:
+        """The next request for a namespace offered without a handler,
+        waiting up to ``timeout`` seconds (None: forever)."""
+        self._live()
+        try:
+            item = await asyncio.wait_for(self._requests.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no request within {timeout} s") from None
+        if isinstance(item, Request):
+            return item
+        self._requests.put_nowait(item)  # for the next caller too
+        if isinstance(item, CanopyError):
+            raise item.with_traceback(None)
+        raise closed_error(self.uri)
+
+    async def serve(
+        self,
+        namespace: str | None = None,
+        methods: Mapping[str, str] | None = None,
+        handler: AsyncHandler | Mapping[str, AsyncHandler] | None = None,
+    ) -> None:
+        """Offer ``namespace`` with ``handler`` (as :meth:`add_service`) and
+        serve it, each request in a task of its own, until the client is
+        closed (then return) or the connection fails (then raise). Cancel
+        the task that awaits it to stop: the namespace is removed first."""
+        added: AsyncService | None = None
+        if namespace is not None:
+            if methods is None or handler is None:
+                raise InvalidArgument("serve(namespace, methods, handler): give the methods and a handler too")
+            added = await self.add_service(namespace, methods, handler)
+        elif not any(s.handler is not None for s in self._services.values()):
+            raise InvalidArgument("this client offers no service with a handler: call serve(namespace, methods, handler)")
+        try:
+            await self._ended.wait()
+        except asyncio.CancelledError:
+            if added is not None and not added.removed and self._error is None:
+                try:
+                    await asyncio.wait_for(added.remove(), 2.0)
+                except (CanopyError, asyncio.TimeoutError):
+                    pass
+            raise
+        if not self._closing and self._error is not None:
+            raise self._error.with_traceback(None)
+
+    def _end_services(self, e: CanopyError | None) -> None:
+        """The connection ended: the broker dropped our registrations."""
+        for svc in self._services.values():
+            svc.removed = True
+        self._services.clear()
+        self._requests.put_nowait(e if e is not None else _END)
+        for t in list(self._tasks):
+            t.cancel()
+        self._ended.set()
 
     # ----- lifetime -----
 
     async def close(self) -> None:
-        """Close the connection: requests in flight fail, subscriptions end."""
+        """Close the connection: requests in flight fail, subscriptions end,
+        handlers still running are cancelled and the broker answers their
+        callers ENOSYS."""
         link, self._link = self._link, None
+        self._closing = True
         if self._error is None:
             self._error = closed_error(self.uri)
+            self._end_services(None)
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -577,6 +794,38 @@ class AsyncClient:
     def __repr__(self) -> str:
         state = "closed" if self._link is None else "open"
         return f"<canopy.aio.AsyncClient {self.uri} {state}>"
+
+
+class AsyncService:
+    """A namespace an :class:`AsyncClient` offers, from
+    :meth:`AsyncClient.add_service`; ``async with`` it, or ``await
+    remove()``, to stop offering it."""
+
+    def __init__(self, client: AsyncClient, namespace: str, methods: dict[str, str], handler: Any) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.methods = methods
+        self.handler = handler
+        self.rank: int | None = None
+        self.removed = False
+
+    async def remove(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """``service.remove``; returns how many requests were still unanswered."""
+        if self.removed:
+            return 0
+        return await self.client.remove_service(self.namespace, timeout)
+
+    async def __aenter__(self) -> AsyncService:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.removed and self.client._link is not None and self.client._error is None:
+            await self.remove()
+        self.removed = True
+
+    def __repr__(self) -> str:
+        state = " removed" if self.removed else ""
+        return f"<canopy.aio.AsyncService {self.namespace} on rank {self.rank} methods={self.methods}{state}>"
 
 
 class _Connect:

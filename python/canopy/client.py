@@ -7,16 +7,16 @@ requests in flight.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NoReturn
 
 from ._common import (
     DEFAULT_TIMEOUT,
-    SERVICE_NOT_IMPLEMENTED,
     CurveKeys,
     CurveState,
     Event,
@@ -31,19 +31,34 @@ from ._common import (
     refusal,
     resolve_uri,
 )
-from .errors import CanopyError, ConnectError, Disconnected, ProtocolError, Timeout, require_zmq
+from .errors import CanopyError, ConnectError, Disconnected, InvalidArgument, ProtocolError, Timeout, require_zmq
 from .protocol import (
     ANY,
+    FLAG_NORESPONSE,
     FrameDecoder,
     Header,
     MsgType,
     check_rank,
     check_topic,
     decode_header,
+    encode_frame,
     encode_request_frame,
     encode_request_header,
     to_bytes,
     topic_matches,
+)
+from .service import (
+    SERVICE_ERROR_TOPIC,
+    Request,
+    check_handler,
+    check_namespace,
+    failure,
+    log,
+    parse_json,
+    pick_handler,
+    response_header,
+    service_add_body,
+    stray_warning,
 )
 
 if TYPE_CHECKING:
@@ -102,8 +117,13 @@ class _UnixLink:
         self._rbuf = bytearray(_READ_CHUNK)
         self._rview = memoryview(self._rbuf)
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
-        frame = encode_request_frame(topic, nodeid, tag, payload)
+    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, flags: int = 0) -> None:
+        self.send_frame(encode_request_frame(topic, nodeid, tag, payload, flags))
+
+    def send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        self.send_frame(encode_frame(response_header(token, errnum, topic), payload))
+
+    def send_frame(self, frame: bytes) -> None:
         try:
             self.sock.sendall(frame)
         except (BrokenPipeError, ConnectionResetError):
@@ -216,13 +236,17 @@ class _ZmqLink:
             self.close()
             raise ConnectError(f"cannot connect to {endpoint}: {e}; check the uri", e.errno) from None
 
-    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes) -> None:
+    def send_request(self, topic: bytes, nodeid: int, tag: int, payload: bytes, flags: int = 0) -> None:
+        self.send_parts([encode_request_header(topic, nodeid, tag, flags), payload])
+
+    def send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        self.send_parts([response_header(token, errnum, topic), payload])
+
+    def send_parts(self, parts: list[bytes]) -> None:
         import zmq
 
         try:
-            self.sock.send_multipart(
-                [encode_request_header(topic, nodeid, tag), payload], flags=zmq.NOBLOCK, copy=False
-            )
+            self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             # Requests queue until the connection is up; a full queue means it
             # never came up (or the broker stopped reading): fail, don't block.
@@ -342,6 +366,11 @@ class Client:
         self._tag = 0
         self._subs: list[Subscription] = []
         self._error: CanopyError | None = None
+        # Requests delivered for the namespaces this client offers, not yet
+        # taken by next_request() (they may arrive while an RPC waits).
+        self._requests: deque[Request] = deque()
+        self._services: dict[str, Service] = {}
+        self._stop = False
 
     @property
     def uri(self) -> str:
@@ -400,6 +429,11 @@ class Client:
             except CanopyError as e:
                 self._fail(e)
             if h.type == MsgType.RESPONSE:
+                # service.error first: its matchtag is one of the broker's
+                # tokens, which may equal one of our own tags.
+                if h.topic == SERVICE_ERROR_TOPIC:
+                    stray_warning(h, p)
+                    continue
                 if h.matchtag == tag:
                     return check_response(topic, Message(h, p))
                 if h.matchtag == 0 and h.errnum:
@@ -407,6 +441,8 @@ class Client:
                 # A late response to a request that timed out: dropped.
             elif h.type == MsgType.EVENT:
                 self._deliver(h, p)
+            elif h.type == MsgType.REQUEST:
+                self._queue_request(h, p)
 
     def rpc(
         self,
@@ -484,18 +520,207 @@ class Client:
             self._fail(e)
         if h.type == MsgType.EVENT:
             self._deliver(h, p)
-        elif h.type == MsgType.RESPONSE and h.matchtag == 0 and h.errnum:
-            self._fail(refusal(h, p))
+        elif h.type == MsgType.REQUEST:
+            self._queue_request(h, p)
+        elif h.type == MsgType.RESPONSE:
+            if h.topic == SERVICE_ERROR_TOPIC:
+                stray_warning(h, p)
+            elif h.matchtag == 0 and h.errnum:
+                self._fail(refusal(h, p))
 
-    # ----- services (not yet) -----
+    def notify(self, topic: str, payload: Payload = b"", rank: int = ANY) -> None:
+        """Send a request with NORESPONSE: no response comes back, not even
+        an error, and this returns at once."""
+        t = check_topic(topic)
+        data = to_bytes(payload)
+        check_rank(rank)
+        link = self._live()
+        try:
+            link.send_request(t, rank, self._next_tag(), data, FLAG_NORESPONSE)
+        except (Disconnected, ProtocolError, ConnectError) as e:
+            self._fail(e)
 
-    def serve(self, namespace: str, methods: Mapping[str, str], handler: Any = None) -> NoReturn:
-        """NOT IMPLEMENTED: offer a service namespace (``service.add``).
+    # ----- services offered by this client -----
 
-        The broker has no ``service.add`` yet (issue 13); this raises
-        :class:`NotImplementedError` until it does.
+    def add_service(
+        self,
+        namespace: str,
+        methods: Mapping[str, str],
+        handler: Callable[[Request], Any] | Mapping[str, Callable[[Request], Any]] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> Service:
+        """Offer ``namespace`` on this client's broker (``service.add``).
+
+        ``methods`` maps each method name to the least role a caller needs
+        (``user``, ``operator``, ``admin`` or ``owner``); the broker checks
+        it before delivering a request. Requests for ``NAMESPACE.METHOD``
+        then come to this client: take them with :meth:`next_request`, or
+        give a ``handler`` (one callable taking a :class:`Request`, or a
+        mapping of method name to one) and run :meth:`serve` or
+        :meth:`handle`.
+
+        Raises :class:`~canopy.InvalidArgument` for a bad name or role
+        before sending anything, and the broker's refusal otherwise:
+        :class:`~canopy.PermissionDenied` (EPERM) for a reserved namespace
+        or one you may not register, EEXIST if the rank already offers it,
+        EAGAIN for too many namespaces on this connection.
         """
-        raise NotImplementedError(SERVICE_NOT_IMPLEMENTED)
+        body = service_add_body(namespace, methods)
+        check_handler(namespace, methods, handler)
+        if namespace in self._services:
+            raise InvalidArgument(f"this client already offers {namespace!r}; remove_service() it first")
+        svc = Service(self, namespace, dict(methods), handler)
+        # Known before the request: a delivery may follow the answer at once.
+        self._services[namespace] = svc
+        try:
+            reply = parse_json("service.add", self.rpc("service.add", body, ANY, timeout))
+        except BaseException:
+            self._services.pop(namespace, None)
+            svc.removed = True
+            raise
+        svc.rank = reply.get("rank") if isinstance(reply, dict) else None
+        return svc
+
+    def remove_service(self, namespace: str, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """Stop offering ``namespace`` (``service.remove``). Returns how many
+        of its requests were still unanswered: the broker answered them
+        ENOSYS, and they are dropped here."""
+        check_namespace(namespace)
+        svc = self._services.get(namespace)
+        if svc is not None:
+            # Still known while the broker removes it: what it delivers
+            # meanwhile is dropped here (the broker answers it ENOSYS).
+            svc.removed = True
+        try:
+            reply = parse_json("service.remove", self.rpc("service.remove", json_body(namespace=namespace), ANY, timeout))
+        finally:
+            if svc is not None:
+                if self._services.get(namespace) is svc:
+                    del self._services[namespace]
+                self._requests = deque(r for r in self._requests if r._service is not svc)
+        failed = reply.get("failed", 0) if isinstance(reply, dict) else 0
+        return int(failed)
+
+    def list_services(self, rank: int = ANY, timeout: float | None = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """``service.list`` of ``rank`` (default: this client's broker):
+        ``{"rank": R, "services": [{"namespace", "provider", "methods",
+        "outstanding"}, ...]}``."""
+        reply = parse_json("service.list", self.rpc("service.list", b"", rank, timeout))
+        if not isinstance(reply, dict):
+            raise ProtocolError("service.list answered JSON that is not an object; the broker does not speak this protocol version")
+        return reply
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """The namespaces this client offers, by name."""
+        return dict(self._services)
+
+    def _queue_request(self, h: Header, p: bytes) -> None:
+        svc = self._services.get(h.topic.partition(".")[0])
+        if svc is not None and svc.removed:
+            return  # being removed: the broker answers it ENOSYS
+        self._requests.append(Request(h, p, self._send_response, svc))
+
+    def _send_response(self, token: int, errnum: int, payload: bytes, topic: str) -> None:
+        link = self._live()
+        try:
+            link.send_response(token, errnum, payload, topic)
+        except (Disconnected, ProtocolError, ConnectError) as e:
+            self._fail(e)
+
+    def send_response(self, token: int, payload: Payload = b"", errnum: int = 0, topic: str = "") -> None:
+        """Low level: send a response with matchtag ``token``. Use
+        :meth:`Request.respond` instead; a token that is not an unanswered
+        delivery to this connection gets a ``service.error`` back (logged
+        as a warning on the ``canopy`` logger)."""
+        self._send_response(token, errnum, to_bytes(payload), topic)
+
+    def next_request(self, timeout: float | None = None) -> Request:
+        """The next request delivered to this client (for a namespace it
+        offers), waiting up to ``timeout`` seconds (None: forever); raises
+        :class:`~canopy.Timeout` if none comes. Answer it with
+        :meth:`Request.respond` or :meth:`Request.fail`."""
+        deadline = _deadline(timeout)
+        while not self._requests:
+            self._pump(deadline, f"no request within {timeout} s")
+        return self._requests.popleft()
+
+    def dispatch(self, req: Request) -> None:
+        """Run the handler of ``req``'s namespace and answer with what it
+        returns, or with the errno of the :class:`~canopy.ServiceError` it
+        raises (other exceptions: EIO, logged). A request for a namespace
+        without a handler is answered ENOSYS."""
+        svc = req._service
+        handler = pick_handler(svc.handler, req.method) if svc is not None else None
+        if handler is None:
+            if not req.answered:
+                req.fail(38, f"no handler for {req.topic} in this provider; give add_service() a handler")
+            return
+        try:
+            result = handler(req)
+            if inspect.isawaitable(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise InvalidArgument(
+                    f"the handler of {req.topic} is a coroutine function: serve it with canopy.aio, "
+                    "or make it a plain function"
+                )
+            if not req.answered:
+                req.respond(result)
+        except (KeyboardInterrupt, SystemExit):
+            if not req.answered:
+                req.fail(38, f"service {req.namespace} is shutting down; retry elsewhere")
+            raise
+        except Exception as e:
+            if req.answered:
+                log.error("the handler of %s raised %s after answering", req.topic, type(e).__name__, exc_info=e)
+                return
+            errnum, message = failure(req, e)
+            req.fail(errnum, message)
+
+    def handle(self, timeout: float | None = None) -> Request:
+        """Wait up to ``timeout`` seconds for one request, dispatch it to its
+        handler and answer; returns the request."""
+        req = self.next_request(timeout)
+        self.dispatch(req)
+        return req
+
+    def serve(
+        self,
+        namespace: str | None = None,
+        methods: Mapping[str, str] | None = None,
+        handler: Callable[[Request], Any] | Mapping[str, Callable[[Request], Any]] | None = None,
+    ) -> None:
+        """Offer ``namespace`` (as :meth:`add_service`, if given) and handle
+        requests, one at a time, until :meth:`stop` or :meth:`close` is
+        called (from a handler), or Ctrl-C (KeyboardInterrupt). Then the
+        namespace this call added is removed and serve returns. Without
+        arguments, serves the namespaces already added."""
+        added: Service | None = None
+        if namespace is not None:
+            if methods is None or handler is None:
+                raise InvalidArgument("serve(namespace, methods, handler): give the methods and a handler too")
+            added = self.add_service(namespace, methods, handler)
+        elif not self._services:
+            raise InvalidArgument("this client offers no service: call serve(namespace, methods, handler)")
+        self._stop = False
+        try:
+            while not self._stop and self._link is not None:
+                self.dispatch(self.next_request())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._stop = False
+            if added is not None and not added.removed and self._link is not None and self._error is None:
+                try:
+                    added.remove(timeout=2.0)
+                except CanopyError:
+                    pass
+
+    def stop(self) -> None:
+        """Make :meth:`serve` return once the request being handled is answered."""
+        self._stop = True
 
     # ----- lifetime -----
 
@@ -504,6 +729,12 @@ class Client:
         for s in self._subs:
             s.closed = True
         self._subs.clear()
+        # The broker ends this connection's registrations and answers what
+        # was delivered but not answered ENOSYS.
+        for svc in self._services.values():
+            svc.removed = True
+        self._services.clear()
+        self._requests.clear()
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -525,6 +756,46 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._link is None else "open"
         return f"<canopy.Client {self.uri} {state}>"
+
+
+class Service:
+    """A namespace this client offers, from :meth:`Client.add_service`.
+
+    ``rank`` is the broker that offers it. Use it as a context manager, or
+    call :meth:`remove`, to stop offering it.
+    """
+
+    def __init__(self, client: Client, namespace: str, methods: dict[str, str], handler: Any) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.methods = methods
+        self.handler = handler
+        self.rank: int | None = None
+        self.removed = False
+
+    def remove(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """``service.remove``; returns how many requests were still unanswered."""
+        if self.removed:
+            return 0
+        return self.client.remove_service(self.namespace, timeout)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.removed and self.client._link is not None and self.client._error is None:
+            self.remove()
+        self.removed = True
+
+    def __repr__(self) -> str:
+        state = " removed" if self.removed else ""
+        return f"<canopy.Service {self.namespace} on rank {self.rank} methods={self.methods}{state}>"
+
+
+def json_body(**fields: Any) -> bytes:
+    import json
+
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def connect(

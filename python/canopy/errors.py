@@ -16,7 +16,9 @@ from typing import Any
 # platform, so these are not taken from the stdlib errno module).
 EPERM = 1
 ENOENT = 2
+EIO = 5
 EAGAIN = 11
+EEXIST = 17
 EINVAL = 22
 ENOSYS = 38
 EPROTO = 71
@@ -30,7 +32,9 @@ _NAMES = {
     0: "success",
     EPERM: "EPERM",
     ENOENT: "ENOENT",
+    EIO: "EIO",
     EAGAIN: "EAGAIN",
+    EEXIST: "EEXIST",
     EINVAL: "EINVAL",
     ENOSYS: "ENOSYS",
     EPROTO: "EPROTO",
@@ -42,11 +46,9 @@ _NAMES = {
     # Not sent by brokers today, but named for completeness.
     3: "ESRCH",
     4: "EINTR",
-    5: "EIO",
     12: "ENOMEM",
     13: "EACCES",
     16: "EBUSY",
-    17: "EEXIST",
     19: "ENODEV",
     28: "ENOSPC",
     34: "ERANGE",
@@ -151,6 +153,32 @@ class Timeout(CanopyError, TimeoutError):
     """ETIMEDOUT: no response within the timeout."""
 
     default_errnum = ETIMEDOUT
+
+
+class ServiceError(CanopyError):
+    """Raised by a service handler to refuse a request with its own errno.
+
+    ``ServiceError(errnum, message)``: the caller gets a response with that
+    ``errnum`` (a Linux errno value, e.g. ``canopy.ENOENT``) and ``message``
+    as its payload, and raises :class:`CanopyError` with both.
+    """
+
+    default_errnum = EINVAL
+
+    def __init__(self, errnum: int, message: str = "", *, topic: str | None = None, rank: int | None = None) -> None:
+        if isinstance(errnum, bool) or not isinstance(errnum, int) or not 0 < errnum < (1 << 32):
+            raise TypeError(
+                f"ServiceError(errnum, message): errnum must be a non-zero errno value such as "
+                f"canopy.ENOENT, not {errnum!r}"
+            )
+        super().__init__(message or errname(errnum), errnum, topic=topic, rank=rank)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_service_error, (self.errnum, self.message, self.topic, self.rank))
+
+
+def _rebuild_service_error(errnum, message, topic, rank):  # type: ignore[no-untyped-def]
+    return ServiceError(errnum, message, topic=topic, rank=rank)
 
 
 def require_zmq() -> Any:

@@ -1,7 +1,7 @@
 """Fixtures: real `canopy start` instances, and a hard per-test time limit.
 
-The canopy binary is `CANOPY_BIN`, default `<repo>/target/debug/canopy`
-(build it with `cargo build -p canopy-broker`).
+The canopy binary is `CANOPY_BIN`, default `$CARGO_TARGET_DIR/debug/canopy`
+(`<repo>/target/debug/canopy`; build it with `cargo build -p canopy-broker`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+
+import canopy
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
@@ -26,7 +28,8 @@ TEST_TIMEOUT = float(os.environ.get("CANOPY_PY_TEST_TIMEOUT", "60"))
 
 
 def canopy_bin() -> str:
-    b = os.environ.get("CANOPY_BIN") or str(REPO / "target" / "debug" / "canopy")
+    target = REPO / os.environ.get("CARGO_TARGET_DIR", "target")  # an absolute one replaces REPO
+    b = os.environ.get("CANOPY_BIN") or str(target / "debug" / "canopy")
     if not os.access(b, os.X_OK):
         pytest.fail(
             f"canopy binary {b} not found: build it with `cargo build -p canopy-broker`, "
@@ -245,3 +248,68 @@ def write_secret_cert(path: str, name: str = "test") -> str:
             f'    public-key = "{pub.decode()}"\n    secret-key = "{sec.decode()}"\n'
         )
     return pub.decode()
+
+
+class Provider:
+    """A sync client (canopy.Client) offering a namespace, handling requests
+    in a thread until close(), which closes the client too."""
+
+    def __init__(self, client: Any, namespace: str, methods: dict[str, str], handler: Any) -> None:
+        self.client = client
+        self.seen: list[canopy.Request] = []
+        self.error: BaseException | None = None
+
+        def record(req: canopy.Request) -> Any:
+            self.seen.append(req)
+            h = canopy.service.pick_handler(handler, req.method)
+            return h(req)
+
+        try:
+            self.service = self.client.add_service(namespace, methods, record)
+        except BaseException:
+            self.client.close()
+            raise
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.client.handle(timeout=0.05)
+            except canopy.Timeout:
+                pass
+            except BaseException as e:  # noqa: BLE001 - reported by close()
+                self.error = e
+                return
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the provider thread did not stop"
+        self.client.close()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> Provider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run fn in a daemon thread; its result or exception lands in the dict
+    with the time it finished."""
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+        out["at"] = time.monotonic()
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, out

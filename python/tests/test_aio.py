@@ -125,15 +125,6 @@ def test_close_fails_requests_in_flight(instance: Instance) -> None:
     run(main())
 
 
-def test_serving_a_namespace_is_not_implemented_yet(instance: Instance) -> None:
-    async def main() -> None:
-        async with canopy.aio.connect(instance.uri) as c:
-            with pytest.raises(NotImplementedError, match="issue 13"):
-                await c.serve("kvs", {"kvs.get": "user"})
-
-    run(main())
-
-
 def test_large_payloads_concurrently(instance: Instance) -> None:
     import os
 

@@ -104,12 +104,6 @@ def test_publish_and_subscribe(instance: Instance) -> None:
         assert sub.closed and list(sub) == []
 
 
-def test_serving_a_namespace_is_not_implemented_yet(instance: Instance) -> None:
-    with canopy.connect(instance.uri) as c:
-        with pytest.raises(NotImplementedError, match="service.add.*issue 13"):
-            c.serve("kvs", {"kvs.get": "user"})
-
-
 def test_cannot_connect_is_clear(tmp_path: os.PathLike[str]) -> None:
     missing = os.path.join(tmp_path, "local-0")
     with pytest.raises(canopy.ConnectError) as ei:

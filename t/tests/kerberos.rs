@@ -738,13 +738,24 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
                 format!("  {{ host = \"n{r}\", bind = \"tcp://lo:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
             })
             .collect();
+        // Remote Kerberos clients by config (issue 15): the leaf n3 listens
+        // for them, and the policy makes alice a user.
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nname = \"alice\"\nprincipal = \"alice@CANOPY.TEST\"\nroles = [\"user\"]\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let clients_port = free_port();
         let write_cfg = |name: &str, keytab: &std::path::Path| {
             let cfg = dir.path().join(name);
             std::fs::write(
                 &cfg,
                 format!(
-                    "[bootstrap]\nmechanism = \"gssapi\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"{}\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n",
-                    keytab.display()
+                    "[bootstrap]\nmechanism = \"gssapi\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"{}\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.1\ntorpid = 0.5\nlost = 1.5\n\n[policy]\nfile = \"{}\"\n\n[clients]\nbind = \"tcp://127.0.0.1:{clients_port}\"\nhosts = [\"n3\"]\n",
+                    keytab.display(),
+                    policy.display()
                 ),
             )
             .unwrap();
@@ -813,6 +824,39 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
             l.contains("gss: verdict=allow principal=canopy/n2@CANOPY.TEST"),
             "{l}"
         );
+
+        // alice, a remote Kerberos client of the leaf n3 (which has no
+        // children, so its key exchange runs for the clients alone), sees
+        // herself as the policy says.
+        let n3_port: u16 = hosts
+            .lines()
+            .nth(3)
+            .and_then(|l| l.split("tcp://127.0.0.1:").nth(1))
+            .and_then(|p| p.split('"').next())
+            .and_then(|p| p.parse().ok())
+            .expect("n3's port");
+        let env = realm.env("alice");
+        let kex = format!("127.0.0.1:{}", n3_port + 1);
+        let ep = format!("tcp://127.0.0.1:{clients_port}");
+        let mut e = env_ref(&env);
+        e.push(("CANOPY_KEX", &kex));
+        e.push(("CANOPY_GSS_TARGET", "canopy/n3@CANOPY.TEST"));
+        let out = canopy_t::run_canopy(
+            &["whoami", "--json", "--uri", &ep],
+            &e,
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
+        let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(w["principal"], "alice@CANOPY.TEST", "{w}");
+        assert_eq!(w["mechanism"], "gssapi", "{w}");
+        assert_eq!(w["roles"], "user", "{w}");
+        let out = canopy_t::run_canopy(
+            &["ping", "--uri", &ep, "--rank", "0", "--count", "1"],
+            &e,
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
 
         // The middle rank 1 (0 -> 1 -> 3) restarts with a new key: rank 0
         // admits its new binding, and rank 3 re-authenticates to it and

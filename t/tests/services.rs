@@ -5,11 +5,12 @@
 //! grant, and a remote CURVE client offering a service.
 #![forbid(unsafe_code)]
 
-use canopy_client::{Client, ClientError, TcpKeys};
+use canopy_client::{Client, ClientError};
 use canopy_proto::{errno, NODEID_ANY};
+use canopy_t::hostile::{remote_client, remote_key, write_policy};
 use canopy_t::{run_canopy, run_test, text, wait_until, Instance, RPC_TIMEOUT};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,25 +137,6 @@ fn a_provider_on_rank_3_is_called_from_the_cli_on_rank_0() {
     });
 }
 
-fn remote_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let kp = canopy_security::CurveKeypair::generate().unwrap();
-    let key = dir.join(name);
-    canopy_security::cert::write_pair(&kp, name, &key, &dir.join(format!("{name}.pub"))).unwrap();
-    (key, canopy_security::curve_principal(kp.public()))
-}
-
-fn remote(inst: &Instance, key: &Path) -> Client {
-    let s = inst.status(0);
-    let ep = s["broker"]["client_endpoint"].as_str().unwrap();
-    let server = s["broker"]["public_key"].as_str().unwrap();
-    Client::connect_tcp(ep, &TcpKeys::load(key, server).unwrap()).unwrap()
-}
-
-fn write_policy(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-}
-
 fn errnum(r: Result<canopy_client::Msg, ClientError>) -> (u32, String) {
     match r {
         Ok(m) => (0, text(&m.payload)),
@@ -222,7 +204,7 @@ register = ["remote*"]
             inst.client(2),
             r#"{"namespace":"job","methods":{"cancel":"operator"}}"#,
         );
-        let mut a = remote(&inst, &alice_key);
+        let mut a = remote_client(&inst, &alice_key);
         let (e, body) = errnum(a.rpc("backup.start", 2, b"nightly", RPC_TIMEOUT));
         assert_eq!(e, 0, "{body}");
         assert_eq!(body, "backup.start-of-nightly");
@@ -232,7 +214,7 @@ register = ["remote*"]
             msg.contains("job.cancel requires role 'operator' in namespace 'job'"),
             "{msg}"
         );
-        let mut b = remote(&inst, &bob_key);
+        let mut b = remote_client(&inst, &bob_key);
         let (e, msg) = errnum(b.rpc("backup.start", 2, b"nightly", RPC_TIMEOUT));
         assert_eq!(e, errno::EPERM, "{msg}");
         let (e, _) = errnum(b.rpc("backup.status", 2, b"", RPC_TIMEOUT));
@@ -267,7 +249,7 @@ register = ["remote*"]
             "{msg}"
         );
         let _remote_provider = Provider::start(
-            remote(&inst, &svc_key),
+            remote_client(&inst, &svc_key),
             r#"{"namespace":"remote1","methods":{"x":"user"}}"#,
         );
         let out = rpc_cli(&inst, &["-r", "0", "remote1.x", "hi"]);

@@ -183,6 +183,20 @@ fn a_wrongly_keyed_node_joins_once_its_parent_has_the_key() {
             c.log(3)
         );
         assert!(c.exited(3).is_none());
+        // Rank 0 shows rank 3 as refused by its parent, with why.
+        let shown = wait_until(Duration::from_secs(5), || {
+            c.status(0).is_some_and(|s| {
+                s["ranks"][3]["state"] == "refused"
+                    && s["ranks"][3]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("its parent refused its key"))
+            })
+        });
+        assert!(
+            shown,
+            "rank 0 does not show rank 3 refused: {:?}",
+            c.status(0)
+        );
         // The admin installs the new public key on the parent and reloads.
         std::fs::write(&public, &new_public).unwrap();
         c.signal(1, Signal::SIGHUP);

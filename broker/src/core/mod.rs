@@ -199,6 +199,8 @@ pub struct CoreConfig {
     /// Seeds session ids and client ids.
     pub seed: u64,
     pub budgets: Budgets,
+    /// The addresses each child connects from, where known.
+    pub child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
 }
 
 /// Who an access decision is about.
@@ -302,6 +304,12 @@ pub enum Input<P> {
     },
     /// This broker is stopping cleanly (SIGTERM): tell the parent.
     Stopping,
+    /// This broker's ZAP handler refused a would-be child's key (a child
+    /// with a key this broker does not admit yet).
+    PeerRefused {
+        address: String,
+        reason: String,
+    },
     ParentGone {
         reason: String,
     },
@@ -338,6 +346,9 @@ pub enum Input<P> {
         rid: Option<Vec<u8>>,
         header: Header,
     },
+    /// Some remote client connection closed (libzmq does not say which):
+    /// remote providers with requests waiting are probed now.
+    RemoteClosed,
     /// A send to this remote client failed: it is gone.
     RemoteGone {
         rid: Vec<u8>,
@@ -552,6 +563,11 @@ pub struct BrokerCore<P> {
     modules: canopy_modules::Registry,
     /// Namespaces offered by clients of this broker.
     registry: HashMap<String, provided::Registration>,
+    /// Where each child connects from, where known.
+    child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
+    /// When to probe remote providers holding requests next (a send to a
+    /// closed connection fails, which ends its registrations).
+    provider_probe_at: Option<u64>,
 
     clients: IdMap<u32, Client<P>>,
     remote_ids: HashMap<Vec<u8>, u32>,
@@ -652,6 +668,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             pending: Pending::default(),
             modules: canopy_modules::Registry::standard(),
             registry: HashMap::new(),
+            child_addresses: cfg.child_addresses,
+            provider_probe_at: None,
             clients: IdMap::default(),
             remote_ids: HashMap::new(),
             revoked_remote: HashMap::new(),
@@ -722,6 +740,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         if let Some((_, at)) = self.shutdown.filter(|_| !self.exiting) {
             next = next.min(at).min(self.shutdown_probe_at);
+        }
+        if let Some(at) = self.provider_probe_at {
+            next = next.min(at);
         }
         next
     }
@@ -808,6 +829,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             self.connect_parent();
         }
         self.rotation_tick();
+        if self.provider_probe_at.is_some_and(|at| now >= at) {
+            self.probe_providers();
+        }
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.timing.heartbeat_ms;
             self.heartbeats();
@@ -892,6 +916,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     self.send_parent(Header::control(GOODBYE_TOPIC), P::from(Vec::new()));
                 }
             }
+            Input::PeerRefused { address, reason } => self.peer_refused(&address, &reason),
             Input::LocalConnected { id, uid } => self.local_connected(id, uid),
             Input::Local {
                 id,
@@ -914,6 +939,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             } => self.remote_ingress(rid, user_id, grant, address, header, payload),
             Input::ClientClosed { id } => self.remove_client(id),
             Input::SendFull { rid, header } => self.send_full(rid, header),
+            Input::RemoteClosed => self.probe_providers(),
             Input::RemoteGone { rid } => {
                 if let Some(id) = self.remote_ids.get(&rid).copied() {
                     self.remove_client(id);
@@ -1176,6 +1202,43 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
         self.abandon_parent("the parent refused this broker");
         self.rejoin_at = Some(self.now + self.refused_backoff);
+    }
+
+    /// A handshake from `address` was refused for its key. If it can only
+    /// be one child (the one not online whose address it is, or the only
+    /// one not online), show that child as `refused`, with why.
+    fn peer_refused(&mut self, address: &str, reason: &str) {
+        let addr: Option<std::net::IpAddr> = address.parse().ok();
+        let offline: Vec<u32> = self
+            .topo
+            .children(self.rank)
+            .filter(|c| !self.children.contains_key(c))
+            .collect();
+        let by_address: Vec<u32> = offline
+            .iter()
+            .copied()
+            .filter(|c| {
+                self.child_addresses
+                    .get(c)
+                    .is_some_and(|a| addr.is_some_and(|x| a.contains(&x)))
+            })
+            .collect();
+        let rank = match (by_address.as_slice(), offline.as_slice()) {
+            ([one], _) => *one,
+            ([], [one]) if self.child_addresses.is_empty() => *one,
+            _ => {
+                debug!(
+                    address,
+                    reason,
+                    "overlay: refused a handshake from an address that is no single child's"
+                );
+                return;
+            }
+        };
+        let why = format!("its parent refused its key ({reason}); install its public certificate on rank {} and run canopy key reload", self.rank);
+        if self.health.set(rank, RankState::Refused, &why, self.now) {
+            warn!(verdict = %"deny", rank, address, reason, "overlay: refused child rank {rank}'s key; it retries until its key is installed");
+        }
     }
 
     fn lose_child(&mut self, rank: u32, reason: &str) {
@@ -1589,8 +1652,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                     // libzmq does not say when a remote client goes away, so
                     // its entry stays until a send to it fails. At the
                     // budget, forget an idle one of this principal (nothing
-                    // in flight, no subscription): if it is still there, its
-                    // next message makes a new entry. Otherwise refuse.
+                    // in flight, no subscription, no service offered): if it
+                    // is still there, its next message makes a new entry.
+                    // Otherwise refuse.
                     let idle = self
                         .clients
                         .iter()
@@ -1599,6 +1663,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                                 && c.principal == user_id
                                 && c.in_flight.is_empty()
                                 && c.subs.is_empty()
+                                && c.offers.is_empty()
+                                && c.delivered.is_empty()
                                 && c.access == Access::Admitted
                         })
                         .map(|(id, _)| *id)

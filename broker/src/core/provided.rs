@@ -26,6 +26,11 @@ pub const MAX_METHODS: usize = 256;
 /// Topic of the response that tells a provider it answered something it
 /// was not given.
 pub const SERVICE_ERROR_TOPIC: &str = "service.error";
+/// Topic of the control message that probes a remote provider holding
+/// requests (clients ignore control messages).
+pub const PROBE_TOPIC: &str = "service.probe";
+/// How often remote providers holding requests are probed.
+pub const PROVIDER_PROBE_MS: u64 = 500;
 
 /// One namespace offered on this broker.
 pub(super) struct Registration {
@@ -289,26 +294,30 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             let msg = format!("no service offers '{}'", h.topic);
             return self.respond_err(&h, errno::ENOSYS, &msg);
         };
+        if !super::no_response(&h) && c.delivered.len() >= budget {
+            let msg = format!("service {ns} on rank {rank} already holds {budget} unanswered requests (budget); retry later");
+            return self.respond_err(&h, errno::EAGAIN, &msg);
+        }
+        // Every delivery gets a token, also one that wants no response (so
+        // that a provider answering it anyway hears of it with a non-zero
+        // matchtag); only those that want one are remembered.
+        let mut token = c.next_token;
+        loop {
+            token = token.wrapping_add(1).max(1);
+            if !c.delivered.contains_key(&token) {
+                break;
+            }
+        }
+        c.next_token = token;
         let mut d = h.clone();
         d.nodeid = rank;
         d.route.clear();
-        if super::no_response(&h) {
-            d.matchtag = 0;
-        } else {
-            if c.delivered.len() >= budget {
-                let msg = format!("service {ns} on rank {rank} already holds {budget} unanswered requests (budget); retry later");
-                return self.respond_err(&h, errno::EAGAIN, &msg);
-            }
-            let mut token = c.next_token;
-            loop {
-                token = token.wrapping_add(1).max(1);
-                if !c.delivered.contains_key(&token) {
-                    break;
-                }
-            }
-            c.next_token = token;
-            d.matchtag = token;
+        d.matchtag = token;
+        if !super::no_response(&h) {
             c.delivered.insert(token, h);
+            if c.kind == super::ClientKind::Remote && self.provider_probe_at.is_none() {
+                self.provider_probe_at = Some(self.now + PROVIDER_PROBE_MS);
+            }
         }
         self.deliver(provider, d, payload, false);
     }
@@ -323,6 +332,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Some(req) => {
                 let r = req.response(self.rank, h.errnum);
                 self.route_response(r, payload);
+            }
+            None if h.matchtag == 0 => {
+                // No token is 0; a note with matchtag 0 would read as a
+                // refusal of the connection (§2.2). Dropped.
+                debug!(principal = %c.principal, "services: a response with matchtag 0 dropped");
             }
             None => {
                 let first = c.warned & REFUSED_NOT_REQUEST == 0;
@@ -387,6 +401,27 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             self.respond_err(&req, errno::ENOSYS, &msg);
         }
         n
+    }
+
+    /// Probe each remote provider that holds requests: libzmq tells which
+    /// remote connection closed only by failing a send to it, which then
+    /// ends its registrations (every waiting caller gets ENOSYS). Again
+    /// every [`PROVIDER_PROBE_MS`] while any holds requests.
+    pub(super) fn probe_providers(&mut self) {
+        let rids: Vec<Vec<u8>> = self
+            .clients
+            .values()
+            .filter(|c| c.kind == super::ClientKind::Remote && !c.delivered.is_empty())
+            .map(|c| c.rid.clone())
+            .collect();
+        self.provider_probe_at = (!rids.is_empty()).then_some(self.now + PROVIDER_PROBE_MS);
+        for rid in rids {
+            self.transmits.push_back(super::Transmit::Remote(
+                rid,
+                Header::control(PROBE_TOPIC),
+                P::from(Vec::new()),
+            ));
+        }
     }
 
     /// A client is gone: end everything it offered.

@@ -94,6 +94,9 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let children: Vec<u32> = self.topo.children(self.rank).collect();
         self.events
             .push_back(Event::AdmitPeers(ring.zap_entries(&children)));
+        // The load at start comes the same way as a SIGHUP's; only a
+        // reload is worth a warning.
+        let first = self.rot.ring == KeyRing::default();
         self.rot.ring = ring;
         self.recheck_children();
         let msg = format!(
@@ -106,6 +109,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
         );
         match &req {
+            None if first => info!(
+                "rotate: rank {}: {}",
+                self.rank,
+                msg.replacen("reloaded", "loaded", 1)
+            ),
             None => warn!("rotate: SIGHUP: rank {}: {msg}", self.rank),
             Some(h) => warn!(
                 "rotate: key reload by {}: rank {}: {msg}",

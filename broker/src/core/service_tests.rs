@@ -435,3 +435,57 @@ fn service_list_shows_built_in_and_offered_namespaces() {
     let event = list.iter().find(|x| x["namespace"] == "event").unwrap();
     assert!(event["methods"].get("pub").is_none());
 }
+
+#[test]
+fn a_remote_provider_holding_requests_is_probed_and_its_loss_fails_them() {
+    let mut s = Sim::new(2, 2);
+    s.run_for(50);
+    let rid = vec![9u8];
+    let remote = |s: &mut Sim, topic: &str, tag: u32, body: &[u8]| {
+        let now = s.now;
+        s.nodes[0].core.handle(
+            now,
+            Input::Remote {
+                rid: vec![9u8],
+                user_id: "curve:prov".into(),
+                grant: Grant {
+                    roles: Roles::USER,
+                    scoped: Vec::new(),
+                    register: vec!["kvs".into()],
+                },
+                address: "10.0.0.9".into(),
+                header: Header::request(topic, NODEID_ANY, tag),
+                payload: body.to_vec(),
+            },
+        );
+        s.settle();
+    };
+    remote(&mut s, "service.add", 1, KVS);
+    let added = s.remote_inbox.last().unwrap().1.clone();
+    assert_eq!(added.header.errnum, 0, "{}", text(&added));
+    let caller = s.connect(0, OWNER_UID);
+    let t = s.request(0, caller, "kvs.get", 0, b"k");
+    s.settle();
+    assert_eq!(s.remote_inbox.last().unwrap().1.header.topic, "kvs.get");
+    // While it holds the request, the provider is probed.
+    s.run_for(provided::PROVIDER_PROBE_MS + 50);
+    let probes = s
+        .remote_inbox
+        .iter()
+        .filter(|(r, g)| *r == rid && g.header.msg_type == MsgType::Control)
+        .count();
+    assert!(probes >= 1, "no probe: {:?}", s.remote_inbox);
+    assert!(s.responses(0, caller, t).is_empty());
+    // A probe's send fails: the connection is gone, and so is the service.
+    let now = s.now;
+    s.nodes[0]
+        .core
+        .handle(now, Input::RemoteGone { rid: rid.clone() });
+    s.settle();
+    let r = one(&s, 0, caller, t);
+    assert_eq!(r.header.errnum, errno::ENOSYS, "{}", text(&r));
+    // Nothing held: no more probes.
+    let before = s.remote_inbox.len();
+    s.run_for(3 * provided::PROVIDER_PROBE_MS);
+    assert_eq!(s.remote_inbox.len(), before);
+}

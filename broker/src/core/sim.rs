@@ -110,6 +110,7 @@ impl Sim {
                 remote_mech: Mech::Curve,
                 seed: 7 + r as u64,
                 budgets,
+                child_addresses: HashMap::new(),
             };
             nodes.push(Node {
                 core: BrokerCore::new(cfg, 0),

@@ -824,3 +824,43 @@ fn an_event_waits_for_a_subscriber_being_decided_again() {
         assert_eq!(ev[0].payload, b"1");
     }
 }
+
+#[test]
+fn a_handshake_refused_for_its_key_shows_the_only_offline_child_refused() {
+    let mut s = Sim::new(3, 2);
+    s.run_for(50);
+    assert!(s.full());
+    s.cut.insert(2);
+    s.run_for(3000);
+    assert_eq!(
+        s.nodes[0].core.health().get(2).unwrap().state,
+        RankState::Lost
+    );
+    let now = s.now;
+    s.nodes[0].core.handle(
+        now,
+        Input::PeerRefused {
+            address: "10.0.0.2".into(),
+            reason: "unknown key".into(),
+        },
+    );
+    let e = s.nodes[0].core.health().get(2).unwrap();
+    assert_eq!(e.state, RankState::Refused, "{e:?}");
+    assert!(e.reason.contains("refused its key (unknown key)"), "{e:?}");
+    // With two children offline and no addresses to tell them apart,
+    // nobody is blamed.
+    s.cut.insert(1);
+    s.run_for(3000);
+    let now = s.now;
+    s.nodes[0].core.handle(
+        now,
+        Input::PeerRefused {
+            address: "10.0.0.1".into(),
+            reason: "unknown key".into(),
+        },
+    );
+    assert_eq!(
+        s.nodes[0].core.health().get(1).unwrap().state,
+        RankState::Lost
+    );
+}
