@@ -174,6 +174,8 @@ async fn service_error_is_a_notice_not_the_answer_to_a_request() {
         !call.is_finished(),
         "a service.error must not answer our rpc"
     );
+    // The broker's control messages (service.probe) are ignored.
+    b.send(&Header::control("service.probe"), b"").await;
     // A stray token 0 is not a refusal either.
     se.matchtag = 0;
     b.send(&se, b"token 0").await;

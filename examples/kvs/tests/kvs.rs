@@ -364,13 +364,15 @@ fn kvs_serves_from_a_remote_client_over_curve() {
         let dir = tempfile::tempdir().unwrap();
         let (key, principal) = remote_ident(dir.path(), "provider");
         let (other_key, other) = remote_ident(dir.path(), "other");
+        let (guest_key, guest) = remote_ident(dir.path(), "guest");
         let policy = dir.path().join("policy.toml");
         std::fs::write(
             &policy,
             format!(
                 "[[rule]]\nname = \"provider\"\nprincipal = \"{principal}\"\nroles = [\"operator\"]\n\n\
                  [[rule]]\nname = \"provider-offers-kvs\"\nprincipal = \"{principal}\"\nregister = [\"kvs\"]\n\n\
-                 [[rule]]\nname = \"other\"\nprincipal = \"{other}\"\nroles = [\"operator\"]\n"
+                 [[rule]]\nname = \"other\"\nprincipal = \"{other}\"\nroles = [\"operator\"]\n\n\
+                 [[rule]]\nname = \"guest\"\nprincipal = \"{guest}\"\nroles = [\"user\"]\n"
             ),
         )
         .unwrap();
@@ -417,5 +419,15 @@ fn kvs_serves_from_a_remote_client_over_curve() {
         .expect("kvs.put from rank 1 reaches the remote provider on rank 0");
         let m = c1.rpc("kvs.get", 0, b"r", RPC_TIMEOUT).unwrap();
         assert_eq!((m.payload.as_slice(), m.header.nodeid), (&b"remote"[..], 0));
+
+        // A remote guest (role user) may get but not put: the roles the
+        // provider declared are checked before it sees the request.
+        let keys = canopy_client::TcpKeys::load(&guest_key, &server).unwrap();
+        let mut g = Client::connect_tcp(&ep, &keys).unwrap();
+        assert_eq!(rpc(&mut g, "kvs.get", 0, b"r").unwrap(), b"remote");
+        let e = rpc(&mut g, "kvs.put", 0, br#"{"key":"r","value":"x"}"#).unwrap_err();
+        assert_eq!(e.errnum(), Some(errno::EPERM), "{e}");
+        assert!(e.to_string().contains("operator"), "{e}");
+        assert_eq!(rpc(&mut c1, "kvs.get", 0, b"r").unwrap(), b"remote");
     });
 }
