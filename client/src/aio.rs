@@ -715,6 +715,7 @@ impl AsyncClient {
             sock,
             monitor,
             endpoint: endpoint.to_string(),
+            established: false,
             wake,
             wake_rx,
             rx,
@@ -1083,12 +1084,17 @@ const EVENT_HANDSHAKE_FAILED_NO_DETAIL: u16 = 0x0800;
 const EVENT_HANDSHAKE_FAILED_PROTOCOL: u16 = 0x2000;
 const EVENT_HANDSHAKE_FAILED_AUTH: u16 = 0x4000;
 const EVENT_DISCONNECTED: u16 = 0x0200;
+/// libzmq's ZMQ_EVENT_HANDSHAKE_SUCCEEDED.
+const EVENT_HANDSHAKE_SUCCEEDED: u16 = 0x1000;
 
 /// The thread that owns a tcp connection's libzmq sockets.
 struct Bridge {
     sock: zmq::Socket,
     monitor: zmq::Socket,
     endpoint: String,
+    /// A handshake succeeded: only then is a disconnection a loss (before
+    /// it, libzmq reconnects, and a refusal shows as a failed handshake).
+    established: bool,
     wake: Arc<Wake>,
     wake_rx: std::os::unix::net::UnixStream,
     rx: mpsc::UnboundedReceiver<Frame>,
@@ -1195,7 +1201,8 @@ impl Bridge {
                                 "the CURVE handshake failed; check that CANOPY_SERVER_KEY is this broker's public key".into(),
                             )))
                         }
-                        EVENT_DISCONNECTED => {
+                        EVENT_HANDSHAKE_SUCCEEDED => self.established = true,
+                        EVENT_DISCONNECTED if self.established => {
                             // What arrived before the loss is delivered.
                             while let Ok(mut parts) = self.sock.recv_multipart(zmq::DONTWAIT) {
                                 if let (Some(inner), Some(h)) = (

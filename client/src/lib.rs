@@ -113,6 +113,10 @@ enum Conn {
         /// The connection was lost (monitor said so): every further call
         /// fails at once.
         lost: bool,
+        /// A handshake succeeded: only then is a disconnection a loss
+        /// (before it, libzmq reconnects, and a refusal shows as a failed
+        /// handshake).
+        established: bool,
         _ctx: zmq::Context,
     },
 }
@@ -300,6 +304,7 @@ impl Client {
             monitor,
             endpoint: endpoint.to_string(),
             lost: false,
+            established: false,
             _ctx: ctx,
         }))
     }
@@ -428,8 +433,9 @@ impl Client {
                     monitor,
                     endpoint,
                     lost,
+                    established,
                     ..
-                } => recv_tcp(sock, monitor, endpoint, lost, left),
+                } => recv_tcp(sock, monitor, endpoint, lost, established, left),
             }?;
             if m.header.msg_type != MsgType::Control {
                 return Ok(m);
@@ -564,12 +570,15 @@ const EVENT_HANDSHAKE_FAILED_AUTH: u16 = 0x4000;
 /// libzmq's ZMQ_EVENT_DISCONNECTED: an established connection ended (the
 /// broker closed it, died, or missed its heartbeats).
 const EVENT_DISCONNECTED: u16 = 0x0200;
+/// libzmq's ZMQ_EVENT_HANDSHAKE_SUCCEEDED.
+const EVENT_HANDSHAKE_SUCCEEDED: u16 = 0x1000;
 
 fn recv_tcp(
     sock: &zmq::Socket,
     monitor: &zmq::Socket,
     endpoint: &str,
     lost: &mut bool,
+    established: &mut bool,
     timeout: Duration,
 ) -> Result<Msg, ClientError> {
     let deadline = Instant::now() + timeout;
@@ -602,7 +611,8 @@ fn recv_tcp(
                             "the CURVE handshake failed; check that CANOPY_SERVER_KEY is this broker's public key".into(),
                         ))
                     }
-                    EVENT_DISCONNECTED => *lost = true,
+                    EVENT_HANDSHAKE_SUCCEEDED => *established = true,
+                    EVENT_DISCONNECTED if *established => *lost = true,
                     _ => {}
                 }
             }
