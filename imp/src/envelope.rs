@@ -98,6 +98,18 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex(&Sha256::digest(key.as_bytes()))
 }
 
+/// A parser's message with its first letter lower-cased, unless it starts
+/// an acronym (`EOF while parsing` stays as it is).
+pub fn lower_first(msg: String) -> String {
+    let mut c = msg.chars();
+    match (c.next(), c.next()) {
+        (Some(f), Some(g)) if f.is_uppercase() && !g.is_uppercase() => {
+            f.to_lowercase().chain(msg.chars().skip(1)).collect()
+        }
+        _ => msg,
+    }
+}
+
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -160,14 +172,8 @@ impl Envelope {
         if wire.len() > MAX_ENVELOPE_BYTES {
             return Err(EnvelopeError::TooLarge(wire.len()));
         }
-        let w: WireEnvelope = serde_json::from_slice(wire).map_err(|e| {
-            let msg = e.to_string();
-            let mut c = msg.chars();
-            EnvelopeError::Json(match c.next() {
-                Some(f) => f.to_lowercase().chain(c).collect(),
-                None => msg,
-            })
-        })?;
+        let w: WireEnvelope = serde_json::from_slice(wire)
+            .map_err(|e| EnvelopeError::Json(lower_first(e.to_string())))?;
         let body = b64_decode(&w.payload).ok_or(EnvelopeError::Base64 { field: "payload" })?;
         if w.signatures.len() != 1 {
             return Err(EnvelopeError::SignatureCount(w.signatures.len()));

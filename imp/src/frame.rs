@@ -85,6 +85,18 @@ fn read_frame(r: &mut dyn Read, what: &'static str) -> Result<Vec<u8>, FrameErro
     Ok(buf)
 }
 
+/// The helper's fd 0, read with `read(2)` and no buffer (Rust's
+/// `Stdin` buffers, which would swallow the command's stdin).
+pub struct UnbufferedStdin;
+
+impl Read for UnbufferedStdin {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = io::stdin().as_fd().as_raw_fd();
+        nix::unistd::read(fd, buf).map_err(io::Error::from)
+    }
+}
+
 /// The two envelopes, as read.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Input {

@@ -197,7 +197,7 @@ fn run_helper(
     }
 
     let keys = config.load_keys(0)?;
-    let input = read_input(&mut std::io::stdin().lock())?;
+    let input = read_input(&mut canopy_imp::frame::UnbufferedStdin)?;
     let mut cache = DirReplayCache::open(&config.replay_cache, 0)?;
     let target = Target {
         instance,

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::envelope::{is_hex, UnixTime};
+use crate::envelope::{is_hex, lower_first, UnixTime};
 
 /// The only version of the body.
 pub const REQUEST_VERSION: u32 = 1;
@@ -92,14 +92,6 @@ pub enum RequestError {
     Json(String),
     #[error("malformed request: {0}")]
     Field(String),
-}
-
-fn lower_first(msg: String) -> String {
-    let mut c = msg.chars();
-    match c.next() {
-        Some(f) => f.to_lowercase().chain(c).collect(),
-        None => msg,
-    }
 }
 
 /// A JSON object into a map, refusing a key given twice (serde's maps keep

@@ -104,9 +104,9 @@ pub struct Approved {
 /// Why the helper refused. Every message names the reason and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("malformed certificate envelope: {0}")]
+    #[error("certificate: {0}")]
     CertEnvelope(EnvelopeError),
-    #[error("malformed request envelope: {0}")]
+    #[error("request: {0}")]
     RequestEnvelope(EnvelopeError),
     #[error("unknown certificate issuer {0}: not a trusted ca key or an accepted node key in imp.toml; get a certificate from the site ca (`canopy cert request`)")]
     UnknownIssuer(String),
@@ -134,7 +134,7 @@ pub enum Refusal {
     WrongInstance { request: String, this: String },
     #[error("wrong audience: rank {rank} is not among the request's ranks {ranks:?}; the request was not meant for this rank")]
     RankNotInRequest { rank: u32, ranks: Vec<u32> },
-    #[error("wrong audience: the broker says this node is rank {claimed} of {instance:?} but imp.toml pins it to {pinned:?}; fix the broker's or imp.toml's instances")]
+    #[error("wrong audience: the broker says this node is rank {claimed} of {instance:?} but imp.toml's [instances] {}; fix the broker's arguments or imp.toml", match pinned { Some(r) => format!("pins it to rank {r}"), None => "does not list that instance".to_string() })]
     RankPinned {
         instance: String,
         claimed: u32,

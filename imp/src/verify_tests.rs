@@ -399,7 +399,7 @@ fn malformed_envelopes_are_refused() {
     let mut w = World::new();
     let err = w.run(b"not json", &wire).unwrap_err();
     assert!(matches!(err, Refusal::CertEnvelope(_)), "{err}");
-    assert!(err.to_string().starts_with("malformed certificate envelope"), "{err}");
+    assert!(err.to_string().starts_with("certificate: malformed envelope"), "{err}");
     let err = w.run(&alice_cert(), b"{\"payloadType\":1}").unwrap_err();
     assert!(matches!(err, Refusal::RequestEnvelope(_)), "{err}");
     // A well-signed body that is not a request.
