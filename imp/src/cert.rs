@@ -52,13 +52,16 @@ pub fn valid_user_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
         && matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c == b'_')
-        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'))
+        && b.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
 }
 
 impl UserCert {
     /// Parse and check the shape of a verified body.
     pub fn parse(body: &[u8]) -> Result<UserCert, CertError> {
-        let c: UserCert = serde_json::from_slice(body).map_err(|e| CertError::Malformed(e.to_string()))?;
+        let c: UserCert =
+            serde_json::from_slice(body).map_err(|e| CertError::Malformed(e.to_string()))?;
         let bad = |m: &str| Err(CertError::Malformed(m.to_owned()));
         if c.v != CERT_VERSION {
             return bad("unknown version v");
@@ -133,7 +136,9 @@ mod tests {
             &ca,
         );
         let e = crate::envelope::Envelope::parse(&env).unwrap();
-        let body = e.verify(USER_CERT_TYPE, &ca.verifying_key(), "certificate").unwrap();
+        let body = e
+            .verify(USER_CERT_TYPE, &ca.verifying_key(), "certificate")
+            .unwrap();
         assert_eq!(UserCert::parse(body).unwrap(), c);
         assert!(String::from_utf8_lossy(body).contains(r#""kind":"node-attestation""#));
         let text = String::from_utf8(body.to_vec()).unwrap();

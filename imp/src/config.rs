@@ -215,7 +215,11 @@ impl ImpConfig {
             groups.insert(ctx.user(&format!("groups[{i}]"), g)?);
         }
         if users.contains(&broker_user) {
-            let s = raw.users.iter().find(|u| *u.get_ref() == broker_user).unwrap();
+            let s = raw
+                .users
+                .iter()
+                .find(|u| *u.get_ref() == broker_user)
+                .unwrap();
             return Err(ctx.err(
                 s.span(),
                 format!("users: {broker_user} is the broker's user; whoever controls the broker could run anything as it: remove it"),
@@ -279,12 +283,20 @@ impl ImpConfig {
         let mut instances = BTreeMap::new();
         for (id, rank) in &raw.instances {
             if !valid_name(id.get_ref()) {
-                return Err(ctx.err(id.span(), "instances: the instance id has spaces or control characters; correct it"));
+                return Err(ctx.err(
+                    id.span(),
+                    "instances: the instance id has spaces or control characters; correct it",
+                ));
             }
             let r = u32::try_from(*rank.get_ref()).map_err(|_| {
                 ctx.err(
                     rank.span(),
-                    format!("instances.{}: {} is not a rank (0 to {})", id.get_ref(), rank.get_ref(), u32::MAX),
+                    format!(
+                        "instances.{}: {} is not a rank (0 to {})",
+                        id.get_ref(),
+                        rank.get_ref(),
+                        u32::MAX
+                    ),
                 )
             })?;
             instances.insert(id.get_ref().clone(), r);
@@ -349,7 +361,11 @@ impl ImpConfig {
                 .into()
             })
         };
-        let cas = self.trusted_ca_keys.iter().map(public).collect::<Result<_, _>>()?;
+        let cas = self
+            .trusted_ca_keys
+            .iter()
+            .map(public)
+            .collect::<Result<_, _>>()?;
         let nodes = match &self.node_attestation_keys {
             Some(list) => list.iter().map(public).collect::<Result<_, _>>()?,
             None => Vec::new(),
@@ -422,9 +438,15 @@ replay_cache = "/var/lib/canopy-imp/replay"
         assert!(e.starts_with("imp.toml:8:1: unknown field `colour`"), "{e}");
         assert!(e.contains("remove it or correct its spelling"), "{e}");
         let e = err(&format!("{MINIMAL}commands = [\"hostname\"]\n"));
-        assert!(e.starts_with("imp.toml:8:13: commands[0]: \"hostname\" is not an absolute path"), "{e}");
+        assert!(
+            e.starts_with("imp.toml:8:13: commands[0]: \"hostname\" is not an absolute path"),
+            "{e}"
+        );
         let e = err(&format!("{MINIMAL}max_request_lifetime = 7200\n"));
-        assert!(e.contains("max_request_lifetime: 7200 is out of range"), "{e}");
+        assert!(
+            e.contains("max_request_lifetime: 7200 is out of range"),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("receipt_key = ", "# receipt_key = "));
         assert!(e.contains("missing field `receipt_key`"), "{e}");
         let e = err(&format!("{MINIMAL}[node_attestations]\naccept = true\n"));
@@ -438,12 +460,20 @@ replay_cache = "/var/lib/canopy-imp/replay"
     #[test]
     fn per_user_allowlists_replace_the_global_one() {
         let c = ImpConfig::parse(
-            &format!("{MINIMAL}commands = [\"/usr/bin/id\"]\n[user_commands]\nbob = [\"/bin/true\"]\n"),
+            &format!(
+                "{MINIMAL}commands = [\"/usr/bin/id\"]\n[user_commands]\nbob = [\"/bin/true\"]\n"
+            ),
             "imp.toml",
         )
         .unwrap();
-        assert!(c.allowlist("alice").unwrap().contains(Path::new("/usr/bin/id")));
-        assert!(!c.allowlist("bob").unwrap().contains(Path::new("/usr/bin/id")));
+        assert!(c
+            .allowlist("alice")
+            .unwrap()
+            .contains(Path::new("/usr/bin/id")));
+        assert!(!c
+            .allowlist("bob")
+            .unwrap()
+            .contains(Path::new("/usr/bin/id")));
     }
 
     #[test]

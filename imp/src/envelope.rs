@@ -46,13 +46,19 @@ pub enum EnvelopeError {
     Json(String),
     #[error("malformed envelope: {field} is not canonical base64 (standard alphabet, with padding); re-encode it")]
     Base64 { field: &'static str },
-    #[error("malformed envelope: it has {0} signatures, exactly one is required; sign it with one key")]
+    #[error(
+        "malformed envelope: it has {0} signatures, exactly one is required; sign it with one key"
+    )]
     SignatureCount(usize),
     #[error("malformed envelope: keyid {0:?} is not 64 lower-case hex digits (the sha-256 of the public key); use the key id the signing tool prints")]
     KeyId(String),
-    #[error("malformed envelope: the signature is {0} bytes, not 64; sign it again with an ed25519 key")]
+    #[error(
+        "malformed envelope: the signature is {0} bytes, not 64; sign it again with an ed25519 key"
+    )]
     SignatureLength(usize),
-    #[error("wrong envelope type {found:?}, expected {expected:?}; send the right kind of document")]
+    #[error(
+        "wrong envelope type {found:?}, expected {expected:?}; send the right kind of document"
+    )]
     Type {
         found: String,
         expected: &'static str,
@@ -128,7 +134,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// True if `s` is exactly `len` lower-case hex digits.
 pub fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Strict base64 (standard alphabet, canonical padding).
@@ -301,7 +309,8 @@ mod tests {
     #[test]
     fn malformed_envelopes_are_refused() {
         let k = key(1);
-        let good: serde_json::Value = serde_json::from_slice(&sign(RECEIPT_TYPE, b"x", &k)).unwrap();
+        let good: serde_json::Value =
+            serde_json::from_slice(&sign(RECEIPT_TYPE, b"x", &k)).unwrap();
         let bad = |f: &dyn Fn(&mut serde_json::Value)| {
             let mut v = good.clone();
             f(&mut v);
@@ -346,5 +355,30 @@ mod tests {
             Envelope::parse(b"{\"payloadType\":\"a\",\"payloadType\":\"b\"}"),
             Err(EnvelopeError::Json(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod independent {
+    use super::*;
+
+    /// The seed envelopes in fuzz/seeds/imp_envelope were made by a
+    /// separate implementation (Python's `cryptography`, following
+    /// docs/imp.md): they must verify here, so the documented PAE is the
+    /// one implemented.
+    #[test]
+    fn envelopes_made_from_the_documentation_verify() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/imp_envelope");
+        for (file, seed, ty) in [
+            ("request-envelope.json", 3u8, EXEC_REQUEST_TYPE),
+            ("cert-envelope.json", 1u8, USER_CERT_TYPE),
+        ] {
+            let wire = std::fs::read(dir.join(file)).unwrap();
+            let key = SigningKey::from_bytes(&[seed; 32]).verifying_key();
+            let env = Envelope::parse(&wire).unwrap();
+            env.verify(ty, &key, "seed")
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
     }
 }

@@ -37,9 +37,13 @@ pub const MAGIC: &[u8] = b"canopy-imp/1\n";
 pub enum FrameError {
     #[error("malformed input: it does not start with \"canopy-imp/1\"; the broker must send the framing of docs/imp.md")]
     Magic,
-    #[error("malformed input: bad length line for the {0}; it must be decimal digits and a newline")]
+    #[error(
+        "malformed input: bad length line for the {0}; it must be decimal digits and a newline"
+    )]
     Length(&'static str),
-    #[error("malformed input: the {what} is {len} bytes, more than the {MAX_ENVELOPE_BYTES} allowed")]
+    #[error(
+        "malformed input: the {what} is {len} bytes, more than the {MAX_ENVELOPE_BYTES} allowed"
+    )]
     TooLarge { what: &'static str, len: usize },
     #[error("malformed input: stdin ended inside the {0}")]
     Truncated(&'static str),
@@ -181,16 +185,28 @@ mod tests {
     fn bad_input_is_refused() {
         let bad = |b: &[u8]| read_input(&mut io::Cursor::new(b.to_vec())).unwrap_err();
         assert!(matches!(bad(b"canopy-imp/2\n"), FrameError::Magic));
-        assert!(matches!(bad(b"canopy-imp/1\n04\nabcd"), FrameError::Length(_)));
+        assert!(matches!(
+            bad(b"canopy-imp/1\n04\nabcd"),
+            FrameError::Length(_)
+        ));
         assert!(matches!(bad(b"canopy-imp/1\n\n"), FrameError::Length(_)));
         assert!(matches!(bad(b"canopy-imp/1\n-1\n"), FrameError::Length(_)));
-        assert!(matches!(bad(b"canopy-imp/1\n4\nab"), FrameError::Truncated("certificate")));
-        assert!(matches!(bad(b"canopy-imp/1\n99999999\n"), FrameError::Length(_)));
+        assert!(matches!(
+            bad(b"canopy-imp/1\n4\nab"),
+            FrameError::Truncated("certificate")
+        ));
+        assert!(matches!(
+            bad(b"canopy-imp/1\n99999999\n"),
+            FrameError::Length(_)
+        ));
         assert!(matches!(
             bad(b"canopy-imp/1\n65537\n"),
             FrameError::TooLarge { len: 65537, .. }
         ));
-        assert!(matches!(bad(b"canopy-imp/1\n1\na"), FrameError::Truncated("request")));
+        assert!(matches!(
+            bad(b"canopy-imp/1\n1\na"),
+            FrameError::Truncated("request")
+        ));
     }
 
     #[test]

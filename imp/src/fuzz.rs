@@ -56,12 +56,18 @@ pub fn envelope(data: &[u8]) {
     if let Ok(env) = Envelope::parse(data) {
         let v: serde_json::Value = serde_json::from_slice(data).expect("parsed as an envelope");
         let payload = v["payload"].as_str().expect("payload is a string");
-        assert_eq!(b64_encode(env.unverified_body()), payload, "non-canonical base64 accepted");
+        assert_eq!(
+            b64_encode(env.unverified_body()),
+            payload,
+            "non-canonical base64 accepted"
+        );
         assert_eq!(b64_decode(payload).as_deref(), Some(env.unverified_body()));
         let stranger = SigningKey::from_bytes(&[0x55; 32]);
-        assert!(env
-            .verify(EXEC_REQUEST_TYPE, &stranger.verifying_key(), "fuzz")
-            .is_err(), "an envelope verified with a key that never signed it");
+        assert!(
+            env.verify(EXEC_REQUEST_TYPE, &stranger.verifying_key(), "fuzz")
+                .is_err(),
+            "an envelope verified with a key that never signed it"
+        );
     }
 
     if let Ok(r) = ExecRequest::parse(data) {

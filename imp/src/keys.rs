@@ -34,7 +34,9 @@ pub enum KeyError {
         what: &'static str,
         prefix: &'static str,
     },
-    #[error("key file {path} holds an invalid ed25519 public key; make it with `canopy-imp keygen`")]
+    #[error(
+        "key file {path} holds an invalid ed25519 public key; make it with `canopy-imp keygen`"
+    )]
     Invalid { path: PathBuf },
     #[error("cannot write key file {path}: {source}; check that the directory exists and that it does not exist yet")]
     Write {
@@ -141,7 +143,10 @@ mod tests {
             parse_public(&format!("# node1\n{}", public_text(&k.verifying_key()))),
             Some(k.verifying_key())
         );
-        assert_eq!(parse_secret(&secret_text(&k)).unwrap().to_bytes(), k.to_bytes());
+        assert_eq!(
+            parse_secret(&secret_text(&k)).unwrap().to_bytes(),
+            k.to_bytes()
+        );
         assert!(parse_public(&secret_text(&k)).is_none());
         assert!(parse_secret(&public_text(&k.verifying_key())).is_none());
         let two = format!("{0}{0}", public_text(&k.verifying_key()));

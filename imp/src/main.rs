@@ -25,7 +25,10 @@ use canopy_imp::{keys, receipt};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "canopy-imp", about = "Canopy's privilege-separated exec helper (see docs/imp.md)")]
+#[command(
+    name = "canopy-imp",
+    about = "Canopy's privilege-separated exec helper (see docs/imp.md)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -124,17 +124,22 @@ mod tests {
         let (r, k) = verify_receipt(&wire, &keys).unwrap();
         assert_eq!(r, sample());
         assert_eq!(*k, node.verifying_key());
-        assert!(String::from_utf8_lossy(&b64_decode(
-            serde_json::from_slice::<serde_json::Value>(&wire).unwrap()["payload"]
-                .as_str()
-                .unwrap()
-        ).unwrap())
+        assert!(String::from_utf8_lossy(
+            &b64_decode(
+                serde_json::from_slice::<serde_json::Value>(&wire).unwrap()["payload"]
+                    .as_str()
+                    .unwrap()
+            )
+            .unwrap()
+        )
         .contains(r#""exit":{"signal":9}"#));
 
         // Edit the exit status inside the signed payload.
         let mut v: serde_json::Value = serde_json::from_slice(&wire).unwrap();
         let body = b64_decode(v["payload"].as_str().unwrap()).unwrap();
-        let edited = String::from_utf8(body).unwrap().replace(r#"{"signal":9}"#, r#"{"status":0}"#);
+        let edited = String::from_utf8(body)
+            .unwrap()
+            .replace(r#"{"signal":9}"#, r#"{"status":0}"#);
         v["payload"] = b64_encode(edited.as_bytes()).into();
         let err = verify_receipt(&serde_json::to_vec(&v).unwrap(), &keys).unwrap_err();
         assert_eq!(

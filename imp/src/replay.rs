@@ -32,7 +32,9 @@ pub const UNREADABLE_ENTRY_AGE: u64 = 2 * 3600;
 pub enum ReplayError {
     #[error("replayed request: its nonce was already used on this node; sign a new request (every request carries a fresh nonce)")]
     Replayed,
-    #[error("replay cache {path}: {source}; check that the directory exists and is writable by root")]
+    #[error(
+        "replay cache {path}: {source}; check that the directory exists and is writable by root"
+    )]
     Io {
         path: PathBuf,
         #[source]
@@ -70,7 +72,8 @@ pub struct MemoryReplayCache {
 
 impl ReplayCache for MemoryReplayCache {
     fn insert(&mut self, key: &str, expiry: UnixTime, now: UnixTime) -> Result<(), ReplayError> {
-        self.entries.retain(|_, e| e.saturating_add(PRUNE_MARGIN) >= now);
+        self.entries
+            .retain(|_, e| e.saturating_add(PRUNE_MARGIN) >= now);
         if self.entries.contains_key(key) {
             return Err(ReplayError::Replayed);
         }
@@ -167,10 +170,16 @@ mod tests {
         let k = replay_key("alice@R", "00112233445566778899aabbccddeeff", "sys", 0);
         let mut c = DirReplayCache::open(d.path(), me()).unwrap();
         c.insert(&k, 1000, 900).unwrap();
-        assert!(matches!(c.insert(&k, 1000, 901), Err(ReplayError::Replayed)));
+        assert!(matches!(
+            c.insert(&k, 1000, 901),
+            Err(ReplayError::Replayed)
+        ));
         // Survives a restart.
         let mut c = DirReplayCache::open(d.path(), me()).unwrap();
-        assert!(matches!(c.insert(&k, 1000, 950), Err(ReplayError::Replayed)));
+        assert!(matches!(
+            c.insert(&k, 1000, 950),
+            Err(ReplayError::Replayed)
+        ));
         // Another rank, instance or principal is another entry.
         let k1 = replay_key("alice@R", "00112233445566778899aabbccddeeff", "sys", 1);
         let k2 = replay_key("bob@R", "00112233445566778899aabbccddeeff", "sys", 0);
@@ -191,7 +200,10 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = DirReplayCache::open(&open, me()).unwrap_err();
-        assert!(err.to_string().contains("writable by group or other"), "{err}");
+        assert!(
+            err.to_string().contains("writable by group or other"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl TryFrom<RawAudience> for Audience {
             ("service", Some(name)) => Ok(Audience::Service { name }),
             ("user", Some(_)) => Err("audience of kind user has no name".into()),
             ("service", None) => Err("audience of kind service needs a name".into()),
-            (k, _) => Err(format!("unknown audience kind {k:?}, expected \"user\" or \"service\"")),
+            (k, _) => Err(format!(
+                "unknown audience kind {k:?}, expected \"user\" or \"service\""
+            )),
         }
     }
 }
@@ -107,9 +109,7 @@ fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
             let mut out = BTreeMap::new();
             while let Some((k, v)) = m.next_entry::<String, String>()? {
                 if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!(
-                        "duplicate env key {k:?}"
-                    )));
+                    return Err(serde::de::Error::custom(format!("duplicate env key {k:?}")));
                 }
                 out.insert(k, v);
             }
@@ -138,8 +138,8 @@ impl ExecRequest {
     /// checked already: this never sees unauthenticated bytes in the
     /// helper, but the fuzz target feeds it anything).
     pub fn parse(body: &[u8]) -> Result<ExecRequest, RequestError> {
-        let r: ExecRequest =
-            serde_json::from_slice(body).map_err(|e| RequestError::Json(lower_first(e.to_string())))?;
+        let r: ExecRequest = serde_json::from_slice(body)
+            .map_err(|e| RequestError::Json(lower_first(e.to_string())))?;
         r.check()?;
         Ok(r)
     }
@@ -160,38 +160,58 @@ impl ExecRequest {
             return bad("argv is empty; give the command to run".into());
         }
         if self.argv.len() > MAX_ARGV {
-            return bad(format!("argv has {} entries, at most {MAX_ARGV} are allowed", self.argv.len()));
+            return bad(format!(
+                "argv has {} entries, at most {MAX_ARGV} are allowed",
+                self.argv.len()
+            ));
         }
         if self.argv.iter().any(|a| a.contains('\0')) {
             return bad("argv contains a NUL character; remove it".into());
         }
         if !self.cwd.starts_with('/') || self.cwd.contains('\0') {
-            return bad(format!("cwd {:?} is not an absolute path; give e.g. \"/home/alice\"", self.cwd));
+            return bad(format!(
+                "cwd {:?} is not an absolute path; give e.g. \"/home/alice\"",
+                self.cwd
+            ));
         }
         if self.env.len() > MAX_ENV {
-            return bad(format!("env has {} entries, at most {MAX_ENV} are allowed", self.env.len()));
+            return bad(format!(
+                "env has {} entries, at most {MAX_ENV} are allowed",
+                self.env.len()
+            ));
         }
         for (k, v) in &self.env {
             if !valid_env_name(k) {
-                return bad(format!("env name {k:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+                return bad(format!(
+                    "env name {k:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
+                ));
             }
             if v.contains('\0') {
-                return bad(format!("env value of {k} contains a NUL character; remove it"));
+                return bad(format!(
+                    "env value of {k} contains a NUL character; remove it"
+                ));
             }
         }
         if !valid_name(&self.instance) {
-            return bad("instance must be 1 to 256 characters with no spaces or control characters".into());
+            return bad(
+                "instance must be 1 to 256 characters with no spaces or control characters".into(),
+            );
         }
         if self.ranks.is_empty() {
             return bad("ranks is empty; name at least one rank".into());
         }
         if let Audience::Service { name } = &self.audience {
             if !valid_name(name) {
-                return bad("audience.name must be a service name with no spaces or control characters".into());
+                return bad(
+                    "audience.name must be a service name with no spaces or control characters"
+                        .into(),
+                );
             }
         }
         if self.not_after <= self.issued_at {
-            return bad("not_after is not later than issued_at; choose a lifetime of a few minutes".into());
+            return bad(
+                "not_after is not later than issued_at; choose a lifetime of a few minutes".into(),
+            );
         }
         if !is_hex(&self.nonce, 32) {
             return bad("nonce must be 32 lower-case hex digits (16 random bytes)".into());
@@ -241,13 +261,13 @@ pub(crate) mod tests {
             "instance":"sys","ranks":[0,1,2],"audience":{"kind":"user"},"issued_at":1000000,
             "not_after":1000300,"nonce":"0123456789abcdef0123456789abcdef"}"#;
         assert_eq!(ExecRequest::parse(doc).unwrap(), r);
-        let svc = String::from_utf8_lossy(doc).replace(
-            r#"{"kind":"user"}"#,
-            r#"{"kind":"service","name":"sched"}"#,
-        );
+        let svc = String::from_utf8_lossy(doc)
+            .replace(r#"{"kind":"user"}"#, r#"{"kind":"service","name":"sched"}"#);
         assert_eq!(
             ExecRequest::parse(svc.as_bytes()).unwrap().audience,
-            Audience::Service { name: "sched".into() }
+            Audience::Service {
+                name: "sched".into()
+            }
         );
     }
 
@@ -260,18 +280,27 @@ pub(crate) mod tests {
             (r#""cwd":"/""#, r#""cwd":"tmp""#),
             (r#""ranks":[0,1,2]"#, r#""ranks":[]"#),
             (r#""ranks":[0,1,2]"#, r#""ranks":[-1]"#),
-            (r#""nonce":"0123456789abcdef0123456789abcdef""#, r#""nonce":"00""#),
+            (
+                r#""nonce":"0123456789abcdef0123456789abcdef""#,
+                r#""nonce":"00""#,
+            ),
             (r#"{"LANG":"C"}"#, r#"{"LANG":"C","LANG":"D"}"#),
             (r#"{"LANG":"C"}"#, r#"{"A=B":"C"}"#),
             (r#"{"kind":"user"}"#, r#"{"kind":"root"}"#),
             (r#"{"kind":"user"}"#, r#"{"kind":"user","name":"x"}"#),
             (r#""v":1"#, r#""v":1,"extra":true"#),
             (r#""not_after":1000300"#, r#""not_after":1000000"#),
-            (r#""principal":"alice@EXAMPLE.ORG""#, r#""principal":"al ice""#),
+            (
+                r#""principal":"alice@EXAMPLE.ORG""#,
+                r#""principal":"al ice""#,
+            ),
         ] {
             assert!(body.contains(from), "{from}");
             let b = body.replace(from, to);
-            assert!(ExecRequest::parse(b.as_bytes()).is_err(), "{b} was accepted");
+            assert!(
+                ExecRequest::parse(b.as_bytes()).is_err(),
+                "{b} was accepted"
+            );
         }
     }
 }

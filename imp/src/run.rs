@@ -11,7 +11,8 @@
 //!   and stderr piped. The monitor keeps its credentials, so the broker can
 //!   still signal it, and stays root (never the target user, who could
 //!   otherwise ptrace it and read the receipt key). It forwards SIGINT,
-//!   SIGTERM, SIGHUP and SIGQUIT to the command's process group, passes
+//!   SIGTERM, SIGHUP and SIGQUIT to the command's process group (and
+//!   SIGUSR1 as SIGKILL, which cannot be caught), passes
 //!   stdout and stderr through as records while hashing them, waits, kills
 //!   whatever is left in the group, and signs the receipt.
 //! * **The second stage** (`canopy-imp _exec`, [`stage2_main`]) runs only
@@ -151,7 +152,10 @@ pub fn command_env(
     env.insert("SHELL".into(), a.shell.to_string_lossy().into_owned());
     let path: Vec<_> = search_path.iter().map(|p| p.to_string_lossy()).collect();
     env.insert("PATH".into(), path.join(":"));
-    env.insert("CANOPY_EXEC_INSTANCE".into(), approved.request.instance.clone());
+    env.insert(
+        "CANOPY_EXEC_INSTANCE".into(),
+        approved.request.instance.clone(),
+    );
     env.insert("CANOPY_EXEC_RANK".into(), rank.to_string());
     for (k, v) in &approved.request.env {
         env.insert(k.clone(), v.clone());
@@ -229,15 +233,22 @@ pub fn signal_command(pid: u32, sig: Signal) {
 }
 
 /// Pass the command's output through as records while hashing it, forward
-/// the broker's signals, wait for the command, then SIGKILL whatever is
+/// the broker's signals (SIGUSR1 as SIGKILL), wait for the command, then SIGKILL whatever is
 /// left in its process group.
 pub fn supervise(mut child: Child, out: Arc<Mutex<dyn Write + Send>>) -> std::io::Result<Outcome> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
     let pid = child.id();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1])?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for s in signals.forever() {
+            // SIGKILL cannot be caught: SIGUSR1 asks for it.
+            let s = if s == SIGUSR1 {
+                Signal::SIGKILL as i32
+            } else {
+                s
+            };
             if let Ok(sig) = Signal::try_from(s) {
                 signal_command(pid, sig);
             }
@@ -357,7 +368,9 @@ fn close_stray_fds() -> Result<(), Stage2Error> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map_err(|e| Stage2Error::Check {
-            what: format!("/proc/self/fd cannot be read ({e}), so stray descriptors cannot be closed"),
+            what: format!(
+                "/proc/self/fd cannot be read ({e}), so stray descriptors cannot be closed"
+            ),
         })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|fd| *fd > 2)
@@ -430,9 +443,15 @@ mod tests {
     #[test]
     fn the_config_path_is_never_chosen_by_a_setuid_invoker() {
         let other = Some(std::ffi::OsString::from("/tmp/evil.toml"));
-        assert_eq!(config_path(other.clone(), true), PathBuf::from("/etc/canopy/imp.toml"));
+        assert_eq!(
+            config_path(other.clone(), true),
+            PathBuf::from("/etc/canopy/imp.toml")
+        );
         assert_eq!(config_path(other, false), PathBuf::from("/tmp/evil.toml"));
-        assert_eq!(config_path(None, false), PathBuf::from("/etc/canopy/imp.toml"));
+        assert_eq!(
+            config_path(None, false),
+            PathBuf::from("/etc/canopy/imp.toml")
+        );
     }
 
     #[test]
@@ -477,7 +496,12 @@ mod tests {
             ("CANOPY_IMP_CONFIG", "/tmp/x"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let env = command_env(&a, &[PathBuf::from("/usr/bin"), PathBuf::from("/bin")], 2, inherited.into_iter());
+        let env = command_env(
+            &a,
+            &[PathBuf::from("/usr/bin"), PathBuf::from("/bin")],
+            2,
+            inherited.into_iter(),
+        );
         assert_eq!(env.get("LD_PRELOAD"), None);
         assert_eq!(env.get("CANOPY_IMP_CONFIG"), None);
         assert_eq!(env["LC_TIME"], "C");

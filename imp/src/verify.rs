@@ -118,9 +118,13 @@ pub enum Refusal {
     IssuerKind { kind: &'static str, keyid: String },
     #[error("certificate names issuer {named} but is signed by {signer}; get a new certificate")]
     IssuerMismatch { named: String, signer: String },
-    #[error("certificate not valid yet (not_before {not_before}, now {now}); check the clocks, or wait")]
+    #[error(
+        "certificate not valid yet (not_before {not_before}, now {now}); check the clocks, or wait"
+    )]
     CertNotYetValid { not_before: UnixTime, now: UnixTime },
-    #[error("certificate expired at {not_after} (now {now}); get a new one with `canopy cert request`")]
+    #[error(
+        "certificate expired at {not_after} (now {now}); get a new one with `canopy cert request`"
+    )]
     CertExpired { not_after: UnixTime, now: UnixTime },
     #[error("request signed by key {found}, not by the certified key {certified}; sign it with the key of your certificate")]
     WrongUserKey { found: String, certified: String },
@@ -152,13 +156,17 @@ pub enum Refusal {
     Replay(ReplayError),
     #[error("target user root is always refused; use an ordinary account")]
     Root,
-    #[error("target user {0} has no account on this node; ask the administrator, or use another node")]
+    #[error(
+        "target user {0} has no account on this node; ask the administrator, or use another node"
+    )]
     UnknownUser(String),
     #[error("user {0} is not allowed by imp.toml (not in users and in none of groups); ask the administrator to allow it")]
     UserNotAllowed(String),
     #[error("command {0:?} is neither an absolute path nor a bare name; give e.g. \"hostname\" or \"/usr/bin/hostname\"")]
     RelativeCommand(String),
-    #[error("command {name:?} not found in the helper's search path {path:?}; give its absolute path")]
+    #[error(
+        "command {name:?} not found in the helper's search path {path:?}; give its absolute path"
+    )]
     CommandNotFound { name: String, path: Vec<PathBuf> },
     #[error("command {program} is not allowed for {user} by imp.toml; ask the administrator to add it to the allowlist")]
     CommandNotAllowed { program: PathBuf, user: String },
@@ -201,9 +209,7 @@ pub fn check(
     let cert = UserCert::parse(body).map_err(Refusal::Cert)?;
     let trusted_for_kind = match cert.kind {
         CertKind::Ca => from_ca.is_some(),
-        CertKind::NodeAttestation => {
-            config.node_attestation_keys.is_some() && from_node.is_some()
-        }
+        CertKind::NodeAttestation => config.node_attestation_keys.is_some() && from_node.is_some(),
     };
     if !trusted_for_kind {
         return Err(Refusal::IssuerKind {
@@ -274,7 +280,9 @@ pub fn check(
         });
     }
     let (audience, submitter_ok) = match (&request.audience, &target.submitter) {
-        (Audience::User, Submitter::User(p)) => (request.principal.clone(), *p == request.principal),
+        (Audience::User, Submitter::User(p)) => {
+            (request.principal.clone(), *p == request.principal)
+        }
         (Audience::User, Submitter::Service(_)) => (request.principal.clone(), false),
         (Audience::Service { name }, s) => (
             format!("service:{name}"),
@@ -310,7 +318,12 @@ pub fn check(
     }
 
     // 4. Nonce.
-    let key = replay_key(&request.principal, &request.nonce, &target.instance, target.rank);
+    let key = replay_key(
+        &request.principal,
+        &request.nonce,
+        &target.instance,
+        target.rank,
+    );
     cache
         .insert(&key, request.not_after, now)
         .map_err(Refusal::Replay)?;

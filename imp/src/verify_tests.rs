@@ -176,11 +176,20 @@ fn tampered_argv_ranks_or_expiry_are_refused() {
         let mut w = World::new();
         let err = w.run(&alice_cert(), &tamper(&wire, from, to)).unwrap_err();
         assert!(
-            matches!(err, Refusal::RequestSignature(EnvelopeError::BadSignature { .. })),
+            matches!(
+                err,
+                Refusal::RequestSignature(EnvelopeError::BadSignature { .. })
+            ),
             "{err}"
         );
-        assert!(err.to_string().starts_with("tampered or forged request"), "{err}");
-        assert!(w.cache.entries.is_empty(), "a refused request used up its nonce");
+        assert!(
+            err.to_string().starts_with("tampered or forged request"),
+            "{err}"
+        );
+        assert!(
+            w.cache.entries.is_empty(),
+            "a refused request used up its nonce"
+        );
     }
 }
 
@@ -190,7 +199,10 @@ fn a_replayed_request_is_refused() {
     let wire = signed(&sample());
     w.run(&alice_cert(), &wire).unwrap();
     let err = w.run(&alice_cert(), &wire).unwrap_err();
-    assert!(matches!(err, Refusal::Replay(ReplayError::Replayed)), "{err}");
+    assert!(
+        matches!(err, Refusal::Replay(ReplayError::Replayed)),
+        "{err}"
+    );
     assert!(err.to_string().starts_with("replayed request"), "{err}");
     // The same request on another rank of the request is another run.
     w.target.rank = 2;
@@ -216,7 +228,16 @@ fn expired_future_or_too_long_requests_are_refused() {
     let mut r = sample();
     r.not_after = r.issued_at + 601;
     let err = w.run(&alice_cert(), &signed(&r)).unwrap_err();
-    assert!(matches!(err, Refusal::LifetimeTooLong { lifetime: 601, max: 600 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Refusal::LifetimeTooLong {
+                lifetime: 601,
+                max: 600
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -230,12 +251,18 @@ fn wrong_audience_or_rank_is_refused() {
     let mut w = World::new();
     w.target.rank = 7;
     let err = w.run(&alice_cert(), &signed(&sample())).unwrap_err();
-    assert!(matches!(err, Refusal::RankNotInRequest { rank: 7, .. }), "{err}");
+    assert!(
+        matches!(err, Refusal::RankNotInRequest { rank: 7, .. }),
+        "{err}"
+    );
 
     // Pinned by imp.toml: the broker cannot claim another rank.
     let mut w = World::with(&format!("{CONFIG}[instances]\nsys = 2\n"));
     let err = w.run(&alice_cert(), &signed(&sample())).unwrap_err();
-    assert!(matches!(err, Refusal::RankPinned { claimed: 1, .. }), "{err}");
+    assert!(
+        matches!(err, Refusal::RankPinned { claimed: 1, .. }),
+        "{err}"
+    );
     w.target.rank = 2;
     w.run(&alice_cert(), &signed(&sample())).unwrap();
 
@@ -287,11 +314,18 @@ fn unknown_expired_or_misused_certificates_are_refused() {
     let wire = signed(&sample());
     let mut w = World::new();
     // Signed by a key imp.toml does not list.
-    let err = w.run(&cert_for("alice", CertKind::Ca, &key(9)), &wire).unwrap_err();
+    let err = w
+        .run(&cert_for("alice", CertKind::Ca, &key(9)), &wire)
+        .unwrap_err();
     assert!(matches!(err, Refusal::UnknownIssuer(_)), "{err}");
-    assert!(err.to_string().starts_with("unknown certificate issuer"), "{err}");
+    assert!(
+        err.to_string().starts_with("unknown certificate issuer"),
+        "{err}"
+    );
     // A node key cannot issue a CA certificate.
-    let err = w.run(&cert_for("alice", CertKind::Ca, &node()), &wire).unwrap_err();
+    let err = w
+        .run(&cert_for("alice", CertKind::Ca, &node()), &wire)
+        .unwrap_err();
     assert!(matches!(err, Refusal::IssuerKind { .. }), "{err}");
     // Expired, not yet valid.
     for (nb, na, expired) in [(NOW - 100, NOW, true), (NOW + 61, NOW + 1000, false)] {
@@ -314,7 +348,10 @@ fn unknown_expired_or_misused_certificates_are_refused() {
     }
     // A tampered certificate (the user edited their account in it).
     let err = w
-        .run(&tamper(&alice_cert(), r#""user":"alice""#, r#""user":"carol""#), &wire)
+        .run(
+            &tamper(&alice_cert(), r#""user":"alice""#, r#""user":"carol""#),
+            &wire,
+        )
         .unwrap_err();
     assert!(matches!(err, Refusal::CertSignature(_)), "{err}");
     // A request signed by another key than the certified one.
@@ -336,7 +373,10 @@ fn node_attestations_only_when_imp_toml_accepts_them() {
     World::new().run(&att, &wire).unwrap();
     let off = CONFIG.replace("accept = true", "accept = false");
     let err = World::with(&off).run(&att, &wire).unwrap_err();
-    assert!(matches!(err, Refusal::IssuerKind { .. } | Refusal::UnknownIssuer(_)), "{err}");
+    assert!(
+        matches!(err, Refusal::IssuerKind { .. } | Refusal::UnknownIssuer(_)),
+        "{err}"
+    );
     // A CA key may not sign as a node either unless listed as a node.
     let err = World::new()
         .run(&cert_for("alice", CertKind::NodeAttestation, &ca()), &wire)
@@ -356,12 +396,16 @@ fn users_not_allowed_and_root_are_refused() {
     ];
     for (user, msg) in cases {
         let mut w = World::new();
-        let err = w.run(&cert_for(user, CertKind::Ca, &ca()), &wire).unwrap_err();
+        let err = w
+            .run(&cert_for(user, CertKind::Ca, &ca()), &wire)
+            .unwrap_err();
         assert!(err.to_string().contains(msg), "{user}: {err}");
     }
     // carol is allowed through group hpc.
     let mut w = World::new();
-    let a = w.run(&cert_for("carol", CertKind::Ca, &ca()), &wire).unwrap();
+    let a = w
+        .run(&cert_for("carol", CertKind::Ca, &ca()), &wire)
+        .unwrap();
     assert_eq!(a.account.uid, 1002);
 }
 
@@ -385,7 +429,9 @@ fn commands_are_looked_up_and_allowlisted() {
     assert!(matches!(err, Refusal::CommandNotAllowed { .. }), "{err}");
     let mut r = sample();
     r.argv[0] = "/bin/true".into();
-    World::with(&listed).run(&alice_cert(), &signed(&r)).unwrap();
+    World::with(&listed)
+        .run(&alice_cert(), &signed(&r))
+        .unwrap();
     // A per-user list replaces the global one.
     let per_user = format!("{listed}[user_commands]\nalice = [\"/usr/bin/id\"]\n");
     World::with(&per_user)
@@ -399,7 +445,11 @@ fn malformed_envelopes_are_refused() {
     let mut w = World::new();
     let err = w.run(b"not json", &wire).unwrap_err();
     assert!(matches!(err, Refusal::CertEnvelope(_)), "{err}");
-    assert!(err.to_string().starts_with("certificate: malformed envelope"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("certificate: malformed envelope"),
+        "{err}"
+    );
     let err = w.run(&alice_cert(), b"{\"payloadType\":1}").unwrap_err();
     assert!(matches!(err, Refusal::RequestEnvelope(_)), "{err}");
     // A well-signed body that is not a request.

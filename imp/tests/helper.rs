@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use canopy_imp::cert::{CertKind, UserCert};
 use canopy_imp::envelope::{b64_decode, b64_encode, sha256_hex, sign, EXEC_REQUEST_TYPE};
-use canopy_imp::frame::{encode_input, read_records, TAG_RECEIPT, TAG_REFUSED, TAG_STDERR, TAG_STDOUT};
+use canopy_imp::frame::{
+    encode_input, read_records, TAG_RECEIPT, TAG_REFUSED, TAG_STDERR, TAG_STDOUT,
+};
 use canopy_imp::keys;
 use canopy_imp::receipt::{verify_receipt, Exit};
 use canopy_imp::request::{new_nonce, Audience, ExecRequest};
@@ -68,7 +70,10 @@ struct World {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn chmod(p: &Path, mode: u32) {
@@ -86,7 +91,9 @@ fn have(program: &str) -> bool {
 
 fn setup() -> Result<World, String> {
     if !nix::unistd::geteuid().is_root() {
-        return Err("not root (the helper must be made setuid root and run in a mount namespace)".into());
+        return Err(
+            "not root (the helper must be made setuid root and run in a mount namespace)".into(),
+        );
     }
     for p in ["setpriv", "unshare", "mount"] {
         if !have(p) {
@@ -205,7 +212,13 @@ impl World {
     }
 
     /// Start the setuid helper as `invoker` with `args` and `stdin`.
-    fn start(&self, invoker: &str, gid: u32, args: &[&str], stdin: Vec<u8>) -> (Reaper, mpsc::Receiver<Vec<u8>>) {
+    fn start(
+        &self,
+        invoker: &str,
+        gid: u32,
+        args: &[&str],
+        stdin: Vec<u8>,
+    ) -> (Reaper, mpsc::Receiver<Vec<u8>>) {
         let script = "d=$0 u=$1 g=$2; shift 2; mount --bind \"$d/etc\" /etc/canopy && exec setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups -- \"$d/canopy-imp\" \"$@\"";
         let mut child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
@@ -245,13 +258,19 @@ impl World {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            assert!(Instant::now() < deadline, "the helper did not finish in {LIMIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the helper did not finish in {LIMIT:?}"
+            );
         }
         let status = loop {
             if let Some(s) = child.0.try_wait().unwrap() {
                 break s;
             }
-            assert!(Instant::now() < deadline, "the helper did not exit in {LIMIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the helper did not exit in {LIMIT:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         let records = read_records(&out).unwrap_or_else(|| panic!("bad records: {out:?}"));
@@ -264,7 +283,17 @@ impl World {
     fn run_as(&self, invoker: &str, gid: u32, cert: &[u8], request: &[u8], stdin: &[u8]) -> Ran {
         let mut input = encode_input(cert, request);
         input.extend_from_slice(stdin);
-        let args = ["run", "--instance", "t", "--rank", "0", "--host", "h0", "--submitter", "someone@TEST"];
+        let args = [
+            "run",
+            "--instance",
+            "t",
+            "--rank",
+            "0",
+            "--host",
+            "h0",
+            "--submitter",
+            "someone@TEST",
+        ];
         let (child, rx) = self.start(invoker, gid, &args, input);
         self.finish(child, rx, Vec::new())
     }
@@ -275,14 +304,23 @@ impl World {
 
     fn receipt(&self, ran: &Ran) -> canopy_imp::receipt::Receipt {
         let wire = ran.tagged(TAG_RECEIPT);
-        assert!(!wire.is_empty(), "no receipt; refused: {}", ran.text(TAG_REFUSED));
-        verify_receipt(&wire, &[self.node.verifying_key()]).unwrap().0
+        assert!(
+            !wire.is_empty(),
+            "no receipt; refused: {}",
+            ran.text(TAG_REFUSED)
+        );
+        verify_receipt(&wire, &[self.node.verifying_key()])
+            .unwrap()
+            .0
     }
 }
 
 fn refused(ran: &Ran, reason: &str) {
     let why = ran.text(TAG_REFUSED);
-    assert!(why.contains(reason), "expected a refusal with {reason:?}, got {why:?}");
+    assert!(
+        why.contains(reason),
+        "expected a refusal with {reason:?}, got {why:?}"
+    );
     assert!(why.starts_with("rank 0: "), "{why}");
     assert!(ran.tagged(TAG_STDOUT).is_empty() && ran.tagged(TAG_RECEIPT).is_empty());
     assert_eq!(ran.code, Some(125));
@@ -303,11 +341,19 @@ fn the_setuid_helper_runs_as_the_user_refuses_bad_input_and_signs_receipts() {
     // `id -un` runs as the target user; the receipt verifies offline.
     let request = w.sign(&w.request(&["id", "-un"]));
     let ran = w.run(&cert, &request);
-    assert_eq!(ran.text(TAG_STDOUT), "daemon\n", "refused: {}", ran.text(TAG_REFUSED));
+    assert_eq!(
+        ran.text(TAG_STDOUT),
+        "daemon\n",
+        "refused: {}",
+        ran.text(TAG_REFUSED)
+    );
     assert_eq!(ran.code, Some(0));
     let r = w.receipt(&ran);
     assert_eq!(r.uid, daemon.uid.as_raw());
-    assert_eq!((r.rank, r.host.as_str(), r.exit), (0, "h0", Exit::Status(0)));
+    assert_eq!(
+        (r.rank, r.host.as_str(), r.exit),
+        (0, "h0", Exit::Status(0))
+    );
     assert_eq!(r.request_digest, sha256_hex(&request));
     assert_eq!(r.stdout_sha256, sha256_hex(b"daemon\n"));
     assert_eq!(r.stderr_sha256, sha256_hex(b""));
@@ -353,20 +399,49 @@ fn the_setuid_helper_runs_as_the_user_refuses_bad_input_and_signs_receipts() {
     let mut v: serde_json::Value = serde_json::from_slice(&fresh).unwrap();
     let body = String::from_utf8(b64_decode(v["payload"].as_str().unwrap()).unwrap()).unwrap();
     v["payload"] = b64_encode(body.replace("\"-un\"", "\"-u\"").as_bytes()).into();
-    refused(&w.run(&cert, &serde_json::to_vec(&v).unwrap()), "tampered or forged request");
+    refused(
+        &w.run(&cert, &serde_json::to_vec(&v).unwrap()),
+        "tampered or forged request",
+    );
 
     // A user imp.toml does not allow, and root.
     // (A refused user still uses up the nonce: the replay check comes first.)
     let fresh = || w.sign(&w.request(&["id", "-un"]));
-    refused(&w.run(&w.cert("bin"), &fresh()), "user bin is not allowed by imp.toml");
-    refused(&w.run(&w.cert("root"), &fresh()), "target user root is always refused");
+    refused(
+        &w.run(&w.cert("bin"), &fresh()),
+        "user bin is not allowed by imp.toml",
+    );
+    refused(
+        &w.run(&w.cert("root"), &fresh()),
+        "target user root is always refused",
+    );
     // A malformed envelope.
-    refused(&w.run(&cert, b"{\"payloadType\":"), "request: malformed envelope");
+    refused(
+        &w.run(&cert, b"{\"payloadType\":"),
+        "request: malformed envelope",
+    );
     // Wrong rank claimed by the broker (imp.toml pins t to rank 0).
     let input = encode_input(&cert, &w.sign(&w.request(&["true"])));
-    let (child, rx) = w.start(BROKER, w.broker_gid, &["run", "--instance", "t", "--rank", "1", "--submitter", "someone@TEST"], input);
+    let (child, rx) = w.start(
+        BROKER,
+        w.broker_gid,
+        &[
+            "run",
+            "--instance",
+            "t",
+            "--rank",
+            "1",
+            "--submitter",
+            "someone@TEST",
+        ],
+        input,
+    );
     let ran = w.finish(child, rx, Vec::new());
-    assert!(ran.text(TAG_REFUSED).contains("wrong audience"), "{}", ran.text(TAG_REFUSED));
+    assert!(
+        ran.text(TAG_REFUSED).contains("wrong audience"),
+        "{}",
+        ran.text(TAG_REFUSED)
+    );
 
     // Groups, environment, cwd, stdin after the frames, stderr, exit status.
     let mut req = w.request(&[
@@ -383,33 +458,58 @@ fn the_setuid_helper_runs_as_the_user_refuses_bad_input_and_signs_receipts() {
         gid = daemon.gid,
         home = daemon.dir.display()
     );
-    assert_eq!(ran.text(TAG_STDOUT), expect, "refused: {}", ran.text(TAG_REFUSED));
+    assert_eq!(
+        ran.text(TAG_STDOUT),
+        expect,
+        "refused: {}",
+        ran.text(TAG_REFUSED)
+    );
     assert_eq!(ran.text(TAG_STDERR), "oops\n");
     assert_eq!(ran.code, Some(3));
     let r = w.receipt(&ran);
     assert_eq!(r.exit, Exit::Status(3));
     assert_eq!(r.stderr_sha256, sha256_hex(b"oops\n"));
 
-    // SIGTERM from the broker reaches the command (and what it started).
-    let req = w.request(&["sh", "-c", "sleep 30 & echo started; wait"]);
-    let mut input = encode_input(&cert, &w.sign(&req));
-    input.extend_from_slice(b"");
-    let args = ["run", "--instance", "t", "--rank", "0", "--submitter", "someone@TEST"];
-    let (child, rx) = w.start(BROKER, w.broker_gid, &args, input);
-    let mut out = Vec::new();
-    let deadline = Instant::now() + LIMIT;
-    while !String::from_utf8_lossy(&out).contains("started") {
-        assert!(Instant::now() < deadline, "the command did not start");
-        if let Ok(b) = rx.recv_timeout(Duration::from_millis(100)) {
-            out.extend(b);
+    // Signals from the broker reach the command and what it started:
+    // SIGTERM as itself, SIGUSR1 as SIGKILL (which cannot be caught).
+    for (sig, expect) in [(Signal::SIGTERM, 15), (Signal::SIGUSR1, 9)] {
+        let req = w.request(&["sh", "-c", "sleep 30 & echo started; wait"]);
+        let input = encode_input(&cert, &w.sign(&req));
+        let args = [
+            "run",
+            "--instance",
+            "t",
+            "--rank",
+            "0",
+            "--submitter",
+            "someone@TEST",
+        ];
+        let (child, rx) = w.start(BROKER, w.broker_gid, &args, input);
+        let mut out = Vec::new();
+        let deadline = Instant::now() + LIMIT;
+        while !String::from_utf8_lossy(&out).contains("started") {
+            assert!(Instant::now() < deadline, "the command did not start");
+            if let Ok(b) = rx.recv_timeout(Duration::from_millis(100)) {
+                out.extend(b);
+            }
         }
+        let t = Instant::now();
+        kill(Pid::from_raw(child.0.id() as i32), sig).unwrap();
+        let ran = w.finish(child, rx, out);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{sig} was not forwarded"
+        );
+        assert_eq!(w.receipt(&ran).exit, Exit::Signal(expect), "{sig}");
+        assert_eq!(ran.code, Some(128 + expect));
+        let left = Command::new("pgrep")
+            .args(["-u", TARGET, "-f", "sleep 30"])
+            .output()
+            .unwrap();
+        assert!(
+            left.stdout.is_empty(),
+            "left running: {}",
+            String::from_utf8_lossy(&left.stdout)
+        );
     }
-    let t = Instant::now();
-    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
-    let ran = w.finish(child, rx, out);
-    assert!(t.elapsed() < Duration::from_secs(10), "SIGTERM was not forwarded");
-    assert_eq!(w.receipt(&ran).exit, Exit::Signal(15));
-    assert_eq!(ran.code, Some(128 + 15));
-    let left = Command::new("pgrep").args(["-u", TARGET, "-f", "sleep 30"]).output().unwrap();
-    assert!(left.stdout.is_empty(), "left running: {}", String::from_utf8_lossy(&left.stdout));
 }
