@@ -48,7 +48,7 @@ pub enum KeyError {
     Random(String),
 }
 
-fn one_line<'a>(text: &'a str) -> Option<&'a str> {
+fn one_line(text: &str) -> Option<&str> {
     let mut lines = text
         .lines()
         .map(str::trim)

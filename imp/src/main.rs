@@ -112,7 +112,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The tools run with the invoker's own rights: a setuid helper must not
+/// create or read files as root for whoever calls it.
+fn drop_to_invoker() -> anyhow::Result<()> {
+    use nix::unistd::{getresgid, getresuid, setgroups, setresgid, setresuid};
+    if !run::privileged_invocation() {
+        return Ok(());
+    }
+    let (u, g) = (getresuid()?.real, getresgid()?.real);
+    if !u.is_root() {
+        setgroups(&[g]).context("cannot drop supplementary groups")?;
+    }
+    setresgid(g, g, g).context("cannot drop the setgid group")?;
+    setresuid(u, u, u).context("cannot drop the setuid user")?;
+    if !u.is_root() && setresuid(0.into(), 0.into(), 0.into()).is_ok() {
+        bail!("could regain root after dropping privileges; refusing to go on");
+    }
+    Ok(())
+}
+
 fn tool(cmd: Cmd) -> anyhow::Result<()> {
+    drop_to_invoker()?;
     match cmd {
         Cmd::Keygen { path } => {
             let k = keys::generate()?;
@@ -139,9 +159,6 @@ fn tool(cmd: Cmd) -> anyhow::Result<()> {
             );
         }
         Cmd::CheckConfig => {
-            if run::privileged_invocation() && !nix::unistd::getuid().is_root() {
-                bail!("check-config does not run setuid; run it as root");
-            }
             let path = run::config_path(
                 std::env::var_os(run::CONFIG_ENV),
                 run::privileged_invocation(),
@@ -226,9 +243,10 @@ fn run_helper(
 
     let env = run::command_env(&approved, &config.search_path, rank, std::env::vars());
     let orders = run::stage2_for(&approved, env);
+    let signals = run::forwarded_signals().context("cannot set up signal forwarding")?;
     let start = now();
     let child = run::spawn_stage2(&orders).context("cannot start the command")?;
-    let outcome = run::supervise(child, out.clone()).context("lost the command")?;
+    let outcome = run::supervise(child, signals, out.clone()).context("lost the command")?;
     let end = now();
     let host = match host {
         Some(h) => h,

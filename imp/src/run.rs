@@ -38,6 +38,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Group, Pid, Uid, User};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use signal_hook::iterator::Signals;
 
 use crate::envelope::hex;
 use crate::frame::{write_record, TAG_STDERR, TAG_STDOUT};
@@ -232,19 +233,27 @@ pub fn signal_command(pid: u32, sig: Signal) {
     }
 }
 
+/// Catch the signals the monitor forwards (before the command starts, so
+/// none is lost in between; they are queued until [`supervise`] runs).
+pub fn forwarded_signals() -> std::io::Result<Signals> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+    Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1])
+}
+
 /// Pass the command's output through as records while hashing it, forward
 /// the broker's signals (SIGUSR1 as SIGKILL), wait for the command, then SIGKILL whatever is
 /// left in its process group.
-pub fn supervise(mut child: Child, out: Arc<Mutex<dyn Write + Send>>) -> std::io::Result<Outcome> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+pub fn supervise(
+    mut child: Child,
+    mut signals: Signals,
+    out: Arc<Mutex<dyn Write + Send>>,
+) -> std::io::Result<Outcome> {
     let pid = child.id();
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1])?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {
         for s in signals.forever() {
             // SIGKILL cannot be caught: SIGUSR1 asks for it.
-            let s = if s == SIGUSR1 {
+            let s = if s == signal_hook::consts::SIGUSR1 {
                 Signal::SIGKILL as i32
             } else {
                 s

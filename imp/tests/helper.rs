@@ -395,6 +395,18 @@ fn the_setuid_helper_runs_as_the_user_refuses_bad_input_and_signs_receipts() {
     let ran = w.finish(child, rx, Vec::new());
     assert_eq!(ran.code, Some(126));
 
+    // The tools drop to the invoker: no root-owned files for the broker.
+    let evil = w.dir.path().join("etc").join("evil");
+    let (child, rx) = w.start(
+        BROKER,
+        w.broker_gid,
+        &["keygen", evil.to_str().unwrap()],
+        Vec::new(),
+    );
+    let ran = w.finish(child, rx, Vec::new());
+    assert_eq!(ran.code, Some(1));
+    assert!(!evil.exists(), "keygen wrote as root for the broker's user");
+
     // Tampered after signing: argv changed in the captured envelope.
     let mut v: serde_json::Value = serde_json::from_slice(&fresh).unwrap();
     let body = String::from_utf8(b64_decode(v["payload"].as_str().unwrap()).unwrap()).unwrap();
