@@ -5,7 +5,8 @@
 //! run is in a private mount namespace (`unshare --mount`) where a
 //! temporary directory is bind-mounted on `/etc/canopy`, so a setuid
 //! helper that never takes its config path from its invoker can be tested
-//! without touching the host's `/etc`.
+//! without touching the host's `/etc` (which gets a private overlay there,
+//! so `/etc/canopy` need not exist on the host).
 //!
 //! Needs root (to chown and mount); prints "skipped: ..." otherwise.
 
@@ -35,38 +36,12 @@ const BROKER: &str = "nobody";
 const TARGET: &str = "daemon";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// `/etc/canopy` must exist to be mounted over; made (and removed after)
-/// if it does not.
-struct MountPoint {
-    made: bool,
-}
-
-impl MountPoint {
-    fn ensure() -> MountPoint {
-        let p = Path::new("/etc/canopy");
-        let made = !p.exists();
-        if made {
-            std::fs::create_dir(p).unwrap();
-        }
-        MountPoint { made }
-    }
-}
-
-impl Drop for MountPoint {
-    fn drop(&mut self) {
-        if self.made {
-            let _ = std::fs::remove_dir("/etc/canopy");
-        }
-    }
-}
-
 struct World {
     dir: tempfile::TempDir,
     ca: SigningKey,
     node: SigningKey,
     user: SigningKey,
     broker_gid: u32,
-    _mount: MountPoint,
 }
 
 fn now() -> u64 {
@@ -143,7 +118,6 @@ fn setup() -> Result<World, String> {
         node,
         user,
         broker_gid: broker.gid.as_raw(),
-        _mount: MountPoint::ensure(),
     })
 }
 
@@ -219,7 +193,13 @@ impl World {
         args: &[&str],
         stdin: Vec<u8>,
     ) -> (Reaper, mpsc::Receiver<Vec<u8>>) {
-        let script = "d=$0 u=$1 g=$2; shift 2; mount --bind \"$d/etc\" /etc/canopy && exec setpriv --reuid=\"$u\" --regid=\"$g\" --clear-groups -- \"$d/canopy-imp\" \"$@\"";
+        // /etc gets a private overlay (so /etc/canopy can be made without
+        // touching the host's), then the test's etc is bound on it.
+        let script = r#"d=$0 u=$1 g=$2; shift 2
+o=$(mktemp -d -p "$d") && mkdir "$o/u" "$o/w" &&
+mount -t overlay overlay -o lowerdir=/etc,upperdir="$o/u",workdir="$o/w" /etc &&
+mkdir -p /etc/canopy && mount --bind "$d/etc" /etc/canopy &&
+exec setpriv --reuid="$u" --regid="$g" --clear-groups -- "$d/canopy-imp" "$@""#;
         let mut child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
             .arg(self.dir.path())
