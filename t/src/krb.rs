@@ -67,12 +67,17 @@ fn missing_in(dirs: &[PathBuf]) -> Option<String> {
 pub struct RealmOpts {
     /// Longest ticket the KDC issues (`max_life`), e.g. `Some(20s)`.
     pub max_life: Option<Duration>,
+    /// The address the KDC listens on, and clients find it at (default
+    /// 127.0.0.1): e.g. a network-namespace bridge's, for brokers on the
+    /// other side of it.
+    pub listen: Option<std::net::Ipv4Addr>,
 }
 
 /// A running throwaway realm.
 pub struct Realm {
     dir: tempfile::TempDir,
     port: u16,
+    addr: std::net::Ipv4Addr,
     kdc: Option<Child>,
     track_id: u64,
     cc_seq: AtomicU64,
@@ -113,6 +118,10 @@ impl Realm {
             .tempdir()
             .expect("cannot create the realm's temp dir");
         let port = free_port();
+        let addr = opts
+            .listen
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+            .to_string();
         let d = dir.path().display().to_string();
         let max_life = opts
             .max_life
@@ -121,9 +130,9 @@ impl Realm {
         std::fs::write(
             dir.path().join("kdc.conf"),
             format!(
-                "[kdcdefaults]\n kdc_listen = 127.0.0.1:{port}\n kdc_tcp_listen = 127.0.0.1:{port}\n\n\
+                "[kdcdefaults]\n kdc_listen = {addr}:{port}\n kdc_tcp_listen = {addr}:{port}\n\n\
                  [realms]\n {REALM} = {{\n  database_name = {d}/principal\n  key_stash_file = {d}/stash\n  \
-                 acl_file = {d}/kadm5.acl\n  kdc_listen = 127.0.0.1:{port}\n  kdc_tcp_listen = 127.0.0.1:{port}\n{max_life}  \
+                 acl_file = {d}/kadm5.acl\n  kdc_listen = {addr}:{port}\n  kdc_tcp_listen = {addr}:{port}\n{max_life}  \
                  supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal\n }}\n\n\
                  [logging]\n kdc = FILE:{d}/kdc.log\n"
             ),
@@ -135,7 +144,7 @@ impl Realm {
                 "[libdefaults]\n default_realm = {REALM}\n dns_lookup_kdc = false\n dns_lookup_realm = false\n \
                  rdns = false\n dns_canonicalize_hostname = false\n udp_preference_limit = 1\n \
                  kdc_timeout = 1000\n max_retries = 1\n\n\
-                 [realms]\n {REALM} = {{\n  kdc = 127.0.0.1:{port}\n }}\n"
+                 [realms]\n {REALM} = {{\n  kdc = {addr}:{port}\n }}\n"
             ),
         )
         .expect("write krb5.conf");
@@ -148,6 +157,7 @@ impl Realm {
         let mut realm = Realm {
             dir,
             port,
+            addr: opts.listen.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             kdc: None,
             track_id,
             cc_seq: AtomicU64::new(0),
@@ -288,10 +298,11 @@ impl Realm {
         let _ = marker;
         self.kdc = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while TcpStream::connect((self.addr, self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "krb5kdc did not listen on 127.0.0.1:{} within 10 s; see {}",
+                "krb5kdc did not listen on {}:{} within 10 s; see {}",
+                self.addr,
                 self.port,
                 self.dir.path().join("kdc.log").display()
             );

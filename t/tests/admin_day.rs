@@ -117,19 +117,28 @@ fn service_user() -> (u32, u32) {
 }
 
 /// `/etc/canopy` must exist to be mounted over; made (and removed after)
-/// if it does not.
+/// if it does not. The tests of this file hold it one at a time.
 struct MountPoint {
     made: bool,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static MOUNT_POINT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl MountPoint {
     fn ensure() -> MountPoint {
+        let guard = MOUNT_POINT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let p = Path::new("/etc/canopy");
         let made = !p.exists();
         if made {
             std::fs::create_dir(p).unwrap();
         }
-        MountPoint { made }
+        MountPoint {
+            made,
+            _one_at_a_time: guard,
+        }
     }
 }
 
@@ -160,6 +169,8 @@ struct Site {
     canopy: PathBuf,
     brokers: Vec<Option<Broker>>,
     svc: (u32, u32),
+    /// Added to the unit's environment (the Kerberos leg's KRB5_CONFIG).
+    extra_env: Vec<(String, String)>,
 }
 
 fn chmod(p: &Path, mode: u32) {
@@ -209,6 +220,7 @@ impl Site {
             canopy,
             brokers: (0..HOSTS).map(|_| None).collect(),
             svc,
+            extra_env: Vec::new(),
         };
         for i in 0..HOSTS {
             let etc = s.etc(i);
@@ -256,6 +268,21 @@ impl Site {
         let ip0 = self.net.host(0).ip();
         format!(
             "[bootstrap]\ndefault_port = {PORT}\ncurve_cert = \"/etc/canopy/keys/%h.key_secret\"\ncurve_public_certs = \"/etc/canopy/public\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"/etc/canopy/policy.toml\"\n\n[clients]\nbind = \"tcp://{ip0}:{CLIENTS_PORT}\"\nhosts = [\"node0\"]\n"
+        )
+    }
+
+    /// The same four hosts as a gssapi instance: Kerberos between the
+    /// brokers, and for remote clients at node0 (`[clients]`).
+    fn kerberos_config(&self) -> String {
+        let hosts: String = (0..HOSTS)
+            .map(|i| {
+                let ip = self.net.host(i).ip();
+                format!("  {{ host = \"node{i}\", bind = \"tcp://{ip}:%p\", connect = \"tcp://{ip}:%p\" }},\n")
+            })
+            .collect();
+        let ip0 = self.net.host(0).ip();
+        format!(
+            "[bootstrap]\nmechanism = \"gssapi\"\ndefault_port = {PORT}\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"/etc/canopy/canopy.keytab\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"/etc/canopy/policy.toml\"\n\n[clients]\nbind = \"tcp://{ip0}:{CLIENTS_PORT}\"\nhosts = [\"node0\"]\n"
         )
     }
 
@@ -322,6 +349,7 @@ impl Site {
             .unwrap();
         let mut cmd = self.on(i, &self.unit.user, &self.unit.umask, &self.canopy, &args);
         cmd.envs(self.unit.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log);
         self.brokers[i] = Some(Broker {
@@ -559,5 +587,109 @@ fn an_admins_first_day_in_network_namespaces() {
         let out = site.ok(0, OTHER_USER, &["ping", "--rank", "3", "--count", "1"]);
         assert!(out.contains("broker.ping"), "{out}");
         drop(site);
+    });
+}
+
+/// Day one's remote Kerberos workstation: the same four hosts as a gssapi
+/// instance (one keytab per host, owned by `canopy`, the KDC across the
+/// bridge), `config check --host` on each, the brokers by the unit's line,
+/// and alice, configured by `[clients]` and the policy, seeing herself as
+/// an operator through `whoami` from outside the hosts.
+#[test]
+fn a_kerberos_workstation_by_config_in_network_namespaces() {
+    if !netns::can_run("a_kerberos_workstation_by_config_in_network_namespaces") {
+        return;
+    }
+    if let Some(why) = canopy_t::krb::missing_tools() {
+        println!("skipped: a_kerberos_workstation_by_config_in_network_namespaces: {why}");
+        return;
+    }
+    netns::run_test(LIMIT, || {
+        use canopy_t::krb::{Realm, RealmOpts};
+        let _mp = MountPoint::ensure();
+        let mut site = Site::new();
+        let principals: Vec<String> = (0..HOSTS).map(|i| format!("canopy/node{i}")).collect();
+        let mut names: Vec<&str> = principals.iter().map(String::as_str).collect();
+        names.push("alice");
+        let realm = Realm::start_with(
+            &names,
+            RealmOpts {
+                max_life: None,
+                listen: Some(site.net.bridge_ip()),
+            },
+        );
+        // The realm's krb5.conf where the service user can read it.
+        let conf = site.dir.path().join("krb5.conf");
+        std::fs::copy(realm.dir().join("krb5.conf"), &conf).unwrap();
+        chmod(&conf, 0o644);
+        site.extra_env = vec![("KRB5_CONFIG".into(), conf.display().to_string())];
+        // Each host: its own key only, in a keytab owned by canopy, 0600.
+        for (i, principal) in principals.iter().enumerate() {
+            let kt = site.etc(i).join("canopy.keytab");
+            realm.export_to(principal, &kt);
+            chown(&kt, site.svc);
+            chmod(&kt, 0o600);
+            site.write(i, "canopy.toml", &site.kerberos_config());
+            site.write(
+                i,
+                "policy.toml",
+                "[[rule]]\nname = \"local-users\"\nprincipal = \"unix:*\"\nmechanism = \"local\"\nroles = [\"user\"]\n\n[[rule]]\nname = \"alice-workstation\"\nprincipal = \"alice@CANOPY.TEST\"\nroles = [\"operator\"]\n",
+            );
+        }
+        let cfg = "/etc/canopy/canopy.toml";
+        for i in 0..HOSTS {
+            let host = format!("node{i}");
+            let mut cmd = site.on(
+                i,
+                SERVICE_USER,
+                "0022",
+                &site.canopy,
+                &["config", "check", cfg, "--host", &host],
+            );
+            cmd.envs(site.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let out = run_command(&mut cmd, Duration::from_secs(40));
+            assert!(
+                out.status.success(),
+                "config check --host {host}: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        for i in [3, 1, 2, 0] {
+            site.start(i);
+        }
+        site.wait_full();
+        // alice, from outside the hosts, with a ticket and no key files.
+        let env = realm.env("alice");
+        let kex = format!("{}:{}", site.net.host(0).ip(), PORT + 1);
+        let uri = format!("tcp://{}:{CLIENTS_PORT}", site.net.host(0).ip());
+        let out = run_command(
+            Command::new(canopy_bin())
+                .args(["whoami", "--json", "--uri", &uri])
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("CANOPY_KEX", &kex)
+                .env("CANOPY_GSS_TARGET", "canopy/node0@CANOPY.TEST")
+                .env_remove("CANOPY_URI"),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            text(&out.stderr),
+            site.logs()
+        );
+        let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(w["principal"], "alice@CANOPY.TEST", "{w}");
+        assert_eq!(w["mechanism"], "gssapi", "{w}");
+        assert_eq!(w["roles"], "operator", "{w}");
+        assert!(
+            w["rule"]
+                .as_str()
+                .unwrap_or("")
+                .contains("alice-workstation"),
+            "{w}"
+        );
+        drop(site);
+        drop(realm);
     });
 }

@@ -651,6 +651,7 @@ fn links_outlive_20_second_tickets_with_no_message_lost() {
             &["alice"],
             RealmOpts {
                 max_life: Some(Duration::from_secs(20)),
+                listen: None,
             },
         );
         let mut env = realm.env("alice");
@@ -911,6 +912,7 @@ fn an_expired_binding_stops_the_link_until_it_re_authenticates() {
             &["alice"],
             RealmOpts {
                 max_life: Some(Duration::from_secs(20)),
+                listen: None,
             },
         );
         let mut env = realm.env("alice");
