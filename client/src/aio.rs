@@ -18,7 +18,7 @@
 
 use crate::{
     check, resolve_uri, ClientError, Msg, Target, TcpKeys, GSS_PRINCIPAL_ENV, GSS_TARGET_ENV,
-    HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, KEX_ENV, NODEID_ANY, SEND_TIMEOUT_MS,
+    KEX_ENV, NODEID_ANY,
 };
 use canopy_proto::frame::{encode_raw_frame, FrameDecoder, FrameError, MAX_PAYLOAD};
 use canopy_proto::{errno, Header, MsgType, Roles, FLAG_NORESPONSE};
@@ -676,28 +676,7 @@ impl AsyncClient {
     /// sockets live on a bridge thread of their own. A broker that refuses
     /// the key ends the connection with [`ClientError::Refused`].
     pub fn connect_tcp(endpoint: &str, keys: &TcpKeys) -> Result<AsyncClient, ClientError> {
-        let ctx = zmq::Context::new();
-        let sock = ctx.socket(zmq::DEALER)?;
-        sock.set_linger(0)?;
-        sock.set_curve_serverkey(&keys.server_public)?;
-        sock.set_curve_publickey(keys.client.public())?;
-        sock.set_curve_secretkey(keys.client.secret())?;
-        sock.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
-        sock.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
-        sock.set_heartbeat_ttl(HEARTBEAT_TIMEOUT_MS)?;
-        sock.set_sndtimeo(SEND_TIMEOUT_MS)?;
-        let mon_ep = format!(
-            "inproc://canopy-aio-monitor-{}",
-            crate::MONITOR_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        sock.monitor(&mon_ep, zmq::SocketEvent::ALL as i32)?;
-        let monitor = ctx.socket(zmq::PAIR)?;
-        monitor.set_linger(0)?;
-        monitor.connect(&mon_ep)?;
-        sock.connect(endpoint).map_err(|e| ClientError::Connect {
-            path: endpoint.to_string(),
-            source: std::io::Error::other(e.message()),
-        })?;
+        let (ctx, sock, monitor) = crate::tcp_sockets(endpoint, keys)?;
         let (wake_tx, wake_rx) = std::os::unix::net::UnixStream::pair()?;
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;

@@ -236,7 +236,7 @@ impl TcpKeys {
     }
 }
 
-pub(crate) static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static MONITOR_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Client {
     /// Connect to `--uri` if given, else to `CANOPY_URI`.
@@ -275,30 +275,7 @@ impl Client {
     /// that refuses the key is reported as [`ClientError::Refused`] on the
     /// first receive, not as a timeout.
     pub fn connect_tcp(endpoint: &str, keys: &TcpKeys) -> Result<Client, ClientError> {
-        let ctx = zmq::Context::new();
-        let sock = ctx.socket(zmq::DEALER)?;
-        sock.set_linger(0)?;
-        sock.set_curve_serverkey(&keys.server_public)?;
-        sock.set_curve_publickey(keys.client.public())?;
-        sock.set_curve_secretkey(keys.client.secret())?;
-        // Heartbeats both ways: a broker that dies or hangs is noticed
-        // within HEARTBEAT_TIMEOUT_MS, not at the next request's timeout.
-        sock.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
-        sock.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
-        sock.set_heartbeat_ttl(HEARTBEAT_TIMEOUT_MS)?;
-        sock.set_sndtimeo(SEND_TIMEOUT_MS)?;
-        let mon_ep = format!(
-            "inproc://canopy-client-monitor-{}",
-            MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        sock.monitor(&mon_ep, zmq::SocketEvent::ALL as i32)?;
-        let monitor = ctx.socket(zmq::PAIR)?;
-        monitor.set_linger(0)?;
-        monitor.connect(&mon_ep)?;
-        sock.connect(endpoint).map_err(|e| ClientError::Connect {
-            path: endpoint.to_string(),
-            source: std::io::Error::other(e.message()),
-        })?;
+        let (ctx, sock, monitor) = tcp_sockets(endpoint, keys)?;
         Ok(Client::with_conn(Conn::Tcp {
             sock,
             monitor,
@@ -650,6 +627,39 @@ pub(crate) fn check(m: Msg) -> Result<Msg, ClientError> {
         name: errno::name(m.header.errnum),
         message: String::from_utf8_lossy(&m.payload).into_owned(),
     })
+}
+
+/// A CURVE DEALER connected to `endpoint`, with heartbeats both ways (a
+/// broker that dies or hangs is noticed within [`HEARTBEAT_TIMEOUT_MS`],
+/// not at the next request's timeout), and a PAIR socket receiving its
+/// monitor events; for the synchronous and the async client alike.
+pub(crate) fn tcp_sockets(
+    endpoint: &str,
+    keys: &TcpKeys,
+) -> Result<(zmq::Context, zmq::Socket, zmq::Socket), ClientError> {
+    let ctx = zmq::Context::new();
+    let sock = ctx.socket(zmq::DEALER)?;
+    sock.set_linger(0)?;
+    sock.set_curve_serverkey(&keys.server_public)?;
+    sock.set_curve_publickey(keys.client.public())?;
+    sock.set_curve_secretkey(keys.client.secret())?;
+    sock.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
+    sock.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
+    sock.set_heartbeat_ttl(HEARTBEAT_TIMEOUT_MS)?;
+    sock.set_sndtimeo(SEND_TIMEOUT_MS)?;
+    let mon_ep = format!(
+        "inproc://canopy-client-monitor-{}",
+        MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    sock.monitor(&mon_ep, zmq::SocketEvent::ALL as i32)?;
+    let monitor = ctx.socket(zmq::PAIR)?;
+    monitor.set_linger(0)?;
+    monitor.connect(&mon_ep)?;
+    sock.connect(endpoint).map_err(|e| ClientError::Connect {
+        path: endpoint.to_string(),
+        source: std::io::Error::other(e.message()),
+    })?;
+    Ok((ctx, sock, monitor))
 }
 
 /// Topic of the broker's note to a provider that answered a request it was
