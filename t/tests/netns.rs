@@ -370,11 +370,15 @@ fn drop_kills_every_process_and_removes_namespaces_interfaces_and_addresses() {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        // A grandchild in a process group of its own, whose parent exits.
+        // A grandchild in a session of its own, whose parent exits. It
+        // prints its pid from inside the new session, so the pid is read
+        // only once it has left the command's process group (which
+        // run_command kills at the end).
         let o = run_command(
-            a.host(1)
-                .command("sh")
-                .args(["-c", "setsid sleep 601 >/dev/null 2>&1 & echo $!"]),
+            a.host(1).command("sh").args([
+                "-c",
+                "p=$(setsid sh -c 'echo $$; exec sleep 601 >/dev/null 2>&1 </dev/null' &); echo $p",
+            ]),
             Duration::from_secs(10),
         );
         let orphan: i32 = text(&o.stdout).trim().parse().expect("a pid");
