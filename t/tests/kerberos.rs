@@ -731,9 +731,19 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         for n in ["canopy/n0", "canopy/n1", "canopy/n2", "canopy/n3"] {
             realm.export_to(n, &kt);
         }
-        let hosts: String = (0..4)
-            .map(|r| {
-                let p = port_pair();
+        // Each overlay port P with P+1 (its key exchange) free, all
+        // distinct: none taken twice, and the clients' port none of them.
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 4 {
+            let p = port_pair();
+            if ports.iter().all(|q| p.abs_diff(*q) > 1) {
+                ports.push(p);
+            }
+        }
+        let hosts: String = ports
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
                 // The overlay (and so the key exchange) binds an interface
                 // name, as the shipped example does (issue 15 #3).
                 format!("  {{ host = \"n{r}\", bind = \"tcp://lo:{p}\", connect = \"tcp://127.0.0.1:{p}\" }},\n")
@@ -748,7 +758,12 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         )
         .unwrap();
         std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let clients_port = free_port();
+        let clients_port = loop {
+            let c = free_port();
+            if ports.iter().all(|p| c != *p && c != p + 1) {
+                break c;
+            }
+        };
         let write_cfg = |name: &str, keytab: &std::path::Path| {
             let cfg = dir.path().join(name);
             std::fs::write(
@@ -829,13 +844,7 @@ fn a_system_instance_over_gssapi_comes_up_in_any_start_order() {
         // alice, a remote Kerberos client of the leaf n3 (which has no
         // children, so its key exchange runs for the clients alone), sees
         // herself as the policy says.
-        let n3_port: u16 = hosts
-            .lines()
-            .nth(3)
-            .and_then(|l| l.split("tcp://127.0.0.1:").nth(1))
-            .and_then(|p| p.split('"').next())
-            .and_then(|p| p.parse().ok())
-            .expect("n3's port");
+        let n3_port = ports[3];
         let env = realm.env("alice");
         let kex = format!("127.0.0.1:{}", n3_port + 1);
         let ep = format!("tcp://127.0.0.1:{clients_port}");
