@@ -108,7 +108,7 @@ pub fn run(canopy: &Path, p: &RpcParams) -> Result<RpcReport> {
     // If nothing completes for a reply timeout (+5 s), the instance is
     // torn down, which ends whatever the measurement waits on.
     let stall = p.reply_timeout + Duration::from_secs(5);
-    let (samples, teardown) = inst.run(stall, |prog| measure(&uri, p, prog))?;
+    let (samples, teardown) = inst.run(stall, |prog| measure(&uri, p, &[PING], "rpc", prog))?;
 
     let mut results = Vec::new();
     for (i, &rank) in p.ranks.iter().enumerate() {
@@ -139,20 +139,29 @@ pub fn run(canopy: &Path, p: &RpcParams) -> Result<RpcReport> {
     })
 }
 
-/// All runs; each run is every (rank, pad) in order, rank-major.
-fn measure(uri: &str, p: &RpcParams, ticks: &Progress) -> Result<Vec<Vec<Sample>>> {
+/// All runs; each run is, for every (rank, pad) in order, rank-major,
+/// each of `topics` in turn. `label` prefixes the progress lines.
+pub(crate) fn measure(
+    uri: &str,
+    p: &RpcParams,
+    topics: &[&str],
+    label: &str,
+    ticks: &Progress,
+) -> Result<Vec<Vec<Sample>>> {
     let mut all = Vec::new();
     for run in 1..=p.runs {
         let mut this = Vec::new();
         for &rank in &p.ranks {
             for &pad in &p.pads {
-                let s = measure_one(uri, PING, rank, pad, p, ticks)
-                    .with_context(|| format!("run {run}, rank {rank}, pad {pad}"))?;
-                eprintln!(
-                    "rpc: run {run}/{} rank {rank} pad {pad}: p50 {:.1} us, p99 {:.1} us, {:.0} req/s",
-                    p.runs, s.p50_us, s.p99_us, s.rps
-                );
-                this.push(s);
+                for &topic in topics {
+                    let s = measure_one(uri, topic, rank, pad, p, ticks)
+                        .with_context(|| format!("run {run}, {topic}, rank {rank}, pad {pad}"))?;
+                    eprintln!(
+                        "{label}: run {run}/{} {topic} rank {rank} pad {pad}: p50 {:.1} us, p99 {:.1} us, {:.0} req/s",
+                        p.runs, s.p50_us, s.p99_us, s.rps
+                    );
+                    this.push(s);
+                }
             }
         }
         all.push(this);
@@ -162,7 +171,7 @@ fn measure(uri: &str, p: &RpcParams, ticks: &Progress) -> Result<Vec<Vec<Sample>
 
 /// Latency (window 1) and throughput (`p.window` in flight) of `topic`,
 /// an echo, at `rank`, over a fresh connection to `uri`.
-pub(crate) fn measure_one(
+fn measure_one(
     uri: &str,
     topic: &str,
     rank: u32,
@@ -244,7 +253,7 @@ fn check_echo(m: &Msg, rank: u32, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn cell(s: &Summary, prec: usize) -> String {
+pub(crate) fn cell(s: &Summary, prec: usize) -> String {
     format!(
         "{:.prec$} [{:.prec$}, {:.prec$}]",
         s.median,

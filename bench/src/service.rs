@@ -16,8 +16,8 @@
 //! `broker.ping`: `taskset -c 1 canopy-bench service` (everything on one
 //! CPU) gives steadier, comparable figures.
 
-use crate::instance::{Instance, Progress, Teardown};
-use crate::rpc::{measure_one, RpcParams, Sample, PING};
+use crate::instance::{Instance, Teardown};
+use crate::rpc::{cell, measure, RpcParams, Sample, PING};
 use crate::stats::{hops, Summary};
 use anyhow::{anyhow, Context, Result};
 use canopy_client::aio::{AsyncClient, Request};
@@ -98,7 +98,7 @@ pub fn run(canopy: &Path, p: &ServiceParams) -> Result<ServiceReport> {
     let (samples, teardown) = inst.run(stall, |prog| {
         let providers = Providers::start(&uris, p.provider_threads, rp.reply_timeout)?;
         prog.tick();
-        let r = measure(&uri0, p, prog);
+        let r = measure(&uri0, &p.rpc, &[PING, TOPIC], "service", prog);
         providers.stop();
         r
     })?;
@@ -231,41 +231,6 @@ async fn start_providers(uris: &[(u32, String)], timeout: Duration) -> Result<Ve
         out.push(c);
     }
     Ok(out)
-}
-
-/// All runs; each run is, for every (rank, pad) in order, ping then
-/// service.
-fn measure(uri: &str, p: &ServiceParams, ticks: &Progress) -> Result<Vec<Vec<Sample>>> {
-    let rp = &p.rpc;
-    let mut all = Vec::new();
-    for run in 1..=rp.runs {
-        let mut this = Vec::new();
-        for &rank in &rp.ranks {
-            for &pad in &rp.pads {
-                for topic in [PING, TOPIC] {
-                    let s = measure_one(uri, topic, rank, pad, rp, ticks)
-                        .with_context(|| format!("run {run}, {topic}, rank {rank}, pad {pad}"))?;
-                    eprintln!(
-                        "service: run {run}/{} {topic} rank {rank} pad {pad}: p50 {:.1} us, p99 {:.1} us, {:.0} req/s",
-                        rp.runs, s.p50_us, s.p99_us, s.rps
-                    );
-                    this.push(s);
-                }
-            }
-        }
-        all.push(this);
-    }
-    Ok(all)
-}
-
-fn cell(s: &Summary, prec: usize) -> String {
-    format!(
-        "{:.prec$} [{:.prec$}, {:.prec$}]",
-        s.median,
-        s.min,
-        s.max,
-        prec = prec
-    )
 }
 
 pub fn table(r: &ServiceReport) -> String {
