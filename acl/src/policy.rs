@@ -262,17 +262,7 @@ struct RawDelegate {
 
 // ---- positions --------------------------------------------------------------
 
-/// 1-based line and column (in characters) of a byte offset.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, text[line_start..offset].chars().count() + 1)
-}
+pub(crate) use canopy_security::text::line_col;
 
 struct Ctx<'a> {
     text: &'a str,
@@ -293,28 +283,6 @@ impl Ctx<'_> {
     fn line(&self, span: &Range<usize>) -> usize {
         line_col(self.text, span.start).0
     }
-}
-
-/// Add advice to a message from the TOML parser or serde.
-fn toml_advice(msg: &str) -> String {
-    let msg = msg.trim_end();
-    let advice = if msg.starts_with("unknown field") {
-        "remove it or correct its spelling"
-    } else if msg.starts_with("missing field") {
-        "add it"
-    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
-        "write a value of the expected type"
-    } else if msg.contains("duplicate key") {
-        "remove one of them"
-    } else {
-        "fix the toml syntax"
-    };
-    let mut first = msg.chars();
-    let msg = match first.next() {
-        Some(c) => c.to_lowercase().chain(first).collect::<String>(),
-        None => "invalid toml".to_owned(),
-    };
-    format!("{msg}; {advice}")
 }
 
 fn parse_roles(ctx: &Ctx<'_>, list: &Spanned<Vec<Spanned<String>>>) -> Result<Roles, AclError> {
@@ -394,7 +362,7 @@ impl Acl {
         let ctx = Ctx { text, origin };
         let raw: RawPolicy = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            ctx.err(span, toml_advice(e.message()))
+            ctx.err(span, canopy_security::text::toml_advice(e.message(), ""))
         })?;
 
         let mut groups = BTreeMap::new();
@@ -775,11 +743,11 @@ mod tests {
     #[test]
     fn toml_messages_get_advice() {
         assert_eq!(
-            toml_advice("unknown field `x`, expected `y`"),
+            canopy_security::text::toml_advice("unknown field `x`, expected `y`", ""),
             "unknown field `x`, expected `y`; remove it or correct its spelling"
         );
         assert_eq!(
-            toml_advice("Invalid key\n"),
+            canopy_security::text::toml_advice("Invalid key\n", ""),
             "invalid key; fix the toml syntax"
         );
     }

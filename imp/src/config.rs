@@ -113,17 +113,7 @@ pub struct Keys {
     pub receipt: SigningKey,
 }
 
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, text[start..offset].chars().count() + 1)
-}
+use canopy_security::text::line_col;
 
 struct Ctx<'a> {
     text: &'a str,
@@ -177,33 +167,16 @@ impl Ctx<'_> {
     }
 }
 
-fn toml_advice(msg: &str) -> String {
-    let msg = msg.trim_end();
-    let advice = if msg.starts_with("unknown field") {
-        "remove it or correct its spelling (see etc/imp.toml)"
-    } else if msg.starts_with("missing field") {
-        "add it (see etc/imp.toml)"
-    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
-        "write a value of the expected type"
-    } else if msg.contains("duplicate key") {
-        "remove one of them"
-    } else {
-        "fix the toml syntax"
-    };
-    let mut c = msg.chars();
-    let msg = match c.next() {
-        Some(f) => f.to_lowercase().chain(c).collect::<String>(),
-        None => "invalid toml".to_owned(),
-    };
-    format!("{msg}; {advice}")
-}
-
 impl ImpConfig {
     /// Parse imp.toml text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<ImpConfig, ConfigError> {
         let ctx = Ctx { text, origin };
-        let raw: Raw = toml::from_str(text)
-            .map_err(|e| ctx.err(e.span().unwrap_or(0..0), toml_advice(e.message())))?;
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            ctx.err(
+                e.span().unwrap_or(0..0),
+                canopy_security::text::toml_advice(e.message(), " (see etc/imp.toml)"),
+            )
+        })?;
 
         let broker_user = ctx.user("broker_user", &raw.broker_user)?;
         let mut users = BTreeSet::new();

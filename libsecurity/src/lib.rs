@@ -5,9 +5,11 @@
 //!   secret half is zeroized on drop and never appears in `Debug` output.
 //! * [`curve_principal`]: the canonical principal of a CURVE public key.
 //! * [`trust`]: OpenSSH `StrictModes` for files that decide access.
+//! * [`text`]: `file:line:col` positions and advice for their parse errors.
 #![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod text;
 pub mod trust;
 pub mod z85;
 
