@@ -47,7 +47,7 @@ mod tests {
         assert_eq!(line_col("ab\ncé d", 7), (2, 4));
         assert_eq!(line_col("é", 1), (1, 1));
         assert_eq!(
-            toml_advice("Unknown field `x`", " (see etc/imp.toml)"),
+            toml_advice("unknown field `x`", " (see etc/imp.toml)"),
             "unknown field `x`; remove it or correct its spelling (see etc/imp.toml)"
         );
         assert_eq!(toml_advice("", ""), "invalid toml; fix the toml syntax");
