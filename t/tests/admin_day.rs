@@ -258,22 +258,26 @@ impl Site {
         self.dir.path().join("ws/me")
     }
 
+    /// The CURVE instance: each host's key pair under /etc/canopy.
     fn config(&self) -> String {
-        let hosts: String = (0..HOSTS)
-            .map(|i| {
-                let ip = self.net.host(i).ip();
-                format!("  {{ host = \"node{i}\", bind = \"tcp://{ip}:%p\", connect = \"tcp://{ip}:%p\" }},\n")
-            })
-            .collect();
-        let ip0 = self.net.host(0).ip();
-        format!(
-            "[bootstrap]\ndefault_port = {PORT}\ncurve_cert = \"/etc/canopy/keys/%h.key_secret\"\ncurve_public_certs = \"/etc/canopy/public\"\nfanout = 2\nhosts = [\n{hosts}]\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"/etc/canopy/policy.toml\"\n\n[clients]\nbind = \"tcp://{ip0}:{CLIENTS_PORT}\"\nhosts = [\"node0\"]\n"
+        self.config_with(
+            "curve_cert = \"/etc/canopy/keys/%h.key_secret\"\ncurve_public_certs = \"/etc/canopy/public\"\n",
+            "",
         )
     }
 
     /// The same four hosts as a gssapi instance: Kerberos between the
     /// brokers, and for remote clients at node0 (`[clients]`).
     fn kerberos_config(&self) -> String {
+        self.config_with(
+            "mechanism = \"gssapi\"\n",
+            "[gssapi]\nkeytab = \"/etc/canopy/canopy.keytab\"\nrealm = \"CANOPY.TEST\"\n\n",
+        )
+    }
+
+    /// The four hosts, the policy and `[clients]` at node0; `bootstrap`
+    /// and `tables` add the mechanism's keys and tables.
+    fn config_with(&self, bootstrap: &str, tables: &str) -> String {
         let hosts: String = (0..HOSTS)
             .map(|i| {
                 let ip = self.net.host(i).ip();
@@ -282,7 +286,7 @@ impl Site {
             .collect();
         let ip0 = self.net.host(0).ip();
         format!(
-            "[bootstrap]\nmechanism = \"gssapi\"\ndefault_port = {PORT}\nfanout = 2\nhosts = [\n{hosts}]\n\n[gssapi]\nkeytab = \"/etc/canopy/canopy.keytab\"\nrealm = \"CANOPY.TEST\"\n\n[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"/etc/canopy/policy.toml\"\n\n[clients]\nbind = \"tcp://{ip0}:{CLIENTS_PORT}\"\nhosts = [\"node0\"]\n"
+            "[bootstrap]\n{bootstrap}default_port = {PORT}\nfanout = 2\nhosts = [\n{hosts}]\n\n{tables}[timing]\nheartbeat = 0.2\ntorpid = 1.0\nlost = 3.0\n\n[policy]\nfile = \"/etc/canopy/policy.toml\"\n\n[clients]\nbind = \"tcp://{ip0}:{CLIENTS_PORT}\"\nhosts = [\"node0\"]\n"
         )
     }
 
