@@ -90,6 +90,9 @@ pub struct BrokerPolicy {
     /// Overlay handshakes refused for an unknown key: (peer address,
     /// reason), for the loop to show the child as `refused`. Bounded.
     refused_peers: std::sync::Mutex<std::collections::VecDeque<(String, String)>>,
+    /// Set when `refused_peers` has entries: the loop checks this flag on
+    /// every turn and takes the lock only when it is set.
+    any_refused: std::sync::atomic::AtomicBool,
 }
 
 /// Refused overlay handshakes kept for the loop between two turns.
@@ -102,6 +105,7 @@ impl BrokerPolicy {
             clients,
             gss: std::sync::OnceLock::new(),
             refused_peers: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            any_refused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -113,10 +117,18 @@ impl BrokerPolicy {
         if q.len() < MAX_REFUSED_PEERS {
             q.push_back((address.to_string(), reason.to_string()));
         }
+        self.any_refused
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The overlay handshakes refused since the last call.
     pub fn take_refused_peers(&self) -> Vec<(String, String)> {
+        if !self
+            .any_refused
+            .swap(false, std::sync::atomic::Ordering::Acquire)
+        {
+            return Vec::new();
+        }
         let mut q = self
             .refused_peers
             .lock()
