@@ -261,7 +261,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             let outstanding = self.clients.get(&r.provider).map_or(0, |c| {
                 c.delivered
                     .values()
-                    .filter(|d| super::provided::namespace(&d.topic) == ns.as_str())
+                    .filter(|d| namespace(&d.topic) == ns.as_str())
                     .count()
             });
             list.push(serde_json::json!({"namespace": ns, "provider": r.principal, "methods": methods, "outstanding": outstanding}));
