@@ -107,9 +107,21 @@ fn impostor_keys_cannot_join() {
             "rank 3 did not deny the impostor:\n{}",
             c.log(3)
         );
-        let s = c.status(0).unwrap();
-        let r7 = &s["ranks"].as_array().unwrap()[7];
-        assert_eq!(r7["state"], "offline", "{s}");
+        // The refusal travels up to rank 0: rank 7 is never online, and
+        // once rank 3's note arrives it is shown as refused, with the fix.
+        let mut last = serde_json::Value::Null;
+        let shown = wait_until(Duration::from_secs(5), || {
+            last = c.status(0).unwrap();
+            last["ranks"][7]["state"] == "refused"
+        });
+        assert!(shown, "rank 7 not shown refused at rank 0: {last}");
+        assert!(
+            last["ranks"][7]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("install its public certificate on rank 3"),
+            "{last}"
+        );
         c.kill(7);
 
         // A host claiming rank 3 with rank 4's key (both children of 1):
