@@ -3,6 +3,17 @@ use crate::{Roles, MAGIC, MAX_ROUTE, MAX_TOPIC, MAX_USERID, PROTOCOL_VERSION};
 /// Flag: the sender wants no response (fire and forget).
 pub const FLAG_NORESPONSE: u8 = 0x01;
 
+/// Flag on a response: more responses to the same request follow (a
+/// streaming request such as `exec.run`); every hop keeps its route state
+/// until the response without it.
+pub const FLAG_MORE: u8 = 0x02;
+
+/// Flag on a request delivered to a service provider: the caller is a
+/// client of the provider's own broker, so its principal was authenticated
+/// by that broker itself (`SO_PEERCRED` or the key exchange), not stamped by
+/// another broker. Only the delivering broker sets it.
+pub const FLAG_DIRECT: u8 = 0x04;
+
 /// Fixed part of the header, before the variable-length fields.
 pub const FIXED_LEN: usize = 33;
 

@@ -17,7 +17,9 @@ mod header;
 mod roles;
 
 pub use grant::Grant;
-pub use header::{decode_header, Header, Hop, MsgType, ProtoError, FLAG_NORESPONSE};
+pub use header::{
+    decode_header, Header, Hop, MsgType, ProtoError, FLAG_DIRECT, FLAG_MORE, FLAG_NORESPONSE,
+};
 pub use roles::{RoleParseError, Roles};
 
 /// Protocol version carried in every header and in the hello handshake.

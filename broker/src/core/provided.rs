@@ -311,6 +311,12 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         c.next_token = token;
         let mut d = h.clone();
         d.nodeid = rank;
+        // Only this broker says whether it authenticated the caller itself
+        // (a CA trusts no stamp made by another broker): the caller's own
+        // bits other than NORESPONSE are not passed on.
+        let direct = matches!(h.route.as_slice(), [Hop::Local(_)]);
+        d.flags = (h.flags & canopy_proto::FLAG_NORESPONSE)
+            | if direct { canopy_proto::FLAG_DIRECT } else { 0 };
         d.route.clear();
         d.matchtag = token;
         if !super::no_response(&h) {
