@@ -341,6 +341,7 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             hosts,
             budgets: opts.budgets,
             child_addresses: Default::default(),
+            exec: crate::exec::ExecPlan::Direct,
         };
         Ok(crate::boot::Planned {
             plan,

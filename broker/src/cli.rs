@@ -206,6 +206,40 @@ pub(crate) enum Cmd {
         #[arg(long)]
         uri: Option<String>,
     },
+    /// Run a command on ranks of the instance, fanned out down the tree:
+    /// output streams back live (stdout and stderr apart), the exit status
+    /// is the highest of the ranks', a rank that could not run it is named
+    /// with the reason. Ctrl-C sends SIGINT, a second one SIGKILL. In a
+    /// personal instance only the owner may; in a system instance the
+    /// command runs as you through the canopy-imp helper, from a request
+    /// you sign (docs/imp.md).
+    Exec {
+        /// Target ranks: `all`, or a set like `0-3,7`.
+        #[arg(long, short = 'r', default_value = "all")]
+        ranks: String,
+        /// Prefix each output line with its rank.
+        #[arg(long)]
+        label_io: bool,
+        /// Working directory on every rank (default: the current one).
+        #[arg(long)]
+        dir: Option<String>,
+        /// Set an environment variable for the command (repeatable).
+        #[arg(long, value_name = "K=V")]
+        env: Vec<String>,
+        /// Give the command /dev/null as stdin (default: this stdin,
+        /// copied to every target rank).
+        #[arg(short = 'n')]
+        no_stdin: bool,
+        /// Append each rank's signed receipt (system instances) to FILE,
+        /// one per line, for `canopy receipt verify`.
+        #[arg(long, value_name = "FILE")]
+        receipts: Option<std::path::PathBuf>,
+        #[arg(long)]
+        uri: Option<String>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Services: what each rank offers, and who provides it.
     Service {
         #[command(subcommand)]

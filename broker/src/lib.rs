@@ -15,6 +15,8 @@ pub mod boot;
 pub mod bootstrap;
 pub mod core;
 pub mod error;
+pub mod exec;
+pub mod exec_cli;
 pub mod gss;
 pub mod hostcheck;
 pub mod iface;

@@ -656,6 +656,46 @@ fn run(cli: Cli) -> Result<i32> {
             outln!("published {topic} seq={seq}");
             Ok(0)
         }
+        Cmd::Exec {
+            ranks,
+            label_io,
+            dir,
+            env,
+            no_stdin,
+            receipts,
+            uri,
+            command,
+        } => {
+            let cwd = match dir {
+                Some(d) => d,
+                None => std::env::current_dir()
+                    .context("cannot read the current directory; pass --dir")?
+                    .display()
+                    .to_string(),
+            };
+            let mut pairs = Vec::new();
+            for kv in env {
+                let Some((k, v)) = kv.split_once('=') else {
+                    anyhow::bail!("--env {kv:?} is not K=V; write it as NAME=VALUE");
+                };
+                if k.is_empty() {
+                    anyhow::bail!("--env {kv:?} has an empty name; write it as NAME=VALUE");
+                }
+                pairs.push((k.to_string(), v.to_string()));
+            }
+            let args = canopy_broker::exec_cli::ExecArgs {
+                ranks,
+                argv: command,
+                cwd,
+                env: pairs,
+                label_io,
+                stdin: !no_stdin,
+                signed: None,
+                receipts,
+            };
+            let status = canopy_broker::exec_cli::run(uri.as_deref(), args)?;
+            Ok(status)
+        }
         Cmd::Rpc {
             topic,
             payload,

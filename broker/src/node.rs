@@ -58,6 +58,8 @@ pub struct Broker {
     zap: ZapHandle,
     policy: Arc<BrokerPolicy>,
     worker: Worker,
+    /// This rank's `exec.run` commands.
+    runner: crate::exec::Runner,
     router: Option<zmq::Socket>,
     client_router: Option<zmq::Socket>,
     dealer: Option<zmq::Socket>,
@@ -130,6 +132,7 @@ impl Broker {
             path: local.path.clone(),
             source,
         })?;
+        let info_instance = plan.instance.clone();
         let core = BrokerCore::new(
             CoreConfig {
                 rank: plan.rank,
@@ -149,9 +152,21 @@ impl Broker {
                 seed: u64::from_be_bytes(seed),
                 budgets,
                 child_addresses: plan.child_addresses,
+                exec_mode: plan.exec.mode(),
             },
             0,
         );
+        let runner = crate::exec::Runner::new(
+            plan.rank,
+            plan.exec.clone(),
+            info_instance,
+            plan.host.clone().unwrap_or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()),
+        )
+        .map_err(|source| BrokerError::Io {
+            what: "start the exec runner",
+            path: local.path.clone(),
+            source,
+        })?;
         let router_monitor = match &router {
             Some(r) => Some(disconnect_monitor(&ctx, r)?),
             None => None,
@@ -167,6 +182,7 @@ impl Broker {
             zap,
             policy,
             worker,
+            runner,
             router,
             client_router,
             dealer: None,
@@ -250,6 +266,7 @@ impl Broker {
     }
 
     fn shutdown(&mut self) {
+        self.runner.kill_all();
         if let Some(p) = &self.ipc_path {
             let _ = std::fs::remove_file(p);
         }
@@ -305,6 +322,7 @@ impl Broker {
                     fd(self.pmi_fd.as_ref().map(|f| f.as_raw_fd())),
                     fd(Some(self.local.listener_fd())),
                     fd(Some(self.worker.wake.as_raw_fd())),
+                    fd(Some(self.runner.wake.as_raw_fd())),
                     zs(&self.router),
                     zs(&self.dealer),
                     zs(&self.client_router),
@@ -368,12 +386,17 @@ impl Broker {
                 }
             }
             if readable(4) {
-                self.drain_router()?;
+                for (sid, record) in self.runner.drain() {
+                    self.input(Input::ExecRecord { sid, record });
+                }
             }
             if readable(5) {
-                self.drain_dealer()?;
+                self.drain_router()?;
             }
             if readable(6) {
+                self.drain_dealer()?;
+            }
+            if readable(7) {
                 self.drain_client_router()?;
             }
             if self
@@ -383,7 +406,7 @@ impl Broker {
             {
                 self.input(Input::RemoteClosed);
             }
-            if readable(7)
+            if readable(8)
                 && self
                     .router_monitor
                     .as_ref()
@@ -391,7 +414,7 @@ impl Broker {
             {
                 self.input(Input::ChildClosed);
             }
-            if readable(8) {
+            if readable(9) {
                 let seen = self
                     .dealer_monitor
                     .as_ref()
@@ -406,7 +429,7 @@ impl Broker {
                 }
             }
             for (i, (id, _, _, _)) in clients.iter().enumerate() {
-                if revents[9 + i].intersects(zmq::POLLIN | zmq::POLLERR) {
+                if revents[10 + i].intersects(zmq::POLLIN | zmq::POLLERR) {
                     for input in self.local.read(*id) {
                         self.input(input);
                     }
@@ -499,6 +522,15 @@ impl Broker {
                     .replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
             }
             Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
+            Event::ExecSpawn(spawn) => {
+                let sid = spawn.sid;
+                if let Some(record) = self.runner.spawn(spawn) {
+                    let now = self.now_ms();
+                    self.core.handle(now, Input::ExecRecord { sid, record });
+                }
+            }
+            Event::ExecSignal { sid, sig } => self.runner.signal(sid, sig),
+            Event::ExecStdin { sid, data } => self.runner.stdin(sid, data),
             Event::Exit(Exit::HelloRefused { parent, reason }) => {
                 return Err(BrokerError::HelloRefused { parent, reason })
             }

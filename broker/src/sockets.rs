@@ -80,6 +80,8 @@ pub struct Plan {
     /// them (a system instance's config): a refused key from one of them
     /// shows that child as `refused`.
     pub child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
+    /// How `exec.run` runs commands here.
+    pub exec: crate::exec::ExecPlan,
 }
 
 /// ZeroMQ heartbeat interval on remote client connections, both ways.

@@ -321,6 +321,7 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             hosts,
             budgets,
             child_addresses,
+            exec: crate::exec::ExecPlan::Off,
         };
         self.state = Some(Started {
             config,

@@ -99,6 +99,15 @@ impl Pending {
         }
     }
 
+    /// Whether a request with this route and matchtag is in flight over
+    /// `link` (a streamed response that is not the last one: the entry
+    /// stays until the last).
+    pub fn contains(&self, link: Link, route: &[Hop], matchtag: u32) -> bool {
+        self.by_link
+            .get(&link)
+            .is_some_and(|m| m.contains_key(&(route_key(route), matchtag)))
+    }
+
     /// The link is gone: every request forwarded over it, to be failed.
     pub fn fail_link(&mut self, link: Link) -> Vec<InFlight> {
         let v: Vec<InFlight> = self

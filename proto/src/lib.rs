@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod errno;
+pub mod exec;
 pub mod frame;
 pub mod fuzz;
 pub mod grant;

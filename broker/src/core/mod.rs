@@ -19,6 +19,7 @@
 //! Payloads are opaque to the core (`P`): the shell uses a type that moves
 //! a received ZeroMQ frame without copying it.
 
+pub mod exec;
 pub mod idmap;
 pub mod keys;
 pub mod provided;
@@ -201,6 +202,8 @@ pub struct CoreConfig {
     pub budgets: Budgets,
     /// The addresses each child connects from, where known.
     pub child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
+    /// How `exec.run` runs commands on this rank.
+    pub exec_mode: exec::ExecMode,
 }
 
 /// Who an access decision is about.
@@ -374,6 +377,9 @@ pub enum Input<P> {
         req: Header,
         result: Result<[u8; 32], String>,
     },
+    /// A record (`canopy_proto::exec::Record`) from session `sid`'s local
+    /// command.
+    ExecRecord { sid: u64, record: Vec<u8> },
 }
 
 /// A message to send.
@@ -457,6 +463,13 @@ pub enum Event {
     Rebind {
         since_switch_ms: u64,
     },
+    /// Run this rank's part of an `exec.run`; feed its records back as
+    /// [`Input::ExecRecord`], the last being an exit or a failure.
+    ExecSpawn(exec::Spawn),
+    /// Signal the command of session `sid` (its whole process group).
+    ExecSignal { sid: u64, sig: i32 },
+    /// Bytes for the command's stdin; empty: close it.
+    ExecStdin { sid: u64, data: Vec<u8> },
     Exit(Exit),
 }
 
@@ -563,6 +576,9 @@ pub struct BrokerCore<P> {
     modules: canopy_modules::Registry,
     /// Namespaces offered by clients of this broker.
     registry: HashMap<String, provided::Registration>,
+    /// `exec.run` sessions (exec.rs).
+    exec: exec::Sessions,
+    exec_mode: exec::ExecMode,
     /// Where each child connects from, where known.
     child_addresses: HashMap<u32, Vec<std::net::IpAddr>>,
     /// When to probe remote providers holding requests next (a send to a
@@ -668,6 +684,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             pending: Pending::default(),
             modules: canopy_modules::Registry::standard(),
             registry: HashMap::new(),
+            exec: exec::Sessions::default(),
+            exec_mode: cfg.exec_mode,
             child_addresses: cfg.child_addresses,
             provider_probe_at: None,
             clients: IdMap::default(),
@@ -960,6 +978,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             Input::KeysReloaded { req, result } => self.keys_reloaded(req, result),
             Input::NextKey { req, result } => self.next_key(req, result),
+            Input::ExecRecord { sid, record } => self.exec_local_record(sid, record),
         }
         self.flush_health();
         self.check_shutdown();
@@ -1037,6 +1056,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             debug!(topic = %h.topic, "overlay: a message queued for a relink was dropped");
         }
         self.events.push_back(Event::ParentLost);
+        self.exec_upstream_gone(Hop::Parent);
         for r in self.pending.fail_link(Link::Parent) {
             self.fail_in_flight(r, why);
         }
@@ -1101,7 +1121,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 self.route_request(h, payload);
             }
             MsgType::Response => {
-                if self.pending.complete(Link::Parent, &h.route, h.matchtag) {
+                if self.response_matches(Link::Parent, &h) {
                     self.route_response(h, payload)
                 } else {
                     stale_response(&h);
@@ -1115,6 +1135,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             MsgType::Control if h.topic == DISCONNECT_TOPIC => {
                 let why = String::from_utf8_lossy(payload.as_ref()).into_owned();
                 self.events.push_back(Event::Exit(Exit::Disconnected(why)));
+            }
+            MsgType::Control if h.topic == exec::KILL_TOPIC || h.topic == exec::WRITE_TOPIC => {
+                if let Err((_, why)) = self.exec_control(Hop::Parent, &h, payload.as_ref()) {
+                    debug!(reason = %why, "exec: control from the parent ignored");
+                }
             }
             MsgType::Control => {
                 debug!(topic = %h.topic, "overlay: ignored control from the parent")
@@ -1268,6 +1293,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         } else {
             self.health.child_lost(rank, reason, now);
         }
+        self.exec_upstream_gone(Hop::Child(rank));
         let failed = self.pending.fail_link(Link::Child(rank));
         // Requests that came up from the lost incarnation: their responses
         // must not reach whatever rejoins as this rank.
@@ -1366,10 +1392,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 self.route_request(h, payload);
             }
             MsgType::Response => {
-                if self
-                    .pending
-                    .complete(Link::Child(rank), &h.route, h.matchtag)
-                {
+                if self.response_matches(Link::Child(rank), &h) {
                     self.route_response(h, payload)
                 } else {
                     stale_response(&h);
@@ -1389,6 +1412,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                         }
                     }
                     Err(e) => warn!(rank, "overlay: bad health report: {e}"),
+                }
+            }
+            MsgType::Control if h.topic == exec::KILL_TOPIC || h.topic == exec::WRITE_TOPIC => {
+                if let Err((_, why)) = self.exec_control(Hop::Child(rank), &h, payload.as_ref()) {
+                    debug!(rank, reason = %why, "exec: control from a child ignored");
                 }
             }
             other => debug!(rank, "overlay: ignored {other:?} '{}'", h.topic),
@@ -1807,6 +1835,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// Forget a client and what it counted against the budgets.
     fn drop_client(&mut self, id: u32) -> Option<Client<P>> {
         let mut c = self.clients.remove(&id)?;
+        self.exec_upstream_gone(Hop::Local(id));
         self.release(&c.principal, c.in_flight_bytes);
         if !c.offers.is_empty() || !c.delivered.is_empty() {
             let offers = std::mem::take(&mut c.offers);
@@ -1970,7 +1999,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if h.msg_type == MsgType::Response && !c.in_flight.is_empty() {
+        if h.msg_type == MsgType::Response
+            && h.flags & canopy_proto::FLAG_MORE == 0
+            && !c.in_flight.is_empty()
+        {
             if let Some(n) = c.in_flight.remove(&h.matchtag) {
                 c.in_flight_bytes -= n;
                 self.total_in_flight = self.total_in_flight.saturating_sub(n);
@@ -2254,6 +2286,17 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         }
     }
 
+    /// Whether a response that came over `link` answers a request in
+    /// flight there. A streamed response flagged MORE leaves the entry in
+    /// place for the ones that follow.
+    fn response_matches(&mut self, link: Link, h: &Header) -> bool {
+        if h.flags & canopy_proto::FLAG_MORE != 0 {
+            self.pending.contains(link, &h.route, h.matchtag)
+        } else {
+            self.pending.complete(link, &h.route, h.matchtag)
+        }
+    }
+
     fn respond_err(&mut self, req: &Header, errnum: u32, msg: &str) {
         if no_response(req) {
             return;
@@ -2282,7 +2325,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             Some(Hop::Local(id)) => self.deliver(id, h, payload, false),
-            None => debug!(topic = %h.topic, "overlay: response with an empty route dropped"),
+            None => {
+                if !self.exec_sub_response(&h, payload) {
+                    debug!(topic = %h.topic, "overlay: response with an empty route dropped")
+                }
+            }
         }
     }
 

@@ -24,6 +24,10 @@ pub enum Builtin {
     ServiceAdd,
     ServiceRemove,
     ServiceList,
+    /// `exec.run` (exec.rs; a personal instance also needs `owner`).
+    ExecRun,
+    /// `exec.kill`, `exec.write`: only for the caller's own `exec.run`.
+    ExecControl,
     /// A namespace a client offers (`service.add`): not in [`SERVICES`],
     /// found in the core's registry.
     Provided,
@@ -92,6 +96,12 @@ pub const SERVICES: &[Service] = &[
     row("service.add", Roles::USER, false, Builtin::ServiceAdd),
     row("service.remove", Roles::USER, false, Builtin::ServiceRemove),
     row("service.list", Roles::USER, false, Builtin::ServiceList),
+    // In a personal instance exec.rs also requires `owner` (commands run
+    // as the owner); in a system instance the helper checks the user's
+    // signed request, so any admitted user may submit one.
+    row(super::exec::RUN_TOPIC, Roles::USER, false, Builtin::ExecRun),
+    row(super::exec::KILL_TOPIC, Roles::USER, false, Builtin::ExecControl),
+    row(super::exec::WRITE_TOPIC, Roles::USER, false, Builtin::ExecControl),
 ];
 
 /// The role and handler for `topic` on `rank`, if this broker serves it.
@@ -159,6 +169,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             Builtin::ServiceRemove => self.service_remove(h, payload),
             Builtin::ServiceList => self.service_list(h),
             Builtin::Provided => self.deliver_to_provider(h, payload),
+            Builtin::ExecRun => self.exec_run(h, payload),
+            Builtin::ExecControl => self.exec_control_rpc(h, payload),
             Builtin::Module => {
                 let ctx = Ctx {
                     rank: self.rank,
