@@ -177,7 +177,8 @@ impl Runner {
             Err(e) => {
                 let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
                 let what = if helper { "the exec helper" } else { "the command" };
-                return fail(code, format!("cannot start {what}: {}", e));
+                let prog = cmd.get_program().to_string_lossy().into_owned();
+                return fail(code, format!("cannot start {what} {prog}: {}", io_reason(&e)));
             }
         };
         let pid = child.id() as i32;
@@ -332,6 +333,16 @@ impl Runner {
             self.signal(sid, 9);
         }
     }
+}
+
+/// An I/O error as a lower-case reason, without libstd's "(os error N)".
+fn io_reason(e: &std::io::Error) -> String {
+    let t = e.to_string();
+    let t = match t.find(" (os error") {
+        Some(i) => t[..i].to_string(),
+        None => t,
+    };
+    canopy_imp::envelope::lower_first(t)
 }
 
 fn send(tx: &SyncSender<(u64, Vec<u8>)>, waker: &Option<UnixStream>, sid: u64, rec: Vec<u8>) -> bool {

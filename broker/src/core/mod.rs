@@ -25,6 +25,8 @@ pub mod keys;
 pub mod provided;
 mod relink;
 #[cfg(test)]
+mod exec_tests;
+#[cfg(test)]
 mod service_tests;
 pub mod services;
 #[cfg(test)]

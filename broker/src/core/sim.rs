@@ -30,6 +30,10 @@ pub struct Node {
     pub rebinds: usize,
     pub next_key: Option<[u8; 32]>,
     pub ring: Option<KeyRing>,
+    /// `exec.run` commands started here, signals and stdin sent to them.
+    pub spawned: Vec<exec::Spawn>,
+    pub signals: Vec<(u64, i32)>,
+    pub stdin: Vec<(u64, Vec<u8>)>,
 }
 
 enum Delivery {
@@ -111,6 +115,7 @@ impl Sim {
                 seed: 7 + r as u64,
                 budgets,
                 child_addresses: HashMap::new(),
+                exec_mode: exec::ExecMode::Owner,
             };
             nodes.push(Node {
                 core: BrokerCore::new(cfg, 0),
@@ -121,6 +126,9 @@ impl Sim {
                 rebinds: 0,
                 next_key: None,
                 ring: None,
+                spawned: Vec::new(),
+                signals: Vec::new(),
+                stdin: Vec::new(),
             });
         }
         let mut sim = Sim {
@@ -318,6 +326,9 @@ impl Sim {
             }
             Event::AdmitPeers(_) => {}
             Event::Rebind { .. } => n.rebinds += 1,
+            Event::ExecSpawn(sp) => n.spawned.push(sp),
+            Event::ExecSignal { sid, sig } => n.signals.push((sid, sig)),
+            Event::ExecStdin { sid, data } => n.stdin.push((sid, data)),
             Event::Exit(e) => n.exit = Some(e),
         }
     }
@@ -474,6 +485,16 @@ impl Sim {
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(data);
         self.request(rank, id, "event.pub", 0, &body)
+    }
+
+    /// A record from the local command of session `sid` on `rank`.
+    pub fn exec_record(&mut self, rank: u32, sid: u64, record: Vec<u8>) {
+        self.push(rank, Input::ExecRecord { sid, record });
+    }
+
+    /// A local client closes its connection.
+    pub fn close(&mut self, rank: u32, id: u32) {
+        self.push(rank, Input::ClientClosed { id });
     }
 
     pub fn full(&self) -> bool {
