@@ -90,7 +90,12 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub fn new(rank: u32, plan: ExecPlan, instance: String, host: String) -> std::io::Result<Runner> {
+    pub fn new(
+        rank: u32,
+        plan: ExecPlan,
+        instance: String,
+        host: String,
+    ) -> std::io::Result<Runner> {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
@@ -139,12 +144,16 @@ impl Runner {
                 if !std::path::Path::new(&spec.cwd).is_dir() {
                     return fail(
                         126,
-                        format!("cannot run in {}: no such directory here; pass --dir", spec.cwd),
+                        format!(
+                            "cannot run in {}: no such directory here; pass --dir",
+                            spec.cwd
+                        ),
                     );
                 }
                 let mut c = Command::new(prog);
                 c.args(&spec.argv[1..])
                     .current_dir(&spec.cwd)
+                    .env("CANOPY_EXEC_RANK", self.rank.to_string())
                     .envs(&spec.env)
                     .process_group(0);
                 (c, false, spec.stdin, None)
@@ -169,16 +178,31 @@ impl Runner {
             }
         };
         let want_pipe = stdin_wanted || prelude.is_some();
-        cmd.stdin(if want_pipe { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(if want_pipe {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-                let what = if helper { "the exec helper" } else { "the command" };
+                let code = if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                };
+                let what = if helper {
+                    "the exec helper"
+                } else {
+                    "the command"
+                };
                 let prog = cmd.get_program().to_string_lossy().into_owned();
-                return fail(code, format!("cannot start {what} {prog}: {}", io_reason(&e)));
+                return fail(
+                    code,
+                    format!("cannot start {what} {prog}: {}", io_reason(&e)),
+                );
             }
         };
         let pid = child.id() as i32;
@@ -211,17 +235,24 @@ impl Runner {
             let out = child.stdout.take().expect("piped");
             let tx = self.tx.clone();
             let waker = self.waker.try_clone().ok();
-            readers.push(std::thread::spawn(move || helper_records(sid, rank, out, tx, waker)));
+            readers.push(std::thread::spawn(move || {
+                helper_records(sid, rank, out, tx, waker)
+            }));
             let err = child.stderr.take().expect("piped");
             readers.push(std::thread::spawn(move || log_helper_stderr(err)));
         } else {
             for (pipe, stdout) in [
-                (Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>, true),
+                (
+                    Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
+                    true,
+                ),
                 (Box::new(child.stderr.take().expect("piped")), false),
             ] {
                 let tx = self.tx.clone();
                 let waker = self.waker.try_clone().ok();
-                readers.push(std::thread::spawn(move || pump(sid, rank, pipe, stdout, tx, waker)));
+                readers.push(std::thread::spawn(move || {
+                    pump(sid, rank, pipe, stdout, tx, waker)
+                }));
             }
         }
         let tx = self.tx.clone();
@@ -245,7 +276,9 @@ impl Runner {
                     (Some(c), _) if helper => Record::Failed {
                         rank,
                         code: 126,
-                        reason: &format!("rank {rank}: the exec helper exited {c} without a receipt or a reason"),
+                        reason: &format!(
+                            "rank {rank}: the exec helper exited {c} without a receipt or a reason"
+                        ),
                     }
                     .encode(),
                     (Some(c), _) => Record::Exit(rank, Ended::Status(c)).encode(),
@@ -282,10 +315,17 @@ impl Runner {
         let res = if p.helper {
             // The helper forwards these; SIGKILL cannot be forwarded, so it
             // is asked for with SIGUSR1 (docs/imp.md).
-            let s = if sig == 9 { Signal::SIGUSR1 } else { Signal::try_from(sig).unwrap_or(Signal::SIGTERM) };
+            let s = if sig == 9 {
+                Signal::SIGUSR1
+            } else {
+                Signal::try_from(sig).unwrap_or(Signal::SIGTERM)
+            };
             kill(Pid::from_raw(p.pid), s)
         } else {
-            killpg(Pid::from_raw(p.pid), Signal::try_from(sig).unwrap_or(Signal::SIGTERM))
+            killpg(
+                Pid::from_raw(p.pid),
+                Signal::try_from(sig).unwrap_or(Signal::SIGTERM),
+            )
         };
         if let Err(e) = res {
             debug!(sid, sig, "exec: signal not delivered: {e}");
@@ -304,7 +344,11 @@ impl Runner {
             Ok(()) if !eof => {}
             Ok(()) => p.stdin = None,
             Err(TrySendError::Full(_)) => {
-                warn!(sid, budget = STDIN_QUEUE, "exec: the command is not reading its stdin; its input is cut (budget)");
+                warn!(
+                    sid,
+                    budget = STDIN_QUEUE,
+                    "exec: the command is not reading its stdin; its input is cut (budget)"
+                );
                 p.stdin = None;
             }
             Err(TrySendError::Disconnected(_)) => p.stdin = None,
@@ -345,7 +389,12 @@ fn io_reason(e: &std::io::Error) -> String {
     canopy_imp::envelope::lower_first(t)
 }
 
-fn send(tx: &SyncSender<(u64, Vec<u8>)>, waker: &Option<UnixStream>, sid: u64, rec: Vec<u8>) -> bool {
+fn send(
+    tx: &SyncSender<(u64, Vec<u8>)>,
+    waker: &Option<UnixStream>,
+    sid: u64,
+    rec: Vec<u8>,
+) -> bool {
     if tx.send((sid, rec)).is_err() {
         return false;
     }
@@ -449,7 +498,9 @@ fn helper_records(
 fn receipt_exit(envelope: &[u8]) -> Ended {
     canopy_imp::envelope::Envelope::parse(envelope)
         .ok()
-        .and_then(|e| serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok())
+        .and_then(|e| {
+            serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok()
+        })
         .map(|r| match r.exit {
             canopy_imp::receipt::Exit::Status(s) => Ended::Status(s),
             canopy_imp::receipt::Exit::Signal(s) => Ended::Signal(s),
@@ -500,9 +551,15 @@ mod tests {
     fn helper_records_parse() {
         let mut b: &[u8] = b"1 3\nabc2 0\nR 2\n{}";
         let mut r = std::io::BufReader::new(&mut b);
-        assert_eq!(read_helper_record(&mut r).unwrap(), Some((b'1', b"abc".to_vec())));
+        assert_eq!(
+            read_helper_record(&mut r).unwrap(),
+            Some((b'1', b"abc".to_vec()))
+        );
         assert_eq!(read_helper_record(&mut r).unwrap(), Some((b'2', vec![])));
-        assert_eq!(read_helper_record(&mut r).unwrap(), Some((b'R', b"{}".to_vec())));
+        assert_eq!(
+            read_helper_record(&mut r).unwrap(),
+            Some((b'R', b"{}".to_vec()))
+        );
         assert_eq!(read_helper_record(&mut r).unwrap(), None);
         let mut bad: &[u8] = b"1x3\nabc";
         assert!(read_helper_record(&mut std::io::BufReader::new(&mut bad)).is_err());

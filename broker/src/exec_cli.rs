@@ -35,7 +35,9 @@ pub enum ExecError {
     Client(#[from] ClientError),
     #[error("{0}")]
     Refused(String),
-    #[error("cannot write receipts to {path}: {source}; check the directory exists and is writable")]
+    #[error(
+        "cannot write receipts to {path}: {source}; check the directory exists and is writable"
+    )]
     Receipts {
         path: String,
         source: std::io::Error,
@@ -107,7 +109,10 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
             ints += 1;
             let sig = if ints == 1 { 2 } else { 9 };
             if ints == 1 {
-                let _ = writeln!(err, "canopy exec: interrupt: sending SIGINT (again for SIGKILL)");
+                let _ = writeln!(
+                    err,
+                    "canopy exec: interrupt: sending SIGINT (again for SIGKILL)"
+                );
             }
             let _ = c.send(
                 KILL_TOPIC,
@@ -151,7 +156,9 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
             continue;
         }
         if m.header.errnum != 0 {
-            return Err(ExecError::Refused(String::from_utf8_lossy(&m.payload).into_owned()));
+            return Err(ExecError::Refused(
+                String::from_utf8_lossy(&m.payload).into_owned(),
+            ));
         }
         if m.header.flags & FLAG_MORE == 0 {
             break;

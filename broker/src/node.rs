@@ -160,7 +160,12 @@ impl Broker {
             plan.rank,
             plan.exec.clone(),
             info_instance,
-            plan.host.clone().unwrap_or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()),
+            plan.host.clone().unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default()
+            }),
         )
         .map_err(|source| BrokerError::Io {
             what: "start the exec runner",

@@ -48,7 +48,11 @@ pub enum Record<'a> {
     Stdout(u32, &'a [u8]),
     Stderr(u32, &'a [u8]),
     Exit(u32, Ended),
-    Failed { rank: u32, code: u8, reason: &'a str },
+    Failed {
+        rank: u32,
+        code: u8,
+        reason: &'a str,
+    },
     Receipt(u32, &'a [u8]),
 }
 
@@ -261,7 +265,10 @@ mod tests {
     #[test]
     fn rank_sets() {
         assert_eq!(encode_ranks(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
-        assert_eq!(parse_ranks("0-3,7,9-10", 11).unwrap(), vec![0, 1, 2, 3, 7, 9, 10]);
+        assert_eq!(
+            parse_ranks("0-3,7,9-10", 11).unwrap(),
+            vec![0, 1, 2, 3, 7, 9, 10]
+        );
         assert_eq!(parse_ranks("all", 3).unwrap(), vec![0, 1, 2]);
         assert!(parse_ranks("3", 3).unwrap_err().contains("does not exist"));
         assert!(parse_ranks("2,1", 3).unwrap_err().contains("ascending"));

@@ -116,7 +116,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return;
         };
         if super::no_response(&h) {
-            return self.respond_err(&h, errno::EINVAL, "exec.run streams its answer; send it without NORESPONSE");
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "exec.run streams its answer; send it without NORESPONSE",
+            );
         }
         let origin = matches!(from, Hop::Local(_));
         let Some((ranks, submit_as, body)) = wire::decode_run(payload.as_ref()) else {
@@ -174,7 +178,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return self.respond_err(&h, errno::EEXIST, "an exec.run with this matchtag is still running on this connection; use a fresh matchtag");
         }
         if self.exec.by_sid.len() >= MAX_SESSIONS {
-            let msg = format!("rank {} already holds {MAX_SESSIONS} exec sessions (budget); retry when some end", self.rank);
+            let msg = format!(
+                "rank {} already holds {MAX_SESSIONS} exec sessions (budget); retry when some end",
+                self.rank
+            );
             return self.respond_err(&h, errno::EAGAIN, &msg);
         }
         // Split the ranks by where each lies: here, below a child, or
@@ -195,10 +202,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
         }
         let came_down = from == Hop::Parent;
-        let backwards = (came_down && !up.is_empty())
-            || down.iter().any(|(c, _)| from == Hop::Child(*c));
+        let backwards =
+            (came_down && !up.is_empty()) || down.iter().any(|(c, _)| from == Hop::Child(*c));
         if backwards {
-            return self.respond_err(&h, errno::EPROTO, "exec.run names ranks that lie back the way it came");
+            return self.respond_err(
+                &h,
+                errno::EPROTO,
+                "exec.run names ranks that lie back the way it came",
+            );
         }
         self.exec.next_sid += 1;
         let sid = self.exec.next_sid;
@@ -212,10 +223,8 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             subs: Vec::new(),
         };
         let mut early: Vec<Vec<u8>> = Vec::new();
-        let mut shares: Vec<(Link, Vec<u32>)> = down
-            .into_iter()
-            .map(|(c, v)| (Link::Child(c), v))
-            .collect();
+        let mut shares: Vec<(Link, Vec<u32>)> =
+            down.into_iter().map(|(c, v)| (Link::Child(c), v)).collect();
         if !up.is_empty() {
             shares.push((Link::Parent, up));
         }
@@ -285,9 +294,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return Ok(principal.to_string());
         }
         let Some(name) = submit_as.strip_prefix("service:") else {
-            return Err(format!("cannot submit as {submit_as:?}: only service:NAME is allowed"));
+            return Err(format!(
+                "cannot submit as {submit_as:?}: only service:NAME is allowed"
+            ));
         };
-        let offers = self.clients.get(&id).is_some_and(|c| c.offers.iter().any(|o| o == name));
+        let offers = self
+            .clients
+            .get(&id)
+            .is_some_and(|c| c.offers.iter().any(|o| o == name));
         if offers {
             Ok(submit_as.to_string())
         } else {
@@ -317,7 +331,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return false;
         }
         let Some(&sid) = self.exec.by_sub.get(&h.matchtag) else {
-            debug!(matchtag = h.matchtag, "exec: a response for an ended session dropped");
+            debug!(
+                matchtag = h.matchtag,
+                "exec: a response for an ended session dropped"
+            );
             return true;
         };
         let Some(s) = self.exec.by_sid.get_mut(&sid) else {
@@ -334,7 +351,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             };
             let r = rec.rank();
             if !sub.open.contains(&r) {
-                debug!(rank = r, "exec: a record for a rank not sent that way dropped");
+                debug!(
+                    rank = r,
+                    "exec: a record for a rank not sent that way dropped"
+                );
                 return true;
             }
             if rec.is_final() {
@@ -385,18 +405,42 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
 
     /// `exec.kill` / `exec.write` from a client (a request) or a neighbour
     /// (a control message): for the session `from` started.
-    pub(super) fn exec_control(&mut self, from: Hop, h: &Header, payload: &[u8]) -> Result<(), (u32, String)> {
+    pub(super) fn exec_control(
+        &mut self,
+        from: Hop,
+        h: &Header,
+        payload: &[u8],
+    ) -> Result<(), (u32, String)> {
         let Some((tag, data)) = wire::decode_control(payload) else {
-            return Err((errno::EPROTO, format!("malformed {} payload: it must start with the exec.run's u32 matchtag", h.topic)));
+            return Err((
+                errno::EPROTO,
+                format!(
+                    "malformed {} payload: it must start with the exec.run's u32 matchtag",
+                    h.topic
+                ),
+            ));
         };
         let Some(&sid) = self.exec.by_up.get(&(from, tag)) else {
-            return Err((errno::ENOENT, format!("no exec.run with matchtag {tag} is running for this connection on rank {}", self.rank)));
+            return Err((
+                errno::ENOENT,
+                format!(
+                    "no exec.run with matchtag {tag} is running for this connection on rank {}",
+                    self.rank
+                ),
+            ));
         };
         if h.topic == KILL_TOPIC {
-            let sig = std::str::from_utf8(data).ok().and_then(|t| t.parse::<i32>().ok());
+            let sig = std::str::from_utf8(data)
+                .ok()
+                .and_then(|t| t.parse::<i32>().ok());
             match sig {
                 Some(sig) if SIGNALS.contains(&sig) => self.exec_signal(sid, sig),
-                _ => return Err((errno::EINVAL, format!("exec.kill takes a signal number among {SIGNALS:?}"))),
+                _ => {
+                    return Err((
+                        errno::EINVAL,
+                        format!("exec.kill takes a signal number among {SIGNALS:?}"),
+                    ))
+                }
             }
         } else {
             self.exec_write(sid, data);
@@ -407,7 +451,11 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     /// `exec.kill` or `exec.write` sent by a client to its own broker.
     pub(super) fn exec_control_rpc(&mut self, h: Header, payload: P) {
         let Some(&from @ Hop::Local(_)) = h.route.last().filter(|_| h.route.len() == 1) else {
-            return self.respond_err(&h, errno::EINVAL, "send exec.kill and exec.write to the broker the exec.run was sent to (rank ANY)");
+            return self.respond_err(
+                &h,
+                errno::EINVAL,
+                "send exec.kill and exec.write to the broker the exec.run was sent to (rank ANY)",
+            );
         };
         match self.exec_control(from, &h, payload.as_ref()) {
             Ok(()) => self.respond(&h, P::from(Vec::new())),
@@ -444,7 +492,12 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(s) = self.exec.by_sid.get(&sid) else {
             return;
         };
-        let targets: Vec<(Link, u32)> = s.subs.iter().filter(|x| !x.done).map(|x| (x.link, x.tag)).collect();
+        let targets: Vec<(Link, u32)> = s
+            .subs
+            .iter()
+            .filter(|x| !x.done)
+            .map(|x| (x.link, x.tag))
+            .collect();
         for (link, tag) in targets {
             let mut c = Header::request(topic, 0, 0);
             c.msg_type = MsgType::Control;
@@ -476,7 +529,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             .map(|(_, &sid)| sid)
             .collect();
         for sid in gone {
-            debug!(sid, "exec: the session's requester is gone; killing its commands");
+            debug!(
+                sid,
+                "exec: the session's requester is gone; killing its commands"
+            );
             self.exec_signal(sid, 9);
             if let Some(s) = self.exec.by_sid.remove(&sid) {
                 self.exec.by_up.remove(&s.key);

@@ -22,7 +22,13 @@ fn allow_user(uid: u32) -> Policy {
 }
 
 fn run(s: &mut Sim, rank: u32, id: u32, ranks: &str) -> u32 {
-    let tag = s.request(rank, id, exec::RUN_TOPIC, NODEID_ANY, &encode_run(ranks, "", b"BODY"));
+    let tag = s.request(
+        rank,
+        id,
+        exec::RUN_TOPIC,
+        NODEID_ANY,
+        &encode_run(ranks, "", b"BODY"),
+    );
     s.settle();
     tag
 }
@@ -51,7 +57,12 @@ fn records(s: &Sim, rank: u32, id: u32, tag: u32) -> (Vec<Vec<u8>>, bool) {
     let mut ended = false;
     for g in &rs {
         assert!(!ended, "a response after the final one");
-        assert_eq!(g.header.errnum, 0, "{}", String::from_utf8_lossy(&g.payload));
+        assert_eq!(
+            g.header.errnum,
+            0,
+            "{}",
+            String::from_utf8_lossy(&g.payload)
+        );
         if g.header.flags & FLAG_MORE != 0 {
             recs.push(g.payload.clone());
         } else {
@@ -65,7 +76,11 @@ fn records(s: &Sim, rank: u32, id: u32, tag: u32) -> (Vec<Vec<u8>>, bool) {
 fn finish_all(s: &mut Sim, ranks: impl IntoIterator<Item = u32>) {
     for r in ranks {
         let sid = sid(s, r);
-        s.exec_record(r, sid, Record::Stdout(r, format!("out{r}").as_bytes()).encode());
+        s.exec_record(
+            r,
+            sid,
+            Record::Stdout(r, format!("out{r}").as_bytes()).encode(),
+        );
         s.exec_record(r, sid, Record::Exit(r, Ended::Status(r as i32)).encode());
     }
     s.settle();
@@ -83,7 +98,10 @@ fn all_ranks_run_once_and_every_record_reaches_the_caller() {
         assert_eq!(sp[0].principal, "unix:owner");
     }
     let (recs, ended) = records(&s, 0, c, tag);
-    assert!(recs.is_empty() && !ended, "nothing before the commands say so");
+    assert!(
+        recs.is_empty() && !ended,
+        "nothing before the commands say so"
+    );
     finish_all(&mut s, 0..7);
     let (recs, ended) = records(&s, 0, c, tag);
     assert!(ended, "the stream ended once every rank exited");
@@ -161,9 +179,17 @@ fn bad_requests_are_refused_with_the_reason() {
     let c = s.connect(0, OWNER_UID);
     let cases: [(&[u8], u32, &str); 4] = [
         (b"\0", errno::EPROTO, "malformed exec.run"),
-        (&encode_run("0-9", "", b"x"), errno::EINVAL, "does not exist"),
+        (
+            &encode_run("0-9", "", b"x"),
+            errno::EINVAL,
+            "does not exist",
+        ),
         (&encode_run("2,1", "", b"x"), errno::EINVAL, "ascending"),
-        (&encode_run("all", "service:x", b"x"), errno::EINVAL, "system instances"),
+        (
+            &encode_run("all", "service:x", b"x"),
+            errno::EINVAL,
+            "system instances",
+        ),
     ];
     for (payload, e, want) in cases {
         let tag = s.request(0, c, exec::RUN_TOPIC, NODEID_ANY, payload);
@@ -214,28 +240,68 @@ fn control_reaches_only_the_callers_own_session() {
     let other = s.connect(0, OWNER_UID);
     let tag = run(&mut s, 0, c, "all");
     // Another connection cannot signal or feed it, even knowing the tag.
-    let t = s.request(0, other, exec::KILL_TOPIC, NODEID_ANY, &encode_control(tag, b"2"));
+    let t = s.request(
+        0,
+        other,
+        exec::KILL_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b"2"),
+    );
     s.settle();
     assert_eq!(s.responses(0, other, t)[0].header.errnum, errno::ENOENT);
-    let t = s.request(0, other, exec::WRITE_TOPIC, NODEID_ANY, &encode_control(tag, b"x"));
+    let t = s.request(
+        0,
+        other,
+        exec::WRITE_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b"x"),
+    );
     s.settle();
     assert_eq!(s.responses(0, other, t)[0].header.errnum, errno::ENOENT);
     for n in &s.nodes {
         assert!(n.signals.is_empty() && n.stdin.is_empty());
     }
     // Its own connection can; only listed signals.
-    let t = s.request(0, c, exec::KILL_TOPIC, NODEID_ANY, &encode_control(tag, b"11"));
+    let t = s.request(
+        0,
+        c,
+        exec::KILL_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b"11"),
+    );
     s.settle();
     assert_eq!(s.responses(0, c, t)[0].header.errnum, errno::EINVAL);
-    let t = s.request(0, c, exec::KILL_TOPIC, NODEID_ANY, &encode_control(tag, b"2"));
-    s.request(0, c, exec::WRITE_TOPIC, NODEID_ANY, &encode_control(tag, b"abc"));
-    s.request(0, c, exec::WRITE_TOPIC, NODEID_ANY, &encode_control(tag, b""));
+    let t = s.request(
+        0,
+        c,
+        exec::KILL_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b"2"),
+    );
+    s.request(
+        0,
+        c,
+        exec::WRITE_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b"abc"),
+    );
+    s.request(
+        0,
+        c,
+        exec::WRITE_TOPIC,
+        NODEID_ANY,
+        &encode_control(tag, b""),
+    );
     s.settle();
     assert_eq!(s.responses(0, c, t)[0].header.errnum, 0);
     for (r, n) in s.nodes.iter().enumerate() {
         let sid = n.spawned[0].sid;
         assert_eq!(n.signals, vec![(sid, 2)], "rank {r}");
-        assert_eq!(n.stdin, vec![(sid, b"abc".to_vec()), (sid, vec![])], "rank {r}");
+        assert_eq!(
+            n.stdin,
+            vec![(sid, b"abc".to_vec()), (sid, vec![])],
+            "rank {r}"
+        );
     }
 }
 

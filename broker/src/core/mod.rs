@@ -20,12 +20,12 @@
 //! a received ZeroMQ frame without copying it.
 
 pub mod exec;
+#[cfg(test)]
+mod exec_tests;
 pub mod idmap;
 pub mod keys;
 pub mod provided;
 mod relink;
-#[cfg(test)]
-mod exec_tests;
 #[cfg(test)]
 mod service_tests;
 pub mod services;
@@ -381,7 +381,10 @@ pub enum Input<P> {
     },
     /// A record (`canopy_proto::exec::Record`) from session `sid`'s local
     /// command.
-    ExecRecord { sid: u64, record: Vec<u8> },
+    ExecRecord {
+        sid: u64,
+        record: Vec<u8>,
+    },
 }
 
 /// A message to send.
@@ -469,9 +472,15 @@ pub enum Event {
     /// [`Input::ExecRecord`], the last being an exit or a failure.
     ExecSpawn(exec::Spawn),
     /// Signal the command of session `sid` (its whole process group).
-    ExecSignal { sid: u64, sig: i32 },
+    ExecSignal {
+        sid: u64,
+        sig: i32,
+    },
     /// Bytes for the command's stdin; empty: close it.
-    ExecStdin { sid: u64, data: Vec<u8> },
+    ExecStdin {
+        sid: u64,
+        data: Vec<u8>,
+    },
     Exit(Exit),
 }
 

@@ -100,8 +100,18 @@ pub const SERVICES: &[Service] = &[
     // as the owner); in a system instance the helper checks the user's
     // signed request, so any admitted user may submit one.
     row(super::exec::RUN_TOPIC, Roles::USER, false, Builtin::ExecRun),
-    row(super::exec::KILL_TOPIC, Roles::USER, false, Builtin::ExecControl),
-    row(super::exec::WRITE_TOPIC, Roles::USER, false, Builtin::ExecControl),
+    row(
+        super::exec::KILL_TOPIC,
+        Roles::USER,
+        false,
+        Builtin::ExecControl,
+    ),
+    row(
+        super::exec::WRITE_TOPIC,
+        Roles::USER,
+        false,
+        Builtin::ExecControl,
+    ),
 ];
 
 /// The role and handler for `topic` on `rank`, if this broker serves it.
