@@ -17,6 +17,7 @@
 
 mod acl;
 mod event;
+mod exec;
 mod gss;
 mod gssbind;
 mod hostile;
@@ -87,6 +88,9 @@ enum Cmd {
     /// push at their budgets, and the owner's ping p50/p99 during the
     /// attack against without it.
     Hostile(HostileArgs),
+    /// Wall time of `canopy exec -n -r all true` per instance size,
+    /// against the targets (10 ms at 8, 45 ms at 64, 1.5 s at 1,024).
+    Exec(ExecArgs),
     /// Every scenario with tiny parameters; non-zero exit if anything
     /// fails. No timing assertions.
     Smoke,
@@ -225,6 +229,32 @@ struct StartArgs {
     /// Unrecorded sweeps over all sizes first (cold caches).
     #[arg(long, default_value_t = 1)]
     warmup: u32,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    /// Instance sizes, comma-separated.
+    #[arg(long, default_value = "8,64,1024", value_parser = parse_sizes)]
+    sizes: List<u32>,
+    /// Measured runs per size.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    fanout: u32,
+    /// Unrecorded runs per size first.
+    #[arg(long, default_value_t = 3)]
+    warmup: u32,
+}
+
+fn exec_params(cli: &Cli, a: &ExecArgs) -> Result<exec::ExecParams> {
+    Ok(exec::ExecParams {
+        sizes: a.sizes.0.clone(),
+        fanout: a.fanout,
+        runs: a.runs,
+        warmup: a.warmup,
+        start_timeout: secs(cli.timeout, "--timeout")?,
+        rundir: cli.rundir.clone(),
+    })
 }
 
 #[derive(Debug, Args)]
@@ -414,6 +444,7 @@ fn memory_params(cli: &Cli, a: &MemoryArgs) -> Result<memory::MemoryParams> {
 /// Every scenario's parameters for `smoke`: tiny, one run each.
 struct SmokeParams {
     start: start::StartParams,
+    exec: exec::ExecParams,
     rpc: rpc::RpcParams,
     service: service::ServiceParams,
     event: event::EventParams,
@@ -424,6 +455,15 @@ struct SmokeParams {
 
 fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
     Ok(SmokeParams {
+        exec: exec_params(
+            cli,
+            &ExecArgs {
+                sizes: List(vec![2]),
+                runs: 2,
+                fanout: 2,
+                warmup: 1,
+            },
+        )?,
         start: start_params(
             cli,
             &StartArgs {
@@ -523,6 +563,16 @@ fn check_smoke(r: &Report) -> Result<()> {
     if let Some(s) = &r.start {
         if s.results.len() != s.params.sizes.len() || !s.results.iter().all(|x| ok(&x.wall_s)) {
             bail!("start: missing or invalid results");
+        }
+    }
+    if let Some(e) = r.extra.get("exec") {
+        let n = e["results"].as_array().map_or(0, Vec::len);
+        let good = e["results"].as_array().is_some_and(|v| {
+            v.iter()
+                .all(|x| x["wall_ms"]["median"].as_f64().is_some_and(|m| m > 0.0))
+        });
+        if n != e["params"]["sizes"].as_array().map_or(0, Vec::len) || !good {
+            bail!("exec: missing or invalid results");
         }
     }
     if let Some(r) = &r.rpc {
@@ -803,6 +853,23 @@ fn run(cli: &Cli) -> Result<()> {
                 }),
             )
         }
+        Cmd::Exec(a) => {
+            let p = exec_params(cli, a)?;
+            (
+                "exec",
+                true,
+                Box::new(move |r, c| {
+                    scenario(
+                        r,
+                        "exec",
+                        false,
+                        || exec::run(c, &p),
+                        exec::table,
+                        extra("exec"),
+                    )
+                }),
+            )
+        }
         Cmd::Smoke => {
             let sp = smoke_params(cli)?;
             ("smoke", true, Box::new(move |r, c| smoke(r, c, &sp)))
@@ -833,6 +900,14 @@ fn smoke(r: &mut Report, c: &Path, sp: &SmokeParams) -> Result<()> {
         || start::run(c, &sp.start),
         start::table,
         |r, x| r.start = Some(x),
+    )?;
+    scenario(
+        r,
+        "exec",
+        true,
+        || exec::run(c, &sp.exec),
+        exec::table,
+        extra("exec"),
     )?;
     scenario(
         r,
