@@ -66,7 +66,7 @@ fn ca_key(c: &mut Client, rank: u32, timeout: Duration) -> Result<VerifyingKey> 
     let topic = format!("{CA_NAMESPACE}.info");
     let m = c
         .rpc(&topic, rank, b"", timeout)
-        .with_context(|| format!("cannot reach the ca on rank {rank}; is canopy-ca running there? (canopy service list -r {rank})"))?;
+        .map_err(|e| anyhow::anyhow!("cannot reach the ca on rank {rank} ({e}); is canopy-ca running there? (canopy service list -r {rank})"))?;
     let bad = || {
         anyhow::anyhow!(
             "rank {rank}'s {topic} answered no ed25519 key; is canopy-ca the provider of {CA_NAMESPACE}?"
@@ -88,10 +88,12 @@ fn ca_key(c: &mut Client, rank: u32, timeout: Duration) -> Result<VerifyingKey> 
 /// Check what the CA answered: a `ca` certificate signed by `ca`, for
 /// `mine`.
 fn check_issued(wire: &[u8], ca: &VerifyingKey, mine: &VerifyingKey) -> Result<UserCert> {
-    let env = Envelope::parse(wire).context("the ca answered something that is not a certificate envelope")?;
+    let env = Envelope::parse(wire).map_err(|e| {
+        anyhow::anyhow!("the ca answered something that is not a certificate envelope: {e}")
+    })?;
     let body = env
         .verify(USER_CERT_TYPE, ca, "certificate")
-        .context("the certificate the ca answered does not verify with the key ca.info gave")?;
+        .map_err(|e| anyhow::anyhow!("the certificate the ca answered does not verify with the key ca.info gave: {e}; nothing was saved"))?;
     let cert = UserCert::parse(body)?;
     anyhow::ensure!(
         cert.public_key().as_ref() == Some(mine),
@@ -122,7 +124,7 @@ fn request(
         // The broker we are connected to answers with its own rank.
         None => {
             c.rpc("broker.ping", NODEID_ANY, b"", timeout)
-                .context("cannot reach the broker")?
+                .map_err(|e| anyhow::anyhow!("cannot reach the broker: {e}"))?
                 .header
                 .nodeid
         }
@@ -139,7 +141,7 @@ fn request(
             body.to_string().as_bytes(),
             timeout,
         )
-        .context("the ca did not issue a certificate")?;
+        .map_err(|e| anyhow::anyhow!("the ca did not issue a certificate: {e}"))?;
     let cert = check_issued(&m.payload, &ca, &mine)?;
     let path = userkeys::save_cert(&dir, &m.payload)?;
     outln!("principal: {}", cert.principal);

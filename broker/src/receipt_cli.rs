@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use canopy_imp::envelope::{key_id, sha256_hex};
 use canopy_imp::receipt::{verify_receipt, Exit, Receipt};
 use clap::Subcommand;
@@ -104,14 +104,21 @@ fn verify(file: &Path, key_files: &[PathBuf], request: Option<&Path>) -> Result<
     let keys = key_files
         .iter()
         .map(|p| {
-            canopy_imp::keys::read_public(p)
-                .with_context(|| format!("--node-key {}", p.display()))
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                anyhow::anyhow!("cannot read --node-key {}: {e}; check the path", p.display())
+            })?;
+            canopy_imp::keys::parse_public(&text).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--node-key {} is not an ed25519 public key file (one line `ed25519:<base64>`, the PATH.pub canopy-imp keygen writes)",
+                    p.display()
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let digest = match request {
         Some(p) => {
             let mut b = std::fs::read(p)
-                .with_context(|| format!("cannot read the request envelope {}", p.display()))?;
+                .map_err(|e| anyhow::anyhow!("cannot read the request envelope {}: {e}", p.display()))?;
             while b.last().is_some_and(u8::is_ascii_whitespace) {
                 b.pop();
             }
@@ -120,7 +127,7 @@ fn verify(file: &Path, key_files: &[PathBuf], request: Option<&Path>) -> Result<
         None => None,
     };
     let text = std::fs::read(file)
-        .with_context(|| format!("cannot read the receipts in {}", file.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot read the receipts in {}: {e}", file.display()))?;
     let verdicts = verify_lines(&text, &keys, digest.as_deref());
     anyhow::ensure!(
         !verdicts.is_empty(),
