@@ -242,8 +242,7 @@ mod tests {
         assert!(e.to_string().contains("another key than yours"), "{e:#}");
         let e = check_issued(&issue(CertKind::Ca, &me, &other), &cav, &mev).unwrap_err();
         assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
-        let e = check_issued(&issue(CertKind::NodeAttestation, &me, &ca), &cav, &mev)
-            .unwrap_err();
+        let e = check_issued(&issue(CertKind::NodeAttestation, &me, &ca), &cav, &mev).unwrap_err();
         assert!(e.to_string().contains("not a ca certificate"), "{e:#}");
         assert!(check_issued(b"nope", &cav, &mev).is_err());
     }

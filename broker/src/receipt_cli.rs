@@ -117,8 +117,9 @@ fn verify(file: &Path, key_files: &[PathBuf], request: Option<&Path>) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let digest = match request {
         Some(p) => {
-            let mut b = std::fs::read(p)
-                .map_err(|e| anyhow::anyhow!("cannot read the request envelope {}: {e}", p.display()))?;
+            let mut b = std::fs::read(p).map_err(|e| {
+                anyhow::anyhow!("cannot read the request envelope {}: {e}", p.display())
+            })?;
             while b.last().is_some_and(u8::is_ascii_whitespace) {
                 b.pop();
             }
@@ -184,7 +185,11 @@ mod tests {
         let mut tampered = String::from_utf8(receipt(1).sign(&n1)).unwrap();
         // One byte of the payload's base64: the signature no longer holds.
         let at = tampered.find("\"payload\":\"").unwrap() + 12;
-        let c = if &tampered[at..at + 1] == "A" { "B" } else { "A" };
+        let c = if &tampered[at..at + 1] == "A" {
+            "B"
+        } else {
+            "A"
+        };
         tampered.replace_range(at..at + 1, c);
         text.extend_from_slice(tampered.as_bytes());
         text.push(b'\n');
@@ -198,7 +203,10 @@ mod tests {
         assert!(describe(r, k).starts_with("rank 0 host node0 uid 1000 exit status 0"));
         assert_eq!(v[1].line, 3);
         let e = v[1].result.as_ref().unwrap_err();
-        assert!(e.contains("bad signature") || e.contains("malformed"), "{e}");
+        assert!(
+            e.contains("bad signature") || e.contains("malformed"),
+            "{e}"
+        );
         assert_eq!(v[2].line, 4);
         assert!(v[2]
             .result

@@ -136,7 +136,9 @@ impl CaConfig {
                 if !(1..=MAX_LIFETIME as i64).contains(&v) {
                     return Err(err(
                         s.span(),
-                        format!("lifetime: {v} is out of range; give seconds from 1 to {MAX_LIFETIME}"),
+                        format!(
+                            "lifetime: {v} is out of range; give seconds from 1 to {MAX_LIFETIME}"
+                        ),
                     ));
                 }
                 v as u64
@@ -179,12 +181,11 @@ impl CaConfig {
     /// owned by root or `uid` that group and other cannot write, on a path
     /// nobody else controls (it decides which realms are believed).
     pub fn load(path: &Path, uid: u32) -> Result<CaConfig, ConfigError> {
-        let t = check_trusted(path, TrustKind::File, uid).map_err(|source| {
-            ConfigError::Untrusted {
+        let t =
+            check_trusted(path, TrustKind::File, uid).map_err(|source| ConfigError::Untrusted {
                 what: "ca.toml",
                 source,
-            }
-        })?;
+            })?;
         let file = t.open().map_err(|source| ConfigError::Untrusted {
             what: "ca.toml",
             source,
@@ -240,7 +241,8 @@ impl CaConfig {
                 path: path.clone(),
                 source,
             })?;
-        canopy_imp::keys::parse_secret(&text).ok_or_else(|| ConfigError::KeyFormat { path: path.clone() })
+        canopy_imp::keys::parse_secret(&text)
+            .ok_or_else(|| ConfigError::KeyFormat { path: path.clone() })
     }
 }
 
@@ -310,9 +312,9 @@ impl Accounts for SystemAccounts {
 /// `realms`; anything else is refused.
 pub fn map_principal(principal: &str, realms: &BTreeSet<String>) -> Result<String, Refusal> {
     let user = if let Some(name) = principal.strip_prefix("unix:") {
-        if name.starts_with('#') {
+        if let Some(uid) = name.strip_prefix('#') {
             return Err(Refusal::UnresolvedUid {
-                uid: name[1..].to_owned(),
+                uid: uid.to_owned(),
             });
         }
         name.to_owned()
@@ -413,7 +415,9 @@ pub fn issue(
     let body: IssueBody = serde_json::from_slice(input.payload)
         .map_err(|e| Refusal::Malformed(canopy_imp::envelope::lower_first(e.to_string())))?;
     let subject = parse_public_key(&body.public_key).ok_or_else(|| {
-        Refusal::Malformed("public_key is not the standard base64 of a 32-byte ed25519 public key".into())
+        Refusal::Malformed(
+            "public_key is not the standard base64 of a 32-byte ed25519 public key".into(),
+        )
     })?;
     let lifetime = match body.lifetime_s {
         Some(0) => {
@@ -560,7 +564,8 @@ realms = ["HPC.EXAMPLE"]
     }
 
     fn payload(lifetime: Option<u64>) -> Vec<u8> {
-        let mut v = serde_json::json!({"public_key": b64_encode(user_key().verifying_key().as_bytes())});
+        let mut v =
+            serde_json::json!({"public_key": b64_encode(user_key().verifying_key().as_bytes())});
         if let Some(l) = lifetime {
             v["lifetime_s"] = l.into();
         }
@@ -597,7 +602,9 @@ realms = ["HPC.EXAMPLE"]
 
         let e = parse_err("secret_key = \"/k\"\nlifetime = 7200\n");
         assert!(
-            e.starts_with("ca.toml:2:12: lifetime: 7200 is out of range; give seconds from 1 to 3600"),
+            e.starts_with(
+                "ca.toml:2:12: lifetime: 7200 is out of range; give seconds from 1 to 3600"
+            ),
             "{e}"
         );
         let e = parse_err("secret_key = \"/k\"\nlifetime = 0\n");
@@ -617,7 +624,10 @@ realms = ["HPC.EXAMPLE"]
             "{e}"
         );
         let e = parse_err("lifetime = 60\n");
-        assert!(e.contains("missing field `secret_key`") && e.contains("add it"), "{e}");
+        assert!(
+            e.contains("missing field `secret_key`") && e.contains("add it"),
+            "{e}"
+        );
         let e = parse_err("secret_key = \"/k\"\nlifetime = \"1h\"\n");
         assert!(e.starts_with("ca.toml:2:12: invalid type"), "{e}");
     }
@@ -628,14 +638,20 @@ realms = ["HPC.EXAMPLE"]
         let m = |p: &str| map_principal(p, &realms);
         assert_eq!(m("unix:alice"), Ok("alice".into()));
         assert_eq!(m("alice@HPC.EXAMPLE"), Ok("alice".into()));
-        assert!(matches!(m("alice@OTHER.EXAMPLE"), Err(Refusal::Realm { .. })));
+        assert!(matches!(
+            m("alice@OTHER.EXAMPLE"),
+            Err(Refusal::Realm { .. })
+        ));
         // Realms are compared exactly.
         assert!(matches!(m("alice@hpc.example"), Err(Refusal::Realm { .. })));
         assert!(matches!(
             m("host/node1@HPC.EXAMPLE"),
             Err(Refusal::NotAUser { .. })
         ));
-        assert!(matches!(m("unix:#1234"), Err(Refusal::UnresolvedUid { .. })));
+        assert!(matches!(
+            m("unix:#1234"),
+            Err(Refusal::UnresolvedUid { .. })
+        ));
         assert!(matches!(
             m("curve:rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf"),
             Err(Refusal::CurveKey { .. })
@@ -645,7 +661,10 @@ realms = ["HPC.EXAMPLE"]
             m("Alice@HPC.EXAMPLE"),
             Err(Refusal::BadUserName { .. })
         ));
-        assert!(matches!(m("@HPC.EXAMPLE"), Err(Refusal::BadUserName { .. })));
+        assert!(matches!(
+            m("@HPC.EXAMPLE"),
+            Err(Refusal::BadUserName { .. })
+        ));
     }
 
     #[test]
@@ -748,7 +767,10 @@ realms = ["HPC.EXAMPLE"]
         ] {
             let r = ask("unix:alice", true, body).unwrap_err();
             assert_eq!(r.errnum(), errno::EINVAL, "{r}");
-            assert!(r.to_string().starts_with("malformed ca.issue request"), "{r}");
+            assert!(
+                r.to_string().starts_with("malformed ca.issue request"),
+                "{r}"
+            );
         }
         let a = handle(
             &cfg(),
@@ -816,11 +838,7 @@ realms = ["HPC.EXAMPLE"]
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ca.key");
         canopy_imp::keys::write_pair(&p, &ca_key()).unwrap();
-        let c = CaConfig::parse(
-            &format!("secret_key = \"{}\"\n", p.display()),
-            "ca.toml",
-        )
-        .unwrap();
+        let c = CaConfig::parse(&format!("secret_key = \"{}\"\n", p.display()), "ca.toml").unwrap();
         let me = nix::unistd::geteuid().as_raw();
         assert_eq!(c.load_key(me).unwrap().to_bytes(), ca_key().to_bytes());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -829,7 +847,10 @@ realms = ["HPC.EXAMPLE"]
         // Executable by the owner only: still more than 0600.
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
         let e = c.load_key(me).unwrap_err().to_string();
-        assert!(e.contains("mode 0700") && e.contains("0600 or stricter"), "{e}");
+        assert!(
+            e.contains("mode 0700") && e.contains("0600 or stricter"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(c.load_key(me).is_ok());
         // Not the running user's (root would do for check_trusted, not here).

@@ -32,7 +32,9 @@ fn etc_ca_toml_parses_and_matches_its_comments() {
         .unwrap()
         + 1;
     assert!(
-        err.starts_with(&format!("ca.toml:{line}:12: lifetime: 86400 is out of range")),
+        err.starts_with(&format!(
+            "ca.toml:{line}:12: lifetime: 86400 is out of range"
+        )),
         "{err}"
     );
 }

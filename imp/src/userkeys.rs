@@ -76,7 +76,9 @@ pub enum UserKeyError {
     OtherKey { path: String, key: String },
     #[error("{path} expired at {at}; run canopy cert request")]
     Expired { path: String, at: String },
-    #[error("{path} is not valid before {at}; check this host's clock, or run canopy cert request")]
+    #[error(
+        "{path} is not valid before {at}; check this host's clock, or run canopy cert request"
+    )]
     NotYetValid { path: String, at: String },
     #[error("cannot get random bytes for a key: {0}")]
     Random(String),

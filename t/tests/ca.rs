@@ -22,7 +22,9 @@ use canopy_imp::receipt::{Exit, Receipt};
 use canopy_imp::request::{sign_request, Audience, ExecRequest};
 use canopy_proto::errno;
 use canopy_t::users::{is_root, other_user, OTHER_USER};
-use canopy_t::{ca_bin, canopy_bin, run_canopy, run_command, run_test, text, Daemon, Instance, RPC_TIMEOUT};
+use canopy_t::{
+    ca_bin, canopy_bin, run_canopy, run_command, run_test, text, Daemon, Instance, RPC_TIMEOUT,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const RUN: Duration = Duration::from_secs(30);
@@ -66,7 +68,8 @@ impl User {
         let home = format!("HOME={}", self.home.path().display());
         let mut cmd = if is_root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", OTHER_USER, "--", "env", &home]).arg(&self.canopy);
+            c.args(["-u", OTHER_USER, "--", "env", &home])
+                .arg(&self.canopy);
             c
         } else {
             let mut c = Command::new(&self.canopy);
@@ -93,7 +96,11 @@ fn ca_files(dir: &Path) -> (PathBuf, ed25519_dalek::VerifyingKey) {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let public = canopy_imp::keys::read_public(&dir.join("ca.key.pub")).unwrap();
-    assert!(text(&out.stdout).contains(&key_id(&public)), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&key_id(&public)),
+        "{}",
+        text(&out.stdout)
+    );
     let config = dir.join("ca.toml");
     std::fs::write(
         &config,
@@ -138,7 +145,12 @@ fn cert_request_gets_a_certificate_the_ca_key_verifies_and_relayed_requests_are_
         let (config, ca_public) = ca_files(cadir.path());
         let ca = Daemon::spawn(
             Command::new(ca_bin())
-                .args(["--config", config.to_str().unwrap(), "--uri", &inst.local_uri(0)])
+                .args([
+                    "--config",
+                    config.to_str().unwrap(),
+                    "--uri",
+                    &inst.local_uri(0),
+                ])
                 .env("RUST_LOG", "info"),
             &cadir.path().join("ca.stderr"),
         );
@@ -161,9 +173,18 @@ fn cert_request_gets_a_certificate_the_ca_key_verifies_and_relayed_requests_are_
             ca.stderr_text()
         );
         let printed = text(&out.stdout);
-        assert!(printed.contains(&format!("principal: {principal}\n")), "{printed}");
-        assert!(printed.contains(&format!("user:      {}\n", user.name)), "{printed}");
-        assert!(printed.contains("saved:     ~/.canopy/exec.cert"), "{printed}");
+        assert!(
+            printed.contains(&format!("principal: {principal}\n")),
+            "{printed}"
+        );
+        assert!(
+            printed.contains(&format!("user:      {}\n", user.name)),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("saved:     ~/.canopy/exec.cert"),
+            "{printed}"
+        );
 
         // The saved certificate verifies with the CA's key, for the user's
         // own key and account.
@@ -207,7 +228,10 @@ fn cert_request_gets_a_certificate_the_ca_key_verifies_and_relayed_requests_are_
         let mut c1 = inst.client(1);
         let (e, msg) = refusal(c1.rpc("ca.issue", 0, &issue_payload(), RPC_TIMEOUT));
         assert_eq!(e, errno::EPERM, "{msg}");
-        assert!(msg.contains("the ca authenticates callers directly"), "{msg}");
+        assert!(
+            msg.contains("the ca authenticates callers directly"),
+            "{msg}"
+        );
         // The certificate saved before is untouched by the refusal.
         assert_eq!(std::fs::read(&cert_file).unwrap(), wire);
 
@@ -231,7 +255,9 @@ fn cert_request_gets_a_certificate_the_ca_key_verifies_and_relayed_requests_are_
             "{log}"
         );
         assert!(
-            log.contains(&format!("ca: refused ca.issue: principal={principal} direct=false")),
+            log.contains(&format!(
+                "ca: refused ca.issue: principal={principal} direct=false"
+            )),
             "{log}"
         );
         let secret = std::fs::read_to_string(cadir.path().join("ca.key")).unwrap();
@@ -338,8 +364,11 @@ fn receipt_verify_accepts_signed_receipts_and_names_the_line_of_a_bad_one() {
         let printed = text(&out.stdout);
         assert_eq!(printed.lines().count(), 2, "{printed}");
         assert!(
-            printed.contains(&format!("{file}:1: ok rank 0 host node0 uid 1000 exit status 0"))
-                && printed.contains(&format!("{file}:2: ok rank 1 host node1 uid 1000 exit status 1")),
+            printed.contains(&format!(
+                "{file}:1: ok rank 0 host node0 uid 1000 exit status 0"
+            )) && printed.contains(&format!(
+                "{file}:2: ok rank 1 host node1 uid 1000 exit status 1"
+            )),
             "{printed}"
         );
         let digest = sha256_hex(&std::fs::read(&r.request).unwrap());
@@ -350,7 +379,9 @@ fn receipt_verify_accepts_signed_receipts_and_names_the_line_of_a_bad_one() {
         let out = r.verify(&keys, true);
         assert!(!out.status.success());
         assert!(
-            text(&out.stderr).contains(&format!("{file}:1: FAILED: the receipt is for request {digest}, not for the request given")),
+            text(&out.stderr).contains(&format!(
+                "{file}:1: FAILED: the receipt is for request {digest}, not for the request given"
+            )),
             "{}",
             text(&out.stderr)
         );
@@ -370,7 +401,11 @@ fn receipt_verify_accepts_signed_receipts_and_names_the_line_of_a_bad_one() {
         // One byte of line 2's payload edited.
         let mut edited = good.clone();
         let at = edited[1].find("\"payload\":\"").unwrap() + 11 + 20;
-        let c = if &edited[1][at..at + 1] == "A" { "B" } else { "A" };
+        let c = if &edited[1][at..at + 1] == "A" {
+            "B"
+        } else {
+            "A"
+        };
         edited[1].replace_range(at..at + 1, c);
         r.write(&edited);
         let out = r.verify(&keys, false);
@@ -391,7 +426,9 @@ fn receipt_verify_accepts_signed_receipts_and_names_the_line_of_a_bad_one() {
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(
-            err.contains(&format!("{file}:1: FAILED: receipt: bad signature on the receipt")),
+            err.contains(&format!(
+                "{file}:1: FAILED: receipt: bad signature on the receipt"
+            )),
             "{err}"
         );
     });
