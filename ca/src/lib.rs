@@ -62,6 +62,8 @@ pub enum ConfigError {
         #[source]
         source: TrustError,
     },
+    #[error("secret key {path} does not exist; make it with `canopy-ca keygen --out {path}` (and give {path}.pub to the nodes' imp.toml)")]
+    KeyMissing { path: PathBuf },
     #[error("secret key {path} is owned by uid {owner}, not by the user canopy-ca runs as (uid {me}); run `chown {me} {path}`, or run canopy-ca as its owner")]
     KeyOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("secret key {path} has mode {mode:04o}; it must be 0600 or stricter: run `chmod 600 {path}`")]
@@ -210,11 +212,16 @@ impl CaConfig {
     /// stricter.
     pub fn load_key(&self, uid: u32) -> Result<SigningKey, ConfigError> {
         let path = &self.secret_key;
-        let t = check_trusted(path, TrustKind::Secret, uid).map_err(|source| {
-            ConfigError::Untrusted {
+        let t = check_trusted(path, TrustKind::Secret, uid).map_err(|source| match &source {
+            TrustError::Io { path: p, source: e }
+                if p == path && e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ConfigError::KeyMissing { path: path.clone() }
+            }
+            _ => ConfigError::Untrusted {
                 what: "the ca's secret key",
                 source,
-            }
+            },
         })?;
         if t.uid != uid {
             return Err(ConfigError::KeyOwner {
@@ -366,6 +373,12 @@ pub struct Issued {
     pub envelope: Vec<u8>,
     /// The key id of the certified (user's) key.
     pub subject_keyid: String,
+}
+
+/// Whether a delivered request's flags say its broker authenticated the
+/// caller itself ([`canopy_proto::FLAG_DIRECT`]).
+pub fn is_direct(flags: u8) -> bool {
+    flags & canopy_proto::FLAG_DIRECT != 0
 }
 
 /// One `ca.issue` request: who asked (as the broker stamped it), whether
@@ -709,7 +722,14 @@ realms = ["HPC.EXAMPLE"]
             r.to_string(),
             "the ca authenticates callers directly: run canopy cert request on the ca's host, or connect to its broker with kerberos"
         );
-        // Through handle: the topic's flags decide, and the log says why.
+        assert!(is_direct(
+            canopy_proto::FLAG_DIRECT | canopy_proto::FLAG_NORESPONSE
+        ));
+        assert!(!is_direct(
+            canopy_proto::FLAG_NORESPONSE | canopy_proto::FLAG_MORE
+        ));
+        assert!(!is_direct(0));
+        // Through handle: the log says why.
         let a = handle(
             &cfg(),
             &ca_key(),
@@ -840,6 +860,15 @@ realms = ["HPC.EXAMPLE"]
         canopy_imp::keys::write_pair(&p, &ca_key()).unwrap();
         let c = CaConfig::parse(&format!("secret_key = \"{}\"\n", p.display()), "ca.toml").unwrap();
         let me = nix::unistd::geteuid().as_raw();
+        let missing = CaConfig {
+            secret_key: d.path().join("none.key"),
+            ..c.clone()
+        };
+        let e = missing.load_key(me).unwrap_err().to_string();
+        assert!(
+            e.contains("does not exist; make it with `canopy-ca keygen --out"),
+            "{e}"
+        );
         assert_eq!(c.load_key(me).unwrap().to_bytes(), ca_key().to_bytes());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         let e = c.load_key(me).unwrap_err().to_string();

@@ -14,10 +14,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use canopy_ca::{CaConfig, IssueInput, SystemAccounts, DEFAULT_CONFIG, METHODS};
 use canopy_client::{Client, ClientError};
-use canopy_proto::{FLAG_DIRECT, FLAG_NORESPONSE, NODEID_ANY};
+use canopy_proto::{FLAG_NORESPONSE, NODEID_ANY};
 use clap::{Parser, Subcommand};
 
 /// Canopy's site CA: certifies users' exec keys for the callers its own
@@ -62,7 +62,8 @@ fn main() {
         None => serve(&cli.config, cli.uri.as_deref()),
     };
     if let Err(e) = r {
-        eprintln!("canopy-ca: error: {e:#}");
+        // Every error message already includes its cause.
+        eprintln!("canopy-ca: error: {e}");
         std::process::exit(1);
     }
 }
@@ -91,7 +92,7 @@ fn serve(config: &std::path::Path, uri: Option<&str>) -> Result<()> {
     let cfg = CaConfig::load(config, uid)?;
     let key = cfg.load_key(uid)?;
     let keyid = canopy_imp::envelope::key_id(&key.verifying_key());
-    let mut client = Client::connect(uri).context("cannot connect to the broker")?;
+    let mut client = Client::connect(uri)?;
     let methods: serde_json::Map<String, serde_json::Value> = METHODS
         .iter()
         .map(|(m, r)| (m.to_string(), serde_json::Value::String(r.to_string())))
@@ -104,7 +105,7 @@ fn serve(config: &std::path::Path, uri: Option<&str>) -> Result<()> {
             body.to_string().as_bytes(),
             Duration::from_secs(10),
         )
-        .with_context(|| format!("cannot offer namespace {}", cfg.namespace))?;
+        .map_err(|e| anyhow::anyhow!("cannot offer namespace {}: {e}", cfg.namespace))?;
     let rank = serde_json::from_slice::<serde_json::Value>(&m.payload)
         .ok()
         .and_then(|v| v.get("rank")?.as_u64())
@@ -128,7 +129,7 @@ fn serve(config: &std::path::Path, uri: Option<&str>) -> Result<()> {
                 eprintln!("canopy-ca: the broker closed the connection; exiting");
                 return Ok(());
             }
-            Err(e) => return Err(e).context("the connection to the broker ended"),
+            Err(e) => anyhow::bail!("the connection to the broker ended: {e}"),
         };
         let h = &m.header;
         let a = canopy_ca::handle(
@@ -137,7 +138,7 @@ fn serve(config: &std::path::Path, uri: Option<&str>) -> Result<()> {
             &h.topic,
             &IssueInput {
                 principal: &h.userid,
-                direct: h.flags & FLAG_DIRECT != 0,
+                direct: canopy_ca::is_direct(h.flags),
                 payload: &m.payload,
             },
             &SystemAccounts,
@@ -151,7 +152,7 @@ fn serve(config: &std::path::Path, uri: Option<&str>) -> Result<()> {
         if h.flags & FLAG_NORESPONSE == 0 {
             client
                 .respond(h.matchtag, a.errnum, &a.payload)
-                .context("cannot answer the broker")?;
+                .map_err(|e| anyhow::anyhow!("cannot answer the broker: {e}"))?;
         }
     }
 }
