@@ -297,6 +297,17 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         cmd: EventCmd,
     },
+    /// Your certificate for canopy exec: request one from the site CA
+    /// (canopy-ca), or show the saved one.
+    Cert {
+        #[command(subcommand)]
+        cmd: crate::cert_cli::CertCmd,
+    },
+    /// Verify canopy exec receipts offline against the nodes' keys.
+    Receipt {
+        #[command(subcommand)]
+        cmd: crate::receipt_cli::ReceiptCmd,
+    },
     /// Write the manual (man pages) and shell completions under DIR, for
     /// packaging: DIR/man/*.1, DIR/man/canopy.toml.5 and
     /// DIR/completions/{canopy.bash,_canopy,canopy.fish}.

@@ -5,6 +5,8 @@ mod journal;
 mod manual;
 #[macro_use]
 mod out;
+mod cert_cli;
+mod receipt_cli;
 
 use anyhow::{Context, Result};
 use canopy_broker::bootstrap::{run_broker, BrokerOpts};
@@ -454,6 +456,8 @@ fn run(cli: Cli) -> Result<i32> {
             })?;
             Ok(0)
         }
+        Cmd::Cert { cmd } => cert_cli::run(cmd),
+        Cmd::Receipt { cmd } => receipt_cli::run(cmd),
         Cmd::GenerateManual { dir } => {
             for p in manual::generate(&dir)? {
                 outln!("wrote {}", p.display());

@@ -19,6 +19,7 @@ pub mod receipt;
 pub mod replay;
 pub mod request;
 pub mod run;
+pub mod userkeys;
 pub mod verify;
 
 #[cfg(test)]

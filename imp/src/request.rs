@@ -226,6 +226,13 @@ impl ExecRequest {
     }
 }
 
+/// Sign `req` with the user's key into an envelope
+/// (`application/vnd.canopy.exec-request+json`): the wire bytes the
+/// brokers forward byte for byte.
+pub fn sign_request(req: &ExecRequest, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
+    crate::envelope::sign(crate::envelope::EXEC_REQUEST_TYPE, &req.to_body(), key)
+}
+
 /// 16 random bytes as 32 hex digits.
 pub fn new_nonce() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 16];

@@ -62,6 +62,19 @@ pub fn canopy_bin() -> PathBuf {
     bin
 }
 
+/// The `canopy-ca` binary (the site CA), next to `canopy`: build it with
+/// `cargo build -p canopy-ca`.
+pub fn ca_bin() -> PathBuf {
+    let mut bin = canopy_bin();
+    bin.set_file_name("canopy-ca");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build -p canopy-ca` first",
+        bin.display()
+    );
+    bin
+}
+
 /// Lossy UTF-8 text of command output.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -360,6 +373,84 @@ pub fn run_canopy(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Out
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied());
     run_command(&mut cmd, timeout)
+}
+
+/// A long-running process a test started (a service such as
+/// `canopy-ca`), in a process group of its own: SIGKILLed with its group
+/// when dropped, or by the watchdog if the test overruns its limit.
+/// Standard output is collected by line; standard error goes to a file.
+pub struct Daemon {
+    child: Child,
+    pid: i32,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr_path: PathBuf,
+    track_id: u64,
+}
+
+impl Daemon {
+    /// Spawn `cmd` (stdin closed), its stderr written to `stderr_path`.
+    pub fn spawn(cmd: &mut Command, stderr_path: &Path) -> Daemon {
+        let stderr = std::fs::File::create(stderr_path).expect("cannot create the stderr log");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let pid = child.id() as i32;
+        let track_id = track(Tracked {
+            pgid: Some(pid),
+            ..Tracked::default()
+        });
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("piped stdout");
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+            }
+        });
+        Daemon {
+            child,
+            pid,
+            lines,
+            stderr_path: stderr_path.to_path_buf(),
+            track_id,
+        }
+    }
+
+    /// The lines written to stdout so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Wait up to `timeout` for a stdout line containing `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.lines().iter().any(|l| l.contains(needle)))
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = wait_child(&mut self.child, Duration::from_secs(5));
+        untrack(self.track_id);
+    }
 }
 
 // ----- an instance -----

@@ -65,7 +65,8 @@ fn systemd_unit_is_hardened_and_uses_notify() {
 #[test]
 fn no_file_in_etc_goes_unparsed() {
     // Files parsed elsewhere: etc/policy.toml (canopy-acl tests),
-    // etc/system/** (canopy-config tests), etc/canopy.service (above).
+    // etc/system/** (canopy-config tests), etc/imp.toml (canopy-imp
+    // tests), etc/ca.toml (canopy-ca tests), etc/canopy.service (above).
     let mut stack = vec![etc()];
     let mut unparsed = Vec::new();
     while let Some(d) = stack.pop() {
