@@ -62,6 +62,9 @@ pub enum AuditKind {
     RoleRefusal,
     /// A new policy took effect.
     Reload,
+    /// `canopy exec`: a request started (its digest), a rank refused it,
+    /// or a rank's receipt came back (its digest).
+    Exec,
 }
 
 impl AuditKind {
@@ -71,6 +74,7 @@ impl AuditKind {
             AuditKind::Deny => "deny",
             AuditKind::RoleRefusal => "role-refusal",
             AuditKind::Reload => "reload",
+            AuditKind::Exec => "exec",
         }
     }
 }
@@ -126,6 +130,19 @@ impl AuditEvent {
 
     /// The record of a request refused for want of a role. `roles` are the
     /// roles the principal holds.
+    /// The record of an exec request, refusal or receipt.
+    pub fn exec(principal: &str, what: &str) -> AuditEvent {
+        AuditEvent {
+            kind: AuditKind::Exec,
+            principal: Some(principal.to_owned()),
+            address: None,
+            mechanism: None,
+            roles: Roles::NONE,
+            rule: None,
+            reason: what.to_owned(),
+        }
+    }
+
     pub fn role_refusal(
         principal: &str,
         mechanism: Option<&str>,

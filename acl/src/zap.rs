@@ -153,6 +153,11 @@ impl AclPolicy {
         })
     }
 
+    /// Record an exec request, refusal or receipt (`canopy exec`).
+    pub fn record_exec(&self, principal: &str, what: &str) -> Result<(), String> {
+        self.audit(&AuditEvent::exec(principal, what))
+    }
+
     /// Record that `principal`, holding `roles`, was refused `what` for want
     /// of a role.
     pub fn record_role_refusal(

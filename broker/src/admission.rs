@@ -173,6 +173,10 @@ fn run(authz: &dyn ClientAuthz, job: Job) -> Option<Done> {
             authz.role_refused(&principal, roles, &topic);
             return None;
         }
+        Job::ExecAudit { principal, what } => {
+            authz.exec_audit(&principal, &what);
+            return None;
+        }
     })
 }
 

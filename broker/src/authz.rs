@@ -45,6 +45,9 @@ pub trait ClientAuthz: Send + Sync {
     }
     /// Record that a caller lacked the role for `what`.
     fn role_refused(&self, _principal: &str, _roles: Roles, _what: &str) {}
+    /// Record an exec request's digest, a rank's refusal, or a receipt's
+    /// digest.
+    fn exec_audit(&self, _principal: &str, _what: &str) {}
     /// An explicit deny rule for this principal, if the policy has one.
     /// Overlay peers are admitted by their bootstrap-issued keys, but a
     /// principal on a deny list is kept out even as a peer.
@@ -411,6 +414,12 @@ impl ClientAuthz for AclAuthz {
     fn vetoes(&self, principal: &str, mech: Mech, address: &str) -> Option<String> {
         let v = self.explain(principal, mech, address)?;
         (!v.allow && v.rule.is_some()).then_some(v.reason)
+    }
+
+    fn exec_audit(&self, principal: &str, what: &str) {
+        if let Err(e) = self.policy.record_exec(principal, what) {
+            tracing::error!("audit: cannot record an exec event: {e}");
+        }
     }
 
     fn role_refused(&self, principal: &str, roles: Roles, what: &str) {

@@ -234,10 +234,28 @@ pub(crate) enum Cmd {
         /// one per line, for `canopy receipt verify`.
         #[arg(long, value_name = "FILE")]
         receipts: Option<std::path::PathBuf>,
+        /// Seconds the signed request stays valid (system instances).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        lifetime: u64,
+        /// Restricted delegation: sign a request that only service NAME
+        /// may submit, unchanged (not argv, ranks or expiry); with --out.
+        #[arg(long, value_name = "NAME", requires = "out")]
+        delegate: Option<String>,
+        /// Sign the request (system instances), write the exec.run
+        /// payload to FILE, and run nothing.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// Send a payload written by --out (as is) and stream the result.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["out", "delegate"])]
+        submit: Option<std::path::PathBuf>,
         #[arg(long)]
         uri: Option<String>,
         /// The command and its arguments.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required_unless_present = "submit"
+        )]
         command: Vec<String>,
     },
     /// Services: what each rank offers, and who provides it.

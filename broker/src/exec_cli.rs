@@ -24,9 +24,15 @@ pub struct ExecArgs {
     pub env: Vec<(String, String)>,
     pub label_io: bool,
     pub stdin: bool,
-    /// Pre-built body and submit-as (system instances: signed).
-    pub signed: Option<(Vec<u8>, String)>,
     pub receipts: Option<std::path::PathBuf>,
+    /// How long a signed request stays valid, seconds.
+    pub lifetime: u64,
+    /// Restricted delegation: the request's audience is this service.
+    pub delegate: Option<String>,
+    /// Write the signed payload here and run nothing.
+    pub out: Option<std::path::PathBuf>,
+    /// Send this pre-built payload as is.
+    pub submit: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +41,15 @@ pub enum ExecError {
     Client(#[from] ClientError),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Identity(#[from] canopy_imp::userkeys::UserKeyError),
+    #[error("{0}; see canopy exec --help")]
+    Usage(String),
+    #[error("cannot read or write {path}: {source}; check the path")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "cannot write receipts to {path}: {source}; check the directory exists and is writable"
     )]
@@ -67,14 +82,92 @@ struct Partial {
     buf: Vec<u8>,
 }
 
+/// A request signed with the user's key (`~/.canopy`), for the instance
+/// the client is connected to, and its rank set: the body of a system
+/// instance's `exec.run` (`stdin flag | canopy-imp input`, docs/imp.md).
+pub fn signed_body(
+    c: &mut Client,
+    a: &ExecArgs,
+    audience: canopy_imp::request::Audience,
+) -> Result<(Vec<u8>, String), ExecError> {
+    use canopy_imp::{envelope, frame, request, userkeys};
+    let st = c.rpc(
+        "overlay.status",
+        NODEID_ANY,
+        br#"{"summary":true}"#,
+        Duration::from_secs(10),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&st.payload).map_err(|e| {
+        ExecError::Refused(format!("the broker's overlay status is unreadable: {e}"))
+    })?;
+    let instance = v["broker"]["instance"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let size = v["size"].as_u64().unwrap_or(0) as u32;
+    let ranks = wire::parse_ranks(&a.ranks, size).map_err(ExecError::Usage)?;
+    let dir = userkeys::default_dir()?;
+    let (key, cert_env, cert) = userkeys::load_identity(&dir)?;
+    let now = userkeys::now();
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce)
+        .map_err(|e| ExecError::Refused(format!("cannot get random bytes for a nonce: {e}")))?;
+    let req = request::ExecRequest {
+        v: request::REQUEST_VERSION,
+        principal: cert.principal.clone(),
+        argv: a.argv.clone(),
+        cwd: a.cwd.clone(),
+        env: a.env.iter().cloned().collect(),
+        instance,
+        ranks: ranks.clone(),
+        audience,
+        issued_at: now,
+        not_after: now + a.lifetime,
+        nonce: envelope::hex(&nonce),
+    };
+    let json = serde_json::to_vec(&req).expect("a request serializes");
+    let signed = envelope::sign(envelope::EXEC_REQUEST_TYPE, &json, &key);
+    let mut body = vec![if a.stdin { b'1' } else { b'0' }];
+    body.extend_from_slice(&frame::encode_input(&cert_env, &signed));
+    Ok((body, wire::encode_ranks(&ranks)))
+}
+
 /// Run it; returns the exit status (the highest of the ranks').
 pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
     let mut c = Client::connect(uri)?;
-    let (body, submit_as) = match &a.signed {
-        Some((b, s)) => (b.clone(), s.clone()),
-        None => (direct_body(&a), String::new()),
+    // A broker running as someone else (a system instance, or any remote
+    // one) runs commands through canopy-imp: the request is signed.
+    let own = c.broker_uid() == Some(nix::unistd::getuid().as_raw());
+    if let Some(path) = &a.out {
+        let (aud, submit_as) = match &a.delegate {
+            Some(name) => (
+                canopy_imp::request::Audience::Service { name: name.clone() },
+                format!("service:{name}"),
+            ),
+            None => (canopy_imp::request::Audience::User, String::new()),
+        };
+        let (body, ranks) = signed_body(&mut c, &a, aud)?;
+        let payload = wire::encode_run(&ranks, &submit_as, &body);
+        std::fs::write(path, &payload).map_err(|source| ExecError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        return Ok(0);
+    }
+    let payload = match &a.submit {
+        Some(path) => std::fs::read(path).map_err(|source| ExecError::Write {
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => {
+            let (body, ranks) = if own {
+                (direct_body(&a), a.ranks.clone())
+            } else {
+                signed_body(&mut c, &a, canopy_imp::request::Audience::User)?
+            };
+            wire::encode_run(&ranks, "", &body)
+        }
     };
-    let payload = wire::encode_run(&a.ranks, &submit_as, &body);
     let tag = c.send(RUN_TOPIC, NODEID_ANY, &payload)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -667,6 +667,10 @@ fn run(cli: Cli) -> Result<i32> {
             env,
             no_stdin,
             receipts,
+            lifetime,
+            delegate,
+            out,
+            submit,
             uri,
             command,
         } => {
@@ -694,8 +698,11 @@ fn run(cli: Cli) -> Result<i32> {
                 env: pairs,
                 label_io,
                 stdin: !no_stdin,
-                signed: None,
                 receipts,
+                lifetime,
+                delegate,
+                out,
+                submit,
             };
             let status = canopy_broker::exec_cli::run(uri.as_deref(), args)?;
             Ok(status)

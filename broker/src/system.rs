@@ -321,7 +321,12 @@ impl crate::boot::Bootstrap for ConfigBootstrap {
             hosts,
             budgets,
             child_addresses,
-            exec: crate::exec::ExecPlan::Off,
+            exec: match config.exec_helper() {
+                Some(path) => crate::exec::ExecPlan::Helper {
+                    path: path.to_path_buf(),
+                },
+                None => crate::exec::ExecPlan::Off,
+            },
         };
         self.state = Some(Started {
             config,

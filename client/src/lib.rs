@@ -271,6 +271,21 @@ impl Client {
         }
     }
 
+    /// The uid the broker runs as, for a local connection (`SO_PEERCRED`);
+    /// `None` over tcp. `canopy exec` signs its request when the broker
+    /// is not its own (a system instance).
+    pub fn broker_uid(&self) -> Option<u32> {
+        match &self.conn {
+            Conn::Unix { stream, .. } => nix::sys::socket::getsockopt(
+                stream,
+                nix::sys::socket::sockopt::PeerCredentials,
+            )
+            .ok()
+            .map(|c| c.uid()),
+            Conn::Tcp { .. } => None,
+        }
+    }
+
     /// Connect to a broker's remote client endpoint with CURVE. A broker
     /// that refuses the key is reported as [`ClientError::Refused`] on the
     /// first receive, not as a timeout.

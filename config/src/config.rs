@@ -187,6 +187,9 @@ pub struct Config {
     timing: Timing,
     policy: PolicyConfig,
     clients: Option<ClientsConfig>,
+    /// `[exec] helper`: the setuid `canopy-imp` that runs `canopy exec`
+    /// commands as their users; none: exec is off.
+    exec_helper: Option<PathBuf>,
     budgets: BudgetSettings,
     /// expanded host names, in rank order
     hosts: Vec<String>,
@@ -309,6 +312,11 @@ impl Config {
 
     pub fn timing(&self) -> &Timing {
         &self.timing
+    }
+
+    /// `[exec] helper`, if exec is enabled.
+    pub fn exec_helper(&self) -> Option<&Path> {
+        self.exec_helper.as_deref()
     }
 
     pub fn policy(&self) -> &PolicyConfig {
@@ -846,6 +854,13 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         }
     };
 
+    let exec_helper = match &m.exec_helper {
+        Some(v) => {
+            absolute(v, "exec.helper", Tokens::None)?;
+            Some(PathBuf::from(&v.value))
+        }
+        None => None,
+    };
     let fingerprint = fingerprint(&hosts, &tree, mechanism);
     Ok(Config {
         files: Vec::new(),
@@ -862,6 +877,7 @@ fn build(ctx: &Ctx<'_>, m: raw::Merged) -> Result<Config, ConfigError> {
         gssapi,
         timing,
         policy,
+        exec_helper,
         clients,
         budgets,
         hosts,

@@ -45,6 +45,13 @@ pub(crate) struct RawFile {
     policy: Option<RawPolicy>,
     budgets: Option<RawBudgets>,
     clients: Option<RawClients>,
+    exec: Option<RawExec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    helper: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +205,7 @@ pub(crate) struct Merged {
     pub audit_log: Option<Val<String>>,
     pub clients_bind: Option<Val<String>>,
     pub clients_hosts: Option<Val<Vec<String>>>,
+    pub exec_helper: Option<Val<String>>,
     /// `[budgets]`, key by key (`BudgetKey::ALL` order).
     pub budgets: [Option<Val<RawSize>>; 7],
 }
@@ -336,6 +344,9 @@ pub(crate) fn parse_and_merge(ctx: &Ctx<'_>) -> Result<Merged, ConfigError> {
             put(ctx, &mut m.heartbeat, t.heartbeat, file, "timing.heartbeat")?;
             put(ctx, &mut m.torpid, t.torpid, file, "timing.torpid")?;
             put(ctx, &mut m.lost, t.lost, file, "timing.lost")?;
+        }
+        if let Some(x) = raw.exec {
+            put(ctx, &mut m.exec_helper, x.helper, file, "exec.helper")?;
         }
         if let Some(c) = raw.clients {
             put(ctx, &mut m.clients_bind, c.bind, file, "clients.bind")?;

@@ -55,6 +55,20 @@ pub enum ExecMode {
     Off,
 }
 
+/// The request envelope inside a signed body (`stdin flag | helper
+/// input`), without checking it (the helper does).
+pub fn signed_request(body: &[u8]) -> Option<&[u8]> {
+    let (&flag, input) = body.split_first()?;
+    if flag != b'0' && flag != b'1' {
+        return None;
+    }
+    let mut r = input;
+    let parsed = canopy_imp::frame::read_input(&mut r).ok()?;
+    // The request is the last frame: its bytes end where the input does.
+    let n = parsed.request.len();
+    (r.is_empty() && input.len() >= n).then(|| &input[input.len() - n..])
+}
+
 /// Start a command for session `sid` on this rank.
 #[derive(Debug)]
 pub struct Spawn {
@@ -84,6 +98,9 @@ struct Sub {
 struct Session {
     up: Header,
     key: (Hop, u32),
+    /// System instance, this broker is the origin: what the audit log
+    /// records against (the request envelope's SHA-256).
+    audit: Option<String>,
     local: Local,
     subs: Vec<Sub>,
 }
@@ -130,6 +147,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 "malformed exec.run payload: it must be a u16 prefix length, `RANKS\\nAS`, then the body (docs/protocol.md §6.2)",
             );
         };
+        let mut audit = None;
         let submitter = match self.exec_mode {
             ExecMode::Off => {
                 return self.respond_err(
@@ -154,10 +172,20 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             ExecMode::Helper if origin => {
                 let Hop::Local(id) = from else { unreachable!() };
+                let digest = match signed_request(body) {
+                    Some(req) => canopy_imp::envelope::sha256_hex(req),
+                    None => {
+                        return self.respond_err(&h, errno::EPROTO, "this is a system instance: commands run as you through canopy-imp, so the request must be signed (canopy exec does this with ~/.canopy/exec.key and exec.cert; run canopy cert request first)");
+                    }
+                };
                 match self.exec_submitter(id, &h.userid, submit_as) {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        audit = Some(digest);
+                        s
+                    }
                     Err(msg) => {
                         warn!(verdict = %"deny", principal = %h.userid, topic = RUN_TOPIC, reason = %msg, "exec: refused");
+                        self.exec_audit(&h.userid, format!("exec refused: request sha256 {digest}: {msg}"));
                         return self.respond_err(&h, errno::EPERM, &msg);
                     }
                 }
@@ -216,9 +244,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if origin {
             info!(principal = %h.userid, submitter = %submitter, ranks = %ranks, "exec: started");
         }
+        if let Some(d) = &audit {
+            self.exec_audit(&h.userid, format!("exec request sha256 {d} submitted by {submitter} for ranks {ranks}"));
+        }
         let mut s = Session {
             up: h.clone(),
             key,
+            audit,
             local: if local { Local::Running } else { Local::No },
             subs: Vec::new(),
         };
@@ -380,8 +412,28 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         true
     }
 
-    /// Send one record upstream (a response flagged MORE).
+    /// Send one record upstream (a response flagged MORE). At the origin
+    /// of a signed request, refusals and receipts are audited.
     fn exec_up(&mut self, sid: u64, payload: P) {
+        let Some(s) = self.exec.by_sid.get(&sid) else {
+            return;
+        };
+        if let Some(d) = &s.audit {
+            let what = match Record::decode(payload.as_ref()) {
+                Some(Record::Receipt(rank, env)) => Some(format!(
+                    "exec receipt sha256 {} from rank {rank} for request sha256 {d}",
+                    canopy_imp::envelope::sha256_hex(env)
+                )),
+                Some(Record::Failed { rank, reason, .. }) => Some(format!(
+                    "exec refused on rank {rank} for request sha256 {d}: {reason}"
+                )),
+                _ => None,
+            };
+            if let Some(what) = what {
+                let principal = s.up.userid.clone();
+                self.exec_audit(&principal, what);
+            }
+        }
         let Some(s) = self.exec.by_sid.get(&sid) else {
             return;
         };
@@ -401,6 +453,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         self.exec.by_up.remove(&s.key);
         let r = s.up.response(self.rank, 0);
         self.route_response(r, P::from(Vec::new()));
+    }
+
+    fn exec_audit(&mut self, principal: &str, what: String) {
+        self.events.push_back(Event::Job(super::Job::ExecAudit {
+            principal: principal.to_string(),
+            what,
+        }));
     }
 
     /// `exec.kill` / `exec.write` from a client (a request) or a neighbour

@@ -245,6 +245,9 @@ pub enum Job {
     },
     /// Re-read the policy file; answer `req` if an admin asked.
     ReloadPolicy { req: Option<Header> },
+    /// Record an exec request's digest, a refusal, or a receipt's digest
+    /// (audit log; system instances).
+    ExecAudit { principal: String, what: String },
     /// Record that a caller lacked a role (audit log).
     RoleRefused {
         principal: String,

@@ -299,7 +299,7 @@ impl Sim {
                         req,
                         result: Ok(format!("{{\"principal\":\"{principal}\"}}").into_bytes()),
                     }),
-                    Job::RoleRefused { .. } => None,
+                    Job::RoleRefused { .. } | Job::ExecAudit { .. } => None,
                 };
                 if let Some(d) = done {
                     self.jobs.push((now + self.decide_ms, r, d));
