@@ -35,6 +35,7 @@ pub mod cluster;
 pub mod hostile;
 pub mod krb;
 pub mod netns;
+pub mod site;
 pub mod slurm;
 pub mod users;
 
