@@ -248,6 +248,11 @@ pub(crate) enum Cmd {
         /// Send a payload written by --out (as is) and stream the result.
         #[arg(long, value_name = "FILE", conflicts_with_all = ["out", "delegate"])]
         submit: Option<std::path::PathBuf>,
+        /// With --submit: register namespace NAME on this connection first
+        /// (the policy must grant `register`) and submit as service NAME,
+        /// for a request delegated to it.
+        #[arg(long, value_name = "NAME", requires = "submit")]
+        as_service: Option<String>,
         #[arg(long)]
         uri: Option<String>,
         /// The command and its arguments.

@@ -33,6 +33,8 @@ pub struct ExecArgs {
     pub out: Option<std::path::PathBuf>,
     /// Send this pre-built payload as is.
     pub submit: Option<std::path::PathBuf>,
+    /// Register this namespace and submit as its service.
+    pub as_service: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,10 +157,32 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
         return Ok(0);
     }
     let payload = match &a.submit {
-        Some(path) => std::fs::read(path).map_err(|source| ExecError::Write {
-            path: path.display().to_string(),
-            source,
-        })?,
+        Some(path) => {
+            let p = std::fs::read(path).map_err(|source| ExecError::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
+            match &a.as_service {
+                None => p,
+                Some(name) => {
+                    let add =
+                        serde_json::json!({"namespace": name, "methods": {"submit": "owner"}});
+                    c.rpc(
+                        "service.add",
+                        NODEID_ANY,
+                        add.to_string().as_bytes(),
+                        Duration::from_secs(10),
+                    )?;
+                    let Some((ranks, _, body)) = wire::decode_run(&p) else {
+                        return Err(ExecError::Usage(format!(
+                            "{} is not an exec.run payload written by canopy exec --out",
+                            path.display()
+                        )));
+                    };
+                    wire::encode_run(ranks, &format!("service:{name}"), body)
+                }
+            }
+        }
         None => {
             let (body, ranks) = if own {
                 (direct_body(&a), a.ranks.clone())

@@ -671,6 +671,7 @@ fn run(cli: Cli) -> Result<i32> {
             delegate,
             out,
             submit,
+            as_service,
             uri,
             command,
         } => {
@@ -703,6 +704,7 @@ fn run(cli: Cli) -> Result<i32> {
                 delegate,
                 out,
                 submit,
+                as_service,
             };
             let status = canopy_broker::exec_cli::run(uri.as_deref(), args)?;
             Ok(status)

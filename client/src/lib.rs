@@ -276,12 +276,11 @@ impl Client {
     /// is not its own (a system instance).
     pub fn broker_uid(&self) -> Option<u32> {
         match &self.conn {
-            Conn::Unix { stream, .. } => nix::sys::socket::getsockopt(
-                stream,
-                nix::sys::socket::sockopt::PeerCredentials,
-            )
-            .ok()
-            .map(|c| c.uid()),
+            Conn::Unix { stream, .. } => {
+                nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .ok()
+                    .map(|c| c.uid())
+            }
             Conn::Tcp { .. } => None,
         }
     }

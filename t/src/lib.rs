@@ -65,6 +65,18 @@ pub fn canopy_bin() -> PathBuf {
 
 /// The `canopy-ca` binary (the site CA), next to `canopy`: build it with
 /// `cargo build -p canopy-ca`.
+/// The `canopy-imp` exec helper next to `canopy`.
+pub fn imp_bin() -> PathBuf {
+    let mut bin = canopy_bin();
+    bin.set_file_name("canopy-imp");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build -p canopy-imp` first",
+        bin.display()
+    );
+    bin
+}
+
 pub fn ca_bin() -> PathBuf {
     let mut bin = canopy_bin();
     bin.set_file_name("canopy-ca");

@@ -12,8 +12,13 @@ pub const OTHER_USER: &str = "canopy-t-other";
 
 /// The uid of OTHER_USER, creating it if needed.
 pub fn other_user() -> u32 {
+    ensure_user(OTHER_USER)
+}
+
+/// The uid of a local system user `name`, creating it if needed (root).
+pub fn ensure_user(name: &str) -> u32 {
     let lookup = || {
-        nix::unistd::User::from_name(OTHER_USER)
+        nix::unistd::User::from_name(name)
             .ok()
             .flatten()
             .map(|u| u.uid.as_raw())
@@ -22,13 +27,13 @@ pub fn other_user() -> u32 {
         return uid;
     }
     let out = run_command(
-        Command::new("useradd").args(["--system", "--no-create-home", OTHER_USER]),
+        Command::new("useradd").args(["--system", "--no-create-home", name]),
         Duration::from_secs(30),
     );
     // Another run may have created it meanwhile; only the lookup counts.
     lookup().unwrap_or_else(|| {
         panic!(
-            "cannot create user {OTHER_USER}: {:?}\n{}",
+            "cannot create user {name}: {:?}\n{}",
             out.status,
             text(&out.stderr)
         )

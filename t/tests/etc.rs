@@ -63,10 +63,32 @@ fn systemd_unit_is_hardened_and_uses_notify() {
 }
 
 #[test]
+fn exec_drop_in_lets_only_the_setuid_helper_gain_root() {
+    let text = std::fs::read_to_string(etc().join("canopy.service.d/exec.conf")).unwrap();
+    let unit = parse_unit(&text).unwrap();
+    assert_eq!(unit.keys().collect::<Vec<_>>(), ["Service"]);
+    let svc = &unit["Service"];
+    let one = |k: &str| svc.get(k).and_then(|v| v.last()).map(String::as_str);
+    assert_eq!(one("NoNewPrivileges"), Some("no"));
+    assert_eq!(one("RestrictSUIDSGID"), Some("no"));
+    let mut caps: Vec<&str> = one("CapabilityBoundingSet")
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    caps.sort();
+    assert_eq!(caps, ["CAP_KILL", "CAP_SETGID", "CAP_SETUID"]);
+    // The broker stays the unit's user; the drop-in changes no identity.
+    for k in ["User", "Group", "ExecStart", "AmbientCapabilities"] {
+        assert!(one(k).is_none(), "{k} must stay as the unit says");
+    }
+}
+
+#[test]
 fn no_file_in_etc_goes_unparsed() {
     // Files parsed elsewhere: etc/policy.toml (canopy-acl tests),
     // etc/system/** (canopy-config tests), etc/imp.toml (canopy-imp
-    // tests), etc/ca.toml (canopy-ca tests), etc/canopy.service (above).
+    // tests), etc/ca.toml (canopy-ca tests), etc/canopy.service and
+    // etc/canopy.service.d/exec.conf (above).
     let mut stack = vec![etc()];
     let mut unparsed = Vec::new();
     while let Some(d) = stack.pop() {
@@ -82,6 +104,7 @@ fn no_file_in_etc_goes_unparsed() {
                 .to_string_lossy()
                 .into_owned();
             let covered = rel == "canopy.service"
+                || rel == "canopy.service.d/exec.conf"
                 || (rel.starts_with("system/") && rel.ends_with(".toml"))
                 || (!rel.contains('/') && rel.ends_with(".toml"));
             if !covered {

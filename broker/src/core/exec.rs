@@ -245,7 +245,10 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             info!(principal = %h.userid, submitter = %submitter, ranks = %ranks, "exec: started");
         }
         if let Some(d) = &audit {
-            self.exec_audit(&h.userid, format!("exec request sha256 {d} submitted by {submitter} for ranks {ranks}"));
+            self.exec_audit(
+                &h.userid,
+                format!("exec request sha256 {d} submitted by {submitter} for ranks {ranks}"),
+            );
         }
         let mut s = Session {
             up: h.clone(),
