@@ -184,6 +184,7 @@ pub fn copy(from: &Path, to: &Path) {
 }
 
 impl Site {
+    #[allow(clippy::new_without_default)] // makes namespaces: not a default
     pub fn new() -> Site {
         let net = Net::new(HOSTS).expect("network namespaces");
         let dir = tempfile::Builder::new()
@@ -365,7 +366,7 @@ impl Site {
         let v = text
             .lines()
             .filter_map(|l| l.strip_prefix("NoNewPrivileges="))
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("{} has no NoNewPrivileges=", path.display()));
         v.trim() != "no"
     }
