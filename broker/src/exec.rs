@@ -11,31 +11,38 @@
 //!   untouched; the helper's records become ours, its receipt included.
 //!   The broker never runs a user's command itself.
 //!
-//! Threads per command: one per output pipe, one waiting, one feeding
-//! stdin when asked; all end with the command. Records reach the loop
-//! through a bounded channel and a wake-up socket.
+//! No threads: the command's pipes are non-blocking and polled by the
+//! broker's loop ([`Runner::poll_fds`], [`Runner::ready`]), and its exit is
+//! noticed through SIGCHLD on a wake-up socket ([`Runner::wake`]). A
+//! command's output is read only as fast as the loop takes it, and stdin
+//! waiting for it is bounded.
 
 use crate::core::exec::Spawn;
 use canopy_proto::exec::{Ended, Record};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use tracing::{debug, warn};
 
-/// Records waiting for the loop (all commands together): a command whose
-/// output is not taken blocks on its pipe, not the broker's memory.
-const QUEUE: usize = 1024;
-/// Chunks of stdin waiting for one command; past this its stdin is cut.
-const STDIN_QUEUE: usize = 256;
+/// Bytes of stdin waiting for one command; past this its stdin is cut.
+const STDIN_BUDGET: usize = 16 << 20;
+/// How long output is read after the command ended (see
+/// [`Runner::expire`]).
+pub const PIPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read size for output pipes.
 const CHUNK: usize = 64 * 1024;
+/// A helper's record: most bytes in one (the helper sends at most 64 KiB).
+const MAX_HELPER_RECORD: usize = 16 << 20;
+/// What the helper may write on stderr before the rest is dropped.
+const MAX_HELPER_STDERR: usize = 64 * 1024;
 
 /// How this broker runs commands.
 #[derive(Debug, Clone)]
@@ -68,12 +75,34 @@ pub struct RunSpec {
     pub stdin: bool,
 }
 
+/// Which pipe of a command is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipe {
+    Stdout,
+    Stderr,
+    Stdin,
+}
+
 struct Proc {
+    child: Child,
     pid: i32,
     /// The helper is signalled itself (it forwards); a direct command's
     /// whole group is.
     helper: bool,
-    stdin: Option<SyncSender<Vec<u8>>>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    stdin: Option<ChildStdin>,
+    /// Bytes for stdin not written yet, and whether to close it after.
+    pending: VecDeque<u8>,
+    close_stdin: bool,
+    status: Option<ExitStatus>,
+    /// When the command was seen to end.
+    ended: Option<std::time::Instant>,
+    /// Helper: bytes of its stdout not yet a whole record; its stderr.
+    parse: Vec<u8>,
+    errlog: Vec<u8>,
+    /// Helper: a receipt or refusal was passed on (the last record).
+    fin: bool,
 }
 
 pub struct Runner {
@@ -82,34 +111,37 @@ pub struct Runner {
     instance: String,
     host: String,
     procs: HashMap<u64, Proc>,
-    tx: SyncSender<(u64, Vec<u8>)>,
-    rx: Receiver<(u64, Vec<u8>)>,
-    /// Readable when records wait.
+    out: Vec<(u64, Vec<u8>)>,
+    /// Readable on SIGCHLD: some command may have ended.
     pub wake: UnixStream,
-    waker: UnixStream,
+}
+
+fn nonblocking(fd: &impl AsFd) {
+    let raw = fd.as_fd();
+    if let Ok(fl) = fcntl(raw.as_raw_fd(), FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            raw.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+        );
+    }
 }
 
 impl Runner {
-    pub fn new(
-        rank: u32,
-        plan: ExecPlan,
-        instance: String,
-        host: String,
-    ) -> std::io::Result<Runner> {
+    pub fn new(rank: u32, plan: ExecPlan, instance: String, host: String) -> std::io::Result<Runner> {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
-        let (tx, rx) = sync_channel(QUEUE);
+        if !matches!(plan, ExecPlan::Off) {
+            signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, waker)?;
+        }
         Ok(Runner {
             rank,
             plan,
             instance,
             host,
             procs: HashMap::new(),
-            tx,
-            rx,
+            out: Vec::new(),
             wake,
-            waker,
         })
     }
 
@@ -118,37 +150,33 @@ impl Runner {
         self.procs.len()
     }
 
+    fn failed(&self, code: u8, why: String) -> Vec<u8> {
+        let rank = self.rank;
+        Record::Failed {
+            rank,
+            code,
+            reason: &format!("rank {rank}: {why}"),
+        }
+        .encode()
+    }
+
     /// Start a command; a record saying why is returned if it cannot start.
     pub fn spawn(&mut self, s: Spawn) -> Option<Vec<u8>> {
-        let rank = self.rank;
-        let fail = |code: u8, why: String| {
-            Some(
-                Record::Failed {
-                    rank,
-                    code,
-                    reason: &format!("rank {rank}: {why}"),
-                }
-                .encode(),
-            )
-        };
-        let (mut cmd, helper, stdin_wanted, prelude) = match &self.plan {
-            ExecPlan::Off => return fail(126, "exec is not enabled here".into()),
+        let (mut cmd, helper, keep_stdin, prelude) = match &self.plan {
+            ExecPlan::Off => return Some(self.failed(126, "exec is not enabled here".into())),
             ExecPlan::Direct => {
                 let spec: RunSpec = match serde_json::from_slice(&s.body) {
                     Ok(x) => x,
-                    Err(e) => return fail(126, format!("malformed run spec: {e}")),
+                    Err(e) => return Some(self.failed(126, format!("malformed run spec: {e}"))),
                 };
                 let Some(prog) = spec.argv.first() else {
-                    return fail(126, "the command is empty".into());
+                    return Some(self.failed(126, "the command is empty".into()));
                 };
                 if !std::path::Path::new(&spec.cwd).is_dir() {
-                    return fail(
+                    return Some(self.failed(
                         126,
-                        format!(
-                            "cannot run in {}: no such directory here; pass --dir",
-                            spec.cwd
-                        ),
-                    );
+                        format!("cannot run in {}: no such directory here; pass --dir", spec.cwd),
+                    ));
                 }
                 let mut c = Command::new(prog);
                 c.args(&spec.argv[1..])
@@ -156,9 +184,13 @@ impl Runner {
                     .env("CANOPY_EXEC_RANK", self.rank.to_string())
                     .envs(&spec.env)
                     .process_group(0);
-                (c, false, spec.stdin, None)
+                (c, false, spec.stdin, Vec::new())
             }
             ExecPlan::Helper { path } => {
+                // The body is `stdin flag | helper input`.
+                let Some((&flag, input)) = s.body.split_first() else {
+                    return Some(self.failed(126, "malformed signed exec body: empty".into()));
+                };
                 let mut c = Command::new(path);
                 c.arg("run")
                     .arg("--instance")
@@ -170,148 +202,300 @@ impl Runner {
                     .arg("--submitter")
                     .arg(&s.submitter)
                     .env_clear();
-                // The body is `stdin-flag byte | helper input`.
-                let Some((&flag, input)) = s.body.split_first() else {
-                    return fail(126, "malformed signed exec body: empty".into());
-                };
-                (c, true, flag == b'1', Some(input.to_vec()))
+                (c, true, flag == b'1', input.to_vec())
             }
         };
-        let want_pipe = stdin_wanted || prelude.is_some();
-        cmd.stdin(if want_pipe {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        let piped = keep_stdin || !prelude.is_empty();
+        cmd.stdin(if piped { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let code = if e.kind() == std::io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                };
-                let what = if helper {
-                    "the exec helper"
-                } else {
-                    "the command"
-                };
+                let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+                let what = if helper { "the exec helper" } else { "the command" };
                 let prog = cmd.get_program().to_string_lossy().into_owned();
-                return fail(
-                    code,
-                    format!("cannot start {what} {prog}: {}", io_reason(&e)),
-                );
+                return Some(self.failed(code, format!("cannot start {what} {prog}: {}", io_reason(&e))));
             }
         };
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let stdin = child.stdin.take();
+        for fd in [stdout.as_ref().map(|x| x.as_fd()), stderr.as_ref().map(|x| x.as_fd()), stdin.as_ref().map(|x| x.as_fd())].into_iter().flatten() {
+            nonblocking(&fd);
+        }
         let pid = child.id() as i32;
-        let sid = s.sid;
-        let stdin_tx = match child.stdin.take() {
-            Some(mut pipe) => {
-                let (tx, rx) = sync_channel::<Vec<u8>>(STDIN_QUEUE);
-                let keep_open = stdin_wanted;
-                std::thread::spawn(move || {
-                    if let Some(p) = prelude {
-                        if pipe.write_all(&p).is_err() {
-                            return;
-                        }
-                    }
-                    if !keep_open {
-                        return;
-                    }
-                    while let Ok(chunk) = rx.recv() {
-                        if chunk.is_empty() || pipe.write_all(&chunk).is_err() {
-                            return;
-                        }
-                    }
-                });
-                stdin_wanted.then_some(tx)
-            }
-            None => None,
+        let mut p = Proc {
+            child,
+            pid,
+            helper,
+            stdout,
+            stderr,
+            stdin,
+            pending: prelude.into(),
+            close_stdin: !keep_stdin,
+            status: None,
+            ended: None,
+            parse: Vec::new(),
+            errlog: Vec::new(),
+            fin: false,
         };
-        let mut readers = Vec::new();
-        if helper {
-            let out = child.stdout.take().expect("piped");
-            let tx = self.tx.clone();
-            let waker = self.waker.try_clone().ok();
-            readers.push(std::thread::spawn(move || {
-                helper_records(sid, rank, out, tx, waker)
-            }));
-            let err = child.stderr.take().expect("piped");
-            readers.push(std::thread::spawn(move || log_helper_stderr(err)));
-        } else {
-            for (pipe, stdout) in [
-                (
-                    Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
-                    true,
-                ),
-                (Box::new(child.stderr.take().expect("piped")), false),
-            ] {
-                let tx = self.tx.clone();
-                let waker = self.waker.try_clone().ok();
-                readers.push(std::thread::spawn(move || {
-                    pump(sid, rank, pipe, stdout, tx, waker)
-                }));
+        if p.pending.is_empty() && p.close_stdin {
+            p.stdin = None;
+        }
+        self.procs.insert(s.sid, p);
+        self.flush_stdin(s.sid);
+        None
+    }
+
+    /// The pipes to poll: (session, which pipe, fd, want write).
+    pub fn poll_fds(&self) -> Vec<(u64, Pipe, RawFd, bool)> {
+        let mut v = Vec::new();
+        for (&sid, p) in &self.procs {
+            if let Some(o) = &p.stdout {
+                v.push((sid, Pipe::Stdout, o.as_raw_fd(), false));
+            }
+            if let Some(e) = &p.stderr {
+                v.push((sid, Pipe::Stderr, e.as_raw_fd(), false));
+            }
+            if let Some(i) = &p.stdin {
+                if !p.pending.is_empty() {
+                    v.push((sid, Pipe::Stdin, i.as_raw_fd(), true));
+                }
             }
         }
-        let tx = self.tx.clone();
-        let waker = self.waker.try_clone().ok();
-        std::thread::spawn(move || {
-            let status = child.wait();
-            if !helper {
-                // Whatever the command left in its group goes with it (the
-                // helper does the same for the user's group).
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            let mut got_final = false;
-            for r in readers {
-                got_final |= r.join().unwrap_or(false);
-            }
-            if helper && got_final {
-                return;
-            }
-            let rec = match status {
-                Ok(st) => match (st.code(), st.signal()) {
-                    (Some(c), _) if helper => Record::Failed {
-                        rank,
-                        code: 126,
-                        reason: &format!(
-                            "rank {rank}: the exec helper exited {c} without a receipt or a reason"
-                        ),
-                    }
-                    .encode(),
-                    (Some(c), _) => Record::Exit(rank, Ended::Status(c)).encode(),
-                    (None, Some(s)) => Record::Exit(rank, Ended::Signal(s)).encode(),
-                    _ => Record::Exit(rank, Ended::Status(1)).encode(),
-                },
-                Err(e) => Record::Failed {
-                    rank,
-                    code: 126,
-                    reason: &format!("rank {rank}: cannot wait for the command: {e}"),
-                }
-                .encode(),
+        v
+    }
+
+    /// A pipe is ready (readable, writable, or closed).
+    pub fn ready(&mut self, sid: u64, pipe: Pipe) {
+        match pipe {
+            Pipe::Stdin => self.flush_stdin(sid),
+            Pipe::Stdout | Pipe::Stderr => self.read_pipe(sid, pipe),
+        }
+        self.maybe_done(sid);
+    }
+
+    fn read_pipe(&mut self, sid: u64, pipe: Pipe) {
+        let rank = self.rank;
+        let Some(p) = self.procs.get_mut(&sid) else {
+            return;
+        };
+        let mut buf = vec![0u8; CHUNK];
+        let n = {
+            let r: Option<&mut dyn Read> = match pipe {
+                Pipe::Stdout => p.stdout.as_mut().map(|x| x as &mut dyn Read),
+                _ => p.stderr.as_mut().map(|x| x as &mut dyn Read),
             };
-            let _ = tx.send((sid, rec));
-            if let Some(w) = waker {
-                let _ = (&w).write(&[1]);
+            let Some(r) = r else { return };
+            match r.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+                Err(_) => 0,
             }
-        });
-        self.procs.insert(
-            sid,
-            Proc {
-                pid,
-                helper,
-                stdin: stdin_tx,
-            },
-        );
-        None
+        };
+        if n == 0 {
+            match pipe {
+                Pipe::Stdout => p.stdout = None,
+                _ => p.stderr = None,
+            }
+            if p.helper && pipe == Pipe::Stderr {
+                log_helper_stderr(&p.errlog);
+            }
+            return;
+        }
+        let data = &buf[..n];
+        if !p.helper {
+            let rec = match pipe {
+                Pipe::Stdout => Record::Stdout(rank, data),
+                _ => Record::Stderr(rank, data),
+            };
+            self.out.push((sid, rec.encode()));
+            return;
+        }
+        if pipe == Pipe::Stderr {
+            if p.errlog.len() < MAX_HELPER_STDERR {
+                p.errlog.extend_from_slice(data);
+            }
+            return;
+        }
+        p.parse.extend_from_slice(data);
+        loop {
+            match take_helper_record(&mut p.parse) {
+                Ok(None) => break,
+                Ok(Some((tag, bytes))) => {
+                    if p.fin {
+                        continue;
+                    }
+                    match tag {
+                        b'1' => self.out.push((sid, Record::Stdout(rank, &bytes).encode())),
+                        b'2' => self.out.push((sid, Record::Stderr(rank, &bytes).encode())),
+                        b'R' => {
+                            p.fin = true;
+                            let ended = receipt_exit(&bytes);
+                            self.out.push((sid, Record::Receipt(rank, &bytes).encode()));
+                            self.out.push((sid, Record::Exit(rank, ended).encode()));
+                        }
+                        b'X' => {
+                            p.fin = true;
+                            let why = String::from_utf8_lossy(&bytes);
+                            let rec = Record::Failed {
+                                rank,
+                                code: 126,
+                                reason: why.trim_end(),
+                            };
+                            self.out.push((sid, rec.encode()));
+                        }
+                        _ => {}
+                    }
+                }
+                Err(why) => {
+                    if !p.fin {
+                        p.fin = true;
+                        let rec = Record::Failed {
+                            rank,
+                            code: 126,
+                            reason: &format!("rank {rank}: the exec helper's output is malformed ({why})"),
+                        };
+                        self.out.push((sid, rec.encode()));
+                    }
+                    p.parse.clear();
+                    p.stdout = None;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn flush_stdin(&mut self, sid: u64) {
+        let Some(p) = self.procs.get_mut(&sid) else {
+            return;
+        };
+        let Some(w) = p.stdin.as_mut() else {
+            p.pending.clear();
+            return;
+        };
+        while !p.pending.is_empty() {
+            let (a, _) = p.pending.as_slices();
+            match w.write(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    p.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The command closed its stdin: drop what is left.
+                    p.pending.clear();
+                    p.stdin = None;
+                    return;
+                }
+            }
+        }
+        if p.close_stdin {
+            p.stdin = None;
+        }
+    }
+
+    /// SIGCHLD: collect what ended.
+    pub fn reap(&mut self) {
+        let mut b = [0u8; 256];
+        while matches!((&self.wake).read(&mut b), Ok(n) if n > 0) {}
+        let sids: Vec<u64> = self.procs.keys().copied().collect();
+        for sid in sids {
+            if let Some(p) = self.procs.get_mut(&sid) {
+                if p.status.is_none() {
+                    if let Ok(Some(st)) = p.child.try_wait() {
+                        p.status = Some(st);
+                        p.ended = Some(std::time::Instant::now());
+                        p.stdin = None;
+                        p.pending.clear();
+                        if !p.helper {
+                            // Whatever the command left in its group goes
+                            // with it, so its pipes close (the helper does
+                            // the same for the user's group).
+                            let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                        }
+                    }
+                }
+            }
+            self.maybe_done(sid);
+        }
+    }
+
+    /// Commands that ended but whose pipes something outside their group
+    /// still holds open (it left the group): after [`PIPE_GRACE`] their
+    /// pipes are dropped, so the exec ends. Returns how long until the
+    /// next such deadline, if any.
+    pub fn expire(&mut self) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut next: Option<std::time::Duration> = None;
+        let mut due = Vec::new();
+        for (&sid, p) in &self.procs {
+            if let (Some(at), true) = (p.ended, p.stdout.is_some() || p.stderr.is_some()) {
+                let left = PIPE_GRACE.saturating_sub(now - at);
+                if left.is_zero() {
+                    due.push(sid);
+                } else {
+                    next = Some(next.map_or(left, |n| n.min(left)));
+                }
+            }
+        }
+        for sid in due {
+            if let Some(p) = self.procs.get_mut(&sid) {
+                warn!(sid, "exec: the command ended but something it started outside its process group holds its output open; no longer reading it");
+                p.stdout = None;
+                p.stderr = None;
+            }
+            self.maybe_done(sid);
+        }
+        next
+    }
+
+    /// The last record once the command has ended and its output is read.
+    fn maybe_done(&mut self, sid: u64) {
+        let rank = self.rank;
+        let Some(p) = self.procs.get(&sid) else {
+            return;
+        };
+        let Some(st) = p.status else {
+            return;
+        };
+        if p.stdout.is_some() || p.stderr.is_some() {
+            return;
+        }
+        let p = self.procs.remove(&sid).expect("present");
+        if p.helper && p.fin {
+            return;
+        }
+        let rec = match (st.code(), st.signal()) {
+            (Some(c), _) if p.helper => Record::Failed {
+                rank,
+                code: 126,
+                reason: &format!("rank {rank}: the exec helper exited {c} without a receipt or a reason"),
+            }
+            .encode(),
+            (None, Some(s)) if p.helper => Record::Failed {
+                rank,
+                code: 126,
+                reason: &format!("rank {rank}: the exec helper was killed by signal {s} before it reported"),
+            }
+            .encode(),
+            (Some(c), _) => Record::Exit(rank, Ended::Status(c)).encode(),
+            (None, Some(s)) => Record::Exit(rank, Ended::Signal(s)).encode(),
+            _ => Record::Exit(rank, Ended::Status(1)).encode(),
+        };
+        self.out.push((sid, rec));
     }
 
     pub fn signal(&mut self, sid: u64, sig: i32) {
         let Some(p) = self.procs.get(&sid) else {
             return;
         };
+        if p.status.is_some() {
+            return;
+        }
         let res = if p.helper {
             // The helper forwards these; SIGKILL cannot be forwarded, so it
             // is asked for with SIGUSR1 (docs/imp.md).
@@ -322,52 +506,37 @@ impl Runner {
             };
             kill(Pid::from_raw(p.pid), s)
         } else {
-            killpg(
-                Pid::from_raw(p.pid),
-                Signal::try_from(sig).unwrap_or(Signal::SIGTERM),
-            )
+            killpg(Pid::from_raw(p.pid), Signal::try_from(sig).unwrap_or(Signal::SIGTERM))
         };
         if let Err(e) = res {
             debug!(sid, sig, "exec: signal not delivered: {e}");
         }
     }
 
+    /// Bytes for the command's stdin (empty: close it once written).
     pub fn stdin(&mut self, sid: u64, data: Vec<u8>) {
         let Some(p) = self.procs.get_mut(&sid) else {
             return;
         };
-        let Some(tx) = &p.stdin else {
+        if p.stdin.is_none() || p.close_stdin {
             return;
-        };
-        let eof = data.is_empty();
-        match tx.try_send(data) {
-            Ok(()) if !eof => {}
-            Ok(()) => p.stdin = None,
-            Err(TrySendError::Full(_)) => {
-                warn!(
-                    sid,
-                    budget = STDIN_QUEUE,
-                    "exec: the command is not reading its stdin; its input is cut (budget)"
-                );
-                p.stdin = None;
-            }
-            Err(TrySendError::Disconnected(_)) => p.stdin = None,
         }
+        if data.is_empty() {
+            p.close_stdin = true;
+        } else if p.pending.len() + data.len() > STDIN_BUDGET {
+            warn!(sid, budget = STDIN_BUDGET, "exec: the command is not reading its stdin; its input is cut (budget)");
+            p.pending.clear();
+            p.stdin = None;
+            return;
+        } else {
+            p.pending.extend(data);
+        }
+        self.flush_stdin(sid);
     }
 
-    /// Records waiting, for the core; a command whose last record is taken
-    /// is forgotten.
+    /// Records ready for the core.
     pub fn drain(&mut self) -> Vec<(u64, Vec<u8>)> {
-        let mut b = [0u8; 256];
-        while matches!((&self.wake).read(&mut b), Ok(n) if n > 0) {}
-        let mut out = Vec::new();
-        while let Ok((sid, rec)) = self.rx.try_recv() {
-            if Record::decode(&rec).is_some_and(|r| r.is_final()) {
-                self.procs.remove(&sid);
-            }
-            out.push((sid, rec));
-        }
-        out
+        std::mem::take(&mut self.out)
     }
 
     /// Kill every command (the broker is stopping).
@@ -389,118 +558,12 @@ fn io_reason(e: &std::io::Error) -> String {
     canopy_imp::envelope::lower_first(t)
 }
 
-fn send(
-    tx: &SyncSender<(u64, Vec<u8>)>,
-    waker: &Option<UnixStream>,
-    sid: u64,
-    rec: Vec<u8>,
-) -> bool {
-    if tx.send((sid, rec)).is_err() {
-        return false;
-    }
-    if let Some(w) = waker {
-        let _ = (&*w).write(&[1]);
-    }
-    true
-}
-
-/// A direct command's stdout or stderr, as records.
-fn pump(
-    sid: u64,
-    rank: u32,
-    mut pipe: Box<dyn Read + Send>,
-    stdout: bool,
-    tx: SyncSender<(u64, Vec<u8>)>,
-    waker: Option<UnixStream>,
-) -> bool {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return false,
-            Ok(n) => {
-                let rec = if stdout {
-                    Record::Stdout(rank, &buf[..n])
-                } else {
-                    Record::Stderr(rank, &buf[..n])
-                };
-                if !send(&tx, &waker, sid, rec.encode()) {
-                    return false;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-}
-
-/// The helper's stdout records (`TAG SP LEN \n BYTES`) as ours. Returns
-/// whether a last record (receipt or refusal) was seen.
-fn helper_records(
-    sid: u64,
-    rank: u32,
-    pipe: std::process::ChildStdout,
-    tx: SyncSender<(u64, Vec<u8>)>,
-    waker: Option<UnixStream>,
-) -> bool {
-    let mut r = std::io::BufReader::new(pipe);
-    let mut fin = false;
-    loop {
-        let rec = match read_helper_record(&mut r) {
-            Ok(Some(x)) => x,
-            Ok(None) => return fin,
-            Err(why) => {
-                let rec = Record::Failed {
-                    rank,
-                    code: 126,
-                    reason: &format!("rank {rank}: the exec helper's output is malformed ({why})"),
-                };
-                send(&tx, &waker, sid, rec.encode());
-                return true;
-            }
-        };
-        let (tag, data) = rec;
-        let out = match tag {
-            b'1' => Record::Stdout(rank, &data).encode(),
-            b'2' => Record::Stderr(rank, &data).encode(),
-            b'R' => {
-                // The receipt, then the exit it records.
-                let ended = receipt_exit(&data);
-                send(&tx, &waker, sid, Record::Receipt(rank, &data).encode());
-                fin = true;
-                Record::Exit(rank, ended).encode()
-            }
-            b'X' => {
-                fin = true;
-                let why = String::from_utf8_lossy(&data);
-                Record::Failed {
-                    rank,
-                    code: 126,
-                    reason: why.trim_end(),
-                }
-                .encode()
-            }
-            _ => continue,
-        };
-        if !send(&tx, &waker, sid, out) {
-            return fin;
-        }
-        if fin {
-            // Nothing follows a last record; drain and ignore.
-            let mut sink = Vec::new();
-            let _ = r.read_to_end(&mut sink);
-            return true;
-        }
-    }
-}
-
 /// The exit a receipt records (unverified here: `canopy exec` verifies
 /// receipts against the nodes' keys).
 fn receipt_exit(envelope: &[u8]) -> Ended {
     canopy_imp::envelope::Envelope::parse(envelope)
         .ok()
-        .and_then(|e| {
-            serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok()
-        })
+        .and_then(|e| serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok())
         .map(|r| match r.exit {
             canopy_imp::receipt::Exit::Status(s) => Ended::Status(s),
             canopy_imp::receipt::Exit::Signal(s) => Ended::Signal(s),
@@ -508,39 +571,40 @@ fn receipt_exit(envelope: &[u8]) -> Ended {
         .unwrap_or(Ended::Status(1))
 }
 
-/// One `TAG SP LEN \n BYTES` record; `None` at a clean end.
-fn read_helper_record<R: std::io::BufRead>(r: &mut R) -> Result<Option<(u8, Vec<u8>)>, String> {
-    use std::io::BufRead;
-    let mut line = Vec::new();
-    let n = r
-        .by_ref()
-        .take(32)
-        .read_until(b'\n', &mut line)
-        .map_err(|e| e.to_string())?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if line.len() < 4 || line[1] != b' ' || line.last() != Some(&b'\n') {
+/// Take one whole `TAG SP LEN \n BYTES` record off the front of `buf`;
+/// `Ok(None)` if it is not all there yet.
+fn take_helper_record(buf: &mut Vec<u8>) -> Result<Option<(u8, Vec<u8>)>, String> {
+    let Some(nl) = buf.iter().take(32).position(|&b| b == b'\n') else {
+        return if buf.len() >= 32 {
+            Err("bad record header".into())
+        } else {
+            Ok(None)
+        };
+    };
+    if nl < 3 || buf[1] != b' ' {
         return Err("bad record header".into());
     }
-    let len: usize = std::str::from_utf8(&line[2..line.len() - 1])
+    let len: usize = std::str::from_utf8(&buf[2..nl])
         .ok()
+        .filter(|t| t.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|t| t.parse().ok())
-        .filter(|&l| l <= 16 << 20)
+        .filter(|&l| l <= MAX_HELPER_RECORD)
         .ok_or("bad record length")?;
-    let mut data = vec![0u8; len];
-    r.read_exact(&mut data).map_err(|e| e.to_string())?;
-    Ok(Some((line[0], data)))
+    if buf.len() < nl + 1 + len {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let data = buf[nl + 1..nl + 1 + len].to_vec();
+    buf.drain(..nl + 1 + len);
+    Ok(Some((tag, data)))
 }
 
 /// The helper's stderr repeats refusals for people: into the log.
-fn log_helper_stderr(mut err: std::process::ChildStderr) -> bool {
-    let mut s = String::new();
-    let _ = err.by_ref().take(64 * 1024).read_to_string(&mut s);
+fn log_helper_stderr(err: &[u8]) {
+    let s = String::from_utf8_lossy(err);
     for line in s.lines().filter(|l| !l.trim().is_empty()) {
         warn!(line = %line, "exec: helper");
     }
-    false
 }
 
 #[cfg(test)]
@@ -548,22 +612,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn helper_records_parse() {
-        let mut b: &[u8] = b"1 3\nabc2 0\nR 2\n{}";
-        let mut r = std::io::BufReader::new(&mut b);
-        assert_eq!(
-            read_helper_record(&mut r).unwrap(),
-            Some((b'1', b"abc".to_vec()))
-        );
-        assert_eq!(read_helper_record(&mut r).unwrap(), Some((b'2', vec![])));
-        assert_eq!(
-            read_helper_record(&mut r).unwrap(),
-            Some((b'R', b"{}".to_vec()))
-        );
-        assert_eq!(read_helper_record(&mut r).unwrap(), None);
-        let mut bad: &[u8] = b"1x3\nabc";
-        assert!(read_helper_record(&mut std::io::BufReader::new(&mut bad)).is_err());
-        let mut short: &[u8] = b"1 9\nabc";
-        assert!(read_helper_record(&mut std::io::BufReader::new(&mut short)).is_err());
+    fn helper_records_parse_as_they_arrive() {
+        let mut b = b"1 3\nab".to_vec();
+        assert_eq!(take_helper_record(&mut b).unwrap(), None, "not whole yet");
+        b.extend_from_slice(b"c2 0\nR 2\n{}");
+        assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'1', b"abc".to_vec())));
+        assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'2', vec![])));
+        assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'R', b"{}".to_vec())));
+        assert_eq!(take_helper_record(&mut b).unwrap(), None);
+        assert!(b.is_empty());
+        for bad in [&b"1x3\nabc"[..], b"1 -3\nabc", b"1 99999999999\n", b"1 \n", &[b'1'; 40]] {
+            assert!(take_helper_record(&mut bad.to_vec()).is_err(), "{bad:?}");
+        }
     }
 }

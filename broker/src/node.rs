@@ -318,7 +318,11 @@ impl Broker {
             if self.rebinding.is_some() {
                 timeout = 2;
             }
+            if let Some(d) = self.runner.expire() {
+                timeout = timeout.min(d.as_millis() as i64 + 1);
+            }
             let clients = self.local.fds();
+            let pipes = self.runner.poll_fds();
             let revents: Vec<zmq::PollEvents>;
             {
                 let fd = |f: Option<i32>| zmq::PollItem::from_fd(f.unwrap_or(-1), zmq::POLLIN);
@@ -342,6 +346,10 @@ impl Broker {
                     if *write {
                         ev |= zmq::POLLOUT;
                     }
+                    items.push(zmq::PollItem::from_fd(*fd, ev));
+                }
+                for (_, _, fd, write) in &pipes {
+                    let ev = if *write { zmq::POLLOUT } else { zmq::POLLIN };
                     items.push(zmq::PollItem::from_fd(*fd, ev));
                 }
                 match zmq::poll(&mut items, timeout) {
@@ -391,9 +399,8 @@ impl Broker {
                 }
             }
             if readable(4) {
-                for (sid, record) in self.runner.drain() {
-                    self.input(Input::ExecRecord { sid, record });
-                }
+                self.runner.reap();
+                self.exec_records();
             }
             if readable(5) {
                 self.drain_router()?;
@@ -440,7 +447,21 @@ impl Broker {
                     }
                 }
             }
+            let base = 10 + clients.len();
+            for (i, (sid, pipe, _, _)) in pipes.iter().enumerate() {
+                if revents[base + i].bits() != 0 {
+                    self.runner.ready(*sid, *pipe);
+                }
+            }
+            self.exec_records();
             self.pump()?;
+        }
+    }
+
+    /// Hand the records this rank's commands produced to the core.
+    fn exec_records(&mut self) {
+        for (sid, record) in self.runner.drain() {
+            self.input(Input::ExecRecord { sid, record });
         }
     }
 
@@ -536,6 +557,8 @@ impl Broker {
             }
             Event::ExecSignal { sid, sig } => self.runner.signal(sid, sig),
             Event::ExecStdin { sid, data } => self.runner.stdin(sid, data),
+            // Records the runner made meanwhile are fed at the loop's next
+            // turn (exec_records), never from inside the core's drain.
             Event::Exit(Exit::HelloRefused { parent, reason }) => {
                 return Err(BrokerError::HelloRefused { parent, reason })
             }
