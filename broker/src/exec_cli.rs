@@ -277,10 +277,15 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
                 String::from_utf8_lossy(&m.payload).into_owned(),
             ));
         }
-        if m.header.flags & FLAG_MORE == 0 {
+        // The last response may carry the last record.
+        let last = m.header.flags & FLAG_MORE == 0;
+        if last && m.payload.is_empty() {
             break;
         }
         let Some(rec) = Record::decode(&m.payload) else {
+            if last {
+                break;
+            }
             continue;
         };
         match rec {
@@ -322,6 +327,9 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
                     })?;
                 }
             }
+        }
+        if last {
+            break;
         }
     }
     let ranks: Vec<u32> = partial.keys().map(|k| k.0).collect();

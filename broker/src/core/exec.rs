@@ -353,7 +353,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if fin {
             s.local = Local::Done;
         }
-        self.exec_up(sid, P::from(record));
+        self.exec_emit(sid, P::from(record), fin);
         if fin {
             self.exec_maybe_finish(sid);
         }
@@ -398,12 +398,16 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             self.exec_up(sid, payload);
             return true;
         }
-        // The end of that share: ranks that said nothing more failed.
+        // The end of that share. Its last response may carry its last
+        // record; ranks that said nothing more failed.
         let reason = if h.errnum == 0 {
             "its broker ended the stream without reporting an exit".to_string()
         } else {
             String::from_utf8_lossy(payload.as_ref()).into_owned()
         };
+        let carried = h.errnum == 0
+            && Record::decode(payload.as_ref())
+                .is_some_and(|r| r.is_final() && sub.open.remove(&r.rank()));
         let open: Vec<u32> = std::mem::take(&mut sub.open).into_iter().collect();
         sub.done = true;
         self.exec.by_sub.remove(&h.matchtag);
@@ -411,13 +415,23 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             let rec = failed(r, 126, &format!("rank {r}: {reason}"));
             self.exec_up(sid, P::from(rec));
         }
+        if carried {
+            self.exec_emit(sid, payload, true);
+        }
         self.exec_maybe_finish(sid);
         true
     }
 
-    /// Send one record upstream (a response flagged MORE). At the origin
-    /// of a signed request, refusals and receipts are audited.
+    /// Send one record upstream (a response flagged MORE).
     fn exec_up(&mut self, sid: u64, payload: P) {
+        self.exec_emit(sid, payload, false)
+    }
+
+    /// Send one record upstream. If `may_end` and nothing else is to come
+    /// (the local command and every share have ended), it goes as the last
+    /// response itself, saving a message per hop. At the origin of a
+    /// signed request, refusals and receipts are audited.
+    fn exec_emit(&mut self, sid: u64, payload: P, may_end: bool) {
         let Some(s) = self.exec.by_sid.get(&sid) else {
             return;
         };
@@ -440,8 +454,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(s) = self.exec.by_sid.get(&sid) else {
             return;
         };
+        let last = may_end && s.local != Local::Running && s.subs.iter().all(|x| x.done);
         let mut r = s.up.response(self.rank, 0);
-        r.flags = FLAG_MORE;
+        if last {
+            let s = self.exec.by_sid.remove(&sid).expect("present");
+            self.exec.by_up.remove(&s.key);
+        } else {
+            r.flags = FLAG_MORE;
+        }
         self.route_response(r, payload);
     }
 
