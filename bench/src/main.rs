@@ -244,6 +244,10 @@ struct ExecArgs {
     /// Unrecorded runs per size first.
     #[arg(long, default_value_t = 3)]
     warmup: u32,
+    /// Also measure size 8 through this canopy-imp, installed setuid root
+    /// for brokers running as an unprivileged user (root only).
+    #[arg(long, value_name = "PATH")]
+    helper: Option<PathBuf>,
 }
 
 fn exec_params(cli: &Cli, a: &ExecArgs) -> Result<exec::ExecParams> {
@@ -254,6 +258,7 @@ fn exec_params(cli: &Cli, a: &ExecArgs) -> Result<exec::ExecParams> {
         warmup: a.warmup,
         start_timeout: secs(cli.timeout, "--timeout")?,
         rundir: cli.rundir.clone(),
+        helper: a.helper.clone(),
     })
 }
 
@@ -462,6 +467,7 @@ fn smoke_params(cli: &Cli) -> Result<SmokeParams> {
                 runs: 2,
                 fanout: 2,
                 warmup: 1,
+                helper: None,
             },
         )?,
         start: start_params(

@@ -341,7 +341,14 @@ impl crate::boot::Bootstrap for PmiBootstrap {
             hosts,
             budgets: opts.budgets,
             child_addresses: Default::default(),
-            exec: crate::exec::ExecPlan::Direct,
+            // A personal instance runs commands as its owner, or through
+            // the canopy-imp helper named by CANOPY_EXEC_HELPER (the
+            // system instance's path, for trying it and benchmarking it
+            // in one's own instance).
+            exec: match std::env::var_os(crate::exec::HELPER_ENV) {
+                Some(p) if !p.is_empty() => crate::exec::ExecPlan::Helper { path: p.into() },
+                _ => crate::exec::ExecPlan::Direct,
+            },
         };
         Ok(crate::boot::Planned {
             plan,

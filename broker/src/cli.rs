@@ -234,6 +234,10 @@ pub(crate) enum Cmd {
         /// one per line, for `canopy receipt verify`.
         #[arg(long, value_name = "FILE")]
         receipts: Option<std::path::PathBuf>,
+        /// Sign the request even when the broker runs as you (a personal
+        /// instance started with CANOPY_EXEC_HELPER).
+        #[arg(long)]
+        sign: bool,
         /// Seconds the signed request stays valid (system instances).
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         lifetime: u64,

@@ -44,6 +44,9 @@ const MAX_HELPER_RECORD: usize = 16 << 20;
 /// What the helper may write on stderr before the rest is dropped.
 const MAX_HELPER_STDERR: usize = 64 * 1024;
 
+/// In a personal instance, run commands through this `canopy-imp`.
+pub const HELPER_ENV: &str = "CANOPY_EXEC_HELPER";
+
 /// How this broker runs commands.
 #[derive(Debug, Clone)]
 pub enum ExecPlan {
@@ -127,7 +130,12 @@ fn nonblocking(fd: &impl AsFd) {
 }
 
 impl Runner {
-    pub fn new(rank: u32, plan: ExecPlan, instance: String, host: String) -> std::io::Result<Runner> {
+    pub fn new(
+        rank: u32,
+        plan: ExecPlan,
+        instance: String,
+        host: String,
+    ) -> std::io::Result<Runner> {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
@@ -175,7 +183,10 @@ impl Runner {
                 if !std::path::Path::new(&spec.cwd).is_dir() {
                     return Some(self.failed(
                         126,
-                        format!("cannot run in {}: no such directory here; pass --dir", spec.cwd),
+                        format!(
+                            "cannot run in {}: no such directory here; pass --dir",
+                            spec.cwd
+                        ),
                     ));
                 }
                 let mut c = Command::new(prog);
@@ -202,6 +213,11 @@ impl Runner {
                     .arg("--submitter")
                     .arg(&s.submitter)
                     .env_clear();
+                // The helper honours this only when it is not setuid (a
+                // root-run instance trying a new imp.toml).
+                if let Some(v) = std::env::var_os(canopy_imp::run::CONFIG_ENV) {
+                    c.env(canopy_imp::run::CONFIG_ENV, v);
+                }
                 (c, true, flag == b'1', input.to_vec())
             }
         };
@@ -212,16 +228,34 @@ impl Runner {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-                let what = if helper { "the exec helper" } else { "the command" };
+                let code = if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                };
+                let what = if helper {
+                    "the exec helper"
+                } else {
+                    "the command"
+                };
                 let prog = cmd.get_program().to_string_lossy().into_owned();
-                return Some(self.failed(code, format!("cannot start {what} {prog}: {}", io_reason(&e))));
+                return Some(self.failed(
+                    code,
+                    format!("cannot start {what} {prog}: {}", io_reason(&e)),
+                ));
             }
         };
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let stdin = child.stdin.take();
-        for fd in [stdout.as_ref().map(|x| x.as_fd()), stderr.as_ref().map(|x| x.as_fd()), stdin.as_ref().map(|x| x.as_fd())].into_iter().flatten() {
+        for fd in [
+            stdout.as_ref().map(|x| x.as_fd()),
+            stderr.as_ref().map(|x| x.as_fd()),
+            stdin.as_ref().map(|x| x.as_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             nonblocking(&fd);
         }
         let pid = child.id() as i32;
@@ -356,7 +390,9 @@ impl Runner {
                         let rec = Record::Failed {
                             rank,
                             code: 126,
-                            reason: &format!("rank {rank}: the exec helper's output is malformed ({why})"),
+                            reason: &format!(
+                                "rank {rank}: the exec helper's output is malformed ({why})"
+                            ),
                         };
                         self.out.push((sid, rec.encode()));
                     }
@@ -473,13 +509,17 @@ impl Runner {
             (Some(c), _) if p.helper => Record::Failed {
                 rank,
                 code: 126,
-                reason: &format!("rank {rank}: the exec helper exited {c} without a receipt or a reason"),
+                reason: &format!(
+                    "rank {rank}: the exec helper exited {c} without a receipt or a reason"
+                ),
             }
             .encode(),
             (None, Some(s)) if p.helper => Record::Failed {
                 rank,
                 code: 126,
-                reason: &format!("rank {rank}: the exec helper was killed by signal {s} before it reported"),
+                reason: &format!(
+                    "rank {rank}: the exec helper was killed by signal {s} before it reported"
+                ),
             }
             .encode(),
             (Some(c), _) => Record::Exit(rank, Ended::Status(c)).encode(),
@@ -506,7 +546,10 @@ impl Runner {
             };
             kill(Pid::from_raw(p.pid), s)
         } else {
-            killpg(Pid::from_raw(p.pid), Signal::try_from(sig).unwrap_or(Signal::SIGTERM))
+            killpg(
+                Pid::from_raw(p.pid),
+                Signal::try_from(sig).unwrap_or(Signal::SIGTERM),
+            )
         };
         if let Err(e) = res {
             debug!(sid, sig, "exec: signal not delivered: {e}");
@@ -524,7 +567,11 @@ impl Runner {
         if data.is_empty() {
             p.close_stdin = true;
         } else if p.pending.len() + data.len() > STDIN_BUDGET {
-            warn!(sid, budget = STDIN_BUDGET, "exec: the command is not reading its stdin; its input is cut (budget)");
+            warn!(
+                sid,
+                budget = STDIN_BUDGET,
+                "exec: the command is not reading its stdin; its input is cut (budget)"
+            );
             p.pending.clear();
             p.stdin = None;
             return;
@@ -563,7 +610,9 @@ fn io_reason(e: &std::io::Error) -> String {
 fn receipt_exit(envelope: &[u8]) -> Ended {
     canopy_imp::envelope::Envelope::parse(envelope)
         .ok()
-        .and_then(|e| serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok())
+        .and_then(|e| {
+            serde_json::from_slice::<canopy_imp::receipt::Receipt>(e.unverified_body()).ok()
+        })
         .map(|r| match r.exit {
             canopy_imp::receipt::Exit::Status(s) => Ended::Status(s),
             canopy_imp::receipt::Exit::Signal(s) => Ended::Signal(s),
@@ -616,12 +665,24 @@ mod tests {
         let mut b = b"1 3\nab".to_vec();
         assert_eq!(take_helper_record(&mut b).unwrap(), None, "not whole yet");
         b.extend_from_slice(b"c2 0\nR 2\n{}");
-        assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'1', b"abc".to_vec())));
+        assert_eq!(
+            take_helper_record(&mut b).unwrap(),
+            Some((b'1', b"abc".to_vec()))
+        );
         assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'2', vec![])));
-        assert_eq!(take_helper_record(&mut b).unwrap(), Some((b'R', b"{}".to_vec())));
+        assert_eq!(
+            take_helper_record(&mut b).unwrap(),
+            Some((b'R', b"{}".to_vec()))
+        );
         assert_eq!(take_helper_record(&mut b).unwrap(), None);
         assert!(b.is_empty());
-        for bad in [&b"1x3\nabc"[..], b"1 -3\nabc", b"1 99999999999\n", b"1 \n", &[b'1'; 40]] {
+        for bad in [
+            &b"1x3\nabc"[..],
+            b"1 -3\nabc",
+            b"1 99999999999\n",
+            b"1 \n",
+            &[b'1'; 40],
+        ] {
             assert!(take_helper_record(&mut bad.to_vec()).is_err(), "{bad:?}");
         }
     }

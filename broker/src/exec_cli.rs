@@ -27,6 +27,8 @@ pub struct ExecArgs {
     pub receipts: Option<std::path::PathBuf>,
     /// How long a signed request stays valid, seconds.
     pub lifetime: u64,
+    /// Sign even when the broker runs as this user.
+    pub sign: bool,
     /// Restricted delegation: the request's audience is this service.
     pub delegate: Option<String>,
     /// Write the signed payload here and run nothing.
@@ -139,7 +141,7 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
     let mut c = Client::connect(uri)?;
     // A broker running as someone else (a system instance, or any remote
     // one) runs commands through canopy-imp: the request is signed.
-    let own = c.broker_uid() == Some(nix::unistd::getuid().as_raw());
+    let own = !a.sign && c.broker_uid() == Some(nix::unistd::getuid().as_raw());
     if let Some(path) = &a.out {
         let (aud, submit_as) = match &a.delegate {
             Some(name) => (
