@@ -80,6 +80,7 @@ struct Raw {
     #[serde(default)]
     realms: Vec<Spanned<String>>,
     namespace: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
 }
 
 /// A validated ca.toml.
@@ -97,6 +98,10 @@ pub struct CaConfig {
     pub realms: BTreeSet<String>,
     /// The namespace offered (default `ca`).
     pub namespace: String,
+    /// `ca` (a site CA), or `node-attestation`: a node vouching for its own
+    /// local users only (`unix:NAME` by `SO_PEERCRED`), with the node's
+    /// key, which imp.toml accepts only under `[node_attestations]`.
+    pub kind: CertKind,
 }
 
 fn valid_namespace(s: &str) -> bool {
@@ -170,12 +175,32 @@ impl CaConfig {
                 v.clone()
             }
         };
+        let kind = match &raw.kind {
+            None => CertKind::Ca,
+            Some(k) => match k.get_ref().as_str() {
+                "ca" => CertKind::Ca,
+                "node-attestation" if realms.is_empty() => CertKind::NodeAttestation,
+                "node-attestation" => {
+                    return Err(err(
+                        k.span(),
+                        "kind: a node attests only its own local users (unix:NAME); remove realms, or use kind = \"ca\"".into(),
+                    ))
+                }
+                other => {
+                    return Err(err(
+                        k.span(),
+                        format!("kind: {other:?} is not a kind; write \"ca\" or \"node-attestation\""),
+                    ))
+                }
+            },
+        };
         Ok(CaConfig {
             origin: origin.to_owned(),
             secret_key: PathBuf::from(key),
             lifetime,
             realms,
             namespace,
+            kind,
         })
     }
 
@@ -442,7 +467,7 @@ pub fn issue(
         None => cfg.lifetime,
     };
     let (cert, envelope) = UserCert::issue(
-        CertKind::Ca,
+        cfg.kind,
         input.principal,
         &user,
         &subject,
@@ -601,6 +626,60 @@ realms = ["HPC.EXAMPLE"]
 
     fn parse_err(text: &str) -> String {
         CaConfig::parse(text, "ca.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_node_attests_only_its_own_local_users_with_its_kind() {
+        let c = CaConfig::parse(
+            "secret_key = \"/k\"\nkind = \"node-attestation\"\n",
+            "ca.toml",
+        )
+        .unwrap();
+        assert_eq!(c.kind, CertKind::NodeAttestation);
+        assert_eq!(cfg().kind, CertKind::Ca);
+        let input = |principal| IssueInput {
+            principal,
+            direct: true,
+            payload: b"",
+        };
+        let body = payload(None);
+        let ok = issue(
+            &c,
+            &ca_key(),
+            &IssueInput {
+                payload: &body,
+                ..input("unix:alice")
+            },
+            &db(),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(ok.cert.kind, CertKind::NodeAttestation);
+        assert_eq!(ok.cert.user, "alice");
+        let e = issue(
+            &c,
+            &ca_key(),
+            &IssueInput {
+                payload: &body,
+                ..input("alice@HPC.EXAMPLE")
+            },
+            &db(),
+            1000,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Refusal::Realm { .. }), "{e}");
+        let e = parse_err(
+            "secret_key = \"/k\"\nrealms = [\"HPC.EXAMPLE\"]\nkind = \"node-attestation\"\n",
+        );
+        assert!(
+            e.contains("ca.toml:3") && e.contains("remove realms"),
+            "{e}"
+        );
+        let e = parse_err("secret_key = \"/k\"\nkind = \"notary\"\n");
+        assert!(
+            e.contains("ca.toml:2") && e.contains("\"notary\" is not a kind"),
+            "{e}"
+        );
     }
 
     #[test]
