@@ -60,6 +60,8 @@ pub struct Broker {
     worker: Worker,
     /// This rank's `exec.run` commands.
     runner: crate::exec::Runner,
+    /// Commands to start once what the core sent is out.
+    spawns: Vec<crate::core::exec::Spawn>,
     router: Option<zmq::Socket>,
     client_router: Option<zmq::Socket>,
     dealer: Option<zmq::Socket>,
@@ -188,6 +190,7 @@ impl Broker {
             policy,
             worker,
             runner,
+            spawns: Vec::new(),
             router,
             client_router,
             dealer: None,
@@ -490,6 +493,17 @@ impl Broker {
                 any = true;
                 self.transmit(t);
             }
+            // Commands start once their shares of an exec.run are on
+            // their way to the neighbours: a spawn takes a while, and the
+            // subtree should not wait for it.
+            for spawn in std::mem::take(&mut self.spawns) {
+                any = true;
+                let sid = spawn.sid;
+                if let Some(record) = self.runner.spawn(spawn) {
+                    let now = self.now_ms();
+                    self.core.handle(now, Input::ExecRecord { sid, record });
+                }
+            }
             if !any {
                 return Ok(());
             }
@@ -548,13 +562,7 @@ impl Broker {
                     .replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
             }
             Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
-            Event::ExecSpawn(spawn) => {
-                let sid = spawn.sid;
-                if let Some(record) = self.runner.spawn(spawn) {
-                    let now = self.now_ms();
-                    self.core.handle(now, Input::ExecRecord { sid, record });
-                }
-            }
+            Event::ExecSpawn(spawn) => self.spawns.push(spawn),
             Event::ExecSignal { sid, sig } => self.runner.signal(sid, sig),
             Event::ExecStdin { sid, data } => self.runner.stdin(sid, data),
             // Records the runner made meanwhile are fed at the loop's next
