@@ -55,7 +55,7 @@ pub(crate) fn run(cmd: CertCmd) -> Result<i32> {
         } => {
             let timeout = Duration::try_from_secs_f64(timeout)
                 .context("--timeout must be a non-negative number of seconds")?;
-            request(uri.as_deref(), ca_rank, lifetime, timeout)
+            request(uri.as_deref(), ca_rank, lifetime, timeout, false)
         }
         CertCmd::Show => show(),
     }
@@ -109,11 +109,14 @@ fn check_issued(wire: &[u8], ca: &VerifyingKey, mine: &VerifyingKey) -> Result<U
     Ok(cert)
 }
 
-fn request(
+/// `canopy cert request`; `quiet` (the automatic request of `canopy
+/// exec`): one line on stderr instead of the report on stdout.
+pub(crate) fn request(
     uri: Option<&str>,
     ca_rank: Option<u32>,
     lifetime: Option<u64>,
     timeout: Duration,
+    quiet: bool,
 ) -> Result<i32> {
     let dir = userkeys::default_dir()?;
     let key = userkeys::load_or_create_key(&dir)?;
@@ -144,6 +147,16 @@ fn request(
         .map_err(|e| anyhow::anyhow!("the ca did not issue a certificate: {e}"))?;
     let cert = check_issued(&m.payload, &ca, &mine)?;
     let path = userkeys::save_cert(&dir, &m.payload)?;
+    if quiet {
+        eprintln!(
+            "canopy exec: certified by the site ca on rank {rank} as {} (user {}) until {}; saved {}",
+            cert.principal,
+            cert.user,
+            fmt_time(cert.not_after),
+            shown(&path)
+        );
+        return Ok(0);
+    }
     outln!("principal: {}", cert.principal);
     outln!("user:      {}", cert.user);
     outln!(

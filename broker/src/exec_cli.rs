@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What to run and how.
+#[derive(Clone)]
 pub struct ExecArgs {
     pub ranks: String,
     pub argv: Vec<String>,

@@ -708,8 +708,20 @@ fn run(cli: Cli) -> Result<i32> {
                 submit,
                 as_service,
             };
-            let status = canopy_broker::exec_cli::run(uri.as_deref(), args)?;
-            Ok(status)
+            use canopy_broker::exec_cli::{self, ExecError};
+            use canopy_imp::userkeys::UserKeyError;
+            match exec_cli::run(uri.as_deref(), args.clone()) {
+                // The first exec in a system instance (or one after the
+                // certificate expired): ask the site CA, then go on.
+                Err(ExecError::Identity(
+                    e @ (UserKeyError::Missing { .. } | UserKeyError::Expired { .. }),
+                )) => {
+                    eprintln!("canopy exec: {e}; asking the site ca now");
+                    cert_cli::request(uri.as_deref(), None, None, Duration::from_secs(10), true)?;
+                    Ok(exec_cli::run(uri.as_deref(), args)?)
+                }
+                r => Ok(r?),
+            }
         }
         Cmd::Rpc {
             topic,
