@@ -38,8 +38,12 @@ if [ -n "$binary" ]; then
     trap 'rm -rf "$stage"' EXIT
     mkdir -p "$stage/release"
     cp "$binary" "$stage/release/canopy"
+    # The exec helper and the site CA, built next to it.
+    for b in canopy-imp canopy-ca; do
+        cp "$(dirname "$binary")/$b" "$stage/release/$b"
+    done
 else
-    cargo build --release -p canopy-broker >&2
+    cargo build --release -p canopy-broker -p canopy-imp -p canopy-ca >&2
     stage=$target
 fi
 

@@ -224,6 +224,10 @@ fn the_deb_installs_runs_and_purges() {
             "/usr/share/fish/vendor_completions.d/canopy.fish",
             "/lib/systemd/system/canopy.service",
             "/usr/share/doc/canopy/operations.md",
+            "/usr/bin/canopy-ca",
+            "/usr/share/doc/canopy/examples/canopy.service.d/exec.conf",
+            "/usr/share/doc/canopy/examples/imp.toml",
+            "/usr/share/doc/canopy/examples/ca.toml",
         ] {
             assert!(Path::new(f).is_file(), "{f} is not installed");
         }
@@ -233,6 +237,13 @@ fn the_deb_installs_runs_and_purges() {
             bash.contains("complete") && bash.contains("overlay"),
             "{bash}"
         );
+        // The exec helper is installed root-owned but not setuid: the
+        // admin turns it on (docs/operations.md).
+        {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata("/usr/lib/canopy/canopy-imp").expect("canopy-imp installed");
+            assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o755));
+        }
         // The hidden packaging subcommand is not offered.
         assert!(!bash.contains("generate-manual"));
         // The installed unit is valid, and its sandbox is not weak.
