@@ -115,6 +115,8 @@ pub struct Runner {
     host: String,
     procs: HashMap<u64, Proc>,
     out: Vec<(u64, Vec<u8>)>,
+    /// The read buffer, allocated once.
+    buf: Vec<u8>,
     /// Readable on SIGCHLD: some command may have ended.
     pub wake: UnixStream,
 }
@@ -149,6 +151,7 @@ impl Runner {
             host,
             procs: HashMap::new(),
             out: Vec::new(),
+            buf: vec![0u8; CHUNK],
             wake,
         })
     }
@@ -315,14 +318,14 @@ impl Runner {
         let Some(p) = self.procs.get_mut(&sid) else {
             return;
         };
-        let mut buf = vec![0u8; CHUNK];
+        let buf = &mut self.buf;
         let n = {
             let r: Option<&mut dyn Read> = match pipe {
                 Pipe::Stdout => p.stdout.as_mut().map(|x| x as &mut dyn Read),
                 _ => p.stderr.as_mut().map(|x| x as &mut dyn Read),
             };
             let Some(r) = r else { return };
-            match r.read(&mut buf) {
+            match r.read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
