@@ -280,54 +280,51 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
                 String::from_utf8_lossy(&m.payload).into_owned(),
             ));
         }
-        // The last response may carry the last record.
+        // Each response carries records; the last one may carry some too.
         let last = m.header.flags & FLAG_MORE == 0;
-        if last && m.payload.is_empty() {
-            break;
-        }
-        let Some(rec) = Record::decode(&m.payload) else {
-            if last {
-                break;
-            }
-            continue;
-        };
-        match rec {
-            Record::Stdout(r, d) | Record::Stderr(r, d) => {
-                let is_out = matches!(rec, Record::Stdout(..));
-                let w: &mut dyn Write = if is_out { &mut out } else { &mut err };
-                if a.label_io {
-                    let p = partial.entry((r, is_out)).or_default();
-                    p.buf.extend_from_slice(d);
-                    while let Some(i) = p.buf.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = p.buf.drain(..=i).collect();
-                        let _ = write!(w, "{r}: ");
-                        let _ = w.write_all(&line);
+        let recs = wire::records(&m.payload).unwrap_or_default();
+        for r in recs {
+            let Some(rec) = Record::decode(r) else {
+                continue;
+            };
+            match rec {
+                Record::Stdout(r, d) | Record::Stderr(r, d) => {
+                    let is_out = matches!(rec, Record::Stdout(..));
+                    let w: &mut dyn Write = if is_out { &mut out } else { &mut err };
+                    if a.label_io {
+                        let p = partial.entry((r, is_out)).or_default();
+                        p.buf.extend_from_slice(d);
+                        while let Some(i) = p.buf.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = p.buf.drain(..=i).collect();
+                            let _ = write!(w, "{r}: ");
+                            let _ = w.write_all(&line);
+                        }
+                    } else {
+                        let _ = w.write_all(d);
                     }
-                } else {
-                    let _ = w.write_all(d);
+                    let _ = w.flush();
                 }
-                let _ = w.flush();
-            }
-            Record::Exit(r, e) => {
-                flush_partial(&mut partial, r, &mut out, &mut err);
-                status = status.max(e.code());
-                if let wire::Ended::Signal(s) = e {
-                    let _ = writeln!(err, "canopy exec: rank {r}: killed by signal {s}");
+                Record::Exit(r, e) => {
+                    flush_partial(&mut partial, r, &mut out, &mut err);
+                    status = status.max(e.code());
+                    if let wire::Ended::Signal(s) = e {
+                        let _ = writeln!(err, "canopy exec: rank {r}: killed by signal {s}");
+                    }
                 }
-            }
-            Record::Failed { rank, code, reason } => {
-                flush_partial(&mut partial, rank, &mut out, &mut err);
-                status = status.max(code as i32);
-                let _ = writeln!(err, "canopy exec: {reason}");
-            }
-            Record::Receipt(_, d) => {
-                if let Some(f) = &mut receipts {
-                    let mut line = d.to_vec();
-                    line.push(b'\n');
-                    f.write_all(&line).map_err(|source| ExecError::Receipts {
-                        path: a.receipts.as_ref().expect("set").display().to_string(),
-                        source,
-                    })?;
+                Record::Failed { rank, code, reason } => {
+                    flush_partial(&mut partial, rank, &mut out, &mut err);
+                    status = status.max(code as i32);
+                    let _ = writeln!(err, "canopy exec: {reason}");
+                }
+                Record::Receipt(_, d) => {
+                    if let Some(f) = &mut receipts {
+                        let mut line = d.to_vec();
+                        line.push(b'\n');
+                        f.write_all(&line).map_err(|source| ExecError::Receipts {
+                            path: a.receipts.as_ref().expect("set").display().to_string(),
+                            source,
+                        })?;
+                    }
                 }
             }
         }

@@ -471,6 +471,8 @@ impl Broker {
     /// Carry out what the core wants: its events, then its transmits, until
     /// neither is left; then write what local clients have pending.
     fn pump(&mut self) -> Result<(), BrokerError> {
+        // Records of exec.run sessions gathered this turn leave together.
+        self.core.flush_exec();
         self.drain_core()?;
         for id in self.local.flush() {
             self.input(Input::ClientClosed { id });

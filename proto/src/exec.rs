@@ -7,7 +7,10 @@
 //! instance, the helper's signed input in a system instance), and is
 //! forwarded byte for byte.
 //!
-//! Each response carries one record: `tag | rank (u32 big-endian) | data`.
+//! Each response carries one or more records, each `u32 length
+//! (big-endian) | record`, a record being `tag | rank (u32 big-endian) |
+//! data`. A broker relaying many ranks' records packs what it has into one
+//! response per turn of its loop.
 
 /// Largest rank set accepted in a prefix (ranks, not bytes).
 pub const MAX_RANKS: usize = 1 << 20;
@@ -131,6 +134,25 @@ impl Record<'_> {
             _ => return None,
         })
     }
+}
+
+/// Append one record to a response payload being built.
+pub fn push_record(out: &mut Vec<u8>, record: &[u8]) {
+    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    out.extend_from_slice(record);
+}
+
+/// The records of a response payload, in order; `None` if it is not a
+/// sequence of length-prefixed records (nothing of it is then trusted).
+pub fn records(mut b: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut v = Vec::new();
+    while !b.is_empty() {
+        let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let r = b.get(4..4 + n)?;
+        v.push(r);
+        b = &b[4 + n..];
+    }
+    Some(v)
 }
 
 /// Ranks as a compact set: `0-3,7,9-10`, ascending, no repeats.
@@ -260,6 +282,19 @@ mod tests {
         assert_eq!(Record::decode(b"Z\0\0\0\x01"), None);
         assert_eq!(Record::decode(b"1\0\0"), None);
         assert_eq!(Ended::Signal(2).code(), 130);
+    }
+
+    #[test]
+    fn records_pack_into_one_payload() {
+        let a = Record::Stdout(1, b"x").encode();
+        let b = Record::Exit(2, Ended::Status(0)).encode();
+        let mut p = Vec::new();
+        push_record(&mut p, &a);
+        push_record(&mut p, &b);
+        assert_eq!(records(&p).unwrap(), vec![&a[..], &b[..]]);
+        assert_eq!(records(b"").unwrap(), Vec::<&[u8]>::new());
+        assert!(records(&p[..p.len() - 1]).is_none(), "truncated");
+        assert!(records(b"\0\0").is_none());
     }
 
     #[test]

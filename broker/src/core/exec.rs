@@ -40,6 +40,9 @@ pub const WRITE_TOPIC: &str = "exec.write";
 /// Sessions one broker holds at once (each may have a local command).
 pub const MAX_SESSIONS: usize = 4096;
 
+/// An outbox past this many bytes is sent at once.
+const OUTBOX_BYTES: usize = 256 * 1024;
+
 /// Signals a caller may send to its command.
 pub const SIGNALS: &[i32] = &[1, 2, 3, 9, 10, 12, 15];
 
@@ -103,6 +106,8 @@ struct Session {
     audit: Option<String>,
     local: Local,
     subs: Vec<Sub>,
+    /// Records waiting to go upstream (length-prefixed).
+    outbox: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -112,6 +117,8 @@ pub(super) struct Sessions {
     by_sid: HashMap<u64, Session>,
     by_up: HashMap<(Hop, u32), u64>,
     by_sub: HashMap<u32, u64>,
+    /// Sessions with records in their outbox.
+    dirty: Vec<u64>,
 }
 
 impl Sessions {
@@ -256,6 +263,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             audit,
             local: if local { Local::Running } else { Local::No },
             subs: Vec::new(),
+            outbox: Vec::new(),
         };
         let mut early: Vec<Vec<u8>> = Vec::new();
         let mut shares: Vec<(Link, Vec<u32>)> =
@@ -317,7 +325,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         self.exec.by_up.insert(key, sid);
         self.exec.by_sid.insert(sid, s);
         for rec in early {
-            self.exec_up(sid, P::from(rec));
+            self.exec_up(sid, &rec);
         }
         self.exec_maybe_finish(sid);
     }
@@ -353,7 +361,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if fin {
             s.local = Local::Done;
         }
-        self.exec_emit(sid, P::from(record), fin);
+        self.exec_up(sid, &record);
         if fin {
             self.exec_maybe_finish(sid);
         }
@@ -379,64 +387,75 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             return true;
         };
         let more = h.flags & FLAG_MORE != 0;
-        if h.errnum == 0 && more {
-            let Some(rec) = Record::decode(payload.as_ref()) else {
-                debug!("exec: a malformed record dropped");
-                return true;
-            };
-            let r = rec.rank();
-            if !sub.open.contains(&r) {
-                debug!(
-                    rank = r,
-                    "exec: a record for a rank not sent that way dropped"
-                );
-                return true;
+        // Records (on success; the last response may carry some too): only
+        // those for ranks sent that way, not yet ended, are passed on.
+        let mut pass: Vec<Vec<u8>> = Vec::new();
+        if h.errnum == 0 {
+            match wire::records(payload.as_ref()) {
+                Some(recs) => {
+                    for r in recs {
+                        let Some(rec) = Record::decode(r) else {
+                            debug!("exec: a malformed record dropped");
+                            continue;
+                        };
+                        if !sub.open.contains(&rec.rank()) {
+                            debug!(
+                                rank = rec.rank(),
+                                "exec: a record for a rank not sent that way dropped"
+                            );
+                            continue;
+                        }
+                        if rec.is_final() {
+                            sub.open.remove(&rec.rank());
+                        }
+                        pass.push(r.to_vec());
+                    }
+                }
+                None => debug!("exec: a malformed response dropped"),
             }
-            if rec.is_final() {
-                sub.open.remove(&r);
+        }
+        if more && h.errnum == 0 {
+            for r in pass {
+                self.exec_up(sid, &r);
             }
-            self.exec_up(sid, payload);
             return true;
         }
-        // The end of that share. Its last response may carry its last
-        // record; ranks that said nothing more failed.
+        // The end of that share: ranks that said nothing more failed.
         let reason = if h.errnum == 0 {
             "its broker ended the stream without reporting an exit".to_string()
         } else {
             String::from_utf8_lossy(payload.as_ref()).into_owned()
         };
-        let carried = h.errnum == 0
-            && Record::decode(payload.as_ref())
-                .is_some_and(|r| r.is_final() && sub.open.remove(&r.rank()));
         let open: Vec<u32> = std::mem::take(&mut sub.open).into_iter().collect();
         sub.done = true;
         self.exec.by_sub.remove(&h.matchtag);
+        for r in pass {
+            self.exec_up(sid, &r);
+        }
         for r in open {
             let rec = failed(r, 126, &format!("rank {r}: {reason}"));
-            self.exec_up(sid, P::from(rec));
-        }
-        if carried {
-            self.exec_emit(sid, payload, true);
+            self.exec_up(sid, &rec);
         }
         self.exec_maybe_finish(sid);
         true
     }
 
-    /// Send one record upstream (a response flagged MORE).
-    fn exec_up(&mut self, sid: u64, payload: P) {
-        self.exec_emit(sid, payload, false)
-    }
-
-    /// Send one record upstream. If `may_end` and nothing else is to come
-    /// (the local command and every share have ended), it goes as the last
-    /// response itself, saving a message per hop. At the origin of a
-    /// signed request, refusals and receipts are audited.
-    fn exec_emit(&mut self, sid: u64, payload: P, may_end: bool) {
-        let Some(s) = self.exec.by_sid.get(&sid) else {
+    /// Queue one record for upstream. Records wait in the session's outbox
+    /// until the shell's loop ends its turn ([`BrokerCore::flush_exec`]),
+    /// so what arrives together leaves as one response, and the last ones
+    /// ride on the last response. At the origin of a signed request,
+    /// refusals and receipts are audited.
+    fn exec_up(&mut self, sid: u64, record: &[u8]) {
+        let Some(s) = self.exec.by_sid.get_mut(&sid) else {
             return;
         };
+        if s.outbox.is_empty() {
+            self.exec.dirty.push(sid);
+        }
+        wire::push_record(&mut s.outbox, record);
+        let full = s.outbox.len() >= OUTBOX_BYTES;
         if let Some(d) = &s.audit {
-            let what = match Record::decode(payload.as_ref()) {
+            let what = match Record::decode(record) {
                 Some(Record::Receipt(rank, env)) => Some(format!(
                     "exec receipt sha256 {} from rank {rank} for request sha256 {d}",
                     canopy_imp::envelope::sha256_hex(env)
@@ -451,18 +470,37 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 self.exec_audit(&principal, what);
             }
         }
-        let Some(s) = self.exec.by_sid.get(&sid) else {
+        if full {
+            self.exec_send(sid, true);
+        }
+    }
+
+    /// Send a session's outbox upstream, flagged MORE, or as the last
+    /// response (the session is then forgotten).
+    fn exec_send(&mut self, sid: u64, more: bool) {
+        let Some(s) = self.exec.by_sid.get_mut(&sid) else {
             return;
         };
-        let last = may_end && s.local != Local::Running && s.subs.iter().all(|x| x.done);
+        if more && s.outbox.is_empty() {
+            return;
+        }
+        let payload = std::mem::take(&mut s.outbox);
         let mut r = s.up.response(self.rank, 0);
-        if last {
+        if more {
+            r.flags = FLAG_MORE;
+        } else {
             let s = self.exec.by_sid.remove(&sid).expect("present");
             self.exec.by_up.remove(&s.key);
-        } else {
-            r.flags = FLAG_MORE;
         }
-        self.route_response(r, payload);
+        self.route_response(r, P::from(payload));
+    }
+
+    /// The end of a turn of the shell's loop: every session's waiting
+    /// records go upstream.
+    pub fn flush_exec(&mut self) {
+        for sid in std::mem::take(&mut self.exec.dirty) {
+            self.exec_send(sid, true);
+        }
     }
 
     fn exec_maybe_finish(&mut self, sid: u64) {
@@ -472,10 +510,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         if s.local == Local::Running || s.subs.iter().any(|x| !x.done) {
             return;
         }
-        let s = self.exec.by_sid.remove(&sid).expect("present");
-        self.exec.by_up.remove(&s.key);
-        let r = s.up.response(self.rank, 0);
-        self.route_response(r, P::from(Vec::new()));
+        self.exec_send(sid, false);
     }
 
     fn exec_audit(&mut self, principal: &str, what: String) {

@@ -63,8 +63,8 @@ fn records(s: &Sim, rank: u32, id: u32, tag: u32) -> (Vec<Vec<u8>>, bool) {
             "{}",
             String::from_utf8_lossy(&g.payload)
         );
-        if !g.payload.is_empty() {
-            recs.push(g.payload.clone());
+        for r in canopy_proto::exec::records(&g.payload).expect("length-prefixed records") {
+            recs.push(r.to_vec());
         }
         if g.header.flags & FLAG_MORE == 0 {
             ended = true;
@@ -105,8 +105,9 @@ fn all_ranks_run_once_and_every_record_reaches_the_caller() {
     finish_all(&mut s, 0..7);
     let (recs, ended) = records(&s, 0, c, tag);
     assert!(ended, "the stream ended once every rank exited");
-    // The last record is the last response: no empty one after it.
-    assert_eq!(s.responses(0, c, tag).len(), 14);
+    // The last records ride on the last response.
+    let rs = s.responses(0, c, tag);
+    assert!(!rs.last().unwrap().payload.is_empty());
     let mut outs: Vec<u32> = Vec::new();
     let mut exits: Vec<(u32, i32)> = Vec::new();
     for p in &recs {
@@ -127,6 +128,44 @@ fn all_ranks_run_once_and_every_record_reaches_the_caller() {
     for r in 0..7 {
         assert_eq!(s.nodes[r].core.exec.len(), 0, "rank {r} forgot the session");
     }
+}
+
+#[test]
+fn records_gathered_in_one_turn_leave_as_one_response() {
+    let mut s = Sim::new(3, 2);
+    let c = s.connect(0, OWNER_UID);
+    let tag = run(&mut s, 0, c, "0");
+    let sid = sid(&s, 0);
+    // Two records in one turn of the shell's loop (no flush between).
+    let now = s.now;
+    for d in [&b"a"[..], b"b"] {
+        let rec = Record::Stdout(0, d).encode();
+        s.nodes[0]
+            .core
+            .handle(now, Input::ExecRecord { sid, record: rec });
+    }
+    s.settle();
+    let rs = s.responses(0, c, tag);
+    assert_eq!(rs.len(), 1, "one response");
+    assert_eq!(rs[0].header.flags & FLAG_MORE, FLAG_MORE);
+    let got = canopy_proto::exec::records(&rs[0].payload).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            &Record::Stdout(0, b"a").encode()[..],
+            &Record::Stdout(0, b"b").encode()[..]
+        ]
+    );
+    // The exit goes with the last response.
+    s.exec_record(0, sid, Record::Exit(0, Ended::Status(0)).encode());
+    s.settle();
+    let rs = s.responses(0, c, tag);
+    assert_eq!(rs.len(), 2);
+    assert_eq!(rs[1].header.flags & FLAG_MORE, 0);
+    assert_eq!(
+        canopy_proto::exec::records(&rs[1].payload).unwrap(),
+        vec![&Record::Exit(0, Ended::Status(0)).encode()[..]]
+    );
 }
 
 #[test]

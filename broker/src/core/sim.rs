@@ -236,6 +236,8 @@ impl Sim {
     /// Handle one node's output; true if there was any.
     fn drain(&mut self, r: u32) -> bool {
         let mut moved = false;
+        // As the shell does at the end of each turn of its loop.
+        self.nodes[r as usize].core.flush_exec();
         while let Some(ev) = self.nodes[r as usize].core.poll_event() {
             moved = true;
             self.apply(r, ev);
