@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-cargo build --release -q -p canopy-broker -p canopy-bench
+cargo build --release -q -p canopy-broker -p canopy-bench -p canopy-imp
 cargo build --release -q -p canopy-t --bin canopy-t-peer
 bench=target/release/canopy-bench
 rundir=${CANOPY_BENCH_RUNDIR:-${XDG_RUNTIME_DIR:-/dev/shm}}
@@ -33,6 +33,10 @@ run rpc rpc --size 8 --ranks 0,1,3,7 --pad 0,1024,65536 --count 2000 --runs 5
 run event event --size 8 --window 64 --runs 5
 run link link --runs 9
 run memory memory --size 8 --messages 1000000 --rounds 3
+# exec through the helper needs root (it installs canopy-imp setuid root).
+helper=()
+[ "$(id -u)" = 0 ] && helper=(--helper target/release/canopy-imp)
+run exec exec --sizes 8,64,1024 --runs 20 "${helper[@]}"
 run start start --sizes 1,2,4,8,16,64,256,1024 --runs 5
 "$bench" report --dir "$out" --doc docs/performance.md
 echo "bench-all: done in $(( $(date +%s) - start )) s" >&2

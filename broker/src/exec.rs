@@ -156,11 +156,6 @@ impl Runner {
         })
     }
 
-    /// Commands running now.
-    pub fn running(&self) -> usize {
-        self.procs.len()
-    }
-
     fn failed(&self, code: u8, why: String) -> Vec<u8> {
         let rank = self.rank;
         Record::Failed {
