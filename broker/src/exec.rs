@@ -463,6 +463,9 @@ impl Runner {
     /// pipes are dropped, so the exec ends. Returns how long until the
     /// next such deadline, if any.
     pub fn expire(&mut self) -> Option<std::time::Duration> {
+        if self.procs.is_empty() {
+            return None;
+        }
         let now = std::time::Instant::now();
         let mut next: Option<std::time::Duration> = None;
         let mut due = Vec::new();
