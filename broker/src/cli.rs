@@ -209,7 +209,8 @@ pub(crate) enum Cmd {
     /// Run a command on ranks of the instance, fanned out down the tree:
     /// output streams back live (stdout and stderr apart), the exit status
     /// is the highest of the ranks', a rank that could not run it is named
-    /// with the reason. Ctrl-C sends SIGINT, a second one SIGKILL. In a
+    /// with the reason. Ctrl-C sends SIGINT, a second one SIGKILL, a third
+    /// stops waiting. In a
     /// personal instance only the owner may; in a system instance the
     /// command runs as you through the canopy-imp helper, from a request
     /// you sign (docs/imp.md).

@@ -227,11 +227,21 @@ pub fn run(uri: Option<&str>, a: ExecArgs) -> Result<i32, ExecError> {
     loop {
         if interrupted.swap(false, Ordering::SeqCst) {
             ints += 1;
+            if ints > 2 {
+                // The commands were sent SIGKILL; stop waiting for their
+                // last records (closing the connection makes every broker
+                // kill what is left of this exec).
+                let _ = writeln!(
+                    err,
+                    "canopy exec: interrupted three times: not waiting any longer"
+                );
+                return Ok(128 + 9);
+            }
             let sig = if ints == 1 { 2 } else { 9 };
             if ints == 1 {
                 let _ = writeln!(
                     err,
-                    "canopy exec: interrupt: sending SIGINT (again for SIGKILL)"
+                    "canopy exec: interrupt: sending SIGINT (again for SIGKILL, a third time to stop waiting)"
                 );
             }
             let _ = c.send(

@@ -376,3 +376,59 @@ fn only_the_owner_may_exec_in_a_personal_instance() {
         assert!(log.contains("exec: refused"), "{log}");
     });
 }
+
+#[test]
+fn a_third_ctrl_c_stops_waiting_for_a_broker_that_does_not_answer() {
+    run_test(LIMIT, || {
+        let inst = Instance::start(2, 2, &[]);
+        let mut live = Live::start(
+            &inst,
+            &[
+                "-n",
+                "--label-io",
+                "-r",
+                "1",
+                "sh",
+                "-c",
+                "echo pid $$; exec sleep 60",
+            ],
+        );
+        assert!(
+            wait_until(WAIT, || pids(&live.out()).len() == 1),
+            "{}",
+            live.out()
+        );
+        let started = pids(&live.out());
+        // Rank 1's broker stops answering (not long enough to be lost).
+        let b1 = inst
+            .broker_pids()
+            .into_iter()
+            .find(|&(_, r)| r == 1)
+            .expect("rank 1's broker")
+            .0;
+        kill(Pid::from_raw(b1), Signal::SIGSTOP).unwrap();
+        live.interrupt();
+        std::thread::sleep(Duration::from_millis(200));
+        live.interrupt();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            live.child.try_wait().unwrap().is_none(),
+            "still waiting after two"
+        );
+        live.interrupt();
+        let code = live.wait();
+        kill(Pid::from_raw(b1), Signal::SIGCONT).unwrap();
+        assert_eq!(code, 128 + 9, "{}", live.err());
+        assert!(
+            live.err().contains("not waiting any longer"),
+            "{}",
+            live.err()
+        );
+        // Once it runs again, rank 1 kills the command: its requester is
+        // gone.
+        assert!(
+            wait_until(WAIT, || started.iter().all(|p| !process_alive(*p))),
+            "the command outlived its client"
+        );
+    });
+}
