@@ -210,10 +210,9 @@ pub(crate) enum Cmd {
     /// output streams back live (stdout and stderr apart), the exit status
     /// is the highest of the ranks', a rank that could not run it is named
     /// with the reason. Ctrl-C sends SIGINT, a second one SIGKILL, a third
-    /// stops waiting. In a
-    /// personal instance only the owner may; in a system instance the
-    /// command runs as you through the canopy-imp helper, from a request
-    /// you sign (docs/imp.md).
+    /// stops waiting. In a personal instance only the owner may; in a
+    /// system instance the command runs as you through the canopy-imp
+    /// helper, from a request you sign (docs/imp.md).
     Exec {
         /// Target ranks: `all`, or a set like `0-3,7`.
         #[arg(long, short = 'r', default_value = "all")]
