@@ -427,6 +427,10 @@ impl Broker {
                     .as_ref()
                     .is_some_and(|m| drain_monitor(m, "overlay"))
             {
+                // What a child sent before it closed (its goodbye) is in
+                // the ROUTER's queue before the monitor says it closed, but
+                // poll may not have shown it yet: take it first.
+                self.drain_router()?;
                 self.input(Input::ChildClosed);
             }
             if readable(9) {
@@ -438,6 +442,8 @@ impl Broker {
                 if let Some(why) = seen.refused {
                     self.input(Input::ParentRefused { reason: why.into() });
                 } else if seen.closed {
+                    // Likewise the parent's last words (a disconnect note).
+                    self.drain_dealer()?;
                     self.input(Input::ParentGone {
                         reason: "the connection to the parent closed".into(),
                     });
