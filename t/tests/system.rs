@@ -215,8 +215,12 @@ fn a_wrongly_keyed_node_joins_once_its_parent_has_the_key() {
         let t = Instant::now();
         c.wait_full(Duration::from_secs(8));
         eprintln!("rank 3 joined {:?} after the reload", t.elapsed());
+        // Rank 0 may see the subtree full before rank 3 has logged its
+        // join: wait for the line.
         assert!(
-            c.log(3).contains("which had refused this broker"),
+            wait_until(Duration::from_secs(5), || c
+                .log(3)
+                .contains("which had refused this broker")),
             "{}",
             c.log(3)
         );
