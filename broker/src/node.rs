@@ -35,8 +35,8 @@ pub use crate::admission::unix_principal;
 pub use crate::core::Card;
 pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
 use crate::sockets::{
-    disconnect_monitor, drain_monitor, drain_parent_monitor, parent_dealer, recv_parts, send,
-    send_slice, split, zerr, zs,
+    close_monitored, disconnect_monitor, drain_monitor, drain_parent_monitor, parent_dealer,
+    recv_parts, send, send_slice, split, zerr, zs,
 };
 
 /// Messages taken from one socket before the others get a turn.
@@ -278,12 +278,9 @@ impl Broker {
         if let Some(p) = &self.ipc_path {
             let _ = std::fs::remove_file(p);
         }
-        self.router_monitor = None;
-        self.dealer_monitor = None;
-        self.client_monitor = None;
-        self.router = None;
-        self.client_router = None;
-        self.dealer = None;
+        close_monitored(&mut self.router, &mut self.router_monitor);
+        close_monitored(&mut self.dealer, &mut self.dealer_monitor);
+        close_monitored(&mut self.client_router, &mut self.client_monitor);
     }
 
     fn event_loop(&mut self) -> Result<(), BrokerError> {
@@ -528,8 +525,7 @@ impl Broker {
             } => self.connect_parent(&endpoint, server_key, &identity, relink)?,
             Event::ParentLost => {
                 crate::gss::parent_lost(&self.policy);
-                self.dealer = None;
-                self.dealer_monitor = None;
+                close_monitored(&mut self.dealer, &mut self.dealer_monitor);
             }
             Event::Close { id } => self.local.close(id),
             Event::Job(job) => self.worker.submit(job),
@@ -693,8 +689,7 @@ impl Broker {
             true => key,
             false => crate::gss::parent_key(&self.policy).unwrap_or(key),
         };
-        self.dealer = None;
-        self.dealer_monitor = None;
+        close_monitored(&mut self.dealer, &mut self.dealer_monitor);
         let max = self.local.budgets().max_message;
         let (s, m) = parent_dealer(
             &self.ctx,

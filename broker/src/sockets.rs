@@ -145,6 +145,20 @@ pub(crate) fn disconnect_monitor(
     monitor(ctx, sock, WATCHED)
 }
 
+/// Drop a monitored socket and the PAIR receiving its events, stopping
+/// the monitor first ([`canopy_sys::stop_monitor`]). The other way round,
+/// an event raised as the connection closes (libzmq sends it blocking,
+/// from its I/O thread) finds no receiver and blocks that thread for good:
+/// this broker would never connect, send or receive again.
+pub(crate) fn close_monitored(sock: &mut Option<zmq::Socket>, monitor: &mut Option<zmq::Socket>) {
+    if let Some(mut s) = sock.take() {
+        if let Err(e) = canopy_sys::stop_monitor(&mut s) {
+            tracing::warn!("zmq: cannot stop a socket's monitor before closing it: {e}");
+        }
+    }
+    *monitor = None;
+}
+
 /// The parent link's monitor: also a key its parent refused.
 pub(crate) fn parent_monitor(
     ctx: &zmq::Context,

@@ -665,7 +665,20 @@ pub(crate) fn tcp_sockets(
         "inproc://canopy-client-monitor-{}",
         MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    sock.monitor(&mon_ep, zmq::SocketEvent::ALL as i32)?;
+    // Only the events read above: libzmq sends each one blocking, from its
+    // I/O thread (or, for MONITOR_STOPPED, its reaper) and, once this
+    // client has dropped the receiving PAIR, an event with nobody to take
+    // it would block that thread and the context's end for good.
+    let watched = [
+        EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        EVENT_HANDSHAKE_FAILED_AUTH,
+        EVENT_DISCONNECTED,
+        EVENT_HANDSHAKE_SUCCEEDED,
+    ]
+    .iter()
+    .fold(0i32, |m, e| m | i32::from(*e));
+    sock.monitor(&mon_ep, watched)?;
     let monitor = ctx.socket(zmq::PAIR)?;
     monitor.set_linger(0)?;
     monitor.connect(&mon_ep)?;

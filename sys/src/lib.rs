@@ -211,6 +211,28 @@ pub fn tcp_maxrt(sock: &mut zmq::Socket) -> Result<i32, zmq::Error> {
     }
 }
 
+/// Stops `sock`'s monitor (`zmq_socket_monitor` with no endpoint): libzmq
+/// closes its end of the monitor pair at once, so no later event is sent.
+///
+/// Call it before dropping the PAIR socket that receives the events.
+/// libzmq sends monitor events with a blocking send from its I/O thread:
+/// an event raised after the receiving end has gone (a connection closing
+/// as its socket is torn down, say) blocks that thread for good, and every
+/// socket of the context stops connecting, sending and receiving.
+pub fn stop_monitor(sock: &mut zmq::Socket) -> Result<(), zmq::Error> {
+    let ptr = sock.as_mut_ptr();
+    // SAFETY: `ptr` is a live socket owned by `sock`, borrowed mutably for
+    // the call; a null endpoint is libzmq's documented way to stop a
+    // monitor, and libzmq keeps no pointer we pass.
+    let rc = unsafe { zmq_sys::zmq_socket_monitor(ptr, std::ptr::null(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: zmq_errno only reads libzmq's thread-local errno.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}
+
 #[cfg(test)]
 mod zmq_tests {
     #[test]
@@ -222,6 +244,60 @@ mod zmq_tests {
         assert_eq!(super::tcp_maxrt(&mut s), Ok(4_500));
         // libzmq rejects a negative value: the error comes back, no panic.
         assert_eq!(super::set_tcp_maxrt(&mut s, -1), Err(zmq::Error::EINVAL));
+    }
+
+    /// A router and a dealer on `ctx` that exchange one message within
+    /// `wait`: whether libzmq's I/O thread still works.
+    fn context_works(ctx: &zmq::Context, wait: i32) -> bool {
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer.connect(&ep).unwrap();
+        dealer.send("ping", zmq::DONTWAIT).unwrap();
+        router.set_rcvtimeo(wait).unwrap();
+        router.recv_multipart(0).is_ok()
+    }
+
+    #[test]
+    fn a_stopped_monitor_sends_nothing_once_its_receiver_is_gone() {
+        let ctx = zmq::Context::new();
+        assert!(context_works(&ctx, 5_000));
+        // A dealer connected to a router, its disconnections monitored.
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let mut dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer
+            .monitor(
+                "inproc://stop-monitor-test",
+                zmq::SocketEvent::DISCONNECTED as i32,
+            )
+            .unwrap();
+        let monitor = ctx.socket(zmq::PAIR).unwrap();
+        monitor.connect("inproc://stop-monitor-test").unwrap();
+        dealer.connect(&ep).unwrap();
+        dealer.send("hello", zmq::DONTWAIT).unwrap();
+        router.set_rcvtimeo(5_000).unwrap();
+        router.recv_multipart(0).expect("the dealer connected");
+        // Stop the monitor, drop its receiver, then make the connection
+        // close: the disconnection must not be sent to the gone receiver.
+        super::stop_monitor(&mut dealer).unwrap();
+        drop(monitor);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(router);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let works = context_works(&ctx, 5_000);
+        if !works {
+            // Its I/O thread is blocked: dropping the context would hang.
+            std::mem::forget(dealer);
+            std::mem::forget(ctx);
+            panic!("libzmq's I/O thread blocked on a monitor event");
+        }
     }
 }
 
