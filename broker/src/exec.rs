@@ -39,8 +39,9 @@ const STDIN_BUDGET: usize = 16 << 20;
 pub const PIPE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read size for output pipes.
 const CHUNK: usize = 64 * 1024;
-/// A helper's record: most bytes in one (the helper sends at most 64 KiB).
-const MAX_HELPER_RECORD: usize = 16 << 20;
+/// A helper's record: most bytes in one (the helper sends at most 64 KiB
+/// of output, or a receipt of a few KiB).
+const MAX_HELPER_RECORD: usize = 1 << 20;
 /// What the helper may write on stderr before the rest is dropped.
 const MAX_HELPER_STDERR: usize = 64 * 1024;
 

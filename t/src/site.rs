@@ -317,7 +317,12 @@ impl Site {
     }
 
     pub fn ok(&self, i: usize, user: &str, args: &[&str]) -> String {
-        let out = self.canopy(i, user, args);
+        self.expect_ok(i, user, args, self.canopy(i, user, args))
+    }
+
+    /// The stdout of `canopy ARGS` run on host `i` as `user`, which must
+    /// have succeeded; else fail with its output and every broker's log.
+    pub fn expect_ok(&self, i: usize, user: &str, args: &[&str], out: Output) -> String {
         assert!(
             out.status.success(),
             "canopy {} on node{i} as {user}: {}{}\n{}",

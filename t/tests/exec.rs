@@ -130,6 +130,20 @@ fn pids(out: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Start `canopy exec -n --label-io ARGS` whose ranks print "pid N"
+/// lines, and wait until `n` have; the live client and those pids.
+fn start_printing_pids(inst: &Instance, args: &[&str], n: usize) -> (Live, Vec<i32>) {
+    let args: Vec<&str> = ["-n", "--label-io"].iter().chain(args).copied().collect();
+    let live = Live::start(inst, &args);
+    assert!(
+        wait_until(WAIT, || pids(&live.out()).len() == n),
+        "{}",
+        live.out()
+    );
+    let started = pids(&live.out());
+    (live, started)
+}
+
 #[test]
 fn output_is_labelled_kept_apart_and_the_exit_is_the_highest() {
     run_test(LIMIT, || {
@@ -267,22 +281,11 @@ fn ctrl_c_interrupts_then_kills_and_nothing_is_left_running() {
     run_test(LIMIT, || {
         let inst = Instance::start(4, 2, &[]);
         // SIGINT reaches every rank's command.
-        let mut live = Live::start(
+        let (mut live, started) = start_printing_pids(
             &inst,
-            &[
-                "-n",
-                "--label-io",
-                "sh",
-                "-c",
-                "echo pid $$; sleep 60 & echo pid $!; wait",
-            ],
+            &["sh", "-c", "echo pid $$; sleep 60 & echo pid $!; wait"],
+            8,
         );
-        assert!(
-            wait_until(WAIT, || pids(&live.out()).len() == 8),
-            "{}",
-            live.out()
-        );
-        let started = pids(&live.out());
         live.interrupt();
         let code = live.wait();
         assert!(code >= 128, "interrupted: {code}\n{}", live.err());
@@ -294,22 +297,15 @@ fn ctrl_c_interrupts_then_kills_and_nothing_is_left_running() {
             );
         }
         // A command that ignores SIGINT: the second Ctrl-C kills it.
-        let mut live = Live::start(
+        let (mut live, started) = start_printing_pids(
             &inst,
             &[
-                "-n",
-                "--label-io",
                 "sh",
                 "-c",
                 "trap '' INT; echo pid $$; while :; do sleep 0.1; done",
             ],
+            4,
         );
-        assert!(
-            wait_until(WAIT, || pids(&live.out()).len() == 4),
-            "{}",
-            live.out()
-        );
-        let started = pids(&live.out());
         live.interrupt();
         std::thread::sleep(Duration::from_millis(500));
         assert!(
@@ -323,16 +319,8 @@ fn ctrl_c_interrupts_then_kills_and_nothing_is_left_running() {
             assert!(!process_alive(*p), "pid {p} survived the second Ctrl-C");
         }
         // The client killed outright: the brokers kill what it started.
-        let live = Live::start(
-            &inst,
-            &["-n", "--label-io", "sh", "-c", "echo pid $$; exec sleep 60"],
-        );
-        assert!(
-            wait_until(WAIT, || pids(&live.out()).len() == 4),
-            "{}",
-            live.out()
-        );
-        let started = pids(&live.out());
+        let (live, started) =
+            start_printing_pids(&inst, &["sh", "-c", "echo pid $$; exec sleep 60"], 4);
         drop(live);
         assert!(
             wait_until(WAIT, || started.iter().all(|p| !process_alive(*p))),
@@ -381,24 +369,11 @@ fn only_the_owner_may_exec_in_a_personal_instance() {
 fn a_third_ctrl_c_stops_waiting_for_a_broker_that_does_not_answer() {
     run_test(LIMIT, || {
         let inst = Instance::start(2, 2, &[]);
-        let mut live = Live::start(
+        let (mut live, started) = start_printing_pids(
             &inst,
-            &[
-                "-n",
-                "--label-io",
-                "-r",
-                "1",
-                "sh",
-                "-c",
-                "echo pid $$; exec sleep 60",
-            ],
+            &["-r", "1", "sh", "-c", "echo pid $$; exec sleep 60"],
+            1,
         );
-        assert!(
-            wait_until(WAIT, || pids(&live.out()).len() == 1),
-            "{}",
-            live.out()
-        );
-        let started = pids(&live.out());
         // Rank 1's broker stops answering (not long enough to be lost).
         let b1 = inst
             .broker_pids()

@@ -92,16 +92,8 @@ impl Exec {
     }
 
     fn ok(&self, i: usize, user: &str, args: &[&str]) -> String {
-        let out = self.canopy(i, user, args);
-        assert!(
-            out.status.success(),
-            "canopy {} on node{i} as {user}: {}{}\n{}",
-            args.join(" "),
-            text(&out.stdout),
-            text(&out.stderr),
-            self.site.logs()
-        );
-        text(&out.stdout)
+        self.site
+            .expect_ok(i, user, args, self.canopy(i, user, args))
     }
 
     /// A file in `user`'s home, readable by them.
