@@ -220,6 +220,14 @@ pub struct ZPeer {
 
 static MONITORS: AtomicU32 = AtomicU32::new(0);
 
+/// The monitor stops before its receiver goes (see
+/// `canopy_sys::stop_monitor`): else the context's end could block.
+impl Drop for ZPeer {
+    fn drop(&mut self) {
+        let _ = canopy_sys::stop_monitor(&mut self.sock);
+    }
+}
+
 impl ZPeer {
     /// A DEALER configured by `setup` (which also connects it).
     pub fn new(setup: impl FnOnce(&zmq::Socket)) -> ZPeer {

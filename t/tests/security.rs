@@ -37,6 +37,14 @@ struct Peer {
 
 static MONITORS: AtomicU32 = AtomicU32::new(0);
 
+/// The monitor stops before its receiver goes (see
+/// `canopy_sys::stop_monitor`): else the context's end could block.
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = canopy_sys::stop_monitor(&mut self.sock);
+    }
+}
+
 impl Peer {
     fn new(setup: impl FnOnce(&zmq::Socket)) -> Peer {
         let ctx = zmq::Context::new();
