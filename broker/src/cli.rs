@@ -3,7 +3,7 @@
 //! render man pages and shell completions from them.
 
 use canopy_overlay::topology::DEFAULT_FANOUT;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// Canopy: a secure overlay broker for HPC clusters.
@@ -49,6 +49,73 @@ pub(crate) struct Cli {
     pub(crate) gss_principal: Option<String>,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
+}
+
+/// `canopy broker`'s arguments.
+#[derive(Args)]
+pub(crate) struct BrokerArgs {
+    /// System instance: the shared config file or directory
+    /// (docs/config.md); this node's rank is its hostname's index.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// With --config: this node's name in the host list (default: the
+    /// hostname).
+    #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
+    pub(crate) hostname: Option<String>,
+    /// With --config: allow running as root (not recommended).
+    #[arg(long, requires = "config")]
+    pub(crate) force_root: bool,
+    #[arg(long, default_value_t = DEFAULT_FANOUT)]
+    pub(crate) fanout: u32,
+    #[arg(long)]
+    pub(crate) rundir: Option<PathBuf>,
+    #[arg(long)]
+    pub(crate) instance: Option<String>,
+    #[arg(long)]
+    pub(crate) tcp: bool,
+    /// With --tcp: the address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) port: u16,
+    /// Listen on TCP at the address this hint picks (default-route,
+    /// hostname, an interface name or a CIDR), with a port from the
+    /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
+    #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
+    pub(crate) interface: Option<canopy_broker::iface::Hint>,
+    /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
+    /// e.g. tcp://0.0.0.0:7700.
+    #[arg(long)]
+    pub(crate) listen_clients: Option<String>,
+    /// ACL policy for clients (see etc/policy.toml). Default: owner only.
+    #[arg(long)]
+    pub(crate) policy: Option<PathBuf>,
+    /// Append every access decision to this hash-chained audit log
+    /// (rank R > 0 uses PATH.R).
+    #[arg(long, requires = "policy")]
+    pub(crate) audit: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) timing: TimingArgs,
+    #[command(flatten)]
+    pub(crate) gss: GssArgs,
+    /// With --config these override its [budgets].
+    #[command(flatten)]
+    pub(crate) budgets: BudgetArgs,
+}
+
+/// `canopy broker` parsed on its own: a broker is long-lived, one per
+/// node, and building every subcommand's parser (as [`Cli`] does) costs
+/// it about 1 MiB of resident memory for good (docs/performance.md).
+#[derive(Parser)]
+#[command(
+    name = "canopy broker",
+    version = env!("CANOPY_LONG_VERSION"),
+    about = "Run one broker. Started by `canopy start` or a PMI-1 launcher (mpiexec); \
+with --config, one node of a system instance; without either it is a singleton instance."
+)]
+pub(crate) struct BrokerCli {
+    #[command(flatten)]
+    pub(crate) args: BrokerArgs,
 }
 
 #[derive(Subcommand)]
@@ -121,55 +188,7 @@ pub(crate) enum Cmd {
     /// Run one broker. Started by `canopy start` or a PMI-1 launcher
     /// (mpiexec); with --config, one node of a system instance; without
     /// either it is a singleton instance.
-    Broker {
-        /// System instance: the shared config file or directory
-        /// (docs/config.md); this node's rank is its hostname's index.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// With --config: this node's name in the host list (default: the
-        /// hostname).
-        #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
-        hostname: Option<String>,
-        /// With --config: allow running as root (not recommended).
-        #[arg(long, requires = "config")]
-        force_root: bool,
-        #[arg(long, default_value_t = DEFAULT_FANOUT)]
-        fanout: u32,
-        #[arg(long)]
-        rundir: Option<PathBuf>,
-        #[arg(long)]
-        instance: Option<String>,
-        #[arg(long)]
-        tcp: bool,
-        /// With --tcp: the address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// Listen on TCP at the address this hint picks (default-route,
-        /// hostname, an interface name or a CIDR), with a port from the
-        /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
-        #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
-        interface: Option<canopy_broker::iface::Hint>,
-        /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
-        /// e.g. tcp://0.0.0.0:7700.
-        #[arg(long)]
-        listen_clients: Option<String>,
-        /// ACL policy for clients (see etc/policy.toml). Default: owner only.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Append every access decision to this hash-chained audit log
-        /// (rank R > 0 uses PATH.R).
-        #[arg(long, requires = "policy")]
-        audit: Option<PathBuf>,
-        #[command(flatten)]
-        timing: TimingArgs,
-        #[command(flatten)]
-        gss: GssArgs,
-        /// With --config these override its [budgets].
-        #[command(flatten)]
-        budgets: BudgetArgs,
-    },
+    Broker(BrokerArgs),
     /// Send broker.ping requests and print each round-trip time.
     Ping {
         /// Target rank (default: the local broker).

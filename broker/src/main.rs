@@ -15,8 +15,8 @@ use canopy_broker::node::Transport;
 use canopy_broker::tools;
 use canopy_config::{BudgetKey, BudgetSettings};
 use cli::{
-    AclCmd, AuditCmd, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs, KeyCmd, OverlayCmd,
-    ServiceCmd, TimingArgs,
+    AclCmd, AuditCmd, BrokerArgs, BrokerCli, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs,
+    KeyCmd, OverlayCmd, ServiceCmd, TimingArgs,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -194,25 +194,47 @@ const CONFIG_SETS: &[(&str, &str)] = &[
 /// sets is an error naming the config key.
 fn parse_cli() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
+    // A broker parses only its own arguments (see `cli::BrokerCli`).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "broker") {
+        let matches = BrokerCli::command()
+            .bin_name("canopy broker")
+            .get_matches_from(std::env::args_os().skip(1));
+        refuse_config_flags(&matches, BrokerCli::command);
+        let b = BrokerCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        return Cli {
+            key: None,
+            server_key: None,
+            kex: None,
+            gss_target: None,
+            gss_principal: None,
+            cmd: Cmd::Broker(b.args),
+        };
+    }
     let matches = Cli::command().get_matches();
     if let Some(("broker", sub)) = matches.subcommand() {
-        if sub.contains_id("config") && sub.get_one::<std::path::PathBuf>("config").is_some() {
-            for (id, key) in CONFIG_SETS {
-                if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
-                    Cli::command()
-                        .error(
-                            clap::error::ErrorKind::ArgumentConflict,
-                            format!(
-                                "--{} is not used with --config: the config sets it ({key}); set it there, or drop the flag",
-                                id.replace('_', "-")
-                            ),
-                        )
-                        .exit();
-                }
-            }
-        }
+        refuse_config_flags(sub, Cli::command);
     }
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `canopy broker --config` with a flag the config sets: a usage error.
+fn refuse_config_flags(sub: &clap::ArgMatches, command: fn() -> clap::Command) {
+    if !(sub.contains_id("config") && sub.get_one::<std::path::PathBuf>("config").is_some()) {
+        return;
+    }
+    for (id, key) in CONFIG_SETS {
+        if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--{} is not used with --config: the config sets it ({key}); set it there, or drop the flag",
+                        id.replace('_', "-")
+                    ),
+                )
+                .exit();
+        }
+    }
 }
 
 fn main() {
@@ -402,14 +424,14 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         }
-        Cmd::Broker {
+        Cmd::Broker(BrokerArgs {
             config: Some(config),
             hostname,
             force_root,
             rundir,
             budgets,
             ..
-        } => {
+        }) => {
             canopy_broker::system::run_system_broker(canopy_broker::system::SystemOpts {
                 config,
                 hostname,
@@ -419,7 +441,7 @@ fn run(cli: Cli) -> Result<i32> {
             })?;
             Ok(0)
         }
-        Cmd::Broker {
+        Cmd::Broker(BrokerArgs {
             fanout,
             rundir,
             instance,
@@ -434,7 +456,7 @@ fn run(cli: Cli) -> Result<i32> {
             gss,
             budgets,
             ..
-        } => {
+        }) => {
             let transport = if tcp {
                 Transport::Tcp { host, port }
             } else {
