@@ -1082,6 +1082,12 @@ struct Bridge {
     _ctx: zmq::Context,
 }
 
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        crate::silence_monitor(&self.sock);
+    }
+}
+
 impl Bridge {
     fn run(mut self) {
         let why = match self.serve() {

@@ -121,6 +121,26 @@ enum Conn {
     },
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Conn::Tcp { sock, .. } = self {
+            silence_monitor(sock);
+        }
+    }
+}
+
+/// Before a monitored socket and the PAIR receiving its events are
+/// dropped: point its monitor at a fresh endpoint with no events (libzmq
+/// closes the old one), so nothing more is sent to a receiver about to go
+/// (libzmq would block its I/O thread on it; see [`tcp_sockets`]).
+pub(crate) fn silence_monitor(sock: &zmq::Socket) {
+    let ep = format!(
+        "inproc://canopy-client-monitor-off-{}",
+        MONITOR_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = sock.monitor(&ep, 0);
+}
+
 /// ZeroMQ heartbeat interval on a tcp connection to a broker.
 pub const HEARTBEAT_IVL_MS: i32 = 1_000;
 /// Silence after which the connection counts as lost.
@@ -703,6 +723,52 @@ fn is_response_to(m: &Msg, tag: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether a router and a dealer on `ctx` exchange a message within
+    /// 5 s (libzmq's I/O thread still works).
+    fn context_works(ctx: &zmq::Context) -> bool {
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer.connect(&ep).unwrap();
+        dealer.send("ping", zmq::DONTWAIT).unwrap();
+        router.set_rcvtimeo(5_000).unwrap();
+        router.recv_multipart(0).is_ok()
+    }
+
+    #[test]
+    fn a_silenced_monitor_sends_nothing_once_its_receiver_is_gone() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer
+            .monitor("inproc://silence-test", i32::from(EVENT_DISCONNECTED))
+            .unwrap();
+        let monitor = ctx.socket(zmq::PAIR).unwrap();
+        monitor.connect("inproc://silence-test").unwrap();
+        dealer.connect(&ep).unwrap();
+        dealer.send("hello", zmq::DONTWAIT).unwrap();
+        router.set_rcvtimeo(5_000).unwrap();
+        router.recv_multipart(0).expect("the dealer connected");
+        silence_monitor(&dealer);
+        drop(monitor);
+        std::thread::sleep(Duration::from_millis(100));
+        // The connection closes: its disconnection has nobody to go to.
+        drop(router);
+        std::thread::sleep(Duration::from_millis(300));
+        if !context_works(&ctx) {
+            std::mem::forget(dealer);
+            std::mem::forget(ctx);
+            panic!("libzmq's I/O thread blocked on a monitor event");
+        }
+    }
 
     #[test]
     fn uris() {
