@@ -724,13 +724,19 @@ fn is_response_to(m: &Msg, tag: u32) -> bool {
 mod tests {
     use super::*;
 
-    /// Whether a router and a dealer on `ctx` exchange a message within
-    /// 5 s (libzmq's I/O thread still works).
-    fn context_works(ctx: &zmq::Context) -> bool {
+    /// A ROUTER listening on a free loopback port, and its endpoint.
+    fn listening(ctx: &zmq::Context) -> (zmq::Socket, String) {
         let router = ctx.socket(zmq::ROUTER).unwrap();
         router.set_linger(0).unwrap();
         router.bind("tcp://127.0.0.1:*").unwrap();
         let ep = router.get_last_endpoint().unwrap().unwrap();
+        (router, ep)
+    }
+
+    /// Whether a router and a dealer on `ctx` exchange a message within
+    /// 5 s (libzmq's I/O thread still works).
+    fn context_works(ctx: &zmq::Context) -> bool {
+        let (router, ep) = listening(ctx);
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_linger(0).unwrap();
         dealer.connect(&ep).unwrap();
@@ -742,10 +748,7 @@ mod tests {
     #[test]
     fn a_silenced_monitor_sends_nothing_once_its_receiver_is_gone() {
         let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_linger(0).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let (router, ep) = listening(&ctx);
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_linger(0).unwrap();
         dealer

@@ -246,13 +246,19 @@ mod zmq_tests {
         assert_eq!(super::set_tcp_maxrt(&mut s, -1), Err(zmq::Error::EINVAL));
     }
 
-    /// A router and a dealer on `ctx` that exchange one message within
-    /// `wait`: whether libzmq's I/O thread still works.
-    fn context_works(ctx: &zmq::Context, wait: i32) -> bool {
+    /// A ROUTER listening on a free loopback port, and its endpoint.
+    fn listening(ctx: &zmq::Context) -> (zmq::Socket, String) {
         let router = ctx.socket(zmq::ROUTER).unwrap();
         router.set_linger(0).unwrap();
         router.bind("tcp://127.0.0.1:*").unwrap();
         let ep = router.get_last_endpoint().unwrap().unwrap();
+        (router, ep)
+    }
+
+    /// A router and a dealer on `ctx` that exchange one message within
+    /// `wait`: whether libzmq's I/O thread still works.
+    fn context_works(ctx: &zmq::Context, wait: i32) -> bool {
+        let (router, ep) = listening(ctx);
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_linger(0).unwrap();
         dealer.connect(&ep).unwrap();
@@ -266,10 +272,7 @@ mod zmq_tests {
         let ctx = zmq::Context::new();
         assert!(context_works(&ctx, 5_000));
         // A dealer connected to a router, its disconnections monitored.
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_linger(0).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let (router, ep) = listening(&ctx);
         let mut dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_linger(0).unwrap();
         dealer
