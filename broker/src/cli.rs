@@ -103,6 +103,11 @@ pub(crate) struct BrokerArgs {
     pub(crate) budgets: BudgetArgs,
 }
 
+/// What `canopy broker` does, for [`Cmd::Broker`] and [`BrokerCli`] alike.
+const BROKER_ABOUT: &str = "Run one broker. Started by `canopy start` or a PMI-1 launcher \
+(mpiexec); with --config, one node of a system instance; without either it is a singleton \
+instance";
+
 /// `canopy broker` parsed on its own: a broker is long-lived, one per
 /// node, and building every subcommand's parser (as [`Cli`] does) costs
 /// it about 1 MiB of resident memory for good (docs/performance.md).
@@ -110,8 +115,7 @@ pub(crate) struct BrokerArgs {
 #[command(
     name = "canopy broker",
     version = env!("CANOPY_LONG_VERSION"),
-    about = "Run one broker. Started by `canopy start` or a PMI-1 launcher (mpiexec); \
-with --config, one node of a system instance; without either it is a singleton instance."
+    about = BROKER_ABOUT
 )]
 pub(crate) struct BrokerCli {
     #[command(flatten)]
@@ -185,9 +189,7 @@ pub(crate) enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Run one broker. Started by `canopy start` or a PMI-1 launcher
-    /// (mpiexec); with --config, one node of a system instance; without
-    /// either it is a singleton instance.
+    #[command(about = BROKER_ABOUT)]
     Broker(BrokerArgs),
     /// Send broker.ping requests and print each round-trip time.
     Ping {
