@@ -41,6 +41,9 @@ use crate::sockets::{
 
 /// Messages taken from one socket before the others get a turn.
 const BATCH: usize = 256;
+/// How long a cleanly stopping broker waits for its parent to acknowledge
+/// its goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
 /// Signals, as flags plus a pipe that wakes the poll loop.
 pub struct Signals {
@@ -366,14 +369,11 @@ impl Broker {
             }
             if self.signals.term.load(Ordering::SeqCst) {
                 info!("received a termination signal; shutting down");
-                // Tell the parent this is a clean stop (offline, not lost),
-                // and give libzmq a moment to send it.
+                // Tell the parent this is a clean stop (offline, not lost).
                 if self.clean_stop {
                     self.input(Input::Stopping);
                     self.pump()?;
-                    if let Some(d) = &self.dealer {
-                        let _ = d.set_linger(200);
-                    }
+                    self.await_goodbye_ack()?;
                 }
                 return Ok(());
             }
@@ -846,6 +846,32 @@ impl Broker {
                 header,
                 payload,
             });
+        }
+        Ok(())
+    }
+
+    /// Wait, for at most `GOODBYE_WAIT`, until the parent acknowledges
+    /// the goodbye. libzmq sends in the background and the process exits
+    /// right after this, so without the answer the goodbye could still be
+    /// in flight (and the parent would show this rank lost, not offline).
+    fn await_goodbye_ack(&mut self) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + GOODBYE_WAIT;
+        while self.core.awaiting_goodbye_ack() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(dealer) = &self.dealer else {
+                break;
+            };
+            if left.is_zero() {
+                debug!("overlay: the parent did not acknowledge the goodbye in time");
+                break;
+            }
+            let ready = dealer
+                .poll(zmq::POLLIN, left.as_millis().max(1) as i64)
+                .map_err(zerr("poll the parent link"))?;
+            if ready > 0 {
+                self.drain_dealer()?;
+                self.pump()?;
+            }
         }
         Ok(())
     }

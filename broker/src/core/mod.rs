@@ -575,6 +575,10 @@ pub struct BrokerCore<P> {
     /// and the current retry interval.
     refused: Option<String>,
     refused_backoff: u64,
+    /// A clean stop: the goodbye went to the parent and is not yet
+    /// acknowledged (the shell waits a moment for the acknowledgement
+    /// before it closes the link, so the goodbye is not lost in flight).
+    goodbye_unacked: bool,
     next_heartbeat: u64,
 
     expected: HashMap<u32, String>,
@@ -689,6 +693,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             rejoin_at: None,
             refused: None,
             refused_backoff: 0,
+            goodbye_unacked: false,
             next_heartbeat: now,
             expected: cfg.expected,
             children: IdMap::default(),
@@ -843,6 +848,12 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
     }
 
     /// Whether the parent link is up (always true for rank 0).
+    /// The parent has not yet acknowledged this broker's goodbye: the
+    /// shell keeps the link open a little longer to read the answer.
+    pub fn awaiting_goodbye_ack(&self) -> bool {
+        self.goodbye_unacked
+    }
+
     pub fn joined(&self) -> bool {
         self.parent_card.is_none() || self.parent_state == ParentState::Online
     }
@@ -944,8 +955,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             Input::Stopping => {
-                if self.parent_state == ParentState::Online {
+                // Joining too: the parent may have accepted the hello
+                // whose answer is still on its way, and already shows
+                // this rank online. The link is ordered, so the goodbye
+                // reaches the parent after the hello.
+                if self.parent_state != ParentState::None {
                     self.send_parent(Header::control(GOODBYE_TOPIC), P::from(Vec::new()));
+                    self.goodbye_unacked = true;
                 }
             }
             Input::PeerRefused { address, reason } => self.peer_refused(&address, &reason),
@@ -1143,6 +1159,7 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
             }
             MsgType::Event => self.event_arrived(h, payload),
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
+            MsgType::Control if h.topic == GOODBYE_TOPIC => self.goodbye_unacked = false,
             MsgType::Control if h.topic == REJOIN_TOPIC => {
                 self.lose_parent("the parent does not know this session");
             }
@@ -1365,6 +1382,14 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         let Some(&rank) = self.by_rid.get(&rid) else {
             if h.msg_type == MsgType::Request && h.topic == HELLO_TOPIC {
                 self.child_hello(rid, user_id, address, &h, payload.as_ref());
+            } else if h.msg_type == MsgType::Control && h.topic == GOODBYE_TOPIC {
+                // A session that never joined (its hello was refused) says
+                // goodbye: nothing to mark, but let it go at once.
+                self.transmits.push_back(Transmit::Child(
+                    rid,
+                    Header::control(GOODBYE_TOPIC),
+                    P::from(Vec::new()),
+                ));
             } else {
                 // An authenticated peer talking from a session we do not
                 // know (e.g. we declared it lost): tell it to rejoin.
@@ -1413,7 +1438,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
                 }
             }
             MsgType::Control if h.topic == HEARTBEAT_TOPIC => {}
-            MsgType::Control if h.topic == GOODBYE_TOPIC => self.child_left(rank),
+            MsgType::Control if h.topic == GOODBYE_TOPIC => {
+                self.child_left(rank);
+                // The answer tells the child its goodbye arrived, so it
+                // may close the link (a goodbye still in flight when the
+                // process exits is lost, and the rank would show lost).
+                self.send_rid_owned(rid, Header::control(GOODBYE_TOPIC), P::from(Vec::new()));
+            }
             MsgType::Control if h.topic == keys::RELINK_TOPIC => {
                 self.child_relink(rank, rid);
             }

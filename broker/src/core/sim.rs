@@ -86,6 +86,13 @@ impl Sim {
 
     /// The same, with these budgets on every broker.
     pub fn with_budgets(size: u32, fanout: u32, budgets: Budgets) -> Sim {
+        let mut sim = Sim::unsettled(size, fanout, budgets);
+        sim.settle();
+        sim
+    }
+
+    /// The brokers, created but not started: nothing delivered yet.
+    pub fn unsettled(size: u32, fanout: u32, budgets: Budgets) -> Sim {
         let topo = Topology::new(size, fanout).unwrap();
         let mut nodes = Vec::new();
         for r in 0..size {
@@ -131,7 +138,7 @@ impl Sim {
                 stdin: Vec::new(),
             });
         }
-        let mut sim = Sim {
+        Sim {
             now: 0,
             nodes,
             topo,
@@ -149,9 +156,7 @@ impl Sim {
             jobs: Vec::new(),
             reloads: 0,
             tag: 0,
-        };
-        sim.settle();
-        sim
+        }
     }
 
     pub fn principal(&self, rank: u32) -> String {

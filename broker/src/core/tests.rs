@@ -762,7 +762,11 @@ fn a_clean_stop_is_offline_not_lost() {
     assert!(s.full());
     let now = s.now;
     s.nodes[1].core.handle(now, Input::Stopping);
+    assert!(s.nodes[1].core.awaiting_goodbye_ack());
     s.settle();
+    // The parent answered the goodbye, so the shell may close the link:
+    // the goodbye is no longer in flight.
+    assert!(!s.nodes[1].core.awaiting_goodbye_ack());
     s.stalled.insert(1); // the process is gone
     for r in [1, 3] {
         let e = s.nodes[0].core.health().get(r).unwrap();
@@ -780,6 +784,28 @@ fn a_clean_stop_is_offline_not_lost() {
         s.nodes[0].core.health().get(2).unwrap().state,
         RankState::Lost
     );
+}
+
+/// A broker stopped while the answer to its hello is still on its way:
+/// the parent already shows it online, so it says goodbye all the same.
+#[test]
+fn a_stop_before_the_hello_answer_arrives_is_offline_too() {
+    let mut s = Sim::unsettled(2, 1, Budgets::default());
+    s.stalled.insert(1); // rank 1 reads nothing yet
+    s.settle();
+    let e = s.nodes[0].core.health().get(1).unwrap();
+    assert_eq!(e.state, RankState::Online, "{e:?}");
+    assert!(!s.nodes[1].core.joined());
+    let now = s.now;
+    s.nodes[1].core.handle(now, Input::Stopping);
+    assert!(s.nodes[1].core.awaiting_goodbye_ack());
+    s.settle();
+    let e = s.nodes[0].core.health().get(1).unwrap();
+    assert_eq!(e.state, RankState::Offline, "{e:?}");
+    assert_eq!(e.reason, "stopped cleanly");
+    s.unstall(1);
+    s.settle();
+    assert!(!s.nodes[1].core.awaiting_goodbye_ack());
 }
 
 /// One event goes out as one `Transmit::Event` to settled subscribers; a
