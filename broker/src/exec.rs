@@ -120,6 +120,10 @@ pub struct Runner {
     buf: Vec<u8>,
     /// Readable on SIGCHLD: some command may have ended.
     pub wake: UnixStream,
+    /// The other end of `wake`, kept open even when nothing writes to it
+    /// (exec off): a closed peer would make `wake` readable for good and
+    /// the loop would spin.
+    _waker: Option<UnixStream>,
 }
 
 fn nonblocking(fd: &impl AsFd) {
@@ -142,9 +146,12 @@ impl Runner {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
-        if !matches!(plan, ExecPlan::Off) {
+        let waker = if matches!(plan, ExecPlan::Off) {
+            Some(waker)
+        } else {
             signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, waker)?;
-        }
+            None
+        };
         Ok(Runner {
             rank,
             plan,
@@ -154,6 +161,7 @@ impl Runner {
             out: Vec::new(),
             buf: vec![0u8; CHUNK],
             wake,
+            _waker: waker,
         })
     }
 
@@ -661,6 +669,20 @@ fn log_helper_stderr(err: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With exec off nothing writes to the wake-up socket, and it must not
+    /// read as ready either: a broker polls it on every turn, and a ready
+    /// one would spin its loop at 100% CPU.
+    #[test]
+    fn the_wake_socket_is_quiet_with_exec_off() {
+        let r = Runner::new(0, ExecPlan::Off, "i".into(), "h".into()).unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            r.wake.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap();
+        assert_eq!(n, 0, "{:?}", fds[0].revents());
+    }
 
     #[test]
     fn helper_records_parse_as_they_arrive() {
