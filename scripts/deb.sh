@@ -38,8 +38,8 @@ if [ -n "$binary" ]; then
     trap 'rm -rf "$stage"' EXIT
     mkdir -p "$stage/release"
     cp "$binary" "$stage/release/canopy"
-    # The exec helper and the site CA, built next to it.
-    for b in canopy-imp canopy-ca; do
+    # The broker alone, the exec helper and the site CA, built next to it.
+    for b in canopy-broker canopy-imp canopy-ca; do
         cp "$(dirname "$binary")/$b" "$stage/release/$b"
     done
 else

@@ -2,8 +2,10 @@
 //! definitions only (no behaviour), so that `canopy generate-manual` can
 //! render man pages and shell completions from them.
 
+use crate::broker_cmd::BROKER_ABOUT;
+pub(crate) use crate::broker_cmd::{BrokerArgs, BudgetArgs, GssArgs, TimingArgs};
 use canopy_overlay::topology::DEFAULT_FANOUT;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 /// Canopy: a secure overlay broker for HPC clusters.
@@ -49,77 +51,6 @@ pub(crate) struct Cli {
     pub(crate) gss_principal: Option<String>,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
-}
-
-/// `canopy broker`'s arguments.
-#[derive(Args)]
-pub(crate) struct BrokerArgs {
-    /// System instance: the shared config file or directory
-    /// (docs/config.md); this node's rank is its hostname's index.
-    #[arg(long)]
-    pub(crate) config: Option<PathBuf>,
-    /// With --config: this node's name in the host list (default: the
-    /// hostname).
-    #[arg(long, requires = "config", env = "CANOPY_HOSTNAME")]
-    pub(crate) hostname: Option<String>,
-    /// With --config: allow running as root (not recommended).
-    #[arg(long, requires = "config")]
-    pub(crate) force_root: bool,
-    #[arg(long, default_value_t = DEFAULT_FANOUT)]
-    pub(crate) fanout: u32,
-    #[arg(long)]
-    pub(crate) rundir: Option<PathBuf>,
-    #[arg(long)]
-    pub(crate) instance: Option<String>,
-    #[arg(long)]
-    pub(crate) tcp: bool,
-    /// With --tcp: the address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub(crate) host: String,
-    #[arg(long, default_value_t = 0)]
-    pub(crate) port: u16,
-    /// Listen on TCP at the address this hint picks (default-route,
-    /// hostname, an interface name or a CIDR), with a port from the
-    /// kernel; brokers on one host use ipc. Default: ipc only (or --tcp).
-    #[arg(long, value_name = "HINT", conflicts_with = "tcp")]
-    pub(crate) interface: Option<canopy_broker::iface::Hint>,
-    /// Rank 0 only: also accept remote clients (CURVE) on this endpoint,
-    /// e.g. tcp://0.0.0.0:7700.
-    #[arg(long)]
-    pub(crate) listen_clients: Option<String>,
-    /// ACL policy for clients (see etc/policy.toml). Default: owner only.
-    #[arg(long)]
-    pub(crate) policy: Option<PathBuf>,
-    /// Append every access decision to this hash-chained audit log
-    /// (rank R > 0 uses PATH.R).
-    #[arg(long, requires = "policy")]
-    pub(crate) audit: Option<PathBuf>,
-    #[command(flatten)]
-    pub(crate) timing: TimingArgs,
-    #[command(flatten)]
-    pub(crate) gss: GssArgs,
-    /// With --config these override its [budgets].
-    #[command(flatten)]
-    pub(crate) budgets: BudgetArgs,
-}
-
-/// What `canopy broker` does, for [`Cmd::Broker`] and [`BrokerCli`] alike.
-const BROKER_ABOUT: &str = "Run one broker. Started by `canopy start` or a PMI-1 launcher \
-(mpiexec); with --config, one node of a system instance; without either it is a singleton \
-instance";
-
-/// `canopy broker` parsed on its own: a broker is long-lived, one per
-/// node, and building every subcommand's parser (as [`Cli`] does) costs
-/// it about 1 MiB of resident memory for good (docs/performance.md).
-#[derive(Parser)]
-#[command(
-    name = "canopy broker",
-    version = env!("CANOPY_LONG_VERSION"),
-    about = BROKER_ABOUT
-)]
-pub(crate) struct BrokerCli {
-    #[command(flatten)]
-    pub(crate) args: BrokerArgs,
 }
 
 #[derive(Subcommand)]
@@ -364,77 +295,6 @@ pub(crate) enum Cmd {
         /// The directory to write into (created if missing).
         dir: PathBuf,
     },
-}
-
-/// How brokers authenticate to each other and to clients.
-#[derive(clap::Args, Clone)]
-pub(crate) struct GssArgs {
-    /// curve: keys issued by the bootstrap; gssapi: Kerberos binds each
-    /// link's CURVE key to a principal (docs/security.md).
-    #[arg(long, default_value = "curve", value_parser = ["curve", "gssapi"])]
-    pub(crate) mechanism: String,
-    /// gssapi: the principal every broker authenticates as (default: the
-    /// default principal of KRB5CCNAME or KRB5_CLIENT_KTNAME).
-    #[arg(long, value_name = "PRINCIPAL")]
-    pub(crate) principal: Option<String>,
-    /// gssapi: where rank 0's key exchange listens for remote clients
-    /// (HOST:PORT; default: a free port on 127.0.0.1, printed as CANOPY_KEX).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) kex_listen: Option<String>,
-    /// gssapi, for tests: cap each key binding's lifetime, in seconds.
-    #[arg(long, hide = true)]
-    pub(crate) gss_max_lifetime: Option<f64>,
-    /// gssapi: most live key bindings one principal may hold at rank 0's
-    /// key exchange (default 1000).
-    #[arg(long, value_name = "N")]
-    pub(crate) gss_max_bindings: Option<usize>,
-}
-
-/// Budgets: what clients can make a broker hold (docs/security.md,
-/// "Budgets"). Sizes are bytes, or with a binary unit: 1024, 64KiB, 16MiB.
-/// Unset: the default (or, with --config, the config's [budgets]).
-#[derive(clap::Args, Clone, Default)]
-pub(crate) struct BudgetArgs {
-    /// Largest message payload on any endpoint (default 16MiB); larger
-    /// ones are refused before they are buffered.
-    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
-    pub(crate) max_message: Option<u64>,
-    /// Bytes queued or in flight per client connection (default 32MiB).
-    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
-    pub(crate) client_bytes: Option<u64>,
-    /// Bytes queued or in flight per principal or local uid (default
-    /// 32MiB).
-    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
-    pub(crate) principal_bytes: Option<u64>,
-    /// Bytes queued or in flight for all clients of a broker (default
-    /// 256MiB).
-    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
-    pub(crate) total_bytes: Option<u64>,
-    /// Connections per local uid or remote principal (default 64).
-    #[arg(long, value_name = "N")]
-    pub(crate) connections: Option<u64>,
-    /// Requests in flight per client connection (default 1024).
-    #[arg(long, value_name = "N")]
-    pub(crate) in_flight: Option<u64>,
-    /// Bytes of requests in flight toward one neighbour broker (default
-    /// 32MiB).
-    #[arg(long, value_name = "SIZE", value_parser = canopy_config::parse_size)]
-    pub(crate) neighbour_bytes: Option<u64>,
-}
-
-/// Liveness timings, in seconds.
-#[derive(clap::Args, Clone, Copy)]
-pub(crate) struct TimingArgs {
-    /// Seconds between heartbeats on each link.
-    #[arg(long, default_value_t = 2.0)]
-    pub(crate) heartbeat: f64,
-    /// Seconds of silence after which a peer is reported torpid.
-    #[arg(long, default_value_t = 10.0)]
-    pub(crate) torpid: f64,
-    /// Seconds of silence after which a peer is lost: its link is dropped
-    /// and its requests in flight fail with EHOSTUNREACH.
-    #[arg(long, default_value_t = 30.0)]
-    pub(crate) lost: f64,
 }
 
 #[derive(Subcommand)]

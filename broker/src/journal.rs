@@ -62,6 +62,32 @@ where
     }
 }
 
+/// Log to stderr, filtered by RUST_LOG (default warn); under systemd,
+/// with priorities and without time stamps.
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if stderr_is_journal() {
+        // Under systemd: `<4>` etc. before each line, no time or colours.
+        let format = tracing_subscriber::fmt::format()
+            .with_target(false)
+            .without_time();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(Priority(format))
+            .init();
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,6 +255,25 @@ impl Drop for Children {
 
 /// One line to stderr in a single write, so that brokers' log lines on the
 /// same stderr cannot split it.
+/// The broker-only binary, installed next to `canopy`.
+pub const BROKER_BIN: &str = "canopy-broker";
+/// Set for `canopy-broker` by `canopy` when it runs the one next to it:
+/// the version that one must be.
+pub const EXPECT_VERSION_ENV: &str = "CANOPY_EXPECT_VERSION";
+/// This build's version, as `--version` shows it.
+pub const VERSION: &str = env!("CANOPY_LONG_VERSION");
+
+/// `canopy-broker` next to this executable, if it is there (and this is
+/// not it).
+pub fn sibling_broker() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    if exe.file_name().is_some_and(|n| n == BROKER_BIN) {
+        return None;
+    }
+    let path = exe.with_file_name(BROKER_BIN);
+    path.is_file().then_some(path)
+}
+
 pub fn say(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("canopy: {msg}\n").as_bytes());
@@ -330,9 +349,15 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
     let mut inst = [0u8; 8];
     getrandom::getrandom(&mut inst).map_err(|e| StartError::Sys(e.to_string()))?;
     let instance: String = inst.iter().map(|b| format!("{b:02x}")).collect();
-    let broker_path = match &opts.broker_path {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(|e| StartError::Sys(e.to_string()))?,
+    // `--broker-path`, else `canopy-broker` next to this binary (the same
+    // build, checked), else this binary.
+    let (broker_path, sibling) = match (&opts.broker_path, sibling_broker()) {
+        (Some(p), _) => (p.clone(), false),
+        (None, Some(p)) => (p, true),
+        (None, None) => (
+            std::env::current_exe().map_err(|e| StartError::Sys(e.to_string()))?,
+            false,
+        ),
     };
 
     let mut broker_args = opts.broker_args.clone();
@@ -378,6 +403,9 @@ pub fn start(opts: StartOpts) -> Result<i32, StartError> {
             .process_group(0);
         if opts.tcp {
             cmd.arg("--tcp").arg("--port").arg(opts.port.to_string());
+        }
+        if sibling {
+            cmd.env(EXPECT_VERSION_ENV, VERSION);
         }
         let child = cmd.spawn().map_err(|source| StartError::Spawn {
             rank,

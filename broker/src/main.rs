@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 
+mod broker_cmd;
 mod cli;
 mod journal;
 mod manual;
@@ -9,42 +10,18 @@ mod cert_cli;
 mod receipt_cli;
 
 use anyhow::{Context, Result};
-use canopy_broker::bootstrap::{run_broker, BrokerOpts};
+use broker_cmd::secs;
+use canopy_broker::bootstrap::BrokerOpts;
 use canopy_broker::launcher::{start, StartOpts};
 use canopy_broker::node::Transport;
 use canopy_broker::tools;
-use canopy_config::{BudgetKey, BudgetSettings};
-use cli::{
-    AclCmd, AuditCmd, BrokerArgs, BrokerCli, BudgetArgs, Cli, Cmd, ConfigCmd, EventCmd, GssArgs,
-    KeyCmd, OverlayCmd, ServiceCmd, TimingArgs,
-};
+use cli::{AclCmd, AuditCmd, Cli, Cmd, ConfigCmd, EventCmd, KeyCmd, OverlayCmd, ServiceCmd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-impl GssArgs {
-    fn to_opts(&self) -> Result<Option<canopy_broker::gss::GssOpts>> {
-        if self.mechanism != "gssapi" {
-            anyhow::ensure!(
-                self.principal.is_none()
-                    && self.kex_listen.is_none()
-                    && self.gss_max_lifetime.is_none()
-                    && self.gss_max_bindings.is_none(),
-                "--principal, --kex-listen, --gss-max-lifetime and --gss-max-bindings need --mechanism gssapi"
-            );
-            return Ok(None);
-        }
-        Ok(Some(canopy_broker::gss::GssOpts {
-            principal: self.principal.clone(),
-            kex_listen: self.kex_listen.clone(),
-            max_lifetime: self
-                .gss_max_lifetime
-                .map(|s| secs(s, "--gss-max-lifetime"))
-                .transpose()?,
-            max_bindings_per_principal: self.gss_max_bindings,
-        }))
-    }
-
-    fn to_args(&self) -> Vec<String> {
+/// `canopy start` passes these flags on to the brokers it launches.
+impl broker_cmd::GssArgs {
+    pub(crate) fn to_args(&self) -> Vec<String> {
         let mut a = vec!["--mechanism".to_string(), self.mechanism.clone()];
         for (flag, v) in [
             ("--principal", self.principal.clone()),
@@ -67,24 +44,8 @@ impl GssArgs {
     }
 }
 
-impl TimingArgs {
-    fn to_timing(self) -> Result<canopy_overlay::liveness::Timing> {
-        let ms = |s: f64, what: &str| -> Result<u64> {
-            anyhow::ensure!(
-                s > 0.0 && s.is_finite(),
-                "--{what} must be a positive number of seconds"
-            );
-            Ok((s * 1000.0).round().max(1.0) as u64)
-        };
-        canopy_overlay::liveness::Timing::new(
-            ms(self.heartbeat, "heartbeat")?,
-            ms(self.torpid, "torpid")?,
-            ms(self.lost, "lost")?,
-        )
-        .map_err(|e| anyhow::anyhow!("--heartbeat, --torpid, --lost: {e}"))
-    }
-
-    fn to_args(self) -> Vec<String> {
+impl broker_cmd::TimingArgs {
+    pub(crate) fn to_args(self) -> Vec<String> {
         vec![
             "--heartbeat".into(),
             self.heartbeat.to_string(),
@@ -96,39 +57,9 @@ impl TimingArgs {
     }
 }
 
-impl BudgetArgs {
-    /// The budgets given, as (key, value).
-    fn flags(&self) -> Vec<(BudgetKey, u64)> {
-        let given = [
-            self.max_message,
-            self.client_bytes,
-            self.principal_bytes,
-            self.total_bytes,
-            self.connections,
-            self.in_flight,
-            self.neighbour_bytes,
-        ];
-        BudgetKey::ALL
-            .into_iter()
-            .zip(given)
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect()
-    }
-
-    /// The defaults with the flags applied, checked.
-    fn to_budgets(&self) -> Result<canopy_broker::core::Budgets> {
-        let flags = self.flags();
-        let mut b = BudgetSettings::default();
-        for (k, v) in &flags {
-            b.set(*k, *v);
-        }
-        b.check(|k| flags.iter().any(|(f, _)| *f == k))
-            .map_err(|p| anyhow::anyhow!("{}: {}", p.key.flag(), p.message))?;
-        Ok(canopy_broker::sockets::budgets_from(&b))
-    }
-
+impl broker_cmd::BudgetArgs {
     /// The same flags, for the brokers `canopy start` launches.
-    fn to_args(&self) -> Vec<String> {
+    pub(crate) fn to_args(&self) -> Vec<String> {
         self.flags()
             .into_iter()
             .flat_map(|(k, v)| [k.flag(), v.to_string()])
@@ -136,124 +67,57 @@ impl BudgetArgs {
     }
 }
 
-fn secs(s: f64, what: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(s)
-        .with_context(|| format!("{what} must be a non-negative number of seconds"))
+/// `canopy broker`: run `canopy-broker` instead when it is installed next
+/// to this binary (the same broker without the tools' code). Returns when
+/// there is none, and the broker then runs in this process.
+pub(crate) fn exec_sibling() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let Some(path) = canopy_broker::launcher::sibling_broker() else {
+        return Ok(());
+    };
+    let err = std::process::Command::new(&path)
+        .args(std::env::args_os().skip(1))
+        .env(
+            canopy_broker::launcher::EXPECT_VERSION_ENV,
+            canopy_broker::launcher::VERSION,
+        )
+        .exec();
+    Err(anyhow::anyhow!(
+        "cannot run {}: {err}; it belongs next to canopy, from the same build (reinstall canopy, or remove it to run the broker in canopy itself)",
+        path.display()
+    ))
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    if journal::stderr_is_journal() {
-        // Under systemd: `<4>` etc. before each line, no time or colours.
-        let format = tracing_subscriber::fmt::format()
-            .with_target(false)
-            .without_time();
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .event_format(journal::Priority(format))
-            .init();
-        return;
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-/// Flags of `canopy broker` that a system-instance config sets instead,
-/// with the config key that does: given with `--config`, they are refused,
-/// never silently ignored.
-const CONFIG_SETS: &[(&str, &str)] = &[
-    ("fanout", "bootstrap.fanout"),
-    ("instance", "nothing: the instance id comes from the config"),
-    ("tcp", "bootstrap.default_bind / hosts[].bind"),
-    ("host", "bootstrap.default_bind / hosts[].bind"),
-    ("port", "bootstrap.default_port"),
-    (
-        "interface",
-        "bootstrap.default_bind (an interface name, tcp://eth0:%p)",
-    ),
-    ("listen_clients", "[clients] bind"),
-    ("policy", "policy.file"),
-    ("audit", "policy.audit_log"),
-    ("heartbeat", "timing.heartbeat"),
-    ("torpid", "timing.torpid"),
-    ("lost", "timing.lost"),
-    ("mechanism", "bootstrap.mechanism"),
-    ("principal", "gssapi.service"),
-    ("kex_listen", "gssapi.kex_port"),
-    ("gss_max_lifetime", "nothing (a test option)"),
-];
-
-/// Parse the command line; `canopy broker --config` with a flag its config
-/// sets is an error naming the config key.
-fn parse_cli() -> Cli {
+/// Parse the command line. `canopy broker` parses only its own arguments
+/// (`broker_cmd`), and hands over to `canopy-broker` when that is
+/// installed next to this binary.
+fn parse_cli() -> Result<Cli> {
     use clap::{CommandFactory, FromArgMatches};
-    // A broker parses only its own arguments (see `cli::BrokerCli`).
     if std::env::args_os().nth(1).is_some_and(|a| a == "broker") {
-        let matches = BrokerCli::command()
-            .bin_name("canopy broker")
-            .get_matches_from(std::env::args_os().skip(1));
-        refuse_config_flags(&matches, BrokerCli::command);
-        let b = BrokerCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        return Cli {
+        exec_sibling()?;
+        let args = broker_cmd::parse(std::env::args_os().skip(1));
+        return Ok(Cli {
             key: None,
             server_key: None,
             kex: None,
             gss_target: None,
             gss_principal: None,
-            cmd: Cmd::Broker(b.args),
-        };
+            cmd: Cmd::Broker(args),
+        });
     }
     let matches = Cli::command().get_matches();
     if let Some(("broker", sub)) = matches.subcommand() {
-        refuse_config_flags(sub, Cli::command);
+        broker_cmd::refuse_config_flags(sub, Cli::command);
     }
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
-}
-
-/// `canopy broker --config` with a flag the config sets: a usage error.
-fn refuse_config_flags(sub: &clap::ArgMatches, command: fn() -> clap::Command) {
-    if !(sub.contains_id("config") && sub.get_one::<std::path::PathBuf>("config").is_some()) {
-        return;
-    }
-    for (id, key) in CONFIG_SETS {
-        if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
-            command()
-                .error(
-                    clap::error::ErrorKind::ArgumentConflict,
-                    format!(
-                        "--{} is not used with --config: the config sets it ({key}); set it there, or drop the flag",
-                        id.replace('_', "-")
-                    ),
-                )
-                .exit();
-        }
-    }
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
 fn main() {
-    init_logging();
-    match run(parse_cli()) {
-        Ok(code) => std::process::exit(code),
+    journal::init_logging();
+    match parse_cli().and_then(run) {
         // `| head -1`: the reader has what it wanted; nothing to report.
         Err(e) if out::reader_gone(&e) => std::process::exit(out::READER_GONE_STATUS),
-        Err(e) => {
-            // Every error message already includes its cause.
-            if e.downcast_ref::<canopy_broker::BrokerError>()
-                .is_some_and(|b| b.launcher_gone())
-            {
-                tracing::debug!("exiting: {e}");
-                std::process::exit(1);
-            }
-            canopy_broker::launcher::say(&format!("error: {e}"));
-            std::process::exit(1);
-        }
+        result => broker_cmd::exit(result),
     }
 }
 
@@ -424,60 +288,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         }
-        Cmd::Broker(BrokerArgs {
-            config: Some(config),
-            hostname,
-            force_root,
-            rundir,
-            budgets,
-            ..
-        }) => {
-            canopy_broker::system::run_system_broker(canopy_broker::system::SystemOpts {
-                config,
-                hostname,
-                rundir,
-                force_root,
-                budget_flags: budgets.flags(),
-            })?;
-            Ok(0)
-        }
-        Cmd::Broker(BrokerArgs {
-            fanout,
-            rundir,
-            instance,
-            tcp,
-            host,
-            port,
-            interface,
-            listen_clients: client_listen,
-            policy,
-            audit,
-            timing,
-            gss,
-            budgets,
-            ..
-        }) => {
-            let transport = if tcp {
-                Transport::Tcp { host, port }
-            } else {
-                Transport::Ipc
-            };
-            run_broker(BrokerOpts {
-                fanout,
-                rundir,
-                instance,
-                transport,
-                client_listen,
-                timing: timing.to_timing()?,
-                client_authz: None,
-                policy,
-                audit,
-                gss: gss.to_opts()?,
-                interface,
-                budgets: budgets.to_budgets()?,
-            })?;
-            Ok(0)
-        }
+        Cmd::Broker(args) => broker_cmd::run(args),
         Cmd::Cert { cmd } => cert_cli::run(cmd),
         Cmd::Receipt { cmd } => receipt_cli::run(cmd),
         Cmd::GenerateManual { dir } => {

@@ -451,6 +451,10 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Whether it has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -481,3 +481,63 @@ fn start_allow_lets_another_local_user_in_without_hand_work() {
         );
     });
 }
+
+/// The file name of the executable a process runs.
+fn exe_name(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `canopy start` runs `canopy-broker`, the broker without the tools'
+/// code, when it is next to `canopy`; `canopy broker` hands over to it;
+/// and a `canopy-broker` from another build refuses to run for `canopy`.
+#[test]
+fn brokers_run_the_broker_only_binary_of_the_same_build() {
+    run_test(LIMIT, || {
+        let inst = Instance::start(3, 2, &[]);
+        let pids = inst.broker_pids();
+        assert_eq!(pids.len(), 3, "{pids:?}");
+        for (pid, rank) in pids {
+            assert_eq!(exe_name(pid), "canopy-broker", "rank {rank}");
+        }
+        inst.assert_all_ranks_answer();
+
+        // `canopy broker` (a singleton here) becomes canopy-broker.
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(canopy_bin());
+        cmd.arg("broker")
+            .arg("--rundir")
+            .arg(dir.path().join("run"))
+            .env("RUST_LOG", "warn");
+        let d = canopy_t::Daemon::spawn(&mut cmd, &dir.path().join("stderr"));
+        assert!(
+            wait_until(RUN, || exe_name(d.pid()) == "canopy-broker"),
+            "canopy broker runs {:?}: {}",
+            exe_name(d.pid()),
+            d.stderr_text()
+        );
+        drop(d);
+
+        let mut broker = canopy_bin();
+        broker.set_file_name("canopy-broker");
+        let out = run_command(
+            Command::new(&broker)
+                .args(["broker", "--help"])
+                .env("CANOPY_EXPECT_VERSION", "0.0.1 (another build)"),
+            RUN,
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("but canopy is 0.0.1 (another build); install both from the same build"),
+            "{err}"
+        );
+        // Run by hand it takes the same arguments, `broker` or not.
+        for args in [&["--help"][..], &["broker", "--help"]] {
+            let out = run_command(Command::new(&broker).args(args), RUN);
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            assert!(text(&out.stdout).contains("Usage: canopy broker [OPTIONS]"));
+        }
+    });
+}

@@ -225,6 +225,7 @@ fn the_deb_installs_runs_and_purges() {
             "/lib/systemd/system/canopy.service",
             "/usr/share/doc/canopy/operations.md",
             "/usr/bin/canopy-ca",
+            "/usr/bin/canopy-broker",
             "/usr/share/doc/canopy/examples/canopy.service.d/exec.conf",
             "/usr/share/doc/canopy/examples/imp.toml",
             "/usr/share/doc/canopy/examples/ca.toml",
