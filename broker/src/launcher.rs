@@ -253,8 +253,6 @@ impl Drop for Children {
     }
 }
 
-/// One line to stderr in a single write, so that brokers' log lines on the
-/// same stderr cannot split it.
 /// The broker-only binary, installed next to `canopy`.
 pub const BROKER_BIN: &str = "canopy-broker";
 /// Set for `canopy-broker` by `canopy` when it runs the one next to it:
@@ -274,6 +272,8 @@ pub fn sibling_broker() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// One line to stderr in a single write, so that brokers' log lines on the
+/// same stderr cannot split it.
 pub fn say(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("canopy: {msg}\n").as_bytes());
