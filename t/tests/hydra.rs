@@ -74,16 +74,21 @@ fn marked(mark: &str) -> Vec<i32> {
 }
 
 /// `canopy broker` processes among `pids` (not mpiexec, whose arguments
-/// say the same).
+/// say the same): `canopy broker`, or the `canopy-broker` next to it that
+/// it hands over to.
 fn brokers(pids: &[i32]) -> Vec<i32> {
-    let bin = canopy_bin().into_os_string().into_encoded_bytes();
+    let bin = canopy_bin();
+    let bins =
+        [bin.with_file_name("canopy-broker"), bin].map(|b| b.into_os_string().into_encoded_bytes());
     pids.iter()
         .copied()
         .filter(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
                 .map(|c| {
                     let argv: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-                    argv.len() > 1 && argv[0] == bin.as_slice() && argv[1] == b"broker"
+                    argv.len() > 1
+                        && bins.iter().any(|b| argv[0] == b.as_slice())
+                        && argv[1] == b"broker"
                 })
                 .unwrap_or(false)
         })

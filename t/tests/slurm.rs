@@ -409,14 +409,18 @@ fn canopy() -> String {
     canopy_t::canopy_bin().display().to_string()
 }
 
-/// The `canopy` processes (brokers) among the cluster's job processes.
+/// The `canopy` processes (brokers) among the cluster's job processes
+/// (`canopy start` under srun runs its broker in itself; `canopy-broker`
+/// too, should it ever hand over).
 fn brokers(slurm: &Slurm) -> Vec<i32> {
     slurm
         .job_processes()
         .into_iter()
         .filter(|&p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .is_ok_and(|e| e.file_name().is_some_and(|n| n == "canopy"))
+            std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| {
+                e.file_name()
+                    .is_some_and(|n| n == "canopy" || n == "canopy-broker")
+            })
         })
         .collect()
 }
