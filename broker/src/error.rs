@@ -142,6 +142,20 @@ impl BrokerError {
     }
 }
 
+/// The core decided this broker ends.
+impl From<crate::core::Exit> for BrokerError {
+    fn from(e: crate::core::Exit) -> BrokerError {
+        use crate::core::Exit;
+        match e {
+            Exit::HelloRefused { parent, reason } => BrokerError::HelloRefused { parent, reason },
+            Exit::Disconnected(reason) => BrokerError::Disconnected { reason },
+            Exit::Shutdown { status } => BrokerError::InstanceEnded { status },
+            Exit::Orphaned { parent, reason } => BrokerError::Orphaned { parent, reason },
+            Exit::NoParentEndpoint => BrokerError::NoParentEndpoint,
+        }
+    }
+}
+
 /// Why `--interface` found no address to listen on.
 #[derive(Debug, thiserror::Error)]
 pub enum NoAddress {

@@ -141,8 +141,14 @@ impl Runner {
         rank: u32,
         plan: ExecPlan,
         instance: String,
-        host: String,
+        host: Option<String>,
     ) -> std::io::Result<Runner> {
+        let host = host.unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default()
+        });
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
@@ -675,7 +681,7 @@ mod tests {
     /// one would spin its loop at 100% CPU.
     #[test]
     fn the_wake_socket_is_quiet_with_exec_off() {
-        let r = Runner::new(0, ExecPlan::Off, "i".into(), "h".into()).unwrap();
+        let r = Runner::new(0, ExecPlan::Off, "i".into(), Some("h".into())).unwrap();
         let mut fds = [nix::poll::PollFd::new(
             r.wake.as_fd(),
             nix::poll::PollFlags::POLLIN,

@@ -12,19 +12,19 @@
 
 use crate::admission::Worker;
 use crate::authz::{BrokerPolicy, Mech};
-use crate::core::{BrokerCore, CoreConfig, Event, Exit, Input, Transmit};
+use crate::core::{BrokerCore, Event, Input, Transmit};
 use crate::error::BrokerError;
+use crate::ingress;
 use crate::local::Local;
+use crate::rekey::Rekey;
 use crate::rotate::KeyFiles;
 use canopy_modules::BrokerInfo;
-use canopy_overlay::hello::HELLO_TOPIC;
 use canopy_overlay::liveness::Timing;
-use canopy_proto::{decode_header, Grant, Roles};
+use canopy_proto::Roles;
 use canopy_security::CurveKeypair;
 use canopy_zap::ZapHandle;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,10 +33,10 @@ use tracing::{debug, error, info, warn};
 
 pub use crate::admission::unix_principal;
 pub use crate::core::Card;
-pub use crate::sockets::{bind, Bound, Frame, Plan, Transport};
+pub use crate::sockets::{bind, Bound, Frame, Plan, Signals, Transport};
 use crate::sockets::{
     close_monitored, disconnect_monitor, drain_monitor, drain_parent_monitor, parent_dealer,
-    recv_parts, send, send_slice, split, zerr, zs,
+    recv_parts, send, send_slice, zerr, zs,
 };
 
 /// Messages taken from one socket before the others get a turn.
@@ -44,15 +44,6 @@ const BATCH: usize = 256;
 /// How long a cleanly stopping broker waits for its parent to acknowledge
 /// its goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
-
-/// Signals, as flags plus a pipe that wakes the poll loop.
-pub struct Signals {
-    pub pipe: UnixStream,
-    /// SIGTERM or SIGINT: shut down.
-    pub term: Arc<std::sync::atomic::AtomicBool>,
-    /// SIGHUP: reload the policy.
-    pub hup: Arc<std::sync::atomic::AtomicBool>,
-}
 
 pub struct Broker {
     core: BrokerCore<Frame>,
@@ -81,14 +72,8 @@ pub struct Broker {
     endpoint: Option<String>,
     keys: CurveKeypair,
     timing: Timing,
-    /// Certificate files (system instances): keys rotate.
-    files: Option<KeyFiles>,
-    /// The `.next` key loaded for `key.switch`.
-    staged: Option<CurveKeypair>,
-    /// The ROUTER's new key, waiting for the core's `Rebind`.
-    server_key: Option<CurveKeypair>,
-    /// A rebind whose old listener has not closed yet: retry until then.
-    rebinding: Option<(Instant, Instant)>,
+    /// Key rotation: certificate files, the staged key, a rebind.
+    rekey: Rekey,
     pmi_fd: Option<OwnedFd>,
     signals: Signals,
     hdr: Vec<u8>,
@@ -99,7 +84,7 @@ pub struct Broker {
 impl Broker {
     /// Finish setting up from a bootstrap plan and the already bound sockets.
     pub fn new(
-        plan: Plan,
+        mut plan: Plan,
         bound: Bound,
         pmi_fd: Option<OwnedFd>,
         signals: Signals,
@@ -137,54 +122,20 @@ impl Broker {
             path: local.path.clone(),
             source,
         })?;
-        let info_instance = plan.instance.clone();
-        let core = BrokerCore::new(
-            CoreConfig {
-                rank: plan.rank,
-                topo: plan.topo,
-                instance: plan.instance,
-                parent: plan.parent,
-                expected: plan.children,
-                owner_uid: plan.owner_uid,
-                owner_principal: unix_principal(plan.owner_uid),
-                timing: plan.timing,
-                info,
-                remote_mech: if policy.gss.get().is_some() {
-                    Mech::Gssapi
-                } else {
-                    Mech::Curve
-                },
-                seed: u64::from_be_bytes(seed),
-                budgets,
-                child_addresses: plan.child_addresses,
-                exec_mode: plan.exec.mode(),
-            },
-            0,
-        );
-        let runner = crate::exec::Runner::new(
-            plan.rank,
-            plan.exec.clone(),
-            info_instance,
-            plan.host.clone().unwrap_or_else(|| {
-                nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_default()
-            }),
-        )
-        .map_err(|source| BrokerError::Io {
-            what: "start the exec runner",
-            path: local.path.clone(),
-            source,
-        })?;
-        let router_monitor = match &router {
-            Some(r) => Some(disconnect_monitor(&ctx, r)?),
-            None => None,
+        let mech = match policy.gss.get() {
+            Some(_) => Mech::Gssapi,
+            None => Mech::Curve,
         };
-        let client_monitor = match &client_router {
-            Some(r) => Some(disconnect_monitor(&ctx, r)?),
-            None => None,
-        };
+        let core = BrokerCore::new(plan.core_config(info, mech, u64::from_be_bytes(seed)), 0);
+        let runner = crate::exec::Runner::new(plan.rank, plan.exec, plan.instance, plan.host)
+            .map_err(|source| BrokerError::Io {
+                what: "start the exec runner",
+                path: local.path.clone(),
+                source,
+            })?;
+        let monitor = |s: &Option<zmq::Socket>| s.as_ref().map(|s| disconnect_monitor(&ctx, s));
+        let router_monitor = monitor(&router).transpose()?;
+        let client_monitor = monitor(&client_router).transpose()?;
         let mut b = Broker {
             core,
             start: Instant::now(),
@@ -206,10 +157,7 @@ impl Broker {
             endpoint,
             keys: plan.keys,
             timing: plan.timing,
-            files: None,
-            staged: None,
-            server_key: None,
-            rebinding: None,
+            rekey: Rekey::default(),
             pmi_fd,
             signals,
             hdr: Vec::with_capacity(256),
@@ -222,8 +170,8 @@ impl Broker {
     /// Enable rotation (system instances): where the certificates are.
     /// Loads the neighbours' keys, current and next, and admits them.
     pub fn with_key_files(mut self, files: KeyFiles) -> Result<Broker, BrokerError> {
-        let ring = files.load_ring()?;
-        self.files = Some(files);
+        let (rekey, ring) = Rekey::with_files(files)?;
+        self.rekey = rekey;
         self.core.enable_key_files();
         let now = self.now_ms();
         self.core.handle(
@@ -308,7 +256,9 @@ impl Broker {
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now);
             }
-            self.retry_rebind()?;
+            if let (Some(router), Some(ep)) = (&self.router, &self.endpoint) {
+                self.rekey.retry_rebind(router, ep)?;
+            }
             self.pump()?;
             let mut timeout = self
                 .core
@@ -318,7 +268,7 @@ impl Broker {
             if let Some(d) = next_expiry {
                 timeout = timeout.min(d.as_millis() as i64 + 1);
             }
-            if self.rebinding.is_some() {
+            if self.rekey.rebinding() {
                 timeout = 2;
             }
             if let Some(d) = self.runner.expire() {
@@ -403,13 +353,13 @@ impl Broker {
                 self.exec_records();
             }
             if readable(5) {
-                self.drain_router()?;
+                self.drain(Source::Child)?;
             }
             if readable(6) {
-                self.drain_dealer()?;
+                self.drain(Source::Parent)?;
             }
             if readable(7) {
-                self.drain_client_router()?;
+                self.drain(Source::Remote)?;
             }
             if self
                 .client_monitor
@@ -427,7 +377,7 @@ impl Broker {
                 // What a child sent before it closed (its goodbye) is in
                 // the ROUTER's queue before the monitor says it closed, but
                 // poll may not have shown it yet: take it first.
-                self.drain_router()?;
+                self.drain(Source::Child)?;
                 self.input(Input::ChildClosed);
             }
             if readable(9) {
@@ -440,7 +390,7 @@ impl Broker {
                     self.input(Input::ParentRefused { reason: why.into() });
                 } else if seen.closed {
                     // Likewise the parent's last words (a disconnect note).
-                    self.drain_dealer()?;
+                    self.drain(Source::Parent)?;
                     self.input(Input::ParentGone {
                         reason: "the connection to the parent closed".into(),
                     });
@@ -530,60 +480,30 @@ impl Broker {
             Event::Close { id } => self.local.close(id),
             Event::Job(job) => self.worker.submit(job),
             Event::ReloadKeys { req } => {
-                let result = match &self.files {
-                    Some(f) => f
-                        .load_ring()
-                        .map_err(|e| format!("{e}; the previous keys stay in force")),
-                    None => Err("this broker has no certificate files to reload".into()),
-                };
+                let result = self.rekey.reload();
                 self.input(Input::KeysReloaded { req, result });
             }
             Event::LoadNextKey { req } => {
-                let result = match self.files.as_ref().map(KeyFiles::load_next) {
-                    Some(Ok(kp)) => {
-                        let public = *kp.public();
-                        self.staged = Some(kp);
-                        Ok(public)
-                    }
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("this broker has no certificate files".into()),
-                };
+                let result = self.rekey.load_next();
                 self.input(Input::NextKey { req, result });
             }
-            Event::AdoptKey => {
-                if let Some(kp) = self.staged.take() {
-                    if self.router.is_some() {
-                        self.server_key = Some(CurveKeypair::from_secret(zeroize::Zeroizing::new(
-                            *kp.secret(),
-                        )));
-                    }
-                    self.keys = kp;
-                }
-            }
+            Event::AdoptKey => self.rekey.adopt(&mut self.keys, self.router.is_some()),
             Event::AdmitPeers(entries) => {
                 self.policy
                     .peers
                     .replace_all(entries.into_iter().map(|(p, n)| (p, n, Roles::PEER)));
             }
-            Event::Rebind { since_switch_ms } => self.start_rebind(since_switch_ms)?,
+            Event::Rebind { since_switch_ms } => {
+                if let (Some(router), Some(ep)) = (&self.router, &self.endpoint) {
+                    self.rekey.start_rebind(router, ep, since_switch_ms)?;
+                }
+            }
             Event::ExecSpawn(spawn) => self.spawns.push(spawn),
             Event::ExecSignal { sid, sig } => self.runner.signal(sid, sig),
             Event::ExecStdin { sid, data } => self.runner.stdin(sid, data),
             // Records the runner made meanwhile are fed at the loop's next
             // turn (exec_records), never from inside the core's drain.
-            Event::Exit(Exit::HelloRefused { parent, reason }) => {
-                return Err(BrokerError::HelloRefused { parent, reason })
-            }
-            Event::Exit(Exit::Disconnected(reason)) => {
-                return Err(BrokerError::Disconnected { reason })
-            }
-            Event::Exit(Exit::Shutdown { status }) => {
-                return Err(BrokerError::InstanceEnded { status })
-            }
-            Event::Exit(Exit::Orphaned { parent, reason }) => {
-                return Err(BrokerError::Orphaned { parent, reason })
-            }
-            Event::Exit(Exit::NoParentEndpoint) => return Err(BrokerError::NoParentEndpoint),
+            Event::Exit(e) => return Err(e.into()),
         }
         Ok(())
     }
@@ -706,146 +626,31 @@ impl Broker {
         Ok(())
     }
 
-    /// Listen again on the same endpoint with the new key.
-    fn start_rebind(&mut self, since_switch_ms: u64) -> Result<(), BrokerError> {
-        let (Some(router), Some(ep), Some(kp)) =
-            (&self.router, &self.endpoint, self.server_key.take())
-        else {
-            return Ok(());
-        };
-        router.unbind(ep).map_err(zerr("unbind the router"))?;
-        router
-            .set_curve_secretkey(kp.secret())
-            .map_err(zerr("set curve secret key"))?;
-        let now = Instant::now();
-        self.rebinding = Some((
-            now + Duration::from_secs(5),
-            now - Duration::from_millis(since_switch_ms),
-        ));
-        self.retry_rebind()
-    }
-
-    /// The old listener closes asynchronously: the bind is retried on each
-    /// turn of the loop (every 2 ms), never by sleeping.
-    fn retry_rebind(&mut self) -> Result<(), BrokerError> {
-        let (Some((deadline, switched)), Some(router), Some(ep)) =
-            (self.rebinding, &self.router, &self.endpoint)
-        else {
-            return Ok(());
-        };
-        match router.bind(ep) {
-            Ok(()) => {
-                info!(
-                    "rotate: listening for children with the new key {} ms after the switch",
-                    switched.elapsed().as_millis()
-                );
-                self.rebinding = None;
-                Ok(())
-            }
-            Err(zmq::Error::EADDRINUSE) if Instant::now() < deadline => Ok(()),
-            Err(e) => Err(BrokerError::Bind {
-                endpoint: ep.clone(),
-                reason: format!("rebinding with the new key: {}", e.message()),
-            }),
-        }
-    }
-
     // ----- receiving -----
 
-    fn drain_client_router(&mut self) -> Result<(), BrokerError> {
+    /// Take up to `BATCH` messages from one socket to the core, each made
+    /// an input by `ingress` (decoded and stamped with its identity).
+    fn drain(&mut self, from: Source) -> Result<(), BrokerError> {
         for _ in 0..BATCH {
-            let Some(router) = &self.client_router else {
+            let (sock, what) = match from {
+                Source::Parent => (&self.dealer, "the parent"),
+                Source::Child => (&self.router, "a child"),
+                Source::Remote => (&self.client_router, "a remote client"),
+            };
+            let Some(sock) = sock else {
                 return Ok(());
             };
-            let Some((rid, parts)) = recv_parts(router, "a remote client")? else {
+            let Some((first, parts)) = recv_parts(sock, what)? else {
                 return Ok(());
             };
-            let Some((mut hframe, payload)) = split(parts) else {
-                warn!(verdict = %"deny", "remote: dropped a message with the wrong number of frames; expected 1 or 2");
-                continue;
+            let input = match from {
+                Source::Parent => ingress::from_parent(first, parts),
+                Source::Child => ingress::from_child(&self.policy, first, parts),
+                Source::Remote => ingress::from_remote(&self.policy, first, parts),
             };
-            let user_id = hframe.gets("User-Id").unwrap_or("").to_string();
-            let roles = hframe
-                .gets("Roles")
-                .and_then(|r| Roles::parse_list(r).ok())
-                .unwrap_or(Roles::NONE);
-            let address = hframe.gets("Peer-Address").unwrap_or("").to_string();
-            let grant = match hframe.gets(canopy_zap::SCOPE_PROPERTY) {
-                None => Grant::plain(roles),
-                Some(scope) => match Grant::decode_scope(roles, scope) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        warn!(verdict = %"deny", principal = %user_id, "remote: message dropped: {e}");
-                        continue;
-                    }
-                },
-            };
-            if user_id.is_empty() || grant.is_empty() {
-                // Defence in depth: ZAP must have authenticated this peer.
-                warn!(verdict = %"deny", address = %address, reason = %"no authenticated User-Id or roles on the message", "remote: message dropped");
-                continue;
+            if let Some(input) = input {
+                self.input(input);
             }
-            if !crate::gss::client_message_allowed(&self.policy, &mut hframe, &user_id, &rid) {
-                continue;
-            }
-            match decode_header(&hframe) {
-                Ok(header) => self.input(Input::Remote {
-                    rid: rid.to_vec(),
-                    user_id,
-                    grant,
-                    address,
-                    header,
-                    payload,
-                }),
-                Err(e) => {
-                    warn!(principal = %user_id, "remote: dropped an undecodable message: {e}")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn drain_router(&mut self) -> Result<(), BrokerError> {
-        for _ in 0..BATCH {
-            let Some(router) = &self.router else {
-                return Ok(());
-            };
-            let Some((rid, mut parts)) = recv_parts(router, "a child")? else {
-                return Ok(());
-            };
-            // The routing-id frame is made locally and carries no metadata;
-            // frames that came over the wire carry the ZAP User-Id.
-            let user_id = parts
-                .first_mut()
-                .and_then(|m| m.gets("User-Id").map(str::to_string))
-                .unwrap_or_default();
-            if !crate::gss::message_allowed(&self.policy, parts.first_mut(), &user_id) {
-                self.input(Input::ChildUnbound { rid: rid.to_vec() });
-                continue;
-            }
-            let Some((mut hframe, payload)) = split(parts) else {
-                warn!(principal = %user_id, "overlay: dropped a message from a child with the wrong number of frames; expected 1 or 2");
-                continue;
-            };
-            let header = match decode_header(&hframe) {
-                Ok(h) => h,
-                Err(e) => {
-                    warn!(principal = %user_id, "overlay: dropped an undecodable message: {e}");
-                    continue;
-                }
-            };
-            let address = if header.topic == HELLO_TOPIC {
-                hframe.gets("Peer-Address").unwrap_or("").to_string()
-            } else {
-                String::new()
-            };
-            self.input(Input::Child {
-                rid: rid.to_vec(),
-                user_id,
-                address,
-                header,
-                payload,
-            });
         }
         Ok(())
     }
@@ -869,33 +674,20 @@ impl Broker {
                 .poll(zmq::POLLIN, left.as_millis().max(1) as i64)
                 .map_err(zerr("poll the parent link"))?;
             if ready > 0 {
-                self.drain_dealer()?;
+                self.drain(Source::Parent)?;
                 self.pump()?;
             }
         }
         Ok(())
     }
+}
 
-    fn drain_dealer(&mut self) -> Result<(), BrokerError> {
-        for _ in 0..BATCH {
-            let Some(dealer) = &self.dealer else {
-                return Ok(());
-            };
-            let Some((first, mut parts)) = recv_parts(dealer, "the parent")? else {
-                return Ok(());
-            };
-            parts.insert(0, first);
-            let Some((hframe, payload)) = split(parts) else {
-                warn!("overlay: dropped a message from the parent with the wrong number of frames");
-                continue;
-            };
-            match decode_header(&hframe) {
-                Ok(header) => self.input(Input::Parent { header, payload }),
-                Err(e) => warn!("overlay: dropped an undecodable message from the parent: {e}"),
-            }
-        }
-        Ok(())
-    }
+/// The socket a message is taken from.
+#[derive(Clone, Copy)]
+enum Source {
+    Parent,
+    Child,
+    Remote,
 }
 
 impl Drop for Broker {

@@ -84,6 +84,43 @@ pub struct Plan {
     pub exec: crate::exec::ExecPlan,
 }
 
+impl Plan {
+    /// The core's configuration: this plan's links, owner and budgets (the
+    /// parent and children are taken), with the broker's `info`.
+    pub(crate) fn core_config(
+        &mut self,
+        info: canopy_modules::BrokerInfo,
+        remote_mech: crate::authz::Mech,
+        seed: u64,
+    ) -> crate::core::CoreConfig {
+        crate::core::CoreConfig {
+            rank: self.rank,
+            topo: self.topo,
+            instance: self.instance.clone(),
+            parent: self.parent.take(),
+            expected: std::mem::take(&mut self.children),
+            owner_uid: self.owner_uid,
+            owner_principal: crate::admission::unix_principal(self.owner_uid),
+            timing: self.timing,
+            info,
+            remote_mech,
+            seed,
+            budgets: self.budgets,
+            child_addresses: std::mem::take(&mut self.child_addresses),
+            exec_mode: self.exec.mode(),
+        }
+    }
+}
+
+/// Signals, as flags plus a pipe that wakes the poll loop.
+pub struct Signals {
+    pub pipe: std::os::unix::net::UnixStream,
+    /// SIGTERM or SIGINT: shut down.
+    pub term: Arc<std::sync::atomic::AtomicBool>,
+    /// SIGHUP: reload the policy.
+    pub hup: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// ZeroMQ heartbeat interval on remote client connections, both ways.
 pub const CLIENT_HEARTBEAT_IVL_MS: i32 = 1_000;
 /// Silence after which a remote client connection is dropped.
