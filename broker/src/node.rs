@@ -5,8 +5,8 @@
 //! children connect to, the DEALER to its parent, the local connector's
 //! listener and clients, the remote client ROUTER, libzmq monitors, the PMI
 //! fd (to notice the launcher going away), a signal pipe, and the admission
-//! worker's wake-up socket. What arrives is decoded, stamped with the
-//! identity the transport authenticated, and handed to
+//! worker's wake-up socket. What arrives is decoded and stamped with the
+//! identity the transport authenticated (`ingress.rs`), and handed to
 //! [`crate::core::BrokerCore`], which decides everything; the shell then
 //! carries out the core's events and sends its transmits.
 
