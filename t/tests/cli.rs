@@ -19,17 +19,20 @@ const READER_GONE: i32 = 141;
 /// `canopy ... | head -0`. Returns the exit status and stderr; the process
 /// group is killed if it overruns `timeout` (then the status is None).
 fn run_into_closed_pipe(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
+    // The read end is closed before the command starts: a quick tool
+    // could otherwise write before the test closed it.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
     let mut child = Command::new(canopy_bin())
         .args(args)
         .env_remove("CANOPY_URI")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(write))
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
