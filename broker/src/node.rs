@@ -193,9 +193,9 @@ impl Broker {
     }
 
     /// A system instance's broker: on SIGTERM it tells its parent it is
-    /// stopping (so the node shows `offline`, not `lost`) and gives libzmq
-    /// a moment to send that. A personal instance's brokers all stop
-    /// together, and stop at once.
+    /// stopping (so the node shows `offline`, not `lost`) and waits up to
+    /// `GOODBYE_WAIT` for the parent's answer. A personal instance's
+    /// brokers all stop together, and stop at once.
     pub fn with_clean_stop(mut self) -> Broker {
         self.clean_stop = true;
         self

@@ -847,13 +847,13 @@ impl<P: AsRef<[u8]> + From<Vec<u8>>> BrokerCore<P> {
         &self.health
     }
 
-    /// Whether the parent link is up (always true for rank 0).
     /// The parent has not yet acknowledged this broker's goodbye: the
     /// shell keeps the link open a little longer to read the answer.
     pub fn awaiting_goodbye_ack(&self) -> bool {
         self.goodbye_unacked
     }
 
+    /// Whether the parent link is up (always true for rank 0).
     pub fn joined(&self) -> bool {
         self.parent_card.is_none() || self.parent_state == ParentState::Online
     }
